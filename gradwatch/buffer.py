@@ -1,0 +1,113 @@
+"""The device-side ring buffer that the compiled step writes and the callback drains."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+@dataclass
+class Drained:
+    """Host copies of the slots written since the last drain."""
+
+    steps: np.ndarray  # int64, (k,)
+    stats: np.ndarray  # float32, (k, n_variables, n_stats)
+    values: list[np.ndarray]  # float32, (k, size) for each kept variable
+    lost: int  # slots overwritten before they were drained
+
+
+class GradientBuffer(keras.metrics.Metric):
+    """A ring buffer of per-step stats and kept gradients, living on the device.
+
+    It is a `Metric` so that its variables stay out of `model.weights`, and its
+    `result()` is empty and `reset_state()` a no-op, so it survives the reset of
+    metrics at each epoch.
+
+    Args:
+        n_variables: Number of watched variables (rows of a stats slot).
+        n_stats: Number of stats per variable.
+        value_sizes: Element counts of the variables whose full tensor is kept.
+        capacity: Number of slots. Must cover the steps run between drains.
+    """
+
+    def __init__(
+        self,
+        n_variables: int,
+        n_stats: int,
+        value_sizes: Sequence[int],
+        capacity: int,
+        name: str = "gradwatch_buffer",
+    ):
+        super().__init__(name=name)
+        self.capacity = int(capacity)
+        self.stats = self.add_variable(
+            shape=(capacity, n_variables, n_stats), initializer="zeros", dtype="float32", name="stats"
+        )
+        self.steps = self.add_variable(
+            shape=(capacity,), initializer="zeros", dtype="int64", name="steps"
+        )
+        self.count = self.add_variable(shape=(), initializer="zeros", dtype="int64", name="count")
+        self.values = [
+            self.add_variable(
+                shape=(capacity, size), initializer="zeros", dtype="float32", name=f"values_{i}"
+            )
+            for i, size in enumerate(value_sizes)
+        ]
+        self.drained = 0  # host side: slots already copied out
+
+    def update_state(self, *args, **kwargs) -> None:
+        raise NotImplementedError("GradientBuffer is written by `write`, not `update_state`.")
+
+    def result(self) -> dict:
+        return {}
+
+    def reset_state(self) -> None:
+        # Keras resets metrics every epoch; the buffer must keep undrained slots.
+        pass
+
+    def write(self, step, stats, values: Sequence) -> None:
+        """Writes one step into the next slot, inside the compiled step."""
+        count = self.count.value
+        slot = tf.cast(count % self.capacity, tf.int32)[None]
+        _write_slot(self.stats.value, slot, stats)
+        _write_slot(self.steps.value, slot, tf.cast(step, tf.int64))
+        for var, value in zip(self.values, values, strict=True):
+            _write_slot(var.value, slot, tf.reshape(tf.cast(value, tf.float32), (-1,)))
+        self.count.value.assign_add(1)
+
+    def drain(self) -> Drained:
+        """Copies the slots written since the last drain to the host, oldest first."""
+        count = int(self.count.value.numpy())
+        new = count - self.drained
+        lost = max(0, new - self.capacity)
+        first = self.drained + lost
+        idx = np.arange(first, count) % self.capacity
+        self.drained = count
+        if len(idx) == 0:
+            return Drained(
+                np.zeros((0,), np.int64),
+                np.zeros((0, *self.stats.shape[1:]), np.float32),
+                [np.zeros((0, v.shape[1]), np.float32) for v in self.values],
+                lost,
+            )
+        tidx = tf.constant(idx, tf.int32)
+        return Drained(
+            steps=self.steps.value.numpy()[idx],
+            stats=self.stats.value.numpy()[idx],
+            values=[tf.gather(v.value, tidx).numpy() for v in self.values],
+            lost=lost,
+        )
+
+
+def _write_slot(var: tf.Variable, slot, value) -> None:
+    value = tf.convert_to_tensor(value)[None]
+    if isinstance(var, tf.distribute.DistributedValues):
+        # Distributed variables reject sparse updates: assign the whole buffer.
+        var.assign(tf.tensor_scatter_nd_update(var, slot[:, None], value))
+    else:
+        # A sparse in-place update; it compiles once under XLA, whatever the slot.
+        var.scatter_update(tf.IndexedSlices(value, slot))

@@ -1,0 +1,284 @@
+"""The `GradWatch` callback: schedules capture in `model.fit` and drains it into a `GradientLog`."""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from gradwatch.buffer import GradientBuffer
+from gradwatch.keys import check_patterns, match_patterns, variable_keys
+from gradwatch.log import GradientLog
+from gradwatch.mixin import GradWatchMixin, model_state
+from gradwatch.stats import DEFAULT_STATS, check_stats, compute_stats
+
+_SLOTS = 256  # ring-buffer slots when memory allows; drained every ~_SLOTS steps
+_BUFFER_BYTES = 64 * 2**20  # cap on one buffer's size when full tensors are kept
+
+
+@dataclass
+class _Plan:
+    """Which of the model's trainable variables get stats and kept tensors."""
+
+    signature: tuple[int, ...]
+    variables: list[Any]  # model.trainable_weights
+    stat_index: list[int]
+    value_index: list[int]
+    stat_codes: np.ndarray  # codes in the log
+    value_codes: np.ndarray
+
+
+class GradWatch(keras.callbacks.Callback):
+    """Records the gradients of every training step of `model.fit`, by variable.
+
+    The model must mix in `gradwatch.GradWatchMixin` (or be a
+    `gradwatch.Sequential` / `gradwatch.Model`). The stats are computed inside
+    the compiled step, written to a ring buffer on the device, and drained into
+    `self.log` (a `GradientLog`) in blocks, so every selected step is recorded,
+    also with `steps_per_execution > 1` and `jit_compile=True`.
+
+    Args:
+        variables: Which variables get stats: a glob, an `re.Pattern`, or a
+            list of them, matched against variable keys (`variable.path`, or
+            any suffix of it on `/` boundaries). Defaults to `"*"` (all).
+        stats: Names from `gradwatch.STATS`. Defaults to
+            `("norm", "mean", "std", "min", "max", "nonfinite")`.
+        values: Also keep the full gradient tensor of these variables (same
+            pattern forms as `variables`). Defaults to `None` (none).
+        every: Record every n-th step (steps whose number is divisible by
+            `every`); the others skip the work. Defaults to `1`.
+
+    Example:
+
+    ```python
+    model = gradwatch.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    watch = gradwatch.GradWatch(values="dense/kernel")
+    model.fit(x, y, epochs=2, callbacks=[watch])
+    watch.log.stat("norm")
+    watch.log.gradient("dense/kernel", step=0)
+    ```
+    """
+
+    def __init__(
+        self,
+        variables: str | re.Pattern | Sequence[str | re.Pattern] = "*",
+        stats: str | Sequence[str] = DEFAULT_STATS,
+        values: str | re.Pattern | Sequence[str | re.Pattern] | None = None,
+        every: int = 1,
+    ):
+        super().__init__()
+        self.variables = check_patterns(variables, "variables")
+        self.stats = check_stats(stats)
+        self.values = None if values is None else check_patterns(values, "values")
+        if isinstance(every, bool) or not isinstance(every, (int, np.integer)):
+            raise TypeError(f"`every` must be an integer >= 1. Received: every={every!r}")
+        if every < 1:
+            raise ValueError(f"`every` must be an integer >= 1. Received: every={every!r}")
+        self.every = int(every)
+        self.log = GradientLog(self.stats)
+        self._model_ref: weakref.ref | None = None
+        self._plan: _Plan | None = None
+        self._buffer: GradientBuffer | None = None
+        self._epoch = 0
+        self._epoch_start = 0
+        self._since_drain = 0
+
+    # ------------------------------------------------------------- host side
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        model = self.model
+        _check_model(model)
+        if self._model_ref is not None and self._model_ref() is not model:
+            raise ValueError(
+                "This GradWatch already records another model, and one log holds one "
+                "model's history. Create a new `gradwatch.GradWatch()` for each model."
+            )
+        self._model_ref = weakref.ref(model)
+        state = model_state(model)
+        if self not in state.watches:
+            state.watches.append(self)
+        # The capture is traced into the step, so trace it anew with this watch.
+        model.make_train_function(force=True)
+        self._since_drain = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch = int(epoch)
+        counter = model_state(self.model).counter
+        self._epoch_start = 0 if counter is None else int(counter.numpy())
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        # Called once per execution of `steps_per_execution` steps. Drain before
+        # the next execution could overwrite slots not yet copied out.
+        self._since_drain += 1
+        if self._buffer is not None:
+            spe = int(self.model.steps_per_execution)
+            if (self._since_drain + 1) * spe > self._buffer.capacity:
+                self._drain()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self._drain()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self._release(self.model)
+
+    def _release(self, model: Any) -> None:
+        """Drains what is left and detaches from the model; safe to call twice."""
+        state = model_state(model)
+        try:
+            self._drain()
+        finally:
+            if self in state.watches:
+                state.watches.remove(self)
+                # Let the next fit trace a step without this watch.
+                model.train_function = None
+
+    def _drain(self) -> None:
+        buffer, plan = self._buffer, self._plan
+        if buffer is None or plan is None:
+            return
+        self._since_drain = 0
+        out = buffer.drain()
+        if out.lost:
+            warnings.warn(
+                f"GradWatch lost {out.lost} recorded steps that were overwritten in the "
+                "ring buffer before they were copied out.",
+                stacklevel=2,
+            )
+        k = len(out.steps)
+        if k == 0:
+            return
+        values = (
+            np.concatenate(out.values, axis=1) if out.values else np.zeros((k, 0), np.float32)
+        )
+        self.log._append(
+            out.steps,
+            np.full(k, self._epoch, np.int64),
+            out.steps - self._epoch_start,
+            plan.stat_codes,
+            out.stats,
+            plan.value_codes,
+            values,
+        )
+
+    # ----------------------------------------------------- inside the step
+    def _capture(self, model: Any, step: Any, records: dict[int, tuple[Any, Any, Any]]) -> None:
+        """Adds this watch's capture to the step being traced."""
+        plan = self._plan_for(model)
+        buffer = self._buffer_for(model, plan)
+        known = set(plan.signature)
+        for var, _, _ in records.values():
+            if id(var) not in known:
+                raise ValueError(
+                    f"`record_gradients` got the variable {var.path!r}, which is not among "
+                    f"the trainable weights of {type(model).__name__}. Record only the "
+                    "model's own trainable variables."
+                )
+        entries = [records.get(id(v)) for v in plan.variables]
+
+        def record():
+            grads = {}
+            for i in dict.fromkeys(plan.stat_index + plan.value_index):
+                entry = entries[i]
+                grad = None
+                if entry is not None and entry[1] is not None:
+                    grad = tf.cast(entry[1], tf.float32)
+                    if entry[2] is not None:
+                        grad = grad / entry[2]
+                grads[i] = grad
+            n_stats = len(self.stats)
+            if plan.stat_index:
+                stats = compute_stats([grads[i] for i in plan.stat_index], self.stats)
+            else:
+                stats = tf.zeros((0, n_stats), tf.float32)
+            values = [
+                grads[i]
+                if grads[i] is not None
+                else tf.fill(plan.variables[i].shape, tf.constant(math.nan, tf.float32))
+                for i in plan.value_index
+            ]
+            buffer.write(step, stats, values)
+            return tf.constant(True)
+
+        if self.every == 1:
+            record()
+        else:
+            tf.cond(step % self.every == 0, record, lambda: tf.constant(False))
+
+    def _plan_for(self, model: Any) -> _Plan:
+        variables = list(model.trainable_weights)
+        signature = tuple(id(v) for v in variables)
+        if self._plan is not None and self._plan.signature == signature:
+            return self._plan
+        keys = variable_keys([v.path for v in variables])
+        stat_keys = set(match_patterns(self.variables, keys, "variables"))
+        value_keys = (
+            set(match_patterns(self.values, keys, "values")) if self.values is not None else set()
+        )
+        stat_index = [i for i, k in enumerate(keys) if k in stat_keys]
+        value_index = [i for i, k in enumerate(keys) if k in value_keys]
+        used = sorted(set(stat_index) | set(value_index))
+        codes = dict(
+            zip(
+                used,
+                self.log._add_variables(
+                    [keys[i] for i in used], [tuple(variables[i].shape) for i in used]
+                ),
+                strict=True,
+            )
+        )
+        self._plan = _Plan(
+            signature=signature,
+            variables=variables,
+            stat_index=stat_index,
+            value_index=value_index,
+            stat_codes=np.asarray([codes[i] for i in stat_index], np.int32),
+            value_codes=np.asarray([codes[i] for i in value_index], np.int32),
+        )
+        self._buffer = None  # a new plan needs a buffer of its own shape
+        return self._plan
+
+    def _buffer_for(self, model: Any, plan: _Plan) -> GradientBuffer:
+        if self._buffer is None:
+            sizes = [int(np.prod(plan.variables[i].shape)) for i in plan.value_index]
+            slot_bytes = 8 + 4 * (len(plan.stat_index) * len(self.stats) + sum(sizes))
+            spe = int(model.steps_per_execution)
+            capacity = max(2 * spe, min(_SLOTS, _BUFFER_BYTES // slot_bytes))
+            with tf.init_scope():
+                self._buffer = GradientBuffer(
+                    len(plan.stat_index), len(self.stats), sizes, capacity
+                )
+        return self._buffer
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, GradWatchMixin):
+        raise TypeError(
+            "GradWatch records gradients inside the training step, so the model must "
+            "mix in `gradwatch.GradWatchMixin`. Received: a model of type "
+            f"{type(model).__module__}.{type(model).__qualname__}. Build it with "
+            "`gradwatch.Sequential([...])` instead of `keras.Sequential([...])`, "
+            "`gradwatch.Model(inputs, outputs)` instead of `keras.Model(inputs, outputs)`, "
+            "or for a subclassed model put the mixin first: "
+            f"`class {type(model).__name__}(gradwatch.GradWatchMixin, keras.Model): ...`"
+        )
+    if not getattr(type(model).train_step, "_gradwatch_counted", False):
+        raise TypeError(
+            f"The `train_step` of {type(model).__qualname__} comes from a class that is "
+            "listed before `gradwatch.GradWatchMixin` in its bases, so gradwatch cannot "
+            "see its gradients. Put the mixin first: "
+            f"`class {type(model).__name__}(gradwatch.GradWatchMixin, keras.Model): ...`"
+        )
+    if keras.backend.backend() != "tensorflow":
+        raise NotImplementedError(
+            "gradwatch records gradients with the TensorFlow backend of Keras. "
+            f"Received: KERAS_BACKEND={keras.backend.backend()!r}. "
+            "Set KERAS_BACKEND=tensorflow before importing keras."
+        )

@@ -1,0 +1,318 @@
+"""Reading and writing gradient logs: CSV and Parquet files that `read_log` turns back into a log."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gradwatch.log import GradientLog
+
+FORMAT = "gradwatch-log"
+VERSION = 1
+_CSV_MARK = "# " + FORMAT + " "
+COLUMNS = ("step", "epoch", "batch", "variable", "stat", "index", "value")
+_VALUE_STAT = "grad"  # the `stat` of rows that hold kept tensor elements
+
+
+def _metadata(log: GradientLog) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "variables": log.variables,
+        "stats": list(log.stat_names),
+        "shapes": {k: list(v) for k, v in log.shapes.items()},
+    }
+
+
+def _table(log: GradientLog) -> pd.DataFrame:
+    """One long table: stat rows (index empty), then kept-element rows (stat 'grad')."""
+    stats = log.frame
+    values = log.values_frame
+    cats = [*log.stat_names, _VALUE_STAT]
+    out = pd.concat(
+        [
+            pd.DataFrame(
+                {
+                    "step": stats["step"],
+                    "epoch": stats["epoch"],
+                    "batch": stats["batch"],
+                    "variable": stats["variable"],
+                    "stat": pd.Categorical(stats["stat"].astype(object), categories=cats),
+                    "index": pd.array([pd.NA] * len(stats), dtype="Int64"),
+                    "value": stats["value"],
+                }
+            ),
+            pd.DataFrame(
+                {
+                    "step": values["step"],
+                    "epoch": values["epoch"],
+                    "batch": values["batch"],
+                    "variable": values["variable"],
+                    "stat": pd.Categorical([_VALUE_STAT] * len(values), categories=cats),
+                    "index": values["index"].astype("Int64"),
+                    "value": values["value"],
+                }
+            ),
+        ],
+        ignore_index=True,
+    )
+    return out
+
+
+def _check_target(path: Any) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`path` must be a str or os.PathLike. Received: path={path!r}")
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(
+            f"Cannot write the gradwatch log to '{path}': the directory '{parent}' does "
+            "not exist. Create it first, or choose another path."
+        )
+    if path.is_dir():
+        raise IsADirectoryError(f"Cannot write the gradwatch log to '{path}': it is a directory.")
+    return path
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Writes through a temporary file in the same directory, so no half file is left."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OSError(
+            f"Cannot write the gradwatch log to '{path}': {e.strerror or e}. Check that "
+            "the directory is writable."
+        ) from e
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(f"Cannot write the gradwatch log to '{path}': {e.strerror or e}.") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_csv(log: GradientLog, path: Any) -> None:
+    """Writes `log` as CSV: a `# gradwatch-log {json}` first line, then the long table."""
+    path = _check_target(path)
+    table = _table(log)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            f.write(_CSV_MARK + json.dumps(_metadata(log)) + "\n")
+            # %.9g round-trips float32 exactly.
+            table.to_csv(f, index=False, float_format="%.9g")
+
+    _atomic_write(path, write)
+
+
+def write_parquet(log: GradientLog, path: Any) -> None:
+    """Writes `log` as Parquet, with the metadata under the schema key `gradwatch`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = _check_target(path)
+    table = pa.Table.from_pandas(_table(log), preserve_index=False)
+    meta = dict(table.schema.metadata or {})
+    meta[b"gradwatch"] = json.dumps(_metadata(log)).encode()
+    table = table.replace_schema_metadata(meta)
+    _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def read_log(path: Any) -> GradientLog:
+    """Reads a log written by `GradientLog.to_csv` or `GradientLog.to_parquet`.
+
+    Args:
+        path: The file. Its format is told by its content, not its name.
+
+    Returns:
+        A `GradientLog` equal to the one written.
+
+    Raises:
+        OSError: If the file cannot be read.
+        ValueError: If the file is not a gradwatch log; the message says what
+            is missing.
+
+    Example:
+
+    ```python
+    log.to_parquet("grads.parquet")
+    same = gradwatch.read_log("grads.parquet")
+    assert same == log
+    ```
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`path` must be a str or os.PathLike. Received: path={path!r}")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No gradwatch log at '{path}': the file does not exist.")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PAR1":
+        meta, table = _read_parquet(path)
+    else:
+        meta, table = _read_csv(path)
+    return _from_table(path, meta, table)
+
+
+def _read_parquet(path: Path) -> tuple[dict, pd.DataFrame]:
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except Exception as e:  # pyarrow raises its own error types for bad files
+        raise ValueError(f"'{path}' is not a readable Parquet file: {e}") from e
+    raw = (schema.metadata or {}).get(b"gradwatch")
+    if raw is None:
+        raise ValueError(
+            f"'{path}' is a Parquet file but not a gradwatch log: its schema has no "
+            "'gradwatch' metadata. Write logs with `GradientLog.to_parquet`."
+        )
+    return _parse_meta(path, raw.decode()), pq.read_table(path).to_pandas()
+
+
+def _read_csv(path: Path) -> tuple[dict, pd.DataFrame]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline()
+            if not first.startswith(_CSV_MARK):
+                raise ValueError(
+                    f"'{path}' is not a gradwatch log: its first line should start with "
+                    f"'{_CSV_MARK.strip()}' followed by the log's metadata. Write logs "
+                    "with `GradientLog.to_csv` or `GradientLog.to_parquet`."
+                )
+            meta = _parse_meta(path, first[len(_CSV_MARK) :])
+            table = pd.read_csv(
+                f,
+                dtype={"variable": object, "stat": object, "index": "Int64", "value": np.float32},
+                keep_default_na=False,
+                na_values={"value": ["", "nan", "NaN"], "index": [""]},
+            )
+    except UnicodeDecodeError as e:
+        raise ValueError(f"'{path}' is not a gradwatch log: it is not a text file.") from e
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise ValueError(f"'{path}' is not a gradwatch log: its table cannot be parsed: {e}") from e
+    return meta, table
+
+
+def _parse_meta(path: Path, text: str) -> dict:
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"'{path}' is not a gradwatch log: its metadata is not JSON ({e}).") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"'{path}' is not a gradwatch log: its metadata has no format '{FORMAT}'.")
+    if meta.get("version") != VERSION:
+        raise ValueError(
+            f"'{path}' is a gradwatch log of version {meta.get('version')!r}; this gradwatch "
+            f"reads version {VERSION}. Upgrade gradwatch to read it."
+        )
+    missing = [k for k in ("variables", "stats", "shapes") if k not in meta]
+    if missing:
+        raise ValueError(f"'{path}' is not a complete gradwatch log: its metadata lacks {missing}.")
+    return meta
+
+
+def _from_table(path: Path, meta: dict, table: pd.DataFrame) -> GradientLog:
+    missing = [c for c in COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(
+            f"'{path}' is not a complete gradwatch log: it lacks the columns {missing}. "
+            f"Expected: {list(COLUMNS)}"
+        )
+    variables, stats = list(meta["variables"]), list(meta["stats"])
+    log = GradientLog(stats)
+    log._add_variables(variables, [meta["shapes"].get(k, ()) for k in variables])
+    codes = {k: i for i, k in enumerate(variables)}
+    stat_codes = {s: i for i, s in enumerate(stats)}
+    var = table["variable"].astype(object).to_numpy()
+    stat = table["stat"].astype(object).to_numpy()
+    unknown = sorted(set(var) - set(codes), key=str)
+    if unknown:
+        raise ValueError(f"'{path}' names variables that its metadata lacks: {unknown[:5]}.")
+    unknown = sorted(set(stat) - set(stat_codes) - {_VALUE_STAT}, key=str)
+    if unknown:
+        raise ValueError(f"'{path}' names stats that its metadata lacks: {unknown[:5]}.")
+    try:
+        step = table["step"].to_numpy(np.int64)
+        epoch = table["epoch"].to_numpy(np.int64)
+        batch = table["batch"].to_numpy(np.int64)
+        value = table["value"].to_numpy(np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"'{path}' has a step, epoch, batch or value that is not a number.") from e
+    var_code = np.asarray([codes[v] for v in var], np.int32)
+    is_value = stat == _VALUE_STAT
+    s = ~is_value
+    _blocks_from_rows(
+        log,
+        step[s],
+        epoch[s],
+        batch[s],
+        var_code[s],
+        np.asarray([stat_codes[x] for x in stat[s]], np.int32),
+        value[s],
+        kind="stats",
+    )
+    index = table["index"][is_value].to_numpy(dtype=np.int64, na_value=-1)
+    _blocks_from_rows(
+        log,
+        step[is_value],
+        epoch[is_value],
+        batch[is_value],
+        var_code[is_value],
+        index,
+        value[is_value],
+        kind="values",
+    )
+    return log
+
+
+def _blocks_from_rows(log, step, epoch, batch, var, inner, value, kind) -> None:
+    """Rebuilds dense blocks from long rows, one block per run of steps with equal layout."""
+    if len(step) == 0:
+        return
+    order = np.lexsort((inner, var, step))
+    step, epoch, batch, var, inner, value = (a[order] for a in (step, epoch, batch, var, inner, value))
+    uniq, starts = np.unique(step, return_index=True)
+    bounds = [*starts.tolist(), len(step)]
+    run: list[int] = []
+    layout = None
+
+    def flush() -> None:
+        if not run:
+            return
+        first, k = bounds[run[0]], len(run)
+        width = bounds[run[0] + 1] - first
+        rows = slice(first, bounds[run[-1] + 1])
+        data = value[rows].reshape(k, width)
+        idx = [bounds[i] for i in run]
+        if kind == "stats":
+            ns = len(log.stat_names)
+            codes = var[first : first + width : ns]
+            log._append(
+                step[idx], epoch[idx], batch[idx], codes, data.reshape(k, -1, ns),
+                np.zeros((0,), np.int32), np.zeros((k, 0), np.float32),
+            )
+        else:
+            codes = np.asarray(list(dict.fromkeys(var[first : first + width].tolist())), np.int32)
+            log._append(
+                step[idx], epoch[idx], batch[idx], np.zeros((0,), np.int32),
+                np.zeros((k, 0, len(log.stat_names)), np.float32), codes, data,
+            )
+
+    for i in range(len(uniq)):
+        rows = slice(bounds[i], bounds[i + 1])
+        this = (var[rows].tobytes(), inner[rows].tobytes())
+        if this != layout:
+            flush()
+            run, layout = [], this
+        run.append(i)
+    flush()

@@ -1,0 +1,282 @@
+"""Capture: the train_step mixin that records what the optimizer really applies, keyed by variable."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+_local = threading.local()
+_patch_lock = threading.Lock()
+
+
+class _ModelState:
+    """gradwatch's per-model state, kept out of Keras' and TF's object tracking."""
+
+    def __init__(self) -> None:
+        self.counter: tf.Variable | None = None  # steps over the model's life
+        self.watches: list[Any] = []  # attached GradWatch callbacks
+
+
+def model_state(model: Any) -> _ModelState:
+    """The model's gradwatch state; a plain object so that saving never sees it."""
+    state = model.__dict__.get("_gradwatch_state")
+    if state is None:
+        state = _ModelState()
+        object.__setattr__(model, "_gradwatch_state", state)
+    return state
+
+
+class _StepScope:
+    """What one trace of one train step recorded: gradients by variable id."""
+
+    def __init__(self) -> None:
+        self.grads: dict[int, tuple[Any, Any, Any]] = {}  # id -> (variable, grad, scale)
+
+
+def _scopes() -> dict[int, _StepScope]:
+    # Thread-local: under tf.distribute each replica traces the step in its own thread.
+    if not hasattr(_local, "scopes"):
+        _local.scopes = {}
+    return _local.scopes
+
+
+def _counted(fn: Callable) -> Callable:
+    """Wraps a train_step so that each step is counted and its records committed once."""
+
+    @functools.wraps(fn)
+    def train_step(self, *args, **kwargs):
+        scopes = _scopes()
+        if id(self) in scopes:  # super().train_step() from an overriding train_step
+            return fn(self, *args, **kwargs)
+        if keras.backend.backend() != "tensorflow":
+            return fn(self, *args, **kwargs)
+        scope = scopes[id(self)] = _StepScope()
+        try:
+            outputs = fn(self, *args, **kwargs)
+        finally:
+            del scopes[id(self)]
+        _commit(self, scope)
+        return outputs
+
+    train_step._gradwatch_counted = True
+    return train_step
+
+
+def _step_counter(model: Any) -> tf.Variable:
+    state = model_state(model)
+    if state.counter is None:
+        # Built lazily inside the first trace; init_scope lifts it out of the graph.
+        with tf.init_scope():
+            state.counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="gradwatch_step")
+    return state.counter
+
+
+def _commit(model: Any, scope: _StepScope) -> None:
+    counter = _step_counter(model)
+    step = counter.read_value()
+    for watch in model_state(model).watches:
+        watch._capture(model, step, scope.grads)
+    counter.assign_add(1)
+
+
+def _loss_scale(optimizer: Any) -> Any:
+    """The factor the loss was multiplied by, or None when the loss is not scaled."""
+    if optimizer is None:
+        return None
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) or (
+        getattr(optimizer, "loss_scale_factor", None) is not None
+    ):
+        # Read before `apply`, which may change a dynamic scale.
+        return tf.cast(optimizer.scale_loss(1.0), tf.float32)
+    return None
+
+
+class _ApplyInterceptor:
+    """Routes `optimizer.apply_gradients` through a recorder while a stock step traces."""
+
+    def __init__(self, optimizer: Any, model: Any):
+        self.optimizer = optimizer
+        self.model = model
+
+    def __enter__(self) -> None:
+        with _patch_lock:
+            opt = self.optimizer
+            hooks = opt.__dict__.get("_gradwatch_hooks")
+            if hooks is None:
+                hooks = {}
+                original = opt.apply_gradients
+
+                def apply_gradients(grads_and_vars, *args, **kwargs):
+                    grads_and_vars = list(grads_and_vars)
+                    hook = hooks.get(threading.get_ident())
+                    if hook is not None:
+                        hook(grads_and_vars)
+                    return original(grads_and_vars, *args, **kwargs)
+
+                object.__setattr__(opt, "_gradwatch_hooks", hooks)
+                object.__setattr__(opt, "apply_gradients", apply_gradients)
+            hooks[threading.get_ident()] = self._record
+
+    def _record(self, grads_and_vars: list) -> None:
+        grads = [g for g, _ in grads_and_vars]
+        variables = [v for _, v in grads_and_vars]
+        self.model.record_gradients(grads, variables, optimizer=self.optimizer)
+
+    def __exit__(self, *exc: Any) -> None:
+        with _patch_lock:
+            opt = self.optimizer
+            hooks = opt.__dict__["_gradwatch_hooks"]
+            hooks.pop(threading.get_ident(), None)
+            if not hooks:
+                object.__delattr__(opt, "apply_gradients")
+                object.__delattr__(opt, "_gradwatch_hooks")
+
+
+class GradWatchMixin:
+    """Lets a `GradWatch` callback see every gradient the optimizer applies.
+
+    Put it first among the bases of a Keras model. The stock `train_step` is
+    left untouched: while a `GradWatch` is attached, the gradients passed to
+    `optimizer.apply_gradients` are recorded on the way, inside the compiled
+    step, keyed by variable path. They include regularizers and `add_loss`
+    terms, are taken before clipping, and are divided by any loss scale.
+    Without a `GradWatch` attached, the step is the stock one plus a step
+    counter.
+
+    A custom `train_step` (a GAN, several tapes) calls
+    `self.record_gradients(grads, variables)` to feed the same log.
+
+    Example:
+
+    ```python
+    class Net(gradwatch.GradWatchMixin, keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(1)
+
+        def call(self, x):
+            return self.dense(x)
+
+    model = Net()
+    model.compile(optimizer="sgd", loss="mse")
+    watch = gradwatch.GradWatch()
+    model.fit(x, y, callbacks=[watch])
+    watch.log.stat("norm")
+    ```
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        step = cls.__dict__.get("train_step")
+        if step is not None and not getattr(step, "_gradwatch_counted", False):
+            cls.train_step = _counted(step)
+
+    @_counted
+    def train_step(self, data: Any) -> Any:
+        if not model_state(self).watches or keras.backend.backend() != "tensorflow":
+            return super().train_step(data)
+        with _ApplyInterceptor(self.optimizer, self):
+            return super().train_step(data)
+
+    def fit(self, *args: Any, **kwargs: Any) -> Any:
+        """Runs `keras.Model.fit`; on any exit, attached watches drain what they captured."""
+        try:
+            return super().fit(*args, **kwargs)
+        finally:
+            # on_train_end is skipped when fit raises (KeyboardInterrupt too):
+            # copy out what the device recorded, and detach.
+            for watch in list(model_state(self).watches):
+                watch._release(self)
+
+    def record_gradients(
+        self,
+        grads: Sequence[Any],
+        variables: Sequence[Any],
+        optimizer: Any = None,
+    ) -> None:
+        """Records gradients from a custom `train_step`.
+
+        Call it once per variable and step, with the gradients you pass to
+        `apply_gradients`. Without a `GradWatch` attached it does nothing.
+
+        Args:
+            grads: Gradients, one per variable; `None` for a disconnected one.
+            variables: The model's trainable variables they belong to.
+            optimizer: The optimizer whose `scale_loss` scaled the loss, if
+                any; the gradients are then divided by its loss scale.
+                Defaults to `None` (gradients are taken as they are).
+
+        Example:
+
+        ```python
+        def train_step(self, data):
+            x, y = data
+            with tf.GradientTape() as tape:
+                loss = self.compute_loss(x, y, self(x, training=True))
+            grads = tape.gradient(loss, self.trainable_weights)
+            self.record_gradients(grads, self.trainable_weights)
+            self.optimizer.apply_gradients(zip(grads, self.trainable_weights))
+            return {"loss": loss}
+        ```
+        """
+        scope = _scopes().get(id(self))
+        if scope is None:
+            raise RuntimeError(
+                "`record_gradients` records for the step being run, so call it inside "
+                f"`train_step` of {type(self).__name__}, during `fit` or `train_on_batch`."
+            )
+        if not model_state(self).watches:
+            return
+        grads, variables = list(grads), list(variables)
+        if len(grads) != len(variables):
+            raise ValueError(
+                "`grads` and `variables` must have the same length. "
+                f"Received: len(grads)={len(grads)}, len(variables)={len(variables)}"
+            )
+        scale = _loss_scale(optimizer)
+        for grad, var in zip(grads, variables, strict=True):
+            if id(var) in scope.grads:
+                raise ValueError(
+                    f"The gradient of {var.path!r} was recorded twice in one step. "
+                    "Call `record_gradients` once per variable and step, with the "
+                    "gradient that is applied."
+                )
+            if isinstance(grad, tf.IndexedSlices):
+                # Sum rows that appear more than once, as the dense gradient would.
+                grad = tf.math.unsorted_segment_sum(grad.values, grad.indices, var.shape[0])
+            scope.grads[id(var)] = (var, grad, scale)
+
+
+def _register(cls: type) -> type:
+    return keras.saving.register_keras_serializable(package="gradwatch")(cls)
+
+
+@_register
+class Sequential(GradWatchMixin, keras.Sequential):
+    """A `keras.Sequential` whose gradients a `GradWatch` can record.
+
+    Example:
+
+    ```python
+    model = gradwatch.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    ```
+    """
+
+
+@_register
+class Model(GradWatchMixin, keras.Model):
+    """A functional (or subclassable) `keras.Model` whose gradients a `GradWatch` can record.
+
+    Example:
+
+    ```python
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Dense(1)(inputs)
+    model = gradwatch.Model(inputs, outputs)
+    ```
+    """
