@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -79,7 +80,15 @@ def _step_counter(model: Any) -> tf.Variable:
 def _commit(model: Any, scope: _StepScope) -> None:
     counter = _step_counter(model)
     step = counter.read_value()
-    for watch in model_state(model).watches:
+    watches = model_state(model).watches
+    if watches and not scope.grads:
+        warnings.warn(
+            f"The `train_step` of {type(model).__name__} recorded no gradients, so GradWatch "
+            "has nothing to log. A custom `train_step` must call "
+            "`self.record_gradients(grads, variables)` with the gradients it applies.",
+            stacklevel=2,
+        )
+    for watch in watches:
         watch._capture(model, step, scope.grads)
     counter.assign_add(1)
 

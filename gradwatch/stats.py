@@ -82,7 +82,7 @@ def compute_stats(tensors: Sequence[Any], stats: Sequence[str]) -> Any:
 
     >>> out = compute_stats([np.array([3.0, -4.0]), np.array([0.0, 1.0, np.nan])],
     ...                     ["norm", "nonfinite", "zero_frac"])
-    >>> np.asarray(out).round(3).tolist()
+    >>> np.asarray(out, dtype=np.float64).round(3).tolist()
     [[5.0, 0.0, 0.0], [1.0, 1.0, 0.333]]
     """
     stats = tuple(stats)

@@ -1,0 +1,212 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from models import data, pair
+from reference import batches_of, mse, np_stats, tape_gradients
+
+import gradwatch
+
+KEYS = ["net/hidden/kernel", "net/hidden/bias", "net/out/kernel", "net/out/bias"]
+
+
+@pytest.mark.parametrize("spe", [1, 4])
+@pytest.mark.parametrize("jit", [False, True])
+def test_every_step_matches_a_plain_tape_loop(spe, jit):
+    x, y = data()
+    model, plain = pair()
+    model.compile(keras.optimizers.Adam(0.05), "mse", steps_per_execution=spe, jit_compile=jit)
+    watch = gradwatch.GradWatch(stats=list(gradwatch.STATS), values="*")
+    model.fit(x, y, batch_size=8, epochs=2, shuffle=False, callbacks=[watch], verbose=0)
+
+    reference = tape_gradients(plain, keras.optimizers.Adam(0.05), batches_of(x, y, 8) * 2, mse)
+    log = watch.log
+    assert log.variables == KEYS
+    np.testing.assert_array_equal(log.steps, np.arange(10))
+    wide = {name: log.stat(name) for name in gradwatch.STATS}
+    for step, grads in enumerate(reference):
+        for key, g in zip(KEYS, grads, strict=True):
+            np.testing.assert_allclose(log.gradient(key, step), g, rtol=1e-5, atol=1e-6)
+            ref = np_stats(g)
+            for name in gradwatch.STATS:
+                np.testing.assert_allclose(
+                    wide[name].loc[step, key], ref[name], rtol=1e-5, atol=1e-6, err_msg=name
+                )
+    # Weights end where the reference loop ends: the capture did not disturb training.
+    for a, b in zip(model.get_weights(), plain.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_epoch_and_batch_are_what_keras_reports_with_spe():
+    x, y = data(n=36)  # 5 batches of 8 and one of 4 per epoch
+    model, _ = pair()
+    model.compile("sgd", "mse", steps_per_execution=4)
+    seen = []
+    probe = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: seen.append(b))
+    watch = gradwatch.GradWatch(stats="norm")
+    model.fit(x, y, batch_size=8, epochs=3, shuffle=False, callbacks=[watch, probe], verbose=0)
+    frame = watch.log.frame.drop_duplicates("step")
+    np.testing.assert_array_equal(frame["step"], np.arange(15))
+    np.testing.assert_array_equal(frame["epoch"], np.repeat([0, 1, 2], 5))
+    np.testing.assert_array_equal(frame["batch"], np.tile(np.arange(5), 3))
+    # Keras itself reports only the last batch of each execution, unclamped.
+    assert seen == [3, 7] * 3
+
+
+def test_step_continues_across_fits_and_epoch_honours_initial_epoch():
+    x, y = data(n=16)
+    model, _ = pair()
+    model.compile("sgd", "mse")
+    watch = gradwatch.GradWatch(stats="norm")
+    model.fit(x, y, batch_size=8, epochs=2, callbacks=[watch], verbose=0)
+    model.fit(x, y, batch_size=8, epochs=4, initial_epoch=2, callbacks=[watch], verbose=0)
+    frame = watch.log.frame.drop_duplicates("step")
+    np.testing.assert_array_equal(frame["step"], np.arange(8))
+    np.testing.assert_array_equal(frame["epoch"], [0, 0, 1, 1, 2, 2, 3, 3])
+    np.testing.assert_array_equal(frame["batch"], [0, 1] * 4)
+
+
+def test_steps_without_a_watch_still_count():
+    x, y = data(n=16)
+    model, _ = pair()
+    model.compile("sgd", "mse")
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)  # steps 0 and 1, unwatched
+    watch = gradwatch.GradWatch(stats="norm")
+    model.fit(x, y, batch_size=8, epochs=1, callbacks=[watch], verbose=0)
+    np.testing.assert_array_equal(watch.log.steps, [2, 3])
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)  # steps 4 and 5: detached again
+    np.testing.assert_array_equal(watch.log.steps, [2, 3])
+
+
+@pytest.mark.parametrize("spe", [1, 3])
+def test_every_records_only_multiples_and_matches_reference(spe):
+    x, y = data()
+    model, plain = pair()
+    model.compile(keras.optimizers.SGD(0.1), "mse", steps_per_execution=spe)
+    watch = gradwatch.GradWatch(every=3, values="out/kernel")
+    model.fit(x, y, batch_size=8, epochs=2, shuffle=False, callbacks=[watch], verbose=0)
+    np.testing.assert_array_equal(watch.log.steps, [0, 3, 6, 9])
+    reference = tape_gradients(plain, keras.optimizers.SGD(0.1), batches_of(x, y, 8) * 2, mse)
+    for step in (0, 3, 6, 9):
+        np.testing.assert_allclose(
+            watch.log.gradient("out/kernel", step), reference[step][2], rtol=1e-5, atol=1e-6
+        )
+    with pytest.raises(KeyError, match=r"Step 4 .* not recorded.*from 0 to 9, every 3 steps"):
+        watch.log.gradient("out/kernel", 4)
+
+
+def test_variables_selects_stats_rows_and_values_are_independent():
+    x, y = data(n=16)
+    model, _ = pair()
+    model.compile("sgd", "mse")
+    watch = gradwatch.GradWatch(variables="*kernel", stats=("norm", "max"), values="hidden/bias")
+    model.fit(x, y, batch_size=8, epochs=1, callbacks=[watch], verbose=0)
+    log = watch.log
+    assert list(log.frame["variable"].unique()) == ["net/hidden/kernel", "net/out/kernel"]
+    assert list(log.frame["stat"].unique()) == ["norm", "max"]
+    assert log.variables == ["net/hidden/kernel", "net/hidden/bias", "net/out/kernel"]
+    assert log.gradient("hidden/bias", 1).shape == (4,)
+    with pytest.raises(KeyError, match=r"was not kept.*values='net/out/kernel'"):
+        log.gradient("out/kernel", 0)
+
+
+def test_duplicate_paths_get_numbered_keys():
+    class Block(keras.layers.Layer):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.a = keras.layers.Dense(2, name="d")
+            self.b = keras.layers.Dense(2, name="d")
+
+        def call(self, x):
+            return self.b(self.a(x))
+
+    inputs = keras.Input((3,))
+    model = gradwatch.Model(inputs, Block(name="sub")(inputs))
+    model.compile("sgd", "mse")
+    watch = gradwatch.GradWatch(stats="norm", values="d/kernel#1")
+    x = np.ones((4, 3), "float32")
+    model.fit(x, np.zeros((4, 2), "float32"), batch_size=4, callbacks=[watch], verbose=0)
+    assert watch.log.variables == ["sub/d/kernel", "sub/d/bias", "sub/d/kernel#1", "sub/d/bias#1"]
+    assert watch.log.gradient("d/kernel#1", 0).shape == (2, 2)
+
+
+def test_pattern_matching_nothing_is_a_value_error_listing_keys():
+    x, y = data(n=8)
+    model, _ = pair()
+    model.compile("sgd", "mse")
+    with pytest.raises(ValueError, match=r"'conv\*' in `variables` matches no variable.*net/out/bias"):
+        model.fit(x, y, callbacks=[gradwatch.GradWatch(variables="conv*")], verbose=0)
+    with pytest.raises(ValueError, match=r"'emb' in `values` matches no variable"):
+        model.fit(x, y, callbacks=[gradwatch.GradWatch(values="emb")], verbose=0)
+    # The model is left detached and trains on.
+    model.fit(x, y, verbose=0)
+
+
+def test_watch_on_a_plain_keras_model_is_a_type_error_that_shows_the_fix():
+    x, y = data(n=8)
+    _, plain = pair()
+    plain.compile("sgd", "mse")
+    with pytest.raises(TypeError, match=r"gradwatch\.Sequential\(\[\.\.\.\]\).*GradWatchMixin, keras\.Model"):
+        plain.fit(x, y, callbacks=[gradwatch.GradWatch()], verbose=0)
+
+
+def test_mixin_listed_after_keras_model_is_a_type_error():
+    class Late(keras.Model, gradwatch.GradWatchMixin):
+        def __init__(self):
+            super().__init__()
+            self.d = keras.layers.Dense(1)
+
+        def call(self, x):
+            return self.d(x)
+
+    model = Late()
+    model.compile("sgd", "mse")
+    with pytest.raises(TypeError, match="Put the mixin first"):
+        model.fit(np.ones((4, 2)), np.ones((4, 1)), callbacks=[gradwatch.GradWatch()], verbose=0)
+
+
+def test_one_watch_on_two_models_is_an_error():
+    x, y = data(n=8)
+    a, _ = pair()
+    b, _ = pair()
+    for m in (a, b):
+        m.compile("sgd", "mse")
+    watch = gradwatch.GradWatch()
+    a.fit(x, y, callbacks=[watch], verbose=0)
+    with pytest.raises(ValueError, match="already records another model"):
+        b.fit(x, y, callbacks=[watch], verbose=0)
+    assert len(watch.log) == 1  # nothing recorded is lost
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"stats": ["nrm"]}, ValueError, r"Unknown stat 'nrm' in `stats`. Available: .*Received: stats=\['nrm'\]"),
+        ({"every": 0}, ValueError, r"`every` must be an integer >= 1. Received: every=0"),
+        ({"every": 1.5}, TypeError, r"Received: every=1.5"),
+        ({"every": True}, TypeError, r"Received: every=True"),
+        ({"variables": 3}, TypeError, r"`variables` must be a glob.*Received: variables=3"),
+        ({"values": [None]}, TypeError, r"`values` must be a glob"),
+        ({"stats": 7}, TypeError, r"`stats` must be"),
+    ],
+)
+def test_constructor_rejects_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        gradwatch.GradWatch(**kwargs)
+
+
+def test_sparse_embedding_gradient_equals_dense_equivalent():
+    ids = np.array([[1, 1, 3], [0, 1, 3]], dtype="int32")  # row 1 repeats
+    y = np.ones((2, 3, 2), "float32")
+    model = gradwatch.Sequential([keras.Input((3,), dtype="int32"), keras.layers.Embedding(5, 2, name="emb")])
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    table = model.get_weights()[0]
+    watch = gradwatch.GradWatch(values="*")
+    model.fit(ids, y, batch_size=2, callbacks=[watch], verbose=0)
+    w = tf.Variable(table)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.square(y - tf.gather(w, ids)))
+    dense = tf.convert_to_tensor(tape.gradient(loss, w))
+    np.testing.assert_allclose(watch.log.gradient("emb/embeddings", 0), dense, rtol=1e-6)
+    norm = watch.log.stat("norm").iloc[0, 0]
+    assert norm == pytest.approx(float(np.linalg.norm(dense)), rel=1e-6)

@@ -1,0 +1,254 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from models import data, layers, pair
+from reference import batches_of, mse, tape_gradients
+
+import gradwatch
+
+
+def _fit_both(watched, plain, callbacks, spe=3, jit=False, **opt):
+    x, y = data(n=45)
+    sw = np.linspace(0.5, 2.0, len(x)).astype("float32")
+    histories = []
+    for model, cbs in ((watched, callbacks), (plain, [])):
+        model.compile(
+            keras.optimizers.SGD(0.1, momentum=0.9, **opt),
+            "mse",
+            metrics=["mae"],
+            steps_per_execution=spe,
+            jit_compile=jit,
+        )
+        h = model.fit(
+            x, y, sample_weight=sw, batch_size=8, epochs=3, shuffle=False, callbacks=cbs, verbose=0
+        )
+        histories.append(h.history)
+    return histories
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_mixin_with_watch_is_bitwise_neutral_to_training(jit):
+    watched, plain = pair(regularize=True)
+    watch = gradwatch.GradWatch(stats=list(gradwatch.STATS), values="*")
+    ha, hb = _fit_both(watched, plain, [watch], spe=3, jit=jit, global_clipnorm=0.05)
+    assert ha == hb  # losses and metrics, exactly
+    for a, b in zip(watched.get_weights(), plain.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert len(watch.log) == 18
+
+
+def test_mixin_without_watch_trains_as_usual():
+    watched, plain = pair(regularize=True)
+    ha, hb = _fit_both(watched, plain, [], spe=3, clipnorm=0.1)
+    assert ha == hb
+    for a, b in zip(watched.get_weights(), plain.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_recorded_gradient_is_pre_clip_and_includes_regularizer_and_add_loss():
+    class AddLoss(keras.layers.Layer):
+        def call(self, x):
+            self.add_loss(0.5 * tf.reduce_sum(tf.square(x)))
+            return x
+
+    def build(cls):
+        return cls(
+            [
+                keras.Input((5,)),
+                keras.layers.Dense(4, kernel_regularizer=keras.regularizers.L2(0.1), name="hidden"),
+                AddLoss(),
+                keras.layers.Dense(2, name="out"),
+            ],
+            name="net",
+        )
+
+    model = build(gradwatch.Sequential)
+    plain = build(keras.Sequential)
+    plain.set_weights(model.get_weights())
+    model.compile(keras.optimizers.SGD(0.01, clipvalue=1e-4), "mse")
+    x, y = data(n=8)
+    watch = gradwatch.GradWatch(values="*")
+    model.fit(x, y, batch_size=8, callbacks=[watch], verbose=0)
+    (ref,) = tape_gradients(plain, keras.optimizers.SGD(0.01), batches_of(x, y, 8), mse)
+    got = watch.log.gradient("hidden/kernel", 0)
+    np.testing.assert_allclose(got, ref[0], rtol=1e-5)
+    assert np.abs(got).max() > 1e-3  # far above the clip value: recorded before clipping
+
+
+def test_mixed_precision_records_unscaled_gradients():
+    x, y = data(n=16)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = gradwatch.Sequential(layers(regularize=False), name="net")
+        model.compile(keras.optimizers.SGD(0.01), "mse")
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    reference_model = keras.Sequential(layers(regularize=False), name="net")
+    reference_model.set_weights(model.get_weights())
+    watch = gradwatch.GradWatch(values="*")
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, callbacks=[watch], verbose=0)
+    reference = tape_gradients(reference_model, keras.optimizers.SGD(0.01), batches_of(x, y, 8), mse)
+    for step, grads in enumerate(reference):
+        for key, g in zip(watch.log.variables, grads, strict=True):
+            # float16 activations: agree with the float32 run to about 3 digits,
+            # where a forgotten loss scale would be off by 2**15.
+            np.testing.assert_allclose(watch.log.gradient(key, step), g, rtol=2e-2, atol=2e-3)
+
+
+class TwoOptimizers(gradwatch.GradWatchMixin, keras.Model):
+    """A custom step with two tapes and two optimizers, as in a GAN."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.a = keras.layers.Dense(3, activation="tanh", name="a")
+        self.b = keras.layers.Dense(1, name="b")
+        self.record = True
+
+    def call(self, x):
+        return self.b(self.a(x))
+
+    def compile(self, opt_a, opt_b):
+        super().compile()
+        self.opt_a, self.opt_b = opt_a, opt_b
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss_a = tf.reduce_mean(tf.square(y - self(x)))
+        ga = tape.gradient(loss_a, self.a.trainable_weights)
+        with tf.GradientTape() as tape:
+            loss_b = tf.reduce_mean(tf.square(self(x)))
+        gb = tape.gradient(loss_b, self.b.trainable_weights)
+        if self.record:
+            self.record_gradients(ga, self.a.trainable_weights)
+            self.record_gradients(gb, self.b.trainable_weights)
+        self.opt_a.apply_gradients(zip(ga, self.a.trainable_weights))
+        self.opt_b.apply_gradients(zip(gb, self.b.trainable_weights))
+        return {"loss_a": loss_a, "loss_b": loss_b}
+
+
+def test_custom_train_step_feeds_the_log_through_record_gradients():
+    x, y = data(n=24, features=2, outputs=1)
+    model = TwoOptimizers(name="gan")
+    model(x[:1])
+    start = [w.numpy() for w in model.trainable_weights]
+    model.compile(keras.optimizers.SGD(0.1), keras.optimizers.SGD(0.05))
+    watch = gradwatch.GradWatch(values="*")
+    model.fit(x, y, batch_size=8, shuffle=False, callbacks=[watch], verbose=0)
+
+    a = [tf.Variable(w) for w in start[:2]]
+    b = [tf.Variable(w) for w in start[2:]]
+
+    def forward(x):
+        return tf.matmul(tf.tanh(tf.matmul(x, a[0]) + a[1]), b[0]) + b[1]
+
+    for step in range(3):
+        xb, yb = x[8 * step : 8 * step + 8], y[8 * step : 8 * step + 8]
+        with tf.GradientTape() as tape:
+            loss_a = tf.reduce_mean(tf.square(yb - forward(xb)))
+        ga = tape.gradient(loss_a, a)
+        with tf.GradientTape() as tape:
+            loss_b = tf.reduce_mean(tf.square(forward(xb)))
+        gb = tape.gradient(loss_b, b)
+        for key, g in zip(watch.log.variables, [*ga, *gb], strict=True):
+            np.testing.assert_allclose(watch.log.gradient(key, step), g, rtol=1e-5, atol=1e-7)
+        for v, g in zip(a, ga, strict=True):
+            v.assign_sub(0.1 * g)
+        for v, g in zip(b, gb, strict=True):
+            v.assign_sub(0.05 * g)
+    assert watch.log.variables == ["gan/a/kernel", "gan/a/bias", "gan/b/kernel", "gan/b/bias"]
+
+
+def test_custom_train_step_that_records_nothing_warns():
+    x, y = data(n=8, features=2, outputs=1)
+    model = TwoOptimizers()
+    model.record = False
+    model.compile(keras.optimizers.SGD(0.1), keras.optimizers.SGD(0.1))
+    with pytest.warns(UserWarning, match=r"recorded no gradients.*record_gradients"):
+        model.fit(x, y, callbacks=[gradwatch.GradWatch()], verbose=0)
+
+
+def test_record_gradients_outside_train_step_is_an_error():
+    model, _ = pair()
+    with pytest.raises(RuntimeError, match="inside `train_step`"):
+        model.record_gradients([None], model.trainable_weights[:1])
+
+
+def test_record_gradients_twice_for_one_variable_is_an_error():
+    class Twice(TwoOptimizers):
+        def train_step(self, data):
+            out = super().train_step(data)
+            self.record_gradients([None], self.a.trainable_weights[:1])
+            return out
+
+    x, y = data(n=8, features=2, outputs=1)
+    model = Twice()
+    model.compile(keras.optimizers.SGD(0.1), keras.optimizers.SGD(0.1))
+    with pytest.raises(ValueError, match="/a/kernel' was recorded twice in one step"):
+        model.fit(x, y, callbacks=[gradwatch.GradWatch()], verbose=0)
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class Net(gradwatch.GradWatchMixin, keras.Model):
+    def __init__(self, units=2, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.d = keras.layers.Dense(units, name="d")
+
+    def call(self, x):
+        return self.d(x)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+def _functional():
+    inputs = keras.Input((5,))
+    return gradwatch.Model(inputs, keras.layers.Dense(2, name="d")(inputs), name="fn")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: gradwatch.Sequential(layers(), name="net"), _functional, lambda: Net(name="sub")],
+    ids=["sequential", "functional", "subclassed"],
+)
+def test_mixin_models_save_load_and_keep_training(make, tmp_path):
+    x, y = data(n=16)
+    model = make()
+    model.compile("adam", "mse")
+    watch = gradwatch.GradWatch()
+    model.fit(x, y, batch_size=8, callbacks=[watch], verbose=0)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert type(loaded) is type(model)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    again = gradwatch.GradWatch(stats="norm")
+    loaded.fit(x, y, batch_size=8, callbacks=[again], verbose=0)
+    assert len(again.log) == 2
+    # Weights files hold no gradwatch state: they load into a plain model.
+    model.save_weights(tmp_path / "w.weights.h5")
+    if isinstance(model, gradwatch.Sequential):
+        plain = keras.Sequential(layers(), name="net")
+        plain.load_weights(tmp_path / "w.weights.h5")
+        for a, b in zip(plain.get_weights(), model.get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_exception_inside_fit_keeps_what_was_recorded():
+    class Boom(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 2:
+                raise RuntimeError("boom")
+
+    x, y = data(n=40)
+    model, _ = pair()
+    model.compile("sgd", "mse")
+    watch = gradwatch.GradWatch(stats="norm")
+    with pytest.raises(RuntimeError, match="boom"):
+        model.fit(x, y, batch_size=8, callbacks=[watch, Boom()], verbose=0)
+    np.testing.assert_array_equal(watch.log.steps, [0, 1, 2])
+    model.fit(x, y, batch_size=8, verbose=0)  # detached: trains on without capture
+    np.testing.assert_array_equal(watch.log.steps, [0, 1, 2])

@@ -1,0 +1,100 @@
+import math
+
+import numpy as np
+import pytest
+from reference import np_stats
+
+from gradwatch import stats as S
+
+
+def test_stats_hand_computed_values():
+    g = np.array([3.0, -4.0, 0.0, 0.0])
+    out = np.asarray(S.compute_stats([g], list(S.STATS)))[0]
+    got = dict(zip(S.STATS, out.tolist(), strict=True))
+    # norm = sqrt(9 + 16) = 5; mean = -1/4; std = sqrt(((3.25)^2 + (3.75)^2 + 2*(0.25)^2)/4)
+    assert got["norm"] == pytest.approx(5.0)
+    assert got["mean"] == pytest.approx(-0.25)
+    assert got["std"] == pytest.approx(math.sqrt((3.25**2 + 3.75**2 + 2 * 0.25**2) / 4))
+    assert got["min"] == -4.0
+    assert got["max"] == 3.0
+    assert got["abs_max"] == 4.0
+    assert got["nonfinite"] == 0.0
+    assert got["zero_frac"] == 0.5
+
+
+def test_stats_nonfinite_elements_are_excluded_from_moments():
+    g = np.array([1.0, 3.0, np.nan, np.inf, -np.inf])
+    got = dict(zip(S.STATS, np.asarray(S.compute_stats([g], list(S.STATS)))[0].tolist(), strict=True))
+    assert got["norm"] == pytest.approx(math.sqrt(10.0))
+    assert got["mean"] == pytest.approx(2.0)
+    assert got["std"] == pytest.approx(1.0)
+    assert got["min"] == -np.inf
+    assert got["max"] == np.inf
+    assert got["abs_max"] == np.inf
+    assert got["nonfinite"] == 3.0
+    assert got["zero_frac"] == 0.0
+
+
+def test_stats_all_nan_and_empty_tensors():
+    out = np.asarray(S.compute_stats([np.full(3, np.nan), np.zeros((0, 4))], list(S.STATS)))
+    all_nan = dict(zip(S.STATS, out[0].tolist(), strict=True))
+    assert all_nan["norm"] == 0.0
+    assert all_nan["nonfinite"] == 3.0
+    for name in ("mean", "std", "min", "max", "abs_max"):
+        assert math.isnan(all_nan[name])
+    empty = dict(zip(S.STATS, out[1].tolist(), strict=True))
+    assert empty["norm"] == 0.0 and empty["nonfinite"] == 0.0
+    for name in ("mean", "std", "min", "max", "abs_max", "zero_frac"):
+        assert math.isnan(empty[name])
+
+
+def test_stats_none_gives_a_nan_row_and_keeps_the_order():
+    out = np.asarray(S.compute_stats([np.array([2.0]), None, np.array([-1.0, 1.0])], ["norm"]))
+    assert out[0, 0] == pytest.approx(2.0)
+    assert math.isnan(out[1, 0])
+    assert out[2, 0] == pytest.approx(math.sqrt(2.0))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_stats_fused_equal_numpy_reference_on_random_tensors(seed):
+    rng = np.random.default_rng(seed)
+    shapes = [(), (0,), (1,), (7,), (3, 5), (2, 3, 4), (1, 1)]
+    tensors = []
+    for shape in shapes:
+        t = rng.normal(scale=10.0 ** rng.integers(-6, 4), size=shape).astype(np.float32)
+        if t.size > 2:
+            flat = t.reshape(-1)
+            flat[rng.integers(0, t.size)] = rng.choice([np.nan, np.inf, -np.inf, 0.0])
+        tensors.append(t)
+    out = np.asarray(S.compute_stats(tensors, list(S.STATS)))
+    for row, t in zip(out, tensors, strict=True):
+        ref = np_stats(t)
+        # float32 sums: the error scales with the largest finite magnitude, not the result.
+        finite = t[np.isfinite(t)]
+        scale = float(np.abs(finite).max()) if finite.size else 0.0
+        for j, name in enumerate(S.STATS):
+            np.testing.assert_allclose(
+                row[j], ref[name], rtol=1e-5, atol=1e-6 * scale + 1e-30, err_msg=name
+            )
+
+
+def test_stats_half_precision_inputs_are_computed_in_float32():
+    g = np.array([1.0, 2.0, 2.0], dtype=np.float16)
+    assert S.norm(g) == pytest.approx(3.0)
+
+
+def test_check_stats_unknown_name_is_keras_style_error():
+    with pytest.raises(ValueError, match=r"Unknown stat 'nrm' in `stats`.*Received: stats=\['nrm'\]"):
+        S.check_stats(["nrm"])
+
+
+@pytest.mark.parametrize("bad", [3, [1, 2], None, b"norm"])
+def test_check_stats_wrong_type(bad):
+    with pytest.raises(TypeError, match="`stats` must be"):
+        S.check_stats(bad)
+
+
+def test_check_stats_empty_and_duplicates():
+    with pytest.raises(ValueError, match="at least one stat"):
+        S.check_stats([])
+    assert S.check_stats(["max", "norm", "max"]) == ("max", "norm")
