@@ -45,7 +45,10 @@ class GradientBuffer(keras.metrics.Metric):
         super().__init__(name=name)
         self.capacity = int(capacity)
         self.stats = self.add_variable(
-            shape=(capacity, n_variables, n_stats), initializer="zeros", dtype="float32", name="stats"
+            shape=(capacity, n_variables, n_stats),
+            initializer="zeros",
+            dtype="float32",
+            name="stats",
         )
         self.steps = self.add_variable(
             shape=(capacity,), initializer="zeros", dtype="int64", name="steps"

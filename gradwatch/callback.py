@@ -155,9 +155,7 @@ class GradWatch(keras.callbacks.Callback):
         k = len(out.steps)
         if k == 0:
             return
-        values = (
-            np.concatenate(out.values, axis=1) if out.values else np.zeros((k, 0), np.float32)
-        )
+        values = np.concatenate(out.values, axis=1) if out.values else np.zeros((k, 0), np.float32)
         self.log._append(
             out.steps,
             np.full(k, self._epoch, np.int64),

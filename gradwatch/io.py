@@ -1,4 +1,4 @@
-"""Reading and writing gradient logs: CSV and Parquet files that `read_log` turns back into a log."""
+"""Reading and writing gradient logs: CSV and Parquet files that `read_log` reads back."""
 
 from __future__ import annotations
 
@@ -280,7 +280,9 @@ def _blocks_from_rows(log, step, epoch, batch, var, inner, value, kind) -> None:
     if len(step) == 0:
         return
     order = np.lexsort((inner, var, step))
-    step, epoch, batch, var, inner, value = (a[order] for a in (step, epoch, batch, var, inner, value))
+    step, epoch, batch, var, inner, value = (
+        a[order] for a in (step, epoch, batch, var, inner, value)
+    )
     uniq, starts = np.unique(step, return_index=True)
     bounds = [*starts.tolist(), len(step)]
     run: list[int] = []
@@ -298,14 +300,24 @@ def _blocks_from_rows(log, step, epoch, batch, var, inner, value, kind) -> None:
             ns = len(log.stat_names)
             codes = var[first : first + width : ns]
             log._append(
-                step[idx], epoch[idx], batch[idx], codes, data.reshape(k, -1, ns),
-                np.zeros((0,), np.int32), np.zeros((k, 0), np.float32),
+                step[idx],
+                epoch[idx],
+                batch[idx],
+                codes,
+                data.reshape(k, -1, ns),
+                np.zeros((0,), np.int32),
+                np.zeros((k, 0), np.float32),
             )
         else:
             codes = np.asarray(list(dict.fromkeys(var[first : first + width].tolist())), np.int32)
             log._append(
-                step[idx], epoch[idx], batch[idx], np.zeros((0,), np.int32),
-                np.zeros((k, 0, len(log.stat_names)), np.float32), codes, data,
+                step[idx],
+                epoch[idx],
+                batch[idx],
+                np.zeros((0,), np.int32),
+                np.zeros((k, 0, len(log.stat_names)), np.float32),
+                codes,
+                data,
             )
 
     for i in range(len(uniq)):

@@ -32,7 +32,8 @@ class _ValueBlock:
     epochs: np.ndarray
     batches: np.ndarray
     codes: np.ndarray  # int32 (n_kept,)
-    data: np.ndarray  # float32 (k, sum of sizes): each step's kept tensors, flattened, in code order
+    # float32 (k, sum of sizes): each step's kept tensors, flattened, in code order
+    data: np.ndarray
 
 
 class GradientLog:
@@ -104,9 +105,9 @@ class GradientLog:
             sizes = [self._size(self._variables[c]) for c in value_codes]
             offsets = np.concatenate([[0], np.cumsum(sizes)])
             perm = np.argsort(value_codes, kind="stable")
-            cols = np.concatenate(
-                [np.arange(offsets[i], offsets[i + 1]) for i in perm]
-            ).astype(np.int64)
+            cols = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in perm]).astype(
+                np.int64
+            )
             self._value_blocks.append(
                 _ValueBlock(steps, epochs, batches, value_codes[perm], values[:, cols])
             )
@@ -217,11 +218,7 @@ class GradientLog:
         data: dict[str, Any] = {}
         for name in names:
             parts = cols[name]
-            arr = (
-                np.concatenate(parts)
-                if parts
-                else np.zeros((0,), dtypes.get(name, np.int64))
-            )
+            arr = np.concatenate(parts) if parts else np.zeros((0,), dtypes.get(name, np.int64))
             if name == "variable":
                 data[name] = pd.Categorical.from_codes(arr, categories=self._variables_index())
             elif name in categories:

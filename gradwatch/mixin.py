@@ -1,4 +1,4 @@
-"""Capture: the train_step mixin that records what the optimizer really applies, keyed by variable."""
+"""Capture: the train_step mixin that records what the optimizer applies, by variable."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The statistics catalogue: per-variable gradient summaries, computed with `keras.ops` in the step."""
+"""The statistics catalogue: per-variable gradient summaries, computed with `keras.ops`."""
 
 from __future__ import annotations
 
@@ -132,9 +132,7 @@ _PARTS = {
     "n_finite": lambda x, get, ssum, smax, size, seg, nan: ssum(get("finite")),
     "n_notnan": lambda x, get, ssum, smax, size, seg, nan: ssum(get("notnan")),
     "x_finite": lambda x, get, ssum, smax, size, seg, nan: ops.where(get("finite"), x, 0.0),
-    "norm": lambda x, get, ssum, smax, size, seg, nan: ops.sqrt(
-        ssum(ops.square(get("x_finite")))
-    ),
+    "norm": lambda x, get, ssum, smax, size, seg, nan: ops.sqrt(ssum(ops.square(get("x_finite")))),
     "mean": lambda x, get, ssum, smax, size, seg, nan: _nan_if(
         get("n_finite") == 0, ssum(get("x_finite")) / ops.maximum(get("n_finite"), 1.0), nan
     ),
@@ -212,7 +210,7 @@ def std(g: Any) -> float:
     return _one("std", g)
 
 
-def min(g: Any) -> float:  # noqa: A001 - the stat's public name
+def min(g: Any) -> float:
     """Smallest element, ignoring NaN.
 
     `min = min_i g_i` over the elements that are not NaN, so `-Inf` counts;
@@ -226,7 +224,7 @@ def min(g: Any) -> float:  # noqa: A001 - the stat's public name
     return _one("min", g)
 
 
-def max(g: Any) -> float:  # noqa: A001 - the stat's public name
+def max(g: Any) -> float:
     """Largest element, ignoring NaN.
 
     `max = max_i g_i` over the elements that are not NaN, so `+Inf` counts;

@@ -5,20 +5,23 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import keras  # noqa: E402
-import pytest  # noqa: E402
+import keras
+import pytest
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _fresh_keras():
+    # Auto-generated layer names (dense, dense_1, ...) come from a global counter.
+    keras.backend.clear_session()
     keras.utils.set_random_seed(1234)
 
 
 @pytest.fixture(scope="session")
 def fitted():
     """One real, seeded fit shared by the read-only log and io tests: (watch, model, x, y)."""
-    import gradwatch
     from models import data, pair
+
+    import gradwatch
 
     keras.utils.set_random_seed(7)
     x, y = data(n=24)

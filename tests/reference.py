@@ -39,7 +39,7 @@ def tape_gradients(model, optimizer, batches, loss_fn):
                 loss = loss + tf.add_n(model.losses)
         grads = tape.gradient(loss, model.trainable_weights)
         steps.append([np.asarray(g) for g in grads])
-        optimizer.apply_gradients(zip(grads, model.trainable_weights))
+        optimizer.apply_gradients(zip(grads, model.trainable_weights, strict=True))
     return steps
 
 
@@ -55,6 +55,10 @@ def batches_of(x, y, batch_size, sw=None):
     out = []
     for i in range(0, len(x), batch_size):
         out.append(
-            (x[i : i + batch_size], y[i : i + batch_size], None if sw is None else sw[i : i + batch_size])
+            (
+                x[i : i + batch_size],
+                y[i : i + batch_size],
+                None if sw is None else sw[i : i + batch_size],
+            )
         )
     return out

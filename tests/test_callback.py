@@ -134,7 +134,9 @@ def test_pattern_matching_nothing_is_a_value_error_listing_keys():
     x, y = data(n=8)
     model, _ = pair()
     model.compile("sgd", "mse")
-    with pytest.raises(ValueError, match=r"'conv\*' in `variables` matches no variable.*net/out/bias"):
+    with pytest.raises(
+        ValueError, match=r"'conv\*' in `variables` matches no variable.*net/out/bias"
+    ):
         model.fit(x, y, callbacks=[gradwatch.GradWatch(variables="conv*")], verbose=0)
     with pytest.raises(ValueError, match=r"'emb' in `values` matches no variable"):
         model.fit(x, y, callbacks=[gradwatch.GradWatch(values="emb")], verbose=0)
@@ -146,7 +148,9 @@ def test_watch_on_a_plain_keras_model_is_a_type_error_that_shows_the_fix():
     x, y = data(n=8)
     _, plain = pair()
     plain.compile("sgd", "mse")
-    with pytest.raises(TypeError, match=r"gradwatch\.Sequential\(\[\.\.\.\]\).*GradWatchMixin, keras\.Model"):
+    with pytest.raises(
+        TypeError, match=r"gradwatch\.Sequential\(\[\.\.\.\]\).*GradWatchMixin, keras\.Model"
+    ):
         plain.fit(x, y, callbacks=[gradwatch.GradWatch()], verbose=0)
 
 
@@ -181,7 +185,11 @@ def test_one_watch_on_two_models_is_an_error():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"stats": ["nrm"]}, ValueError, r"Unknown stat 'nrm' in `stats`. Available: .*Received: stats=\['nrm'\]"),
+        (
+            {"stats": ["nrm"]},
+            ValueError,
+            r"Unknown stat 'nrm' in `stats`. Available: .*Received: stats=\['nrm'\]",
+        ),
         ({"every": 0}, ValueError, r"`every` must be an integer >= 1. Received: every=0"),
         ({"every": 1.5}, TypeError, r"Received: every=1.5"),
         ({"every": True}, TypeError, r"Received: every=True"),
@@ -198,7 +206,9 @@ def test_constructor_rejects_bad_arguments(kwargs, error, match):
 def test_sparse_embedding_gradient_equals_dense_equivalent():
     ids = np.array([[1, 1, 3], [0, 1, 3]], dtype="int32")  # row 1 repeats
     y = np.ones((2, 3, 2), "float32")
-    model = gradwatch.Sequential([keras.Input((3,), dtype="int32"), keras.layers.Embedding(5, 2, name="emb")])
+    model = gradwatch.Sequential(
+        [keras.Input((3,), dtype="int32"), keras.layers.Embedding(5, 2, name="emb")]
+    )
     model.compile(keras.optimizers.SGD(0.1), "mse")
     table = model.get_weights()[0]
     watch = gradwatch.GradWatch(values="*")

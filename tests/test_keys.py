@@ -46,7 +46,9 @@ def test_match_patterns_globs_suffixes_and_regex_keep_model_order():
 
 
 def test_match_patterns_no_match_lists_available_keys():
-    with pytest.raises(ValueError, match=r"'conv\*' in `values` matches no variable.*model/dense/kernel"):
+    with pytest.raises(
+        ValueError, match=r"'conv\*' in `values` matches no variable.*model/dense/kernel"
+    ):
         match_patterns(["*bias", "conv*"], KEYS, "values")
 
 

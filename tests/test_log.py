@@ -70,7 +70,7 @@ def test_log_select_filters_variables_stats_and_steps(fitted):
 
 def test_log_select_bad_input(fitted):
     log = fitted[0].log
-    with pytest.raises(ValueError, match="matches no variable.*Available keys"):
+    with pytest.raises(ValueError, match=r"matches no variable.*Available keys"):
         log.select(variables="conv*")
     with pytest.raises(KeyError, match="was not recorded"):
         log.select(stats=["norm", "bogus"])
@@ -87,7 +87,9 @@ def test_log_gradient_lookups_and_errors(fitted):
     g = log.gradient("out/kernel", step=5)
     assert g.shape == (4, 2) and g.dtype == np.float32
     np.testing.assert_array_equal(g, log.gradient("net/out/kernel", 5))
-    with pytest.raises(KeyError, match=r"ambiguous: it matches \['net/hidden/kernel', 'net/out/kernel'\]"):
+    with pytest.raises(
+        KeyError, match=r"ambiguous: it matches \['net/hidden/kernel', 'net/out/kernel'\]"
+    ):
         log.gradient("kernel", 0)
     with pytest.raises(KeyError, match=r"No variable is named 'conv/kernel'.*Available"):
         log.gradient("conv/kernel", 0)
@@ -104,12 +106,14 @@ def test_log_values_frame_rebuilds_the_tensors(fitted):
     assert len(vf) == 6 * (8 + 2)
     rows = vf[(vf.step == 3) & (vf.variable == "net/out/kernel")].sort_values("index")
     np.testing.assert_array_equal(rows["index"], np.arange(8))
-    np.testing.assert_array_equal(rows["value"].to_numpy().reshape(4, 2), log.gradient("out/kernel", 3))
+    np.testing.assert_array_equal(
+        rows["value"].to_numpy().reshape(4, 2), log.gradient("out/kernel", 3)
+    )
 
 
 def test_empty_log_queries():
     log = GradientLog()
-    assert len(log.frame) == 0 and list(log.frame.columns)[0] == "step"
+    assert len(log.frame) == 0 and log.frame.columns[0] == "step"
     assert len(log.values_frame) == 0
     assert len(log.steps) == 0
     assert "no steps" in repr(log)

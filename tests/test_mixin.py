@@ -89,7 +89,9 @@ def test_mixed_precision_records_unscaled_gradients():
     reference_model.set_weights(model.get_weights())
     watch = gradwatch.GradWatch(values="*")
     model.fit(x, y, batch_size=8, epochs=1, shuffle=False, callbacks=[watch], verbose=0)
-    reference = tape_gradients(reference_model, keras.optimizers.SGD(0.01), batches_of(x, y, 8), mse)
+    reference = tape_gradients(
+        reference_model, keras.optimizers.SGD(0.01), batches_of(x, y, 8), mse
+    )
     for step, grads in enumerate(reference):
         for key, g in zip(watch.log.variables, grads, strict=True):
             # float16 activations: agree with the float32 run to about 3 digits,
@@ -124,8 +126,8 @@ class TwoOptimizers(gradwatch.GradWatchMixin, keras.Model):
         if self.record:
             self.record_gradients(ga, self.a.trainable_weights)
             self.record_gradients(gb, self.b.trainable_weights)
-        self.opt_a.apply_gradients(zip(ga, self.a.trainable_weights))
-        self.opt_b.apply_gradients(zip(gb, self.b.trainable_weights))
+        self.opt_a.apply_gradients(zip(ga, self.a.trainable_weights, strict=True))
+        self.opt_b.apply_gradients(zip(gb, self.b.trainable_weights, strict=True))
         return {"loss_a": loss_a, "loss_b": loss_b}
 
 

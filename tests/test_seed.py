@@ -16,7 +16,9 @@ class Scalar(keras.layers.Layer):
         self.value = value
 
     def build(self, input_shape):
-        self.x = self.add_weight(shape=(), initializer=keras.initializers.Constant(self.value), name="x")
+        self.x = self.add_weight(
+            shape=(), initializer=keras.initializers.Constant(self.value), name="x"
+        )
 
     def call(self, inputs):
         return ops.zeros_like(inputs) + self.x
@@ -49,7 +51,9 @@ def test_seed_example_3_dense_kernel_minus_12_bias_minus_6():
     model = gradwatch.Sequential(
         [
             keras.Input((1,)),
-            keras.layers.Dense(1, use_bias=True, kernel_initializer="ones", bias_initializer="zeros"),
+            keras.layers.Dense(
+                1, use_bias=True, kernel_initializer="ones", bias_initializer="zeros"
+            ),
         ]
     )
     model.compile("sgd", "mse")

@@ -24,7 +24,9 @@ def test_stats_hand_computed_values():
 
 def test_stats_nonfinite_elements_are_excluded_from_moments():
     g = np.array([1.0, 3.0, np.nan, np.inf, -np.inf])
-    got = dict(zip(S.STATS, np.asarray(S.compute_stats([g], list(S.STATS)))[0].tolist(), strict=True))
+    got = dict(
+        zip(S.STATS, np.asarray(S.compute_stats([g], list(S.STATS)))[0].tolist(), strict=True)
+    )
     assert got["norm"] == pytest.approx(math.sqrt(10.0))
     assert got["mean"] == pytest.approx(2.0)
     assert got["std"] == pytest.approx(1.0)
@@ -84,7 +86,9 @@ def test_stats_half_precision_inputs_are_computed_in_float32():
 
 
 def test_check_stats_unknown_name_is_keras_style_error():
-    with pytest.raises(ValueError, match=r"Unknown stat 'nrm' in `stats`.*Received: stats=\['nrm'\]"):
+    with pytest.raises(
+        ValueError, match=r"Unknown stat 'nrm' in `stats`.*Received: stats=\['nrm'\]"
+    ):
         S.check_stats(["nrm"])
 
 
