@@ -44,7 +44,16 @@ def test_epoch_and_batch_are_what_keras_reports_with_spe():
     seen = []
     probe = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: seen.append(b))
     watch = gradwatch.GradWatch(stats="norm")
-    model.fit(x, y, batch_size=8, epochs=3, shuffle=False, callbacks=[watch, probe], verbose=0)
+    model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=3,
+        shuffle=False,
+        validation_data=(x[:8], y[:8]),  # evaluation runs no train steps
+        callbacks=[watch, probe],
+        verbose=0,
+    )
     frame = watch.log.frame.drop_duplicates("step")
     np.testing.assert_array_equal(frame["step"], np.arange(15))
     np.testing.assert_array_equal(frame["epoch"], np.repeat([0, 1, 2], 5))
