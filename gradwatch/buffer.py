@@ -17,6 +17,7 @@ class Drained:
     steps: np.ndarray  # int64, (k,)
     stats: np.ndarray  # float32, (k, n_variables, n_stats)
     values: list[np.ndarray]  # float32, (k, size) for each kept variable
+    hist: np.ndarray | None  # int32, (k, n_variables, n_bins)
     lost: int  # slots overwritten before they were drained
 
 
@@ -32,6 +33,8 @@ class GradientBuffer(keras.metrics.Metric):
         n_stats: Number of stats per variable.
         value_sizes: Element counts of the variables whose full tensor is kept.
         capacity: Number of slots. Must cover the steps run between drains.
+        n_bins: Histogram bins per variable, or 0 for no histograms.
+        prev_size: Elements of the previous gradient kept for `cos_prev`, or 0.
     """
 
     def __init__(
@@ -40,6 +43,8 @@ class GradientBuffer(keras.metrics.Metric):
         n_stats: int,
         value_sizes: Sequence[int],
         capacity: int,
+        n_bins: int = 0,
+        prev_size: int = 0,
         name: str = "gradwatch_buffer",
     ):
         super().__init__(name=name)
@@ -60,6 +65,25 @@ class GradientBuffer(keras.metrics.Metric):
             )
             for i, size in enumerate(value_sizes)
         ]
+        self.hist = (
+            self.add_variable(
+                shape=(capacity, n_variables, n_bins),
+                initializer="zeros",
+                dtype="int32",
+                name="hist",
+            )
+            if n_bins
+            else None
+        )
+        # The last step's gradient, flattened, and its step number (-2: none yet).
+        self.prev = (
+            self.add_variable(shape=(prev_size,), initializer="zeros", dtype="float32", name="prev")
+            if prev_size
+            else None
+        )
+        self.prev_step = self.add_variable(
+            shape=(), initializer=keras.initializers.Constant(-2), dtype="int64", name="prev_step"
+        )
         self.drained = 0  # host side: slots already copied out
 
     def update_state(self, *args, **kwargs) -> None:
@@ -72,7 +96,7 @@ class GradientBuffer(keras.metrics.Metric):
         # Keras resets metrics every epoch; the buffer must keep undrained slots.
         pass
 
-    def write(self, step, stats, values: Sequence) -> None:
+    def write(self, step, stats, values: Sequence, hist=None) -> None:
         """Writes one step into the next slot, inside the compiled step."""
         count = self.count.value
         slot = tf.cast(count % self.capacity, tf.int32)[None]
@@ -80,6 +104,8 @@ class GradientBuffer(keras.metrics.Metric):
         _write_slot(self.steps.value, slot, tf.cast(step, tf.int64))
         for var, value in zip(self.values, values, strict=True):
             _write_slot(var.value, slot, tf.reshape(tf.cast(value, tf.float32), (-1,)))
+        if self.hist is not None:
+            _write_slot(self.hist.value, slot, tf.cast(hist, tf.int32))
         self.count.value.assign_add(1)
 
     def drain(self) -> Drained:
@@ -95,6 +121,7 @@ class GradientBuffer(keras.metrics.Metric):
                 np.zeros((0,), np.int64),
                 np.zeros((0, *self.stats.shape[1:]), np.float32),
                 [np.zeros((0, v.shape[1]), np.float32) for v in self.values],
+                None if self.hist is None else np.zeros((0, *self.hist.shape[1:]), np.int32),
                 lost,
             )
         tidx = tf.constant(idx, tf.int32)
@@ -102,6 +129,7 @@ class GradientBuffer(keras.metrics.Metric):
             steps=self.steps.value.numpy()[idx],
             stats=self.stats.value.numpy()[idx],
             values=[tf.gather(v.value, tidx).numpy() for v in self.values],
+            hist=None if self.hist is None else self.hist.value.numpy()[idx],
             lost=lost,
         )
 

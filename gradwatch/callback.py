@@ -18,7 +18,17 @@ from gradwatch.buffer import GradientBuffer
 from gradwatch.keys import check_patterns, match_patterns, variable_keys
 from gradwatch.log import GradientLog
 from gradwatch.mixin import GradWatchMixin, model_state
-from gradwatch.stats import DEFAULT_STATS, check_stats, compute_stats
+from gradwatch.stats import (
+    DEFAULT_BINS_PER_DECADE,
+    DEFAULT_STATS,
+    GRADIENT_STATS,
+    HIST_MAX_EXP,
+    HIST_MIN_EXP,
+    UPDATE_STATS,
+    check_stats,
+    compute_histograms,
+    compute_stats,
+)
 
 _SLOTS = 256  # ring-buffer slots when memory allows; drained every ~_SLOTS steps
 _BUFFER_BYTES = 64 * 2**20  # cap on one buffer's size when full tensors are kept
@@ -55,6 +65,15 @@ class GradWatch(keras.callbacks.Callback):
             pattern forms as `variables`). Defaults to `None` (none).
         every: Record every n-th step (steps whose number is divisible by
             `every`); the others skip the work. Defaults to `1`.
+        histogram: Also record a histogram of each selected variable's
+            gradient at each recorded step: `True` for 4 bins per decade of
+            |g|, or a number of bins per decade. See
+            `gradwatch.stats.histogram_bins` for the bins. Defaults to `False`.
+
+    The stats `weight_norm`, `update_norm` and `update_ratio` keep a copy of
+    the selected weights from before the update, and `cos_prev` keeps the
+    previous step's gradient: each costs memory the size of the selected
+    variables, so they are not in the default set.
 
     Example:
 
@@ -74,6 +93,7 @@ class GradWatch(keras.callbacks.Callback):
         stats: str | Sequence[str] = DEFAULT_STATS,
         values: str | re.Pattern | Sequence[str | re.Pattern] | None = None,
         every: int = 1,
+        histogram: bool | int = False,
     ):
         super().__init__()
         self.variables = check_patterns(variables, "variables")
@@ -84,7 +104,9 @@ class GradWatch(keras.callbacks.Callback):
         if every < 1:
             raise ValueError(f"`every` must be an integer >= 1. Received: every={every!r}")
         self.every = int(every)
-        self.log = GradientLog(self.stats)
+        self.histogram = _check_histogram(histogram)
+        self.log = GradientLog(self.stats, bins_per_decade=self.histogram or None)
+        self._needs_weights = any(s in UPDATE_STATS for s in self.stats)
         self._model_ref: weakref.ref | None = None
         self._plan: _Plan | None = None
         self._buffer: GradientBuffer | None = None
@@ -164,15 +186,16 @@ class GradWatch(keras.callbacks.Callback):
             out.stats,
             plan.value_codes,
             values,
+            hist=out.hist,
         )
 
     # ----------------------------------------------------- inside the step
-    def _capture(self, model: Any, step: Any, records: dict[int, tuple[Any, Any, Any]]) -> None:
+    def _capture(self, model: Any, step: Any, records: dict[int, tuple]) -> None:
         """Adds this watch's capture to the step being traced."""
         plan = self._plan_for(model)
         buffer = self._buffer_for(model, plan)
         known = set(plan.signature)
-        for var, _, _ in records.values():
+        for var, *_ in records.values():
             if id(var) not in known:
                 raise ValueError(
                     f"`record_gradients` got the variable {var.path!r}, which is not among "
@@ -180,20 +203,32 @@ class GradWatch(keras.callbacks.Callback):
                     "model's own trainable variables."
                 )
         entries = [records.get(id(v)) for v in plan.variables]
+        stat_vars = [plan.variables[i] for i in plan.stat_index]
+
+        def gradient(i):
+            entry = entries[i]
+            if entry is None or entry[1] is None:
+                return None
+            grad = tf.cast(entry[1], tf.float32)
+            return grad if entry[2] is None else grad / entry[2]
+
+        def flat_gradients():
+            # The selected gradients as one vector; a missing one is NaN.
+            parts = []
+            for i, var in zip(plan.stat_index, stat_vars, strict=True):
+                g = gradient(i)
+                if g is None:
+                    g = tf.fill(var.shape, tf.constant(math.nan, tf.float32))
+                parts.append(tf.reshape(g, (-1,)))
+            return tf.concat(parts, axis=0)
 
         def record():
-            grads = {}
-            for i in dict.fromkeys(plan.stat_index + plan.value_index):
-                entry = entries[i]
-                grad = None
-                if entry is not None and entry[1] is not None:
-                    grad = tf.cast(entry[1], tf.float32)
-                    if entry[2] is not None:
-                        grad = grad / entry[2]
-                grads[i] = grad
+            grads = {i: gradient(i) for i in dict.fromkeys(plan.stat_index + plan.value_index)}
+            stat_grads = [grads[i] for i in plan.stat_index]
             n_stats = len(self.stats)
             if plan.stat_index:
-                stats = compute_stats([grads[i] for i in plan.stat_index], self.stats)
+                cols = self._stat_columns(plan, entries, stat_grads, step, buffer, flat_gradients)
+                stats = tf.stack([cols[name] for name in self.stats], axis=1)
             else:
                 stats = tf.zeros((0, n_stats), tf.float32)
             values = [
@@ -202,13 +237,55 @@ class GradWatch(keras.callbacks.Callback):
                 else tf.fill(plan.variables[i].shape, tf.constant(math.nan, tf.float32))
                 for i in plan.value_index
             ]
-            buffer.write(step, stats, values)
+            hist = compute_histograms(stat_grads, self.histogram) if self.histogram else None
+            buffer.write(step, stats, values, hist)
+            return tf.constant(True)
+
+        def keep_previous():
+            buffer.prev.value.assign(flat_gradients())
+            buffer.prev_step.value.assign(step)
             return tf.constant(True)
 
         if self.every == 1:
             record()
         else:
             tf.cond(step % self.every == 0, record, lambda: tf.constant(False))
+        if buffer.prev is not None:
+            # cos_prev at step s needs step s - 1: keep it only where s is recorded.
+            if self.every == 1:
+                keep_previous()
+            else:
+                tf.cond((step + 1) % self.every == 0, keep_previous, lambda: tf.constant(False))
+
+    def _stat_columns(self, plan, entries, stat_grads, step, buffer, flat_gradients):
+        """The stats of the selected variables, one float32 column per stat name."""
+        cols = {}
+        grad_stats = [s for s in self.stats if s in GRADIENT_STATS]
+        if grad_stats:
+            table = compute_stats(stat_grads, grad_stats)
+            cols.update({name: table[:, j] for j, name in enumerate(grad_stats)})
+        if self._needs_weights:
+            before = [None if entries[i] is None else entries[i][3] for i in plan.stat_index]
+            # Read after `apply_gradients`: this runs after the stock step returns.
+            delta = [
+                None if b is None else tf.convert_to_tensor(plan.variables[i]) - b
+                for i, b in zip(plan.stat_index, before, strict=True)
+            ]
+            weight = compute_stats(before, ["norm"])[:, 0]
+            update = compute_stats(delta, ["norm"])[:, 0]
+            cols.update(weight_norm=weight, update_norm=update, update_ratio=update / weight)
+        if "cos_prev" in self.stats:
+            sizes = [int(np.prod(plan.variables[i].shape)) for i in plan.stat_index]
+            seg = tf.constant(np.repeat(np.arange(len(sizes), dtype=np.int32), sizes))
+            g, p = flat_gradients(), buffer.prev.value
+            n = len(sizes)
+            dot = tf.math.unsorted_segment_sum(g * p, seg, n)
+            gg = tf.math.unsorted_segment_sum(g * g, seg, n)
+            pp = tf.math.unsorted_segment_sum(p * p, seg, n)
+            cos = dot / (tf.sqrt(gg) * tf.sqrt(pp))
+            follows = tf.equal(buffer.prev_step.value, step - 1)
+            cols["cos_prev"] = tf.where(follows, cos, tf.constant(math.nan, tf.float32))
+        return cols
 
     def _plan_for(self, model: Any) -> _Plan:
         variables = list(model.trainable_weights)
@@ -248,10 +325,20 @@ class GradWatch(keras.callbacks.Callback):
             sizes = [int(np.prod(plan.variables[i].shape)) for i in plan.value_index]
             slot_bytes = 8 + 4 * (len(plan.stat_index) * len(self.stats) + sum(sizes))
             spe = int(model.steps_per_execution)
+            n_bins = 2 * (HIST_MAX_EXP - HIST_MIN_EXP) * self.histogram + 2 if self.histogram else 0
+            slot_bytes = slot_bytes + 4 * len(plan.stat_index) * n_bins
             capacity = max(2 * spe, min(_SLOTS, _BUFFER_BYTES // slot_bytes))
+            prev_size = 0
+            if "cos_prev" in self.stats:
+                prev_size = sum(int(np.prod(plan.variables[i].shape)) for i in plan.stat_index)
             with tf.init_scope():
                 self._buffer = GradientBuffer(
-                    len(plan.stat_index), len(self.stats), sizes, capacity
+                    len(plan.stat_index),
+                    len(self.stats),
+                    sizes,
+                    capacity,
+                    n_bins=n_bins,
+                    prev_size=prev_size,
                 )
         return self._buffer
 
@@ -280,3 +367,21 @@ def _check_model(model: Any) -> None:
             f"Received: KERAS_BACKEND={keras.backend.backend()!r}. "
             "Set KERAS_BACKEND=tensorflow before importing keras."
         )
+
+
+def _check_histogram(histogram: Any) -> int:
+    if histogram is True:
+        return DEFAULT_BINS_PER_DECADE
+    if histogram is False or histogram is None:
+        return 0
+    if isinstance(histogram, (int, np.integer)) and not isinstance(histogram, bool):
+        if 1 <= histogram <= 100:
+            return int(histogram)
+        raise ValueError(
+            "`histogram` as a number is the bins per decade of |g|, from 1 to 100. "
+            f"Received: histogram={histogram!r}"
+        )
+    raise TypeError(
+        "`histogram` must be True, False, or a number of bins per decade such as 8. "
+        f"Received: histogram={histogram!r}"
+    )

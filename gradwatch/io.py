@@ -12,12 +12,14 @@ import numpy as np
 import pandas as pd
 
 from gradwatch.log import GradientLog
+from gradwatch.stats import histogram_bins
 
 FORMAT = "gradwatch-log"
 VERSION = 1
 _CSV_MARK = "# " + FORMAT + " "
 COLUMNS = ("step", "epoch", "batch", "variable", "stat", "index", "value")
 _VALUE_STAT = "grad"  # the `stat` of rows that hold kept tensor elements
+_HIST_STAT = "hist"  # the `stat` of histogram rows: `index` is the bin, `value` the count
 
 
 def _metadata(log: GradientLog) -> dict[str, Any]:
@@ -27,42 +29,67 @@ def _metadata(log: GradientLog) -> dict[str, Any]:
         "variables": log.variables,
         "stats": list(log.stat_names),
         "shapes": {k: list(v) for k, v in log.shapes.items()},
+        "bins_per_decade": log.bins_per_decade,
     }
 
 
 def _table(log: GradientLog) -> pd.DataFrame:
-    """One long table: stat rows (index empty), then kept-element rows (stat 'grad')."""
+    """One long table: stat rows (index empty), kept elements ('grad'), histogram bins ('hist')."""
     stats = log.frame
     values = log.values_frame
-    cats = [*log.stat_names, _VALUE_STAT]
-    out = pd.concat(
-        [
-            pd.DataFrame(
-                {
-                    "step": stats["step"],
-                    "epoch": stats["epoch"],
-                    "batch": stats["batch"],
-                    "variable": stats["variable"],
-                    "stat": pd.Categorical(stats["stat"].astype(object), categories=cats),
-                    "index": pd.array([pd.NA] * len(stats), dtype="Int64"),
-                    "value": stats["value"],
-                }
-            ),
-            pd.DataFrame(
-                {
-                    "step": values["step"],
-                    "epoch": values["epoch"],
-                    "batch": values["batch"],
-                    "variable": values["variable"],
-                    "stat": pd.Categorical([_VALUE_STAT] * len(values), categories=cats),
-                    "index": values["index"].astype("Int64"),
-                    "value": values["value"],
-                }
-            ),
-        ],
-        ignore_index=True,
+    cats = [*log.stat_names, _VALUE_STAT, _HIST_STAT]
+    frames = [
+        pd.DataFrame(
+            {
+                "step": stats["step"],
+                "epoch": stats["epoch"],
+                "batch": stats["batch"],
+                "variable": stats["variable"],
+                "stat": pd.Categorical(stats["stat"].astype(object), categories=cats),
+                "index": pd.array([pd.NA] * len(stats), dtype="Int64"),
+                "value": stats["value"],
+            }
+        ),
+        pd.DataFrame(
+            {
+                "step": values["step"],
+                "epoch": values["epoch"],
+                "batch": values["batch"],
+                "variable": values["variable"],
+                "stat": pd.Categorical([_VALUE_STAT] * len(values), categories=cats),
+                "index": values["index"].astype("Int64"),
+                "value": values["value"],
+            }
+        ),
+    ]
+    if log.bins_per_decade is not None:
+        hist = _hist_rows(log)
+        frames.append(hist.assign(stat=pd.Categorical([_HIST_STAT] * len(hist), categories=cats)))
+    return pd.concat(frames, ignore_index=True)[list(COLUMNS)]
+
+
+def _hist_rows(log: GradientLog) -> pd.DataFrame:
+    """Histogram counts as rows: the bin number in `index`, the count in `value`."""
+    cols: dict[str, list] = {
+        c: [] for c in ("step", "epoch", "batch", "variable", "index", "value")
+    }
+    for b in log._hist_blocks:
+        i, v, j = np.nonzero(b.data)
+        cols["step"].append(b.steps[i])
+        cols["epoch"].append(b.epochs[i])
+        cols["batch"].append(b.batches[i])
+        cols["variable"].append(b.codes[v])
+        cols["index"].append(j.astype(np.int64))
+        cols["value"].append(b.data[i, v, j].astype(np.float32))
+    data = {
+        k: np.concatenate(v) if v else np.zeros((0,), np.float32 if k == "value" else np.int64)
+        for k, v in cols.items()
+    }
+    data["variable"] = pd.Categorical.from_codes(
+        data["variable"].astype(np.int32), categories=pd.Index(log.variables, dtype=object)
     )
-    return out
+    data["index"] = pd.array(data["index"], dtype="Int64")
+    return pd.DataFrame(data)
 
 
 def _check_target(path: Any) -> Path:
@@ -229,7 +256,8 @@ def _from_table(path: Path, meta: dict, table: pd.DataFrame) -> GradientLog:
             f"Expected: {list(COLUMNS)}"
         )
     variables, stats = list(meta["variables"]), list(meta["stats"])
-    log = GradientLog(stats)
+    bins = meta.get("bins_per_decade")
+    log = GradientLog(stats, bins_per_decade=bins)
     log._add_variables(variables, [meta["shapes"].get(k, ()) for k in variables])
     codes = {k: i for i, k in enumerate(variables)}
     stat_codes = {s: i for i, s in enumerate(stats)}
@@ -238,7 +266,7 @@ def _from_table(path: Path, meta: dict, table: pd.DataFrame) -> GradientLog:
     unknown = sorted(set(var) - set(codes), key=str)
     if unknown:
         raise ValueError(f"'{path}' names variables that its metadata lacks: {unknown[:5]}.")
-    unknown = sorted(set(stat) - set(stat_codes) - {_VALUE_STAT}, key=str)
+    unknown = sorted(set(stat) - set(stat_codes) - {_VALUE_STAT, _HIST_STAT}, key=str)
     if unknown:
         raise ValueError(f"'{path}' names stats that its metadata lacks: {unknown[:5]}.")
     try:
@@ -250,7 +278,8 @@ def _from_table(path: Path, meta: dict, table: pd.DataFrame) -> GradientLog:
         raise ValueError(f"'{path}' has a step, epoch, batch or value that is not a number.") from e
     var_code = np.asarray([codes[v] for v in var], np.int32)
     is_value = stat == _VALUE_STAT
-    s = ~is_value
+    is_hist = stat == _HIST_STAT
+    s = ~(is_value | is_hist)
     _blocks_from_rows(
         log,
         step[s],
@@ -261,6 +290,20 @@ def _from_table(path: Path, meta: dict, table: pd.DataFrame) -> GradientLog:
         value[s],
         kind="stats",
     )
+    if is_hist.any():
+        if bins is None:
+            raise ValueError(
+                f"'{path}' has histogram rows but no `bins_per_decade` in its metadata."
+            )
+        _hist_blocks_from_rows(
+            log,
+            step[is_hist],
+            epoch[is_hist],
+            batch[is_hist],
+            var_code[is_hist],
+            table["index"][is_hist].to_numpy(dtype=np.int64, na_value=-1),
+            value[is_hist],
+        )
     index = table["index"][is_value].to_numpy(dtype=np.int64, na_value=-1)
     _blocks_from_rows(
         log,
@@ -328,3 +371,24 @@ def _blocks_from_rows(log, step, epoch, batch, var, inner, value, kind) -> None:
             run, layout = [], this
         run.append(i)
     flush()
+
+
+def _hist_blocks_from_rows(log, step, epoch, batch, var, bin_index, count) -> None:
+    """Rebuilds histogram blocks from the non-empty bins in the file."""
+    n_bins = len(histogram_bins(log.bins_per_decade)[0])
+    if bin_index.min() < 0 or bin_index.max() >= n_bins:
+        raise ValueError(f"A histogram row has a bin outside 0..{n_bins - 1}.")
+    steps, first = np.unique(step, return_index=True)
+    codes = np.unique(var).astype(np.int32)
+    data = np.zeros((len(steps), len(codes), n_bins), np.int32)
+    data[np.searchsorted(steps, step), np.searchsorted(codes, var), bin_index] = count
+    log._append(
+        steps,
+        epoch[first],
+        batch[first],
+        codes,
+        np.zeros((len(steps), len(codes), 0), np.float32),
+        np.zeros((0,), np.int32),
+        np.zeros((len(steps), 0), np.float32),
+        hist=data,
+    )

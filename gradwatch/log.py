@@ -11,10 +11,19 @@ import numpy as np
 import pandas as pd
 
 from gradwatch.keys import match_patterns, resolve_key
-from gradwatch.stats import STATS
+from gradwatch.stats import HIST_SIGNS, STATS, histogram_bins
 
 STAT_COLUMNS = ("step", "epoch", "batch", "variable", "stat", "value")
 VALUE_COLUMNS = ("step", "epoch", "batch", "variable", "index", "value")
+HISTOGRAM_COLUMNS = ("step", "variable", "lo", "hi", "sign", "count")
+SUMMARY_COLUMNS = (
+    "first_norm",
+    "last_norm",
+    "median_norm",
+    "max_norm",
+    "nonfinite",
+    "first_nonfinite_step",
+)
 
 
 @dataclass
@@ -47,6 +56,8 @@ class GradientLog:
     Args:
         stats: The stat names recorded, in column order. Defaults to the
             default stats of `GradWatch`.
+        bins_per_decade: The histogram resolution, or `None` when no
+            histograms are recorded. Defaults to `None`.
 
     Example:
 
@@ -60,8 +71,14 @@ class GradientLog:
     ```
     """
 
-    def __init__(self, stats: Sequence[str] = ("norm", "mean", "std", "min", "max", "nonfinite")):
+    def __init__(
+        self,
+        stats: Sequence[str] = ("norm", "mean", "std", "min", "max", "nonfinite"),
+        bins_per_decade: int | None = None,
+    ):
         self._stats = tuple(stats)
+        self._bins_per_decade = bins_per_decade
+        self._hist_blocks: list[_StatBlock] = []
         self._variables: list[str] = []
         self._codes: dict[str, int] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
@@ -88,8 +105,12 @@ class GradientLog:
         stats: np.ndarray,
         value_codes: np.ndarray,
         values: np.ndarray,
+        hist: np.ndarray | None = None,
     ) -> None:
-        """Appends k recorded steps: stats `(k, n_vars, n_stats)`, values `(k, total)`."""
+        """Appends k recorded steps: stats `(k, n_vars, n_stats)`, values `(k, total)`.
+
+        `hist`, if given, holds `(k, n_vars, n_bins)` counts for the stat variables.
+        """
         if len(steps) == 0:
             return
         steps = np.asarray(steps, np.int64)
@@ -98,9 +119,14 @@ class GradientLog:
         # Blocks keep their variables in code order, so that frames are canonical.
         if len(stat_codes):
             perm = np.argsort(stat_codes, kind="stable")
-            self._blocks.append(
-                _StatBlock(steps, epochs, batches, stat_codes[perm], stats[:, perm, :])
-            )
+            if stats.shape[2]:
+                self._blocks.append(
+                    _StatBlock(steps, epochs, batches, stat_codes[perm], stats[:, perm, :])
+                )
+            if hist is not None:
+                self._hist_blocks.append(
+                    _StatBlock(steps, epochs, batches, stat_codes[perm], hist[:, perm, :])
+                )
         if len(value_codes):
             sizes = [self._size(self._variables[c]) for c in value_codes]
             offsets = np.concatenate([[0], np.cumsum(sizes)])
@@ -133,11 +159,16 @@ class GradientLog:
     def steps(self) -> np.ndarray:
         """The recorded step numbers, sorted, as an int64 array."""
         if "steps" not in self._cache:
-            parts = [b.steps for b in self._blocks] + [b.steps for b in self._value_blocks]
+            parts = [b.steps for b in (*self._blocks, *self._hist_blocks, *self._value_blocks)]
             self._cache["steps"] = (
                 np.unique(np.concatenate(parts)) if parts else np.zeros((0,), np.int64)
             )
         return self._cache["steps"]
+
+    @property
+    def bins_per_decade(self) -> int | None:
+        """The histogram resolution, or `None` when no histograms were recorded."""
+        return self._bins_per_decade
 
     @property
     def value_variables(self) -> list[str]:
@@ -374,6 +405,215 @@ class GradientLog:
         stride = f", every {every[0]} steps" if len(every) == 1 else ""
         return f"Recorded: {len(steps)} steps from {steps[0]} to {steps[-1]}{stride}."
 
+    # --------------------------------------------------------------- histograms
+    @property
+    def histograms(self) -> pd.DataFrame:
+        """The recorded gradient histograms as a long frame, empty bins left out.
+
+        Columns: `step`, `variable` (Categorical), `lo` and `hi` (float64, the
+        bin's bounds on |g|: `lo <= |g| < hi`), `sign` (Categorical: `"-"`,
+        `"0"`, `"+"`, `"nonfinite"`) and `count` (int64). The bins are those of
+        `gradwatch.stats.histogram_bins`; the counts of a variable at a step sum
+        to its number of elements.
+        """
+        if "histograms" not in self._cache:
+            lo, hi, sign = self._bins()
+            cols: dict[str, list[np.ndarray]] = {c: [] for c in HISTOGRAM_COLUMNS}
+            for b in self._hist_blocks:
+                i, v, j = np.nonzero(b.data)
+                cols["step"].append(b.steps[i])
+                cols["variable"].append(b.codes[v])
+                cols["lo"].append(lo[j])
+                cols["hi"].append(hi[j])
+                cols["sign"].append(sign[j])
+                cols["count"].append(b.data[i, v, j].astype(np.int64))
+            self._cache["histograms"] = self._hist_frame(cols)
+        return self._cache["histograms"]
+
+    def _bins(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._bins_per_decade is None:
+            raise KeyError(
+                "No histograms were recorded. Record them with GradWatch(histogram=True)."
+            )
+        lo, hi, sign = histogram_bins(self._bins_per_decade)
+        codes = np.asarray([HIST_SIGNS.index(x) for x in sign], np.int8)
+        return lo, hi, codes
+
+    def _hist_frame(self, cols: dict[str, list[np.ndarray]]) -> pd.DataFrame:
+        dtypes = {"lo": np.float64, "hi": np.float64, "sign": np.int8, "variable": np.int32}
+        data = {
+            name: np.concatenate(parts) if parts else np.zeros((0,), dtypes.get(name, np.int64))
+            for name, parts in cols.items()
+        }
+        if "variable" in data:
+            data["variable"] = pd.Categorical.from_codes(
+                data["variable"], categories=self._variables_index()
+            )
+        data["sign"] = pd.Categorical.from_codes(data["sign"], categories=list(HIST_SIGNS))
+        return pd.DataFrame(data)
+
+    def histogram(self, variable: str, step: int) -> pd.DataFrame:
+        """The full histogram of one variable's gradient at one step, empty bins included.
+
+        Args:
+            variable: A key or an unambiguous suffix.
+            step: A recorded step number.
+
+        Returns:
+            A frame with the columns `lo`, `hi`, `sign` and `count`, one row per bin.
+
+        Raises:
+            KeyError: If no histograms were recorded, the variable had none, or
+                the step was not recorded.
+
+        Example:
+
+        ```python
+        h = log.histogram("dense/kernel", step=0)
+        h[h["count"] > 0]
+        ```
+        """
+        lo, hi, sign = self._bins()
+        key = self.key(variable)
+        code = self._codes[key]
+        seen = False
+        for b in self._hist_blocks:
+            hit = np.nonzero(b.codes == code)[0]
+            if not len(hit):
+                continue
+            seen = True
+            rows = np.nonzero(b.steps == step)[0]
+            if len(rows):
+                cols = {
+                    "lo": [lo],
+                    "hi": [hi],
+                    "sign": [sign],
+                    "count": [b.data[rows[0], hit[0]].astype(np.int64)],
+                }
+                return self._hist_frame(cols)
+        if not seen:
+            raise KeyError(
+                f"No histogram of {key!r} was recorded: it is not among the variables "
+                "selected with `variables=`."
+            )
+        steps = np.unique(np.concatenate([b.steps for b in self._hist_blocks]))
+        raise KeyError(
+            f"Step {step!r} of {key!r} was not recorded. Recorded: {len(steps)} steps "
+            f"from {steps[0]} to {steps[-1]}."
+        )
+
+    # ------------------------------------------------------------ derived views
+    def global_norm(self) -> pd.Series:
+        """The global gradient norm per step, over the variables that have a `norm`.
+
+        `sqrt(sum_v norm_v**2)`: the norm that `global_clipnorm` clips, when all
+        trainable variables are watched. Disconnected variables (NaN rows) are
+        left out, as the optimizer leaves out their `None` gradients.
+
+        Example:
+
+        ```python
+        log.global_norm().plot()
+        ```
+        """
+        wide = self.stat("norm").astype(np.float64)
+        out = np.sqrt((wide**2).sum(axis=1, min_count=1))
+        out.name = "global_norm"
+        return out
+
+    def by_layer(self, stat: str) -> pd.DataFrame:
+        """One stat aggregated per layer: index `step`, one column per layer.
+
+        A layer is a key without its last `/` part (`net/dense/kernel` belongs
+        to `net/dense`). The aggregate is exact for the layer's variables taken
+        together as one tensor: `norm`, `weight_norm` and `update_norm` combine
+        as `sqrt(sum x**2)`; `min`, `max` and `abs_max` as min/max; `nonfinite`
+        as a sum; `mean` and `zero_frac` as a mean weighted by element count;
+        `std` by pooling with `mean` (which must be recorded too); and
+        `update_ratio` as the layer's `update_norm / weight_norm`. `cos_prev`
+        does not combine from per-variable values and is refused.
+
+        Example:
+
+        ```python
+        log.by_layer("norm")
+        ```
+        """
+        self._check_stat(stat)
+        if stat == "cos_prev":
+            raise ValueError(
+                "`cos_prev` cannot be aggregated per layer from per-variable values; "
+                "query it per variable with log.stat('cos_prev')."
+            )
+        if stat == "update_ratio":
+            up, w = self.by_layer("update_norm"), self.by_layer("weight_norm")
+            return up / w
+        wide = self.stat(stat).astype(np.float64)
+        layer_of = {k: k.rsplit("/", 1)[0] if "/" in k else k for k in wide.columns}
+        layers = list(dict.fromkeys(layer_of.values()))
+        size = pd.Series({k: float(self._size(k)) for k in wide.columns})
+        out = {}
+        for layer in layers:
+            cols = [k for k in wide.columns if layer_of[k] == layer]
+            part = wide[cols]
+            if stat in ("norm", "weight_norm", "update_norm"):
+                out[layer] = np.sqrt((part**2).sum(axis=1, min_count=1))
+            elif stat in ("min",):
+                out[layer] = part.min(axis=1)
+            elif stat in ("max", "abs_max"):
+                out[layer] = part.max(axis=1)
+            elif stat == "nonfinite":
+                out[layer] = part.sum(axis=1, min_count=1)
+            elif stat in ("mean", "zero_frac"):
+                out[layer] = (part * size[cols]).sum(axis=1, min_count=1) / size[cols].sum()
+            elif stat == "std":
+                if "mean" not in self._stats:
+                    raise KeyError("Pooling `std` per layer needs `mean` recorded too.")
+                mean = self.stat("mean").astype(np.float64)[cols]
+                n = size[cols]
+                total = n.sum()
+                m = (mean * n).sum(axis=1) / total
+                second = ((part**2 + mean**2) * n).sum(axis=1) / total
+                out[layer] = np.sqrt(np.maximum(second - m**2, 0.0))
+        frame = pd.DataFrame(out)
+        frame.columns = pd.Index(layers, dtype=object, name="layer")
+        return frame
+
+    def summary(self) -> pd.DataFrame:
+        """One row per variable: first, last, median and max norm, non-finite count, and
+        the first step with a non-finite gradient element.
+
+        Needs `norm` recorded; `nonfinite` and `first_nonfinite_step` need
+        `nonfinite` (they are NaN / missing without it). `nonfinite` is the total
+        over the recorded steps.
+
+        Example:
+
+        ```python
+        log.summary().sort_values("max_norm")
+        ```
+        """
+        norm = self.stat("norm")
+        out = pd.DataFrame(index=pd.Index(list(norm.columns), dtype=object, name="variable"))
+        ordered = norm.sort_index()
+        out["first_norm"] = ordered.apply(
+            lambda c: c.dropna().iloc[0] if c.notna().any() else np.nan
+        )
+        out["last_norm"] = ordered.apply(
+            lambda c: c.dropna().iloc[-1] if c.notna().any() else np.nan
+        )
+        out["median_norm"] = ordered.median()
+        out["max_norm"] = ordered.max()
+        if "nonfinite" in self._stats:
+            bad = self.stat("nonfinite").reindex(columns=norm.columns)
+            out["nonfinite"] = bad.sum().astype(np.int64)
+            first = [(bad[c] > 0).idxmax() if (bad[c] > 0).any() else pd.NA for c in bad.columns]
+            out["first_nonfinite_step"] = pd.array(first, dtype="Int64")
+        else:
+            out["nonfinite"] = pd.array([pd.NA] * len(out), dtype="Int64")
+            out["first_nonfinite_step"] = pd.array([pd.NA] * len(out), dtype="Int64")
+        return out
+
     # ----------------------------------------------------------------- export
     def to_csv(self, path: Any) -> None:
         """Writes the log to a CSV file that `gradwatch.read_log` reads back.
@@ -406,10 +646,12 @@ class GradientLog:
             return NotImplemented
         return (
             self._stats == other._stats
+            and self._bins_per_decade == other._bins_per_decade
             and self._variables == other._variables
             and self._shapes == other._shapes
             and self.frame.equals(other.frame)
             and self.values_frame.equals(other.values_frame)
+            and (self._bins_per_decade is None or self.histograms.equals(other.histograms))
         )
 
     __hash__ = None  # type: ignore[assignment]

@@ -36,7 +36,8 @@ class _StepScope:
     """What one trace of one train step recorded: gradients by variable id."""
 
     def __init__(self) -> None:
-        self.grads: dict[int, tuple[Any, Any, Any]] = {}  # id -> (variable, grad, scale)
+        # id(variable) -> (variable, grad, loss scale or None, weights before the update or None)
+        self.grads: dict[int, tuple[Any, Any, Any, Any]] = {}
 
 
 def _scopes() -> dict[int, _StepScope]:
@@ -211,7 +212,8 @@ class GradWatchMixin:
         """Records gradients from a custom `train_step`.
 
         Call it once per variable and step, with the gradients you pass to
-        `apply_gradients`. Without a `GradWatch` attached it does nothing.
+        `apply_gradients`, before you apply them (the update stats read the
+        weights here). Without a `GradWatch` attached it does nothing.
 
         Args:
             grads: Gradients, one per variable; `None` for a disconnected one.
@@ -239,8 +241,10 @@ class GradWatchMixin:
                 "`record_gradients` records for the step being run, so call it inside "
                 f"`train_step` of {type(self).__name__}, during `fit` or `train_on_batch`."
             )
-        if not model_state(self).watches:
+        watches = model_state(self).watches
+        if not watches:
             return
+        keep_weights = any(w._needs_weights for w in watches)
         grads, variables = list(grads), list(variables)
         if len(grads) != len(variables):
             raise ValueError(
@@ -258,7 +262,9 @@ class GradWatchMixin:
             if isinstance(grad, tf.IndexedSlices):
                 # Sum rows that appear more than once, as the dense gradient would.
                 grad = tf.math.unsorted_segment_sum(grad.values, grad.indices, var.shape[0])
-            scope.grads[id(var)] = (var, grad, scale)
+            # Read before `apply_gradients` runs, for the update stats.
+            before = tf.convert_to_tensor(var) if keep_weights else None
+            scope.grads[id(var)] = (var, grad, scale, before)
 
 
 def _register(cls: type) -> type:

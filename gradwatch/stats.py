@@ -19,7 +19,26 @@ STATS: dict[str, str] = {
     "abs_max": "Largest absolute value, NaN ignored, Inf counted.",
     "nonfinite": "Number of NaN and +/-Inf elements.",
     "zero_frac": "Fraction of elements that are exactly zero: n_zero / n.",
+    "weight_norm": "L2 norm of the variable before the update (opt-in: keeps a copy of w).",
+    "update_norm": "L2 norm of w_after - w_before, the update the optimizer applied (opt-in).",
+    "update_ratio": "update_norm / weight_norm (opt-in).",
+    "cos_prev": "Cosine similarity with the previous step's gradient (opt-in: keeps it).",
 }
+
+#: Stats that are functions of the gradient alone (`compute_stats` computes these).
+GRADIENT_STATS: tuple[str, ...] = (
+    "norm",
+    "mean",
+    "std",
+    "min",
+    "max",
+    "abs_max",
+    "nonfinite",
+    "zero_frac",
+)
+
+#: Stats that need the weights before and after the update.
+UPDATE_STATS: tuple[str, ...] = ("weight_norm", "update_norm", "update_ratio")
 
 #: The stats that `GradWatch` records unless told otherwise.
 DEFAULT_STATS: tuple[str, ...] = ("norm", "mean", "std", "min", "max", "nonfinite")
@@ -86,6 +105,12 @@ def compute_stats(tensors: Sequence[Any], stats: Sequence[str]) -> Any:
     [[5.0, 0.0, 0.0], [1.0, 1.0, 0.333]]
     """
     stats = tuple(stats)
+    for name in stats:
+        if name not in GRADIENT_STATS:
+            raise ValueError(
+                f"`compute_stats` computes stats of a gradient alone: {list(GRADIENT_STATS)}. "
+                f"Received: {name!r}"
+            )
     present = [i for i, t in enumerate(tensors) if t is not None]
     n = len(present)
     if n == 0:
@@ -277,3 +302,105 @@ def zero_frac(g: Any) -> float:
     0.5
     """
     return _one("zero_frac", g)
+
+
+# --------------------------------------------------------------------- histograms
+#: Decimal exponents of the smallest and largest finite bin edges on |g|.
+HIST_MIN_EXP = -12
+HIST_MAX_EXP = 4
+#: Bins per decade that `histogram=True` means.
+DEFAULT_BINS_PER_DECADE = 4
+#: The `sign` labels of the bins, in the order they are stored.
+HIST_SIGNS = ("-", "0", "+", "nonfinite")
+
+
+def histogram_bins(bins_per_decade: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The bins of a gradient histogram: `(lo, hi, sign)`, one entry per bin.
+
+    The magnitude |g| of each finite, non-zero element falls in one of
+    `K = 16 * bins_per_decade` log-spaced bins with edges
+    `10**(-12 + j / bins_per_decade)`, `j = 0..K`. The lowest bin also takes
+    everything below `1e-12` (its `lo` is 0) and the highest everything at or
+    above `1e+4` (its `hi` is inf), so no element is dropped. Negative elements
+    go to the `"-"` bins, ordered from the most negative value up, then one
+    bin for exact zeros (`"0"`, lo = hi = 0), then the `"+"` bins from small to
+    large, then one bin for NaN and ±Inf (`"nonfinite"`, lo = hi = NaN). Every
+    element lands in exactly one of the `2 * K + 2` bins.
+
+    Args:
+        bins_per_decade: Number of bins per power of ten.
+
+    Returns:
+        float64 arrays `lo` and `hi` (bounds on |g|, `lo <= |g| < hi`), and a
+        string array `sign`.
+
+    Example:
+
+    >>> lo, hi, sign = histogram_bins(1)
+    >>> len(lo), lo[17].item(), hi[17].item(), sign[17]
+    (34, 0.0, 1e-11, '+')
+    """
+    k = (HIST_MAX_EXP - HIST_MIN_EXP) * bins_per_decade
+    edges = 10.0 ** (HIST_MIN_EXP + np.arange(k + 1) / bins_per_decade)
+    mag_lo, mag_hi = edges[:-1].copy(), edges[1:].copy()
+    mag_lo[0], mag_hi[-1] = 0.0, np.inf
+    lo = np.concatenate([mag_lo[::-1], [0.0], mag_lo, [np.nan]])
+    hi = np.concatenate([mag_hi[::-1], [0.0], mag_hi, [np.nan]])
+    sign = np.asarray(["-"] * k + ["0"] + ["+"] * k + ["nonfinite"], dtype=object)
+    return lo, hi, sign
+
+
+def compute_histograms(tensors: Sequence[Any], bins_per_decade: int) -> Any:
+    """Counts the elements of each tensor in the bins of `histogram_bins`.
+
+    One scatter-add over all tensors at once; compiles under XLA. A `None`
+    entry gives a row of zeros.
+
+    Args:
+        tensors: Gradients or `None`.
+        bins_per_decade: Number of bins per power of ten.
+
+    Returns:
+        An int32 tensor of shape `(len(tensors), 2 * K + 2)`.
+
+    Example:
+
+    >>> counts = np.asarray(compute_histograms([np.array([-12.0, 0.0, 3e-3, np.nan])], 1))
+    >>> lo, hi, sign = histogram_bins(1)
+    >>> [(sign[i], lo[i].item(), counts[0, i].item()) for i in np.nonzero(counts[0])[0]]
+    [('-', 10.0, 1), ('0', 0.0, 1), ('+', 0.001, 1), ('nonfinite', nan, 1)]
+    """
+    k = (HIST_MAX_EXP - HIST_MIN_EXP) * bins_per_decade
+    n_bins = 2 * k + 2
+    present = [i for i, t in enumerate(tensors) if t is not None]
+    out_rows = len(tensors)
+    if not present:
+        return ops.zeros((out_rows, n_bins), dtype="int32")
+    flats = [ops.reshape(ops.cast(tensors[i], "float32"), (-1,)) for i in present]
+    sizes = [int(np.prod(tuple(tensors[i].shape))) for i in present]
+    x = flats[0] if len(flats) == 1 else ops.concatenate(flats, axis=0)
+    seg = ops.convert_to_tensor(np.repeat(np.arange(len(present), dtype="int32"), sizes))
+    a = ops.abs(x)
+    finite = ops.isfinite(x)
+    safe = ops.where(finite & (a > 0), a, 1.0)
+    j = ops.floor((ops.log10(safe) - HIST_MIN_EXP) * bins_per_decade)
+    j = ops.cast(ops.clip(j, 0, k - 1), "int32")
+    # log10 is inexact near an edge: move to the neighbouring bin where the
+    # float32 edges say so, so that binning follows `lo <= |g| < hi` exactly.
+    edges = ops.convert_to_tensor(
+        (10.0 ** (HIST_MIN_EXP + np.arange(k + 1) / bins_per_decade)).astype("float32")
+    )
+    j = ops.where((j > 0) & (safe < ops.take(edges, j)), j - 1, j)
+    j = ops.where((j < k - 1) & (safe >= ops.take(edges, j + 1)), j + 1, j)
+    idx = ops.where(x < 0, k - 1 - j, k + 1 + j)
+    idx = ops.where(a == 0, k, idx)
+    idx = ops.where(finite, idx, n_bins - 1)
+    flat_counts = ops.segment_sum(
+        ops.ones_like(idx), seg * n_bins + idx, num_segments=len(present) * n_bins
+    )
+    counts = ops.reshape(flat_counts, (len(present), n_bins))
+    if len(present) == out_rows:
+        return counts
+    rows = ops.concatenate([counts, ops.zeros((1, n_bins), dtype="int32")], axis=0)
+    where = {j: r for r, j in enumerate(present)}
+    return ops.take(rows, np.asarray([where.get(i, len(present)) for i in range(out_rows)]), axis=0)

@@ -27,6 +27,6 @@ def fitted():
     x, y = data(n=24)
     model, _ = pair()
     model.compile(keras.optimizers.Adam(0.01), "mse", steps_per_execution=2)
-    watch = gradwatch.GradWatch(stats=list(gradwatch.STATS), values="out/*")
+    watch = gradwatch.GradWatch(stats=list(gradwatch.STATS), values="out/*", histogram=True)
     model.fit(x, y, batch_size=8, epochs=2, shuffle=False, callbacks=[watch], verbose=0)
     return watch, model, x, y

@@ -30,7 +30,7 @@ def _fit_both(watched, plain, callbacks, spe=3, jit=False, **opt):
 @pytest.mark.parametrize("jit", [False, True])
 def test_mixin_with_watch_is_bitwise_neutral_to_training(jit):
     watched, plain = pair(regularize=True)
-    watch = gradwatch.GradWatch(stats=list(gradwatch.STATS), values="*")
+    watch = gradwatch.GradWatch(stats=list(gradwatch.STATS), values="*", histogram=True)
     ha, hb = _fit_both(watched, plain, [watch], spe=3, jit=jit, global_clipnorm=0.05)
     assert ha == hb  # losses and metrics, exactly
     for a, b in zip(watched.get_weights(), plain.get_weights(), strict=True):

@@ -1,0 +1,265 @@
+"""Histograms, update and weight norms, cos_prev, and the derived views, against references."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from models import data, pair
+from reference import batches_of, mse, tape_gradients
+
+import gradwatch
+from gradwatch.log import GradientLog
+from gradwatch.stats import compute_histograms, histogram_bins
+
+KEYS = ["net/hidden/kernel", "net/hidden/bias", "net/out/kernel", "net/out/bias"]
+
+
+def _reference_bins(g, bins_per_decade):
+    """Bin numbers by searching the float32 edges: independent of the log10 in the step."""
+    k = 16 * bins_per_decade
+    edges = (10.0 ** (-12 + np.arange(k + 1) / bins_per_decade)).astype(np.float32)
+    g = np.asarray(g, np.float32).ravel()
+    out = np.empty(g.size, np.int64)
+    for n, v in enumerate(g):
+        if not np.isfinite(v):
+            out[n] = 2 * k + 1
+        elif v == 0:
+            out[n] = k
+        else:
+            j = int(np.clip(np.searchsorted(edges, abs(v), side="right") - 1, 0, k - 1))
+            out[n] = k - 1 - j if v < 0 else k + 1 + j
+    return np.bincount(out, minlength=2 * k + 2)
+
+
+@pytest.mark.parametrize("bins_per_decade", [1, 4, 7])
+def test_histogram_counts_match_reference_binning(bins_per_decade):
+    rng = np.random.default_rng(bins_per_decade)
+    edges = (10.0 ** (-12 + np.arange(16 * bins_per_decade + 1) / bins_per_decade)).astype(
+        np.float32
+    )
+    on_edges = np.concatenate([edges, np.nextafter(edges, np.float32(0)), -edges])
+    special = np.array([0.0, -0.0, np.nan, np.inf, -np.inf, 1e-30, -1e-30, 1e9, -1e9], np.float32)
+    tensors = [
+        (rng.normal(size=200) * 10.0 ** rng.uniform(-14, 6, size=200)).astype(np.float32),
+        on_edges.astype(np.float32),
+        special,
+        np.zeros((0,), np.float32),
+    ]
+    counts = np.asarray(compute_histograms(tensors, bins_per_decade))
+    for row, t in zip(counts, tensors, strict=True):
+        np.testing.assert_array_equal(row, _reference_bins(t, bins_per_decade))
+        assert row.sum() == t.size  # every element in exactly one bin
+
+
+def test_histogram_bins_are_documented_edges():
+    lo, hi, sign = histogram_bins(2)
+    k = 32
+    assert len(lo) == 2 * k + 2
+    assert list(sign[[0, k - 1, k, k + 1, 2 * k, 2 * k + 1]]) == [
+        "-",
+        "-",
+        "0",
+        "+",
+        "+",
+        "nonfinite",
+    ]
+    assert hi[0] == np.inf and lo[k - 1] == 0.0  # most negative bin first
+    assert lo[k + 1] == 0.0 and hi[k + 1] == pytest.approx(10**-11.5)
+    assert lo[2 * k] == pytest.approx(10**3.5) and hi[2 * k] == np.inf
+    assert math.isnan(lo[-1]) and math.isnan(hi[-1])
+
+
+def test_histogram_of_seed_example_3_by_hand():
+    model = gradwatch.Sequential(
+        [keras.Input((1,)), keras.layers.Dense(1, kernel_initializer="ones")]
+    )
+    model.compile("sgd", "mse")
+    watch = gradwatch.GradWatch(histogram=True)
+    model.fit(np.array([[2.0]]), np.array([[5.0]]), callbacks=[watch], verbose=0)
+    h = watch.log.histogram("dense/kernel", step=0)
+    hit = h[h["count"] > 0]
+    # |-12| lies in [10**1.0, 10**1.25) with 4 bins per decade, on the negative side.
+    assert hit[["sign", "count"]].values.tolist() == [["-", 1]]
+    assert hit["lo"].item() == pytest.approx(10.0) and hit["hi"].item() == pytest.approx(10**1.25)
+    bias = watch.log.histograms.query("variable == 'sequential/dense/bias'")
+    assert bias["lo"].item() == pytest.approx(10**0.75)  # |-6| in [5.62, 10)
+
+
+def test_histogram_frame_counts_sum_to_element_counts(fitted):
+    log = fitted[0].log
+    frame = log.histograms
+    assert list(frame.columns) == ["step", "variable", "lo", "hi", "sign", "count"]
+    sums = frame.groupby(["step", "variable"], observed=True)["count"].sum()
+    assert len(sums) == 6 * 4
+    for (_, key), total in sums.items():
+        assert total == int(np.prod(log.shapes[key]))
+    assert (frame["count"] > 0).all()
+
+
+def test_histogram_lookup_errors(fitted):
+    with pytest.raises(KeyError, match=r"Step 99 .* not recorded"):
+        fitted[0].log.histogram("out/kernel", 99)
+    with pytest.raises(KeyError, match=r"GradWatch\(histogram=True\)"):
+        GradientLog().histogram("x", 0)
+
+
+@pytest.mark.parametrize(("value", "error"), [(0, ValueError), (101, ValueError), ("4", TypeError)])
+def test_histogram_argument_is_checked(value, error):
+    with pytest.raises(error, match="Received: histogram="):
+        gradwatch.GradWatch(histogram=value)
+
+
+def _fit_with_reference(optimizer, **watch_kwargs):
+    x, y = data()
+    model, plain = pair()
+    weights = []  # the reference loop's weights before each step
+    model.compile(optimizer(), "mse", steps_per_execution=2)
+    watch = gradwatch.GradWatch(**watch_kwargs)
+    model.fit(x, y, batch_size=8, epochs=2, shuffle=False, callbacks=[watch], verbose=0)
+
+    ref_opt = optimizer()
+    grads = []
+    for xb, yb, _ in batches_of(x, y, 8) * 2:
+        weights.append([w.numpy().copy() for w in plain.trainable_weights])
+        grads.extend(tape_gradients(plain, ref_opt, [(xb, yb, None)], mse))
+    weights.append([w.numpy().copy() for w in plain.trainable_weights])
+    return watch.log, grads, weights
+
+
+def test_update_norm_is_lr_times_gradient_norm_with_plain_sgd():
+    log, grads, weights = _fit_with_reference(
+        lambda: keras.optimizers.SGD(0.1), stats=["norm", *gradwatch.stats.UPDATE_STATS]
+    )
+    up, w, ratio, norm = (
+        log.stat(s) for s in ("update_norm", "weight_norm", "update_ratio", "norm")
+    )
+    for step, g in enumerate(grads):
+        for j, key in enumerate(KEYS):
+            assert up.loc[step, key] == pytest.approx(0.1 * np.linalg.norm(g[j]), rel=1e-5)
+            assert w.loc[step, key] == pytest.approx(np.linalg.norm(weights[step][j]), rel=1e-5)
+            with np.errstate(divide="ignore"):  # zero-initialised biases: ratio +inf
+                expected = np.float64(up.loc[step, key]) / np.float64(w.loc[step, key])
+            assert ratio.loc[step, key] == pytest.approx(expected, rel=1e-6)
+    np.testing.assert_allclose(up.to_numpy(), 0.1 * norm.to_numpy(), rtol=1e-5)
+
+
+def test_update_norm_is_what_the_optimizer_applied_with_momentum_and_decay():
+    make = lambda: keras.optimizers.AdamW(0.01, weight_decay=0.1)  # noqa: E731
+    log, _, weights = _fit_with_reference(make, stats=["update_norm"])
+    up = log.stat("update_norm")
+    for step in range(10):
+        for j, key in enumerate(KEYS):
+            applied = np.linalg.norm(weights[step + 1][j] - weights[step][j])
+            assert up.loc[step, key] == pytest.approx(applied, rel=1e-4, abs=1e-9)
+
+
+def test_cos_prev_is_one_for_a_constant_gradient():
+    model = gradwatch.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
+    model.compile("sgd", loss=lambda y_true, y_pred: y_pred)  # d loss / d kernel = mean x: constant
+    watch = gradwatch.GradWatch(stats=["cos_prev"])
+    x = np.tile(np.array([[1.0, -2.0, 0.5]], "float32"), (12, 1))
+    model.fit(x, np.zeros((12, 2)), batch_size=4, epochs=2, callbacks=[watch], verbose=0)
+    cos = watch.log.stat("cos_prev")
+    assert cos.loc[0].isna().all()  # no previous step
+    np.testing.assert_allclose(cos.loc[1:].to_numpy(), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_cos_prev_matches_reference_consecutive_gradients(every):
+    log, grads, _ = _fit_with_reference(
+        lambda: keras.optimizers.SGD(0.1), stats=["cos_prev"], every=every
+    )
+    cos = log.stat("cos_prev")
+    assert list(cos.index) == list(range(0, 10, every))
+    for step in cos.index[1:]:
+        for j, key in enumerate(KEYS):
+            a, b = grads[step][j].ravel(), grads[step - 1][j].ravel()
+            ref = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+            assert cos.loc[step, key] == pytest.approx(ref, rel=1e-5, abs=1e-6)
+
+
+def test_global_norm_equals_tape_reference(fitted):
+    x, y = fitted[2], fitted[3]
+    model, plain = pair()
+    model.compile(keras.optimizers.Adam(0.01), "mse")
+    w2 = gradwatch.GradWatch(stats="norm")
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, callbacks=[w2], verbose=0)
+    grads = tape_gradients(plain, keras.optimizers.Adam(0.01), batches_of(x, y, 8), mse)
+    for step, g in enumerate(grads):
+        ref = float(tf.linalg.global_norm([tf.constant(t) for t in g]))
+        assert w2.log.global_norm().loc[step] == pytest.approx(ref, rel=1e-5)
+
+
+def test_by_layer_aggregates_equal_the_layer_as_one_tensor():
+    log, grads, _ = _fit_with_reference(
+        lambda: keras.optimizers.SGD(0.1), stats=list(gradwatch.stats.GRADIENT_STATS)
+    )
+    layers = {"net/hidden": [0, 1], "net/out": [2, 3]}
+    checks = {
+        "norm": np.linalg.norm,
+        "mean": np.mean,
+        "std": np.std,
+        "min": np.min,
+        "max": np.max,
+        "abs_max": lambda a: np.abs(a).max(),
+        "nonfinite": lambda a: float((~np.isfinite(a)).sum()),
+        "zero_frac": lambda a: float(np.mean(a == 0)),
+    }
+    for stat, fn in checks.items():
+        table = log.by_layer(stat)
+        assert list(table.columns) == list(layers)
+        for step, g in enumerate(grads):
+            for layer, idx in layers.items():
+                joined = np.concatenate([g[i].ravel() for i in idx]).astype(np.float64)
+                assert table.loc[step, layer] == pytest.approx(fn(joined), rel=1e-4, abs=1e-6), stat
+
+
+def test_by_layer_refuses_cos_prev(fitted):
+    with pytest.raises(ValueError, match="cannot be aggregated per layer"):
+        fitted[0].log.by_layer("cos_prev")
+
+
+def test_summary_per_variable(fitted):
+    log = fitted[0].log
+    table = log.summary()
+    norm = log.stat("norm")
+    assert list(table.index) == KEYS
+    assert list(table.columns) == [
+        "first_norm",
+        "last_norm",
+        "median_norm",
+        "max_norm",
+        "nonfinite",
+        "first_nonfinite_step",
+    ]
+    for key in KEYS:
+        assert table.loc[key, "first_norm"] == norm.loc[0, key]
+        assert table.loc[key, "last_norm"] == norm.loc[5, key]
+        assert table.loc[key, "median_norm"] == pytest.approx(np.median(norm[key]))
+        assert table.loc[key, "max_norm"] == norm[key].max()
+        assert table.loc[key, "nonfinite"] == 0
+        assert table["first_nonfinite_step"].isna().all()
+
+
+def test_summary_finds_the_first_nonfinite_step():
+    log = GradientLog(stats=("norm", "nonfinite"))
+    codes = log._add_variables(["m/a", "m/b"], [(3,), (2,)])
+    stats = np.zeros((4, 2, 2), np.float32)
+    stats[:, :, 0] = [[1, 2], [3, 4], [5, 6], [7, 8]]
+    stats[2, 1, 1] = 2.0  # m/b has 2 non-finite elements at step 12
+    stats[3, 1, 1] = 1.0
+    log._append(np.array([10, 11, 12, 13]), np.zeros(4), np.arange(4), codes, stats,
+                np.zeros(0, np.int32), np.zeros((4, 0), np.float32))  # fmt: skip
+    table = log.summary()
+    assert table.loc["m/b", "nonfinite"] == 3
+    assert table.loc["m/b", "first_nonfinite_step"] == 12
+    assert pd_isna(table.loc["m/a", "first_nonfinite_step"])
+    assert table.loc["m/a", "median_norm"] == 4.0
+
+
+def pd_isna(v):
+    import pandas as pd
+
+    return pd.isna(v)
