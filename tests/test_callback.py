@@ -6,6 +6,7 @@ from models import data, pair
 from reference import batches_of, mse, np_stats, tape_gradients
 
 import gradwatch
+from gradwatch.stats import GRADIENT_STATS
 
 KEYS = ["net/hidden/kernel", "net/hidden/bias", "net/out/kernel", "net/out/bias"]
 
@@ -16,19 +17,19 @@ def test_every_step_matches_a_plain_tape_loop(spe, jit):
     x, y = data()
     model, plain = pair()
     model.compile(keras.optimizers.Adam(0.05), "mse", steps_per_execution=spe, jit_compile=jit)
-    watch = gradwatch.GradWatch(stats=list(gradwatch.STATS), values="*")
+    watch = gradwatch.GradWatch(stats=list(GRADIENT_STATS), values="*")
     model.fit(x, y, batch_size=8, epochs=2, shuffle=False, callbacks=[watch], verbose=0)
 
     reference = tape_gradients(plain, keras.optimizers.Adam(0.05), batches_of(x, y, 8) * 2, mse)
     log = watch.log
     assert log.variables == KEYS
     np.testing.assert_array_equal(log.steps, np.arange(10))
-    wide = {name: log.stat(name) for name in gradwatch.STATS}
+    wide = {name: log.stat(name) for name in GRADIENT_STATS}
     for step, grads in enumerate(reference):
         for key, g in zip(KEYS, grads, strict=True):
             np.testing.assert_allclose(log.gradient(key, step), g, rtol=1e-5, atol=1e-6)
             ref = np_stats(g)
-            for name in gradwatch.STATS:
+            for name in GRADIENT_STATS:
                 np.testing.assert_allclose(
                     wide[name].loc[step, key], ref[name], rtol=1e-5, atol=1e-6, err_msg=name
                 )

@@ -9,8 +9,8 @@ from gradwatch import stats as S
 
 def test_stats_hand_computed_values():
     g = np.array([3.0, -4.0, 0.0, 0.0])
-    out = np.asarray(S.compute_stats([g], list(S.STATS)))[0]
-    got = dict(zip(S.STATS, out.tolist(), strict=True))
+    out = np.asarray(S.compute_stats([g], list(S.GRADIENT_STATS)))[0]
+    got = dict(zip(S.GRADIENT_STATS, out.tolist(), strict=True))
     # norm = sqrt(9 + 16) = 5; mean = -1/4; std = sqrt(((3.25)^2 + (3.75)^2 + 2*(0.25)^2)/4)
     assert got["norm"] == pytest.approx(5.0)
     assert got["mean"] == pytest.approx(-0.25)
@@ -25,7 +25,7 @@ def test_stats_hand_computed_values():
 def test_stats_nonfinite_elements_are_excluded_from_moments():
     g = np.array([1.0, 3.0, np.nan, np.inf, -np.inf])
     got = dict(
-        zip(S.STATS, np.asarray(S.compute_stats([g], list(S.STATS)))[0].tolist(), strict=True)
+        zip(S.GRADIENT_STATS, np.asarray(S.compute_stats([g], list(S.GRADIENT_STATS)))[0].tolist(), strict=True)
     )
     assert got["norm"] == pytest.approx(math.sqrt(10.0))
     assert got["mean"] == pytest.approx(2.0)
@@ -38,13 +38,13 @@ def test_stats_nonfinite_elements_are_excluded_from_moments():
 
 
 def test_stats_all_nan_and_empty_tensors():
-    out = np.asarray(S.compute_stats([np.full(3, np.nan), np.zeros((0, 4))], list(S.STATS)))
-    all_nan = dict(zip(S.STATS, out[0].tolist(), strict=True))
+    out = np.asarray(S.compute_stats([np.full(3, np.nan), np.zeros((0, 4))], list(S.GRADIENT_STATS)))
+    all_nan = dict(zip(S.GRADIENT_STATS, out[0].tolist(), strict=True))
     assert all_nan["norm"] == 0.0
     assert all_nan["nonfinite"] == 3.0
     for name in ("mean", "std", "min", "max", "abs_max"):
         assert math.isnan(all_nan[name])
-    empty = dict(zip(S.STATS, out[1].tolist(), strict=True))
+    empty = dict(zip(S.GRADIENT_STATS, out[1].tolist(), strict=True))
     assert empty["norm"] == 0.0 and empty["nonfinite"] == 0.0
     for name in ("mean", "std", "min", "max", "abs_max", "zero_frac"):
         assert math.isnan(empty[name])
@@ -68,13 +68,13 @@ def test_stats_fused_equal_numpy_reference_on_random_tensors(seed):
             flat = t.reshape(-1)
             flat[rng.integers(0, t.size)] = rng.choice([np.nan, np.inf, -np.inf, 0.0])
         tensors.append(t)
-    out = np.asarray(S.compute_stats(tensors, list(S.STATS)))
+    out = np.asarray(S.compute_stats(tensors, list(S.GRADIENT_STATS)))
     for row, t in zip(out, tensors, strict=True):
         ref = np_stats(t)
         # float32 sums: the error scales with the largest finite magnitude, not the result.
         finite = t[np.isfinite(t)]
         scale = float(np.abs(finite).max()) if finite.size else 0.0
-        for j, name in enumerate(S.STATS):
+        for j, name in enumerate(S.GRADIENT_STATS):
             np.testing.assert_allclose(
                 row[j], ref[name], rtol=1e-5, atol=1e-6 * scale + 1e-30, err_msg=name
             )
