@@ -126,9 +126,10 @@ class GradWatch(keras.callbacks.Callback):
         self._model_ref = weakref.ref(model)
         state = model_state(model)
         if self not in state.watches:
+            # Reached only when the model's own `fit` did not attach this watch.
             state.watches.append(self)
-        # The capture is traced into the step, so trace it anew with this watch.
-        model.make_train_function(force=True)
+            state.traced_with = tuple(state.watches)
+            model.make_train_function(force=True)
         self._since_drain = 0
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
@@ -159,8 +160,6 @@ class GradWatch(keras.callbacks.Callback):
         finally:
             if self in state.watches:
                 state.watches.remove(self)
-                # Let the next fit trace a step without this watch.
-                model.train_function = None
 
     def _drain(self) -> None:
         buffer, plan = self._buffer, self._plan

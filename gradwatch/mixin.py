@@ -21,6 +21,8 @@ class _ModelState:
     def __init__(self) -> None:
         self.counter: tf.Variable | None = None  # steps over the model's life
         self.watches: list[Any] = []  # attached GradWatch callbacks
+        # The watches that the current train function was (or will be) traced with.
+        self.traced_with: tuple[Any, ...] = ()
 
 
 def model_state(model: Any) -> _ModelState:
@@ -194,7 +196,18 @@ class GradWatchMixin:
             return super().train_step(data)
 
     def fit(self, *args: Any, **kwargs: Any) -> Any:
-        """Runs `keras.Model.fit`; on any exit, attached watches drain what they captured."""
+        """Runs `keras.Model.fit` with the `GradWatch` callbacks among `callbacks` attached.
+
+        The capture is traced into the train function, so it is traced anew
+        only when the set of watches changes. On any exit, the watches drain
+        what they captured and detach.
+        """
+        state = model_state(self)
+        watches = _watches_in(_bound_callbacks(args, kwargs))
+        if watches != state.traced_with:
+            self.train_function = None  # Keras makes and traces a new one
+            state.traced_with = watches
+        state.watches = list(watches)
         try:
             return super().fit(*args, **kwargs)
         finally:
@@ -202,6 +215,14 @@ class GradWatchMixin:
             # copy out what the device recorded, and detach.
             for watch in list(model_state(self).watches):
                 watch._release(self)
+
+    def train_on_batch(self, *args: Any, **kwargs: Any) -> Any:
+        """Runs `keras.Model.train_on_batch`, without capture (no callbacks run here)."""
+        state = model_state(self)
+        if state.traced_with:
+            self.train_function = None
+            state.traced_with = ()
+        return super().train_on_batch(*args, **kwargs)
 
     def record_gradients(
         self,
@@ -295,3 +316,16 @@ class Model(GradWatchMixin, keras.Model):
     model = gradwatch.Model(inputs, outputs)
     ```
     """
+
+
+def _bound_callbacks(args: tuple, kwargs: dict) -> Any:
+    if "callbacks" in kwargs:
+        return kwargs["callbacks"]
+    # keras.Model.fit(x, y, batch_size, epochs, verbose, callbacks, ...)
+    return args[5] if len(args) > 5 else None
+
+
+def _watches_in(callbacks: Any) -> tuple[Any, ...]:
+    """The GradWatch callbacks in a list or CallbackList, in order, without repeats."""
+    items = getattr(callbacks, "callbacks", callbacks) or []
+    return tuple(dict.fromkeys(c for c in items if hasattr(c, "_capture")))

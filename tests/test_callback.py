@@ -230,3 +230,32 @@ def test_sparse_embedding_gradient_equals_dense_equivalent():
     np.testing.assert_allclose(watch.log.gradient("emb/embeddings", 0), dense, rtol=1e-6)
     norm = watch.log.stat("norm").iloc[0, 0]
     assert norm == pytest.approx(float(np.linalg.norm(dense)), rel=1e-6)
+
+
+def test_refit_with_the_same_watch_reuses_the_traced_step():
+    x, y = data(n=16)
+    model, _ = pair()
+    model.compile("sgd", "mse")
+    watch = gradwatch.GradWatch(stats="norm")
+    model.fit(x, y, batch_size=8, callbacks=[watch], verbose=0)
+    traced = model.train_function
+    model.fit(x, y, batch_size=8, callbacks=[watch], verbose=0)
+    assert model.train_function is traced
+    model.fit(x, y, batch_size=8, verbose=0)  # no watch: traced anew, without capture
+    assert model.train_function is not traced
+    model.train_on_batch(x[:8], y[:8])  # counted, not captured
+    model.fit(x, y, batch_size=8, callbacks=[watch], verbose=0)
+    np.testing.assert_array_equal(watch.log.steps, [0, 1, 2, 3, 7, 8])
+    np.testing.assert_array_equal(watch.log.frame["epoch"].unique(), [0])
+
+
+def test_two_watches_in_one_fit_both_record():
+    x, y = data(n=16)
+    model, _ = pair()
+    model.compile("sgd", "mse")
+    a = gradwatch.GradWatch(stats="norm", variables="*kernel")
+    b = gradwatch.GradWatch(stats="max", every=2)
+    model.fit(x, y, batch_size=8, epochs=2, callbacks=[a, b], verbose=0)
+    np.testing.assert_array_equal(a.log.steps, [0, 1, 2, 3])
+    np.testing.assert_array_equal(b.log.steps, [0, 2])
+    assert a.log.variables == ["net/hidden/kernel", "net/out/kernel"]

@@ -25,7 +25,11 @@ def test_stats_hand_computed_values():
 def test_stats_nonfinite_elements_are_excluded_from_moments():
     g = np.array([1.0, 3.0, np.nan, np.inf, -np.inf])
     got = dict(
-        zip(S.GRADIENT_STATS, np.asarray(S.compute_stats([g], list(S.GRADIENT_STATS)))[0].tolist(), strict=True)
+        zip(
+            S.GRADIENT_STATS,
+            np.asarray(S.compute_stats([g], list(S.GRADIENT_STATS)))[0].tolist(),
+            strict=True,
+        )
     )
     assert got["norm"] == pytest.approx(math.sqrt(10.0))
     assert got["mean"] == pytest.approx(2.0)
@@ -38,7 +42,9 @@ def test_stats_nonfinite_elements_are_excluded_from_moments():
 
 
 def test_stats_all_nan_and_empty_tensors():
-    out = np.asarray(S.compute_stats([np.full(3, np.nan), np.zeros((0, 4))], list(S.GRADIENT_STATS)))
+    out = np.asarray(
+        S.compute_stats([np.full(3, np.nan), np.zeros((0, 4))], list(S.GRADIENT_STATS))
+    )
     all_nan = dict(zip(S.GRADIENT_STATS, out[0].tolist(), strict=True))
     assert all_nan["norm"] == 0.0
     assert all_nan["nonfinite"] == 3.0
