@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import keras
 import numpy as np
 from keras import ops
 
@@ -83,16 +84,20 @@ def check_stats(stats: Any) -> tuple[str, ...]:
 
 
 def compute_stats(tensors: Sequence[Any], stats: Sequence[str]) -> Any:
-    """Computes the stats of several tensors at once, fused into a few kernels.
+    """Computes the stats of several tensors at once, in a few passes over the data.
 
-    The tensors are flattened and concatenated, and every stat is a segment
-    reduction over that one vector, so the number of kernels does not grow
-    with the number of tensors. A `None` entry (a disconnected variable) gives
-    a row of NaN. Works inside a compiled (and XLA-compiled) step.
+    Small tensors of equal size are stacked so that one reduction serves them
+    all; large ones are reduced in place. When every element is finite (found
+    from the L2 norms, which any NaN or Inf makes non-finite), the stats come
+    from one pass each of `sum`, `sum of squares`, `min` and `max`; `std` is
+    recomputed in two passes where the one-pass formula would lose precision.
+    Otherwise an exact path masks the non-finite elements. Works inside a
+    compiled (and XLA-compiled) step. A `None` entry (a disconnected variable)
+    gives a row of NaN.
 
     Args:
         tensors: Gradients (any float dtype; computed in float32) or `None`.
-        stats: Names from `STATS`.
+        stats: Names from `GRADIENT_STATS`.
 
     Returns:
         A float32 tensor of shape `(len(tensors), len(stats))`.
@@ -111,82 +116,141 @@ def compute_stats(tensors: Sequence[Any], stats: Sequence[str]) -> Any:
                 f"`compute_stats` computes stats of a gradient alone: {list(GRADIENT_STATS)}. "
                 f"Received: {name!r}"
             )
-    present = [i for i, t in enumerate(tensors) if t is not None]
-    n = len(present)
-    if n == 0:
-        return ops.full((len(tensors), len(stats)), math.nan, dtype="float32")
-    flats = [ops.reshape(ops.cast(tensors[i], "float32"), (-1,)) for i in present]
-    sizes = [int(np.prod(tuple(tensors[i].shape))) for i in present]
-    x = flats[0] if n == 1 else ops.concatenate(flats, axis=0)
-    seg = ops.convert_to_tensor(np.repeat(np.arange(n, dtype="int32"), sizes))
-    size = ops.convert_to_tensor(np.asarray(sizes, dtype="float32"))
-    nan = ops.full((n,), math.nan, dtype="float32")
+    groups, constant_rows = _groups(tensors)
+    n_rows = len(tensors)
+    if not groups:
+        return _assemble([], constant_rows, stats, n_rows)
+    norms = [_euclidean_norm(x) for _, x in groups]
+    all_finite = ops.all(ops.isfinite(ops.concatenate(norms, axis=0)))
 
-    def ssum(v: Any) -> Any:
-        return ops.segment_sum(ops.cast(v, "float32"), seg, num_segments=n)
+    def fast():
+        cols = [_fast_group(x, norm, stats) for (_, x), norm in zip(groups, norms, strict=True)]
+        return _assemble(list(zip(groups, cols, strict=True)), constant_rows, stats, n_rows)
 
-    def smax(v: Any) -> Any:
-        return ops.segment_max(v, seg, num_segments=n)
+    def exact():
+        cols = [_exact_group(x) for _, x in groups]
+        return _assemble(list(zip(groups, cols, strict=True)), constant_rows, stats, n_rows)
 
-    cache: dict[str, Any] = {}
-
-    def get(name: str) -> Any:
-        if name not in cache:
-            cache[name] = _PARTS[name](x, get, ssum, smax, size, seg, nan)
-        return cache[name]
-
-    cols = ops.stack([get(s) for s in stats], axis=1)
-    if n == len(tensors):
-        return cols
-    # Disconnected variables: pick a NaN row for them.
-    rows = ops.concatenate([cols, ops.full((1, len(stats)), math.nan, dtype="float32")], axis=0)
-    where = {j: k for k, j in enumerate(present)}
-    index = np.asarray([where.get(j, n) for j in range(len(tensors))], dtype="int32")
-    return ops.take(rows, index, axis=0)
+    return ops.reshape(ops.cond(all_finite, fast, exact), (n_rows, len(stats)))
 
 
-def _nan_if(cond: Any, value: Any, nan: Any) -> Any:
-    return ops.where(cond, nan, value)
+# Tensors below this many elements are stacked with others of their size, so that
+# one reduction serves many small variables; larger ones are reduced in place.
+_STACK_BELOW = 16384
 
 
-# Each part is a function of (x, get, ssum, smax, size, seg, nan), so that shared
-# intermediates (the finite mask, the finite count, the mean) are computed once.
-_PARTS = {
-    "finite": lambda x, get, ssum, smax, size, seg, nan: ops.isfinite(x),
-    "notnan": lambda x, get, ssum, smax, size, seg, nan: ops.logical_not(ops.isnan(x)),
-    "n_finite": lambda x, get, ssum, smax, size, seg, nan: ssum(get("finite")),
-    "n_notnan": lambda x, get, ssum, smax, size, seg, nan: ssum(get("notnan")),
-    "x_finite": lambda x, get, ssum, smax, size, seg, nan: ops.where(get("finite"), x, 0.0),
-    "norm": lambda x, get, ssum, smax, size, seg, nan: ops.sqrt(ssum(ops.square(get("x_finite")))),
-    "mean": lambda x, get, ssum, smax, size, seg, nan: _nan_if(
-        get("n_finite") == 0, ssum(get("x_finite")) / ops.maximum(get("n_finite"), 1.0), nan
-    ),
-    "std": lambda x, get, ssum, smax, size, seg, nan: _nan_if(
-        get("n_finite") == 0,
-        ops.sqrt(
-            ssum(
-                ops.where(
-                    get("finite"), ops.square(x - ops.take(ops.nan_to_num(get("mean")), seg)), 0.0
-                )
-            )
-            / ops.maximum(get("n_finite"), 1.0)
+def _groups(tensors: Sequence[Any]) -> tuple[list[tuple[list[int], Any]], dict[int, str]]:
+    """Groups of (row indices, 2-D float32 tensor with one row per tensor).
+
+    Also returns the rows that need no computing: `None` ("none") and empty
+    tensors ("empty").
+    """
+    constant: dict[int, str] = {}
+    by_size: dict[int, list[int]] = {}
+    groups = []
+    for i, t in enumerate(tensors):
+        if t is None:
+            constant[i] = "none"
+            continue
+        size = int(np.prod(tuple(t.shape)))
+        if size == 0:
+            constant[i] = "empty"
+        elif size >= _STACK_BELOW:
+            groups.append(([i], ops.reshape(ops.cast(t, "float32"), (1, size))))
+        else:
+            by_size.setdefault(size, []).append(i)
+    for size, rows in by_size.items():
+        flat = [ops.reshape(ops.cast(tensors[i], "float32"), (size,)) for i in rows]
+        groups.append((rows, flat[0][None, :] if len(rows) == 1 else ops.stack(flat, axis=0)))
+    return groups, constant
+
+
+def _euclidean_norm(x: Any) -> Any:
+    if keras.backend.backend() == "tensorflow" and x.shape[0] == 1:
+        import tensorflow as tf
+
+        # L2Loss is one pass with no temporary, and compiles under XLA.
+        return ops.sqrt(2.0 * tf.nn.l2_loss(x))[None]
+    return ops.sqrt(ops.sum(ops.square(x), axis=1))
+
+
+def _fast_group(x: Any, norm: Any, stats: tuple[str, ...]) -> dict[str, Any]:
+    """The stats of rows that are all finite: one pass per reduction."""
+    n = float(x.shape[1])
+    wanted = set(stats)
+    cols: dict[str, Any] = {"norm": norm}
+    if wanted & {"mean", "std"}:
+        cols["mean"] = ops.sum(x, axis=1) / n
+    if "std" in wanted:
+        mean = cols["mean"]
+        var = ops.maximum(ops.square(norm) / n - ops.square(mean), 0.0)
+        # The one-pass variance cancels badly when the mean dominates; then take
+        # the second pass, for this group and only on such steps.
+        cols["std"] = ops.cond(
+            ops.any(ops.square(mean) > 4.0 * var),
+            lambda: ops.sqrt(ops.mean(ops.square(x - mean[:, None]), axis=1)),
+            lambda: ops.sqrt(var),
+        )
+    if wanted & {"min", "abs_max"}:
+        cols["min"] = ops.min(x, axis=1)
+    if wanted & {"max", "abs_max"}:
+        cols["max"] = ops.max(x, axis=1)
+    if "abs_max" in wanted:
+        cols["abs_max"] = ops.maximum(ops.abs(cols["min"]), ops.abs(cols["max"]))
+    if "nonfinite" in wanted:
+        cols["nonfinite"] = ops.zeros_like(norm)
+    if "zero_frac" in wanted:
+        cols["zero_frac"] = ops.sum(ops.cast(ops.equal(x, 0.0), "float32"), axis=1) / n
+    return cols
+
+
+def _exact_group(x: Any) -> dict[str, Any]:
+    """Every stat, with NaN and Inf treated as the catalogue defines."""
+    n = float(x.shape[1])
+    nan = math.nan
+    finite = ops.isfinite(x)
+    notnan = ops.logical_not(ops.isnan(x))
+    n_finite = ops.sum(ops.cast(finite, "float32"), axis=1)
+    none_left = ops.sum(ops.cast(notnan, "float32"), axis=1) == 0
+    xf = ops.where(finite, x, 0.0)
+    safe_n = ops.maximum(n_finite, 1.0)
+    mean = ops.where(n_finite == 0, nan, ops.sum(xf, axis=1) / safe_n)
+    centred = ops.where(finite, x - ops.nan_to_num(mean)[:, None], 0.0)
+    return {
+        "norm": ops.sqrt(ops.sum(ops.square(xf), axis=1)),
+        "mean": mean,
+        "std": ops.where(
+            n_finite == 0, nan, ops.sqrt(ops.sum(ops.square(centred), axis=1) / safe_n)
         ),
-        nan,
-    ),
-    "min": lambda x, get, ssum, smax, size, seg, nan: _nan_if(
-        get("n_notnan") == 0, -smax(ops.where(get("notnan"), -x, -math.inf)), nan
-    ),
-    "max": lambda x, get, ssum, smax, size, seg, nan: _nan_if(
-        get("n_notnan") == 0, smax(ops.where(get("notnan"), x, -math.inf)), nan
-    ),
-    "abs_max": lambda x, get, ssum, smax, size, seg, nan: _nan_if(
-        get("n_notnan") == 0, smax(ops.where(get("notnan"), ops.abs(x), -math.inf)), nan
-    ),
-    "nonfinite": lambda x, get, ssum, smax, size, seg, nan: size - get("n_finite"),
-    "zero_frac": lambda x, get, ssum, smax, size, seg, nan: _nan_if(
-        size == 0, ssum(x == 0.0) / ops.maximum(size, 1.0), nan
-    ),
-}
+        "min": ops.where(none_left, nan, ops.min(ops.where(notnan, x, math.inf), axis=1)),
+        "max": ops.where(none_left, nan, ops.max(ops.where(notnan, x, -math.inf), axis=1)),
+        "abs_max": ops.where(none_left, nan, ops.max(ops.where(notnan, ops.abs(x), -1.0), axis=1)),
+        "nonfinite": n - n_finite,
+        "zero_frac": ops.sum(ops.cast(ops.equal(x, 0.0), "float32"), axis=1) / n,
+    }
+
+
+# A disconnected variable's row is all NaN; an empty tensor has norm 0, no
+# non-finite elements, and no mean, std, min, max or zero fraction.
+_EMPTY = {"norm": 0.0, "nonfinite": 0.0}
+
+
+def _assemble(parts, constant_rows: dict[int, str], stats: tuple[str, ...], n_rows: int) -> Any:
+    """Stacks the groups' columns and the constant rows into `(n_rows, n_stats)`, in order."""
+    blocks, order = [], []
+    for (rows, _), cols in parts:
+        blocks.append(ops.stack([cols[name] for name in stats], axis=1))
+        order.extend(rows)
+    for i, kind in constant_rows.items():
+        values = [math.nan if kind == "none" else _EMPTY.get(n, math.nan) for n in stats]
+        blocks.append(ops.convert_to_tensor(np.asarray([values], dtype="float32")))
+        order.append(i)
+    table = blocks[0] if len(blocks) == 1 else ops.concatenate(blocks, axis=0)
+    if order == list(range(n_rows)):
+        return table
+    inverse = np.empty(n_rows, dtype="int32")
+    inverse[np.asarray(order)] = np.arange(n_rows, dtype="int32")
+    return ops.take(table, inverse, axis=0)
 
 
 def _one(name: str, g: Any) -> float:

@@ -108,3 +108,38 @@ def test_check_stats_empty_and_duplicates():
     with pytest.raises(ValueError, match="at least one stat"):
         S.check_stats([])
     assert S.check_stats(["max", "norm", "max"]) == ("max", "norm")
+
+
+def _random_tensors(rng, with_nonfinite):
+    shapes = [(), (0,), (1,), (7,), (3, 5), (2, 3, 4), (1, 1), (7,), (130, 130)]
+    tensors = []
+    for shape in shapes:
+        t = rng.normal(scale=10.0 ** rng.integers(-6, 4), size=shape)
+        if rng.random() < 0.5:
+            t = t + rng.normal() * 10.0 ** rng.integers(0, 4) * np.abs(t).max(initial=1.0)
+        t = t.astype(np.float32)
+        if with_nonfinite and t.size > 2:
+            t.reshape(-1)[rng.integers(0, t.size)] = rng.choice([np.nan, np.inf, -np.inf])
+        tensors.append(t)
+    return tensors
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("with_nonfinite", [False, True])
+@pytest.mark.parametrize("seed", range(3))
+def test_stats_fast_and_exact_paths_equal_numpy_reference(seed, with_nonfinite, jit):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(100 + seed)
+    tensors = _random_tensors(rng, with_nonfinite)
+    step = tf.function(lambda ts: S.compute_stats(ts, S.GRADIENT_STATS), jit_compile=jit)
+    out = np.asarray(step([tf.constant(t) for t in tensors]))
+    for row, t in zip(out, tensors, strict=True):
+        ref = np_stats(t)
+        finite = t[np.isfinite(t)]
+        scale = float(np.abs(finite).max()) if finite.size else 0.0
+        for j, name in enumerate(S.GRADIENT_STATS):
+            # float32: the error scales with the magnitude of the elements.
+            np.testing.assert_allclose(
+                row[j], ref[name], rtol=1e-5, atol=1e-6 * scale + 1e-30, err_msg=name
+            )
