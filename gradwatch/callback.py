@@ -25,6 +25,7 @@ from gradwatch.stats import (
     HIST_MAX_EXP,
     HIST_MIN_EXP,
     UPDATE_STATS,
+    branch,
     check_stats,
     compute_histograms,
     compute_stats,
@@ -137,14 +138,16 @@ class GradWatch(keras.callbacks.Callback):
         counter = model_state(self.model).counter
         self._epoch_start = 0 if counter is None else int(counter.numpy())
 
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        # Called once per execution of `steps_per_execution` steps. Drain before
-        # the next execution could overwrite slots not yet copied out.
-        self._since_drain += 1
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        # Called once per execution of `steps_per_execution` steps, on the main
+        # thread, before it runs: drain now if the coming execution could
+        # overwrite slots not yet copied out. (Not `on_train_batch_end`: Keras
+        # runs training asynchronously only while no callback overrides it.)
         if self._buffer is not None:
             spe = int(self.model.steps_per_execution)
             if (self._since_drain + 1) * spe > self._buffer.capacity:
                 self._drain()
+        self._since_drain += 1
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self._drain()
@@ -248,13 +251,13 @@ class GradWatch(keras.callbacks.Callback):
         if self.every == 1:
             record()
         else:
-            tf.cond(step % self.every == 0, record, lambda: tf.constant(False))
+            branch(step % self.every == 0, record, lambda: tf.constant(False))
         if buffer.prev is not None:
             # cos_prev at step s needs step s - 1: keep it only where s is recorded.
             if self.every == 1:
                 keep_previous()
             else:
-                tf.cond((step + 1) % self.every == 0, keep_previous, lambda: tf.constant(False))
+                branch((step + 1) % self.every == 0, keep_previous, lambda: tf.constant(False))
 
     def _stat_columns(self, plan, entries, stat_grads, step, buffer, flat_gradients):
         """The stats of the selected variables, one float32 column per stat name."""

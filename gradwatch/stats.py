@@ -87,13 +87,13 @@ def compute_stats(tensors: Sequence[Any], stats: Sequence[str]) -> Any:
     """Computes the stats of several tensors at once, in a few passes over the data.
 
     Small tensors of equal size are stacked so that one reduction serves them
-    all; large ones are reduced in place. When every element is finite (found
-    from the L2 norms, which any NaN or Inf makes non-finite), the stats come
-    from one pass each of `sum`, `sum of squares`, `min` and `max`; `std` is
-    recomputed in two passes where the one-pass formula would lose precision.
-    Otherwise an exact path masks the non-finite elements. Works inside a
-    compiled (and XLA-compiled) step. A `None` entry (a disconnected variable)
-    gives a row of NaN.
+    all; large ones are reduced in place. The stats come from one pass each of
+    sum of squares, sum, min and max (as the stats need them). Where an element
+    is NaN or Inf (any makes the sum of squares non-finite), or where the mean
+    so dominates the spread that the one-pass variance would lose digits, one
+    branch per step takes an exact path that masks non-finite elements and
+    computes `std` in two passes. Works inside a compiled (and XLA-compiled)
+    step. A `None` entry (a disconnected variable) gives a row of NaN.
 
     Args:
         tensors: Gradients (any float dtype; computed in float32) or `None`.
@@ -119,19 +119,65 @@ def compute_stats(tensors: Sequence[Any], stats: Sequence[str]) -> Any:
     groups, constant_rows = _groups(tensors)
     n_rows = len(tensors)
     if not groups:
-        return _assemble([], constant_rows, stats, n_rows)
-    norms = [_euclidean_norm(x) for _, x in groups]
-    all_finite = ops.all(ops.isfinite(ops.concatenate(norms, axis=0)))
+        return _assemble(None, [], constant_rows, stats, n_rows)
+    order = [i for rows, _ in groups for i in rows]
+    raw = _one_pass([x for _, x in groups], stats)
+    size = ops.convert_to_tensor(
+        np.asarray([float(np.prod(tuple(tensors[i].shape))) for i in order], "float32")
+    )
+    sq = raw["sq"]
+    # One branch per step: the one-pass results stand unless an element is NaN or
+    # Inf (then its sum of squares is non-finite) or the mean so dominates the
+    # spread that the one-pass variance would lose digits; then the exact path.
+    fine = ops.all(ops.isfinite(sq))
+    cols: dict[str, Any] = {"norm": ops.sqrt(sq)}
+    if "sum" in raw:
+        cols["mean"] = raw["sum"] / size
+    if "std" in stats:
+        var = ops.maximum(sq / size - ops.square(cols["mean"]), 0.0)
+        cols["std"] = ops.sqrt(var)
+        fine = ops.logical_and(fine, ops.all(ops.square(cols["mean"]) <= 16.0 * var))
+    for name in ("min", "max"):
+        if name in raw:
+            cols[name] = raw[name]
+    if "abs_max" in stats:
+        cols["abs_max"] = ops.maximum(ops.abs(raw["min"]), ops.abs(raw["max"]))
+    if "nonfinite" in stats:
+        cols["nonfinite"] = ops.zeros_like(sq)
+    if "zero_frac" in stats:
+        cols["zero_frac"] = raw["zeros"] / size
 
-    def fast():
-        cols = [_fast_group(x, norm, stats) for (_, x), norm in zip(groups, norms, strict=True)]
-        return _assemble(list(zip(groups, cols, strict=True)), constant_rows, stats, n_rows)
+    fast = ops.stack([cols[name] for name in stats], axis=1)
 
     def exact():
-        cols = [_exact_group(x) for _, x in groups]
-        return _assemble(list(zip(groups, cols, strict=True)), constant_rows, stats, n_rows)
+        parts = [_exact_group(x) for _, x in groups]
+        return ops.stack(
+            [ops.concatenate([p[name] for p in parts], axis=0) for name in stats], axis=1
+        )
 
-    return ops.reshape(ops.cond(all_finite, fast, exact), (n_rows, len(stats)))
+    table = branch(fine, lambda: fast, exact)
+    return ops.reshape(_assemble(table, order, constant_rows, stats, n_rows), (n_rows, len(stats)))
+
+
+def branch(pred: Any, true_fn: Any, false_fn: Any) -> Any:
+    """`ops.cond`, kept as one function call on TensorFlow graphs.
+
+    `tf.cond` in a `tf.function` is lowered to Switch/Merge, and every op of the
+    branch not taken is still visited; for the rarely taken exact path that is
+    a cost on every step. Unlowered, the branch not taken costs nothing.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        if not tf.executing_eagerly():
+            try:
+                from tensorflow.python.ops import cond_v2
+            except ImportError:  # pragma: no cover - private module moved
+                return ops.cond(pred, true_fn, false_fn)
+            return cond_v2.indexed_case(
+                tf.cast(pred, tf.int32), [false_fn, true_fn], lower_using_switch_merge=False
+            )
+    return ops.cond(pred, true_fn, false_fn)
 
 
 # Tensors below this many elements are stacked with others of their size, so that
@@ -165,43 +211,32 @@ def _groups(tensors: Sequence[Any]) -> tuple[list[tuple[list[int], Any]], dict[i
     return groups, constant
 
 
-def _euclidean_norm(x: Any) -> Any:
+def _one_pass(xs: list[Any], stats: tuple[str, ...]) -> dict[str, Any]:
+    """One pass per reduction over each group's rows, joined into one vector per reduction."""
+    wanted = set(stats)
+    parts: dict[str, list[Any]] = {"sq": []}
+    for x in xs:
+        parts["sq"].append(_sum_of_squares(x))
+        if wanted & {"mean", "std"}:
+            parts.setdefault("sum", []).append(ops.sum(x, axis=1))
+        if wanted & {"min", "abs_max"}:
+            parts.setdefault("min", []).append(ops.min(x, axis=1))
+        if wanted & {"max", "abs_max"}:
+            parts.setdefault("max", []).append(ops.max(x, axis=1))
+        if "zero_frac" in wanted:
+            parts.setdefault("zeros", []).append(
+                ops.sum(ops.cast(ops.equal(x, 0.0), "float32"), axis=1)
+            )
+    return {k: v[0] if len(v) == 1 else ops.concatenate(v, axis=0) for k, v in parts.items()}
+
+
+def _sum_of_squares(x: Any) -> Any:
     if keras.backend.backend() == "tensorflow" and x.shape[0] == 1:
         import tensorflow as tf
 
         # L2Loss is one pass with no temporary, and compiles under XLA.
-        return ops.sqrt(2.0 * tf.nn.l2_loss(x))[None]
-    return ops.sqrt(ops.sum(ops.square(x), axis=1))
-
-
-def _fast_group(x: Any, norm: Any, stats: tuple[str, ...]) -> dict[str, Any]:
-    """The stats of rows that are all finite: one pass per reduction."""
-    n = float(x.shape[1])
-    wanted = set(stats)
-    cols: dict[str, Any] = {"norm": norm}
-    if wanted & {"mean", "std"}:
-        cols["mean"] = ops.sum(x, axis=1) / n
-    if "std" in wanted:
-        mean = cols["mean"]
-        var = ops.maximum(ops.square(norm) / n - ops.square(mean), 0.0)
-        # The one-pass variance cancels badly when the mean dominates; then take
-        # the second pass, for this group and only on such steps.
-        cols["std"] = ops.cond(
-            ops.any(ops.square(mean) > 4.0 * var),
-            lambda: ops.sqrt(ops.mean(ops.square(x - mean[:, None]), axis=1)),
-            lambda: ops.sqrt(var),
-        )
-    if wanted & {"min", "abs_max"}:
-        cols["min"] = ops.min(x, axis=1)
-    if wanted & {"max", "abs_max"}:
-        cols["max"] = ops.max(x, axis=1)
-    if "abs_max" in wanted:
-        cols["abs_max"] = ops.maximum(ops.abs(cols["min"]), ops.abs(cols["max"]))
-    if "nonfinite" in wanted:
-        cols["nonfinite"] = ops.zeros_like(norm)
-    if "zero_frac" in wanted:
-        cols["zero_frac"] = ops.sum(ops.cast(ops.equal(x, 0.0), "float32"), axis=1) / n
-    return cols
+        return ops.reshape(2.0 * tf.nn.l2_loss(x), (1,))
+    return ops.sum(ops.square(x), axis=1)
 
 
 def _exact_group(x: Any) -> dict[str, Any]:
@@ -235,12 +270,12 @@ def _exact_group(x: Any) -> dict[str, Any]:
 _EMPTY = {"norm": 0.0, "nonfinite": 0.0}
 
 
-def _assemble(parts, constant_rows: dict[int, str], stats: tuple[str, ...], n_rows: int) -> Any:
-    """Stacks the groups' columns and the constant rows into `(n_rows, n_stats)`, in order."""
-    blocks, order = [], []
-    for (rows, _), cols in parts:
-        blocks.append(ops.stack([cols[name] for name in stats], axis=1))
-        order.extend(rows)
+def _assemble(
+    table: Any, order: list[int], constant_rows: dict[int, str], stats: tuple[str, ...], n_rows: int
+) -> Any:
+    """Adds the constant rows to `table` (rows in `order`) and puts all rows in order."""
+    blocks = [] if table is None else [table]
+    order = list(order)
     for i, kind in constant_rows.items():
         values = [math.nan if kind == "none" else _EMPTY.get(n, math.nan) for n in stats]
         blocks.append(ops.convert_to_tensor(np.asarray([values], dtype="float32")))
