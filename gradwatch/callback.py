@@ -17,7 +17,7 @@ import tensorflow as tf
 from gradwatch.buffer import GradientBuffer
 from gradwatch.keys import check_patterns, match_patterns, variable_keys
 from gradwatch.log import GradientLog
-from gradwatch.mixin import GradWatchMixin, model_state
+from gradwatch.mixin import GradWatchMixin, gate_next_step, model_state, setup_gate
 from gradwatch.stats import (
     DEFAULT_BINS_PER_DECADE,
     DEFAULT_STATS,
@@ -131,6 +131,8 @@ class GradWatch(keras.callbacks.Callback):
             state.watches.append(self)
             state.traced_with = tuple(state.watches)
             model.make_train_function(force=True)
+        if state.watches[0] is self:
+            setup_gate(model)
         self._since_drain = 0
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
@@ -148,6 +150,14 @@ class GradWatch(keras.callbacks.Callback):
             if (self._since_drain + 1) * spe > self._buffer.capacity:
                 self._drain()
         self._since_drain += 1
+        if model_state(self.model).watches[0] is self:
+            gate_next_step(self.model)
+
+    def _wants(self, step: int) -> bool:
+        """Whether the step needs capture: recorded, or kept for the next `cos_prev`."""
+        if step % self.every == 0:
+            return True
+        return "cos_prev" in self.stats and (step + 1) % self.every == 0
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self._drain()

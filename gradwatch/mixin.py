@@ -23,6 +23,16 @@ class _ModelState:
         self.watches: list[Any] = []  # attached GradWatch callbacks
         # The watches that the current train function was (or will be) traced with.
         self.traced_with: tuple[Any, ...] = ()
+        # False while a train function traced without capture runs (see `gate`).
+        self.capturing = True
+        # Host-side gating for `every > 1`: (with capture, without, traced_with).
+        self.gate: tuple[Any, Any, tuple[Any, ...]] | None = None
+        self.next_step = 0  # host's count of the next step, while gating
+
+    @property
+    def active(self) -> list[Any]:
+        """The watches that the step being traced records for."""
+        return self.watches if self.capturing else []
 
 
 def model_state(model: Any) -> _ModelState:
@@ -83,7 +93,7 @@ def _step_counter(model: Any) -> tf.Variable:
 def _commit(model: Any, scope: _StepScope) -> None:
     counter = _step_counter(model)
     step = counter.read_value()
-    watches = model_state(model).watches
+    watches = model_state(model).active
     if watches and not scope.grads:
         warnings.warn(
             f"The `train_step` of {type(model).__name__} recorded no gradients, so GradWatch "
@@ -190,7 +200,7 @@ class GradWatchMixin:
 
     @_counted
     def train_step(self, data: Any) -> Any:
-        if not model_state(self).watches or keras.backend.backend() != "tensorflow":
+        if not model_state(self).active or keras.backend.backend() != "tensorflow":
             return super().train_step(data)
         with _ApplyInterceptor(self.optimizer, self):
             return super().train_step(data)
@@ -262,7 +272,7 @@ class GradWatchMixin:
                 "`record_gradients` records for the step being run, so call it inside "
                 f"`train_step` of {type(self).__name__}, during `fit` or `train_on_batch`."
             )
-        watches = model_state(self).watches
+        watches = model_state(self).active
         if not watches:
             return
         keep_weights = any(w._needs_weights for w in watches)
@@ -329,3 +339,53 @@ def _watches_in(callbacks: Any) -> tuple[Any, ...]:
     """The GradWatch callbacks in a list or CallbackList, in order, without repeats."""
     items = getattr(callbacks, "callbacks", callbacks) or []
     return tuple(dict.fromkeys(c for c in items if hasattr(c, "_capture")))
+
+
+def _with_capture(state: _ModelState, fn: Any, capturing: bool) -> Any:
+    """A train function that traces (and runs) with capture on or off."""
+
+    def train_function(iterator: Any) -> Any:
+        state.capturing = capturing
+        try:
+            return fn(iterator)
+        finally:
+            state.capturing = True
+
+    return train_function
+
+
+def setup_gate(model: Any) -> None:
+    """Prepares host-side gating when no attached watch records every step.
+
+    With `steps_per_execution=1` the host knows which step runs next, so steps
+    that no watch records run a train function traced without capture: they pay
+    nothing, not even a branch. Called at the start of training.
+    """
+    state = model_state(model)
+    spe = int(model.steps_per_execution)
+    if spe != 1 or not state.watches or any(w.every == 1 for w in state.watches):
+        state.gate = None
+        return
+    if state.gate is None or state.gate[2] != state.traced_with:
+        if model.train_function is None:
+            model.make_train_function()
+        with_capture = model.train_function
+        model.make_train_function(force=True)
+        without = model.train_function
+        state.gate = (
+            _with_capture(state, with_capture, True),
+            _with_capture(state, without, False),
+            state.traced_with,
+        )
+    state.next_step = 0 if state.counter is None else int(state.counter.numpy())
+
+
+def gate_next_step(model: Any) -> None:
+    """Before an execution: picks the train function for the step about to run."""
+    state = model_state(model)
+    if state.gate is None:
+        return
+    step = state.next_step
+    state.next_step += 1
+    wanted = any(w._wants(step) for w in state.watches)
+    model.train_function = state.gate[0] if wanted else state.gate[1]

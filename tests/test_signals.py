@@ -33,8 +33,9 @@ def _reference_bins(g, bins_per_decade):
     return np.bincount(out, minlength=2 * k + 2)
 
 
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
 @pytest.mark.parametrize("bins_per_decade", [1, 4, 7])
-def test_histogram_counts_match_reference_binning(bins_per_decade):
+def test_histogram_counts_match_reference_binning(bins_per_decade, mode):
     rng = np.random.default_rng(bins_per_decade)
     edges = (10.0 ** (-12 + np.arange(16 * bins_per_decade + 1) / bins_per_decade)).astype(
         np.float32
@@ -47,10 +48,16 @@ def test_histogram_counts_match_reference_binning(bins_per_decade):
         special,
         np.zeros((0,), np.float32),
     ]
-    counts = np.asarray(compute_histograms(tensors, bins_per_decade))
-    for row, t in zip(counts, tensors, strict=True):
-        np.testing.assert_array_equal(row, _reference_bins(t, bins_per_decade))
-        assert row.sum() == t.size  # every element in exactly one bin
+    run = lambda ts: compute_histograms(ts, bins_per_decade)  # noqa: E731
+    if mode != "eager":
+        run = tf.function(run, jit_compile=mode == "xla")
+    # All together (one has NaN: the exact path), and each alone (finite: the fast path).
+    batches = [tensors] + [[t] for t in tensors]
+    for batch in batches:
+        counts = np.asarray(run([tf.constant(t) for t in batch]))
+        for row, t in zip(counts, batch, strict=True):
+            np.testing.assert_array_equal(row, _reference_bins(t, bins_per_decade))
+            assert row.sum() == t.size  # every element in exactly one bin
 
 
 def test_histogram_bins_are_documented_edges():
