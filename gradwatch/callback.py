@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from gradwatch import io
 from gradwatch.buffer import GradientBuffer
 from gradwatch.keys import check_patterns, match_patterns, variable_keys
 from gradwatch.log import GradientLog
@@ -70,6 +73,12 @@ class GradWatch(keras.callbacks.Callback):
             gradient at each recorded step: `True` for 4 bins per decade of
             |g|, or a number of bins per decade. See
             `gradwatch.stats.histogram_bins` for the bins. Defaults to `False`.
+        path: Stream the log to this directory while training runs, as a
+            Parquet dataset of `part-*.parquet` files that `gradwatch.read_log`,
+            `pyarrow.dataset` or any Parquet reader can read. Memory then holds
+            at most about `flush_every` steps. Defaults to `None` (memory only).
+        flush_every: With `path`, write a part every this many recorded
+            steps, and at the end of training. Defaults to `1000`.
 
     The stats `weight_norm`, `update_norm` and `update_ratio` keep a copy of
     the selected weights from before the update, and `cos_prev` keeps the
@@ -95,6 +104,8 @@ class GradWatch(keras.callbacks.Callback):
         values: str | re.Pattern | Sequence[str | re.Pattern] | None = None,
         every: int = 1,
         histogram: bool | int = False,
+        path: str | os.PathLike | None = None,
+        flush_every: int = 1000,
     ):
         super().__init__()
         self.variables = check_patterns(variables, "variables")
@@ -106,7 +117,25 @@ class GradWatch(keras.callbacks.Callback):
             raise ValueError(f"`every` must be an integer >= 1. Received: every={every!r}")
         self.every = int(every)
         self.histogram = _check_histogram(histogram)
-        self.log = GradientLog(self.stats, bins_per_decade=self.histogram or None)
+        self._log = GradientLog(self.stats, bins_per_decade=self.histogram or None)
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise TypeError(
+                "`path` must be a directory path (str or os.PathLike), or None. "
+                f"Received: path={path!r}"
+            )
+        self.path = None if path is None else Path(path)
+        if isinstance(flush_every, bool) or not isinstance(flush_every, (int, np.integer)):
+            raise TypeError(
+                f"`flush_every` must be an integer >= 1. Received: flush_every={flush_every!r}"
+            )
+        if flush_every < 1:
+            raise ValueError(
+                f"`flush_every` must be an integer >= 1. Received: flush_every={flush_every!r}"
+            )
+        self.flush_every = int(flush_every)
+        self._pending = 0  # recorded steps not yet written to `path`
+        self._write_failed = False
+        self._read_cache: tuple[int, GradientLog] | None = None
         self._needs_weights = any(s in UPDATE_STATS for s in self.stats)
         self._model_ref: weakref.ref | None = None
         self._plan: _Plan | None = None
@@ -115,10 +144,25 @@ class GradWatch(keras.callbacks.Callback):
         self._epoch_start = 0
         self._since_drain = 0
 
+    @property
+    def log(self) -> GradientLog:
+        """The recorded history. With `path`, what was written there plus what was not yet."""
+        if self.path is None or self._write_failed:
+            return self._log
+        self._flush()
+        if self._write_failed or not io.part_files(self.path):
+            return self._log
+        n_parts = len(io.part_files(self.path))
+        if self._read_cache is None or self._read_cache[0] != n_parts:
+            self._read_cache = (n_parts, io.read_log(self.path))
+        return self._read_cache[1]
+
     # ------------------------------------------------------------- host side
     def on_train_begin(self, logs: dict | None = None) -> None:
         model = self.model
         _check_model(model)
+        if self.path is not None:
+            self._prepare_path()
         if self._model_ref is not None and self._model_ref() is not model:
             raise ValueError(
                 "This GradWatch already records another model, and one log holds one "
@@ -147,7 +191,10 @@ class GradWatch(keras.callbacks.Callback):
         # runs training asynchronously only while no callback overrides it.)
         if self._buffer is not None:
             spe = int(self.model.steps_per_execution)
-            if (self._since_drain + 1) * spe > self._buffer.capacity:
+            limit = self._buffer.capacity
+            if self.path is not None:  # drain in time to write a part every flush_every
+                limit = min(limit, max(self.flush_every - self._pending, spe))
+            if (self._since_drain + 1) * spe > limit:
                 self._drain()
         self._since_drain += 1
         if model_state(self.model).watches[0] is self:
@@ -170,6 +217,7 @@ class GradWatch(keras.callbacks.Callback):
         state = model_state(model)
         try:
             self._drain()
+            self._flush()
         finally:
             if self in state.watches:
                 state.watches.remove(self)
@@ -190,7 +238,7 @@ class GradWatch(keras.callbacks.Callback):
         if k == 0:
             return
         values = np.concatenate(out.values, axis=1) if out.values else np.zeros((k, 0), np.float32)
-        self.log._append(
+        self._log._append(
             out.steps,
             np.full(k, self._epoch, np.int64),
             out.steps - self._epoch_start,
@@ -200,6 +248,50 @@ class GradWatch(keras.callbacks.Callback):
             values,
             hist=out.hist,
         )
+        self._pending += k
+        if self.path is not None and self._pending >= self.flush_every:
+            self._flush()
+
+    def _prepare_path(self) -> None:
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise ValueError(
+                f"`path` must be a directory for the streamed log, but '{path}' is a file. "
+                "Choose a directory path."
+            )
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(f"Cannot create the log directory '{path}': {e.strerror or e}.") from e
+        meta = io.streamed_metadata(path)
+        if meta is not None and (
+            meta["stats"] != list(self.stats)
+            or meta.get("bins_per_decade") != (self.histogram or None)
+        ):
+            raise ValueError(
+                f"'{path}' already holds a gradwatch log with stats={meta['stats']} and "
+                f"histogram bins per decade {meta.get('bins_per_decade')}, which this GradWatch "
+                f"(stats={list(self.stats)}, histogram={self.histogram or None}) cannot continue. "
+                "Use another `path`, or the same stats to append to it."
+            )
+
+    def _flush(self) -> None:
+        """Writes the steps held in memory as the next part under `path`, then forgets them."""
+        if self.path is None or self._write_failed or not len(self._log):
+            return
+        try:
+            io.append_part(self._log, self.path)
+        except OSError as e:
+            # Training goes on; the in-memory log keeps every step from here on.
+            self._write_failed = True
+            warnings.warn(
+                f"GradWatch could not write to '{self.path}' ({e}); it keeps recording in "
+                "memory only, and `watch.log` holds every step not written before.",
+                stacklevel=2,
+            )
+            return
+        self._log._clear_blocks()
+        self._pending = 0
 
     # ----------------------------------------------------- inside the step
     def _capture(self, model: Any, step: Any, records: dict[int, tuple]) -> None:
@@ -315,7 +407,7 @@ class GradWatch(keras.callbacks.Callback):
         codes = dict(
             zip(
                 used,
-                self.log._add_variables(
+                self._log._add_variables(
                     [keys[i] for i in used], [tuple(variables[i].shape) for i in used]
                 ),
                 strict=True,

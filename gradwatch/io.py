@@ -154,11 +154,40 @@ def write_parquet(log: GradientLog, path: Any) -> None:
     _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
+PART_PREFIX = "part-"
+
+
+def part_files(directory: Path) -> list[Path]:
+    """The part files of a streamed log directory, in writing order."""
+    return sorted(directory.glob(f"{PART_PREFIX}*.parquet"))
+
+
+def append_part(log: GradientLog, directory: Path) -> Path:
+    """Writes the steps held in `log` as the next part file of a streamed log.
+
+    Each part is a complete Parquet file with the log's metadata, written
+    through a temporary file and renamed, so a crash never leaves half a part.
+    """
+    parts = part_files(directory)
+    number = int(parts[-1].stem[len(PART_PREFIX) :]) + 1 if parts else 0
+    target = directory / f"{PART_PREFIX}{number:06d}.parquet"
+    write_parquet(log, target)
+    return target
+
+
+def streamed_metadata(directory: Path) -> dict | None:
+    """The metadata of the newest part of a streamed log, or None if it has none."""
+    parts = part_files(directory)
+    return _read_parquet(parts[-1], table=False)[0] if parts else None
+
+
 def read_log(path: Any) -> GradientLog:
-    """Reads a log written by `GradientLog.to_csv` or `GradientLog.to_parquet`.
+    """Reads a log written by `GradientLog.to_csv`, `GradientLog.to_parquet` or streamed
+    by `GradWatch(path=...)`.
 
     Args:
-        path: The file. Its format is told by its content, not its name.
+        path: A file, whose format is told by its content, not its name; or the
+            directory of a streamed log (its `part-*.parquet` files).
 
     Returns:
         A `GradientLog` equal to the one written.
@@ -181,6 +210,8 @@ def read_log(path: Any) -> GradientLog:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"No gradwatch log at '{path}': the file does not exist.")
+    if path.is_dir():
+        return _read_streamed(path)
     with open(path, "rb") as f:
         head = f.read(4)
     if head == b"PAR1":
@@ -190,7 +221,29 @@ def read_log(path: Any) -> GradientLog:
     return _from_table(path, meta, table)
 
 
-def _read_parquet(path: Path) -> tuple[dict, pd.DataFrame]:
+def _read_streamed(directory: Path) -> GradientLog:
+    parts = part_files(directory)
+    if not parts:
+        raise ValueError(
+            f"'{directory}' is a directory with no gradwatch part files ({PART_PREFIX}*.parquet). "
+            "Pass a log file, or the directory given to GradWatch(path=...)."
+        )
+    metas, tables = zip(*(_read_parquet(p) for p in parts), strict=True)
+    meta = dict(metas[-1])  # variables only grow, so the newest part names them all
+    for p, m in zip(parts, metas, strict=True):
+        if m["stats"] != meta["stats"] or m.get("bins_per_decade") != meta.get("bins_per_decade"):
+            raise ValueError(
+                f"The part '{p}' records other stats than the newest part of '{directory}': "
+                f"{m['stats']} against {meta['stats']}. A streamed log holds one set of stats."
+            )
+        meta["shapes"] = {**m["shapes"], **meta["shapes"]}
+    table = pd.concat(
+        [t.astype({"variable": object, "stat": object}) for t in tables], ignore_index=True
+    )
+    return _from_table(directory, meta, table)
+
+
+def _read_parquet(path: Path, table: bool = True) -> tuple[dict, pd.DataFrame | None]:
     import pyarrow.parquet as pq
 
     try:
@@ -203,7 +256,8 @@ def _read_parquet(path: Path) -> tuple[dict, pd.DataFrame]:
             f"'{path}' is a Parquet file but not a gradwatch log: its schema has no "
             "'gradwatch' metadata. Write logs with `GradientLog.to_parquet`."
         )
-    return _parse_meta(path, raw.decode()), pq.read_table(path).to_pandas()
+    meta = _parse_meta(path, raw.decode())
+    return meta, pq.read_table(path).to_pandas() if table else None
 
 
 def _read_csv(path: Path) -> tuple[dict, pd.DataFrame]:

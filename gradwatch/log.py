@@ -139,6 +139,11 @@ class GradientLog:
             )
         self._cache.clear()
 
+    def _clear_blocks(self) -> None:
+        """Forgets the recorded steps (after they were written out); keeps the variables."""
+        self._blocks, self._hist_blocks, self._value_blocks = [], [], []
+        self._cache.clear()
+
     # ---------------------------------------------------------------- metadata
     @property
     def variables(self) -> list[str]:

@@ -1,0 +1,105 @@
+"""GradWatch(path=...): streaming the log to a Parquet dataset while training runs."""
+
+import shutil
+
+import keras
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+from models import data, pair
+
+import gradwatch
+
+
+def _fit(watch, epochs=5, n=400, spe=1):
+    x, y = data(n=n)
+    model, _ = pair()
+    model.compile(keras.optimizers.SGD(0.05), "mse", steps_per_execution=spe)
+    model.fit(x, y, batch_size=8, epochs=epochs, shuffle=False, callbacks=[watch], verbose=0)
+    return model
+
+
+@pytest.mark.parametrize("spe", [1, 4])
+def test_streamed_log_reads_back_equal_to_the_in_memory_log(tmp_path, spe):
+    kwargs = {"stats": ("norm", "max", "nonfinite"), "values": "out/bias", "histogram": 2}
+    memory = gradwatch.GradWatch(**kwargs)
+    _fit(memory, spe=spe)
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(1234)
+    streamed = gradwatch.GradWatch(**kwargs, path=tmp_path / "run", flush_every=60)
+    _fit(streamed, spe=spe)
+    assert len(memory.log) == 250
+    parts = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert len(parts) >= 4 and all(p.startswith("part-") for p in parts)
+    assert gradwatch.read_log(tmp_path / "run") == memory.log
+    assert streamed.log == memory.log
+    # Any Parquet reader sees one table over the parts.
+    table = ds.dataset(tmp_path / "run", format="parquet").to_table()
+    assert table.num_rows == len(memory.log.frame) + len(memory.log.values_frame) + len(
+        memory.log.histograms
+    )
+
+
+def test_streaming_keeps_memory_bounded(tmp_path):
+    watch = gradwatch.GradWatch(stats="norm", path=tmp_path / "run", flush_every=20)
+    held = []
+    probe = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: held.append(len(watch._log))
+    )
+    x, y = data(n=400)
+    model, _ = pair()
+    model.compile("sgd", "mse")
+    model.fit(x, y, batch_size=8, epochs=4, callbacks=[watch, probe], verbose=0)
+    assert max(held) < 20  # never more than one part's worth waits in memory
+    assert len(watch.log) == 200
+
+
+def test_streaming_appends_across_fits_and_watches(tmp_path):
+    x, y = data(n=40)
+    model, _ = pair()
+    model.compile("sgd", "mse")
+    first = gradwatch.GradWatch(stats="norm", path=tmp_path / "run", flush_every=3)
+    model.fit(x, y, batch_size=8, epochs=2, callbacks=[first], verbose=0)
+    model.fit(x, y, batch_size=8, epochs=1, callbacks=[first], verbose=0)
+    second = gradwatch.GradWatch(stats="norm", path=tmp_path / "run")
+    model.fit(x, y, batch_size=8, epochs=1, callbacks=[second], verbose=0)
+    np.testing.assert_array_equal(gradwatch.read_log(tmp_path / "run").steps, np.arange(20))
+    other = gradwatch.GradWatch(stats=("norm", "max"), path=tmp_path / "run")
+    with pytest.raises(ValueError, match=r"already holds a gradwatch log with stats=\['norm'\]"):
+        model.fit(x, y, batch_size=8, callbacks=[other], verbose=0)
+
+
+def test_failed_writes_warn_and_keep_every_step_in_memory(tmp_path):
+    target = tmp_path / "run"
+    watch = gradwatch.GradWatch(stats="norm", path=target, flush_every=5)
+    vandal = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: shutil.rmtree(target) if epoch == 0 else None
+    )
+    x, y = data(n=80)
+    model, _ = pair()
+    model.compile("sgd", "mse")
+    with pytest.warns(UserWarning, match=r"could not write to '.*run'.*keeps recording in memory"):
+        model.fit(x, y, batch_size=8, epochs=3, callbacks=[watch, vandal], verbose=0)
+    # Epoch 0 was written (and then deleted); epochs 1 and 2 are all in memory.
+    np.testing.assert_array_equal(watch.log.steps, np.arange(10, 30))
+
+
+def test_path_arguments_are_checked(tmp_path):
+    with pytest.raises(TypeError, match="Received: path=3"):
+        gradwatch.GradWatch(path=3)
+    with pytest.raises(ValueError, match="Received: flush_every=0"):
+        gradwatch.GradWatch(path=tmp_path, flush_every=0)
+    with pytest.raises(TypeError, match="Received: flush_every=2.5"):
+        gradwatch.GradWatch(path=tmp_path, flush_every=2.5)
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    x, y = data(n=8)
+    model, _ = pair()
+    model.compile("sgd", "mse")
+    with pytest.raises(ValueError, match="is a file"):
+        model.fit(x, y, callbacks=[gradwatch.GradWatch(path=afile)], verbose=0)
+
+
+def test_read_log_on_a_directory_without_parts(tmp_path):
+    with pytest.raises(ValueError, match="no gradwatch part files"):
+        gradwatch.read_log(tmp_path)
