@@ -151,7 +151,22 @@ def write_parquet(log: GradientLog, path: Any) -> None:
     meta = dict(table.schema.metadata or {})
     meta[b"gradwatch"] = json.dumps(_metadata(log)).encode()
     table = table.replace_schema_metadata(meta)
-    _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    _atomic_write(path, lambda tmp: pq.write_table(table, tmp, **_PARQUET_OPTIONS))
+
+
+# Compact on disk: dictionary-encoded names, delta-encoded integer columns (steps
+# run in order, so deltas are small), byte-stream-split floats, zstd.
+_PARQUET_OPTIONS: dict[str, Any] = {
+    "compression": "zstd",
+    "use_dictionary": ["variable", "stat"],
+    "column_encoding": {
+        "step": "DELTA_BINARY_PACKED",
+        "epoch": "DELTA_BINARY_PACKED",
+        "batch": "DELTA_BINARY_PACKED",
+        "index": "DELTA_BINARY_PACKED",
+        "value": "BYTE_STREAM_SPLIT",
+    },
+}
 
 
 PART_PREFIX = "part-"

@@ -89,7 +89,7 @@ def test_path_arguments_are_checked(tmp_path):
         gradwatch.GradWatch(path=3)
     with pytest.raises(ValueError, match="Received: flush_every=0"):
         gradwatch.GradWatch(path=tmp_path, flush_every=0)
-    with pytest.raises(TypeError, match="Received: flush_every=2.5"):
+    with pytest.raises(TypeError, match=r"Received: flush_every=2\.5"):
         gradwatch.GradWatch(path=tmp_path, flush_every=2.5)
     afile = tmp_path / "file"
     afile.write_text("x")

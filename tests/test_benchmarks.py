@@ -1,0 +1,38 @@
+"""The benchmarks' smoke mode: the harness runs end to end (timings are not checked here)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(script, tmp_path, *args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = tmp_path / "table.md"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out.read_text()
+
+
+def test_overhead_benchmark_smoke(tmp_path):
+    table = _run("overhead.py", tmp_path, "--only", "mlp")
+    rows = [line for line in table.splitlines() if line.startswith("| mlp")]
+    assert len(rows) == 4
+    for row in rows:
+        ratio = float(re.search(r"\| ([0-9.]+)x \|$", row).group(1))
+        assert ratio > 0
+
+
+def test_memory_benchmark_smoke(tmp_path):
+    table = _run("memory.py", tmp_path)
+    assert "| RAM bytes per value |" in table
+    assert "| parts written | 1 |" in table
