@@ -376,26 +376,21 @@ class GradientLog:
         ```
         """
         key = self.key(variable)
-        code = self._codes[key]
-        kept = False
-        for b in self._value_blocks:
-            hit = np.nonzero(b.codes == code)[0]
-            if not len(hit):
-                continue
-            kept = True
-            rows = np.nonzero(b.steps == step)[0]
-            if len(rows):
-                sizes = [self._size(self._variables[c]) for c in b.codes]
-                start = int(sum(sizes[: hit[0]]))
-                flat = b.data[rows[0], start : start + sizes[hit[0]]]
-                return flat.reshape(self._shapes[key]).copy()
+        found, kept = _find(self._value_blocks, self._codes[key], step)
+        if found is not None:
+            b, col, row = found
+            sizes = [self._size(self._variables[c]) for c in b.codes]
+            start = int(sum(sizes[:col]))
+            return b.data[row, start : start + sizes[col]].reshape(self._shapes[key]).copy()
         if not kept:
             raise KeyError(
                 f"The gradient tensor of {key!r} was not kept; only its stats were "
                 f"recorded. Keep it with GradWatch(values={key!r}) (or a glob such as "
                 f"values='*'). Kept: {self.value_variables}"
             )
-        raise KeyError(f"Step {step!r} of {key!r} was not recorded. {self._range_text(code)}")
+        raise KeyError(
+            f"Step {step!r} of {key!r} was not recorded. {self._range_text(self._codes[key])}"
+        )
 
     def _range_text(self, code: int) -> str:
         steps = np.unique(
@@ -480,22 +475,11 @@ class GradientLog:
         """
         lo, hi, sign = self._bins()
         key = self.key(variable)
-        code = self._codes[key]
-        seen = False
-        for b in self._hist_blocks:
-            hit = np.nonzero(b.codes == code)[0]
-            if not len(hit):
-                continue
-            seen = True
-            rows = np.nonzero(b.steps == step)[0]
-            if len(rows):
-                cols = {
-                    "lo": [lo],
-                    "hi": [hi],
-                    "sign": [sign],
-                    "count": [b.data[rows[0], hit[0]].astype(np.int64)],
-                }
-                return self._hist_frame(cols)
+        found, seen = _find(self._hist_blocks, self._codes[key], step)
+        if found is not None:
+            b, col, row = found
+            counts = b.data[row, col].astype(np.int64)
+            return self._hist_frame({"lo": [lo], "hi": [hi], "sign": [sign], "count": [counts]})
         if not seen:
             raise KeyError(
                 f"No histogram of {key!r} was recorded: it is not among the variables "
@@ -660,6 +644,20 @@ class GradientLog:
         )
 
     __hash__ = None  # type: ignore[assignment]
+
+
+def _find(blocks: Sequence[Any], code: int, step: int) -> tuple[tuple | None, bool]:
+    """((block, column of the variable, row of the step) or None, whether any block has it)."""
+    seen = False
+    for b in blocks:
+        cols = np.nonzero(b.codes == code)[0]
+        if not len(cols):
+            continue
+        seen = True
+        rows = np.nonzero(b.steps == step)[0]
+        if len(rows):
+            return (b, int(cols[0]), int(rows[0])), True
+    return None, seen
 
 
 def _step_mask(step: np.ndarray, steps: Any) -> np.ndarray:
