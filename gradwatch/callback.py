@@ -44,6 +44,7 @@ class _Plan:
 
     signature: tuple[int, ...]
     variables: list[Any]  # model.trainable_weights
+    keys: list[str]
     stat_index: list[int]
     value_index: list[int]
     stat_codes: np.ndarray  # codes in the log
@@ -79,6 +80,9 @@ class GradWatch(keras.callbacks.Callback):
             at most about `flush_every` steps. Defaults to `None` (memory only).
         flush_every: With `path`, write a part every this many recorded
             steps, and at the end of training. Defaults to `1000`.
+        max_value_elements: The largest variable (in elements) whose full
+            gradient `values` may keep; a larger match is a `ValueError` at the
+            start of training. Defaults to `1_000_000`.
 
     The stats `weight_norm`, `update_norm` and `update_ratio` keep a copy of
     the selected weights from before the update, and `cos_prev` keeps the
@@ -106,6 +110,7 @@ class GradWatch(keras.callbacks.Callback):
         histogram: bool | int = False,
         path: str | os.PathLike | None = None,
         flush_every: int = 1000,
+        max_value_elements: int = 1_000_000,
     ):
         super().__init__()
         self.variables = check_patterns(variables, "variables")
@@ -133,6 +138,19 @@ class GradWatch(keras.callbacks.Callback):
                 f"`flush_every` must be an integer >= 1. Received: flush_every={flush_every!r}"
             )
         self.flush_every = int(flush_every)
+        if isinstance(max_value_elements, bool) or not isinstance(
+            max_value_elements, (int, np.integer)
+        ):
+            raise TypeError(
+                "`max_value_elements` must be an integer >= 1. "
+                f"Received: max_value_elements={max_value_elements!r}"
+            )
+        if max_value_elements < 1:
+            raise ValueError(
+                "`max_value_elements` must be an integer >= 1. "
+                f"Received: max_value_elements={max_value_elements!r}"
+            )
+        self.max_value_elements = int(max_value_elements)
         self._pending = 0  # recorded steps not yet written to `path`
         self._write_failed = False
         self._read_cache: tuple[int, GradientLog] | None = None
@@ -308,6 +326,21 @@ class GradWatch(keras.callbacks.Callback):
                 )
         entries = [records.get(id(v)) for v in plan.variables]
         stat_vars = [plan.variables[i] for i in plan.stat_index]
+        # Known while tracing: variables whose gradient is None are disconnected.
+        # (A step that recorded nothing at all has warned about that instead.)
+        disconnected = [
+            plan.keys[i]
+            for i in dict.fromkeys(plan.stat_index + plan.value_index)
+            if records and (entries[i] is None or entries[i][1] is None)
+        ]
+        new = [k for k in disconnected if k not in self._log._disconnected]
+        if new:
+            self._log._disconnected.extend(new)
+            warnings.warn(
+                f"GradWatch: {new} have no gradient (they are not connected to the loss); "
+                "their stats are recorded as NaN. See `log.disconnected`.",
+                stacklevel=2,
+            )
 
         def gradient(i):
             entry = entries[i]
@@ -401,8 +434,28 @@ class GradWatch(keras.callbacks.Callback):
         value_keys = (
             set(match_patterns(self.values, keys, "values")) if self.values is not None else set()
         )
-        stat_index = [i for i, k in enumerate(keys) if k in stat_keys]
-        value_index = [i for i, k in enumerate(keys) if k in value_keys]
+        floats = [_is_float(v) for v in variables]
+        skipped = [k for k, f in zip(keys, floats, strict=True) if not f]
+        if skipped:
+            warnings.warn(
+                f"GradWatch skips the trainable variables {skipped}: they are not floating "
+                "point, so they have no gradient to record.",
+                stacklevel=2,
+            )
+        stat_index = [i for i, k in enumerate(keys) if k in stat_keys and floats[i]]
+        value_index = [i for i, k in enumerate(keys) if k in value_keys and floats[i]]
+        too_big = {
+            keys[i]: int(np.prod(variables[i].shape))
+            for i in value_index
+            if np.prod(variables[i].shape) > self.max_value_elements
+        }
+        if too_big:
+            raise ValueError(
+                f"`values` would keep the full gradient of {too_big} (elements), above "
+                f"max_value_elements={self.max_value_elements} per variable. Each kept "
+                "tensor costs its size in memory at every recorded step. Narrow `values`, "
+                "or raise the limit with GradWatch(max_value_elements=...)."
+            )
         used = sorted(set(stat_index) | set(value_index))
         codes = dict(
             zip(
@@ -416,6 +469,7 @@ class GradWatch(keras.callbacks.Callback):
         self._plan = _Plan(
             signature=signature,
             variables=variables,
+            keys=keys,
             stat_index=stat_index,
             value_index=value_index,
             stat_codes=np.asarray([codes[i] for i in stat_index], np.int32),
@@ -489,3 +543,7 @@ def _check_histogram(histogram: Any) -> int:
         "`histogram` must be True, False, or a number of bins per decade such as 8. "
         f"Received: histogram={histogram!r}"
     )
+
+
+def _is_float(variable: Any) -> bool:
+    return "float" in str(getattr(variable, "dtype", "float32"))

@@ -30,6 +30,7 @@ def _metadata(log: GradientLog) -> dict[str, Any]:
         "stats": list(log.stat_names),
         "shapes": {k: list(v) for k, v in log.shapes.items()},
         "bins_per_decade": log.bins_per_decade,
+        "disconnected": log.disconnected,
     }
 
 
@@ -328,6 +329,7 @@ def _from_table(path: Path, meta: dict, table: pd.DataFrame) -> GradientLog:
     bins = meta.get("bins_per_decade")
     log = GradientLog(stats, bins_per_decade=bins)
     log._add_variables(variables, [meta["shapes"].get(k, ()) for k in variables])
+    log._disconnected = [k for k in meta.get("disconnected", []) if k in variables]
     codes = {k: i for i, k in enumerate(variables)}
     stat_codes = {s: i for i, s in enumerate(stats)}
     var = table["variable"].astype(object).to_numpy()

@@ -79,6 +79,7 @@ class GradientLog:
         self._stats = tuple(stats)
         self._bins_per_decade = bins_per_decade
         self._hist_blocks: list[_StatBlock] = []
+        self._disconnected: list[str] = []
         self._variables: list[str] = []
         self._codes: dict[str, int] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
@@ -169,6 +170,14 @@ class GradientLog:
                 np.unique(np.concatenate(parts)) if parts else np.zeros((0,), np.int64)
             )
         return self._cache["steps"]
+
+    @property
+    def disconnected(self) -> list[str]:
+        """Keys of the watched variables that had no gradient (not connected to the loss).
+
+        Their stats are recorded as NaN.
+        """
+        return list(self._disconnected)
 
     @property
     def bins_per_decade(self) -> int | None:
@@ -636,6 +645,7 @@ class GradientLog:
         return (
             self._stats == other._stats
             and self._bins_per_decade == other._bins_per_decade
+            and self._disconnected == other._disconnected
             and self._variables == other._variables
             and self._shapes == other._shapes
             and self.frame.equals(other.frame)
