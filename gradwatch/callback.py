@@ -10,7 +10,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import keras
 import numpy as np
@@ -34,6 +34,8 @@ from gradwatch.stats import (
     compute_stats,
 )
 
+Policy = Literal["ignore", "warn", "stop", "raise"]
+_POLICIES = ("ignore", "warn", "stop", "raise")
 _SLOTS = 256  # ring-buffer slots when memory allows; drained every ~_SLOTS steps
 _BUFFER_BYTES = 64 * 2**20  # cap on one buffer's size when full tensors are kept
 
@@ -49,6 +51,22 @@ class _Plan:
     value_index: list[int]
     stat_codes: np.ndarray  # codes in the log
     value_codes: np.ndarray
+
+
+class _Alarm:
+    """Device variables for the checks run at every step: how many steps tripped each
+    check, and the first such step with its per-variable values."""
+
+    def __init__(self, n: int):
+        def var(value, dtype, name):
+            return tf.Variable(value, dtype=dtype, trainable=False, name=name)
+
+        self.nonfinite_n = var(0, tf.int64, "gradwatch_nonfinite_n")
+        self.nonfinite_step = var(-1, tf.int64, "gradwatch_nonfinite_step")
+        self.nonfinite_counts = var(tf.zeros([n]), tf.float32, "gradwatch_nonfinite_counts")
+        self.threshold_n = var(0, tf.int64, "gradwatch_threshold_n")
+        self.threshold_step = var(-1, tf.int64, "gradwatch_threshold_step")
+        self.threshold_norms = var(tf.zeros([n]), tf.float32, "gradwatch_threshold_norms")
 
 
 class GradWatch(keras.callbacks.Callback):
@@ -83,6 +101,18 @@ class GradWatch(keras.callbacks.Callback):
         max_value_elements: The largest variable (in elements) whose full
             gradient `values` may keep; a larger match is a `ValueError` at the
             start of training. Defaults to `1_000_000`.
+        on_nonfinite: What to do when a watched gradient has a NaN or Inf:
+            `"ignore"`, `"warn"` (one warning naming the first step and the
+            variables, with counts), `"stop"` (set `model.stop_training`; the
+            log is kept) or `"raise"` (a `FloatingPointError`, after the log is
+            written out). Checked at every step, also with `every > 1`.
+            Defaults to `"warn"`.
+        max_norm: Alert when a watched variable's gradient norm exceeds this.
+            Defaults to `None` (no check).
+        min_norm: Alert when a watched variable's gradient norm falls below
+            this (vanishing). Defaults to `None` (no check).
+        on_threshold: The policy for `max_norm` and `min_norm`, as
+            `on_nonfinite`. Defaults to `"warn"`.
 
     The stats `weight_norm`, `update_norm` and `update_ratio` keep a copy of
     the selected weights from before the update, and `cos_prev` keeps the
@@ -111,6 +141,10 @@ class GradWatch(keras.callbacks.Callback):
         path: str | os.PathLike | None = None,
         flush_every: int = 1000,
         max_value_elements: int = 1_000_000,
+        on_nonfinite: Policy = "warn",
+        max_norm: float | None = None,
+        min_norm: float | None = None,
+        on_threshold: Policy = "warn",
     ):
         super().__init__()
         self.variables = check_patterns(variables, "variables")
@@ -151,6 +185,27 @@ class GradWatch(keras.callbacks.Callback):
                 f"Received: max_value_elements={max_value_elements!r}"
             )
         self.max_value_elements = int(max_value_elements)
+        self.on_nonfinite = _check_policy(on_nonfinite, "on_nonfinite")
+        self.on_threshold = _check_policy(on_threshold, "on_threshold")
+        for arg, value in (("max_norm", max_norm), ("min_norm", min_norm)):
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float, np.floating))
+                or not value >= 0
+            ):
+                raise ValueError(
+                    f"`{arg}` must be a number >= 0, or None. Received: {arg}={value!r}"
+                )
+        self.max_norm = None if max_norm is None else float(max_norm)
+        self.min_norm = None if min_norm is None else float(min_norm)
+        self._thresholds = self.max_norm is not None or self.min_norm is not None
+        # Checks that run at every step, also those `every` skips.
+        self._checks = self.on_nonfinite != "ignore" or (
+            self._thresholds and self.on_threshold != "ignore"
+        )
+        self._alarm: _Alarm | None = None
+        self._alarm_seen = {"nonfinite": 0, "threshold": 0}
+        self._error: FloatingPointError | None = None
         self._pending = 0  # recorded steps not yet written to `path`
         self._write_failed = False
         self._read_cache: tuple[int, GradientLog] | None = None
@@ -203,6 +258,7 @@ class GradWatch(keras.callbacks.Callback):
         self._epoch_start = 0 if counter is None else int(counter.numpy())
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        self._raise_if_alarmed()
         # Called once per execution of `steps_per_execution` steps, on the main
         # thread, before it runs: drain now if the coming execution could
         # overwrite slots not yet copied out. (Not `on_train_batch_end`: Keras
@@ -226,9 +282,13 @@ class GradWatch(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self._drain()
+        self._poll_alarm()
+        self._raise_if_alarmed()
 
     def on_train_end(self, logs: dict | None = None) -> None:
+        self._poll_alarm()
         self._release(self.model)
+        self._raise_if_alarmed()
 
     def _release(self, model: Any) -> None:
         """Drains what is left and detaches from the model; safe to call twice."""
@@ -266,6 +326,28 @@ class GradWatch(keras.callbacks.Callback):
             values,
             hist=out.hist,
         )
+        if "nonfinite" in self.stats:  # every recorded step with NaN/Inf is an alert
+            j = self.stats.index("nonfinite")
+            keys = [plan.keys[i] for i in plan.stat_index]
+            step_i, var_i = np.nonzero(out.stats[:, :, j] > 0)
+            self._log._add_alerts(
+                [
+                    (int(out.steps[a]), keys[b], "nonfinite", float(out.stats[a, b, j]))
+                    for a, b in zip(step_i, var_i, strict=True)
+                ]
+            )
+        if self._thresholds and "norm" in self.stats:
+            j = self.stats.index("norm")
+            keys = [plan.keys[i] for i in plan.stat_index]
+            beyond = np.vectorize(self._beyond, otypes=[bool])(out.stats[:, :, j])
+            step_i, var_i = np.nonzero(beyond)
+            self._log._add_alerts(
+                [
+                    (int(out.steps[a]), keys[b], self._kind(v), v)
+                    for a, b in zip(step_i, var_i, strict=True)
+                    for v in [float(out.stats[a, b, j])]
+                ]
+            )
         self._pending += k
         if self.path is not None and self._pending >= self.flush_every:
             self._flush()
@@ -424,6 +506,130 @@ class GradWatch(keras.callbacks.Callback):
             cols["cos_prev"] = tf.where(follows, cos, tf.constant(math.nan, tf.float32))
         return cols
 
+    # Keras may run `on_train_batch_end` on a worker thread; it only reads two
+    # counters there and sets flags, so training stays asynchronous.
+    async_safe = True
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self._poll_alarm()
+
+    def _poll_alarm(self) -> None:
+        alarm, plan = self._alarm, self._plan
+        if alarm is None or plan is None:
+            return
+        keys = [plan.keys[i] for i in plan.stat_index]
+        n_bad = int(alarm.nonfinite_n.numpy())
+        if n_bad > self._alarm_seen["nonfinite"]:
+            first = self._alarm_seen["nonfinite"] == 0
+            self._alarm_seen["nonfinite"] = n_bad
+            if first:
+                step = int(alarm.nonfinite_step.numpy())
+                counts = alarm.nonfinite_counts.numpy()
+                bad = {k: int(c) for k, c in zip(keys, counts, strict=True) if c > 0}
+                self._log._add_alerts([(step, k, "nonfinite", float(c)) for k, c in bad.items()])
+                skipped = isinstance(self.model.optimizer, keras.optimizers.LossScaleOptimizer)
+                note = " The LossScaleOptimizer skipped that update." if skipped else ""
+                self._act(
+                    self.on_nonfinite,
+                    f"Non-finite gradients at step {step}: {bad} (NaN/Inf element counts).{note}",
+                )
+        n_over = int(alarm.threshold_n.numpy())
+        if n_over > self._alarm_seen["threshold"]:
+            first = self._alarm_seen["threshold"] == 0
+            self._alarm_seen["threshold"] = n_over
+            if first:
+                step = int(alarm.threshold_step.numpy())
+                norms = dict(zip(keys, alarm.threshold_norms.numpy().tolist(), strict=True))
+                out = {k: v for k, v in norms.items() if self._beyond(v)}
+                self._log._add_alerts([(step, k, self._kind(v), v) for k, v in out.items()])
+                self._act(
+                    self.on_threshold,
+                    f"Gradient norms beyond max_norm={self.max_norm}/min_norm={self.min_norm} "
+                    f"at step {step}: {out}.",
+                )
+
+    def _beyond(self, norm: float) -> bool:
+        return (self.max_norm is not None and norm > self.max_norm) or (
+            self.min_norm is not None and norm < self.min_norm
+        )
+
+    def _kind(self, norm: float) -> str:
+        return "max_norm" if self.max_norm is not None and norm > self.max_norm else "min_norm"
+
+    def _act(self, policy: str, message: str) -> None:
+        if policy == "warn":
+            warnings.warn("GradWatch: " + message, stacklevel=2)
+        elif policy == "stop":
+            self.model.stop_training = True
+        elif policy == "raise":
+            self.model.stop_training = True
+            self._error = FloatingPointError("GradWatch: " + message)
+
+    def _raise_if_alarmed(self) -> None:
+        """On the main thread: write the log out, then raise a pending alarm."""
+        error, self._error = self._error, None
+        if error is not None:
+            self._drain()
+            self._flush()
+            raise error
+
+    def _check(self, model: Any, step: Any, records: dict[int, tuple]) -> None:
+        """Adds the every-step checks (non-finite, thresholds) to the step being traced."""
+        if not self._checks:
+            return
+        plan = self._plan_for(model)
+        if self._alarm is None:
+            with tf.init_scope():
+                self._alarm = _Alarm(len(plan.stat_index))
+        alarm = self._alarm
+        rows, grads = [], []
+        for j, i in enumerate(plan.stat_index):
+            entry = records.get(id(plan.variables[i]))
+            if entry is not None and entry[1] is not None:
+                g = tf.cast(entry[1], tf.float32)
+                rows.append(j)
+                grads.append(g if entry[2] is None else g / entry[2])
+        if not grads:
+            return
+        n = len(plan.stat_index)
+        index = tf.constant([[j] for j in rows], tf.int32)
+        sq = tf.stack([2.0 * tf.nn.l2_loss(g) for g in grads])
+
+        def note(n_var, step_var, values_var, values):
+            full = tf.scatter_nd(index, values, [n])
+            first = step_var.read_value() < 0
+            step_var.assign(tf.where(first, step, step_var.read_value()))
+            values_var.assign(tf.where(first, full, values_var.read_value()))
+            n_var.assign_add(1)
+            return tf.constant(True)
+
+        if self.on_nonfinite != "ignore":
+
+            def nonfinite():
+                counts = tf.stack(
+                    [
+                        tf.cast(tf.size(g), tf.float32)
+                        - tf.reduce_sum(tf.cast(tf.math.is_finite(g), tf.float32))
+                        for g in grads
+                    ]
+                )
+                return note(alarm.nonfinite_n, alarm.nonfinite_step, alarm.nonfinite_counts, counts)
+
+            bad = tf.reduce_any(tf.logical_not(tf.math.is_finite(sq)))
+            branch(bad, nonfinite, lambda: tf.constant(False))
+        if self._thresholds and self.on_threshold != "ignore":
+            norm = tf.sqrt(sq)
+            out = tf.zeros_like(norm, tf.bool)
+            if self.max_norm is not None:
+                out = out | (norm > self.max_norm)
+            if self.min_norm is not None:
+                out = out | (norm < self.min_norm)
+            branch(
+                tf.reduce_any(out),
+                lambda: note(alarm.threshold_n, alarm.threshold_step, alarm.threshold_norms, norm),
+                lambda: tf.constant(False),
+            )
+
     def _plan_for(self, model: Any) -> _Plan:
         variables = list(model.trainable_weights)
         signature = tuple(id(v) for v in variables)
@@ -547,3 +753,9 @@ def _check_histogram(histogram: Any) -> int:
 
 def _is_float(variable: Any) -> bool:
     return "float" in str(getattr(variable, "dtype", "float32"))
+
+
+def _check_policy(value: Any, arg: str) -> str:
+    if value not in _POLICIES:
+        raise ValueError(f"`{arg}` must be one of {list(_POLICIES)}. Received: {arg}={value!r}")
+    return value

@@ -31,6 +31,7 @@ def _metadata(log: GradientLog) -> dict[str, Any]:
         "shapes": {k: list(v) for k, v in log.shapes.items()},
         "bins_per_decade": log.bins_per_decade,
         "disconnected": log.disconnected,
+        "alerts": [[step, key, kind, value] for (step, key, kind), value in log._alerts.items()],
     }
 
 
@@ -330,6 +331,10 @@ def _from_table(path: Path, meta: dict, table: pd.DataFrame) -> GradientLog:
     log = GradientLog(stats, bins_per_decade=bins)
     log._add_variables(variables, [meta["shapes"].get(k, ()) for k in variables])
     log._disconnected = [k for k in meta.get("disconnected", []) if k in variables]
+    try:
+        log._add_alerts([tuple(a) for a in meta.get("alerts", [])])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"'{path}' has malformed alerts in its metadata: {e}") from e
     codes = {k: i for i, k in enumerate(variables)}
     stat_codes = {s: i for i, s in enumerate(stats)}
     var = table["variable"].astype(object).to_numpy()

@@ -80,6 +80,7 @@ class GradientLog:
         self._bins_per_decade = bins_per_decade
         self._hist_blocks: list[_StatBlock] = []
         self._disconnected: list[str] = []
+        self._alerts: dict[tuple[int, str, str], float] = {}
         self._variables: list[str] = []
         self._codes: dict[str, int] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
@@ -170,6 +171,45 @@ class GradientLog:
                 np.unique(np.concatenate(parts)) if parts else np.zeros((0,), np.int64)
             )
         return self._cache["steps"]
+
+    def _add_alerts(self, rows: Sequence[tuple[int, str, str, float]]) -> None:
+        for step, key, kind, value in rows:
+            self._alerts[(int(step), key, kind)] = float(value)
+
+    @property
+    def alerts(self) -> pd.DataFrame:
+        """Every alert: columns `step`, `variable`, `kind` and `value`, sorted by step.
+
+        `kind` is `"nonfinite"` (value: the number of NaN/Inf elements),
+        `"max_norm"` or `"min_norm"` (value: the norm). Recorded steps give every
+        alert; steps that `every` skips give the first alert of each kind.
+        """
+        rows = sorted(self._alerts.items(), key=lambda kv: kv[0])
+        return pd.DataFrame(
+            {
+                "step": np.asarray([k[0] for k, _ in rows], np.int64),
+                "variable": [k[1] for k, _ in rows],
+                "kind": [k[2] for k, _ in rows],
+                "value": np.asarray([v for _, v in rows], np.float64),
+            }
+        )
+
+    def first_nonfinite(self) -> tuple[int, list[str]] | None:
+        """The first step with a NaN or Inf gradient element and the variables that had one,
+        or `None`.
+
+        Example:
+
+        ```python
+        log.first_nonfinite()  # (1234, ['net/dense/kernel'])
+        ```
+        """
+        steps = [k[0] for k in self._alerts if k[2] == "nonfinite"]
+        if not steps:
+            return None
+        first = min(steps)
+        keys = {k[1] for k in self._alerts if k[2] == "nonfinite" and k[0] == first}
+        return first, [k for k in self._variables if k in keys]
 
     @property
     def disconnected(self) -> list[str]:
@@ -646,6 +686,7 @@ class GradientLog:
             self._stats == other._stats
             and self._bins_per_decade == other._bins_per_decade
             and self._disconnected == other._disconnected
+            and self._alerts == other._alerts
             and self._variables == other._variables
             and self._shapes == other._shapes
             and self.frame.equals(other.frame)

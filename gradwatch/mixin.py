@@ -34,6 +34,11 @@ class _ModelState:
         """The watches that the step being traced records for."""
         return self.watches if self.capturing else []
 
+    @property
+    def listening(self) -> list[Any]:
+        """The watches that see the step's gradients: recording ones, and alarms on every step."""
+        return [w for w in self.watches if self.capturing or w._checks]
+
 
 def model_state(model: Any) -> _ModelState:
     """The model's gradwatch state; a plain object so that saving never sees it."""
@@ -93,7 +98,8 @@ def _step_counter(model: Any) -> tf.Variable:
 def _commit(model: Any, scope: _StepScope) -> None:
     counter = _step_counter(model)
     step = counter.read_value()
-    watches = model_state(model).active
+    state = model_state(model)
+    watches = state.active
     if watches and not scope.grads:
         warnings.warn(
             f"The `train_step` of {type(model).__name__} recorded no gradients, so GradWatch "
@@ -101,6 +107,8 @@ def _commit(model: Any, scope: _StepScope) -> None:
             "`self.record_gradients(grads, variables)` with the gradients it applies.",
             stacklevel=2,
         )
+    for watch in state.listening:
+        watch._check(model, step, scope.grads)
     for watch in watches:
         watch._capture(model, step, scope.grads)
     counter.assign_add(1)
@@ -200,7 +208,7 @@ class GradWatchMixin:
 
     @_counted
     def train_step(self, data: Any) -> Any:
-        if not model_state(self).active or keras.backend.backend() != "tensorflow":
+        if not model_state(self).listening or keras.backend.backend() != "tensorflow":
             return super().train_step(data)
         with _ApplyInterceptor(self.optimizer, self):
             return super().train_step(data)
@@ -272,7 +280,7 @@ class GradWatchMixin:
                 "`record_gradients` records for the step being run, so call it inside "
                 f"`train_step` of {type(self).__name__}, during `fit` or `train_on_batch`."
             )
-        watches = model_state(self).active
+        watches = model_state(self).listening
         if not watches:
             return
         keep_weights = any(w._needs_weights for w in watches)
