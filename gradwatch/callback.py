@@ -32,6 +32,7 @@ from gradwatch.stats import (
     check_stats,
     compute_histograms,
     compute_stats,
+    sum_of_squares,
 )
 
 Policy = Literal["ignore", "warn", "stop", "raise"]
@@ -55,18 +56,17 @@ class _Plan:
 
 class _Alarm:
     """Device variables for the checks run at every step: how many steps tripped each
-    check, and the first such step with its per-variable values."""
+    check, and the first such step with each variable's sum of squares there."""
 
     def __init__(self, n: int):
         def var(value, dtype, name):
             return tf.Variable(value, dtype=dtype, trainable=False, name=name)
 
-        self.nonfinite_n = var(0, tf.int64, "gradwatch_nonfinite_n")
+        self.tripped = var([0, 0], tf.int64, "gradwatch_tripped")  # [nonfinite, threshold]
         self.nonfinite_step = var(-1, tf.int64, "gradwatch_nonfinite_step")
-        self.nonfinite_counts = var(tf.zeros([n]), tf.float32, "gradwatch_nonfinite_counts")
-        self.threshold_n = var(0, tf.int64, "gradwatch_threshold_n")
+        self.nonfinite_sq = var(tf.zeros([n]), tf.float32, "gradwatch_nonfinite_sq")
         self.threshold_step = var(-1, tf.int64, "gradwatch_threshold_step")
-        self.threshold_norms = var(tf.zeros([n]), tf.float32, "gradwatch_threshold_norms")
+        self.threshold_sq = var(tf.zeros([n]), tf.float32, "gradwatch_threshold_sq")
 
 
 class GradWatch(keras.callbacks.Callback):
@@ -206,6 +206,7 @@ class GradWatch(keras.callbacks.Callback):
         self._alarm: _Alarm | None = None
         self._alarm_seen = {"nonfinite": 0, "threshold": 0}
         self._error: FloatingPointError | None = None
+        self._alarm_pending: list[str] = []
         self._pending = 0  # recorded steps not yet written to `path`
         self._write_failed = False
         self._read_cache: tuple[int, GradientLog] | None = None
@@ -258,6 +259,7 @@ class GradWatch(keras.callbacks.Callback):
         self._epoch_start = 0 if counter is None else int(counter.numpy())
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        self._handle_alarms()
         self._raise_if_alarmed()
         # Called once per execution of `steps_per_execution` steps, on the main
         # thread, before it runs: drain now if the coming execution could
@@ -283,10 +285,12 @@ class GradWatch(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self._drain()
         self._poll_alarm()
+        self._handle_alarms()
         self._raise_if_alarmed()
 
     def on_train_end(self, logs: dict | None = None) -> None:
         self._poll_alarm()
+        self._handle_alarms()
         self._release(self.model)
         self._raise_if_alarmed()
 
@@ -514,39 +518,65 @@ class GradWatch(keras.callbacks.Callback):
         self._poll_alarm()
 
     def _poll_alarm(self) -> None:
+        """Reads the check counters (one small read). May run on Keras' worker thread, so
+        it only notes what tripped and sets `stop_training`; `_handle_alarms` does the rest."""
+        alarm = self._alarm
+        if alarm is None:
+            return
+        tripped = alarm.tripped.numpy()
+        for kind, n, policy in (
+            ("nonfinite", tripped[0], self.on_nonfinite),
+            ("threshold", tripped[1], self.on_threshold),
+        ):
+            if n and not self._alarm_seen[kind]:
+                self._alarm_seen[kind] = int(n)
+                self._alarm_pending.append(kind)
+                if policy in ("stop", "raise"):
+                    self.model.stop_training = True
+
+    def _handle_alarms(self) -> None:
+        """On the main thread: records the alerts noted by `_poll_alarm` and acts on them."""
         alarm, plan = self._alarm, self._plan
         if alarm is None or plan is None:
             return
         keys = [plan.keys[i] for i in plan.stat_index]
-        n_bad = int(alarm.nonfinite_n.numpy())
-        if n_bad > self._alarm_seen["nonfinite"]:
-            first = self._alarm_seen["nonfinite"] == 0
-            self._alarm_seen["nonfinite"] = n_bad
-            if first:
+        while self._alarm_pending:
+            kind = self._alarm_pending.pop(0)
+            if kind == "nonfinite":
                 step = int(alarm.nonfinite_step.numpy())
-                counts = alarm.nonfinite_counts.numpy()
-                bad = {k: int(c) for k, c in zip(keys, counts, strict=True) if c > 0}
-                self._log._add_alerts([(step, k, "nonfinite", float(c)) for k, c in bad.items()])
+                sq = alarm.nonfinite_sq.numpy()
+                bad = [k for k, v in zip(keys, sq, strict=True) if not np.isfinite(v)]
+                counts = self._nonfinite_counts(step, bad)
+                self._log._add_alerts([(step, k, "nonfinite", counts.get(k, np.nan)) for k in bad])
+                what = (
+                    f"{counts} (NaN/Inf element counts)"
+                    if counts
+                    else f"{bad} (record the `nonfinite` stat at that step for element counts)"
+                )
                 skipped = isinstance(self.model.optimizer, keras.optimizers.LossScaleOptimizer)
                 note = " The LossScaleOptimizer skipped that update." if skipped else ""
-                self._act(
-                    self.on_nonfinite,
-                    f"Non-finite gradients at step {step}: {bad} (NaN/Inf element counts).{note}",
-                )
-        n_over = int(alarm.threshold_n.numpy())
-        if n_over > self._alarm_seen["threshold"]:
-            first = self._alarm_seen["threshold"] == 0
-            self._alarm_seen["threshold"] = n_over
-            if first:
+                self._act(self.on_nonfinite, f"Non-finite gradients at step {step}: {what}.{note}")
+            else:
                 step = int(alarm.threshold_step.numpy())
-                norms = dict(zip(keys, alarm.threshold_norms.numpy().tolist(), strict=True))
-                out = {k: v for k, v in norms.items() if self._beyond(v)}
+                norms = np.sqrt(alarm.threshold_sq.numpy().astype(np.float64))
+                out = {k: float(v) for k, v in zip(keys, norms, strict=True) if self._beyond(v)}
                 self._log._add_alerts([(step, k, self._kind(v), v) for k, v in out.items()])
                 self._act(
                     self.on_threshold,
                     f"Gradient norms beyond max_norm={self.max_norm}/min_norm={self.min_norm} "
                     f"at step {step}: {out}.",
                 )
+
+    def _nonfinite_counts(self, step: int, keys: list[str]) -> dict[str, int]:
+        """The NaN/Inf counts of a step, from the recorded `nonfinite` stat where there is one."""
+        if "nonfinite" not in self.stats:
+            return {}
+        self._drain()  # the step may still sit in the device buffer
+        try:
+            row = self._log.stat("nonfinite").loc[step]
+        except KeyError:
+            return {}
+        return {k: int(row[k]) for k in keys if k in row.index and np.isfinite(row[k])}
 
     def _beyond(self, norm: float) -> bool:
         return (self.max_norm is not None and norm > self.max_norm) or (
@@ -559,10 +589,7 @@ class GradWatch(keras.callbacks.Callback):
     def _act(self, policy: str, message: str) -> None:
         if policy == "warn":
             warnings.warn("GradWatch: " + message, stacklevel=2)
-        elif policy == "stop":
-            self.model.stop_training = True
         elif policy == "raise":
-            self.model.stop_training = True
             self._error = FloatingPointError("GradWatch: " + message)
 
     def _raise_if_alarmed(self) -> None:
@@ -593,30 +620,18 @@ class GradWatch(keras.callbacks.Callback):
             return
         n = len(plan.stat_index)
         index = tf.constant([[j] for j in rows], tf.int32)
-        sq = tf.stack([2.0 * tf.nn.l2_loss(g) for g in grads])
-
-        def note(n_var, step_var, values_var, values):
-            full = tf.scatter_nd(index, values, [n])
-            first = step_var.read_value() < 0
-            step_var.assign(tf.where(first, step, step_var.read_value()))
-            values_var.assign(tf.where(first, full, values_var.read_value()))
-            n_var.assign_add(1)
-            return tf.constant(True)
-
+        # The same L2Loss ops as the stats kernel's, so that grappler computes them once.
+        sq = tf.scatter_nd(index, tf.stack([sum_of_squares(g) for g in grads]), [n])
+        tripped = []
+        # Branchless: a branch taking every gradient costs more than these few small ops.
         if self.on_nonfinite != "ignore":
-
-            def nonfinite():
-                counts = tf.stack(
-                    [
-                        tf.cast(tf.size(g), tf.float32)
-                        - tf.reduce_sum(tf.cast(tf.math.is_finite(g), tf.float32))
-                        for g in grads
-                    ]
-                )
-                return note(alarm.nonfinite_n, alarm.nonfinite_step, alarm.nonfinite_counts, counts)
-
             bad = tf.reduce_any(tf.logical_not(tf.math.is_finite(sq)))
-            branch(bad, nonfinite, lambda: tf.constant(False))
+            first = bad & (alarm.nonfinite_step.read_value() < 0)
+            alarm.nonfinite_step.assign(tf.where(first, step, alarm.nonfinite_step.read_value()))
+            alarm.nonfinite_sq.assign(tf.where(first, sq, alarm.nonfinite_sq.read_value()))
+            tripped.append(bad)
+        else:
+            tripped.append(tf.constant(False))
         if self._thresholds and self.on_threshold != "ignore":
             norm = tf.sqrt(sq)
             out = tf.zeros_like(norm, tf.bool)
@@ -624,11 +639,14 @@ class GradWatch(keras.callbacks.Callback):
                 out = out | (norm > self.max_norm)
             if self.min_norm is not None:
                 out = out | (norm < self.min_norm)
-            branch(
-                tf.reduce_any(out),
-                lambda: note(alarm.threshold_n, alarm.threshold_step, alarm.threshold_norms, norm),
-                lambda: tf.constant(False),
-            )
+            over = tf.reduce_any(out)
+            first = over & (alarm.threshold_step.read_value() < 0)
+            alarm.threshold_step.assign(tf.where(first, step, alarm.threshold_step.read_value()))
+            alarm.threshold_sq.assign(tf.where(first, sq, alarm.threshold_sq.read_value()))
+            tripped.append(over)
+        else:
+            tripped.append(tf.constant(False))
+        alarm.tripped.assign_add(tf.cast(tf.stack(tripped), tf.int64))
 
     def _plan_for(self, model: Any) -> _Plan:
         variables = list(model.trainable_weights)

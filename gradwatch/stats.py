@@ -121,7 +121,8 @@ def compute_stats(tensors: Sequence[Any], stats: Sequence[str]) -> Any:
     if not groups:
         return _assemble(None, [], constant_rows, stats, n_rows)
     order = [i for rows, _ in groups for i in rows]
-    raw = _one_pass([x for _, x in groups], stats)
+    sources = {rows[0]: tensors[rows[0]] for rows, x in groups if x.shape[0] == 1}
+    raw = _one_pass([(x, sources.get(rows[0])) for rows, x in groups], stats)
     size = ops.convert_to_tensor(
         np.asarray([float(np.prod(tuple(tensors[i].shape))) for i in order], "float32")
     )
@@ -211,12 +212,14 @@ def _groups(tensors: Sequence[Any]) -> tuple[list[tuple[list[int], Any]], dict[i
     return groups, constant
 
 
-def _one_pass(xs: list[Any], stats: tuple[str, ...]) -> dict[str, Any]:
+def _one_pass(xs: list[tuple[Any, Any]], stats: tuple[str, ...]) -> dict[str, Any]:
     """One pass per reduction over each group's rows, joined into one vector per reduction."""
     wanted = set(stats)
     parts: dict[str, list[Any]] = {"sq": []}
-    for x in xs:
-        parts["sq"].append(_sum_of_squares(x))
+    for x, source in xs:
+        # On a single tensor, L2Loss reads the tensor itself, so that the same op in
+        # GradWatch's every-step check is the same node and computed once.
+        parts["sq"].append(_sum_of_squares(x, source))
         if wanted & {"mean", "std"}:
             parts.setdefault("sum", []).append(ops.sum(x, axis=1))
         if wanted & {"min", "abs_max"}:
@@ -230,13 +233,19 @@ def _one_pass(xs: list[Any], stats: tuple[str, ...]) -> dict[str, Any]:
     return {k: v[0] if len(v) == 1 else ops.concatenate(v, axis=0) for k, v in parts.items()}
 
 
-def _sum_of_squares(x: Any) -> Any:
+def _sum_of_squares(x: Any, source: Any = None) -> Any:
     if keras.backend.backend() == "tensorflow" and x.shape[0] == 1:
+        return ops.reshape(sum_of_squares(x if source is None else source), (1,))
+    return ops.sum(ops.square(x), axis=1)
+
+
+def sum_of_squares(g: Any) -> Any:
+    """`sum(g**2)` as a scalar; on TensorFlow one L2Loss op (one pass, XLA-compatible)."""
+    if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        # L2Loss is one pass with no temporary, and compiles under XLA.
-        return ops.reshape(2.0 * tf.nn.l2_loss(x), (1,))
-    return ops.sum(ops.square(x), axis=1)
+        return 2.0 * tf.nn.l2_loss(tf.cast(g, tf.float32))
+    return ops.sum(ops.square(ops.cast(g, "float32")))
 
 
 def _exact_group(x: Any) -> dict[str, Any]:
