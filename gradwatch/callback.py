@@ -199,10 +199,23 @@ class GradWatch(keras.callbacks.Callback):
         self.max_norm = None if max_norm is None else float(max_norm)
         self.min_norm = None if min_norm is None else float(min_norm)
         self._thresholds = self.max_norm is not None or self.min_norm is not None
-        # Checks that run at every step, also those `every` skips.
-        self._checks = self.on_nonfinite != "ignore" or (
-            self._thresholds and self.on_threshold != "ignore"
+        # Where the recorded stats see every step, a warning can come from them, at no
+        # cost in the step; stop and raise, and steps that `every` skips, need the
+        # check that runs in every step.
+        self._nonfinite_from_stats = self.every == 1 and "nonfinite" in self.stats
+        self._threshold_from_stats = self.every == 1 and "norm" in self.stats
+        self._checks = (
+            self.on_nonfinite in ("stop", "raise")
+            or (self.on_nonfinite == "warn" and not self._nonfinite_from_stats)
+            or (
+                self._thresholds
+                and (
+                    self.on_threshold in ("stop", "raise")
+                    or (self.on_threshold == "warn" and not self._threshold_from_stats)
+                )
+            )
         )
+        self._warned: set[str] = set()
         self._alarm: _Alarm | None = None
         self._alarm_seen = {"nonfinite": 0, "threshold": 0}
         self._error: FloatingPointError | None = None
@@ -330,28 +343,33 @@ class GradWatch(keras.callbacks.Callback):
             values,
             hist=out.hist,
         )
+        keys = [plan.keys[i] for i in plan.stat_index]
         if "nonfinite" in self.stats:  # every recorded step with NaN/Inf is an alert
             j = self.stats.index("nonfinite")
-            keys = [plan.keys[i] for i in plan.stat_index]
             step_i, var_i = np.nonzero(out.stats[:, :, j] > 0)
-            self._log._add_alerts(
-                [
-                    (int(out.steps[a]), keys[b], "nonfinite", float(out.stats[a, b, j]))
-                    for a, b in zip(step_i, var_i, strict=True)
-                ]
-            )
+            rows = [
+                (int(out.steps[a]), keys[b], "nonfinite", float(out.stats[a, b, j]))
+                for a, b in zip(step_i, var_i, strict=True)
+            ]
+            self._log._add_alerts(rows)
+            if rows and self.on_nonfinite == "warn" and self._nonfinite_from_stats:
+                first = rows[0][0]
+                counts = {r[1]: int(r[3]) for r in rows if r[0] == first}
+                self._act("warn", _nonfinite_message(first, counts, self.model))
         if self._thresholds and "norm" in self.stats:
             j = self.stats.index("norm")
-            keys = [plan.keys[i] for i in plan.stat_index]
             beyond = np.vectorize(self._beyond, otypes=[bool])(out.stats[:, :, j])
             step_i, var_i = np.nonzero(beyond)
-            self._log._add_alerts(
-                [
-                    (int(out.steps[a]), keys[b], self._kind(v), v)
-                    for a, b in zip(step_i, var_i, strict=True)
-                    for v in [float(out.stats[a, b, j])]
-                ]
-            )
+            rows = [
+                (int(out.steps[a]), keys[b], self._kind(v), v)
+                for a, b in zip(step_i, var_i, strict=True)
+                for v in [float(out.stats[a, b, j])]
+            ]
+            self._log._add_alerts(rows)
+            if rows and self.on_threshold == "warn" and self._threshold_from_stats:
+                first = rows[0][0]
+                norms = {r[1]: r[3] for r in rows if r[0] == first}
+                self._act("warn", self._threshold_message(first, norms))
         self._pending += k
         if self.path is not None and self._pending >= self.flush_every:
             self._flush()
@@ -548,24 +566,19 @@ class GradWatch(keras.callbacks.Callback):
                 bad = [k for k, v in zip(keys, sq, strict=True) if not np.isfinite(v)]
                 counts = self._nonfinite_counts(step, bad)
                 self._log._add_alerts([(step, k, "nonfinite", counts.get(k, np.nan)) for k in bad])
-                what = (
-                    f"{counts} (NaN/Inf element counts)"
-                    if counts
-                    else f"{bad} (record the `nonfinite` stat at that step for element counts)"
-                )
-                skipped = isinstance(self.model.optimizer, keras.optimizers.LossScaleOptimizer)
-                note = " The LossScaleOptimizer skipped that update." if skipped else ""
-                self._act(self.on_nonfinite, f"Non-finite gradients at step {step}: {what}.{note}")
+                self._act(self.on_nonfinite, _nonfinite_message(step, counts or bad, self.model))
             else:
                 step = int(alarm.threshold_step.numpy())
                 norms = np.sqrt(alarm.threshold_sq.numpy().astype(np.float64))
                 out = {k: float(v) for k, v in zip(keys, norms, strict=True) if self._beyond(v)}
                 self._log._add_alerts([(step, k, self._kind(v), v) for k, v in out.items()])
-                self._act(
-                    self.on_threshold,
-                    f"Gradient norms beyond max_norm={self.max_norm}/min_norm={self.min_norm} "
-                    f"at step {step}: {out}.",
-                )
+                self._act(self.on_threshold, self._threshold_message(step, out))
+
+    def _threshold_message(self, step: int, norms: dict) -> str:
+        return (
+            f"Gradient norms beyond max_norm={self.max_norm}/min_norm={self.min_norm} "
+            f"at step {step}: {norms}."
+        )
 
     def _nonfinite_counts(self, step: int, keys: list[str]) -> dict[str, int]:
         """The NaN/Inf counts of a step, from the recorded `nonfinite` stat where there is one."""
@@ -588,7 +601,10 @@ class GradWatch(keras.callbacks.Callback):
 
     def _act(self, policy: str, message: str) -> None:
         if policy == "warn":
-            warnings.warn("GradWatch: " + message, stacklevel=2)
+            kind = message.split(" ", 1)[0]  # one warning per kind of alert
+            if kind not in self._warned:
+                self._warned.add(kind)
+                warnings.warn("GradWatch: " + message, stacklevel=2)
         elif policy == "raise":
             self._error = FloatingPointError("GradWatch: " + message)
 
@@ -777,3 +793,14 @@ def _check_policy(value: Any, arg: str) -> str:
     if value not in _POLICIES:
         raise ValueError(f"`{arg}` must be one of {list(_POLICIES)}. Received: {arg}={value!r}")
     return value
+
+
+def _nonfinite_message(step: int, found: dict | list, model: Any) -> str:
+    what = (
+        f"{found} (NaN/Inf element counts)"
+        if isinstance(found, dict)
+        else f"{found} (record the `nonfinite` stat at that step for element counts)"
+    )
+    skipped = isinstance(getattr(model, "optimizer", None), keras.optimizers.LossScaleOptimizer)
+    note = " The LossScaleOptimizer skipped that update." if skipped else ""
+    return f"Non-finite gradients at step {step}: {what}.{note}"
