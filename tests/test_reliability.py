@@ -117,3 +117,28 @@ def test_sigkill_mid_training_leaves_a_readable_log(tmp_path):
     assert n >= 48 and n % 16 == 0  # whole parts only: every step up to the last flush
     np.testing.assert_array_equal(log.steps, np.arange(n))
     assert log.stat("norm").notna().all().all()
+
+
+class IntCounter(keras.layers.Layer):
+    """A layer with a trainable int variable (Keras allows one; it has no gradient)."""
+
+    def build(self, input_shape):
+        self.count = self.add_weight(shape=(2,), dtype="int32", trainable=True, name="count")
+
+    def call(self, x):
+        return x
+
+
+def test_non_float_trainable_variables_are_skipped_with_a_message():
+    model = gradwatch.Sequential(
+        [keras.Input((3,)), IntCounter(name="ints"), keras.layers.Dense(1, name="d")]
+    )
+    model.compile("sgd", "mse")
+    watch = gradwatch.GradWatch(stats="norm")
+    x, y = np.ones((8, 3), "float32"), np.zeros((8, 1), "float32")
+    with pytest.warns(UserWarning) as caught:  # Keras warns about the missing gradient too
+        model.fit(x, y, batch_size=8, callbacks=[watch], verbose=0)
+    ours = [str(w.message) for w in caught if "not floating point" in str(w.message)]
+    assert len(ours) == 1 and "ints/count" in ours[0]
+    assert watch.log.variables == ["sequential/d/kernel", "sequential/d/bias"]
+    assert watch.log.stat("norm").notna().all().all()
