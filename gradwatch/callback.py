@@ -638,16 +638,17 @@ class GradWatch(keras.callbacks.Callback):
         index = tf.constant([[j] for j in rows], tf.int32)
         # The same L2Loss ops as the stats kernel's, so that grappler computes them once.
         sq = tf.scatter_nd(index, tf.stack([sum_of_squares(g) for g in grads]), [n])
-        tripped = []
-        # Branchless: a branch taking every gradient costs more than these few small ops.
+
+        def note_first(tripped, step_var, sq_var):
+            # Branchless: a branch taking every gradient costs more than these small ops.
+            first = tripped & (step_var.read_value() < 0)
+            step_var.assign(tf.where(first, step, step_var.read_value()))
+            sq_var.assign(tf.where(first, sq, sq_var.read_value()))
+
+        bad = over = tf.constant(False)
         if self.on_nonfinite != "ignore":
             bad = tf.reduce_any(tf.logical_not(tf.math.is_finite(sq)))
-            first = bad & (alarm.nonfinite_step.read_value() < 0)
-            alarm.nonfinite_step.assign(tf.where(first, step, alarm.nonfinite_step.read_value()))
-            alarm.nonfinite_sq.assign(tf.where(first, sq, alarm.nonfinite_sq.read_value()))
-            tripped.append(bad)
-        else:
-            tripped.append(tf.constant(False))
+            note_first(bad, alarm.nonfinite_step, alarm.nonfinite_sq)
         if self._thresholds and self.on_threshold != "ignore":
             norm = tf.sqrt(sq)
             out = tf.zeros_like(norm, tf.bool)
@@ -656,13 +657,8 @@ class GradWatch(keras.callbacks.Callback):
             if self.min_norm is not None:
                 out = out | (norm < self.min_norm)
             over = tf.reduce_any(out)
-            first = over & (alarm.threshold_step.read_value() < 0)
-            alarm.threshold_step.assign(tf.where(first, step, alarm.threshold_step.read_value()))
-            alarm.threshold_sq.assign(tf.where(first, sq, alarm.threshold_sq.read_value()))
-            tripped.append(over)
-        else:
-            tripped.append(tf.constant(False))
-        alarm.tripped.assign_add(tf.cast(tf.stack(tripped), tf.int64))
+            note_first(over, alarm.threshold_step, alarm.threshold_sq)
+        alarm.tripped.assign_add(tf.cast(tf.stack([bad, over]), tf.int64))
 
     def _plan_for(self, model: Any) -> _Plan:
         variables = list(model.trainable_weights)
