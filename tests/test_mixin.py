@@ -254,3 +254,27 @@ def test_exception_inside_fit_keeps_what_was_recorded():
     np.testing.assert_array_equal(watch.log.steps, [0, 1, 2])
     model.fit(x, y, batch_size=8, verbose=0)  # detached: trains on without capture
     np.testing.assert_array_equal(watch.log.steps, [0, 1, 2])
+
+
+def test_mixed_bfloat16_records_gradients_close_to_float32():
+    x, y = data(n=16)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = gradwatch.Sequential(layers(regularize=False), name="net")
+        model.compile(keras.optimizers.SGD(0.01), "mse")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert not isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    reference_model = keras.Sequential(layers(regularize=False), name="net")
+    reference_model.set_weights(model.get_weights())
+    watch = gradwatch.GradWatch(values="*")
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, callbacks=[watch], verbose=0)
+    reference = tape_gradients(
+        reference_model, keras.optimizers.SGD(0.01), batches_of(x, y, 8), mse
+    )
+    for step, grads in enumerate(reference):
+        for key, g in zip(watch.log.variables, grads, strict=True):
+            # bfloat16 keeps 8 bits of mantissa (about 0.4% per rounding): agree to a few
+            # percent of the gradient's scale.
+            got = watch.log.gradient(key, step)
+            np.testing.assert_allclose(got, g, rtol=5e-2, atol=2e-2 * np.abs(g).max())
