@@ -345,34 +345,34 @@ class GradWatch(keras.callbacks.Callback):
         )
         keys = [plan.keys[i] for i in plan.stat_index]
         if "nonfinite" in self.stats:  # every recorded step with NaN/Inf is an alert
-            j = self.stats.index("nonfinite")
-            step_i, var_i = np.nonzero(out.stats[:, :, j] > 0)
-            rows = [
-                (int(out.steps[a]), keys[b], "nonfinite", float(out.stats[a, b, j]))
-                for a, b in zip(step_i, var_i, strict=True)
-            ]
-            self._log._add_alerts(rows)
-            if rows and self.on_nonfinite == "warn" and self._nonfinite_from_stats:
-                first = rows[0][0]
-                counts = {r[1]: int(r[3]) for r in rows if r[0] == first}
+            first, found = self._stat_alerts(out, keys, "nonfinite", lambda v: v > 0, "nonfinite")
+            if found and self.on_nonfinite == "warn" and self._nonfinite_from_stats:
+                counts = {k: int(v) for k, v in found.items()}
                 self._act("warn", _nonfinite_message(first, counts, self.model))
         if self._thresholds and "norm" in self.stats:
-            j = self.stats.index("norm")
-            beyond = np.vectorize(self._beyond, otypes=[bool])(out.stats[:, :, j])
-            step_i, var_i = np.nonzero(beyond)
-            rows = [
-                (int(out.steps[a]), keys[b], self._kind(v), v)
-                for a, b in zip(step_i, var_i, strict=True)
-                for v in [float(out.stats[a, b, j])]
-            ]
-            self._log._add_alerts(rows)
-            if rows and self.on_threshold == "warn" and self._threshold_from_stats:
-                first = rows[0][0]
-                norms = {r[1]: r[3] for r in rows if r[0] == first}
-                self._act("warn", self._threshold_message(first, norms))
+            beyond = np.vectorize(self._beyond, otypes=[bool])
+            first, found = self._stat_alerts(out, keys, "norm", beyond, self._kind)
+            if found and self.on_threshold == "warn" and self._threshold_from_stats:
+                self._act("warn", self._threshold_message(first, found))
         self._pending += k
         if self.path is not None and self._pending >= self.flush_every:
             self._flush()
+
+    def _stat_alerts(self, out, keys, stat, tripped, kind) -> tuple[int, dict[str, float]]:
+        """Adds an alert for each drained (step, variable) whose `stat` trips; returns the
+        first such step and its values by variable (empty when none tripped)."""
+        values = out.stats[:, :, self.stats.index(stat)]
+        step_i, var_i = np.nonzero(tripped(values))
+        rows = [
+            (int(out.steps[a]), keys[b], kind(v) if callable(kind) else kind, v)
+            for a, b in zip(step_i, var_i, strict=True)
+            for v in [float(values[a, b])]
+        ]
+        self._log._add_alerts(rows)
+        if not rows:
+            return -1, {}
+        first = rows[0][0]
+        return first, {r[1]: r[3] for r in rows if r[0] == first}
 
     def _prepare_path(self) -> None:
         path = self.path
@@ -516,20 +516,20 @@ class GradWatch(keras.callbacks.Callback):
             update = compute_stats(delta, ["norm"])[:, 0]
             cols.update(weight_norm=weight, update_norm=update, update_ratio=update / weight)
         if "cos_prev" in self.stats:
+            # Per-variable reductions: segment ops over the flat vector are far slower on CPU.
             sizes = [int(np.prod(plan.variables[i].shape)) for i in plan.stat_index]
-            seg = tf.constant(np.repeat(np.arange(len(sizes), dtype=np.int32), sizes))
-            g, p = flat_gradients(), buffer.prev.value
-            n = len(sizes)
-            dot = tf.math.unsorted_segment_sum(g * p, seg, n)
-            gg = tf.math.unsorted_segment_sum(g * g, seg, n)
-            pp = tf.math.unsorted_segment_sum(p * p, seg, n)
+            gs = tf.split(flat_gradients(), sizes)
+            ps = tf.split(buffer.prev.value.read_value(), sizes)
+            dot = tf.stack([tf.reduce_sum(g * p) for g, p in zip(gs, ps, strict=True)])
+            gg = tf.stack([sum_of_squares(g) for g in gs])
+            pp = tf.stack([sum_of_squares(p) for p in ps])
             cos = dot / (tf.sqrt(gg) * tf.sqrt(pp))
             follows = tf.equal(buffer.prev_step.value, step - 1)
             cols["cos_prev"] = tf.where(follows, cos, tf.constant(math.nan, tf.float32))
         return cols
 
-    # Keras may run `on_train_batch_end` on a worker thread; it only reads two
-    # counters there and sets flags, so training stays asynchronous.
+    # Keras may run `on_train_batch_end` on a worker thread; it only reads one small
+    # counter there and sets flags, so training stays asynchronous.
     async_safe = True
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:

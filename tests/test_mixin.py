@@ -76,13 +76,13 @@ def test_recorded_gradient_is_pre_clip_and_includes_regularizer_and_add_loss():
     assert np.abs(got).max() > 1e-3  # far above the clip value: recorded before clipping
 
 
-def test_mixed_precision_records_unscaled_gradients():
+def _mixed_precision_run(policy):
+    """A fit under `policy`, and the float32 tape reference from the same start weights."""
     x, y = data(n=16)
-    keras.mixed_precision.set_global_policy("mixed_float16")
+    keras.mixed_precision.set_global_policy(policy)
     try:
         model = gradwatch.Sequential(layers(regularize=False), name="net")
         model.compile(keras.optimizers.SGD(0.01), "mse")
-        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
     finally:
         keras.mixed_precision.set_global_policy("float32")
     reference_model = keras.Sequential(layers(regularize=False), name="net")
@@ -92,6 +92,12 @@ def test_mixed_precision_records_unscaled_gradients():
     reference = tape_gradients(
         reference_model, keras.optimizers.SGD(0.01), batches_of(x, y, 8), mse
     )
+    return model, watch, reference
+
+
+def test_mixed_precision_records_unscaled_gradients():
+    model, watch, reference = _mixed_precision_run("mixed_float16")
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
     for step, grads in enumerate(reference):
         for key, g in zip(watch.log.variables, grads, strict=True):
             # float16 activations: agree with the float32 run to about 3 digits,
@@ -257,21 +263,8 @@ def test_exception_inside_fit_keeps_what_was_recorded():
 
 
 def test_mixed_bfloat16_records_gradients_close_to_float32():
-    x, y = data(n=16)
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
-        model = gradwatch.Sequential(layers(regularize=False), name="net")
-        model.compile(keras.optimizers.SGD(0.01), "mse")
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
+    model, watch, reference = _mixed_precision_run("mixed_bfloat16")
     assert not isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
-    reference_model = keras.Sequential(layers(regularize=False), name="net")
-    reference_model.set_weights(model.get_weights())
-    watch = gradwatch.GradWatch(values="*")
-    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, callbacks=[watch], verbose=0)
-    reference = tape_gradients(
-        reference_model, keras.optimizers.SGD(0.01), batches_of(x, y, 8), mse
-    )
     for step, grads in enumerate(reference):
         for key, g in zip(watch.log.variables, grads, strict=True):
             # bfloat16 keeps 8 bits of mantissa (about 0.4% per rounding): agree to a few
