@@ -18,6 +18,7 @@ class Drained:
     stats: np.ndarray  # float32, (k, n_variables, n_stats)
     values: list[np.ndarray]  # float32, (k, size) for each kept variable
     hist: np.ndarray | None  # int32, (k, n_variables, n_bins)
+    skipped: np.ndarray  # bool, (k,): a loss-scale optimizer skipped the update
     lost: int  # slots overwritten before they were drained
 
 
@@ -59,6 +60,9 @@ class GradientBuffer(keras.metrics.Metric):
             shape=(capacity,), initializer="zeros", dtype="int64", name="steps"
         )
         self.count = self.add_variable(shape=(), initializer="zeros", dtype="int64", name="count")
+        self.skipped = self.add_variable(
+            shape=(capacity,), initializer="zeros", dtype="int32", name="skipped"
+        )
         self.values = [
             self.add_variable(
                 shape=(capacity, size), initializer="zeros", dtype="float32", name=f"values_{i}"
@@ -85,6 +89,7 @@ class GradientBuffer(keras.metrics.Metric):
             shape=(), initializer=keras.initializers.Constant(-2), dtype="int64", name="prev_step"
         )
         self.drained = 0  # host side: slots already copied out
+        self.flagged = False  # a traced step has written `skipped`
 
     def update_state(self, *args, **kwargs) -> None:
         raise NotImplementedError("GradientBuffer is written by `write`, not `update_state`.")
@@ -96,12 +101,16 @@ class GradientBuffer(keras.metrics.Metric):
         # Keras resets metrics every epoch; the buffer must keep undrained slots.
         pass
 
-    def write(self, step, stats, values: Sequence, hist=None) -> None:
+    def write(self, step, stats, values: Sequence, hist=None, skipped=None) -> None:
         """Writes one step into the next slot, inside the compiled step."""
         count = self.count.value
         slot = tf.cast(count % self.capacity, tf.int32)[None]
         _write_slot(self.stats.value, slot, stats)
         _write_slot(self.steps.value, slot, tf.cast(step, tf.int64))
+        if skipped is not None or self.flagged:
+            flag = tf.constant(False) if skipped is None else skipped
+            _write_slot(self.skipped.value, slot, tf.cast(flag, tf.int32))
+            self.flagged = True
         for var, value in zip(self.values, values, strict=True):
             _write_slot(var.value, slot, tf.reshape(tf.cast(value, tf.float32), (-1,)))
         if self.hist is not None:
@@ -122,6 +131,7 @@ class GradientBuffer(keras.metrics.Metric):
                 np.zeros((0, *self.stats.shape[1:]), np.float32),
                 [np.zeros((0, v.shape[1]), np.float32) for v in self.values],
                 None if self.hist is None else np.zeros((0, *self.hist.shape[1:]), np.int32),
+                np.zeros((0,), bool),
                 lost,
             )
         tidx = tf.constant(idx, tf.int32)
@@ -130,6 +140,9 @@ class GradientBuffer(keras.metrics.Metric):
             stats=self.stats.value.numpy()[idx],
             values=[tf.gather(v.value, tidx).numpy() for v in self.values],
             hist=None if self.hist is None else self.hist.value.numpy()[idx],
+            skipped=(
+                self.skipped.value.numpy()[idx] != 0 if self.flagged else np.zeros(len(idx), bool)
+            ),
             lost=lost,
         )
 

@@ -344,11 +344,15 @@ class GradWatch(keras.callbacks.Callback):
             hist=out.hist,
         )
         keys = [plan.keys[i] for i in plan.stat_index]
+        self._log._add_skipped(out.steps[out.skipped])
         if "nonfinite" in self.stats:  # every recorded step with NaN/Inf is an alert
-            first, found = self._stat_alerts(out, keys, "nonfinite", lambda v: v > 0, "nonfinite")
+            # ...but one that a loss-scale optimizer skipped never reached the weights.
+            first, found = self._stat_alerts(
+                out, keys, "nonfinite", lambda v: v > 0, "nonfinite", acted=~out.skipped
+            )
             if found and self.on_nonfinite == "warn" and self._nonfinite_from_stats:
                 counts = {k: int(v) for k, v in found.items()}
-                self._act("warn", _nonfinite_message(first, counts, self.model))
+                self._act("warn", _nonfinite_message(first, counts))
         if self._thresholds and "norm" in self.stats:
             beyond = np.vectorize(self._beyond, otypes=[bool])
             first, found = self._stat_alerts(out, keys, "norm", beyond, self._kind)
@@ -358,9 +362,12 @@ class GradWatch(keras.callbacks.Callback):
         if self.path is not None and self._pending >= self.flush_every:
             self._flush()
 
-    def _stat_alerts(self, out, keys, stat, tripped, kind) -> tuple[int, dict[str, float]]:
+    def _stat_alerts(
+        self, out, keys, stat, tripped, kind, acted=None
+    ) -> tuple[int, dict[str, float]]:
         """Adds an alert for each drained (step, variable) whose `stat` trips; returns the
-        first such step and its values by variable (empty when none tripped)."""
+        first such step among the `acted` ones (a bool per step; default all) and its values
+        by variable (empty when none tripped)."""
         values = out.stats[:, :, self.stats.index(stat)]
         step_i, var_i = np.nonzero(tripped(values))
         rows = [
@@ -369,6 +376,8 @@ class GradWatch(keras.callbacks.Callback):
             for v in [float(values[a, b])]
         ]
         self._log._add_alerts(rows)
+        if acted is not None:
+            rows = [r for r, a in zip(rows, step_i, strict=True) if acted[a]]
         if not rows:
             return -1, {}
         first = rows[0][0]
@@ -416,8 +425,11 @@ class GradWatch(keras.callbacks.Callback):
         self._pending = 0
 
     # ----------------------------------------------------- inside the step
-    def _capture(self, model: Any, step: Any, records: dict[int, tuple]) -> None:
-        """Adds this watch's capture to the step being traced."""
+    def _capture(self, model: Any, step: Any, records: dict[int, tuple], skipped: Any) -> None:
+        """Adds this watch's capture to the step being traced.
+
+        `skipped` is a bool tensor (a loss-scale optimizer skipped the update) or None.
+        """
         plan = self._plan_for(model)
         buffer = self._buffer_for(model, plan)
         known = set(plan.signature)
@@ -468,7 +480,9 @@ class GradWatch(keras.callbacks.Callback):
             stat_grads = [grads[i] for i in plan.stat_index]
             n_stats = len(self.stats)
             if plan.stat_index:
-                cols = self._stat_columns(plan, entries, stat_grads, step, buffer, flat_gradients)
+                cols = self._stat_columns(
+                    plan, entries, stat_grads, step, buffer, flat_gradients, records
+                )
                 stats = tf.stack([cols[name] for name in self.stats], axis=1)
             else:
                 stats = tf.zeros((0, n_stats), tf.float32)
@@ -479,7 +493,7 @@ class GradWatch(keras.callbacks.Callback):
                 for i in plan.value_index
             ]
             hist = compute_histograms(stat_grads, self.histogram) if self.histogram else None
-            buffer.write(step, stats, values, hist)
+            buffer.write(step, stats, values, hist, skipped)
             return tf.constant(True)
 
         def keep_previous():
@@ -498,9 +512,11 @@ class GradWatch(keras.callbacks.Callback):
             else:
                 branch((step + 1) % self.every == 0, keep_previous, lambda: tf.constant(False))
 
-    def _stat_columns(self, plan, entries, stat_grads, step, buffer, flat_gradients):
+    def _stat_columns(self, plan, entries, stat_grads, step, buffer, flat_gradients, records):
         """The stats of the selected variables, one float32 column per stat name."""
         cols = {}
+        if "clipped_norm" in self.stats:
+            cols["clipped_norm"] = _clipped_norms(plan, records)
         grad_stats = [s for s in self.stats if s in GRADIENT_STATS]
         if grad_stats:
             table = compute_stats(stat_grads, grad_stats)
@@ -566,7 +582,7 @@ class GradWatch(keras.callbacks.Callback):
                 bad = [k for k, v in zip(keys, sq, strict=True) if not np.isfinite(v)]
                 counts = self._nonfinite_counts(step, bad)
                 self._log._add_alerts([(step, k, "nonfinite", counts.get(k, np.nan)) for k in bad])
-                self._act(self.on_nonfinite, _nonfinite_message(step, counts or bad, self.model))
+                self._act(self.on_nonfinite, _nonfinite_message(step, counts or bad))
             else:
                 step = int(alarm.threshold_step.numpy())
                 norms = np.sqrt(alarm.threshold_sq.numpy().astype(np.float64))
@@ -616,8 +632,12 @@ class GradWatch(keras.callbacks.Callback):
             self._flush()
             raise error
 
-    def _check(self, model: Any, step: Any, records: dict[int, tuple]) -> None:
-        """Adds the every-step checks (non-finite, thresholds) to the step being traced."""
+    def _check(self, model: Any, step: Any, records: dict[int, tuple], skipped: Any) -> None:
+        """Adds the every-step checks (non-finite, thresholds) to the step being traced.
+
+        Non-finite gradients that a loss-scale optimizer skipped (`skipped`) never
+        reached the weights, so they do not trip `on_nonfinite`.
+        """
         if not self._checks:
             return
         plan = self._plan_for(model)
@@ -648,6 +668,8 @@ class GradWatch(keras.callbacks.Callback):
         bad = over = tf.constant(False)
         if self.on_nonfinite != "ignore":
             bad = tf.reduce_any(tf.logical_not(tf.math.is_finite(sq)))
+            if skipped is not None:
+                bad = bad & tf.logical_not(skipped)
             note_first(bad, alarm.nonfinite_step, alarm.nonfinite_sq)
         if self._thresholds and self.on_threshold != "ignore":
             norm = tf.sqrt(sq)
@@ -737,6 +759,52 @@ class GradWatch(keras.callbacks.Callback):
         return self._buffer
 
 
+def _clipped_norms(plan: _Plan, records: dict[int, tuple]) -> Any:
+    """The norms of the selected gradients after the clipping of the optimizer applying them.
+
+    Written out from Keras' clipping formulas over gradwatch's own reductions rather
+    than by calling the optimizer's: sharing its ops lets grappler rewrite the training
+    computation, and training must stay bitwise the same.
+    """
+    sq, optimizers, grads = {}, {}, {}
+    for var, grad, scale, _, optimizer in records.values():
+        if grad is None:
+            continue
+        g = tf.cast(grad, tf.float32)
+        grads[id(var)] = g if scale is None else g / scale
+        sq[id(var)] = sum_of_squares(grads[id(var)])
+        # A LossScaleOptimizer unscales, then its inner optimizer clips.
+        optimizers[id(var)] = getattr(optimizer, "inner_optimizer", optimizer)
+    # Each optimizer's global norm, over every gradient it applies.
+    total: dict[int, Any] = {}
+    for key, opt in optimizers.items():
+        total[id(opt)] = total.get(id(opt), 0.0) + sq[key]
+    nan = tf.constant(math.nan, tf.float32)
+    out = []
+    for i in plan.stat_index:
+        key = id(plan.variables[i])
+        if key not in grads:
+            out.append(nan)
+            continue
+        opt = optimizers[key]
+        norm = tf.sqrt(sq[key])
+        clipnorm = getattr(opt, "clipnorm", None)
+        global_clipnorm = getattr(opt, "global_clipnorm", None)
+        clipvalue = getattr(opt, "clipvalue", None)
+        if clipnorm and clipnorm > 0:  # g * c / max(|g|, c)
+            out.append(norm * clipnorm / tf.maximum(norm, clipnorm))
+        elif global_clipnorm and global_clipnorm > 0:  # all g * c * min(1/|G|, 1/c)
+            gn = tf.sqrt(total[id(opt)])
+            factor = global_clipnorm * tf.minimum(1.0 / gn, 1.0 / global_clipnorm) + (gn - gn)
+            out.append(norm * factor)
+        elif clipvalue and clipvalue > 0:
+            clipped = tf.clip_by_value(grads[key], -clipvalue, clipvalue)
+            out.append(tf.sqrt(sum_of_squares(clipped)))
+        else:
+            out.append(norm)
+    return tf.stack(out)
+
+
 def _check_model(model: Any) -> None:
     if not isinstance(model, GradWatchMixin):
         raise TypeError(
@@ -791,12 +859,10 @@ def _check_policy(value: Any, arg: str) -> str:
     return value
 
 
-def _nonfinite_message(step: int, found: dict | list, model: Any) -> str:
+def _nonfinite_message(step: int, found: dict | list) -> str:
     what = (
         f"{found} (NaN/Inf element counts)"
         if isinstance(found, dict)
         else f"{found} (record the `nonfinite` stat at that step for element counts)"
     )
-    skipped = isinstance(getattr(model, "optimizer", None), keras.optimizers.LossScaleOptimizer)
-    note = " The LossScaleOptimizer skipped that update." if skipped else ""
-    return f"Non-finite gradients at step {step}: {what}.{note}"
+    return f"Non-finite gradients at step {step}: {what}."

@@ -32,6 +32,7 @@ def _metadata(log: GradientLog) -> dict[str, Any]:
         "bins_per_decade": log.bins_per_decade,
         "disconnected": log.disconnected,
         "alerts": [[step, key, kind, value] for (step, key, kind), value in log._alerts.items()],
+        "skipped": sorted(log._skipped),
     }
 
 
@@ -254,6 +255,10 @@ def _read_streamed(directory: Path) -> GradientLog:
                 f"{m['stats']} against {meta['stats']}. A streamed log holds one set of stats."
             )
         meta["shapes"] = {**m["shapes"], **meta["shapes"]}
+    # A resumed log's newest part knows only its own run's alerts: merge them all.
+    meta["alerts"] = [a for m in metas for a in m.get("alerts", [])]
+    meta["skipped"] = sorted({s for m in metas for s in m.get("skipped", [])})
+    meta["disconnected"] = list(dict.fromkeys(k for m in metas for k in m.get("disconnected", [])))
     table = pd.concat(
         [t.astype({"variable": object, "stat": object}) for t in tables], ignore_index=True
     )
@@ -335,6 +340,10 @@ def _from_table(path: Path, meta: dict, table: pd.DataFrame) -> GradientLog:
         log._add_alerts([tuple(a) for a in meta.get("alerts", [])])
     except (TypeError, ValueError) as e:
         raise ValueError(f"'{path}' has malformed alerts in its metadata: {e}") from e
+    try:
+        log._add_skipped(meta.get("skipped", []))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"'{path}' has malformed skipped steps in its metadata: {e}") from e
     codes = {k: i for i, k in enumerate(variables)}
     stat_codes = {s: i for i, s in enumerate(stats)}
     var = table["variable"].astype(object).to_numpy()

@@ -81,6 +81,7 @@ class GradientLog:
         self._hist_blocks: list[_StatBlock] = []
         self._disconnected: list[str] = []
         self._alerts: dict[tuple[int, str, str], float] = {}
+        self._skipped: set[int] = set()
         self._variables: list[str] = []
         self._codes: dict[str, int] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
@@ -210,6 +211,26 @@ class GradientLog:
         first = min(steps)
         keys = {k[1] for k in self._alerts if k[2] == "nonfinite" and k[0] == first}
         return first, [k for k in self._variables if k in keys]
+
+    def _add_skipped(self, steps: Sequence[int]) -> None:
+        self._skipped.update(int(s) for s in steps)
+
+    @property
+    def skipped_steps(self) -> np.ndarray:
+        """The recorded steps whose update a `LossScaleOptimizer` skipped, sorted.
+
+        Under mixed precision the optimizer skips a step whose scaled
+        gradients overflowed, and lowers its loss scale. The step's gradients
+        are recorded as they were (with their NaN/Inf counts in `alerts`), but
+        they never reached the weights, so `on_nonfinite` does not act on them.
+
+        Example:
+
+        ```python
+        log.skipped_steps  # array([0, 1])
+        ```
+        """
+        return np.asarray(sorted(self._skipped), np.int64)
 
     @property
     def disconnected(self) -> list[str]:
@@ -564,7 +585,7 @@ class GradientLog:
 
         A layer is a key without its last `/` part (`net/dense/kernel` belongs
         to `net/dense`). The aggregate is exact for the layer's variables taken
-        together as one tensor: `norm`, `weight_norm` and `update_norm` combine
+        together as one tensor: `norm`, `clipped_norm`, `weight_norm` and `update_norm` combine
         as `sqrt(sum x**2)`; `min`, `max` and `abs_max` as min/max; `nonfinite`
         as a sum; `mean` and `zero_frac` as a mean weighted by element count;
         `std` by pooling with `mean` (which must be recorded too); and
@@ -594,7 +615,7 @@ class GradientLog:
         for layer in layers:
             cols = [k for k in wide.columns if layer_of[k] == layer]
             part = wide[cols]
-            if stat in ("norm", "weight_norm", "update_norm"):
+            if stat in ("norm", "clipped_norm", "weight_norm", "update_norm"):
                 out[layer] = np.sqrt((part**2).sum(axis=1, min_count=1))
             elif stat in ("min",):
                 out[layer] = part.min(axis=1)
@@ -687,6 +708,7 @@ class GradientLog:
             and self._bins_per_decade == other._bins_per_decade
             and self._disconnected == other._disconnected
             and self._alerts == other._alerts
+            and self._skipped == other._skipped
             and self._variables == other._variables
             and self._shapes == other._shapes
             and self.frame.equals(other.frame)

@@ -53,8 +53,28 @@ class _StepScope:
     """What one trace of one train step recorded: gradients by variable id."""
 
     def __init__(self) -> None:
-        # id(variable) -> (variable, grad, loss scale or None, weights before the update or None)
-        self.grads: dict[int, tuple[Any, Any, Any, Any]] = {}
+        # id(variable) -> (variable, grad, loss scale or None, weights before the update or
+        # None, the optimizer that applies it or None)
+        self.grads: dict[int, tuple[Any, Any, Any, Any, Any]] = {}
+        # id(optimizer) -> (loss-scale optimizer, its `iterations` before the update)
+        self.loss_scaled: dict[int, tuple[Any, Any]] = {}
+
+    def skipped(self) -> Any:
+        """A bool tensor: did a loss-scale optimizer skip this step's update? None without one.
+
+        Read after `apply_gradients`: a `LossScaleOptimizer` that finds non-finite
+        gradients lowers its scale and leaves `iterations` where it was.
+        """
+        if not self.loss_scaled:
+            return None
+        return tf.reduce_any(
+            tf.stack(
+                [
+                    tf.equal(tf.convert_to_tensor(opt.iterations), before)
+                    for opt, before in self.loss_scaled.values()
+                ]
+            )
+        )
 
 
 def _scopes() -> dict[int, _StepScope]:
@@ -107,10 +127,12 @@ def _commit(model: Any, scope: _StepScope) -> None:
             "`self.record_gradients(grads, variables)` with the gradients it applies.",
             stacklevel=2,
         )
-    for watch in state.listening:
-        watch._check(model, step, scope.grads)
+    listening = state.listening
+    skipped = scope.skipped() if listening and scope.grads else None
+    for watch in listening:
+        watch._check(model, step, scope.grads, skipped)
     for watch in watches:
-        watch._capture(model, step, scope.grads)
+        watch._capture(model, step, scope.grads, skipped)
     counter.assign_add(1)
 
 
@@ -257,9 +279,11 @@ class GradWatchMixin:
         Args:
             grads: Gradients, one per variable; `None` for a disconnected one.
             variables: The model's trainable variables they belong to.
-            optimizer: The optimizer whose `scale_loss` scaled the loss, if
-                any; the gradients are then divided by its loss scale.
-                Defaults to `None` (gradients are taken as they are).
+            optimizer: The optimizer that applies the gradients. If its
+                `scale_loss` scaled the loss, the gradients are divided by its
+                loss scale, and its clipping gives the `clipped_norm` stat.
+                Defaults to `None` (gradients are taken as they are, and
+                `clipped_norm` equals `norm`).
 
         Example:
 
@@ -291,6 +315,10 @@ class GradWatchMixin:
                 f"Received: len(grads)={len(grads)}, len(variables)={len(variables)}"
             )
         scale = _loss_scale(optimizer)
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            scope.loss_scaled.setdefault(
+                id(optimizer), (optimizer, tf.convert_to_tensor(optimizer.iterations))
+            )
         for grad, var in zip(grads, variables, strict=True):
             if id(var) in scope.grads:
                 raise ValueError(
@@ -303,7 +331,7 @@ class GradWatchMixin:
                 grad = tf.math.unsorted_segment_sum(grad.values, grad.indices, var.shape[0])
             # Read before `apply_gradients` runs, for the update stats.
             before = tf.convert_to_tensor(var) if keep_weights else None
-            scope.grads[id(var)] = (var, grad, scale, before)
+            scope.grads[id(var)] = (var, grad, scale, before, optimizer)
 
 
 def _register(cls: type) -> type:

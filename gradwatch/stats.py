@@ -24,6 +24,10 @@ STATS: dict[str, str] = {
     "update_norm": "L2 norm of w_after - w_before, the update the optimizer applied (opt-in).",
     "update_ratio": "update_norm / weight_norm (opt-in).",
     "cos_prev": "Cosine similarity with the previous step's gradient (opt-in: keeps it).",
+    "clipped_norm": (
+        "L2 norm of the gradient after the optimizer's clipping (clipnorm, clipvalue or "
+        "global_clipnorm); equal to norm without clipping, for finite gradients (opt-in)."
+    ),
 }
 
 #: Stats that are functions of the gradient alone (`compute_stats` computes these).

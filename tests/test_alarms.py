@@ -125,3 +125,71 @@ def test_alerts_round_trip_through_files(tmp_path):
 def test_alarm_arguments_are_checked(kwargs, match):
     with pytest.raises(ValueError, match=match):
         gradwatch.GradWatch(**kwargs)
+
+
+class _Weights(keras.callbacks.Callback):
+    """The model's weights and the optimizer's loss scale, first and after each step."""
+
+    def on_train_begin(self, logs=None):
+        self.weights = [self.model.get_weights()]
+        self.scales = [self.model.optimizer.initial_scale]
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.weights.append(self.model.get_weights())
+        self.scales.append(float(self.model.optimizer.dynamic_scale.numpy()))
+
+
+def _loss_scaled_fit(watch, poisoned=False):
+    """SGD in a LossScaleOptimizer whose first scale, 2**127, overflows the scaled gradients (about
+    1e2 here) to Inf: the optimizer skips those steps and halves the scale until it fits."""
+    x, y = _poisoned(n=80) if poisoned else data(n=80)
+    y = 100 * y
+    model, _ = pair(regularize=False)
+    optimizer = keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(1e-5), initial_scale=2.0**127
+    )
+    model.compile(optimizer, "mse")
+    weights = _Weights()
+    model.fit(x, y, batch_size=8, shuffle=False, callbacks=[watch, weights], verbose=0, epochs=2)
+    return model, weights
+
+
+def test_steps_a_loss_scale_optimizer_skipped_are_recorded_and_marked():
+    watch = gradwatch.GradWatch(stats=("norm", "nonfinite"), on_nonfinite="raise")
+    _, seen = _loss_scaled_fit(watch)  # skipped steps do not raise: nothing bad was applied
+    log = watch.log
+    # Independent reference: a skipped step leaves every weight as it was and halves the scale.
+    unchanged = [
+        all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+        for before, after in zip(seen.weights, seen.weights[1:], strict=False)
+    ]
+    halved = [b == a / 2 for a, b in zip(seen.scales, seen.scales[1:], strict=False)]
+    expected = np.flatnonzero(unchanged)
+    assert len(expected) >= 2 and expected[-1] < len(log.steps) - 1  # some, not all
+    np.testing.assert_array_equal(log.skipped_steps, expected)
+    np.testing.assert_array_equal(np.flatnonzero(halved), expected)
+    # Recorded as they were: the unscaled gradient overflowed there, and only there.
+    nonfinite = log.stat("nonfinite").sum(axis=1)
+    np.testing.assert_array_equal(np.flatnonzero(nonfinite.to_numpy() > 0), expected)
+    assert log.first_nonfinite()[0] == expected[0]
+    assert set(log.alerts["step"]) == set(expected)
+
+
+def test_nonfinite_gradients_that_were_applied_still_alarm_beside_skipped_steps():
+    # Without a loss scale the NaN batch is applied; with one it is skipped (and stays
+    # silent), so only the plain optimizer raises.
+    watch = gradwatch.GradWatch(stats=("norm", "nonfinite"), on_nonfinite="raise")
+    _, _ = _loss_scaled_fit(watch, poisoned=True)
+    assert 3 in watch.log.skipped_steps
+    with pytest.raises(FloatingPointError, match="at step 3"):
+        _fit(gradwatch.GradWatch(stats=("norm", "nonfinite"), on_nonfinite="raise"))
+
+
+def test_skipped_steps_round_trip_through_files(tmp_path):
+    watch = gradwatch.GradWatch(stats=("norm", "nonfinite"), path=tmp_path / "run", every=1)
+    _loss_scaled_fit(watch)
+    assert len(watch.log.skipped_steps)
+    streamed = gradwatch.read_log(tmp_path / "run")
+    np.testing.assert_array_equal(streamed.skipped_steps, watch.log.skipped_steps)
+    watch.log.to_csv(tmp_path / "log.csv")
+    assert gradwatch.read_log(tmp_path / "log.csv") == watch.log

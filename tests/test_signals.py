@@ -270,3 +270,51 @@ def pd_isna(v):
     import pandas as pd
 
     return pd.isna(v)
+
+
+def _clipped_by_hand(grads, clipnorm=None, global_clipnorm=None, clipvalue=None):
+    """The norms after Keras' documented clipping, written out in NumPy."""
+    norms = np.array([np.linalg.norm(g) for g in grads])
+    if clipnorm is not None:  # each gradient scaled to norm at most clipnorm
+        return norms * clipnorm / np.maximum(norms, clipnorm)
+    if global_clipnorm is not None:  # all scaled together to global norm at most clipnorm
+        total = np.sqrt(np.sum(norms**2))
+        return norms * global_clipnorm / max(total, global_clipnorm)
+    if clipvalue is not None:  # each element clipped to [-clipvalue, clipvalue]
+        return np.array([np.linalg.norm(np.clip(g, -clipvalue, clipvalue)) for g in grads])
+    return norms
+
+
+@pytest.mark.parametrize(
+    "clip", [{}, {"clipnorm": 0.3}, {"global_clipnorm": 1.3}, {"clipvalue": 0.5}]
+)
+def test_clipped_norm_is_the_norm_after_the_optimizers_clipping(clip):
+    log, grads, _ = _fit_with_reference(
+        lambda: keras.optimizers.SGD(0.1, **clip), stats=["norm", "clipped_norm"]
+    )
+    clipped, norm = log.stat("clipped_norm"), log.stat("norm")
+    expected = np.array([_clipped_by_hand(g, **clip) for g in grads])
+    np.testing.assert_allclose(clipped[KEYS].to_numpy(), expected, rtol=1e-5)
+    # The reference gradients are the unclipped ones, and `norm` stays theirs.
+    np.testing.assert_allclose(
+        norm[KEYS].to_numpy(), [[np.linalg.norm(x) for x in g] for g in grads], rtol=1e-5
+    )
+    if clip:  # the bounds chosen clip some steps and not others
+        smaller = clipped.to_numpy() < norm.to_numpy() * (1 - 1e-6)
+        assert smaller.any() and not smaller.all()
+    else:
+        np.testing.assert_array_equal(clipped.to_numpy(), norm.to_numpy())
+
+
+def test_clipped_norm_under_a_loss_scale_is_clipped_after_unscaling():
+    x, y = data()
+    model, plain = pair()
+    make = lambda: keras.optimizers.LossScaleOptimizer(  # noqa: E731
+        keras.optimizers.SGD(0.1, clipnorm=0.3), initial_scale=2.0**10
+    )
+    model.compile(make(), "mse")
+    watch = gradwatch.GradWatch(stats=["clipped_norm"])
+    model.fit(x, y, batch_size=8, shuffle=False, callbacks=[watch], verbose=0)
+    grads = tape_gradients(plain, keras.optimizers.SGD(0.1, clipnorm=0.3), batches_of(x, y, 8), mse)
+    expected = np.array([_clipped_by_hand(g, clipnorm=0.3) for g in grads])
+    np.testing.assert_allclose(watch.log.stat("clipped_norm")[KEYS].to_numpy(), expected, rtol=1e-4)

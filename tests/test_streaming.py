@@ -4,6 +4,7 @@ import shutil
 
 import keras
 import numpy as np
+import pandas as pd
 import pyarrow.dataset as ds
 import pytest
 from models import data, pair
@@ -103,3 +104,20 @@ def test_path_arguments_are_checked(tmp_path):
 def test_read_log_on_a_directory_without_parts(tmp_path):
     with pytest.raises(ValueError, match="no gradwatch part files"):
         gradwatch.read_log(tmp_path)
+
+
+def test_appended_log_keeps_the_alerts_of_every_run(tmp_path):
+    x, y = data(n=40)
+    model, _ = pair()
+    model.compile("sgd", "mse")
+    # Every norm is above 1e-9: the first run alerts at each of its steps, the second never.
+    first = gradwatch.GradWatch(
+        stats="norm", path=tmp_path / "run", max_norm=1e-9, on_threshold="ignore"
+    )
+    model.fit(x, y, batch_size=8, epochs=1, callbacks=[first], verbose=0)
+    expected = first.log.alerts
+    assert len(expected) == 5 * 4
+    second = gradwatch.GradWatch(stats="norm", path=tmp_path / "run")
+    model.fit(x, y, batch_size=8, epochs=1, callbacks=[second], verbose=0)
+    # The newest part is the second run's; the first run's alerts live in older parts.
+    pd.testing.assert_frame_equal(gradwatch.read_log(tmp_path / "run").alerts, expected)
