@@ -60,6 +60,18 @@ def many(cls):
     return _functional(cls, inputs, outputs)
 
 
+def embedding(cls):
+    """A 100k x 64 embedding table (sparse gradients) under a small classifier."""
+    return cls(
+        [
+            keras.Input((20,), dtype="int32"),
+            keras.layers.Embedding(100_000, 64),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(10),
+        ]
+    )
+
+
 def _functional(cls, inputs, outputs):
     # `cls` is keras.Sequential or gradwatch.Sequential; use the matching Model.
     import gradwatch
@@ -68,7 +80,7 @@ def _functional(cls, inputs, outputs):
     return model_cls(inputs, outputs)
 
 
-MODELS = {"mlp": mlp, "cnn": cnn, "transformer": transformer, "many": many}
+MODELS = {"mlp": mlp, "cnn": cnn, "transformer": transformer, "many": many, "embedding": embedding}
 
 
 def data(name: str, n: int, seed: int = 0):
@@ -80,4 +92,6 @@ def data(name: str, n: int, seed: int = 0):
         return rng.normal(size=(n, 32, 32, 3)).astype("float32"), y
     if name == "transformer":
         return rng.integers(0, 1000, size=(n, 32)).astype("int32"), y
+    if name == "embedding":
+        return rng.integers(0, 100_000, size=(n, 20)).astype("int32"), y
     return rng.normal(size=(n, 16)).astype("float32"), y

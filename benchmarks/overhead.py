@@ -30,11 +30,16 @@ import models as bench_models
 import gradwatch
 
 # (model, label, GradWatch kwargs, compile kwargs, steps per fit)
-STEPS = {"mlp": 120, "cnn": 16, "transformer": 40, "many": 120}
+STEPS = {"mlp": 120, "cnn": 16, "transformer": 40, "many": 120, "embedding": 60}
 
 
 def configs(name: str) -> list[tuple[str, dict, dict]]:
-    small = {"mlp": "dense_10/bias", "cnn": "dense/bias", "transformer": "dense_8/bias"}
+    small = {
+        "mlp": "dense_10/bias",
+        "cnn": "dense/bias",
+        "transformer": "dense_8/bias",
+        "embedding": "dense/bias",
+    }
     value = small.get(name, "dense_252/bias")
     return [
         ("default", {}, {}),

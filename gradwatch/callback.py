@@ -21,6 +21,7 @@ from gradwatch.buffer import GradientBuffer
 from gradwatch.keys import check_patterns, match_patterns, variable_keys
 from gradwatch.log import GradientLog
 from gradwatch.mixin import GradWatchMixin, gate_next_step, model_state, setup_gate
+from gradwatch.sparse import dense, elements, unscaled_float32
 from gradwatch.stats import (
     DEFAULT_BINS_PER_DECADE,
     DEFAULT_STATS,
@@ -462,8 +463,7 @@ class GradWatch(keras.callbacks.Callback):
             entry = entries[i]
             if entry is None or entry[1] is None:
                 return None
-            grad = tf.cast(entry[1], tf.float32)
-            return grad if entry[2] is None else grad / entry[2]
+            return unscaled_float32(entry[1], entry[2])
 
         def flat_gradients():
             # The selected gradients as one vector; a missing one is NaN.
@@ -472,7 +472,7 @@ class GradWatch(keras.callbacks.Callback):
                 g = gradient(i)
                 if g is None:
                     g = tf.fill(var.shape, tf.constant(math.nan, tf.float32))
-                parts.append(tf.reshape(g, (-1,)))
+                parts.append(tf.reshape(dense(g), (-1,)))
             return tf.concat(parts, axis=0)
 
         def record():
@@ -487,7 +487,7 @@ class GradWatch(keras.callbacks.Callback):
             else:
                 stats = tf.zeros((0, n_stats), tf.float32)
             values = [
-                grads[i]
+                dense(grads[i])
                 if grads[i] is not None
                 else tf.fill(plan.variables[i].shape, tf.constant(math.nan, tf.float32))
                 for i in plan.value_index
@@ -649,9 +649,8 @@ class GradWatch(keras.callbacks.Callback):
         for j, i in enumerate(plan.stat_index):
             entry = records.get(id(plan.variables[i]))
             if entry is not None and entry[1] is not None:
-                g = tf.cast(entry[1], tf.float32)
                 rows.append(j)
-                grads.append(g if entry[2] is None else g / entry[2])
+                grads.append(elements(unscaled_float32(entry[1], entry[2])))
         if not grads:
             return
         n = len(plan.stat_index)
@@ -770,8 +769,7 @@ def _clipped_norms(plan: _Plan, records: dict[int, tuple]) -> Any:
     for var, grad, scale, _, optimizer in records.values():
         if grad is None:
             continue
-        g = tf.cast(grad, tf.float32)
-        grads[id(var)] = g if scale is None else g / scale
+        grads[id(var)] = elements(unscaled_float32(grad, scale))
         sq[id(var)] = sum_of_squares(grads[id(var)])
         # A LossScaleOptimizer unscales, then its inner optimizer clips.
         optimizers[id(var)] = getattr(optimizer, "inner_optimizer", optimizer)

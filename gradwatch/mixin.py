@@ -11,6 +11,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from gradwatch.sparse import SparseGradient
+
 _local = threading.local()
 _patch_lock = threading.Lock()
 
@@ -327,8 +329,9 @@ class GradWatchMixin:
                     "gradient that is applied."
                 )
             if isinstance(grad, tf.IndexedSlices):
-                # Sum rows that appear more than once, as the dense gradient would.
-                grad = tf.math.unsorted_segment_sum(grad.values, grad.indices, var.shape[0])
+                # Kept as the touched rows (repeats summed, as the dense gradient has
+                # them): a large table is not densified at every step.
+                grad = SparseGradient.from_indexed_slices(grad, tuple(var.shape))
             # Read before `apply_gradients` runs, for the update stats.
             before = tf.convert_to_tensor(var) if keep_weights else None
             scope.grads[id(var)] = (var, grad, scale, before, optimizer)

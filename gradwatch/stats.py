@@ -10,6 +10,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from gradwatch.sparse import SparseGradient
+
 #: Every stat gradwatch computes, with its one-line definition, in catalogue order.
 STATS: dict[str, str] = {
     "norm": "L2 norm over the finite elements: sqrt(sum(g_i**2)).",
@@ -120,10 +122,22 @@ def compute_stats(tensors: Sequence[Any], stats: Sequence[str]) -> Any:
                 f"`compute_stats` computes stats of a gradient alone: {list(GRADIENT_STATS)}. "
                 f"Received: {name!r}"
             )
-    groups, constant_rows = _groups(tensors)
+    # A sparse gradient (touched rows of a table) is reduced on its own, over its rows.
+    sparse = [i for i, t in enumerate(tensors) if isinstance(t, SparseGradient)]
+    groups, constant_rows = _groups([None if i in sparse else t for i, t in enumerate(tensors)])
+    for i in sparse:
+        del constant_rows[i]
     n_rows = len(tensors)
+    if sparse:
+        parts = [_exact_sparse(tensors[i]) for i in sparse]
+        sparse_table = ops.stack(
+            [ops.stack([p[name] for p in parts], axis=0) for name in stats], axis=1
+        )
     if not groups:
-        return _assemble(None, [], constant_rows, stats, n_rows)
+        table = sparse_table if sparse else None
+        return ops.reshape(
+            _assemble(table, sparse, constant_rows, stats, n_rows), (n_rows, len(stats))
+        )
     order = [i for rows, _ in groups for i in rows]
     sources = {rows[0]: tensors[rows[0]] for rows, x in groups if x.shape[0] == 1}
     raw = _one_pass([(x, sources.get(rows[0])) for rows, x in groups], stats)
@@ -161,6 +175,9 @@ def compute_stats(tensors: Sequence[Any], stats: Sequence[str]) -> Any:
         )
 
     table = branch(fine, lambda: fast, exact)
+    if sparse:
+        table = ops.concatenate([table, sparse_table], axis=0)
+        order = order + sparse
     return ops.reshape(_assemble(table, order, constant_rows, stats, n_rows), (n_rows, len(stats)))
 
 
@@ -275,6 +292,46 @@ def _exact_group(x: Any) -> dict[str, Any]:
         "abs_max": ops.where(none_left, nan, ops.max(ops.where(notnan, ops.abs(x), -1.0), axis=1)),
         "nonfinite": n - n_finite,
         "zero_frac": ops.sum(ops.cast(ops.equal(x, 0.0), "float32"), axis=1) / n,
+    }
+
+
+def _exact_sparse(g: SparseGradient) -> dict[str, Any]:
+    """Every stat of a sparse gradient's dense equivalent, from its touched rows alone:
+    the untouched elements are zeros that count in `n` but add nothing to the sums."""
+    import tensorflow as tf
+
+    nan = math.nan
+    x = tf.reshape(tf.cast(g.rows, tf.float32), (-1,))
+    valid = tf.reshape(g.valid(), (-1,))
+    zeros = g.implicit_zeros()
+    n = float(g.size)
+    finite = ops.isfinite(x) & valid
+    notnan = ops.logical_not(ops.isnan(x)) & valid
+    n_finite = ops.sum(ops.cast(finite, "float32")) + zeros
+    none_left = ops.sum(ops.cast(notnan, "float32")) + zeros == 0
+    xf = ops.where(finite, x, 0.0)
+    safe_n = ops.maximum(n_finite, 1.0)
+    mean = ops.where(n_finite == 0, nan, ops.sum(xf) / safe_n)
+    m0 = ops.nan_to_num(mean)
+    spread = ops.sum(ops.square(ops.where(finite, x - m0, 0.0))) + zeros * ops.square(m0)
+    # tf's reductions: Keras' refuse an empty tensor (a step that touched no row).
+    lo = tf.reduce_min(ops.where(notnan, x, math.inf))
+    hi = tf.reduce_max(ops.where(notnan, x, -math.inf))
+    some_zero = zeros > 0
+    lo = ops.where(some_zero, ops.minimum(lo, 0.0), lo)
+    hi = ops.where(some_zero, ops.maximum(hi, 0.0), hi)
+    abs_max = tf.reduce_max(ops.where(notnan, ops.abs(x), -1.0))
+    abs_max = ops.where(some_zero, ops.maximum(abs_max, 0.0), abs_max)
+    n_valid = ops.sum(ops.cast(valid, "float32"))
+    return {
+        "norm": ops.sqrt(ops.sum(ops.square(xf))),
+        "mean": mean,
+        "std": ops.where(n_finite == 0, nan, ops.sqrt(spread / safe_n)),
+        "min": ops.where(none_left, nan, lo),
+        "max": ops.where(none_left, nan, hi),
+        "abs_max": ops.where(none_left, nan, abs_max),
+        "nonfinite": n_valid - (n_finite - zeros),
+        "zero_frac": (ops.sum(ops.cast(ops.equal(x, 0.0) & valid, "float32")) + zeros) / n,
     }
 
 
@@ -484,14 +541,47 @@ def compute_histograms(tensors: Sequence[Any], bins_per_decade: int) -> Any:
     """
     k = (HIST_MAX_EXP - HIST_MIN_EXP) * bins_per_decade
     n_bins = 2 * k + 2
-    present = [i for i, t in enumerate(tensors) if t is not None]
+    sparse = {i for i, t in enumerate(tensors) if isinstance(t, SparseGradient)}
+    present = [i for i, t in enumerate(tensors) if t is not None and i not in sparse]
     out_rows = len(tensors)
-    if not present:
+    if not present and not sparse:
         return ops.zeros((out_rows, n_bins), dtype="int32")
-    flats = [ops.reshape(ops.cast(tensors[i], "float32"), (-1,)) for i in present]
-    sizes = [int(np.prod(tuple(tensors[i].shape))) for i in present]
-    x = flats[0] if len(flats) == 1 else ops.concatenate(flats, axis=0)
-    seg = ops.convert_to_tensor(np.repeat(np.arange(len(present), dtype="int32"), sizes))
+    if present:
+        flats = [ops.reshape(ops.cast(tensors[i], "float32"), (-1,)) for i in present]
+        sizes = [int(np.prod(tuple(tensors[i].shape))) for i in present]
+        x = flats[0] if len(flats) == 1 else ops.concatenate(flats, axis=0)
+        seg = ops.convert_to_tensor(np.repeat(np.arange(len(present), dtype="int32"), sizes))
+        idx = _bin_index(x, bins_per_decade)
+        flat_counts = ops.segment_sum(
+            ops.ones_like(idx), seg * n_bins + idx, num_segments=len(present) * n_bins
+        )
+        counts = ops.reshape(flat_counts, (len(present), n_bins))
+    else:
+        counts = ops.zeros((0, n_bins), dtype="int32")
+    if sparse:
+        # Touched rows are binned; padding goes to a bin past the end, dropped; the
+        # untouched elements are zeros.
+        rows = []
+        for i in sorted(sparse):
+            g = tensors[i]
+            x = ops.reshape(ops.cast(g.rows, "float32"), (-1,))
+            idx = ops.where(ops.reshape(g.valid(), (-1,)), _bin_index(x, bins_per_decade), n_bins)
+            c = ops.segment_sum(ops.ones_like(idx), idx, num_segments=n_bins + 1)[:n_bins]
+            zero_bin = ops.one_hot(k, n_bins, dtype="int32")
+            rows.append(c + zero_bin * ops.cast(g.implicit_zeros(), "int32"))
+        counts = ops.concatenate([counts, ops.stack(rows, axis=0)], axis=0)
+        present = present + sorted(sparse)
+    if present == list(range(out_rows)):
+        return counts
+    rows = ops.concatenate([counts, ops.zeros((1, n_bins), dtype="int32")], axis=0)
+    where = {j: r for r, j in enumerate(present)}
+    return ops.take(rows, np.asarray([where.get(i, len(present)) for i in range(out_rows)]), axis=0)
+
+
+def _bin_index(x: Any, bins_per_decade: int) -> Any:
+    """The bin number of each element of a flat float32 tensor (see `histogram_bins`)."""
+    k = (HIST_MAX_EXP - HIST_MIN_EXP) * bins_per_decade
+    n_bins = 2 * k + 2
     a = ops.abs(x)
     finite = ops.isfinite(x)
     safe = ops.where(finite & (a > 0), a, 1.0)
@@ -506,13 +596,4 @@ def compute_histograms(tensors: Sequence[Any], bins_per_decade: int) -> Any:
     j = ops.where((j < k - 1) & (safe >= ops.take(edges, j + 1)), j + 1, j)
     idx = ops.where(x < 0, k - 1 - j, k + 1 + j)
     idx = ops.where(a == 0, k, idx)
-    idx = ops.where(finite, idx, n_bins - 1)
-    flat_counts = ops.segment_sum(
-        ops.ones_like(idx), seg * n_bins + idx, num_segments=len(present) * n_bins
-    )
-    counts = ops.reshape(flat_counts, (len(present), n_bins))
-    if len(present) == out_rows:
-        return counts
-    rows = ops.concatenate([counts, ops.zeros((1, n_bins), dtype="int32")], axis=0)
-    where = {j: r for r, j in enumerate(present)}
-    return ops.take(rows, np.asarray([where.get(i, len(present)) for i in range(out_rows)]), axis=0)
+    return ops.where(finite, idx, n_bins - 1)

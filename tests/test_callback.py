@@ -6,7 +6,7 @@ from models import data, pair
 from reference import batches_of, mse, np_stats, tape_gradients
 
 import gradwatch
-from gradwatch.stats import GRADIENT_STATS
+from gradwatch.stats import GRADIENT_STATS, compute_histograms
 
 KEYS = ["net/hidden/kernel", "net/hidden/bias", "net/out/kernel", "net/out/bias"]
 
@@ -213,23 +213,41 @@ def test_constructor_rejects_bad_arguments(kwargs, error, match):
         gradwatch.GradWatch(**kwargs)
 
 
-def test_sparse_embedding_gradient_equals_dense_equivalent():
-    ids = np.array([[1, 1, 3], [0, 1, 3]], dtype="int32")  # row 1 repeats
-    y = np.ones((2, 3, 2), "float32")
+@pytest.mark.parametrize("jit", [False, True])
+def test_sparse_embedding_gradient_equals_dense_equivalent(jit):
+    # Row 1 repeats within a batch; rows 2 and 4 are never touched.
+    ids = np.array([[1, 1, 3], [0, 1, 3], [3, 3, 3], [1, 0, 0]], dtype="int32")
+    y = np.linspace(-1, 1, 4 * 3 * 2).reshape(4, 3, 2).astype("float32")
     model = gradwatch.Sequential(
         [keras.Input((3,), dtype="int32"), keras.layers.Embedding(5, 2, name="emb")]
     )
-    model.compile(keras.optimizers.SGD(0.1), "mse")
+    model.compile(keras.optimizers.SGD(0.1), "mse", steps_per_execution=2, jit_compile=jit)
     table = model.get_weights()[0]
-    watch = gradwatch.GradWatch(values="*")
-    model.fit(ids, y, batch_size=2, callbacks=[watch], verbose=0)
+    stats = [*GRADIENT_STATS, "clipped_norm", "cos_prev"]
+    watch = gradwatch.GradWatch(stats=stats, values="*", histogram=2)
+    model.fit(ids, y, batch_size=2, shuffle=False, callbacks=[watch], verbose=0)
+    # Reference: a plain tape on a dense variable, updated by hand with SGD.
     w = tf.Variable(table)
-    with tf.GradientTape() as tape:
-        loss = tf.reduce_mean(tf.square(y - tf.gather(w, ids)))
-    dense = tf.convert_to_tensor(tape.gradient(loss, w))
-    np.testing.assert_allclose(watch.log.gradient("emb/embeddings", 0), dense, rtol=1e-6)
-    norm = watch.log.stat("norm").iloc[0, 0]
-    assert norm == pytest.approx(float(np.linalg.norm(dense)), rel=1e-6)
+    previous = None
+    for step, rows in enumerate((slice(0, 2), slice(2, 4))):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(y[rows] - tf.gather(w, ids[rows])))
+        dense = tf.convert_to_tensor(tape.gradient(loss, w)).numpy()
+        w.assign_sub(0.1 * dense)
+        log = watch.log
+        key = log.key("emb/embeddings")
+        np.testing.assert_allclose(log.gradient(key, step), dense, rtol=1e-6)
+        for name, value in np_stats(dense).items():
+            got = log.stat(name).loc[step, key]
+            assert got == pytest.approx(value, rel=1e-5, abs=1e-7), name
+        counts = log.histogram(key, step)["count"].to_numpy()
+        expected = compute_histograms([dense], 2).numpy()[0]
+        np.testing.assert_array_equal(counts, expected)
+        assert log.stat("clipped_norm").loc[step, key] == pytest.approx(np.linalg.norm(dense))
+        if previous is not None:
+            cos = np.sum(dense * previous) / np.linalg.norm(dense) / np.linalg.norm(previous)
+            assert log.stat("cos_prev").loc[step, key] == pytest.approx(cos, rel=1e-5)
+        previous = dense
 
 
 def test_refit_with_the_same_watch_reuses_the_traced_step():

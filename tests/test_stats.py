@@ -137,3 +137,51 @@ def test_stats_fast_and_exact_paths_equal_numpy_reference(seed, with_nonfinite, 
     tensors = _random_tensors(rng, with_nonfinite)
     step = tf.function(lambda ts: S.compute_stats(ts, S.GRADIENT_STATS), jit_compile=jit)
     _assert_match_numpy(step([tf.constant(t) for t in tensors]), tensors)
+
+
+def _sparse_case(case, rng):
+    """(values, indices, table shape) of an IndexedSlices gradient."""
+    shape = (9, 3)
+    if case == "empty":
+        return np.zeros((0, 3), "float32"), np.zeros((0,), "int32"), shape
+    indices = {
+        "repeats": np.array([4, 1, 4, 7, 1, 4], "int32"),
+        "every row": np.array([*range(9), 2, 0], "int32")[::-1].copy(),
+        "nonfinite": np.array([5, 2, 5], "int32"),
+    }[case]
+    values = rng.normal(size=(len(indices), 3)).astype("float32")
+    if case == "nonfinite":
+        values[0, 1], values[2, 2] = np.nan, -np.inf
+    return values, indices, shape
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
+@pytest.mark.parametrize("case", ["repeats", "every row", "nonfinite", "empty"])
+def test_sparse_gradient_stats_equal_those_of_the_dense_gradient(case, mode):
+    import tensorflow as tf
+
+    from gradwatch.sparse import SparseGradient
+
+    values, indices, shape = _sparse_case(case, np.random.default_rng(0))
+    # The reference: the dense gradient, repeated rows added up in float64.
+    dense = np.zeros(shape)
+    np.add.at(dense, indices, values.astype(np.float64))
+
+    def run(v, i):
+        g = SparseGradient.from_indexed_slices(tf.IndexedSlices(v, i), shape)
+        return (
+            S.compute_stats([g, None, g], list(S.GRADIENT_STATS)),
+            S.compute_histograms([g], 2),
+            g.dense(),
+        )
+
+    if mode != "eager":
+        run = tf.function(run, jit_compile=mode == "xla")
+    table, hist, back = (np.asarray(t) for t in run(tf.constant(values), tf.constant(indices)))
+    expected = np_stats(dense)
+    for j, name in enumerate(S.GRADIENT_STATS):
+        assert table[0, j] == pytest.approx(expected[name], rel=1e-5, abs=1e-7, nan_ok=True), name
+    np.testing.assert_array_equal(table[0], table[2])
+    assert np.isnan(table[1]).all()
+    np.testing.assert_array_equal(hist[0], np.asarray(S.compute_histograms([dense], 2))[0])
+    np.testing.assert_allclose(back, dense, rtol=1e-6)
