@@ -188,7 +188,9 @@ def norms(
         handles, labels = [], []
         ax.set_title(f"Gradient norms of {len(keys)} variables, {_span(log)}")
     if len(bad):
-        handles.append(Patch(color=NONFINITE_COLOR, alpha=0.3))
+        handles.append(
+            Patch(facecolor=mpl.colors.to_rgba(NONFINITE_COLOR, 0.25), edgecolor=NONFINITE_COLOR)
+        )
         labels.append(NONFINITE_LABEL)
     if handles:
         ax.legend(handles, labels, fontsize="small", loc="best")
@@ -431,8 +433,7 @@ def _mark_steps(ax: Any, bad: np.ndarray, recorded: np.ndarray) -> None:
         ax.axvspan(
             run[0] - 0.5,
             run[-1] + 0.5,
-            facecolor=NONFINITE_COLOR,
+            facecolor=mpl.colors.to_rgba(NONFINITE_COLOR, 0.25),
             edgecolor=NONFINITE_COLOR,
-            alpha=0.25,
             lw=0.8,
         )

@@ -140,7 +140,7 @@ def test_heatmap_cells_are_log10_of_the_stat(fitted):
 
 def test_heatmap_marks_nonfinite_cells_red(outlier):
     ax = plot.heatmap(outlier.log).axes[0]
-    mesh, overlay, triangles = ax.collections
+    _, overlay, triangles = ax.collections
     red = ~np.ma.getmaskarray(overlay.get_array()).reshape(4, 12)
     assert set(np.nonzero(red.all(axis=0))[0]) == {3, 9}
     assert red.sum() == 8
