@@ -81,9 +81,9 @@ def test_cli_plot_writes_each_kind(logfile, tmp_path, capsys, kind, extra, size)
     out = tmp_path / f"{kind}.png"
     assert main(["plot", str(logfile), "--kind", kind, "-o", str(out), *extra]) == 0
     assert capsys.readouterr().out == f"Wrote {out}\n"
-    image = Image.open(out)
-    assert image.size == size  # the figure's inches at --dpi 100
-    rgb = np.asarray(image.convert("RGB")).astype(int)
+    with Image.open(out) as image:
+        assert image.size == size  # the figure's inches at --dpi 100
+        rgb = np.asarray(image.convert("RGB")).astype(int)
     red = (np.abs(rgb - [214, 39, 40]).sum(axis=2) < 30).sum()
     assert red > 0  # steps 3 and 9 are non-finite: every chart marks them
 
