@@ -233,7 +233,6 @@ def heatmap(log: GradientLog, stat: str = "norm") -> Figure:
     ax = fig.add_subplot()
     cmap = mpl.colormaps["viridis"].with_extremes(bad="#d9d9d9")
     edges = _edges(steps)
-    image = ax.pcolormesh(edges, np.arange(len(keys) + 1) - 0.5, grid, cmap=cmap)
     bad = _nonfinite(log)
     cells = np.zeros(grid.shape, bool)
     col = {s: j for j, s in enumerate(steps)}
@@ -241,6 +240,12 @@ def heatmap(log: GradientLog, stat: str = "norm") -> Figure:
     for s, k in zip(bad["step"], bad["variable"], strict=True):
         if s in col and k in row:
             cells[row[k], col[s]] = True
+    # The colour scale spans the finite cells only: the red ones would stretch it.
+    shown = grid.compressed() if not cells.any() else grid[~cells].compressed()
+    limits = (shown.min(), shown.max()) if len(shown) else (None, None)
+    image = ax.pcolormesh(
+        edges, np.arange(len(keys) + 1) - 0.5, grid, cmap=cmap, vmin=limits[0], vmax=limits[1]
+    )
     if cells.any():
         red = mpl.colors.ListedColormap([NONFINITE_COLOR])
         ax.pcolormesh(
