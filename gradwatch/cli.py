@@ -7,6 +7,7 @@ and how to fix it; `gradwatch COMMAND --help` describes each command.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -67,10 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code
     except BrokenPipeError:
         # The reader went away (`gradwatch summary LOG | head`): stop quietly, as `cat` does.
-        try:
+        with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
         return 0
     except (_UsageError, ImportError, OSError, ValueError, KeyError, TypeError) as e:
         # User errors: a message, no traceback. KeyError's str() adds quotes; take its text.
