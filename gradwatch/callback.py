@@ -114,6 +114,11 @@ class GradWatch(keras.callbacks.Callback):
             this (vanishing). Defaults to `None` (no check).
         on_threshold: The policy for `max_norm` and `min_norm`, as
             `on_nonfinite`. Defaults to `"warn"`.
+        tensorboard_dir: Also write the gradient norms (and histograms, with
+            `histogram`) to this directory as TensorBoard summaries, at the
+            log's step numbers, each time the buffer is drained; see
+            `gradwatch.tensorboard`. Needs the `norm` stat or `histogram`.
+            Defaults to `None`.
 
     The stats `weight_norm`, `update_norm` and `update_ratio` keep a copy of
     the selected weights from before the update, and `cos_prev` keeps the
@@ -146,6 +151,7 @@ class GradWatch(keras.callbacks.Callback):
         max_norm: float | None = None,
         min_norm: float | None = None,
         on_threshold: Policy = "warn",
+        tensorboard_dir: str | os.PathLike | None = None,
     ):
         super().__init__()
         self.variables = check_patterns(variables, "variables")
@@ -226,6 +232,8 @@ class GradWatch(keras.callbacks.Callback):
         self._read_cache: tuple[int, GradientLog] | None = None
         self._needs_weights = any(s in UPDATE_STATS for s in self.stats)
         self._model_ref: weakref.ref | None = None
+        self.tensorboard_dir = _check_tensorboard_dir(tensorboard_dir, self.stats, self.histogram)
+        self._tensorboard: Any = None  # a gradwatch.tensorboard.TensorBoardWriter once used
         self._plan: _Plan | None = None
         self._buffer: GradientBuffer | None = None
         self._epoch = 0
@@ -317,6 +325,8 @@ class GradWatch(keras.callbacks.Callback):
         finally:
             if self in state.watches:
                 state.watches.remove(self)
+            if self._tensorboard is not None:
+                self._tensorboard.close()
 
     def _drain(self) -> None:
         buffer, plan = self._buffer, self._plan
@@ -346,6 +356,8 @@ class GradWatch(keras.callbacks.Callback):
         )
         keys = [plan.keys[i] for i in plan.stat_index]
         self._log._add_skipped(out.steps[out.skipped])
+        if self.tensorboard_dir is not None:
+            self._write_tensorboard(out, keys)
         if "nonfinite" in self.stats:  # every recorded step with NaN/Inf is an alert
             # ...but one that a loss-scale optimizer skipped never reached the weights.
             first, found = self._stat_alerts(
@@ -362,6 +374,15 @@ class GradWatch(keras.callbacks.Callback):
         self._pending += k
         if self.path is not None and self._pending >= self.flush_every:
             self._flush()
+
+    def _write_tensorboard(self, out, keys) -> None:
+        """Writes the drained block as TensorBoard summaries, at its step numbers."""
+        if self._tensorboard is None:
+            from gradwatch.tensorboard import TensorBoardWriter  # imports tf.summary lazily
+
+            self._tensorboard = TensorBoardWriter(self.tensorboard_dir)
+        norms = out.stats[:, :, self.stats.index("norm")] if "norm" in self.stats else None
+        self._tensorboard.write(out.steps, keys, norms, out.hist, self.histogram or None)
 
     def _stat_alerts(
         self, out, keys, stat, tripped, kind, acted=None
@@ -849,6 +870,23 @@ def _check_histogram(histogram: Any) -> int:
 
 def _is_float(variable: Any) -> bool:
     return "float" in str(getattr(variable, "dtype", "float32"))
+
+
+def _check_tensorboard_dir(value: Any, stats: Sequence[str], histogram: int) -> Path | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(
+            "`tensorboard_dir` must be a directory path (str or os.PathLike), or None. "
+            f"Received: tensorboard_dir={value!r}"
+        )
+    if "norm" not in stats and not histogram:
+        raise ValueError(
+            "`tensorboard_dir` writes the `norm` stat and histograms, and this GradWatch "
+            f"records neither (stats={list(stats)}, histogram=False). Add 'norm' to `stats` "
+            f"or pass histogram=True. Received: tensorboard_dir={str(value)!r}"
+        )
+    return Path(value)
 
 
 def _check_policy(value: Any, arg: str) -> str:

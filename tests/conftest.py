@@ -30,3 +30,29 @@ def fitted():
     watch = gradwatch.GradWatch(stats=list(gradwatch.STATS), values="out/*", histogram=True)
     model.fit(x, y, batch_size=8, epochs=2, shuffle=False, callbacks=[watch], verbose=0)
     return watch, model, x, y
+
+
+@pytest.fixture(scope="session")
+def outlier():
+    """A real, seeded fit whose step 3 (batch 3 of epoch 0) has non-finite gradients.
+
+    Batch 3 has outlier targets, so under a loss scale of 2**120 its scaled
+    gradients overflow to Inf; the LossScaleOptimizer skips that update and
+    halves the scale, and training goes on. Steps 0-5 are epoch 0, 6-11 epoch 1,
+    and the outlier batch comes round again at step 9. Returns the `GradWatch`.
+    """
+    from models import data, pair
+
+    import gradwatch
+
+    keras.utils.set_random_seed(7)
+    x, y = data(n=48)
+    y[3 * 8 : 4 * 8] *= 1e4
+    model, _ = pair(regularize=False)
+    optimizer = keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(0.05), initial_scale=2.0**120
+    )
+    model.compile(optimizer, "mse")
+    watch = gradwatch.GradWatch(histogram=True, on_nonfinite="ignore")
+    model.fit(x, y, batch_size=8, epochs=2, shuffle=False, callbacks=[watch], verbose=0)
+    return watch

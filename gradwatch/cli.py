@@ -1,0 +1,299 @@
+"""The `gradwatch` command line: summary, plot, convert, report and tensorboard.
+
+Errors go to stderr with exit code 2 and a message that says what was received
+and how to fix it; `gradwatch COMMAND --help` describes each command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+_KINDS = ("flow", "norms", "heatmap", "histogram")
+_LOG_HELP = "a gradwatch log: a .csv or .parquet file, or a directory streamed by GradWatch(path=)"
+
+
+class _Exit(Exception):
+    """Raised instead of `SystemExit`, so that `main` returns the code."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+class _UsageError(Exception):
+    """A problem with the arguments, found after parsing."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def exit(self, status: int = 0, message: str | None = None) -> None:  # type: ignore[override]
+        if message:
+            self._print_message(message, sys.stderr)
+        raise _Exit(status)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the `gradwatch` command line and returns its exit code.
+
+    Args:
+        argv: The arguments, without the program name. Defaults to `None`
+            (`sys.argv[1:]`).
+
+    Returns:
+        0 on success, 2 on an error (the message is on stderr).
+
+    Example:
+
+    ```python
+    from gradwatch.cli import main
+
+    main(["summary", "grads.parquet"])
+    main(["plot", "grads.parquet", "--kind", "flow", "-o", "flow.png"])
+    ```
+    """
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+        return args.run(args)
+    except _Exit as e:
+        return e.code
+    except BrokenPipeError:
+        # The reader went away (`gradwatch summary LOG | head`): stop quietly, as `cat` does.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (_UsageError, ImportError, OSError, ValueError, KeyError, TypeError) as e:
+        # User errors: a message, no traceback. KeyError's str() adds quotes; take its text.
+        text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        command = getattr(args, "command", None) if "args" in locals() else None
+        prog = f"gradwatch {command}" if command else "gradwatch"
+        print(f"{prog}: error: {text}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> _Parser:
+    from gradwatch import __version__
+
+    parser = _Parser(
+        prog="gradwatch",
+        description="Look at gradwatch logs: summary tables, charts, HTML reports, "
+        "TensorBoard export and format conversion.",
+        epilog="Run 'gradwatch COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"gradwatch {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "summary",
+        help="per-variable table of gradient norms and non-finite steps",
+        description="Print one row per variable: first, last, median and max gradient norm, "
+        "the number of NaN/Inf elements, and the first step that had one.",
+    )
+    p.add_argument("log", metavar="LOG", help=_LOG_HELP)
+    p.add_argument("--csv", action="store_true", help="print CSV instead of a text table")
+    p.set_defaults(run=_summary)
+
+    p = sub.add_parser(
+        "plot",
+        help="draw a chart into an image file",
+        description="Draw one chart of the log into an image file (png, svg, pdf, ...). "
+        "Non-finite steps are marked in red.",
+    )
+    p.add_argument("log", metavar="LOG", help=_LOG_HELP)
+    p.add_argument(
+        "--kind",
+        choices=_KINDS,
+        default="flow",
+        help="flow: norm per variable in model order; norms: norm over steps; heatmap: "
+        "a stat by step and variable; histogram: one variable's gradient histograms "
+        "(default: flow)",
+    )
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="image file to write")
+    p.add_argument("--step", type=int, help="flow: also draw this recorded step")
+    p.add_argument(
+        "--variables", nargs="+", metavar="PATTERN", help="norms: globs of the variables to draw"
+    )
+    p.add_argument("--stat", help="heatmap: the stat to show (default: norm)")
+    p.add_argument("--variable", metavar="KEY", help="histogram: the variable (required)")
+    p.add_argument("--steps", type=int, nargs="+", metavar="STEP", help="histogram: the steps")
+    p.add_argument("--dpi", type=int, default=100, help="image resolution (default: 100)")
+    p.set_defaults(run=_plot)
+
+    p = sub.add_parser(
+        "convert",
+        help="write the log as CSV or Parquet",
+        description="Read a log (CSV, Parquet or a streamed directory) and write it as one "
+        "file; the format follows OUTPUT's extension.",
+    )
+    p.add_argument("log", metavar="LOG", help=_LOG_HELP)
+    p.add_argument("output", metavar="OUTPUT", help="a .csv or .parquet file to write")
+    p.set_defaults(run=_convert)
+
+    p = sub.add_parser(
+        "report",
+        help="write a self-contained HTML report",
+        description="Write one HTML file with the charts embedded, the summary table and the "
+        "alerts. It loads nothing from the network and opens offline.",
+    )
+    p.add_argument("log", metavar="LOG", help=_LOG_HELP)
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="the .html file")
+    p.add_argument("--title", help="the page title (default: gradwatch report: LOG)")
+    p.set_defaults(run=_report)
+
+    p = sub.add_parser(
+        "tensorboard",
+        help="write TensorBoard summaries",
+        description="Write the gradient norms (scalars) and histograms as TensorBoard "
+        "summaries at the log's step numbers. View them with: tensorboard --logdir DIR",
+    )
+    p.add_argument("log", metavar="LOG", help=_LOG_HELP)
+    p.add_argument("--logdir", required=True, metavar="DIR", help="TensorBoard log directory")
+    p.set_defaults(run=_tensorboard)
+    return parser
+
+
+# ------------------------------------------------------------------ commands
+def _summary(args: argparse.Namespace) -> int:
+    log = _read(args.log)
+    table = log.summary()
+    if args.csv:
+        table.to_csv(sys.stdout, float_format="%.9g")
+        return 0
+    steps = log.steps
+    span = f"steps {steps[0]}..{steps[-1]}" if len(steps) else "no steps"
+    print(f"{args.log}: {len(steps)} recorded steps ({span}), {len(log.variables)} variables")
+    print(table.to_string(float_format="{:.4g}".format, na_rep="-"))
+    first = log.first_nonfinite()
+    if first is not None:
+        print(f"First non-finite step: {first[0]} ({', '.join(first[1])})")
+    if len(log.alerts):
+        counts = log.alerts["kind"].value_counts()
+        print("Alerts: " + ", ".join(f"{n} {kind}" for kind, n in counts.items()))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    output = _output(args.output, _image_formats(), "-o")
+    only = {
+        "step": "flow",
+        "variables": "norms",
+        "stat": "heatmap",
+        "variable": "histogram",
+        "steps": "histogram",
+    }
+    for option, kind in only.items():
+        if getattr(args, option) is not None and args.kind != kind:
+            raise _UsageError(
+                f"`--{option}` applies to --kind {kind}. Received: --kind {args.kind} "
+                f"--{option} {_show(getattr(args, option))}"
+            )
+    if args.kind == "histogram" and args.variable is None:
+        raise _UsageError(
+            "--kind histogram needs `--variable KEY`, the variable whose histograms to draw."
+        )
+    from gradwatch import plot
+
+    log = _read(args.log)
+    if args.kind == "flow":
+        fig = plot.flow(log, step=args.step)
+    elif args.kind == "norms":
+        fig = plot.norms(log, variables=args.variables or "*")
+    elif args.kind == "heatmap":
+        fig = plot.heatmap(log, stat=args.stat or "norm")
+    else:
+        fig = plot.histogram(log, args.variable, steps=args.steps)
+    fig.savefig(output, dpi=args.dpi)
+    print(f"Wrote {output}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    output = _output(args.output, {".csv": "CSV", ".parquet": "Parquet", ".pq": "Parquet"}, "")
+    from gradwatch.progress import progress_bar
+
+    with progress_bar(2, "convert", unit="stage") as bar:
+        bar.set_postfix_str("reading")
+        log = _read(args.log)
+        bar.update()
+        bar.set_postfix_str("writing")
+        if output.suffix.lower() == ".csv":
+            log.to_csv(output)
+        else:
+            log.to_parquet(output)
+        bar.update()
+    print(f"Wrote {output} ({len(log)} recorded steps)")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    output = _output(args.output, {".html": "HTML", ".htm": "HTML"}, "-o")
+    from gradwatch.report import write_report
+
+    log = _read(args.log)
+    title = args.title or f"gradwatch report: {Path(args.log).name}"
+    write_report(log, output, title=title, progress=True)
+    print(f"Wrote {output}")
+    return 0
+
+
+def _tensorboard(args: argparse.Namespace) -> int:
+    from gradwatch.tensorboard import write_tensorboard
+
+    log = _read(args.log)
+    logdir = write_tensorboard(log, args.logdir, progress=True)
+    print(f"Wrote {len(log)} steps to {logdir}; view them with: tensorboard --logdir {logdir}")
+    return 0
+
+
+# ------------------------------------------------------------------- helpers
+def _read(path: str) -> Any:
+    from gradwatch.io import read_log
+
+    try:
+        return read_log(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"{e} Pass the path of a log written by `GradientLog.to_csv`/`to_parquet`, or the "
+            "directory given to GradWatch(path=...)."
+        ) from e
+
+
+def _output(path: str, formats: dict[str, str], option: str) -> Path:
+    """Checks an output path's extension and directory before any work is done."""
+    out = Path(path)
+    name = f"{option} " if option else ""
+    if out.suffix.lower() not in formats:
+        raise _UsageError(
+            f"Cannot tell the output format of '{path}' from its extension. Use one of "
+            f"{', '.join(sorted(formats))}. Received: {name}{path}"
+        )
+    if not out.parent.is_dir():
+        raise _UsageError(
+            f"The directory '{out.parent}' of the output '{path}' does not exist. Create it, "
+            "or choose another path."
+        )
+    return out
+
+
+def _image_formats() -> dict[str, str]:
+    from gradwatch import plot  # ImportError naming the extra when matplotlib is missing
+
+    formats = plot.Figure().canvas.get_supported_filetypes()
+    return {f".{ext}": name for ext, name in formats.items()}
+
+
+def _show(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

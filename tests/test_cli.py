@@ -1,0 +1,199 @@
+"""The `gradwatch` command line, through `main([...])` and once as a real subprocess."""
+
+import io
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import gradwatch
+from gradwatch import progress
+from gradwatch.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = ("summary", "plot", "convert", "report", "tensorboard")
+
+
+@pytest.fixture(scope="module")
+def logfile(outlier, tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "grads.parquet"
+    outlier.log.to_parquet(path)
+    return path
+
+
+def test_cli_summary_csv_matches_numpy(outlier, logfile, capsys):
+    assert main(["summary", str(logfile), "--csv"]) == 0
+    out = capsys.readouterr().out
+    table = pd.read_csv(io.StringIO(out), index_col="variable")
+    log = outlier.log
+    norm = log.stat("norm").to_numpy(np.float64)
+    bad = log.stat("nonfinite").to_numpy(np.float64)
+    assert list(table.index) == log.variables
+    np.testing.assert_allclose(table["first_norm"], norm[0], rtol=1e-6)
+    np.testing.assert_allclose(table["last_norm"], norm[-1], rtol=1e-6)
+    np.testing.assert_allclose(table["median_norm"], np.median(norm, axis=0), rtol=1e-6)
+    np.testing.assert_allclose(table["max_norm"], norm.max(axis=0), rtol=1e-6)
+    np.testing.assert_array_equal(table["nonfinite"], bad.sum(axis=0))
+    np.testing.assert_array_equal(table["first_nonfinite_step"], np.argmax(bad > 0, axis=0))
+    assert table["nonfinite"].tolist() == [40, 8, 16, 4]  # 2 bad steps x elements
+
+
+def test_cli_summary_prints_a_table_and_the_first_nonfinite_step(outlier, logfile, capsys):
+    assert main(["summary", str(logfile)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{logfile}: 12 recorded steps (steps 0..11), 4 variables"
+    assert out[1].split() == [
+        "first_norm",
+        "last_norm",
+        "median_norm",
+        "max_norm",
+        "nonfinite",
+        "first_nonfinite_step",
+    ]
+    row = next(line.split() for line in out if line.startswith("net/out/bias"))
+    norm = outlier.log.stat("norm")["net/out/bias"].to_numpy(np.float64)
+    assert float(row[4]) == pytest.approx(norm.max(), rel=1e-3)
+    assert row[5:] == ["4", "3"]
+    assert out[-2] == (
+        "First non-finite step: 3 (net/hidden/kernel, net/hidden/bias, net/out/kernel, "
+        "net/out/bias)"
+    )
+    assert out[-1] == "Alerts: 8 nonfinite"
+
+
+@pytest.mark.parametrize(
+    ("kind", "extra", "size"),
+    [
+        ("flow", [], (600, 480)),
+        ("norms", ["--variables", "hidden*"], (900, 480)),
+        ("heatmap", ["--stat", "norm"], (900, 300)),
+        ("histogram", ["--variable", "out/kernel", "--steps", "2", "3"], (800, 550)),
+    ],
+)
+def test_cli_plot_writes_each_kind(logfile, tmp_path, capsys, kind, extra, size):
+    out = tmp_path / f"{kind}.png"
+    assert main(["plot", str(logfile), "--kind", kind, "-o", str(out), *extra]) == 0
+    assert capsys.readouterr().out == f"Wrote {out}\n"
+    with Image.open(out) as image:
+        assert image.size == size  # the figure's inches at --dpi 100
+        rgb = np.asarray(image.convert("RGB")).astype(int)
+    red = (np.abs(rgb - [214, 39, 40]).sum(axis=2) < 30).sum()
+    assert red > 0  # steps 3 and 9 are non-finite: every chart marks them
+
+
+def test_cli_convert_round_trips(outlier, logfile, tmp_path, capsys):
+    for name in ("grads.csv", "grads.parquet"):
+        assert main(["convert", str(logfile), str(tmp_path / name)]) == 0
+        assert gradwatch.read_log(tmp_path / name) == outlier.log
+    assert main(["convert", str(tmp_path / "grads.csv"), str(tmp_path / "back.parquet")]) == 0
+    assert gradwatch.read_log(tmp_path / "back.parquet") == outlier.log
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"Wrote {tmp_path / 'back.parquet'} (12 recorded steps)"
+    )
+
+
+def test_cli_report_and_tensorboard_write_their_outputs(logfile, tmp_path, capsys):
+    assert main(["report", str(logfile), "-o", str(tmp_path / "r.html")]) == 0
+    text = (tmp_path / "r.html").read_text()
+    assert "<title>gradwatch report: grads.parquet</title>" in text
+    assert text.count('src="data:image/png;base64,') == 4
+    assert main(["tensorboard", str(logfile), "--logdir", str(tmp_path / "tb")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"Wrote 12 steps to {tmp_path / 'tb'}; view them with: tensorboard --logdir "
+        f"{tmp_path / 'tb'}"
+    )
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def _errors(logfile, tmp_path):
+    text = tmp_path / "notes.csv"
+    text.write_text("step,value\n0,1\n")
+    log = str(logfile)
+    png = str(tmp_path / "x.png")
+    return [
+        (["summary", str(tmp_path / "missing.parquet")], r"summary: error: No gradwatch log at "),
+        (["summary", str(text)], r"is not a gradwatch log: its first line should start"),
+        (["plot", log, "--kind", "pie", "-o", png], r"invalid choice: 'pie' \(choose from"),
+        (["plot", log, "--kind", "histogram", "--variable", "nope", "-o", png], r"'nope'"),
+        (["plot", log, "--kind", "histogram", "-o", png], r"needs `--variable KEY`"),
+        (["plot", log, "--kind", "norms", "--variables", "zz*", "-o", png], r"zz\*"),
+        (["plot", log, "-o", str(tmp_path / "x.doc")], r"Use one of .*\.png.*Received: -o "),
+        (["plot", log, "-o", str(tmp_path / "no" / "x.png")], r"does not exist. Create it"),
+        (["plot", log, "--stat", "mean", "-o", png], r"`--stat` applies to --kind heatmap"),
+        (["plot", log, "--step", "99", "-o", png], r"Step 99 was not recorded"),
+        (["convert", log, str(tmp_path / "out.json")], r"Use one of .csv, .parquet, .pq"),
+        (["report", log, "-o", str(tmp_path / "r.pdf")], r"Use one of .htm, .html"),
+        (["tensorboard", log], r"the following arguments are required: --logdir"),
+        ([], r"the following arguments are required: COMMAND"),
+        (["fly"], r"invalid choice: 'fly'"),
+    ]
+
+
+def test_cli_errors_go_to_stderr_with_exit_code_2(logfile, tmp_path, capsys):
+    for argv, message in _errors(logfile, tmp_path):
+        assert main(argv) == 2, argv
+        captured = capsys.readouterr()
+        assert captured.out == "", argv
+        assert "Traceback" not in captured.err
+        assert captured.err.count("error:") == 1, captured.err
+        assert re.search(message, captured.err), (argv, captured.err)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_help_works_on_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(c in out for c in COMMANDS)
+    for command in COMMANDS:
+        assert main([command, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: gradwatch {command} "), out
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"gradwatch {gradwatch.__version__}\n"
+
+
+def test_cli_shows_progress_on_a_terminal(logfile, tmp_path, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stderr = Terminal()
+    monkeypatch.setattr(progress, "DELAY_S", 0)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    assert main(["report", str(logfile), "-o", str(tmp_path / "r.html")]) == 0
+    assert "report:  20%|" in stderr.getvalue() and "1/5 [" in stderr.getvalue()
+
+
+def test_cli_is_a_console_script_and_runs_as_a_subprocess(logfile):
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"] == {"gradwatch": "gradwatch.cli:main"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    run = subprocess.run(
+        [sys.executable, "-m", "gradwatch", "summary", str(logfile), "--csv"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[0].startswith("variable,first_norm,")
+    assert len(run.stdout.splitlines()) == 5
+    bad = subprocess.run(
+        [sys.executable, "-m", "gradwatch", "convert", str(logfile), "out.txt"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip().endswith("Received: out.txt")
