@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -234,6 +235,7 @@ class GradWatch(keras.callbacks.Callback):
         self._model_ref: weakref.ref | None = None
         self.tensorboard_dir = _check_tensorboard_dir(tensorboard_dir, self.stats, self.histogram)
         self._tensorboard: Any = None  # a gradwatch.tensorboard.TensorBoardWriter once used
+        self._tensorboard_failed = False
         self._plan: _Plan | None = None
         self._buffer: GradientBuffer | None = None
         self._epoch = 0
@@ -326,7 +328,8 @@ class GradWatch(keras.callbacks.Callback):
             if self in state.watches:
                 state.watches.remove(self)
             if self._tensorboard is not None:
-                self._tensorboard.close()
+                with contextlib.suppress(OSError, tf.errors.OpError):
+                    self._tensorboard.close()
 
     def _drain(self) -> None:
         buffer, plan = self._buffer, self._plan
@@ -377,12 +380,23 @@ class GradWatch(keras.callbacks.Callback):
 
     def _write_tensorboard(self, out, keys) -> None:
         """Writes the drained block as TensorBoard summaries, at its step numbers."""
+        if self._tensorboard_failed:
+            return
         if self._tensorboard is None:
             from gradwatch.tensorboard import TensorBoardWriter  # imports tf.summary lazily
 
             self._tensorboard = TensorBoardWriter(self.tensorboard_dir)
         norms = out.stats[:, :, self.stats.index("norm")] if "norm" in self.stats else None
-        self._tensorboard.write(out.steps, keys, norms, out.hist, self.histogram or None)
+        try:
+            self._tensorboard.write(out.steps, keys, norms, out.hist, self.histogram or None)
+        except (OSError, tf.errors.OpError) as e:
+            # As with `path`: training goes on, and the log keeps every step.
+            self._tensorboard_failed = True
+            warnings.warn(
+                f"GradWatch could not write TensorBoard summaries to '{self.tensorboard_dir}' "
+                f"({e}); it stops writing them, and `watch.log` keeps every step.",
+                stacklevel=2,
+            )
 
     def _stat_alerts(
         self, out, keys, stat, tripped, kind, acted=None

@@ -116,3 +116,15 @@ def test_gradwatch_tensorboard_dir_is_checked_in_init():
     with pytest.raises(ValueError, match=r"records neither.*tensorboard_dir='tb'"):
         gradwatch.GradWatch(stats=("mean",), tensorboard_dir="tb")
     assert gradwatch.GradWatch(stats=("mean",), histogram=True, tensorboard_dir="tb")
+
+
+def test_gradwatch_tensorboard_write_failure_warns_and_training_goes_on(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    watch = gradwatch.GradWatch(stats="norm", tensorboard_dir=blocker / "tb")
+    x, y = data(n=32)
+    model, _ = pair()
+    model.compile("sgd", "mse")
+    with pytest.warns(UserWarning, match=r"could not write TensorBoard summaries to '.*a-file"):
+        model.fit(x, y, batch_size=8, epochs=2, callbacks=[watch], verbose=0)
+    np.testing.assert_array_equal(watch.log.steps, np.arange(8))
