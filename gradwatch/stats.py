@@ -522,7 +522,7 @@ def histogram_bins(bins_per_decade: int) -> tuple[np.ndarray, np.ndarray, np.nda
 def compute_histograms(tensors: Sequence[Any], bins_per_decade: int) -> Any:
     """Counts the elements of each tensor in the bins of `histogram_bins`.
 
-    One scatter-add over all tensors at once; compiles under XLA. A `None`
+    One bincount over all tensors at once; compiles under XLA. A `None`
     entry gives a row of zeros.
 
     Args:
@@ -547,14 +547,13 @@ def compute_histograms(tensors: Sequence[Any], bins_per_decade: int) -> Any:
     if not present and not sparse:
         return ops.zeros((out_rows, n_bins), dtype="int32")
     if present:
-        flats = [ops.reshape(ops.cast(tensors[i], "float32"), (-1,)) for i in present]
-        sizes = [int(np.prod(tuple(tensors[i].shape))) for i in present]
-        x = flats[0] if len(flats) == 1 else ops.concatenate(flats, axis=0)
-        seg = ops.convert_to_tensor(np.repeat(np.arange(len(present), dtype="int32"), sizes))
-        idx = _bin_index(x, bins_per_decade)
-        flat_counts = ops.segment_sum(
-            ops.ones_like(idx), seg * n_bins + idx, num_segments=len(present) * n_bins
-        )
+        # Rows of equal-size small tensors are stacked, so that the count takes few inputs.
+        # (Empty tensors are left out: their row of zeros is added below.)
+        groups, _ = _groups([tensors[i] for i in present])
+        present = [present[r] for rows, _ in groups for r in rows]
+    if present:
+        sizes = tuple(int(x.shape[0]) for _, x in groups)
+        flat_counts = _dense_counter(sizes, bins_per_decade)(*[x for _, x in groups])
         counts = ops.reshape(flat_counts, (len(present), n_bins))
     else:
         counts = ops.zeros((0, n_bins), dtype="int32")
@@ -566,7 +565,7 @@ def compute_histograms(tensors: Sequence[Any], bins_per_decade: int) -> Any:
             g = tensors[i]
             x = ops.reshape(ops.cast(g.rows, "float32"), (-1,))
             idx = ops.where(ops.reshape(g.valid(), (-1,)), _bin_index(x, bins_per_decade), n_bins)
-            c = ops.segment_sum(ops.ones_like(idx), idx, num_segments=n_bins + 1)[:n_bins]
+            c = _count(idx, n_bins + 1)[:n_bins]
             zero_bin = ops.one_hot(k, n_bins, dtype="int32")
             rows.append(c + zero_bin * ops.cast(g.implicit_zeros(), "int32"))
         counts = ops.concatenate([counts, ops.stack(rows, axis=0)], axis=0)
@@ -578,6 +577,54 @@ def compute_histograms(tensors: Sequence[Any], bins_per_decade: int) -> Any:
     return ops.take(rows, np.asarray([where.get(i, len(present)) for i in range(out_rows)]), axis=0)
 
 
+_COUNTERS: dict[tuple[tuple[int, ...], int], Any] = {}
+
+
+def _dense_counter(rows: tuple[int, ...], bins_per_decade: int) -> Any:
+    """A function counting the bins of 2-D tensors of `rows` rows each: one row of bins
+    per row, in order.
+
+    On TensorFlow it is compiled with XLA, also inside a step that is not: XLA fuses
+    the dozen elementwise ops of the binning into one pass over the elements, which
+    measured 5x faster on the CPU than running them one by one.
+    """
+    n_bins = 2 * (HIST_MAX_EXP - HIST_MIN_EXP) * bins_per_decade + 2
+
+    starts = np.cumsum((0, *rows))
+    total = int(starts[-1])
+
+    def count(*groups):
+        idx = []
+        for start, x in zip(starts, groups, strict=False):
+            offset = ops.convert_to_tensor(
+                ((start + np.arange(x.shape[0])) * n_bins).astype("int32")[:, None]
+            )
+            j = ops.reshape(_bin_index(ops.reshape(x, (-1,)), bins_per_decade), x.shape)
+            idx.append(ops.reshape(j + offset, (-1,)))
+        return _count(idx[0] if len(idx) == 1 else ops.concatenate(idx, axis=0), total * n_bins)
+
+    if keras.backend.backend() != "tensorflow":
+        return count
+    key = (rows, bins_per_decade)
+    if key not in _COUNTERS:
+        import tensorflow as tf
+
+        _COUNTERS[key] = tf.function(count, jit_compile=True, autograph=False)
+    return _COUNTERS[key]
+
+
+def _count(idx: Any, length: int) -> Any:
+    """How often each of `0 .. length - 1` occurs in the int32 tensor `idx`."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        # A bincount: on the CPU an unsorted segment sum of ones was 20x slower.
+        return tf.raw_ops.DenseBincount(
+            input=idx, size=length, weights=tf.zeros([0], tf.int32), binary_output=False
+        )
+    return ops.segment_sum(ops.ones_like(idx), idx, num_segments=length)
+
+
 def _bin_index(x: Any, bins_per_decade: int) -> Any:
     """The bin number of each element of a flat float32 tensor (see `histogram_bins`)."""
     k = (HIST_MAX_EXP - HIST_MIN_EXP) * bins_per_decade
@@ -585,15 +632,16 @@ def _bin_index(x: Any, bins_per_decade: int) -> Any:
     a = ops.abs(x)
     finite = ops.isfinite(x)
     safe = ops.where(finite & (a > 0), a, 1.0)
-    j = ops.floor((ops.log10(safe) - HIST_MIN_EXP) * bins_per_decade)
-    j = ops.cast(ops.clip(j, 0, k - 1), "int32")
-    # log10 is inexact near an edge: move to the neighbouring bin where the
-    # float32 edges say so, so that binning follows `lo <= |g| < hi` exactly.
+    # The edge nearest to |g| on the log scale is `g`; log10 is inexact, but only by far
+    # less than half a bin, so |g| lies in bin g - 1 or g, and one exact comparison with
+    # the float32 edge decides: binning follows `lo <= |g| < hi` exactly.
+    u = (ops.log10(safe) - HIST_MIN_EXP) * bins_per_decade
+    g = ops.cast(ops.clip(ops.round(u), 0, k), "int32")
     edges = ops.convert_to_tensor(
         (10.0 ** (HIST_MIN_EXP + np.arange(k + 1) / bins_per_decade)).astype("float32")
     )
-    j = ops.where((j > 0) & (safe < ops.take(edges, j)), j - 1, j)
-    j = ops.where((j < k - 1) & (safe >= ops.take(edges, j + 1)), j + 1, j)
+    j = g - 1 + ops.cast(safe >= ops.take(edges, g), "int32")
+    j = ops.clip(j, 0, k - 1)  # below the range: the lowest bin; above it: the highest
     idx = ops.where(x < 0, k - 1 - j, k + 1 + j)
     idx = ops.where(a == 0, k, idx)
     return ops.where(finite, idx, n_bins - 1)
