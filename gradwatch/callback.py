@@ -35,6 +35,7 @@ from gradwatch.stats import (
     compute_histograms,
     compute_stats,
     sum_of_squares,
+    traced_for_xla,
 )
 
 Policy = Literal["ignore", "warn", "stop", "raise"]
@@ -466,6 +467,10 @@ class GradWatch(keras.callbacks.Callback):
 
         `skipped` is a bool tensor (a loss-scale optimizer skipped the update) or None.
         """
+        with traced_for_xla(model.jit_compile):
+            self._capture_traced(model, step, records, skipped)
+
+    def _capture_traced(self, model, step, records, skipped) -> None:
         plan = self._plan_for(model)
         buffer = self._buffer_for(model, plan)
         known = set(plan.signature)
@@ -673,6 +678,10 @@ class GradWatch(keras.callbacks.Callback):
         Non-finite gradients that a loss-scale optimizer skipped (`skipped`) never
         reached the weights, so they do not trip `on_nonfinite`.
         """
+        with traced_for_xla(model.jit_compile):
+            self._check_traced(model, step, records, skipped)
+
+    def _check_traced(self, model, step, records, skipped) -> None:
         if not self._checks:
             return
         plan = self._plan_for(model)

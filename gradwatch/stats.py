@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import keras
@@ -260,12 +262,37 @@ def _sum_of_squares(x: Any, source: Any = None) -> Any:
     return ops.sum(ops.square(x), axis=1)
 
 
+_xla = threading.local()
+
+
+@contextlib.contextmanager
+def traced_for_xla(flag: bool) -> Iterator[None]:
+    """Tells `sum_of_squares` that the step being traced is compiled with XLA."""
+    before = getattr(_xla, "on", False)
+    _xla.on = bool(flag)
+    try:
+        yield
+    finally:
+        _xla.on = before
+
+
 def sum_of_squares(g: Any) -> Any:
     """`sum(g**2)` as a scalar; on TensorFlow one L2Loss op (one pass, XLA-compatible)."""
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        return 2.0 * tf.nn.l2_loss(tf.cast(g, tf.float32))
+        g = tf.cast(g, tf.float32)
+        if getattr(_xla, "on", False):
+            # XLA's CPU backend runs a reduction with the square fused into it several
+            # times slower than a plain sum: keep the square a separate pass (the MLP's
+            # jit row measured 1.36x -> 1.23x).
+            try:
+                from tensorflow.compiler.tf2xla.python import xla
+            except ImportError:  # pragma: no cover - private module moved
+                return 2.0 * tf.nn.l2_loss(g)
+            (squares,) = xla.optimization_barrier([tf.square(g)])
+            return tf.reduce_sum(squares)
+        return 2.0 * tf.nn.l2_loss(g)
     return ops.sum(ops.square(ops.cast(g, "float32")))
 
 
