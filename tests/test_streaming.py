@@ -30,7 +30,11 @@ def test_streamed_log_reads_back_equal_to_the_in_memory_log(tmp_path, spe):
     streamed = gradwatch.GradWatch(**kwargs, path=tmp_path / "run", flush_every=60)
     _fit(streamed, spe=spe)
     assert len(memory.log) == 250
-    parts = sorted(p.name for p in (tmp_path / "run").iterdir())
+    # One run of one worker: run/worker=0/run=<id>/part-*.parquet
+    (worker,) = (tmp_path / "run").iterdir()
+    (run,) = worker.iterdir()
+    assert worker.name == "worker=0" and run.name.startswith("run=")
+    parts = sorted(p.name for p in run.iterdir())
     assert len(parts) >= 4 and all(p.startswith("part-") for p in parts)
     assert gradwatch.read_log(tmp_path / "run") == memory.log
     assert streamed.log == memory.log
