@@ -996,6 +996,8 @@ def _check_strategy(model: Any) -> None:
     across workers, a failed worker can leave the others waiting)."""
     strategy = model.distribute_strategy
     name = type(strategy).__name__
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        name = "MultiWorkerMirroredStrategy"  # not its internal class's name
     if not isinstance(strategy, _SYNC_STRATEGIES):
         if isinstance(strategy, tf.distribute.OneDeviceStrategy) or (
             strategy is tf.distribute.get_strategy() and not tf.distribute.has_strategy()
