@@ -269,3 +269,58 @@ def test_multi_worker_keras_limits_are_clear_errors_on_every_worker(multi_worker
         for key in ("spe", "jit"):
             assert r["limits"][key].startswith("ValueError: Keras ")
             assert "MultiWorkerMirroredStrategy" in r["limits"][key]
+
+
+# In this process: no strategy, so no subprocess is needed.
+
+
+def test_per_replica_without_a_strategy_is_one_replica_zero_equal_to_the_global(tmp_path):
+    x, y = data(n=24)
+    model = gradwatch.Sequential(layers(), name="net")
+    model.compile("sgd", "mse")
+    watch = gradwatch.GradWatch(per_replica=True)
+    model.fit(x, y, batch_size=8, callbacks=[watch], verbose=0)
+    log = watch.log
+    assert log.replicas == [0]
+    for stat in log.stat_names:
+        np.testing.assert_array_equal(log.stat(stat, replica=0), log.stat(stat))
+    assert log.frame["replica"].dtype == "Int64"
+    for path in (tmp_path / "g.csv", tmp_path / "g.parquet"):
+        (log.to_csv if path.suffix == ".csv" else log.to_parquet)(path)
+        back = gradwatch.read_log(path)
+        assert back == log and back.frame.equals(log.frame)
+    with pytest.raises(KeyError, match=r"No stats of replica 1 were recorded\. .*\[0\]"):
+        log.stat("norm", replica=1)
+
+
+def test_without_per_replica_the_frame_has_no_replica_column():
+    x, y = data(n=8)
+    model = gradwatch.Sequential(layers(), name="net")
+    model.compile("sgd", "mse")
+    watch = gradwatch.GradWatch()
+    model.fit(x, y, batch_size=8, callbacks=[watch], verbose=0)
+    assert list(watch.log.frame.columns) == ["step", "epoch", "batch", "variable", "stat", "value"]
+    assert watch.log.replicas == []
+    with pytest.raises(KeyError, match="GradWatch\\(per_replica=True\\)"):
+        watch.log.stat("norm", replica=0)
+
+
+def test_distributed_arguments_are_checked():
+    with pytest.raises(
+        TypeError, match=r"`per_replica` must be True or False\. Received: per_replica=1"
+    ):
+        gradwatch.GradWatch(per_replica=1)
+    with pytest.raises(TypeError, match="Received: all_workers='yes'"):
+        gradwatch.GradWatch(all_workers="yes")
+
+
+def test_a_strategy_gradwatch_does_not_know_is_refused_before_training():
+    strategy = tf.distribute.experimental.CentralStorageStrategy()
+    with strategy.scope():
+        model = gradwatch.Sequential(layers(), name="net")
+        model.compile("sgd", "mse")
+    x, y = data(n=8)
+    with pytest.raises(
+        NotImplementedError, match="Received: a model built under CentralStorageStrategy"
+    ):
+        model.fit(x, y, batch_size=8, callbacks=[gradwatch.GradWatch()], verbose=0)
