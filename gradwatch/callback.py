@@ -140,6 +140,18 @@ class GradWatch(keras.callbacks.Callback):
     watch.log.stat("norm")
     watch.log.gradient("dense/kernel", step=0)
     ```
+
+    Under `tf.distribute` the log holds the global gradient; ask for each
+    replica's local one too:
+
+    ```python
+    with tf.distribute.MirroredStrategy().scope():
+        model = gradwatch.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        model.compile(optimizer="sgd", loss="mse")
+    watch = gradwatch.GradWatch(per_replica=True)
+    model.fit(x, y, batch_size=64, callbacks=[watch])
+    watch.log.stat("norm", replica=0)
+    ```
     """
 
     def __init__(
@@ -304,7 +316,7 @@ class GradWatch(keras.callbacks.Callback):
         if self._buffer is not None:
             spe = int(self.model.steps_per_execution)
             limit = self._buffer.capacity
-            if self.path is not None:  # drain in time to write a part every flush_every
+            if self.path is not None and self._writes:  # drain in time to write a part
                 limit = min(limit, max(self.flush_every - self._pending, spe))
             if (self._since_drain + 1) * spe > limit:
                 self._drain()
