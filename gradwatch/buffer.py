@@ -18,6 +18,7 @@ class Drained:
     stats: np.ndarray  # float32, (k, n_variables, n_stats)
     values: list[np.ndarray]  # float32, (k, size) for each kept variable
     hist: np.ndarray | None  # int32, (k, n_variables, n_bins)
+    replica_stats: np.ndarray | None  # float32, (k, n_replicas, n_variables, n_stats)
     skipped: np.ndarray  # bool, (k,): a loss-scale optimizer skipped the update
     lost: int  # slots overwritten before they were drained
 
@@ -29,6 +30,13 @@ class GradientBuffer(keras.metrics.Metric):
     `result()` is empty and `reset_state()` a no-op, so it survives the reset of
     metrics at each epoch.
 
+    Under `tf.distribute` its variables are SyncOnRead: each replica writes its
+    own copy. Every replica writes the same slots (the global gradient's stats,
+    and the per-replica stats gathered from all replicas), so the host reads
+    the first replica's copy (`only_first_replica`); a summing read would add
+    the replicas' copies up, and under a multi-worker strategy it would wait on
+    the other workers.
+
     Args:
         n_variables: Number of watched variables (rows of a stats slot).
         n_stats: Number of stats per variable.
@@ -36,6 +44,7 @@ class GradientBuffer(keras.metrics.Metric):
         capacity: Number of slots. Must cover the steps run between drains.
         n_bins: Histogram bins per variable, or 0 for no histograms.
         prev_size: Elements of the previous gradient kept for `cos_prev`, or 0.
+        n_replicas: Replicas whose local-gradient stats each slot keeps, or 0.
     """
 
     def __init__(
@@ -46,6 +55,7 @@ class GradientBuffer(keras.metrics.Metric):
         capacity: int,
         n_bins: int = 0,
         prev_size: int = 0,
+        n_replicas: int = 0,
         name: str = "gradwatch_buffer",
     ):
         super().__init__(name=name)
@@ -88,8 +98,24 @@ class GradientBuffer(keras.metrics.Metric):
         self.prev_step = self.add_variable(
             shape=(), initializer=keras.initializers.Constant(-2), dtype="int64", name="prev_step"
         )
+        self.replica_stats = (
+            self.add_variable(
+                shape=(capacity, n_replicas, n_variables, n_stats),
+                initializer="zeros",
+                dtype="float32",
+                name="replica_stats",
+            )
+            if n_replicas
+            else None
+        )
         self.drained = 0  # host side: slots already copied out
         self.flagged = False  # a traced step has written `skipped`
+
+    def add_variable(self, shape, initializer, dtype=None, aggregation=None, name=None):
+        # Every replica writes the same values: read the first replica's copy.
+        return super().add_variable(
+            shape, initializer, dtype=dtype, aggregation="only_first_replica", name=name
+        )
 
     def update_state(self, *args, **kwargs) -> None:
         raise NotImplementedError("GradientBuffer is written by `write`, not `update_state`.")
@@ -101,7 +127,9 @@ class GradientBuffer(keras.metrics.Metric):
         # Keras resets metrics every epoch; the buffer must keep undrained slots.
         pass
 
-    def write(self, step, stats, values: Sequence, hist=None, skipped=None) -> None:
+    def write(
+        self, step, stats, values: Sequence, hist=None, skipped=None, replica_stats=None
+    ) -> None:
         """Writes one step into the next slot, inside the compiled step."""
         count = self.count.value
         slot = tf.cast(count % self.capacity, tf.int32)[None]
@@ -115,6 +143,8 @@ class GradientBuffer(keras.metrics.Metric):
             _write_slot(var.value, slot, tf.reshape(tf.cast(value, tf.float32), (-1,)))
         if self.hist is not None:
             _write_slot(self.hist.value, slot, tf.cast(hist, tf.int32))
+        if self.replica_stats is not None:
+            _write_slot(self.replica_stats.value, slot, replica_stats)
         self.count.value.assign_add(1)
 
     def drain(self) -> Drained:
@@ -131,6 +161,9 @@ class GradientBuffer(keras.metrics.Metric):
                 np.zeros((0, *self.stats.shape[1:]), np.float32),
                 [np.zeros((0, v.shape[1]), np.float32) for v in self.values],
                 None if self.hist is None else np.zeros((0, *self.hist.shape[1:]), np.int32),
+                None
+                if self.replica_stats is None
+                else np.zeros((0, *self.replica_stats.shape[1:]), np.float32),
                 np.zeros((0,), bool),
                 lost,
             )
@@ -140,6 +173,9 @@ class GradientBuffer(keras.metrics.Metric):
             stats=self.stats.value.numpy()[idx],
             values=[tf.gather(v.value, tidx).numpy() for v in self.values],
             hist=None if self.hist is None else self.hist.value.numpy()[idx],
+            replica_stats=(
+                None if self.replica_stats is None else self.replica_stats.value.numpy()[idx]
+            ),
             skipped=(
                 self.skipped.value.numpy()[idx] != 0 if self.flagged else np.zeros(len(idx), bool)
             ),

@@ -96,9 +96,12 @@ class GradWatch(keras.callbacks.Callback):
             |g|, or a number of bins per decade. See
             `gradwatch.stats.histogram_bins` for the bins. Defaults to `False`.
         path: Stream the log to this directory while training runs, as a
-            Parquet dataset of `part-*.parquet` files that `gradwatch.read_log`,
-            `pyarrow.dataset` or any Parquet reader can read. Memory then holds
-            at most about `flush_every` steps. Defaults to `None` (memory only).
+            hive-partitioned Parquet dataset,
+            `path/worker=<k>/run=<id>/part-*.parquet`, that `gradwatch.read_log`,
+            `pyarrow.dataset`, pandas or DuckDB can read. Each `GradWatch` is
+            one run; a later one appends a new run. Memory then holds at most
+            about `flush_every` steps. Under `MultiWorkerMirroredStrategy` only
+            the chief writes (see `all_workers`). Defaults to `None` (memory only).
         flush_every: With `path`, write a part every this many recorded
             steps, and at the end of training. Defaults to `1000`.
         max_value_elements: The largest variable (in elements) whose full
@@ -121,6 +124,14 @@ class GradWatch(keras.callbacks.Callback):
             log's step numbers, each time the buffer is drained; see
             `gradwatch.tensorboard`. Needs the `norm` stat or `histogram`.
             Defaults to `None`.
+        per_replica: Under `tf.distribute`, also record the stats of each
+            replica's local gradient (as Keras hands it to the optimizer),
+            in rows with a `replica` number; the other rows hold the global
+            gradient's stats. Without a strategy there is one replica, 0.
+            Defaults to `False`.
+        all_workers: Under `MultiWorkerMirroredStrategy` with `path`, every
+            worker writes its own partition (`worker=k`) instead of the chief
+            alone. Defaults to `False`.
 
     The stats `weight_norm`, `update_norm` and `update_ratio` keep a copy of
     the selected weights from before the update, and `cos_prev` keeps the
@@ -136,6 +147,18 @@ class GradWatch(keras.callbacks.Callback):
     model.fit(x, y, epochs=2, callbacks=[watch])
     watch.log.stat("norm")
     watch.log.gradient("dense/kernel", step=0)
+    ```
+
+    Under `tf.distribute` the log holds the global gradient; ask for each
+    replica's local one too:
+
+    ```python
+    with tf.distribute.MirroredStrategy().scope():
+        model = gradwatch.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        model.compile(optimizer="sgd", loss="mse")
+    watch = gradwatch.GradWatch(per_replica=True)
+    model.fit(x, y, batch_size=64, callbacks=[watch])
+    watch.log.stat("norm", replica=0)
     ```
     """
 
@@ -154,8 +177,15 @@ class GradWatch(keras.callbacks.Callback):
         min_norm: float | None = None,
         on_threshold: Policy = "warn",
         tensorboard_dir: str | os.PathLike | None = None,
+        per_replica: bool = False,
+        all_workers: bool = False,
     ):
         super().__init__()
+        for arg, value in (("per_replica", per_replica), ("all_workers", all_workers)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"`{arg}` must be True or False. Received: {arg}={value!r}")
+        self.per_replica = bool(per_replica)
+        self.all_workers = bool(all_workers)
         self.variables = check_patterns(variables, "variables")
         self.stats = check_stats(stats)
         self.values = None if values is None else check_patterns(values, "values")
@@ -165,7 +195,9 @@ class GradWatch(keras.callbacks.Callback):
             raise ValueError(f"`every` must be an integer >= 1. Received: every={every!r}")
         self.every = int(every)
         self.histogram = _check_histogram(histogram)
-        self._log = GradientLog(self.stats, bins_per_decade=self.histogram or None)
+        self._log = GradientLog(
+            self.stats, bins_per_decade=self.histogram or None, per_replica=self.per_replica
+        )
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise TypeError(
                 "`path` must be a directory path (str or os.PathLike), or None. "
@@ -230,6 +262,8 @@ class GradWatch(keras.callbacks.Callback):
         self._error: FloatingPointError | None = None
         self._alarm_pending: list[str] = []
         self._pending = 0  # recorded steps not yet written to `path`
+        self._worker, self._writes = 0, True  # this process's worker index; does it write?
+        self._run: str | None = None  # the run id of this watch's parts under `path`
         self._write_failed = False
         self._read_cache: tuple[int, GradientLog] | None = None
         self._needs_weights = any(s in UPDATE_STATS for s in self.stats)
@@ -246,20 +280,21 @@ class GradWatch(keras.callbacks.Callback):
     @property
     def log(self) -> GradientLog:
         """The recorded history. With `path`, what was written there plus what was not yet."""
-        if self.path is None or self._write_failed:
+        if self.path is None or self._write_failed or not self._writes:
             return self._log
         self._flush()
-        if self._write_failed or not io.part_files(self.path):
+        parts = io.dataset_parts(self.path).get(self._worker, []) if self.path.is_dir() else []
+        if self._write_failed or not parts:
             return self._log
-        n_parts = len(io.part_files(self.path))
-        if self._read_cache is None or self._read_cache[0] != n_parts:
-            self._read_cache = (n_parts, io.read_log(self.path))
+        if self._read_cache is None or self._read_cache[0] != len(parts):
+            self._read_cache = (len(parts), io.read_log(self.path, worker=self._worker))
         return self._read_cache[1]
 
     # ------------------------------------------------------------- host side
     def on_train_begin(self, logs: dict | None = None) -> None:
         model = self.model
         _check_model(model)
+        _check_strategy(model)
         if self.path is not None:
             self._prepare_path()
         if self._model_ref is not None and self._model_ref() is not model:
@@ -293,7 +328,7 @@ class GradWatch(keras.callbacks.Callback):
         if self._buffer is not None:
             spe = int(self.model.steps_per_execution)
             limit = self._buffer.capacity
-            if self.path is not None:  # drain in time to write a part every flush_every
+            if self.path is not None and self._writes:  # drain in time to write a part
                 limit = min(limit, max(self.flush_every - self._pending, spe))
             if (self._since_drain + 1) * spe > limit:
                 self._drain()
@@ -357,6 +392,7 @@ class GradWatch(keras.callbacks.Callback):
             plan.value_codes,
             values,
             hist=out.hist,
+            replica_stats=out.replica_stats,
         )
         keys = [plan.keys[i] for i in plan.stat_index]
         self._log._add_skipped(out.steps[out.skipped])
@@ -376,7 +412,7 @@ class GradWatch(keras.callbacks.Callback):
             if found and self.on_threshold == "warn" and self._threshold_from_stats:
                 self._act("warn", self._threshold_message(first, found))
         self._pending += k
-        if self.path is not None and self._pending >= self.flush_every:
+        if self.path is not None and self._writes and self._pending >= self.flush_every:
             self._flush()
 
     def _write_tensorboard(self, out, keys) -> None:
@@ -422,6 +458,11 @@ class GradWatch(keras.callbacks.Callback):
 
     def _prepare_path(self) -> None:
         path = self.path
+        self._worker, chief = _worker_of(self.model)
+        # Every worker records the same global gradients; one copy on disk is enough.
+        self._writes = chief or self.all_workers
+        if not self._writes:
+            return
         if path.exists() and not path.is_dir():
             raise ValueError(
                 f"`path` must be a directory for the streamed log, but '{path}' is a file. "
@@ -431,24 +472,34 @@ class GradWatch(keras.callbacks.Callback):
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OSError(f"Cannot create the log directory '{path}': {e.strerror or e}.") from e
-        meta = io.streamed_metadata(path)
+        meta = io.streamed_metadata(path, self._worker)
         if meta is not None and (
             meta["stats"] != list(self.stats)
             or meta.get("bins_per_decade") != (self.histogram or None)
+            or bool(meta.get("per_replica", False)) != self.per_replica
         ):
             raise ValueError(
-                f"'{path}' already holds a gradwatch log with stats={meta['stats']} and "
-                f"histogram bins per decade {meta.get('bins_per_decade')}, which this GradWatch "
-                f"(stats={list(self.stats)}, histogram={self.histogram or None}) cannot continue. "
-                "Use another `path`, or the same stats to append to it."
+                f"'{path}' already holds a gradwatch log with stats={meta['stats']}, "
+                f"histogram bins per decade {meta.get('bins_per_decade')} and "
+                f"per_replica={bool(meta.get('per_replica', False))}, which this GradWatch "
+                f"(stats={list(self.stats)}, histogram={self.histogram or None}, "
+                f"per_replica={self.per_replica}) cannot continue. "
+                "Use another `path`, or the same settings to append to it."
             )
+        if self._run is None:  # one run per GradWatch, across its fits
+            self._run = io.new_run_id()
+        target = io.run_directory(path, self._worker, self._run)
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(f"Cannot create the log directory '{target}': {e.strerror or e}.") from e
 
     def _flush(self) -> None:
         """Writes the steps held in memory as the next part under `path`, then forgets them."""
-        if self.path is None or self._write_failed or not len(self._log):
+        if self.path is None or self._write_failed or not self._writes or not len(self._log):
             return
         try:
-            io.append_part(self._log, self.path)
+            io.append_part(self._log, io.run_directory(self.path, self._worker, self._run))
         except OSError as e:
             # Training goes on; the in-memory log keeps every step from here on.
             self._write_failed = True
@@ -462,15 +513,25 @@ class GradWatch(keras.callbacks.Callback):
         self._pending = 0
 
     # ----------------------------------------------------- inside the step
-    def _capture(self, model: Any, step: Any, records: dict[int, tuple], skipped: Any) -> None:
+    def _capture(
+        self,
+        model: Any,
+        step: Any,
+        records: dict[int, tuple],
+        skipped: Any,
+        local: dict[int, tuple] | None = None,
+    ) -> None:
         """Adds this watch's capture to the step being traced.
 
+        `records` hold the global gradients, `local` (under `tf.distribute`) what
+        this replica handed the optimizer; without a strategy they are the same.
         `skipped` is a bool tensor (a loss-scale optimizer skipped the update) or None.
         """
         with traced_for_xla(model.jit_compile):
-            self._capture_traced(model, step, records, skipped)
+            self._capture_traced(model, step, records, skipped, local)
 
-    def _capture_traced(self, model, step, records, skipped) -> None:
+    def _capture_traced(self, model, step, records, skipped, local) -> None:
+        local = records if local is None else local
         plan = self._plan_for(model)
         buffer = self._buffer_for(model, plan)
         known = set(plan.signature)
@@ -515,13 +576,23 @@ class GradWatch(keras.callbacks.Callback):
                 parts.append(tf.reshape(dense(g), (-1,)))
             return tf.concat(parts, axis=0)
 
+        # Collectives stay out of the branch below: under tf.distribute a cross-replica
+        # call inside a conditional branch fails to trace.
+        distributed = local is not records
+        clipped = (
+            _clipped_norms_distributed(plan, local)
+            if distributed and "clipped_norm" in self.stats
+            else None
+        )
+        replica_stats = self._replica_stats(plan, local) if self.per_replica else None
+
         def record():
             grads = {i: gradient(i) for i in dict.fromkeys(plan.stat_index + plan.value_index)}
             stat_grads = [grads[i] for i in plan.stat_index]
             n_stats = len(self.stats)
             if plan.stat_index:
                 cols = self._stat_columns(
-                    plan, entries, stat_grads, step, buffer, flat_gradients, records
+                    plan, entries, stat_grads, step, buffer, flat_gradients, records, clipped
                 )
                 stats = tf.stack([cols[name] for name in self.stats], axis=1)
             else:
@@ -533,7 +604,7 @@ class GradWatch(keras.callbacks.Callback):
                 for i in plan.value_index
             ]
             hist = compute_histograms(stat_grads, self.histogram) if self.histogram else None
-            buffer.write(step, stats, values, hist, skipped)
+            buffer.write(step, stats, values, hist, skipped, replica_stats)
             return tf.constant(True)
 
         def keep_previous():
@@ -552,11 +623,35 @@ class GradWatch(keras.callbacks.Callback):
             else:
                 branch((step + 1) % self.every == 0, keep_previous, lambda: tf.constant(False))
 
-    def _stat_columns(self, plan, entries, stat_grads, step, buffer, flat_gradients, records):
+    def _replica_stats(self, plan: _Plan, local: dict[int, tuple]) -> Any:
+        """The stats of each replica's local gradient, gathered from all replicas:
+        `(n_replicas, n_variables, n_stats)` in replica order, NaN for the stats that
+        are not functions of the gradient alone. Every replica gets the same tensor."""
+        grads = []
+        for i in plan.stat_index:
+            entry = local.get(id(plan.variables[i]))
+            if entry is None or entry[1] is None:
+                grads.append(None)
+                continue
+            grads.append(unscaled_float32(entry[1], entry[2]))
+        names = [s for s in self.stats if s in GRADIENT_STATS]
+        n = len(plan.stat_index)
+        table = compute_stats(grads, names) if names and n else tf.zeros((n, 0), tf.float32)
+        nan = tf.fill((n,), tf.constant(math.nan, tf.float32))
+        cols = [table[:, names.index(s)] if s in names else nan for s in self.stats]
+        mine = tf.stack(cols, axis=1)[None] if cols else tf.zeros((1, n, 0), tf.float32)
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1:
+            return mine
+        return context.all_gather(mine, axis=0)
+
+    def _stat_columns(
+        self, plan, entries, stat_grads, step, buffer, flat_gradients, records, clipped=None
+    ):
         """The stats of the selected variables, one float32 column per stat name."""
         cols = {}
         if "clipped_norm" in self.stats:
-            cols["clipped_norm"] = _clipped_norms(plan, records)
+            cols["clipped_norm"] = _clipped_norms(plan, records) if clipped is None else clipped
         grad_stats = [s for s in self.stats if s in GRADIENT_STATS]
         if grad_stats:
             table = compute_stats(stat_grads, grad_stats)
@@ -786,6 +881,8 @@ class GradWatch(keras.callbacks.Callback):
             spe = int(model.steps_per_execution)
             n_bins = 2 * (HIST_MAX_EXP - HIST_MIN_EXP) * self.histogram + 2 if self.histogram else 0
             slot_bytes = slot_bytes + 4 * len(plan.stat_index) * n_bins
+            if self.per_replica:
+                slot_bytes += 4 * _num_replicas(model) * len(plan.stat_index) * len(self.stats)
             capacity = max(2 * spe, min(_SLOTS, _BUFFER_BYTES // slot_bytes))
             prev_size = 0
             if "cos_prev" in self.stats:
@@ -798,6 +895,7 @@ class GradWatch(keras.callbacks.Callback):
                     capacity,
                     n_bins=n_bins,
                     prev_size=prev_size,
+                    n_replicas=_num_replicas(model) if self.per_replica else 0,
                 )
         return self._buffer
 
@@ -847,6 +945,50 @@ def _clipped_norms(plan: _Plan, records: dict[int, tuple]) -> Any:
     return tf.stack(out)
 
 
+def _clipped_norms_distributed(plan: _Plan, local: dict[int, tuple]) -> Any:
+    """`_clipped_norms` under tf.distribute, where each replica's optimizer clips its
+    local gradient and then sums the clipped gradients over the replicas.
+
+    The norm of that sum needs the clipped tensors, so they are built here from
+    Keras' formulas and all-reduced (outside any branch).
+    """
+    grads, optimizers, sq = {}, {}, {}
+    for var, grad, scale, _, optimizer in local.values():
+        if grad is None:
+            continue
+        # Dense: the clipped gradients are all-reduced, and replicas touch different rows.
+        grads[id(var)] = dense(unscaled_float32(grad, scale))
+        sq[id(var)] = sum_of_squares(grads[id(var)])
+        optimizers[id(var)] = getattr(optimizer, "inner_optimizer", optimizer)
+    total: dict[int, Any] = {}
+    for key, opt in optimizers.items():
+        total[id(opt)] = total.get(id(opt), 0.0) + sq[key]
+    keys = [id(plan.variables[i]) for i in plan.stat_index if id(plan.variables[i]) in grads]
+    clipped = []
+    for key in keys:
+        g, opt = grads[key], optimizers[key]
+        clipnorm = getattr(opt, "clipnorm", None)
+        global_clipnorm = getattr(opt, "global_clipnorm", None)
+        clipvalue = getattr(opt, "clipvalue", None)
+        if clipnorm and clipnorm > 0:
+            norm = tf.sqrt(sq[key])
+            clipped.append(g * clipnorm / tf.maximum(norm, clipnorm))
+        elif global_clipnorm and global_clipnorm > 0:
+            gn = tf.sqrt(total[id(opt)])
+            clipped.append(g * global_clipnorm * tf.minimum(1.0 / gn, 1.0 / global_clipnorm))
+        elif clipvalue and clipvalue > 0:
+            clipped.append(tf.clip_by_value(g, -clipvalue, clipvalue))
+        else:
+            clipped.append(g)
+    nan = tf.constant(math.nan, tf.float32)
+    if not keys:
+        return tf.fill((len(plan.stat_index),), nan)
+    context = tf.distribute.get_replica_context()
+    summed = context.all_reduce(tf.distribute.ReduceOp.SUM, clipped)
+    norms = dict(zip(keys, (tf.sqrt(sum_of_squares(c)) for c in summed), strict=True))
+    return tf.stack([norms.get(id(plan.variables[i]), nan) for i in plan.stat_index])
+
+
 def _check_model(model: Any) -> None:
     if not isinstance(model, GradWatchMixin):
         raise TypeError(
@@ -870,6 +1012,65 @@ def _check_model(model: Any) -> None:
             "gradwatch records gradients with the TensorFlow backend of Keras. "
             f"Received: KERAS_BACKEND={keras.backend.backend()!r}. "
             "Set KERAS_BACKEND=tensorflow before importing keras."
+        )
+
+
+def _worker_of(model: Any) -> tuple[int, bool]:
+    """This process's worker index in the cluster and whether it is the chief.
+
+    Without a multi-worker strategy: worker 0, the chief. With one, the index of
+    `TF_CONFIG`'s task among all tasks, a `chief` task first, then the `worker`
+    tasks; without a `chief` task, worker 0 is the chief (as in Keras).
+    """
+    strategy = model.distribute_strategy
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return 0, True
+    resolver = strategy.cluster_resolver
+    task_type, task_id = resolver.task_type, resolver.task_id
+    if task_type in (None, "chief"):
+        return 0, True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    index = int(task_id or 0) + (1 if has_chief else 0)
+    return index, index == 0
+
+
+def _num_replicas(model: Any) -> int:
+    return int(model.distribute_strategy.num_replicas_in_sync)
+
+
+# Strategies whose replicas run the step in sync and sum their gradients; gradwatch
+# records the global gradient under these.
+_SYNC_STRATEGIES = (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def _check_strategy(model: Any) -> None:
+    """Refuses, before any step runs, what gradwatch cannot record correctly under
+    `tf.distribute`, and what Keras itself cannot train (it would fail mid-step;
+    across workers, a failed worker can leave the others waiting)."""
+    strategy = model.distribute_strategy
+    name = type(strategy).__name__
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        name = "MultiWorkerMirroredStrategy"  # not its internal class's name
+    if not isinstance(strategy, _SYNC_STRATEGIES):
+        if isinstance(strategy, tf.distribute.OneDeviceStrategy) or (
+            strategy is tf.distribute.get_strategy() and not tf.distribute.has_strategy()
+        ):
+            return  # one replica: its gradient is the global one
+        raise NotImplementedError(
+            "gradwatch records the global gradient under MirroredStrategy and "
+            "MultiWorkerMirroredStrategy (and without a strategy, or with "
+            f"OneDeviceStrategy). Received: a model built under {name}. Train it "
+            "without a GradWatch, or under one of those strategies."
+        )
+    spe = int(model.steps_per_execution)
+    jit = bool(model.jit_compile)
+    if spe > 1 or jit:
+        raise ValueError(
+            f"Keras {keras.version()} cannot train a model under {name} with "
+            "`steps_per_execution > 1` or `jit_compile=True`: the compiled step fails "
+            "inside Keras, with or without gradwatch. Received: "
+            f"steps_per_execution={spe}, jit_compile={jit}. Compile the model with "
+            "`steps_per_execution=1, jit_compile=False` to train it with a GradWatch."
         )
 
 

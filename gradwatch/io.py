@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ FORMAT = "gradwatch-log"
 VERSION = 1
 _CSV_MARK = "# " + FORMAT + " "
 COLUMNS = ("step", "epoch", "batch", "variable", "stat", "index", "value")
+REPLICA_COLUMNS = ("step", "epoch", "batch", "replica", "variable", "stat", "index", "value")
 _VALUE_STAT = "grad"  # the `stat` of rows that hold kept tensor elements
 _HIST_STAT = "hist"  # the `stat` of histogram rows: `index` is the bin, `value` the count
 
@@ -33,11 +36,17 @@ def _metadata(log: GradientLog) -> dict[str, Any]:
         "disconnected": log.disconnected,
         "alerts": [[step, key, kind, value] for (step, key, kind), value in log._alerts.items()],
         "skipped": sorted(log._skipped),
+        "per_replica": log.per_replica,
     }
 
 
 def _table(log: GradientLog) -> pd.DataFrame:
-    """One long table: stat rows (index empty), kept elements ('grad'), histogram bins ('hist')."""
+    """One long table: stat rows (index empty), kept elements ('grad'), histogram bins ('hist').
+
+    A log with per-replica stats has a `replica` column too, after `batch`: empty on
+    the global gradient's rows (and on kept elements and bins), the replica's
+    number on its local-gradient stats.
+    """
     stats = log.frame
     values = log.values_frame
     cats = [*log.stat_names, _VALUE_STAT, _HIST_STAT]
@@ -68,7 +77,12 @@ def _table(log: GradientLog) -> pd.DataFrame:
     if log.bins_per_decade is not None:
         hist = _hist_rows(log)
         frames.append(hist.assign(stat=pd.Categorical([_HIST_STAT] * len(hist), categories=cats)))
-    return pd.concat(frames, ignore_index=True)[list(COLUMNS)]
+    if not log.per_replica:
+        return pd.concat(frames, ignore_index=True)[list(COLUMNS)]
+    frames[0]["replica"] = stats["replica"].array
+    for frame in frames[1:]:
+        frame["replica"] = pd.array([pd.NA] * len(frame), dtype="Int64")
+    return pd.concat(frames, ignore_index=True)[list(REPLICA_COLUMNS)]
 
 
 def _hist_rows(log: GradientLog) -> pd.DataFrame:
@@ -173,15 +187,52 @@ _PARQUET_OPTIONS: dict[str, Any] = {
 
 
 PART_PREFIX = "part-"
+WORKER_KEY = "worker"  # hive partition keys of a streamed log: worker=<k>/run=<id>/
+RUN_KEY = "run"
+
+
+def new_run_id() -> str:
+    """A unique run id that sorts in time order: UTC time to the microsecond, then
+    six random hex digits (two runs started in the same microsecond stay apart)."""
+    now = datetime.datetime.now(datetime.UTC)
+    return now.strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(3)
+
+
+def run_directory(path: Path, worker: int, run: str) -> Path:
+    """The hive partition that one worker's run streams its parts into."""
+    return path / f"{WORKER_KEY}={worker}" / f"{RUN_KEY}={run}"
 
 
 def part_files(directory: Path) -> list[Path]:
-    """The part files of a streamed log directory, in writing order."""
+    """The part files directly in one directory, in writing order."""
     return sorted(directory.glob(f"{PART_PREFIX}*.parquet"))
 
 
+def dataset_parts(path: Path) -> dict[int, list[Path]]:
+    """The part files of a streamed log, by worker, each worker's in writing order.
+
+    Runs sort by their id, which starts with the time. The parts of an older,
+    flat log directory (`part-*.parquet` directly in `path`) count as worker
+    0's first run.
+    """
+    out: dict[int, list[Path]] = {}
+    flat = part_files(path)
+    if flat:
+        out[0] = flat
+    for directory in sorted(path.glob(f"{WORKER_KEY}=*")):
+        try:
+            worker = int(directory.name.split("=", 1)[1])
+        except ValueError:
+            continue
+        runs = sorted(r for r in directory.glob(f"{RUN_KEY}=*") if r.is_dir())
+        parts = [p for r in runs for p in part_files(r)]
+        if parts:
+            out.setdefault(worker, []).extend(parts)
+    return dict(sorted(out.items()))
+
+
 def append_part(log: GradientLog, directory: Path) -> Path:
-    """Writes the steps held in `log` as the next part file of a streamed log.
+    """Writes the steps held in `log` as the next part file in `directory`.
 
     Each part is a complete Parquet file with the log's metadata, written
     through a temporary file and renamed, so a crash never leaves half a part.
@@ -193,19 +244,27 @@ def append_part(log: GradientLog, directory: Path) -> Path:
     return target
 
 
-def streamed_metadata(directory: Path) -> dict | None:
-    """The metadata of the newest part of a streamed log, or None if it has none."""
-    parts = part_files(directory)
+def streamed_metadata(path: Path, worker: int = 0) -> dict | None:
+    """The metadata of the newest part of a worker's streamed log (of any worker if
+    that one has none yet), or None if there are no parts."""
+    by_worker = dataset_parts(path)
+    parts = by_worker.get(worker) or next(iter(by_worker.values()), None)
     return _read_parquet(parts[-1], table=False)[0] if parts else None
 
 
-def read_log(path: Any) -> GradientLog:
+def read_log(path: Any, worker: int | None = None) -> GradientLog:
     """Reads a log written by `GradientLog.to_csv`, `GradientLog.to_parquet` or streamed
     by `GradWatch(path=...)`.
 
     Args:
         path: A file, whose format is told by its content, not its name; or the
-            directory of a streamed log (its `part-*.parquet` files).
+            directory of a streamed log: a hive-partitioned Parquet dataset
+            `worker=<k>/run=<id>/part-*.parquet` (every run appended to it), or
+            an older flat directory of `part-*.parquet` files.
+        worker: For a streamed log, whose partition to read. Every worker
+            records the same global gradients, so one partition is the whole
+            log. Defaults to `None`: the lowest worker present (0, the chief,
+            for a log that only the chief wrote, and for a single process).
 
     Returns:
         A `GradientLog` equal to the one written.
@@ -229,7 +288,12 @@ def read_log(path: Any) -> GradientLog:
     if not path.exists():
         raise FileNotFoundError(f"No gradwatch log at '{path}': the file does not exist.")
     if path.is_dir():
-        return _read_streamed(path)
+        return _read_streamed(path, worker)
+    if worker is not None:
+        raise ValueError(
+            f"`worker` picks a partition of a streamed log directory, but '{path}' is a "
+            f"file. Received: worker={worker!r}. Leave `worker` out for a file."
+        )
     with open(path, "rb") as f:
         head = f.read(4)
     if head == b"PAR1":
@@ -239,13 +303,26 @@ def read_log(path: Any) -> GradientLog:
     return _from_table(path, meta, table)
 
 
-def _read_streamed(directory: Path) -> GradientLog:
-    parts = part_files(directory)
-    if not parts:
+def _read_streamed(directory: Path, worker: int | None = None) -> GradientLog:
+    if worker is not None and (
+        isinstance(worker, bool) or not isinstance(worker, (int, np.integer)) or worker < 0
+    ):
+        raise TypeError(f"`worker` must be an integer >= 0, or None. Received: worker={worker!r}")
+    by_worker = dataset_parts(directory)
+    if not by_worker:
         raise ValueError(
-            f"'{directory}' is a directory with no gradwatch part files ({PART_PREFIX}*.parquet). "
-            "Pass a log file, or the directory given to GradWatch(path=...)."
+            f"'{directory}' is a directory with no gradwatch part files ({PART_PREFIX}*.parquet, "
+            f"directly or under {WORKER_KEY}=<k>/{RUN_KEY}=<id>/). Pass a log file, or the "
+            "directory given to GradWatch(path=...)."
         )
+    if worker is None:
+        worker = min(by_worker)
+    if worker not in by_worker:
+        raise ValueError(
+            f"'{directory}' holds no log of worker {worker}. Received: worker={worker}. "
+            f"Workers with a log there: {list(by_worker)}."
+        )
+    parts = by_worker[worker]
     metas, tables = zip(*(_read_parquet(p) for p in parts), strict=True)
     meta = dict(metas[-1])  # variables only grow, so the newest part names them all
     for p, m in zip(parts, metas, strict=True):
@@ -295,9 +372,15 @@ def _read_csv(path: Path) -> tuple[dict, pd.DataFrame]:
             meta = _parse_meta(path, first[len(_CSV_MARK) :])
             table = pd.read_csv(
                 f,
-                dtype={"variable": object, "stat": object, "index": "Int64", "value": np.float32},
+                dtype={
+                    "variable": object,
+                    "stat": object,
+                    "index": "Int64",
+                    "replica": "Int64",
+                    "value": np.float32,
+                },
                 keep_default_na=False,
-                na_values={"value": ["", "nan", "NaN"], "index": [""]},
+                na_values={"value": ["", "nan", "NaN"], "index": [""], "replica": [""]},
             )
     except UnicodeDecodeError as e:
         raise ValueError(f"'{path}' is not a gradwatch log: it is not a text file.") from e
@@ -333,7 +416,13 @@ def _from_table(path: Path, meta: dict, table: pd.DataFrame) -> GradientLog:
         )
     variables, stats = list(meta["variables"]), list(meta["stats"])
     bins = meta.get("bins_per_decade")
-    log = GradientLog(stats, bins_per_decade=bins)
+    per_replica = bool(meta.get("per_replica", False))
+    if per_replica and "replica" not in table.columns:
+        raise ValueError(
+            f"'{path}' is not a complete gradwatch log: its metadata says it has "
+            "per-replica stats, but it lacks the column 'replica'."
+        )
+    log = GradientLog(stats, bins_per_decade=bins, per_replica=per_replica)
     log._add_variables(variables, [meta["shapes"].get(k, ()) for k in variables])
     log._disconnected = [k for k in meta.get("disconnected", []) if k in variables]
     try:
@@ -365,6 +454,21 @@ def _from_table(path: Path, meta: dict, table: pd.DataFrame) -> GradientLog:
     is_value = stat == _VALUE_STAT
     is_hist = stat == _HIST_STAT
     s = ~(is_value | is_hist)
+    if per_replica:
+        replica = table["replica"].to_numpy(dtype=np.int64, na_value=-1)
+        local = s & (replica >= 0)
+        s = s & (replica < 0)
+        _replica_blocks_from_rows(
+            path,
+            log,
+            step[local],
+            epoch[local],
+            batch[local],
+            replica[local],
+            var_code[local],
+            np.asarray([stat_codes[x] for x in stat[local]], np.int32),
+            value[local],
+        )
     _blocks_from_rows(
         log,
         step[s],
@@ -456,6 +560,45 @@ def _blocks_from_rows(log, step, epoch, batch, var, inner, value, kind) -> None:
             run, layout = [], this
         run.append(i)
     flush()
+
+
+def _replica_blocks_from_rows(path, log, step, epoch, batch, replica, var, stat, value) -> None:
+    """Rebuilds per-replica stat blocks from long rows, one block per run of steps with
+    equal layout (replicas, variables and stats)."""
+    if len(step) == 0:
+        return
+    ns = len(log.stat_names)
+    order = np.lexsort((stat, var, replica, step))
+    step, epoch, batch, replica, var, stat, value = (
+        a[order] for a in (step, epoch, batch, replica, var, stat, value)
+    )
+    uniq, starts = np.unique(step, return_index=True)
+    bounds = [*starts.tolist(), len(step)]
+    runs: list[list[int]] = []
+    layout = None
+    for i in range(len(uniq)):
+        rows = slice(bounds[i], bounds[i + 1])
+        this = (replica[rows].tobytes(), var[rows].tobytes(), stat[rows].tobytes())
+        if this != layout:
+            runs.append([])
+            layout = this
+        runs[-1].append(i)
+    for run in runs:
+        first, k = bounds[run[0]], len(run)
+        width = bounds[run[0] + 1] - first
+        ids = np.unique(replica[first : first + width])
+        n_replicas = len(ids)
+        n_vars = width // max(n_replicas * ns, 1)
+        if not np.array_equal(ids, np.arange(n_replicas)) or n_replicas * n_vars * ns != width:
+            raise ValueError(
+                f"'{path}' has per-replica rows at step {step[first]} that do not form whole "
+                "replicas 0, 1, ... with every stat of each variable."
+            )
+        data = value[first : bounds[run[-1] + 1]].reshape(k, n_replicas, n_vars, ns)
+        idx = [bounds[i] for i in run]
+        log._append_replicas(
+            step[idx], epoch[idx], batch[idx], var[first : first + width : ns][:n_vars], data
+        )
 
 
 def _hist_blocks_from_rows(log, step, epoch, batch, var, bin_index, count) -> None:

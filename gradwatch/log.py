@@ -14,6 +14,7 @@ from gradwatch.keys import match_patterns, resolve_key
 from gradwatch.stats import HIST_SIGNS, STATS, histogram_bins
 
 STAT_COLUMNS = ("step", "epoch", "batch", "variable", "stat", "value")
+REPLICA_STAT_COLUMNS = ("step", "epoch", "batch", "replica", "variable", "stat", "value")
 VALUE_COLUMNS = ("step", "epoch", "batch", "variable", "index", "value")
 HISTOGRAM_COLUMNS = ("step", "variable", "lo", "hi", "sign", "count")
 SUMMARY_COLUMNS = (
@@ -33,6 +34,15 @@ class _StatBlock:
     batches: np.ndarray  # int64 (k,)
     codes: np.ndarray  # int32 (n_variables,): positions in GradientLog.variables
     data: np.ndarray  # float32 (k, n_variables, n_stats)
+
+
+@dataclass
+class _ReplicaBlock:
+    steps: np.ndarray
+    epochs: np.ndarray
+    batches: np.ndarray
+    codes: np.ndarray  # int32 (n_variables,)
+    data: np.ndarray  # float32 (k, n_replicas, n_variables, n_stats), replicas 0, 1, ...
 
 
 @dataclass
@@ -58,6 +68,9 @@ class GradientLog:
             default stats of `GradWatch`.
         bins_per_decade: The histogram resolution, or `None` when no
             histograms are recorded. Defaults to `None`.
+        per_replica: Whether the log also holds the stats of each replica's
+            local gradient (`GradWatch(per_replica=True)`); then `frame` has a
+            `replica` column. Defaults to `False`.
 
     Example:
 
@@ -75,9 +88,12 @@ class GradientLog:
         self,
         stats: Sequence[str] = ("norm", "mean", "std", "min", "max", "nonfinite"),
         bins_per_decade: int | None = None,
+        per_replica: bool = False,
     ):
         self._stats = tuple(stats)
         self._bins_per_decade = bins_per_decade
+        self._per_replica = bool(per_replica)
+        self._replica_blocks: list[_ReplicaBlock] = []
         self._hist_blocks: list[_StatBlock] = []
         self._disconnected: list[str] = []
         self._alerts: dict[tuple[int, str, str], float] = {}
@@ -109,10 +125,12 @@ class GradientLog:
         value_codes: np.ndarray,
         values: np.ndarray,
         hist: np.ndarray | None = None,
+        replica_stats: np.ndarray | None = None,
     ) -> None:
         """Appends k recorded steps: stats `(k, n_vars, n_stats)`, values `(k, total)`.
 
-        `hist`, if given, holds `(k, n_vars, n_bins)` counts for the stat variables.
+        `hist`, if given, holds `(k, n_vars, n_bins)` counts for the stat variables,
+        and `replica_stats` `(k, n_replicas, n_vars, n_stats)` local-gradient stats.
         """
         if len(steps) == 0:
             return
@@ -130,6 +148,8 @@ class GradientLog:
                 self._hist_blocks.append(
                     _StatBlock(steps, epochs, batches, stat_codes[perm], hist[:, perm, :])
                 )
+            if replica_stats is not None:
+                self._append_replicas(steps, epochs, batches, stat_codes, replica_stats)
         if len(value_codes):
             sizes = [self._size(self._variables[c]) for c in value_codes]
             offsets = np.concatenate([[0], np.cumsum(sizes)])
@@ -142,9 +162,33 @@ class GradientLog:
             )
         self._cache.clear()
 
+    def _append_replicas(
+        self,
+        steps: np.ndarray,
+        epochs: np.ndarray,
+        batches: np.ndarray,
+        codes: np.ndarray,
+        data: np.ndarray,
+    ) -> None:
+        """Appends the local-gradient stats `(k, n_replicas, n_vars, n_stats)` of k steps."""
+        if not len(steps) or not data.shape[1] or not data.shape[3]:
+            return
+        perm = np.argsort(codes, kind="stable")
+        self._replica_blocks.append(
+            _ReplicaBlock(
+                np.asarray(steps, np.int64),
+                np.asarray(epochs, np.int64),
+                np.asarray(batches, np.int64),
+                codes[perm],
+                data[:, :, perm, :],
+            )
+        )
+        self._cache.clear()
+
     def _clear_blocks(self) -> None:
         """Forgets the recorded steps (after they were written out); keeps the variables."""
         self._blocks, self._hist_blocks, self._value_blocks = [], [], []
+        self._replica_blocks = []
         self._cache.clear()
 
     # ---------------------------------------------------------------- metadata
@@ -167,7 +211,8 @@ class GradientLog:
     def steps(self) -> np.ndarray:
         """The recorded step numbers, sorted, as an int64 array."""
         if "steps" not in self._cache:
-            parts = [b.steps for b in (*self._blocks, *self._hist_blocks, *self._value_blocks)]
+            blocks = (*self._blocks, *self._hist_blocks, *self._value_blocks, *self._replica_blocks)
+            parts = [b.steps for b in blocks]
             self._cache["steps"] = (
                 np.unique(np.concatenate(parts)) if parts else np.zeros((0,), np.int64)
             )
@@ -233,6 +278,26 @@ class GradientLog:
         return np.asarray(sorted(self._skipped), np.int64)
 
     @property
+    def per_replica(self) -> bool:
+        """Whether the log holds per-replica stats (`GradWatch(per_replica=True)`)."""
+        return self._per_replica
+
+    @property
+    def replicas(self) -> list[int]:
+        """The replica numbers whose local-gradient stats were recorded, in order.
+
+        Empty without `GradWatch(per_replica=True)`.
+
+        Example:
+
+        ```python
+        log.replicas  # [0, 1] under a MirroredStrategy over two devices
+        ```
+        """
+        n = max((b.data.shape[1] for b in self._replica_blocks), default=0)
+        return list(range(n))
+
+    @property
     def disconnected(self) -> list[str]:
         """Keys of the watched variables that had no gradient (not connected to the loss).
 
@@ -272,6 +337,11 @@ class GradientLog:
         Columns: `step` (int64), `epoch` (int64), `batch` (int64), `variable`
         (Categorical of keys in model order), `stat` (Categorical), `value`
         (float32). One row per step, variable and stat, sorted by step.
+
+        With `GradWatch(per_replica=True)` there is also a `replica` column
+        (nullable Int64, after `batch`): `<NA>` on the rows of the global
+        gradient, the replica's number on the rows of its local gradient. Each
+        step's global rows come first, then replica 0's, 1's, ...
         """
         if "frame" not in self._cache:
             self._cache["frame"] = self._build_frame()
@@ -279,7 +349,8 @@ class GradientLog:
 
     def _build_frame(self) -> pd.DataFrame:
         ns = len(self._stats)
-        cols: dict[str, list[np.ndarray]] = {c: [] for c in STAT_COLUMNS}
+        names = REPLICA_STAT_COLUMNS if self._per_replica else STAT_COLUMNS
+        cols: dict[str, list[np.ndarray]] = {c: [] for c in names}
         for b in self._blocks:
             k, nv = b.data.shape[0], b.data.shape[1]
             per_step = nv * ns
@@ -289,7 +360,29 @@ class GradientLog:
             cols["variable"].append(np.tile(np.repeat(b.codes, ns), k))
             cols["stat"].append(np.tile(np.arange(ns, dtype=np.int32), k * nv))
             cols["value"].append(b.data.reshape(-1))
-        return self._assemble(cols, {"stat": self._stats}, STAT_COLUMNS)
+            if self._per_replica:
+                cols["replica"].append(np.full(k * per_step, -1, np.int64))
+        if not self._per_replica:
+            return self._assemble(cols, {"stat": self._stats}, names)
+        for b in self._replica_blocks:
+            k, nr, nv = b.data.shape[:3]
+            per_step = nr * nv * ns
+            cols["step"].append(np.repeat(b.steps, per_step))
+            cols["epoch"].append(np.repeat(b.epochs, per_step))
+            cols["batch"].append(np.repeat(b.batches, per_step))
+            cols["replica"].append(np.tile(np.repeat(np.arange(nr), nv * ns), k))
+            cols["variable"].append(np.tile(np.repeat(b.codes, ns), k * nr))
+            cols["stat"].append(np.tile(np.arange(ns, dtype=np.int32), k * nr * nv))
+            cols["value"].append(b.data.reshape(-1))
+        frame = self._assemble(cols, {"stat": self._stats}, names)
+        # Global rows (-1) first within each step; a stable sort keeps variable order.
+        replica = frame["replica"].to_numpy()
+        order = np.lexsort((replica, frame["step"].to_numpy()))
+        frame = frame.iloc[order].reset_index(drop=True)
+        ids = pd.array(replica[order], dtype="Int64")
+        ids[replica[order] < 0] = pd.NA
+        frame["replica"] = ids
+        return frame
 
     @property
     def values_frame(self) -> pd.DataFrame:
@@ -348,23 +441,38 @@ class GradientLog:
         """
         return resolve_key(name, self._variables)
 
-    def stat(self, name: str) -> pd.DataFrame:
+    def stat(self, name: str, replica: int | None = None) -> pd.DataFrame:
         """One stat as a wide frame: index `step`, one column per variable in model order.
 
         Args:
             name: A recorded stat, e.g. `"norm"`.
+            replica: `None` for the global gradient, or a replica's number for the
+                stats of its local gradient (`GradWatch(per_replica=True)`).
+                Defaults to `None`.
 
         Raises:
-            KeyError: If the stat was not recorded.
+            KeyError: If the stat, or the replica, was not recorded.
 
         Example:
 
         ```python
         log.stat("norm").tail()
+        log.stat("norm", replica=1)  # with GradWatch(per_replica=True)
         ```
         """
         self._check_stat(name)
-        sub = self.frame[self.frame["stat"] == name]
+        frame = self.frame
+        mask = (frame["stat"] == name).to_numpy()
+        if replica is not None:
+            if isinstance(replica, bool) or replica not in self.replicas:
+                raise KeyError(
+                    f"No stats of replica {replica!r} were recorded. Recorded replicas: "
+                    f"{self.replicas} (record them with GradWatch(per_replica=True))."
+                )
+            mask = mask & (frame["replica"] == replica).fillna(False).to_numpy(bool)
+        elif self._per_replica:
+            mask = mask & frame["replica"].isna().to_numpy()
+        sub = frame[mask]
         wide = sub.pivot(index="step", columns="variable", values="value")
         keys = [k for k in self._variables if k in set(sub["variable"].astype(object))]
         wide = wide.reindex(columns=pd.Index(keys, dtype=object, name="variable"))
@@ -398,7 +506,8 @@ class GradientLog:
                 (all).
 
         Returns:
-            The matching rows of `frame`, with a fresh index.
+            The matching rows of `frame`, with a fresh index (with per-replica
+            stats, the global rows and the replicas' rows).
 
         Example:
 
@@ -705,6 +814,7 @@ class GradientLog:
             return NotImplemented
         return (
             self._stats == other._stats
+            and self._per_replica == other._per_replica
             and self._bins_per_decade == other._bins_per_decade
             and self._disconnected == other._disconnected
             and self._alerts == other._alerts

@@ -11,7 +11,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from gradwatch.sparse import SparseGradient
+from gradwatch.sparse import SparseGradient, dense
 
 _local = threading.local()
 _patch_lock = threading.Lock()
@@ -131,11 +131,39 @@ def _commit(model: Any, scope: _StepScope) -> None:
         )
     listening = state.listening
     skipped = scope.skipped() if listening and scope.grads else None
+    local = scope.grads
+    records = global_records(local) if listening and local else local
     for watch in listening:
-        watch._check(model, step, scope.grads, skipped)
+        watch._check(model, step, records, skipped)
     for watch in watches:
-        watch._capture(model, step, scope.grads, skipped)
+        watch._capture(model, step, records, skipped, local=local)
     counter.assign_add(1)
+
+
+def global_records(records: dict[int, tuple]) -> dict[int, tuple]:
+    """The records with each replica's local gradient replaced by the global one.
+
+    Under `tf.distribute` the step runs once per replica, and each replica hands
+    the optimizer its local gradient, already divided by the number of replicas;
+    the optimizer sums them over the replicas. The sum is the gradient of the
+    global batch. This all-reduce is for the stats alone: the optimizer keeps
+    the local gradients, and does its own all-reduce. Without a strategy, or
+    with one replica, the records are returned as they are.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return records
+    keys = [k for k, entry in records.items() if entry[1] is not None]
+    if not keys:
+        return records
+    # One batched all-reduce, as the optimizer does its own.
+    # (A sparse gradient is made dense here: replicas touch different rows.)
+    summed = context.all_reduce(tf.distribute.ReduceOp.SUM, [dense(records[k][1]) for k in keys])
+    out = dict(records)
+    for k, grad in zip(keys, summed, strict=True):
+        var, _, scale, before, optimizer = records[k]
+        out[k] = (var, grad, scale, before, optimizer)
+    return out
 
 
 def _loss_scale(optimizer: Any) -> Any:

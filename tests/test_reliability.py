@@ -103,7 +103,7 @@ def test_sigkill_mid_training_leaves_a_readable_log(tmp_path):
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            if run.exists() and len(list(run.glob("part-*.parquet"))) >= 3:
+            if run.exists() and len(list(run.rglob("part-*.parquet"))) >= 3:
                 break
             assert proc.poll() is None, "the training process ended early"
             time.sleep(0.05)

@@ -1,0 +1,180 @@
+"""Training runs under tf.distribute, run as subprocesses by test_distributed.py.
+
+`python distributed_run.py mirrored OUT` trains on two logical CPU devices, which
+TensorFlow lets a process set up only before it first uses its devices; the test
+process has long done so. `python distributed_run.py worker INDEX OUT` is one
+worker of a MultiWorkerMirroredStrategy cluster that `TF_CONFIG` describes.
+Each writes what it saw to OUT; the tests compare that with a plain
+tf.GradientTape reference on one device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tensorflow as tf
+
+N, BATCH, EPOCHS = 32, 8, 2  # four global batches of 8 per epoch, split over two replicas
+
+
+def _model(strategy, **compile_kwargs):
+    """A seeded gradwatch.Sequential built under `strategy`.
+
+    Under MultiWorkerMirroredStrategy, Keras 3.15's `fit` fails with or without
+    gradwatch: it reduces the first batch's (x, y) tuple, which that strategy's
+    `reduce` rejects, and reduces each scalar log along axis 0. The model is
+    therefore built from one host batch before `fit`, and its step returns its
+    logs with a leading axis of 1.
+    """
+    import keras
+    from models import data, layers
+
+    import gradwatch
+
+    class Net(gradwatch.Sequential):
+        def train_step(self, batch):
+            logs = super().train_step(batch)
+            return {k: tf.reshape(v, [1]) for k, v in logs.items()}
+
+    multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    keras.utils.set_random_seed(3)
+    with strategy.scope():
+        model = (Net if multi_worker else gradwatch.Sequential)(layers(regularize=True), name="net")
+        model.compile(
+            **{
+                "optimizer": keras.optimizers.SGD(0.1, momentum=0.9),
+                "loss": "mse",
+                **compile_kwargs,
+            }
+        )
+    if multi_worker:
+        x, y = data(n=N)
+        model._maybe_symbolic_build(data_batch=(x[:BATCH], y[:BATCH]))
+        model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+    return model
+
+
+def _error(fn) -> str:
+    """The message of the error `fn` raises, or '' if it raises none."""
+    try:
+        fn()
+    except Exception as e:  # the tests check the type and the words
+        return f"{type(e).__name__}: {e}"
+    return ""
+
+
+def _fit_pair(strategy, out: Path, name: str, watch, **opt) -> None:
+    """Trains a watched and a plain model from the same weights; saves both weights."""
+    import keras
+    import numpy as np
+    from models import data, layers
+
+    import gradwatch
+
+    keras.utils.set_random_seed(3)
+    x, y = data(n=N)
+    with strategy.scope():
+        watched = gradwatch.Sequential(layers(regularize=True), name="net")
+        plain = keras.Sequential(layers(regularize=True), name="net")
+        plain.set_weights(watched.get_weights())
+        for model in (watched, plain):
+            model.compile(keras.optimizers.SGD(0.1, momentum=0.9, **opt), "mse")
+    np.savez(out / f"{name}_start.npz", *watched.get_weights())
+    for model, callbacks in ((watched, [watch]), (plain, [])):
+        model.fit(
+            x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, callbacks=callbacks, verbose=0
+        )
+    np.savez(out / f"{name}_watched.npz", *watched.get_weights())
+    np.savez(out / f"{name}_plain.npz", *plain.get_weights())
+    watch.log.to_parquet(out / f"{name}.parquet")
+
+
+def _limits(strategy) -> dict[str, str]:
+    """The errors of a watched fit with steps_per_execution=2 and with jit_compile=True."""
+    from models import data
+
+    import gradwatch
+
+    x, y = data(n=N)
+    found = {}
+    for key, kwargs in (("spe", {"steps_per_execution": 2}), ("jit", {"jit_compile": True})):
+        model = _model(strategy, **kwargs)
+        found[key] = _error(
+            lambda m=model: m.fit(
+                x, y, batch_size=BATCH, callbacks=[gradwatch.GradWatch()], verbose=0
+            )
+        )
+    return found
+
+
+def mirrored(out: Path) -> None:
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    from models import data, layers
+
+    import gradwatch
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    results = {"replicas": strategy.num_replicas_in_sync, "limits": _limits(strategy)}
+    # Keras' own limit, without gradwatch: when Keras lifts it, gradwatch's check can go.
+    with strategy.scope():
+        model = keras.Sequential(layers(), name="net")
+        model.compile("sgd", "mse", steps_per_execution=2)
+    x, y = data(n=N)
+    results["keras_spe"] = _error(lambda: model.fit(x, y, batch_size=BATCH, verbose=0))
+    stats = ("norm", "mean", "std", "min", "max", "nonfinite", "clipped_norm")
+    _fit_pair(
+        strategy,
+        out,
+        "plain",
+        gradwatch.GradWatch(stats=stats, values="*", per_replica=True, path=out / "log"),
+    )
+    _fit_pair(
+        strategy,
+        out,
+        "clipped",
+        gradwatch.GradWatch(stats=("norm", "clipped_norm"), per_replica=True),
+        clipnorm=0.05,
+    )
+    (out / "mirrored.json").write_text(json.dumps(results))
+
+
+def worker(index: int, out: Path) -> None:
+    import numpy as np
+    from models import data
+
+    import gradwatch
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    results = {"replicas": strategy.num_replicas_in_sync, "limits": _limits(strategy)}
+    x, y = data(n=N)
+    runs = {
+        "chief_only": gradwatch.GradWatch(values="*", path=out / "chief_only"),
+        "all_workers": gradwatch.GradWatch(
+            values="*", per_replica=True, path=out / "all_workers", all_workers=True
+        ),
+    }
+    for name, watch in runs.items():
+        model = _model(strategy)
+        np.savez(out / f"{name}_start_{index}.npz", *model.get_weights())
+        model.fit(
+            x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, callbacks=[watch], verbose=0
+        )
+        # What this worker holds, written or not.
+        watch.log.to_parquet(out / f"{name}_memory_{index}.parquet")
+    (out / f"worker_{index}.json").write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "mirrored":
+        mirrored(Path(sys.argv[2]))
+    else:
+        worker(int(sys.argv[2]), Path(sys.argv[3]))

@@ -1,0 +1,326 @@
+"""tf.distribute: the global gradient under MirroredStrategy and MultiWorkerMirroredStrategy.
+
+The training runs in subprocesses (distributed_run.py): two logical CPU devices
+can only be set up before TensorFlow first uses its devices, which this test
+process did long ago, and a multi-worker cluster needs two processes anyway.
+Each run is bounded in time and killed on failure. The expected values come
+from a plain tf.GradientTape loop on one device over the same global batches
+from the same starting weights.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from models import data, layers
+from reference import batches_of, mse, np_stats
+
+import gradwatch
+
+HERE = Path(__file__).resolve().parent
+SCRIPT = HERE / "distributed_run.py"
+N, BATCH, EPOCHS, REPLICAS = 32, 8, 2, 2
+TIMEOUT = 180  # seconds per run; a run that hangs fails the test instead of CI
+RTOL, ATOL = 1e-5, 1e-6  # float32, summed in another order over two replicas
+
+
+def _env(**extra):
+    return {**os.environ, "PYTHONPATH": str(HERE.parent), "TF_CPP_MIN_LOG_LEVEL": "3", **extra}
+
+
+def _run_all(commands, envs, out):
+    """Runs the commands at once; fails (and kills them all) on a timeout or an error."""
+    logs = [open(out / f"stderr_{i}.txt", "w") for i in range(len(commands))]  # noqa: SIM115
+    procs = [
+        subprocess.Popen(c, env=e, stdout=f, stderr=subprocess.STDOUT)
+        for c, e, f in zip(commands, envs, logs, strict=True)
+    ]
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while any(p.poll() is None for p in procs):
+            failed = [p for p in procs if p.poll() not in (None, 0)]
+            if failed or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        for f in logs:
+            f.close()
+    for i, p in enumerate(procs):
+        if p.returncode != 0:
+            tail = (out / f"stderr_{i}.txt").read_text()[-3000:]
+            pytest.fail(
+                f"{commands[i][2:]} ended with {p.returncode} (killed on timeout?):\n{tail}"
+            )
+
+
+@pytest.fixture(scope="module")
+def mirrored(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mirrored")
+    _run_all([[sys.executable, str(SCRIPT), "mirrored", str(out)]], [_env()], out)
+    return out, json.loads((out / "mirrored.json").read_text())
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def multi_worker(tmp_path_factory):
+    out = tmp_path_factory.mktemp("multi_worker")
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    envs = [
+        _env(TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}))
+        for i in range(2)
+    ]
+    commands = [[sys.executable, str(SCRIPT), "worker", str(i), str(out)] for i in range(2)]
+    _run_all(commands, envs, out)
+    return out, [json.loads((out / f"worker_{i}.json").read_text()) for i in range(2)]
+
+
+def _weights(path):
+    with np.load(path) as f:
+        return [f[f"arr_{i}"] for i in range(len(f.files))]
+
+
+def _gradients(model, x, y):
+    with tf.GradientTape() as tape:
+        loss = mse(y, model(x, training=True)) + tf.add_n(model.losses)
+    return [np.asarray(g) for g in tape.gradient(loss, model.trainable_weights)]
+
+
+def _clip(g, clipnorm):
+    return g * clipnorm / max(float(np.linalg.norm(g)), clipnorm)
+
+
+def _reference(start, clipnorm=None):
+    """Each step's global gradient and replicas' local gradients, from a plain tape loop
+    that applies what the replicated optimizer applies: the sum of the local gradients,
+    each clipped first when the optimizer clips."""
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential(layers(regularize=True), name="net")
+    model.set_weights(start)
+    optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
+    x, y = data(n=N)
+    steps = []
+    for _ in range(EPOCHS):
+        for xb, yb, _ in batches_of(x, y, BATCH):
+            half = len(xb) // REPLICAS
+            # Keras divides each replica's loss by the number of replicas.
+            local = [
+                [
+                    g / REPLICAS
+                    for g in _gradients(
+                        model, xb[r * half : (r + 1) * half], yb[r * half : (r + 1) * half]
+                    )
+                ]
+                for r in range(REPLICAS)
+            ]
+            steps.append((_gradients(model, xb, yb), local))
+            if clipnorm is None:
+                applied = [sum(parts) for parts in zip(*local, strict=True)]
+            else:
+                applied = [
+                    sum(_clip(g, clipnorm) for g in parts) for parts in zip(*local, strict=True)
+                ]
+            optimizer.apply_gradients(zip(applied, model.trainable_weights, strict=True))
+    return steps
+
+
+KEYS = ["net/hidden/kernel", "net/hidden/bias", "net/out/kernel", "net/out/bias"]
+
+
+def test_mirrored_records_the_global_gradient_of_a_single_device_run(mirrored):
+    out, results = mirrored
+    assert results["replicas"] == REPLICAS
+    log = gradwatch.read_log(out / "plain.parquet")
+    steps = _reference(_weights(out / "plain_start.npz"))
+    np.testing.assert_array_equal(log.steps, np.arange(len(steps)))
+    norms = log.stat("norm")
+    for step, (grads, _) in enumerate(steps):
+        for key, g in zip(KEYS, grads, strict=True):
+            np.testing.assert_allclose(log.gradient(key, step), g, rtol=RTOL, atol=ATOL)
+            assert norms.loc[step, key] == pytest.approx(np_stats(g)["norm"], rel=RTOL)
+    # Not the local gradient that one replica hands the optimizer (half the batch, halved).
+    local = steps[0][1][0][0]
+    assert not np.allclose(log.gradient(KEYS[0], 0), local, rtol=1e-2)
+
+
+def test_mirrored_per_replica_rows_hold_each_replicas_local_gradient(mirrored):
+    out, _ = mirrored
+    log = gradwatch.read_log(out / "plain.parquet")
+    assert log.replicas == [0, 1]
+    frame = log.frame
+    assert list(frame.columns) == ["step", "epoch", "batch", "replica", "variable", "stat", "value"]
+    assert frame["replica"].isna().sum() == len(log.steps) * len(KEYS) * len(log.stat_names)
+    for step, (_, local) in enumerate(_reference(_weights(out / "plain_start.npz"))):
+        for r in range(REPLICAS):
+            for stat in ("norm", "mean", "std", "min", "max"):
+                wide = log.stat(stat, replica=r)
+                want = [np_stats(g)[stat] for g in local[r]]
+                np.testing.assert_allclose(wide.loc[step, KEYS], want, rtol=1e-4, atol=ATOL)
+            # Stats of the weights or of clipping are not per replica.
+            assert log.stat("clipped_norm", replica=r).isna().all().all()
+    # The two replicas saw different halves of the batch.
+    assert not np.allclose(log.stat("norm", replica=0), log.stat("norm", replica=1))
+
+
+def test_mirrored_clipped_norm_is_of_the_sum_of_the_clipped_local_gradients(mirrored):
+    out, _ = mirrored
+    log = gradwatch.read_log(out / "clipped.parquet")
+    steps = _reference(_weights(out / "clipped_start.npz"), clipnorm=0.05)
+    norms, clipped = log.stat("norm"), log.stat("clipped_norm")
+    for step, (grads, local) in enumerate(steps):
+        for i, key in enumerate(KEYS):
+            want = np.linalg.norm(sum(_clip(local[r][i], 0.05) for r in range(REPLICAS)))
+            assert clipped.loc[step, key] == pytest.approx(want, rel=1e-4)
+            assert norms.loc[step, key] == pytest.approx(np.linalg.norm(grads[i]), rel=1e-4)
+    # Clipping bit: the recorded gradient is taken before it.
+    assert (clipped < norms).all().all()
+
+
+@pytest.mark.parametrize("run", ["plain", "clipped"])
+def test_mirrored_training_is_bitwise_the_same_with_and_without_a_watch(mirrored, run):
+    out, _ = mirrored
+    watched, plain = _weights(out / f"{run}_watched.npz"), _weights(out / f"{run}_plain.npz")
+    start = _weights(out / f"{run}_start.npz")
+    for a, b, s in zip(watched, plain, start, strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert not np.array_equal(a, s)  # it did train
+
+
+def test_mirrored_keras_limits_are_clear_errors_before_training(mirrored):
+    _, results = mirrored
+    for key, received in (
+        ("spe", "Received: steps_per_execution=2, jit_compile=False."),
+        ("jit", "Received: steps_per_execution=1, jit_compile=True."),
+    ):
+        message = results["limits"][key]
+        assert message.startswith("ValueError: Keras 3.")
+        assert "under MirroredStrategy" in message and received in message
+        assert "Compile the model with `steps_per_execution=1, jit_compile=False`" in message
+    # Keras itself still fails there; when it stops failing, gradwatch's check can go.
+    assert results["keras_spe"].startswith("InvalidArgumentError")
+
+
+def test_mirrored_streamed_log_is_worker_zero_of_a_hive_dataset(mirrored):
+    out, _ = mirrored
+    (worker,) = (out / "log").iterdir()
+    assert worker.name == "worker=0"
+    assert gradwatch.read_log(out / "log") == gradwatch.read_log(out / "plain.parquet")
+
+
+def test_multi_worker_each_worker_records_the_global_gradient(multi_worker):
+    out, results = multi_worker
+    assert [r["replicas"] for r in results] == [2, 2]
+    start = _weights(out / "chief_only_start_0.npz")
+    for a, b in zip(start, _weights(out / "chief_only_start_1.npz"), strict=True):
+        np.testing.assert_array_equal(a, b)
+    steps = _reference(start)
+    logs = [gradwatch.read_log(out / f"chief_only_memory_{i}.parquet") for i in range(2)]
+    assert logs[0] == logs[1]
+    np.testing.assert_array_equal(logs[0].steps, np.arange(len(steps)))
+    for step, (grads, _) in enumerate(steps):
+        for key, g in zip(KEYS, grads, strict=True):
+            np.testing.assert_allclose(logs[0].gradient(key, step), g, rtol=RTOL, atol=ATOL)
+
+
+def test_multi_worker_only_the_chief_writes_unless_all_workers(multi_worker):
+    out, _ = multi_worker
+    assert [p.name for p in (out / "chief_only").iterdir()] == ["worker=0"]
+    chief = gradwatch.read_log(out / "chief_only")
+    assert chief == gradwatch.read_log(out / "chief_only_memory_0.parquet")
+    workers = sorted(p.name for p in (out / "all_workers").iterdir())
+    assert workers == ["worker=0", "worker=1"]
+    first = gradwatch.read_log(out / "all_workers", worker=0)
+    second = gradwatch.read_log(out / "all_workers", worker=1)
+    assert first == second
+    assert first.replicas == [0, 1]  # gathered from both workers
+    # per_replica rows: worker k's replica saw its half of each global batch.
+    for step, (_, local) in enumerate(_reference(_weights(out / "all_workers_start_0.npz"))):
+        for r in range(REPLICAS):
+            want = [np_stats(g)["norm"] for g in local[r]]
+            got = first.stat("norm", replica=r).loc[step, KEYS]
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=ATOL)
+    with pytest.raises(ValueError, match=r"no log of worker 2\. Received: worker=2"):
+        gradwatch.read_log(out / "all_workers", worker=2)
+
+
+def test_multi_worker_keras_limits_are_clear_errors_on_every_worker(multi_worker):
+    _, results = multi_worker
+    for r in results:
+        for key in ("spe", "jit"):
+            assert r["limits"][key].startswith("ValueError: Keras ")
+            assert "MultiWorkerMirroredStrategy" in r["limits"][key]
+
+
+# In this process: no strategy, so no subprocess is needed.
+
+
+def test_per_replica_without_a_strategy_is_one_replica_zero_equal_to_the_global(tmp_path):
+    x, y = data(n=24)
+    model = gradwatch.Sequential(layers(), name="net")
+    model.compile("sgd", "mse")
+    watch = gradwatch.GradWatch(per_replica=True)
+    model.fit(x, y, batch_size=8, callbacks=[watch], verbose=0)
+    log = watch.log
+    assert log.replicas == [0]
+    for stat in log.stat_names:
+        np.testing.assert_array_equal(log.stat(stat, replica=0), log.stat(stat))
+    assert log.frame["replica"].dtype == "Int64"
+    for path in (tmp_path / "g.csv", tmp_path / "g.parquet"):
+        (log.to_csv if path.suffix == ".csv" else log.to_parquet)(path)
+        back = gradwatch.read_log(path)
+        assert back == log and back.frame.equals(log.frame)
+    with pytest.raises(KeyError, match=r"No stats of replica 1 were recorded\. .*\[0\]"):
+        log.stat("norm", replica=1)
+
+
+def test_without_per_replica_the_frame_has_no_replica_column():
+    x, y = data(n=8)
+    model = gradwatch.Sequential(layers(), name="net")
+    model.compile("sgd", "mse")
+    watch = gradwatch.GradWatch()
+    model.fit(x, y, batch_size=8, callbacks=[watch], verbose=0)
+    assert list(watch.log.frame.columns) == ["step", "epoch", "batch", "variable", "stat", "value"]
+    assert watch.log.replicas == []
+    with pytest.raises(KeyError, match="GradWatch\\(per_replica=True\\)"):
+        watch.log.stat("norm", replica=0)
+
+
+def test_distributed_arguments_are_checked():
+    with pytest.raises(
+        TypeError, match=r"`per_replica` must be True or False\. Received: per_replica=1"
+    ):
+        gradwatch.GradWatch(per_replica=1)
+    with pytest.raises(TypeError, match="Received: all_workers='yes'"):
+        gradwatch.GradWatch(all_workers="yes")
+
+
+def test_a_strategy_gradwatch_does_not_know_is_refused_before_training():
+    strategy = tf.distribute.experimental.CentralStorageStrategy()
+    with strategy.scope():
+        model = gradwatch.Sequential(layers(), name="net")
+        model.compile("sgd", "mse")
+    x, y = data(n=8)
+    with pytest.raises(
+        NotImplementedError, match="Received: a model built under CentralStorageStrategy"
+    ):
+        model.fit(x, y, batch_size=8, callbacks=[gradwatch.GradWatch()], verbose=0)
