@@ -22,6 +22,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tensorflow as tf
 
 N, BATCH, EPOCHS = 32, 8, 2  # four global batches of 8 per epoch, split over two replicas
+# An embedding run: two global batches of 4 (row 1 repeats; rows 2 and 5 are never touched).
+SPARSE_IDS = [
+    [1, 1, 3],
+    [0, 1, 3],
+    [3, 3, 3],
+    [1, 0, 4],
+    [4, 4, 1],
+    [0, 3, 1],
+    [1, 1, 1],
+    [4, 0, 3],
+]
 
 
 def _model(strategy, **compile_kwargs):
@@ -114,6 +125,28 @@ def _limits(strategy) -> dict[str, str]:
     return found
 
 
+def _sparse(strategy, out: Path) -> None:
+    """An Embedding's sparse gradients under the strategy: all stats, per replica too."""
+    import keras
+    import numpy as np
+
+    import gradwatch
+
+    ids = np.asarray(SPARSE_IDS, "int32")
+    y = np.linspace(-1, 1, ids.size * 2).reshape(*ids.shape, 2).astype("float32")
+    keras.utils.set_random_seed(5)
+    with strategy.scope():
+        model = gradwatch.Sequential(
+            [keras.Input((3,), dtype="int32"), keras.layers.Embedding(6, 2, name="emb")],
+            name="sparse",
+        )
+        model.compile(keras.optimizers.SGD(0.1), "mse")
+    np.save(out / "sparse_start.npy", model.get_weights()[0])
+    watch = gradwatch.GradWatch(stats=gradwatch.stats.GRADIENT_STATS, per_replica=True)
+    model.fit(ids, y, batch_size=4, shuffle=False, callbacks=[watch], verbose=0)
+    watch.log.to_parquet(out / "sparse.parquet")
+
+
 def mirrored(out: Path) -> None:
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
@@ -144,6 +177,7 @@ def mirrored(out: Path) -> None:
         gradwatch.GradWatch(stats=("norm", "clipped_norm"), per_replica=True),
         clipnorm=0.05,
     )
+    _sparse(strategy, out)
     (out / "mirrored.json").write_text(json.dumps(results))
 
 

@@ -196,6 +196,38 @@ def test_mirrored_clipped_norm_is_of_the_sum_of_the_clipped_local_gradients(mirr
     assert (clipped < norms).all().all()
 
 
+def test_mirrored_sparse_gradient_stats_equal_the_dense_global_gradient(mirrored):
+    import tensorflow as tf
+    from distributed_run import SPARSE_IDS
+
+    out, _ = mirrored
+    log = gradwatch.read_log(out / "sparse.parquet")
+    ids = np.asarray(SPARSE_IDS, "int32")
+    y = np.linspace(-1, 1, ids.size * 2).reshape(*ids.shape, 2).astype("float32")
+    w = tf.Variable(np.load(out / "sparse_start.npy"))
+    key = log.key("emb/embeddings")
+    assert log.replicas == [0, 1]
+
+    def gradient(rows, scale=1.0):
+        with tf.GradientTape() as tape:
+            loss = scale * tf.reduce_mean(tf.square(y[rows] - tf.gather(w, ids[rows])))
+        return tf.convert_to_tensor(tape.gradient(loss, w)).numpy()
+
+    for step in range(2):
+        # Each replica's local gradient: its half of the batch, divided by the two replicas.
+        for r in range(2):
+            half = slice(4 * step + 2 * r, 4 * step + 2 * r + 2)
+            local = np_stats(gradient(half, 0.5))
+            for name in ("norm", "mean", "min", "max", "zero_frac"):
+                got = log.stat(name, replica=r).loc[step, key]
+                assert got == pytest.approx(local[name], rel=1e-5, abs=1e-7), (r, name)
+        dense = gradient(slice(4 * step, 4 * step + 4))
+        for name, value in np_stats(dense).items():
+            got = log.stat(name).loc[step, key]
+            assert got == pytest.approx(value, rel=1e-5, abs=1e-7), name
+        w.assign_sub(0.1 * dense)
+
+
 @pytest.mark.parametrize("run", ["plain", "clipped"])
 def test_mirrored_training_is_bitwise_the_same_with_and_without_a_watch(mirrored, run):
     out, _ = mirrored
