@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import keras
 import numpy as np
-import tensorflow as tf
+
+from gradwatch._lazy import tf
 
 
 @dataclass

@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from gradwatch import io
+from gradwatch._lazy import tf
 from gradwatch.buffer import GradientBuffer
 from gradwatch.keys import check_patterns, match_patterns, variable_keys
 from gradwatch.log import GradientLog
@@ -1038,9 +1038,10 @@ def _num_replicas(model: Any) -> int:
     return int(model.distribute_strategy.num_replicas_in_sync)
 
 
-# Strategies whose replicas run the step in sync and sum their gradients; gradwatch
-# records the global gradient under these.
-_SYNC_STRATEGIES = (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
+def _sync_strategies() -> tuple[type, ...]:
+    """Strategies whose replicas run the step in sync and sum their gradients; gradwatch
+    records the global gradient under these."""
+    return (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 
 def _check_strategy(model: Any) -> None:
@@ -1051,7 +1052,7 @@ def _check_strategy(model: Any) -> None:
     name = type(strategy).__name__
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         name = "MultiWorkerMirroredStrategy"  # not its internal class's name
-    if not isinstance(strategy, _SYNC_STRATEGIES):
+    if not isinstance(strategy, _sync_strategies()):
         if isinstance(strategy, tf.distribute.OneDeviceStrategy) or (
             strategy is tf.distribute.get_strategy() and not tf.distribute.has_strategy()
         ):

@@ -9,8 +9,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
-import tensorflow as tf
 
+from gradwatch._lazy import tf
 from gradwatch.sparse import SparseGradient, dense
 
 _local = threading.local()
@@ -259,11 +259,12 @@ class GradWatchMixin:
             cls.train_step = _counted(step)
 
     @_counted
-    def train_step(self, data: Any) -> Any:
+    def train_step(self, *args: Any) -> Any:
+        # `(data)` on TensorFlow and PyTorch, the stateless `(state, data)` on JAX.
         if not model_state(self).listening or keras.backend.backend() != "tensorflow":
-            return super().train_step(data)
+            return super().train_step(*args)
         with _ApplyInterceptor(self.optimizer, self):
-            return super().train_step(data)
+            return super().train_step(*args)
 
     def fit(self, *args: Any, **kwargs: Any) -> Any:
         """Runs `keras.Model.fit` with the `GradWatch` callbacks among `callbacks` attached.
