@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import keras
 import numpy as np
+from keras import ops
 
 from gradwatch._lazy import tf
 
@@ -132,6 +133,9 @@ class GradientBuffer(keras.metrics.Metric):
         self, step, stats, values: Sequence, hist=None, skipped=None, replica_stats=None
     ) -> None:
         """Writes one step into the next slot, inside the compiled step."""
+        if keras.backend.backend() != "tensorflow":
+            self._write_eager(step, stats, values, skipped)
+            return
         count = self.count.value
         slot = tf.cast(count % self.capacity, tf.int32)[None]
         _write_slot(self.stats.value, slot, stats)
@@ -148,8 +152,31 @@ class GradientBuffer(keras.metrics.Metric):
             _write_slot(self.replica_stats.value, slot, replica_stats)
         self.count.value.assign_add(1)
 
+    def _write_eager(self, step, stats, values: Sequence, skipped=None) -> None:
+        """`write` on an eagerly run backend (PyTorch): in-place writes of one slot.
+
+        The slot index stays a device tensor, so writing never waits on the device.
+        """
+        count = self.count.value
+        slot = ops.reshape(ops.cast(count % self.capacity, "int32"), (1,))
+        _write_slot_eager(self.stats, slot, stats)
+        _write_slot_eager(self.steps, slot, ops.cast(step, "int64"))
+        if skipped is not None or self.flagged:
+            flag = False if skipped is None else skipped
+            _write_slot_eager(self.skipped, slot, ops.cast(flag, "int32"))
+            self.flagged = True
+        for var, value in zip(self.values, values, strict=True):
+            _write_slot_eager(var, slot, ops.reshape(ops.cast(value, "float32"), (-1,)))
+        self.count.assign_add(ops.ones((), "int64"))
+
+    def _host(self, variable) -> np.ndarray:
+        # A copy: the device buffer is written again in place.
+        return host_copy(variable.value)
+
     def drain(self) -> Drained:
         """Copies the slots written since the last drain to the host, oldest first."""
+        if keras.backend.backend() != "tensorflow":
+            return self._drain_eager()
         count = int(self.count.value.numpy())
         new = count - self.drained
         lost = max(0, new - self.capacity)
@@ -182,6 +209,38 @@ class GradientBuffer(keras.metrics.Metric):
             ),
             lost=lost,
         )
+
+    def _drain_eager(self) -> Drained:
+        """`drain` on an eagerly run backend, from host copies of the buffer."""
+        count = int(self._host(self.count))
+        new = count - self.drained
+        lost = max(0, new - self.capacity)
+        idx = np.arange(self.drained + lost, count) % self.capacity
+        self.drained = count
+        return Drained(
+            steps=self._host(self.steps)[idx],
+            stats=self._host(self.stats)[idx],
+            values=[self._host(v)[idx] for v in self.values],
+            hist=None,
+            replica_stats=None,
+            skipped=(
+                self._host(self.skipped)[idx] != 0 if self.flagged else np.zeros(len(idx), bool)
+            ),
+            lost=lost,
+        )
+
+
+def host_copy(x) -> np.ndarray:
+    """A NumPy copy of a tensor of the backend (torch: without the NumPy 2 copy warning
+    that `ops.convert_to_numpy` gives on a torch tensor)."""
+    if keras.backend.backend() == "torch" and hasattr(x, "detach"):
+        return x.detach().cpu().numpy().copy()
+    return np.array(ops.convert_to_numpy(x))
+
+
+def _write_slot_eager(var, slot, value) -> None:
+    # In place, as the eager backend's optimizers update weights.
+    var.value[slot] = ops.expand_dims(ops.convert_to_tensor(value), 0)
 
 
 def _write_slot(var: tf.Variable, slot, value) -> None:

@@ -9,8 +9,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
+import numpy as np
+from keras import ops
 
 from gradwatch._lazy import tf
+from gradwatch.buffer import host_copy
 from gradwatch.sparse import SparseGradient, dense
 
 _local = threading.local()
@@ -69,6 +72,11 @@ class _StepScope:
         """
         if not self.loss_scaled:
             return None
+        if keras.backend.backend() != "tensorflow":  # eager: a host bool
+            return any(
+                int(host_copy(opt.iterations.value)) == before
+                for opt, before in self.loss_scaled.values()
+            )
         return tf.reduce_any(
             tf.stack(
                 [
@@ -94,22 +102,54 @@ def _counted(fn: Callable) -> Callable:
         scopes = _scopes()
         if id(self) in scopes:  # super().train_step() from an overriding train_step
             return fn(self, *args, **kwargs)
-        if keras.backend.backend() != "tensorflow":
+        if keras.backend.backend() not in _CAPTURING_BACKENDS:
             return fn(self, *args, **kwargs)
         scope = scopes[id(self)] = _StepScope()
         try:
             outputs = fn(self, *args, **kwargs)
         finally:
             del scopes[id(self)]
-        _commit(self, scope)
+        if keras.backend.backend() == "torch":
+            import torch
+
+            # The stats read gradients and weights; they must not join autograd's graph.
+            with torch.no_grad():
+                _commit(self, scope)
+        else:
+            _commit(self, scope)
         return outputs
 
     train_step._gradwatch_counted = True
     return train_step
 
 
-def _step_counter(model: Any) -> tf.Variable:
+# The backends whose `train_step` gradwatch records.
+_CAPTURING_BACKENDS = ("tensorflow", "torch")
+
+# The optimizer method that the stock `train_step` of each backend hands the gradients.
+_APPLY_METHOD = {"tensorflow": "apply_gradients", "torch": "apply"}
+
+
+class _HostCounter:
+    """The step counter of an eagerly run backend (PyTorch), kept on the host."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def read_value(self) -> int:
+        return self.value
+
+    def assign_add(self, n: int) -> None:
+        self.value += n
+
+    def numpy(self) -> np.int64:
+        return np.int64(self.value)
+
+
+def _step_counter(model: Any) -> Any:
     state = model_state(model)
+    if state.counter is None and keras.backend.backend() != "tensorflow":
+        state.counter = _HostCounter()
     if state.counter is None:
         # Built lazily inside the first trace; init_scope lifts it out of the graph.
         with tf.init_scope():
@@ -150,6 +190,8 @@ def global_records(records: dict[int, tuple]) -> dict[int, tuple]:
     the local gradients, and does its own all-reduce. Without a strategy, or
     with one replica, the records are returned as they are.
     """
+    if keras.backend.backend() != "tensorflow":
+        return records
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
         return records
@@ -174,16 +216,23 @@ def _loss_scale(optimizer: Any) -> Any:
         getattr(optimizer, "loss_scale_factor", None) is not None
     ):
         # Read before `apply`, which may change a dynamic scale.
+        if keras.backend.backend() != "tensorflow":
+            return ops.cast(optimizer.scale_loss(1.0), "float32")
         return tf.cast(optimizer.scale_loss(1.0), tf.float32)
     return None
 
 
 class _ApplyInterceptor:
-    """Routes `optimizer.apply_gradients` through a recorder while a stock step traces."""
+    """Routes the optimizer's apply method through a recorder while a stock step runs.
+
+    The method is `apply_gradients(grads_and_vars)` on TensorFlow and
+    `apply(grads, trainable_variables)` on PyTorch, as each stock step calls it.
+    """
 
     def __init__(self, optimizer: Any, model: Any):
         self.optimizer = optimizer
         self.model = model
+        self.method = _APPLY_METHOD[keras.backend.backend()]
 
     def __enter__(self) -> None:
         with _patch_lock:
@@ -191,7 +240,7 @@ class _ApplyInterceptor:
             hooks = opt.__dict__.get("_gradwatch_hooks")
             if hooks is None:
                 hooks = {}
-                original = opt.apply_gradients
+                original = getattr(opt, self.method)
 
                 def apply_gradients(grads_and_vars, *args, **kwargs):
                     grads_and_vars = list(grads_and_vars)
@@ -200,8 +249,16 @@ class _ApplyInterceptor:
                         hook(grads_and_vars)
                     return original(grads_and_vars, *args, **kwargs)
 
+                def apply(grads, trainable_variables=None, *args, **kwargs):
+                    hook = hooks.get(threading.get_ident())
+                    if hook is not None and trainable_variables is not None:
+                        grads = list(grads)
+                        hook(list(zip(grads, trainable_variables, strict=True)))
+                    return original(grads, trainable_variables, *args, **kwargs)
+
+                patched = apply_gradients if self.method == "apply_gradients" else apply
                 object.__setattr__(opt, "_gradwatch_hooks", hooks)
-                object.__setattr__(opt, "apply_gradients", apply_gradients)
+                object.__setattr__(opt, self.method, patched)
             hooks[threading.get_ident()] = self._record
 
     def _record(self, grads_and_vars: list) -> None:
@@ -215,7 +272,7 @@ class _ApplyInterceptor:
             hooks = opt.__dict__["_gradwatch_hooks"]
             hooks.pop(threading.get_ident(), None)
             if not hooks:
-                object.__delattr__(opt, "apply_gradients")
+                object.__delattr__(opt, self.method)
                 object.__delattr__(opt, "_gradwatch_hooks")
 
 
@@ -261,7 +318,7 @@ class GradWatchMixin:
     @_counted
     def train_step(self, *args: Any) -> Any:
         # `(data)` on TensorFlow and PyTorch, the stateless `(state, data)` on JAX.
-        if not model_state(self).listening or keras.backend.backend() != "tensorflow":
+        if not model_state(self).listening or keras.backend.backend() not in _APPLY_METHOD:
             return super().train_step(*args)
         with _ApplyInterceptor(self.optimizer, self):
             return super().train_step(*args)
@@ -346,10 +403,14 @@ class GradWatchMixin:
                 f"Received: len(grads)={len(grads)}, len(variables)={len(variables)}"
             )
         scale = _loss_scale(optimizer)
+        graph = keras.backend.backend() == "tensorflow"
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-            scope.loss_scaled.setdefault(
-                id(optimizer), (optimizer, tf.convert_to_tensor(optimizer.iterations))
+            before = (
+                tf.convert_to_tensor(optimizer.iterations)
+                if graph
+                else int(host_copy(optimizer.iterations.value))
             )
+            scope.loss_scaled.setdefault(id(optimizer), (optimizer, before))
         for grad, var in zip(grads, variables, strict=True):
             if id(var) in scope.grads:
                 raise ValueError(
@@ -357,12 +418,15 @@ class GradWatchMixin:
                     "Call `record_gradients` once per variable and step, with the "
                     "gradient that is applied."
                 )
-            if isinstance(grad, tf.IndexedSlices):
+            if graph and isinstance(grad, tf.IndexedSlices):
                 # Kept as the touched rows (repeats summed, as the dense gradient has
                 # them): a large table is not densified at every step.
                 grad = SparseGradient.from_indexed_slices(grad, tuple(var.shape))
             # Read before `apply_gradients` runs, for the update stats.
-            before = tf.convert_to_tensor(var) if keep_weights else None
+            before = None
+            if keep_weights:
+                # Eager backends update the weights in place: keep a copy.
+                before = tf.convert_to_tensor(var) if graph else ops.copy(var.value)
             scope.grads[id(var)] = (var, grad, scale, before, optimizer)
 
 

@@ -36,12 +36,24 @@ def _run(backend: str, code: str, timeout: float = 300) -> subprocess.CompletedP
     )
 
 
+# The core tests (the seed's worked examples, the per-step reference comparison,
+# bitwise neutrality, the error cases), run again under each other backend.
+CORE = [
+    "tests/test_seed.py",
+    "tests/test_mixin.py",
+    "tests/test_callback.py",
+    "tests/test_alarms.py",
+]
+
+
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_backends_import_and_fit_never_import_tensorflow(backend):
     _needs(backend)
+    # On torch the fit records; on JAX (not recorded yet) it trains without a watch.
+    watched = backend == "torch"
     result = _run(
         backend,
-        """
+        f"""
         import sys
         import keras
         import numpy as np
@@ -51,9 +63,82 @@ def test_backends_import_and_fit_never_import_tensorflow(backend):
         watch = gradwatch.GradWatch()
         model = gradwatch.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
         model.compile("sgd", "mse")
-        model.fit(np.ones((8, 3)), np.ones((8, 2)), batch_size=4, verbose=0)
-        print(keras.backend.backend(), after_import, "tensorflow" in sys.modules)
+        callbacks = [watch] if {watched} else []
+        model.fit(np.ones((8, 3)), np.ones((8, 2)), batch_size=4, callbacks=callbacks, verbose=0)
+        recorded = len(watch.log) if {watched} else 2
+        print(keras.backend.backend(), after_import, "tensorflow" in sys.modules, recorded)
         """,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == [backend, "False", "False"]
+    assert result.stdout.split() == [backend, "False", "False", "2"]
+
+
+def test_backends_core_suite_passes_on_torch():
+    _needs("torch")
+    env = dict(os.environ, KERAS_BACKEND="torch")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CORE],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout.splitlines()[-1]
+
+
+def test_backends_jax_watch_is_refused_with_a_clear_error():
+    _needs("jax")
+    result = _run(
+        "jax",
+        """
+        import keras
+        import numpy as np
+        import gradwatch
+
+        model = gradwatch.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        model.compile("sgd", "mse")
+        watch = gradwatch.GradWatch()
+        try:
+            model.fit(np.ones((8, 3)), np.ones((8, 2)), callbacks=[watch], verbose=0)
+        except NotImplementedError as e:
+            print(e)
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Received: KERAS_BACKEND='jax'" in result.stdout
+    assert "KERAS_BACKEND=torch" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"histogram": True}, "histogram=4"),
+        ({"stats": ["norm", "cos_prev"]}, "stats='cos_prev'"),
+        ({"stats": ["clipped_norm"]}, "stats='clipped_norm'"),
+        ({"per_replica": True}, "per_replica=True"),
+    ],
+)
+def test_backends_torch_refuses_what_it_does_not_record_yet(kwargs, named):
+    _needs("torch")
+    result = _run(
+        "torch",
+        f"""
+        import keras
+        import numpy as np
+        import gradwatch
+
+        model = gradwatch.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        model.compile("sgd", "mse")
+        watch = gradwatch.GradWatch(**{kwargs!r})
+        try:
+            model.fit(np.ones((8, 3)), np.ones((8, 2)), callbacks=[watch], verbose=0)
+        except NotImplementedError as e:
+            print(e)
+        print("recorded", len(watch.log))
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"does not yet record {named} on the torch backend" in result.stdout
+    assert "recorded 0" in result.stdout
