@@ -68,10 +68,12 @@ class GradientBuffer(keras.metrics.Metric):
             dtype="float32",
             name="stats",
         )
+        # JAX runs without 64-bit types unless asked: count in int32 there.
+        index = "int32" if keras.backend.backend() == "jax" else "int64"
         self.steps = self.add_variable(
-            shape=(capacity,), initializer="zeros", dtype="int64", name="steps"
+            shape=(capacity,), initializer="zeros", dtype=index, name="steps"
         )
-        self.count = self.add_variable(shape=(), initializer="zeros", dtype="int64", name="count")
+        self.count = self.add_variable(shape=(), initializer="zeros", dtype=index, name="count")
         self.skipped = self.add_variable(
             shape=(capacity,), initializer="zeros", dtype="int32", name="skipped"
         )
@@ -98,7 +100,7 @@ class GradientBuffer(keras.metrics.Metric):
             else None
         )
         self.prev_step = self.add_variable(
-            shape=(), initializer=keras.initializers.Constant(-2), dtype="int64", name="prev_step"
+            shape=(), initializer=keras.initializers.Constant(-2), dtype=index, name="prev_step"
         )
         self.replica_stats = (
             self.add_variable(
@@ -158,16 +160,22 @@ class GradientBuffer(keras.metrics.Metric):
         The slot index stays a device tensor, so writing never waits on the device.
         """
         count = self.count.value
-        slot = ops.reshape(ops.cast(count % self.capacity, "int32"), (1,))
-        _write_slot_eager(self.stats, slot, stats)
-        _write_slot_eager(self.steps, slot, ops.cast(step, "int64"))
+        if keras.backend.backend() == "jax":
+            # Stateless: a dynamic-update-slice, assigned within the step's StatelessScope.
+            slot = ops.cast(count % self.capacity, "int32")
+            write = _write_slot_stateless
+        else:
+            slot = ops.reshape(ops.cast(count % self.capacity, "int32"), (1,))
+            write = _write_slot_eager
+        write(self.stats, slot, stats)
+        write(self.steps, slot, ops.cast(step, self.steps.dtype))
         if skipped is not None or self.flagged:
             flag = False if skipped is None else skipped
-            _write_slot_eager(self.skipped, slot, ops.cast(flag, "int32"))
+            write(self.skipped, slot, ops.cast(flag, "int32"))
             self.flagged = True
         for var, value in zip(self.values, values, strict=True):
-            _write_slot_eager(var, slot, ops.reshape(ops.cast(value, "float32"), (-1,)))
-        self.count.assign_add(ops.ones((), "int64"))
+            write(var, slot, ops.reshape(ops.cast(value, "float32"), (-1,)))
+        self.count.assign(count + ops.ones((), self.count.dtype))
 
     def _host(self, variable) -> np.ndarray:
         # A copy: the device buffer is written again in place.
@@ -218,7 +226,7 @@ class GradientBuffer(keras.metrics.Metric):
         idx = np.arange(self.drained + lost, count) % self.capacity
         self.drained = count
         return Drained(
-            steps=self._host(self.steps)[idx],
+            steps=self._host(self.steps)[idx].astype(np.int64),
             stats=self._host(self.stats)[idx],
             values=[self._host(v)[idx] for v in self.values],
             hist=None,
@@ -236,6 +244,12 @@ def host_copy(x) -> np.ndarray:
     if keras.backend.backend() == "torch" and hasattr(x, "detach"):
         return x.detach().cpu().numpy().copy()
     return np.array(ops.convert_to_numpy(x))
+
+
+def _write_slot_stateless(var, slot, value) -> None:
+    value = ops.expand_dims(ops.cast(value, var.dtype), 0)
+    start = (slot,) + (0,) * (len(var.shape) - 1)
+    var.assign(ops.slice_update(var.value, start, value))
 
 
 def _write_slot_eager(var, slot, value) -> None:

@@ -22,7 +22,13 @@ from gradwatch._lazy import tf
 from gradwatch.buffer import GradientBuffer, host_copy
 from gradwatch.keys import check_patterns, match_patterns, variable_keys
 from gradwatch.log import GradientLog
-from gradwatch.mixin import GradWatchMixin, gate_next_step, model_state, setup_gate
+from gradwatch.mixin import (
+    GradWatchMixin,
+    _step_counter,
+    gate_next_step,
+    model_state,
+    setup_gate,
+)
 from gradwatch.sparse import dense, elements, unscaled_float32
 from gradwatch.stats import (
     DEFAULT_BINS_PER_DECADE,
@@ -71,6 +77,33 @@ class _Alarm:
         self.nonfinite_sq = var(tf.zeros([n]), tf.float32, "gradwatch_nonfinite_sq")
         self.threshold_step = var(-1, tf.int64, "gradwatch_threshold_step")
         self.threshold_sq = var(tf.zeros([n]), tf.float32, "gradwatch_threshold_sq")
+
+
+class _MetricAlarm(keras.metrics.Metric):
+    """`_Alarm` on JAX: a metric, so that its variables travel in the stateless step's
+    state (int32 steps: JAX runs without 64-bit types unless asked)."""
+
+    def __init__(self, n: int):
+        super().__init__(name="gradwatch_alarm")
+
+        def var(shape, dtype, name, value=0):
+            init = keras.initializers.Constant(value)
+            return self.add_variable(shape=shape, initializer=init, dtype=dtype, name=name)
+
+        self.tripped = var((2,), "int32", "tripped")  # [nonfinite, threshold]
+        self.nonfinite_step = var((), "int32", "nonfinite_step", -1)
+        self.nonfinite_sq = var((n,), "float32", "nonfinite_sq")
+        self.threshold_step = var((), "int32", "threshold_step", -1)
+        self.threshold_sq = var((n,), "float32", "threshold_sq")
+
+    def update_state(self, *args, **kwargs) -> None:
+        raise NotImplementedError("The gradwatch alarm is written by the train step.")
+
+    def result(self) -> dict:
+        return {}
+
+    def reset_state(self) -> None:
+        pass
 
 
 class _HostValue:
@@ -324,6 +357,14 @@ class GradWatch(keras.callbacks.Callback):
         _check_model(model)
         _check_strategy(model)
         unsupported = [] if keras.backend.backend() == "tensorflow" else _unsupported_on_eager(self)
+        if keras.backend.backend() == "jax" and not unsupported:
+            # The ring buffer, the step counter and the alarm travel in the stateless
+            # step's state: they must exist before Keras gathers it.
+            plan = self._plan_for(model)
+            self._buffer_for(model, plan)
+            _step_counter(model)
+            if self._checks and self._alarm is None:
+                self._alarm = _MetricAlarm(len(plan.stat_index))
         if unsupported:
             raise NotImplementedError(
                 f"GradWatch does not yet record {'; '.join(unsupported)} on the "
@@ -406,6 +447,13 @@ class GradWatch(keras.callbacks.Callback):
         buffer, plan = self._buffer, self._plan
         if buffer is None or plan is None:
             return
+        if keras.backend.backend() == "jax" and self._model_ref is not None:
+            # Mid-epoch, Keras keeps the state off the model's variables (purged to
+            # None): attach it, and copy the buffer out at once (its arrays are donated
+            # to the next step).
+            model = self._model_ref()
+            if model is not None:
+                model.jax_state_sync()
         self._since_drain = 0
         out = buffer.drain()
         if out.lost:
@@ -730,7 +778,8 @@ class GradWatch(keras.callbacks.Callback):
 
     # Keras may run `on_train_batch_end` on a worker thread; it only reads one small
     # counter there and sets flags, so training stays asynchronous.
-    async_safe = True
+    # On JAX it reads the alarm from the model's state, which must happen on the main thread.
+    async_safe = keras.backend.backend() != "jax"
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         self._poll_alarm()
@@ -741,6 +790,8 @@ class GradWatch(keras.callbacks.Callback):
         alarm = self._alarm
         if alarm is None:
             return
+        if keras.backend.backend() == "jax":
+            self.model.jax_state_sync()  # mid-epoch, the state is off the variables
         tripped = alarm.tripped.numpy()
         for kind, n, policy in (
             ("nonfinite", tripped[0], self.on_nonfinite),
@@ -828,6 +879,9 @@ class GradWatch(keras.callbacks.Callback):
     def _check_traced(self, model, step, records, skipped) -> None:
         if not self._checks:
             return
+        if keras.backend.backend() == "jax":
+            self._check_stateless(model, step, records)
+            return
         if keras.backend.backend() != "tensorflow":
             self._check_eager(model, step, records, skipped)
             return
@@ -871,6 +925,43 @@ class GradWatch(keras.callbacks.Callback):
             over = tf.reduce_any(out)
             note_first(over, alarm.threshold_step, alarm.threshold_sq)
         alarm.tripped.assign_add(tf.cast(tf.stack([bad, over]), tf.int64))
+
+    def _check_stateless(self, model, step, records) -> None:
+        """`_check_traced` on JAX, in `keras.ops`, writing the alarm metric's variables
+        (created at the start of training) within the step's `StatelessScope`."""
+        plan = self._plan_for(model)
+        alarm = self._alarm
+        n = len(plan.stat_index)
+        rows, grads = [], []
+        for j, i in enumerate(plan.stat_index):
+            entry = records.get(id(plan.variables[i]))
+            if entry is not None and entry[1] is not None:
+                rows.append(j)
+                grads.append(elements(unscaled_float32(entry[1], entry[2])))
+        if not grads:
+            return
+        sums = [sum_of_squares(g) for g in grads]
+        sq = ops.stack([sums[rows.index(j)] if j in rows else 0.0 for j in range(n)])
+
+        def note_first(tripped, step_var, sq_var):
+            first = ops.logical_and(tripped, step_var.value < 0)
+            step_var.assign(ops.where(first, ops.cast(step, step_var.dtype), step_var.value))
+            sq_var.assign(ops.where(first, sq, sq_var.value))
+
+        bad = over = ops.convert_to_tensor(False)
+        if self.on_nonfinite != "ignore":
+            bad = ops.any(ops.logical_not(ops.isfinite(sq)))
+            note_first(bad, alarm.nonfinite_step, alarm.nonfinite_sq)
+        if self._thresholds and self.on_threshold != "ignore":
+            norm = ops.sqrt(sq)
+            out = ops.zeros_like(norm, "bool")
+            if self.max_norm is not None:
+                out = ops.logical_or(out, norm > self.max_norm)
+            if self.min_norm is not None:
+                out = ops.logical_or(out, norm < self.min_norm)
+            over = ops.any(out)
+            note_first(over, alarm.threshold_step, alarm.threshold_sq)
+        alarm.tripped.assign(alarm.tripped.value + ops.cast(ops.stack([bad, over]), "int32"))
 
     def _check_eager(self, model, step, records, skipped) -> None:
         """`_check_traced` on an eagerly run backend (PyTorch): the same checks, on the
@@ -1096,11 +1187,11 @@ def _check_model(model: Any) -> None:
             "see its gradients. Put the mixin first: "
             f"`class {type(model).__name__}(gradwatch.GradWatchMixin, keras.Model): ...`"
         )
-    if keras.backend.backend() not in ("tensorflow", "torch"):
+    if keras.backend.backend() not in ("tensorflow", "torch", "jax"):
         raise NotImplementedError(
-            "gradwatch records gradients with the TensorFlow and PyTorch backends of Keras. "
-            f"Received: KERAS_BACKEND={keras.backend.backend()!r}. "
-            "Set KERAS_BACKEND=tensorflow or KERAS_BACKEND=torch before importing keras."
+            "gradwatch records gradients with the TensorFlow, PyTorch and JAX backends of "
+            f"Keras. Received: KERAS_BACKEND={keras.backend.backend()!r}. "
+            "Set KERAS_BACKEND to one of them before importing keras."
         )
 
 
@@ -1174,7 +1265,14 @@ def _check_strategy(model: Any) -> None:
 def _check_eager_backend(model: Any) -> None:
     """Refuses what gradwatch does not yet record on the PyTorch backend, before any step."""
     backend = keras.backend.backend()
-    if bool(model.jit_compile):
+    if backend == "jax" and type(model).train_step is not GradWatchMixin.train_step:
+        raise NotImplementedError(
+            f"gradwatch does not yet record a custom `train_step` on the jax backend: "
+            f"{type(model).__qualname__} overrides it, and `record_gradients` is not wired "
+            "into the stateless JAX step yet. Use the stock `train_step`, or train with "
+            "KERAS_BACKEND=tensorflow or KERAS_BACKEND=torch."
+        )
+    if backend == "torch" and bool(model.jit_compile):
         raise NotImplementedError(
             f"gradwatch does not yet record a `jit_compile=True` step on the {backend} "
             f"backend. Received: jit_compile={model.jit_compile!r}. Compile the model "
@@ -1183,8 +1281,11 @@ def _check_eager_backend(model: Any) -> None:
 
 
 def _unsupported_on_eager(watch: Any) -> list[str]:
-    """The settings of `watch` that gradwatch does not yet record on the PyTorch backend."""
+    """The settings of `watch` that gradwatch does not yet record on the PyTorch or JAX
+    backend."""
     out = [f"stats={s!r}" for s in ("clipped_norm", "cos_prev") if s in watch.stats]
+    if keras.backend.backend() == "jax" and watch.every != 1:
+        out.append(f"every={watch.every!r}")
     if watch.histogram:
         out.append(f"histogram={watch.histogram!r}")
     if watch.tensorboard_dir is not None:

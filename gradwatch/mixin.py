@@ -146,8 +146,45 @@ class _HostCounter:
         return np.int64(self.value)
 
 
+class _StepMetric(keras.metrics.Metric):
+    """JAX: the step counter, a metric so that it travels in the stateless step's state."""
+
+    def __init__(self) -> None:
+        super().__init__(name="gradwatch_step")
+        self.step = self.add_variable(shape=(), initializer="zeros", dtype="int32", name="step")
+
+    def update_state(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("The gradwatch step counter is advanced by the train step.")
+
+    def result(self) -> dict:
+        return {}
+
+    def reset_state(self) -> None:
+        # Keras resets metrics every epoch; the count goes on over the model's life.
+        pass
+
+
+class _VariableCounter:
+    """The step counter on JAX: reads and writes go through the current `StatelessScope`."""
+
+    def __init__(self) -> None:
+        self.metric = _StepMetric()
+
+    def read_value(self) -> Any:
+        return self.metric.step.value
+
+    def assign_add(self, n: int) -> None:
+        self.metric.step.assign(self.metric.step.value + n)
+
+    def numpy(self) -> np.int64:
+        return np.int64(host_copy(self.metric.step.value))
+
+
 def _step_counter(model: Any) -> Any:
     state = model_state(model)
+    if state.counter is None and keras.backend.backend() == "jax":
+        # Created at the start of training, outside the traced step.
+        state.counter = _VariableCounter()
     if state.counter is None and keras.backend.backend() != "tensorflow":
         state.counter = _HostCounter()
     if state.counter is None:
@@ -318,10 +355,24 @@ class GradWatchMixin:
     @_counted
     def train_step(self, *args: Any) -> Any:
         # `(data)` on TensorFlow and PyTorch, the stateless `(state, data)` on JAX.
+        if keras.backend.backend() == "jax" and model_state(self).watches:
+            return _jax_train_step(self, *args)
         if not model_state(self).listening or keras.backend.backend() not in _APPLY_METHOD:
             return super().train_step(*args)
         with _ApplyInterceptor(self.optimizer, self):
             return super().train_step(*args)
+
+    @property
+    def metrics(self) -> list[Any]:
+        metrics = super().metrics
+        if keras.backend.backend() != "jax":
+            return metrics
+        # On JAX, gradwatch's device state travels in the step's metrics state.
+        state = model_state(self)
+        extra = [state.counter.metric] if isinstance(state.counter, _VariableCounter) else []
+        for watch in state.watches:
+            extra += [m for m in (watch._buffer, watch._alarm) if isinstance(m, keras.Metric)]
+        return metrics + extra
 
     def fit(self, *args: Any, **kwargs: Any) -> Any:
         """Runs `keras.Model.fit` with the `GradWatch` callbacks among `callbacks` attached.
@@ -404,7 +455,9 @@ class GradWatchMixin:
             )
         scale = _loss_scale(optimizer)
         graph = keras.backend.backend() == "tensorflow"
-        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and (
+            keras.backend.backend() != "jax"  # skipped updates are not marked on JAX yet
+        ):
             before = (
                 tf.convert_to_tensor(optimizer.iterations)
                 if graph
@@ -428,6 +481,64 @@ class GradWatchMixin:
                 # Eager backends update the weights in place: keep a copy.
                 before = tf.convert_to_tensor(var) if graph else ops.copy(var.value)
             scope.grads[id(var)] = (var, grad, scale, before, optimizer)
+
+
+def _jax_train_step(model: Any, state: Any, data: Any) -> Any:
+    """The stock JAX `train_step(state, data)`, plus the capture, in the same traced step.
+
+    The gradients, the optimizer update and the metrics are computed exactly as the
+    stock step computes them. The loss scale is read in a `StatelessScope` over the
+    optimizer's variables; the stats are written to the ring buffer, a metric, in a
+    `StatelessScope` over the metrics variables, whose new values are returned in the
+    state.
+    """
+    import jax
+    from keras.src.trainers.data_adapters import data_adapter_utils
+
+    trainable, non_trainable, optimizer_vars, metrics_vars = state
+    x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+    grad_fn = jax.value_and_grad(model.compute_loss_and_updates, has_aux=True)
+    (_, aux), grads = grad_fn(
+        trainable,
+        non_trainable,
+        metrics_vars,
+        x,
+        y,
+        sample_weight,
+        training=True,
+        optimizer_variables=optimizer_vars,
+    )
+    (unscaled_loss, y_pred, non_trainable, metrics_vars) = aux
+    scopes = _scopes()
+    scope = scopes[id(model)] = _StepScope()
+    try:
+        optimizer = model.optimizer
+        # The optimizer's state gives the loss scale; the weights before the update give
+        # the update stats.
+        mapping = [
+            *zip(optimizer.variables, optimizer_vars, strict=True),
+            *zip(model.trainable_variables, trainable, strict=True),
+        ]
+        with keras.StatelessScope(state_mapping=mapping):
+            model.record_gradients(grads, model.trainable_variables, optimizer=optimizer)
+    finally:
+        del scopes[id(model)]
+    trainable, optimizer_vars = optimizer.stateless_apply(optimizer_vars, grads, trainable)
+    logs, metrics_vars = model._update_metrics_variables(
+        metrics_vars, unscaled_loss, x, y, y_pred, sample_weight
+    )
+    refs = model.metrics_variables
+    mapping = [
+        *zip(refs, metrics_vars, strict=True),
+        *zip(model.trainable_variables, trainable, strict=True),  # after the update
+    ]
+    with keras.StatelessScope(state_mapping=mapping) as written:
+        _commit(model, scope)
+    metrics_vars = [
+        value if (new := written.get_current_value(ref)) is None else new
+        for ref, value in zip(refs, metrics_vars, strict=True)
+    ]
+    return logs, (trainable, non_trainable, optimizer_vars, metrics_vars)
 
 
 def _register(cls: type) -> type:
@@ -495,6 +606,9 @@ def setup_gate(model: Any) -> None:
     """
     state = model_state(model)
     spe = int(model.steps_per_execution)
+    if keras.backend.backend() == "jax":  # `every > 1` is not recorded on JAX yet
+        state.gate = None
+        return
     if spe != 1 or not state.watches or any(w.every == 1 for w in state.watches):
         state.gate = None
         return

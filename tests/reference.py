@@ -28,6 +28,12 @@ def spe(n: int) -> int:
     return n if MAX_SPE is None else min(n, MAX_SPE)
 
 
+def skip_on_jax(reason: str) -> None:
+    """Skips what gradwatch does not record on JAX yet (it refuses it, or cannot know it)."""
+    if BACKEND == "jax":
+        pytest.skip(f"not on JAX yet: {reason}")
+
+
 def skip_unless_supported(spe: int = 1, jit: bool = False) -> None:
     """Skips a test case that the backend cannot run (not one gradwatch gets wrong)."""
     if BACKEND == "torch" and spe > 1:
@@ -51,6 +57,20 @@ def grads_of(loss_fn, variables):
         loss = loss_fn()
         variables = variables() if callable(variables) else variables
         grads = torch.autograd.grad(loss, [v.value for v in variables], allow_unused=True)
+        return loss, list(grads)
+    if BACKEND == "jax":
+        import jax
+
+        # Differentiate the stateful loss by mapping the variables to traced values.
+        def stateless(values):
+            mapping = list(zip(variables, values, strict=True))
+            with keras.StatelessScope(state_mapping=mapping, collect_losses=True):
+                return loss_fn()
+
+        if callable(variables):
+            loss_fn()  # builds the layers, so that the variables exist
+            variables = variables()
+        loss, grads = jax.value_and_grad(stateless)([v.value for v in variables])
         return loss, list(grads)
     raise NotImplementedError(f"no reference gradient loop for the {BACKEND} backend")
 

@@ -49,11 +49,9 @@ CORE = [
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_backends_import_and_fit_never_import_tensorflow(backend):
     _needs(backend)
-    # On torch the fit records; on JAX (not recorded yet) it trains without a watch.
-    watched = backend == "torch"
     result = _run(
         backend,
-        f"""
+        """
         import sys
         import keras
         import numpy as np
@@ -63,19 +61,18 @@ def test_backends_import_and_fit_never_import_tensorflow(backend):
         watch = gradwatch.GradWatch()
         model = gradwatch.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
         model.compile("sgd", "mse")
-        callbacks = [watch] if {watched} else []
-        model.fit(np.ones((8, 3)), np.ones((8, 2)), batch_size=4, callbacks=callbacks, verbose=0)
-        recorded = len(watch.log) if {watched} else 2
-        print(keras.backend.backend(), after_import, "tensorflow" in sys.modules, recorded)
+        model.fit(np.ones((8, 3)), np.ones((8, 2)), batch_size=4, callbacks=[watch], verbose=0)
+        print(keras.backend.backend(), after_import, "tensorflow" in sys.modules, len(watch.log))
         """,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [backend, "False", "False", "2"]
 
 
-def test_backends_core_suite_passes_on_torch():
-    _needs("torch")
-    env = dict(os.environ, KERAS_BACKEND="torch")
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_backends_core_suite_passes(backend):
+    _needs(backend)
+    env = dict(os.environ, KERAS_BACKEND=backend)
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CORE],
         env=env,
@@ -88,29 +85,6 @@ def test_backends_core_suite_passes_on_torch():
     assert " passed" in result.stdout.splitlines()[-1]
 
 
-def test_backends_jax_watch_is_refused_with_a_clear_error():
-    _needs("jax")
-    result = _run(
-        "jax",
-        """
-        import keras
-        import numpy as np
-        import gradwatch
-
-        model = gradwatch.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-        model.compile("sgd", "mse")
-        watch = gradwatch.GradWatch()
-        try:
-            model.fit(np.ones((8, 3)), np.ones((8, 2)), callbacks=[watch], verbose=0)
-        except NotImplementedError as e:
-            print(e)
-        """,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "Received: KERAS_BACKEND='jax'" in result.stdout
-    assert "KERAS_BACKEND=torch" in result.stdout
-
-
 @pytest.mark.parametrize(
     ("kwargs", "named"),
     [
@@ -120,10 +94,11 @@ def test_backends_jax_watch_is_refused_with_a_clear_error():
         ({"per_replica": True}, "per_replica=True"),
     ],
 )
-def test_backends_torch_refuses_what_it_does_not_record_yet(kwargs, named):
-    _needs("torch")
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_backends_refuse_what_they_do_not_record_yet(backend, kwargs, named):
+    _needs(backend)
     result = _run(
-        "torch",
+        backend,
         f"""
         import keras
         import numpy as np
@@ -140,5 +115,53 @@ def test_backends_torch_refuses_what_it_does_not_record_yet(kwargs, named):
         """,
     )
     assert result.returncode == 0, result.stderr
-    assert f"does not yet record {named} on the torch backend" in result.stdout
+    assert f"does not yet record {named} on the {backend} backend" in result.stdout
     assert "recorded 0" in result.stdout
+
+
+def test_backends_jax_refuses_every_above_one():
+    _needs("jax")
+    result = _run(
+        "jax",
+        """
+        import keras
+        import numpy as np
+        import gradwatch
+
+        model = gradwatch.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        model.compile("sgd", "mse")
+        watch = gradwatch.GradWatch(every=2)
+        try:
+            model.fit(np.ones((8, 3)), np.ones((8, 2)), callbacks=[watch], verbose=0)
+        except NotImplementedError as e:
+            print(e)
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "does not yet record every=2 on the jax backend" in result.stdout
+
+
+def test_backends_jax_refuses_a_custom_train_step():
+    _needs("jax")
+    result = _run(
+        "jax",
+        """
+        import keras
+        import numpy as np
+        import gradwatch
+
+        class Custom(gradwatch.GradWatchMixin, keras.Sequential):
+            def train_step(self, state, data):
+                return super().train_step(state, data)
+
+        model = Custom([keras.Input((3,)), keras.layers.Dense(2)])
+        model.compile("sgd", "mse")
+        watch = gradwatch.GradWatch()
+        try:
+            model.fit(np.ones((8, 3)), np.ones((8, 2)), callbacks=[watch], verbose=0)
+        except NotImplementedError as e:
+            print(e)
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "does not yet record a custom `train_step` on the jax backend" in result.stdout
