@@ -22,7 +22,6 @@ from datetime import date
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras
-import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(__file__))
 import models as bench_models
@@ -41,6 +40,20 @@ def configs(name: str) -> list[tuple[str, dict, dict]]:
         "embedding": "dense/bias",
     }
     value = small.get(name, "dense_252/bias")
+    if keras.backend.backend() == "torch":
+        # What gradwatch records on PyTorch (one step per execution, no jit, no histograms).
+        return [
+            ("torch: default", {}, {}),
+            ("torch: 1 kept tensor", {"values": value}, {}),
+            ("torch: every=10", {"every": 10}, {}),
+        ]
+    if keras.backend.backend() == "jax":
+        # What gradwatch records on JAX (no histograms, every=1); Keras jit-compiles there.
+        return [
+            ("jax: default", {}, {}),
+            ("jax: default, spe=8", {}, {"steps_per_execution": 8}),
+            ("jax: 1 kept tensor", {"values": value}, {}),
+        ]
     return [
         ("default", {}, {}),
         ("default, jit", {}, {"jit_compile": True}),
@@ -109,7 +122,8 @@ def main(argv=None) -> int:
     for name in args.only.split(","):
         steps = 4 if args.smoke else STEPS[name]
         chosen = configs(name)
-        if args.smoke:  # every code path once: plain, spe + jit, histogram + values, gating
+        if args.smoke and len(chosen) == 6:
+            # every code path once: plain, spe + jit, histogram + values, gating
             chosen = [chosen[0], chosen[3], chosen[4], chosen[5]]
         for label, watch_kwargs, compile_kwargs in chosen:
             ratio, ms, n_vars = compare(name, watch_kwargs, compile_kwargs, rounds, steps)
@@ -117,10 +131,12 @@ def main(argv=None) -> int:
             rows.append(row)
             print(row, flush=True)
     if args.out:
+        backend = keras.backend.backend()
+        version = __import__(backend).__version__
         with open(args.out, "w") as f:
             f.write(
                 f"Measured {date.today()} on {platform.processor() or platform.machine()}, "
-                f"{os.cpu_count()} cores, TensorFlow {tf.__version__}, Keras {keras.__version__}, "
+                f"{os.cpu_count()} cores, {backend} {version}, Keras {keras.__version__}, "
                 f"{rounds} rounds.\n\n{header}\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
             )
     return 0

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
+
+from gradwatch._lazy import tf
 
 
 @dataclass
@@ -66,10 +68,12 @@ class GradientBuffer(keras.metrics.Metric):
             dtype="float32",
             name="stats",
         )
+        # JAX runs without 64-bit types unless asked: count in int32 there.
+        index = "int32" if keras.backend.backend() == "jax" else "int64"
         self.steps = self.add_variable(
-            shape=(capacity,), initializer="zeros", dtype="int64", name="steps"
+            shape=(capacity,), initializer="zeros", dtype=index, name="steps"
         )
-        self.count = self.add_variable(shape=(), initializer="zeros", dtype="int64", name="count")
+        self.count = self.add_variable(shape=(), initializer="zeros", dtype=index, name="count")
         self.skipped = self.add_variable(
             shape=(capacity,), initializer="zeros", dtype="int32", name="skipped"
         )
@@ -96,7 +100,7 @@ class GradientBuffer(keras.metrics.Metric):
             else None
         )
         self.prev_step = self.add_variable(
-            shape=(), initializer=keras.initializers.Constant(-2), dtype="int64", name="prev_step"
+            shape=(), initializer=keras.initializers.Constant(-2), dtype=index, name="prev_step"
         )
         self.replica_stats = (
             self.add_variable(
@@ -131,6 +135,9 @@ class GradientBuffer(keras.metrics.Metric):
         self, step, stats, values: Sequence, hist=None, skipped=None, replica_stats=None
     ) -> None:
         """Writes one step into the next slot, inside the compiled step."""
+        if keras.backend.backend() != "tensorflow":
+            self._write_eager(step, stats, values, skipped)
+            return
         count = self.count.value
         slot = tf.cast(count % self.capacity, tf.int32)[None]
         _write_slot(self.stats.value, slot, stats)
@@ -147,8 +154,37 @@ class GradientBuffer(keras.metrics.Metric):
             _write_slot(self.replica_stats.value, slot, replica_stats)
         self.count.value.assign_add(1)
 
+    def _write_eager(self, step, stats, values: Sequence, skipped=None) -> None:
+        """`write` on an eagerly run backend (PyTorch): in-place writes of one slot.
+
+        The slot index stays a device tensor, so writing never waits on the device.
+        """
+        count = self.count.value
+        if keras.backend.backend() == "jax":
+            # Stateless: a dynamic-update-slice, assigned within the step's StatelessScope.
+            slot = ops.cast(count % self.capacity, "int32")
+            write = _write_slot_stateless
+        else:
+            slot = ops.reshape(ops.cast(count % self.capacity, "int32"), (1,))
+            write = _write_slot_eager
+        write(self.stats, slot, stats)
+        write(self.steps, slot, ops.cast(step, self.steps.dtype))
+        if skipped is not None or self.flagged:
+            flag = False if skipped is None else skipped
+            write(self.skipped, slot, ops.cast(flag, "int32"))
+            self.flagged = True
+        for var, value in zip(self.values, values, strict=True):
+            write(var, slot, ops.reshape(ops.cast(value, "float32"), (-1,)))
+        self.count.assign(count + ops.ones((), self.count.dtype))
+
+    def _host(self, variable) -> np.ndarray:
+        # A copy: the device buffer is written again in place.
+        return host_copy(variable.value)
+
     def drain(self) -> Drained:
         """Copies the slots written since the last drain to the host, oldest first."""
+        if keras.backend.backend() != "tensorflow":
+            return self._drain_eager()
         count = int(self.count.value.numpy())
         new = count - self.drained
         lost = max(0, new - self.capacity)
@@ -181,6 +217,44 @@ class GradientBuffer(keras.metrics.Metric):
             ),
             lost=lost,
         )
+
+    def _drain_eager(self) -> Drained:
+        """`drain` on an eagerly run backend, from host copies of the buffer."""
+        count = int(self._host(self.count))
+        new = count - self.drained
+        lost = max(0, new - self.capacity)
+        idx = np.arange(self.drained + lost, count) % self.capacity
+        self.drained = count
+        return Drained(
+            steps=self._host(self.steps)[idx].astype(np.int64),
+            stats=self._host(self.stats)[idx],
+            values=[self._host(v)[idx] for v in self.values],
+            hist=None,
+            replica_stats=None,
+            skipped=(
+                self._host(self.skipped)[idx] != 0 if self.flagged else np.zeros(len(idx), bool)
+            ),
+            lost=lost,
+        )
+
+
+def host_copy(x) -> np.ndarray:
+    """A NumPy copy of a tensor of the backend (torch: without the NumPy 2 copy warning
+    that `ops.convert_to_numpy` gives on a torch tensor)."""
+    if keras.backend.backend() == "torch" and hasattr(x, "detach"):
+        return x.detach().cpu().numpy().copy()
+    return np.array(ops.convert_to_numpy(x))
+
+
+def _write_slot_stateless(var, slot, value) -> None:
+    value = ops.expand_dims(ops.cast(value, var.dtype), 0)
+    start = (slot,) + (0,) * (len(var.shape) - 1)
+    var.assign(ops.slice_update(var.value, start, value))
+
+
+def _write_slot_eager(var, slot, value) -> None:
+    # In place, as the eager backend's optimizers update weights.
+    var.value[slot] = ops.expand_dims(ops.convert_to_tensor(value), 0)
 
 
 def _write_slot(var: tf.Variable, slot, value) -> None:

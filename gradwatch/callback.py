@@ -15,13 +15,20 @@ from typing import Any, Literal
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 from gradwatch import io
-from gradwatch.buffer import GradientBuffer
+from gradwatch._lazy import tf
+from gradwatch.buffer import GradientBuffer, host_copy
 from gradwatch.keys import check_patterns, match_patterns, variable_keys
 from gradwatch.log import GradientLog
-from gradwatch.mixin import GradWatchMixin, gate_next_step, model_state, setup_gate
+from gradwatch.mixin import (
+    GradWatchMixin,
+    _step_counter,
+    gate_next_step,
+    model_state,
+    setup_gate,
+)
 from gradwatch.sparse import dense, elements, unscaled_float32
 from gradwatch.stats import (
     DEFAULT_BINS_PER_DECADE,
@@ -70,6 +77,60 @@ class _Alarm:
         self.nonfinite_sq = var(tf.zeros([n]), tf.float32, "gradwatch_nonfinite_sq")
         self.threshold_step = var(-1, tf.int64, "gradwatch_threshold_step")
         self.threshold_sq = var(tf.zeros([n]), tf.float32, "gradwatch_threshold_sq")
+
+
+class _MetricAlarm(keras.metrics.Metric):
+    """`_Alarm` on JAX: a metric, so that its variables travel in the stateless step's
+    state (int32 steps: JAX runs without 64-bit types unless asked)."""
+
+    def __init__(self, n: int):
+        super().__init__(name="gradwatch_alarm")
+
+        def var(shape, dtype, name, value=0):
+            init = keras.initializers.Constant(value)
+            return self.add_variable(shape=shape, initializer=init, dtype=dtype, name=name)
+
+        self.tripped = var((2,), "int32", "tripped")  # [nonfinite, threshold]
+        self.nonfinite_step = var((), "int32", "nonfinite_step", -1)
+        self.nonfinite_sq = var((n,), "float32", "nonfinite_sq")
+        self.threshold_step = var((), "int32", "threshold_step", -1)
+        self.threshold_sq = var((n,), "float32", "threshold_sq")
+
+    def update_state(self, *args, **kwargs) -> None:
+        raise NotImplementedError("The gradwatch alarm is written by the train step.")
+
+    def result(self) -> dict:
+        return {}
+
+    def reset_state(self) -> None:
+        pass
+
+
+class _HostValue:
+    """A host array with the `numpy()` of a device variable."""
+
+    def __init__(self, value: Any, dtype: Any):
+        self.value = np.array(value, dtype)
+
+    def numpy(self) -> np.ndarray:
+        return self.value
+
+
+class _HostAlarm:
+    """`_Alarm` on an eagerly run backend (PyTorch), kept on the host."""
+
+    def __init__(self, n: int):
+        self.tripped = _HostValue([0, 0], np.int64)
+        self.nonfinite_step = _HostValue(-1, np.int64)
+        self.nonfinite_sq = _HostValue(np.zeros(n), np.float32)
+        self.threshold_step = _HostValue(-1, np.int64)
+        self.threshold_sq = _HostValue(np.zeros(n), np.float32)
+
+    def note_first(self, tripped: bool, kind: str, step: int, sq: np.ndarray) -> None:
+        step_var, sq_var = getattr(self, f"{kind}_step"), getattr(self, f"{kind}_sq")
+        if tripped and step_var.value < 0:
+            step_var.value = np.array(step, np.int64)
+            sq_var.value = sq
 
 
 class GradWatch(keras.callbacks.Callback):
@@ -295,6 +356,21 @@ class GradWatch(keras.callbacks.Callback):
         model = self.model
         _check_model(model)
         _check_strategy(model)
+        unsupported = [] if keras.backend.backend() == "tensorflow" else _unsupported_on_eager(self)
+        if keras.backend.backend() == "jax" and not unsupported:
+            # The ring buffer, the step counter and the alarm travel in the stateless
+            # step's state: they must exist before Keras gathers it.
+            plan = self._plan_for(model)
+            self._buffer_for(model, plan)
+            _step_counter(model)
+            if self._checks and self._alarm is None:
+                self._alarm = _MetricAlarm(len(plan.stat_index))
+        if unsupported:
+            raise NotImplementedError(
+                f"GradWatch does not yet record {'; '.join(unsupported)} on the "
+                f"{keras.backend.backend()} backend of Keras. Drop these settings, or train "
+                "with KERAS_BACKEND=tensorflow, where they work."
+            )
         if self.path is not None:
             self._prepare_path()
         if self._model_ref is not None and self._model_ref() is not model:
@@ -371,6 +447,13 @@ class GradWatch(keras.callbacks.Callback):
         buffer, plan = self._buffer, self._plan
         if buffer is None or plan is None:
             return
+        if keras.backend.backend() == "jax" and self._model_ref is not None:
+            # Mid-epoch, Keras keeps the state off the model's variables (purged to
+            # None): attach it, and copy the buffer out at once (its arrays are donated
+            # to the next step).
+            model = self._model_ref()
+            if model is not None:
+                model.jax_state_sync()
         self._since_drain = 0
         out = buffer.drain()
         if out.lost:
@@ -590,22 +673,28 @@ class GradWatch(keras.callbacks.Callback):
             grads = {i: gradient(i) for i in dict.fromkeys(plan.stat_index + plan.value_index)}
             stat_grads = [grads[i] for i in plan.stat_index]
             n_stats = len(self.stats)
+            graph = keras.backend.backend() == "tensorflow"
             if plan.stat_index:
                 cols = self._stat_columns(
                     plan, entries, stat_grads, step, buffer, flat_gradients, records, clipped
                 )
-                stats = tf.stack([cols[name] for name in self.stats], axis=1)
+                stack = tf.stack if graph else ops.stack
+                stats = stack([cols[name] for name in self.stats], axis=1)
             else:
-                stats = tf.zeros((0, n_stats), tf.float32)
+                stats = tf.zeros((0, n_stats), tf.float32) if graph else ops.zeros((0, n_stats))
             values = [
                 dense(grads[i])
                 if grads[i] is not None
-                else tf.fill(plan.variables[i].shape, tf.constant(math.nan, tf.float32))
+                else (
+                    tf.fill(plan.variables[i].shape, tf.constant(math.nan, tf.float32))
+                    if graph
+                    else ops.full(plan.variables[i].shape, math.nan, "float32")
+                )
                 for i in plan.value_index
             ]
             hist = compute_histograms(stat_grads, self.histogram) if self.histogram else None
             buffer.write(step, stats, values, hist, skipped, replica_stats)
-            return tf.constant(True)
+            return tf.constant(True) if graph else True
 
         def keep_previous():
             buffer.prev.value.assign(flat_gradients())
@@ -614,6 +703,9 @@ class GradWatch(keras.callbacks.Callback):
 
         if self.every == 1:
             record()
+        elif keras.backend.backend() != "tensorflow":  # eager: the step is a host int
+            if step % self.every == 0:
+                record()
         else:
             branch(step % self.every == 0, record, lambda: tf.constant(False))
         if buffer.prev is not None:
@@ -659,8 +751,13 @@ class GradWatch(keras.callbacks.Callback):
         if self._needs_weights:
             before = [None if entries[i] is None else entries[i][3] for i in plan.stat_index]
             # Read after `apply_gradients`: this runs after the stock step returns.
+            read = (
+                tf.convert_to_tensor
+                if keras.backend.backend() == "tensorflow"
+                else lambda v: ops.convert_to_tensor(v.value)
+            )
             delta = [
-                None if b is None else tf.convert_to_tensor(plan.variables[i]) - b
+                None if b is None else read(plan.variables[i]) - b
                 for i, b in zip(plan.stat_index, before, strict=True)
             ]
             weight = compute_stats(before, ["norm"])[:, 0]
@@ -681,7 +778,8 @@ class GradWatch(keras.callbacks.Callback):
 
     # Keras may run `on_train_batch_end` on a worker thread; it only reads one small
     # counter there and sets flags, so training stays asynchronous.
-    async_safe = True
+    # On JAX it reads the alarm from the model's state, which must happen on the main thread.
+    async_safe = keras.backend.backend() != "jax"
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         self._poll_alarm()
@@ -692,6 +790,8 @@ class GradWatch(keras.callbacks.Callback):
         alarm = self._alarm
         if alarm is None:
             return
+        if keras.backend.backend() == "jax":
+            self.model.jax_state_sync()  # mid-epoch, the state is off the variables
         tripped = alarm.tripped.numpy()
         for kind, n, policy in (
             ("nonfinite", tripped[0], self.on_nonfinite),
@@ -779,6 +879,12 @@ class GradWatch(keras.callbacks.Callback):
     def _check_traced(self, model, step, records, skipped) -> None:
         if not self._checks:
             return
+        if keras.backend.backend() == "jax":
+            self._check_stateless(model, step, records)
+            return
+        if keras.backend.backend() != "tensorflow":
+            self._check_eager(model, step, records, skipped)
+            return
         plan = self._plan_for(model)
         if self._alarm is None:
             with tf.init_scope():
@@ -819,6 +925,77 @@ class GradWatch(keras.callbacks.Callback):
             over = tf.reduce_any(out)
             note_first(over, alarm.threshold_step, alarm.threshold_sq)
         alarm.tripped.assign_add(tf.cast(tf.stack([bad, over]), tf.int64))
+
+    def _check_stateless(self, model, step, records) -> None:
+        """`_check_traced` on JAX, in `keras.ops`, writing the alarm metric's variables
+        (created at the start of training) within the step's `StatelessScope`."""
+        plan = self._plan_for(model)
+        alarm = self._alarm
+        n = len(plan.stat_index)
+        rows, grads = [], []
+        for j, i in enumerate(plan.stat_index):
+            entry = records.get(id(plan.variables[i]))
+            if entry is not None and entry[1] is not None:
+                rows.append(j)
+                grads.append(elements(unscaled_float32(entry[1], entry[2])))
+        if not grads:
+            return
+        sums = [sum_of_squares(g) for g in grads]
+        sq = ops.stack([sums[rows.index(j)] if j in rows else 0.0 for j in range(n)])
+
+        def note_first(tripped, step_var, sq_var):
+            first = ops.logical_and(tripped, step_var.value < 0)
+            step_var.assign(ops.where(first, ops.cast(step, step_var.dtype), step_var.value))
+            sq_var.assign(ops.where(first, sq, sq_var.value))
+
+        bad = over = ops.convert_to_tensor(False)
+        if self.on_nonfinite != "ignore":
+            bad = ops.any(ops.logical_not(ops.isfinite(sq)))
+            note_first(bad, alarm.nonfinite_step, alarm.nonfinite_sq)
+        if self._thresholds and self.on_threshold != "ignore":
+            norm = ops.sqrt(sq)
+            out = ops.zeros_like(norm, "bool")
+            if self.max_norm is not None:
+                out = ops.logical_or(out, norm > self.max_norm)
+            if self.min_norm is not None:
+                out = ops.logical_or(out, norm < self.min_norm)
+            over = ops.any(out)
+            note_first(over, alarm.threshold_step, alarm.threshold_sq)
+        alarm.tripped.assign(alarm.tripped.value + ops.cast(ops.stack([bad, over]), "int32"))
+
+    def _check_eager(self, model, step, records, skipped) -> None:
+        """`_check_traced` on an eagerly run backend (PyTorch): the same checks, on the
+        host, from one small copy of the per-variable sums of squares."""
+        plan = self._plan_for(model)
+        n = len(plan.stat_index)
+        if self._alarm is None:
+            self._alarm = _HostAlarm(n)
+        alarm = self._alarm
+        rows, grads = [], []
+        for j, i in enumerate(plan.stat_index):
+            entry = records.get(id(plan.variables[i]))
+            if entry is not None and entry[1] is not None:
+                rows.append(j)
+                grads.append(elements(unscaled_float32(entry[1], entry[2])))
+        if not grads:
+            return
+        sq = np.zeros(n, np.float32)
+        sq[rows] = host_copy(ops.stack([sum_of_squares(g) for g in grads]))
+        bad = over = False
+        if self.on_nonfinite != "ignore":
+            bad = not np.all(np.isfinite(sq)) and not skipped
+            alarm.note_first(bad, "nonfinite", step, sq)
+        if self._thresholds and self.on_threshold != "ignore":
+            with np.errstate(invalid="ignore"):
+                norm = np.sqrt(sq)
+                out = np.zeros(n, bool)
+                if self.max_norm is not None:
+                    out |= norm > self.max_norm
+                if self.min_norm is not None:
+                    out |= norm < self.min_norm
+            over = bool(out.any())
+            alarm.note_first(over, "threshold", step, sq)
+        alarm.tripped.value += np.array([bad, over], np.int64)
 
     def _plan_for(self, model: Any) -> _Plan:
         variables = list(model.trainable_weights)
@@ -887,7 +1064,10 @@ class GradWatch(keras.callbacks.Callback):
             prev_size = 0
             if "cos_prev" in self.stats:
                 prev_size = sum(int(np.prod(plan.variables[i].shape)) for i in plan.stat_index)
-            with tf.init_scope():
+            lift = (
+                tf.init_scope if keras.backend.backend() == "tensorflow" else contextlib.nullcontext
+            )
+            with lift():
                 self._buffer = GradientBuffer(
                     len(plan.stat_index),
                     len(self.stats),
@@ -1007,11 +1187,11 @@ def _check_model(model: Any) -> None:
             "see its gradients. Put the mixin first: "
             f"`class {type(model).__name__}(gradwatch.GradWatchMixin, keras.Model): ...`"
         )
-    if keras.backend.backend() != "tensorflow":
+    if keras.backend.backend() not in ("tensorflow", "torch", "jax"):
         raise NotImplementedError(
-            "gradwatch records gradients with the TensorFlow backend of Keras. "
-            f"Received: KERAS_BACKEND={keras.backend.backend()!r}. "
-            "Set KERAS_BACKEND=tensorflow before importing keras."
+            "gradwatch records gradients with the TensorFlow, PyTorch and JAX backends of "
+            f"Keras. Received: KERAS_BACKEND={keras.backend.backend()!r}. "
+            "Set KERAS_BACKEND to one of them before importing keras."
         )
 
 
@@ -1022,6 +1202,8 @@ def _worker_of(model: Any) -> tuple[int, bool]:
     `TF_CONFIG`'s task among all tasks, a `chief` task first, then the `worker`
     tasks; without a `chief` task, worker 0 is the chief (as in Keras).
     """
+    if keras.backend.backend() != "tensorflow":
+        return 0, True
     strategy = model.distribute_strategy
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return 0, True
@@ -1035,23 +1217,29 @@ def _worker_of(model: Any) -> tuple[int, bool]:
 
 
 def _num_replicas(model: Any) -> int:
+    if keras.backend.backend() != "tensorflow":
+        return 1
     return int(model.distribute_strategy.num_replicas_in_sync)
 
 
-# Strategies whose replicas run the step in sync and sum their gradients; gradwatch
-# records the global gradient under these.
-_SYNC_STRATEGIES = (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
+def _sync_strategies() -> tuple[type, ...]:
+    """Strategies whose replicas run the step in sync and sum their gradients; gradwatch
+    records the global gradient under these."""
+    return (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 
 def _check_strategy(model: Any) -> None:
     """Refuses, before any step runs, what gradwatch cannot record correctly under
     `tf.distribute`, and what Keras itself cannot train (it would fail mid-step;
     across workers, a failed worker can leave the others waiting)."""
+    if keras.backend.backend() != "tensorflow":
+        _check_eager_backend(model)
+        return
     strategy = model.distribute_strategy
     name = type(strategy).__name__
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         name = "MultiWorkerMirroredStrategy"  # not its internal class's name
-    if not isinstance(strategy, _SYNC_STRATEGIES):
+    if not isinstance(strategy, _sync_strategies()):
         if isinstance(strategy, tf.distribute.OneDeviceStrategy) or (
             strategy is tf.distribute.get_strategy() and not tf.distribute.has_strategy()
         ):
@@ -1072,6 +1260,39 @@ def _check_strategy(model: Any) -> None:
             f"steps_per_execution={spe}, jit_compile={jit}. Compile the model with "
             "`steps_per_execution=1, jit_compile=False` to train it with a GradWatch."
         )
+
+
+def _check_eager_backend(model: Any) -> None:
+    """Refuses what gradwatch does not yet record on the PyTorch backend, before any step."""
+    backend = keras.backend.backend()
+    if backend == "jax" and type(model).train_step is not GradWatchMixin.train_step:
+        raise NotImplementedError(
+            f"gradwatch does not yet record a custom `train_step` on the jax backend: "
+            f"{type(model).__qualname__} overrides it, and `record_gradients` is not wired "
+            "into the stateless JAX step yet. Use the stock `train_step`, or train with "
+            "KERAS_BACKEND=tensorflow or KERAS_BACKEND=torch."
+        )
+    if backend == "torch" and bool(model.jit_compile):
+        raise NotImplementedError(
+            f"gradwatch does not yet record a `jit_compile=True` step on the {backend} "
+            f"backend. Received: jit_compile={model.jit_compile!r}. Compile the model "
+            "with `jit_compile=False`, or train with KERAS_BACKEND=tensorflow."
+        )
+
+
+def _unsupported_on_eager(watch: Any) -> list[str]:
+    """The settings of `watch` that gradwatch does not yet record on the PyTorch or JAX
+    backend."""
+    out = [f"stats={s!r}" for s in ("clipped_norm", "cos_prev") if s in watch.stats]
+    if keras.backend.backend() == "jax" and watch.every != 1:
+        out.append(f"every={watch.every!r}")
+    if watch.histogram:
+        out.append(f"histogram={watch.histogram!r}")
+    if watch.tensorboard_dir is not None:
+        out.append(f"tensorboard_dir={str(watch.tensorboard_dir)!r}")
+    if watch.per_replica:
+        out.append("per_replica=True")
+    return out
 
 
 def _check_histogram(histogram: Any) -> int:

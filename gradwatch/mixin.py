@@ -9,8 +9,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
-import tensorflow as tf
+import numpy as np
+from keras import ops
 
+from gradwatch._lazy import tf
+from gradwatch.buffer import host_copy
 from gradwatch.sparse import SparseGradient, dense
 
 _local = threading.local()
@@ -69,6 +72,11 @@ class _StepScope:
         """
         if not self.loss_scaled:
             return None
+        if keras.backend.backend() != "tensorflow":  # eager: a host bool
+            return any(
+                int(host_copy(opt.iterations.value)) == before
+                for opt, before in self.loss_scaled.values()
+            )
         return tf.reduce_any(
             tf.stack(
                 [
@@ -94,22 +102,91 @@ def _counted(fn: Callable) -> Callable:
         scopes = _scopes()
         if id(self) in scopes:  # super().train_step() from an overriding train_step
             return fn(self, *args, **kwargs)
-        if keras.backend.backend() != "tensorflow":
+        if keras.backend.backend() not in _CAPTURING_BACKENDS:
             return fn(self, *args, **kwargs)
         scope = scopes[id(self)] = _StepScope()
         try:
             outputs = fn(self, *args, **kwargs)
         finally:
             del scopes[id(self)]
-        _commit(self, scope)
+        if keras.backend.backend() == "torch":
+            import torch
+
+            # The stats read gradients and weights; they must not join autograd's graph.
+            with torch.no_grad():
+                _commit(self, scope)
+        else:
+            _commit(self, scope)
         return outputs
 
     train_step._gradwatch_counted = True
     return train_step
 
 
-def _step_counter(model: Any) -> tf.Variable:
+# The backends whose `train_step` gradwatch records.
+_CAPTURING_BACKENDS = ("tensorflow", "torch")
+
+# The optimizer method that the stock `train_step` of each backend hands the gradients.
+_APPLY_METHOD = {"tensorflow": "apply_gradients", "torch": "apply"}
+
+
+class _HostCounter:
+    """The step counter of an eagerly run backend (PyTorch), kept on the host."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def read_value(self) -> int:
+        return self.value
+
+    def assign_add(self, n: int) -> None:
+        self.value += n
+
+    def numpy(self) -> np.int64:
+        return np.int64(self.value)
+
+
+class _StepMetric(keras.metrics.Metric):
+    """JAX: the step counter, a metric so that it travels in the stateless step's state."""
+
+    def __init__(self) -> None:
+        super().__init__(name="gradwatch_step")
+        self.step = self.add_variable(shape=(), initializer="zeros", dtype="int32", name="step")
+
+    def update_state(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("The gradwatch step counter is advanced by the train step.")
+
+    def result(self) -> dict:
+        return {}
+
+    def reset_state(self) -> None:
+        # Keras resets metrics every epoch; the count goes on over the model's life.
+        pass
+
+
+class _VariableCounter:
+    """The step counter on JAX: reads and writes go through the current `StatelessScope`."""
+
+    def __init__(self) -> None:
+        self.metric = _StepMetric()
+
+    def read_value(self) -> Any:
+        return self.metric.step.value
+
+    def assign_add(self, n: int) -> None:
+        self.metric.step.assign(self.metric.step.value + n)
+
+    def numpy(self) -> np.int64:
+        return np.int64(host_copy(self.metric.step.value))
+
+
+def _step_counter(model: Any) -> Any:
     state = model_state(model)
+    if state.counter is None and keras.backend.backend() == "jax":
+        # Created at the start of training, outside the traced step.
+        state.counter = _VariableCounter()
+    if state.counter is None and keras.backend.backend() != "tensorflow":
+        state.counter = _HostCounter()
     if state.counter is None:
         # Built lazily inside the first trace; init_scope lifts it out of the graph.
         with tf.init_scope():
@@ -150,6 +227,8 @@ def global_records(records: dict[int, tuple]) -> dict[int, tuple]:
     the local gradients, and does its own all-reduce. Without a strategy, or
     with one replica, the records are returned as they are.
     """
+    if keras.backend.backend() != "tensorflow":
+        return records
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
         return records
@@ -174,16 +253,23 @@ def _loss_scale(optimizer: Any) -> Any:
         getattr(optimizer, "loss_scale_factor", None) is not None
     ):
         # Read before `apply`, which may change a dynamic scale.
+        if keras.backend.backend() != "tensorflow":
+            return ops.cast(optimizer.scale_loss(1.0), "float32")
         return tf.cast(optimizer.scale_loss(1.0), tf.float32)
     return None
 
 
 class _ApplyInterceptor:
-    """Routes `optimizer.apply_gradients` through a recorder while a stock step traces."""
+    """Routes the optimizer's apply method through a recorder while a stock step runs.
+
+    The method is `apply_gradients(grads_and_vars)` on TensorFlow and
+    `apply(grads, trainable_variables)` on PyTorch, as each stock step calls it.
+    """
 
     def __init__(self, optimizer: Any, model: Any):
         self.optimizer = optimizer
         self.model = model
+        self.method = _APPLY_METHOD[keras.backend.backend()]
 
     def __enter__(self) -> None:
         with _patch_lock:
@@ -191,7 +277,7 @@ class _ApplyInterceptor:
             hooks = opt.__dict__.get("_gradwatch_hooks")
             if hooks is None:
                 hooks = {}
-                original = opt.apply_gradients
+                original = getattr(opt, self.method)
 
                 def apply_gradients(grads_and_vars, *args, **kwargs):
                     grads_and_vars = list(grads_and_vars)
@@ -200,8 +286,16 @@ class _ApplyInterceptor:
                         hook(grads_and_vars)
                     return original(grads_and_vars, *args, **kwargs)
 
+                def apply(grads, trainable_variables=None, *args, **kwargs):
+                    hook = hooks.get(threading.get_ident())
+                    if hook is not None and trainable_variables is not None:
+                        grads = list(grads)
+                        hook(list(zip(grads, trainable_variables, strict=True)))
+                    return original(grads, trainable_variables, *args, **kwargs)
+
+                patched = apply_gradients if self.method == "apply_gradients" else apply
                 object.__setattr__(opt, "_gradwatch_hooks", hooks)
-                object.__setattr__(opt, "apply_gradients", apply_gradients)
+                object.__setattr__(opt, self.method, patched)
             hooks[threading.get_ident()] = self._record
 
     def _record(self, grads_and_vars: list) -> None:
@@ -215,7 +309,7 @@ class _ApplyInterceptor:
             hooks = opt.__dict__["_gradwatch_hooks"]
             hooks.pop(threading.get_ident(), None)
             if not hooks:
-                object.__delattr__(opt, "apply_gradients")
+                object.__delattr__(opt, self.method)
                 object.__delattr__(opt, "_gradwatch_hooks")
 
 
@@ -259,11 +353,26 @@ class GradWatchMixin:
             cls.train_step = _counted(step)
 
     @_counted
-    def train_step(self, data: Any) -> Any:
-        if not model_state(self).listening or keras.backend.backend() != "tensorflow":
-            return super().train_step(data)
+    def train_step(self, *args: Any) -> Any:
+        # `(data)` on TensorFlow and PyTorch, the stateless `(state, data)` on JAX.
+        if keras.backend.backend() == "jax" and model_state(self).watches:
+            return _jax_train_step(self, *args)
+        if not model_state(self).listening or keras.backend.backend() not in _APPLY_METHOD:
+            return super().train_step(*args)
         with _ApplyInterceptor(self.optimizer, self):
-            return super().train_step(data)
+            return super().train_step(*args)
+
+    @property
+    def metrics(self) -> list[Any]:
+        metrics = super().metrics
+        if keras.backend.backend() != "jax":
+            return metrics
+        # On JAX, gradwatch's device state travels in the step's metrics state.
+        state = model_state(self)
+        extra = [state.counter.metric] if isinstance(state.counter, _VariableCounter) else []
+        for watch in state.watches:
+            extra += [m for m in (watch._buffer, watch._alarm) if isinstance(m, keras.Metric)]
+        return metrics + extra
 
     def fit(self, *args: Any, **kwargs: Any) -> Any:
         """Runs `keras.Model.fit` with the `GradWatch` callbacks among `callbacks` attached.
@@ -345,10 +454,16 @@ class GradWatchMixin:
                 f"Received: len(grads)={len(grads)}, len(variables)={len(variables)}"
             )
         scale = _loss_scale(optimizer)
-        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-            scope.loss_scaled.setdefault(
-                id(optimizer), (optimizer, tf.convert_to_tensor(optimizer.iterations))
+        graph = keras.backend.backend() == "tensorflow"
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and (
+            keras.backend.backend() != "jax"  # skipped updates are not marked on JAX yet
+        ):
+            before = (
+                tf.convert_to_tensor(optimizer.iterations)
+                if graph
+                else int(host_copy(optimizer.iterations.value))
             )
+            scope.loss_scaled.setdefault(id(optimizer), (optimizer, before))
         for grad, var in zip(grads, variables, strict=True):
             if id(var) in scope.grads:
                 raise ValueError(
@@ -356,13 +471,74 @@ class GradWatchMixin:
                     "Call `record_gradients` once per variable and step, with the "
                     "gradient that is applied."
                 )
-            if isinstance(grad, tf.IndexedSlices):
+            if graph and isinstance(grad, tf.IndexedSlices):
                 # Kept as the touched rows (repeats summed, as the dense gradient has
                 # them): a large table is not densified at every step.
                 grad = SparseGradient.from_indexed_slices(grad, tuple(var.shape))
             # Read before `apply_gradients` runs, for the update stats.
-            before = tf.convert_to_tensor(var) if keep_weights else None
+            before = None
+            if keep_weights:
+                # Eager backends update the weights in place: keep a copy.
+                before = tf.convert_to_tensor(var) if graph else ops.copy(var.value)
             scope.grads[id(var)] = (var, grad, scale, before, optimizer)
+
+
+def _jax_train_step(model: Any, state: Any, data: Any) -> Any:
+    """The stock JAX `train_step(state, data)`, plus the capture, in the same traced step.
+
+    The gradients, the optimizer update and the metrics are computed exactly as the
+    stock step computes them. The loss scale is read in a `StatelessScope` over the
+    optimizer's variables; the stats are written to the ring buffer, a metric, in a
+    `StatelessScope` over the metrics variables, whose new values are returned in the
+    state.
+    """
+    import jax
+    from keras.src.trainers.data_adapters import data_adapter_utils
+
+    trainable, non_trainable, optimizer_vars, metrics_vars = state
+    x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+    grad_fn = jax.value_and_grad(model.compute_loss_and_updates, has_aux=True)
+    (_, aux), grads = grad_fn(
+        trainable,
+        non_trainable,
+        metrics_vars,
+        x,
+        y,
+        sample_weight,
+        training=True,
+        optimizer_variables=optimizer_vars,
+    )
+    (unscaled_loss, y_pred, non_trainable, metrics_vars) = aux
+    scopes = _scopes()
+    scope = scopes[id(model)] = _StepScope()
+    try:
+        optimizer = model.optimizer
+        # The optimizer's state gives the loss scale; the weights before the update give
+        # the update stats.
+        mapping = [
+            *zip(optimizer.variables, optimizer_vars, strict=True),
+            *zip(model.trainable_variables, trainable, strict=True),
+        ]
+        with keras.StatelessScope(state_mapping=mapping):
+            model.record_gradients(grads, model.trainable_variables, optimizer=optimizer)
+    finally:
+        del scopes[id(model)]
+    trainable, optimizer_vars = optimizer.stateless_apply(optimizer_vars, grads, trainable)
+    logs, metrics_vars = model._update_metrics_variables(
+        metrics_vars, unscaled_loss, x, y, y_pred, sample_weight
+    )
+    refs = model.metrics_variables
+    mapping = [
+        *zip(refs, metrics_vars, strict=True),
+        *zip(model.trainable_variables, trainable, strict=True),  # after the update
+    ]
+    with keras.StatelessScope(state_mapping=mapping) as written:
+        _commit(model, scope)
+    metrics_vars = [
+        value if (new := written.get_current_value(ref)) is None else new
+        for ref, value in zip(refs, metrics_vars, strict=True)
+    ]
+    return logs, (trainable, non_trainable, optimizer_vars, metrics_vars)
 
 
 def _register(cls: type) -> type:
@@ -430,6 +606,9 @@ def setup_gate(model: Any) -> None:
     """
     state = model_state(model)
     spe = int(model.steps_per_execution)
+    if keras.backend.backend() == "jax":  # `every > 1` is not recorded on JAX yet
+        state.gate = None
+        return
     if spe != 1 or not state.watches or any(w.every == 1 for w in state.watches):
         state.gate = None
         return

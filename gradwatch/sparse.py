@@ -96,11 +96,20 @@ def dense(g: Any) -> Any:
 
 def unscaled_float32(g: Any, scale: Any = None) -> Any:
     """`g` in float32, divided by a loss scale if one is given; sparse stays sparse."""
-    import tensorflow as tf
+    import keras
 
-    def fn(x):
-        x = tf.cast(x, tf.float32)
-        return x if scale is None else x / scale
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        def fn(x):
+            x = tf.cast(x, tf.float32)
+            return x if scale is None else x / scale
+
+    else:
+
+        def fn(x):
+            x = keras.ops.cast(x, "float32")
+            return x if scale is None else x / scale
 
     return g.map(fn) if isinstance(g, SparseGradient) else fn(g)
 

@@ -1,9 +1,87 @@
-"""Independent references: NumPy stats and a plain tf.GradientTape training loop."""
+"""Independent references: NumPy stats and a plain gradient loop of the backend
+(tf.GradientTape on TensorFlow, torch.autograd on PyTorch)."""
 
 from __future__ import annotations
 
+import contextlib
+
+import keras
 import numpy as np
-import tensorflow as tf
+import pytest
+from keras import ops
+
+BACKEND = keras.backend.backend()
+
+if BACKEND == "tensorflow":
+    import tensorflow as tf
+
+# Tests of what only the TensorFlow backend has (tf.distribute, XLA, tf.summary).
+tf_only = pytest.mark.skipif(
+    BACKEND != "tensorflow", reason=f"TensorFlow-only feature; the backend is {BACKEND}"
+)
+# PyTorch runs one step per execution (Keras requires `steps_per_execution=1` there).
+MAX_SPE = 1 if BACKEND == "torch" else None
+
+
+def spe(n: int) -> int:
+    """`n` steps per execution where the backend allows it, else 1."""
+    return n if MAX_SPE is None else min(n, MAX_SPE)
+
+
+def skip_on_jax(reason: str) -> None:
+    """Skips what gradwatch does not record on JAX yet (it refuses it, or cannot know it)."""
+    if BACKEND == "jax":
+        pytest.skip(f"not on JAX yet: {reason}")
+
+
+def skip_unless_supported(spe: int = 1, jit: bool = False) -> None:
+    """Skips a test case that the backend cannot run (not one gradwatch gets wrong)."""
+    if BACKEND == "torch" and spe > 1:
+        pytest.skip("Keras' PyTorch backend requires steps_per_execution=1")
+    if BACKEND == "torch" and jit:
+        pytest.skip("gradwatch does not yet record a jit-compiled step on PyTorch")
+
+
+def grads_of(loss_fn, variables):
+    """`(loss, gradients of loss_fn() with respect to variables)`, with the backend's
+    own autodiff; `None` for a variable the loss does not depend on. `variables` may be
+    a callable, read after the loss (a model is built by its first call)."""
+    if BACKEND == "tensorflow":
+        with tf.GradientTape() as tape:
+            loss = loss_fn()
+        variables = variables() if callable(variables) else variables
+        return loss, tape.gradient(loss, variables)
+    if BACKEND == "torch":
+        import torch
+
+        loss = loss_fn()
+        variables = variables() if callable(variables) else variables
+        grads = torch.autograd.grad(loss, [v.value for v in variables], allow_unused=True)
+        return loss, list(grads)
+    if BACKEND == "jax":
+        import jax
+
+        # Differentiate the stateful loss by mapping the variables to traced values.
+        def stateless(values):
+            mapping = list(zip(variables, values, strict=True))
+            with keras.StatelessScope(state_mapping=mapping, collect_losses=True):
+                return loss_fn()
+
+        if callable(variables):
+            loss_fn()  # builds the layers, so that the variables exist
+            variables = variables()
+        loss, grads = jax.value_and_grad(stateless)([v.value for v in variables])
+        return loss, list(grads)
+    raise NotImplementedError(f"no reference gradient loop for the {BACKEND} backend")
+
+
+def no_grad():
+    """Where weights are updated: outside autograd's graph on PyTorch."""
+    if BACKEND == "torch":
+        import torch
+
+        return torch.no_grad()
+    return contextlib.nullcontext()
 
 
 def np_stats(g) -> dict[str, float]:
@@ -32,19 +110,31 @@ def tape_gradients(model, optimizer, batches, loss_fn):
     """
     steps = []
     for x, y, sw in batches:
-        with tf.GradientTape() as tape:
+
+        def loss_of(x=x, y=y, sw=sw):
             pred = model(x, training=True)
             loss = loss_fn(y, pred, sw)
             if model.losses:
-                loss = loss + tf.add_n(model.losses)
-        grads = tape.gradient(loss, model.trainable_weights)
-        steps.append([np.asarray(g) for g in grads])
-        optimizer.apply_gradients(zip(grads, model.trainable_weights, strict=True))
+                loss = loss + (
+                    tf.add_n(model.losses) if BACKEND == "tensorflow" else sum(model.losses)
+                )
+            return loss
+
+        _, grads = grads_of(loss_of, model.trainable_weights)
+        steps.append([ops.convert_to_numpy(g) for g in grads])
+        with no_grad():
+            optimizer.apply_gradients(zip(grads, model.trainable_weights, strict=True))
     return steps
 
 
 def mse(y, pred, sw=None):
     """Keras' `mse` with sum_over_batch_size reduction, written out."""
+    if BACKEND != "tensorflow":
+        y, pred = ops.convert_to_tensor(y), ops.convert_to_tensor(pred)
+        per_sample = ops.mean(ops.square(y - pred), axis=-1)
+        if sw is not None:
+            per_sample = per_sample * ops.reshape(ops.cast(sw, per_sample.dtype), (-1,))
+        return ops.sum(per_sample) / per_sample.shape[0]
     per_sample = tf.reduce_mean(tf.square(y - pred), axis=-1)
     if sw is not None:
         per_sample = per_sample * tf.reshape(tf.cast(sw, per_sample.dtype), (-1,))

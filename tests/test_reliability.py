@@ -130,6 +130,8 @@ class IntCounter(keras.layers.Layer):
 
 
 def test_non_float_trainable_variables_are_skipped_with_a_message():
+    if keras.backend.backend() == "torch":
+        pytest.skip("PyTorch itself refuses a trainable variable that is not floating point")
     model = gradwatch.Sequential(
         [keras.Input((3,)), IntCounter(name="ints"), keras.layers.Dense(1, name="d")]
     )
