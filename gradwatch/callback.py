@@ -1080,18 +1080,20 @@ class GradWatch(keras.callbacks.Callback):
         return self._buffer
 
 
-def _clipped_norms(plan: _Plan, records: dict[int, tuple]) -> Any:
-    """The norms of the selected gradients after the clipping of the optimizer applying them.
-
-    Written out from Keras' clipping formulas over gradwatch's own reductions rather
-    than by calling the optimizer's: sharing its ops lets grappler rewrite the training
+def _clipping(records: dict[int, tuple], view: Any) -> tuple[dict, dict, Any]:
+    """Keras' clipping, written out over gradwatch's own reductions rather than by
+    calling the optimizer's: sharing its ops lets grappler rewrite the training
     computation, and training must stay bitwise the same.
+
+    Returns each recorded gradient (unscaled, float32, through `view`), its sum of
+    squares, and `rule(key) -> (factor, clipvalue)`: the clipped gradient is
+    `factor * g` or `clip(g, -clipvalue, clipvalue)` (both None: not clipped).
     """
-    sq, optimizers, grads = {}, {}, {}
+    grads, sq, optimizers = {}, {}, {}
     for var, grad, scale, _, optimizer in records.values():
         if grad is None:
             continue
-        grads[id(var)] = elements(unscaled_float32(grad, scale))
+        grads[id(var)] = view(unscaled_float32(grad, scale))
         sq[id(var)] = sum_of_squares(grads[id(var)])
         # A LossScaleOptimizer unscales, then its inner optimizer clips.
         optimizers[id(var)] = getattr(optimizer, "inner_optimizer", optimizer)
@@ -1099,6 +1101,27 @@ def _clipped_norms(plan: _Plan, records: dict[int, tuple]) -> Any:
     total: dict[int, Any] = {}
     for key, opt in optimizers.items():
         total[id(opt)] = total.get(id(opt), 0.0) + sq[key]
+
+    def rule(key: int) -> tuple[Any, Any]:
+        opt = optimizers[key]
+        clipnorm = getattr(opt, "clipnorm", None)
+        global_clipnorm = getattr(opt, "global_clipnorm", None)
+        clipvalue = getattr(opt, "clipvalue", None)
+        if clipnorm and clipnorm > 0:  # g * c / max(|g|, c)
+            return clipnorm / tf.maximum(tf.sqrt(sq[key]), clipnorm), None
+        if global_clipnorm and global_clipnorm > 0:  # all g * c * min(1/|G|, 1/c)
+            gn = tf.sqrt(total[id(opt)])
+            return global_clipnorm * tf.minimum(1.0 / gn, 1.0 / global_clipnorm) + (gn - gn), None
+        if clipvalue and clipvalue > 0:
+            return None, clipvalue
+        return None, None
+
+    return grads, sq, rule
+
+
+def _clipped_norms(plan: _Plan, records: dict[int, tuple]) -> Any:
+    """The norms of the selected gradients after the clipping of the optimizer applying them."""
+    grads, sq, rule = _clipping(records, elements)
     nan = tf.constant(math.nan, tf.float32)
     out = []
     for i in plan.stat_index:
@@ -1106,22 +1129,13 @@ def _clipped_norms(plan: _Plan, records: dict[int, tuple]) -> Any:
         if key not in grads:
             out.append(nan)
             continue
-        opt = optimizers[key]
-        norm = tf.sqrt(sq[key])
-        clipnorm = getattr(opt, "clipnorm", None)
-        global_clipnorm = getattr(opt, "global_clipnorm", None)
-        clipvalue = getattr(opt, "clipvalue", None)
-        if clipnorm and clipnorm > 0:  # g * c / max(|g|, c)
-            out.append(norm * clipnorm / tf.maximum(norm, clipnorm))
-        elif global_clipnorm and global_clipnorm > 0:  # all g * c * min(1/|G|, 1/c)
-            gn = tf.sqrt(total[id(opt)])
-            factor = global_clipnorm * tf.minimum(1.0 / gn, 1.0 / global_clipnorm) + (gn - gn)
-            out.append(norm * factor)
-        elif clipvalue and clipvalue > 0:
+        factor, clipvalue = rule(key)
+        if clipvalue is not None:
             clipped = tf.clip_by_value(grads[key], -clipvalue, clipvalue)
             out.append(tf.sqrt(sum_of_squares(clipped)))
         else:
-            out.append(norm)
+            norm = tf.sqrt(sq[key])
+            out.append(norm if factor is None else norm * factor)
     return tf.stack(out)
 
 
@@ -1129,40 +1143,23 @@ def _clipped_norms_distributed(plan: _Plan, local: dict[int, tuple]) -> Any:
     """`_clipped_norms` under tf.distribute, where each replica's optimizer clips its
     local gradient and then sums the clipped gradients over the replicas.
 
-    The norm of that sum needs the clipped tensors, so they are built here from
-    Keras' formulas and all-reduced (outside any branch).
+    The norm of that sum needs the clipped tensors, so they are built here and
+    all-reduced (outside any branch). Dense: replicas touch different rows.
     """
-    grads, optimizers, sq = {}, {}, {}
-    for var, grad, scale, _, optimizer in local.values():
-        if grad is None:
-            continue
-        # Dense: the clipped gradients are all-reduced, and replicas touch different rows.
-        grads[id(var)] = dense(unscaled_float32(grad, scale))
-        sq[id(var)] = sum_of_squares(grads[id(var)])
-        optimizers[id(var)] = getattr(optimizer, "inner_optimizer", optimizer)
-    total: dict[int, Any] = {}
-    for key, opt in optimizers.items():
-        total[id(opt)] = total.get(id(opt), 0.0) + sq[key]
+    grads, _, rule = _clipping(local, dense)
     keys = [id(plan.variables[i]) for i in plan.stat_index if id(plan.variables[i]) in grads]
-    clipped = []
-    for key in keys:
-        g, opt = grads[key], optimizers[key]
-        clipnorm = getattr(opt, "clipnorm", None)
-        global_clipnorm = getattr(opt, "global_clipnorm", None)
-        clipvalue = getattr(opt, "clipvalue", None)
-        if clipnorm and clipnorm > 0:
-            norm = tf.sqrt(sq[key])
-            clipped.append(g * clipnorm / tf.maximum(norm, clipnorm))
-        elif global_clipnorm and global_clipnorm > 0:
-            gn = tf.sqrt(total[id(opt)])
-            clipped.append(g * global_clipnorm * tf.minimum(1.0 / gn, 1.0 / global_clipnorm))
-        elif clipvalue and clipvalue > 0:
-            clipped.append(tf.clip_by_value(g, -clipvalue, clipvalue))
-        else:
-            clipped.append(g)
     nan = tf.constant(math.nan, tf.float32)
     if not keys:
         return tf.fill((len(plan.stat_index),), nan)
+    clipped = []
+    for key in keys:
+        factor, clipvalue = rule(key)
+        g = grads[key]
+        if clipvalue is not None:
+            g = tf.clip_by_value(g, -clipvalue, clipvalue)
+        elif factor is not None:
+            g = g * factor
+        clipped.append(g)
     context = tf.distribute.get_replica_context()
     summed = context.all_reduce(tf.distribute.ReduceOp.SUM, clipped)
     norms = dict(zip(keys, (tf.sqrt(sum_of_squares(c)) for c in summed), strict=True))
