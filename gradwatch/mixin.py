@@ -461,6 +461,23 @@ class GradWatchMixin:
             self.optimizer.apply_gradients(zip(grads, self.trainable_weights))
             return {"loss": loss}
         ```
+
+        On JAX the step is stateless; record before `stateless_apply`, and
+        return the state as usual (gradwatch reads the loss scale and the
+        weights from the step's input state):
+
+        ```python
+        def train_step(self, state, data):
+            trainable, non_trainable, optimizer_vars, metrics_vars = state
+            (loss, non_trainable), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                trainable, non_trainable, data
+            )
+            self.record_gradients(grads, self.trainable_variables, optimizer=self.optimizer)
+            trainable, optimizer_vars = self.optimizer.stateless_apply(
+                optimizer_vars, grads, trainable
+            )
+            return {"loss": loss}, (trainable, non_trainable, optimizer_vars, metrics_vars)
+        ```
         """
         scope = _scopes().get(id(self))
         if scope is None:
