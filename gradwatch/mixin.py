@@ -208,6 +208,18 @@ def _step_counter(model: Any) -> Any:
     return state.counter
 
 
+def _own_metrics(model: Any) -> list[Any]:
+    """JAX: gradwatch's device state (step counter, ring buffers, alarms), which travels
+    in the stateless step's metrics state; none on the other backends."""
+    if keras.backend.backend() != "jax":
+        return []
+    state = model_state(model)
+    own = [state.counter.metric] if isinstance(state.counter, _VariableCounter) else []
+    for watch in state.watches:
+        own += [m for m in (watch._buffer, watch._alarm) if isinstance(m, keras.Metric)]
+    return own
+
+
 def _ensure_jax_counter(model: Any) -> None:
     """JAX: creates the step counter before Keras gathers the step's state, so that
     steps run without a `GradWatch` are counted too (a train function made before
@@ -387,15 +399,12 @@ class GradWatchMixin:
 
     @property
     def metrics(self) -> list[Any]:
-        metrics = super().metrics
-        if keras.backend.backend() != "jax":
-            return metrics
-        # On JAX, gradwatch's device state travels in the step's metrics state.
-        state = model_state(self)
-        extra = [state.counter.metric] if isinstance(state.counter, _VariableCounter) else []
-        for watch in state.watches:
-            extra += [m for m in (watch._buffer, watch._alarm) if isinstance(m, keras.Metric)]
-        return metrics + extra
+        return super().metrics + _own_metrics(self)
+
+    @property
+    def metrics_names(self) -> list[str]:
+        own = {id(m) for m in _own_metrics(self)}
+        return [m.name for m in self.metrics if id(m) not in own]
 
     def fit(self, *args: Any, **kwargs: Any) -> Any:
         """Runs `keras.Model.fit` with the `GradWatch` callbacks among `callbacks` attached.
