@@ -780,7 +780,10 @@ def setup_gate(model: Any) -> None:
     """
     state = model_state(model)
     spe = int(model.steps_per_execution)
-    if keras.backend.backend() == "jax":  # the step gates itself (see `stateless_cond`)
+    if keras.backend.backend() == "jax":
+        # The step gates itself (see `stateless_cond`). Two train functions cannot be had
+        # here: Keras jits the same bound `train_step` for both, JAX's trace cache hands
+        # the second the first one's trace, and every step was recorded.
         state.gate = None
         return
     if spe != 1 or not state.watches or any(w.every == 1 for w in state.watches):
