@@ -387,3 +387,25 @@ def test_mixed_bfloat16_records_gradients_close_to_float32():
             # percent of the gradient's scale.
             got = watch.log.gradient(key, step)
             np.testing.assert_allclose(got, g, rtol=5e-2, atol=2e-2 * np.abs(g).max())
+
+
+def test_reaches_loss_walks_the_jaxpr_back_from_the_loss():
+    if BACKEND != "jax":
+        pytest.skip("the jaxpr walk is JAX's")
+    import jax
+    import jax.numpy as jnp
+
+    from gradwatch.mixin import _reaches_loss
+
+    def loss(a, b, c, d, e, flag):
+        inner = jax.jit(lambda u: u * 2.0)(a)  # through a higher-order primitive
+        held = jax.lax.stop_gradient(b) * a  # b only through stop_gradient
+        picked = jax.lax.cond(flag > 0, lambda: c, lambda: d)  # d: branch not taken
+        return jnp.sum(inner) + jnp.sum(held) + jnp.sum(picked), e  # e: auxiliary only
+
+    args = (*(jnp.full((2,), 1.5) for _ in range(5)), jnp.ones(()))
+    grads = jax.grad(lambda *a: loss(*a)[0], argnums=(0, 1, 2, 3, 4))(*args)
+    nonzero = [bool(jnp.any(g != 0)) for g in grads]
+    assert nonzero == [True, False, True, False, False]  # JAX's own gradients
+    # The walk agrees, except that it keeps the whole cond: d counts as used.
+    assert _reaches_loss(loss, args, 5) == [True, False, True, True, False]
