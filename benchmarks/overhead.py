@@ -48,11 +48,12 @@ def configs(name: str) -> list[tuple[str, dict, dict]]:
             ("torch: every=10", {"every": 10}, {}),
         ]
     if keras.backend.backend() == "jax":
-        # What gradwatch records on JAX (no histograms, every=1); Keras jit-compiles there.
+        # What gradwatch records on JAX (no histograms); Keras jit-compiles there.
         return [
             ("jax: default", {}, {}),
             ("jax: default, spe=8", {}, {"steps_per_execution": 8}),
             ("jax: 1 kept tensor", {"values": value}, {}),
+            ("jax: every=10", {"every": 10}, {}),
         ]
     return [
         ("default", {}, {}),

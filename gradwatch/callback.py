@@ -28,6 +28,7 @@ from gradwatch.mixin import (
     gate_next_step,
     model_state,
     setup_gate,
+    stateless_cond,
 )
 from gradwatch.sparse import dense, elements, unscaled_float32
 from gradwatch.stats import (
@@ -454,6 +455,9 @@ class GradWatch(keras.callbacks.Callback):
             model = self._model_ref()
             if model is not None:
                 model.jax_state_sync()
+            if buffer.count._value is None:
+                # Purged, with no state to attach: the first step failed while tracing.
+                return
         self._since_drain = 0
         out = buffer.drain()
         if out.lost:
@@ -703,6 +707,8 @@ class GradWatch(keras.callbacks.Callback):
 
         if self.every == 1:
             record()
+        elif keras.backend.backend() == "jax":  # in the step, on the traced step number
+            stateless_cond(step % self.every == 0, record, buffer.variables)
         elif keras.backend.backend() != "tensorflow":  # eager: the step is a host int
             if step % self.every == 0:
                 record()
@@ -880,7 +886,7 @@ class GradWatch(keras.callbacks.Callback):
         if not self._checks:
             return
         if keras.backend.backend() == "jax":
-            self._check_stateless(model, step, records)
+            self._check_stateless(model, step, records, skipped)
             return
         if keras.backend.backend() != "tensorflow":
             self._check_eager(model, step, records, skipped)
@@ -926,7 +932,7 @@ class GradWatch(keras.callbacks.Callback):
             note_first(over, alarm.threshold_step, alarm.threshold_sq)
         alarm.tripped.assign_add(tf.cast(tf.stack([bad, over]), tf.int64))
 
-    def _check_stateless(self, model, step, records) -> None:
+    def _check_stateless(self, model, step, records, skipped) -> None:
         """`_check_traced` on JAX, in `keras.ops`, writing the alarm metric's variables
         (created at the start of training) within the step's `StatelessScope`."""
         plan = self._plan_for(model)
@@ -951,6 +957,8 @@ class GradWatch(keras.callbacks.Callback):
         bad = over = ops.convert_to_tensor(False)
         if self.on_nonfinite != "ignore":
             bad = ops.any(ops.logical_not(ops.isfinite(sq)))
+            if skipped is not None:
+                bad = ops.logical_and(bad, ops.logical_not(skipped))
             note_first(bad, alarm.nonfinite_step, alarm.nonfinite_sq)
         if self._thresholds and self.on_threshold != "ignore":
             norm = ops.sqrt(sq)
@@ -1262,13 +1270,6 @@ def _check_strategy(model: Any) -> None:
 def _check_eager_backend(model: Any) -> None:
     """Refuses what gradwatch does not yet record on the PyTorch backend, before any step."""
     backend = keras.backend.backend()
-    if backend == "jax" and type(model).train_step is not GradWatchMixin.train_step:
-        raise NotImplementedError(
-            f"gradwatch does not yet record a custom `train_step` on the jax backend: "
-            f"{type(model).__qualname__} overrides it, and `record_gradients` is not wired "
-            "into the stateless JAX step yet. Use the stock `train_step`, or train with "
-            "KERAS_BACKEND=tensorflow or KERAS_BACKEND=torch."
-        )
     if backend == "torch" and bool(model.jit_compile):
         raise NotImplementedError(
             f"gradwatch does not yet record a `jit_compile=True` step on the {backend} "
@@ -1281,8 +1282,6 @@ def _unsupported_on_eager(watch: Any) -> list[str]:
     """The settings of `watch` that gradwatch does not yet record on the PyTorch or JAX
     backend."""
     out = [f"stats={s!r}" for s in ("clipped_norm", "cos_prev") if s in watch.stats]
-    if keras.backend.backend() == "jax" and watch.every != 1:
-        out.append(f"every={watch.every!r}")
     if watch.histogram:
         out.append(f"histogram={watch.histogram!r}")
     if watch.tensorboard_dir is not None:

@@ -63,6 +63,9 @@ class _StepScope:
         self.grads: dict[int, tuple[Any, Any, Any, Any, Any]] = {}
         # id(optimizer) -> (loss-scale optimizer, its `iterations` before the update)
         self.loss_scaled: dict[int, tuple[Any, Any]] = {}
+        # JAX: the stateless step's input state (trainable, non-trainable, optimizer and
+        # metrics variables), which `record_gradients` reads the step's values from.
+        self.state: tuple | None = None
 
     def skipped(self) -> Any:
         """A bool tensor: did a loss-scale optimizer skip this step's update? None without one.
@@ -72,6 +75,15 @@ class _StepScope:
         """
         if not self.loss_scaled:
             return None
+        if keras.backend.backend() == "jax":  # read in a scope over the step's new state
+            return ops.any(
+                ops.stack(
+                    [
+                        ops.equal(opt.iterations.value, before)
+                        for opt, before in self.loss_scaled.values()
+                    ]
+                )
+            )
         if keras.backend.backend() != "tensorflow":  # eager: a host bool
             return any(
                 int(host_copy(opt.iterations.value)) == before
@@ -104,6 +116,8 @@ def _counted(fn: Callable) -> Callable:
             return fn(self, *args, **kwargs)
         if keras.backend.backend() not in _CAPTURING_BACKENDS:
             return fn(self, *args, **kwargs)
+        if keras.backend.backend() == "jax":
+            return _jax_counted(fn, self, *args, **kwargs)
         scope = scopes[id(self)] = _StepScope()
         try:
             outputs = fn(self, *args, **kwargs)
@@ -124,7 +138,7 @@ def _counted(fn: Callable) -> Callable:
 
 
 # The backends whose `train_step` gradwatch records.
-_CAPTURING_BACKENDS = ("tensorflow", "torch")
+_CAPTURING_BACKENDS = ("tensorflow", "torch", "jax")
 
 # The optimizer method that the stock `train_step` of each backend hands the gradients.
 _APPLY_METHOD = {"tensorflow": "apply_gradients", "torch": "apply"}
@@ -192,6 +206,27 @@ def _step_counter(model: Any) -> Any:
         with tf.init_scope():
             state.counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="gradwatch_step")
     return state.counter
+
+
+def _own_metrics(model: Any) -> list[Any]:
+    """JAX: gradwatch's device state (step counter, ring buffers, alarms), which travels
+    in the stateless step's metrics state; none on the other backends."""
+    if keras.backend.backend() != "jax":
+        return []
+    state = model_state(model)
+    own = [state.counter.metric] if isinstance(state.counter, _VariableCounter) else []
+    for watch in state.watches:
+        own += [m for m in (watch._buffer, watch._alarm) if isinstance(m, keras.Metric)]
+    return own
+
+
+def _ensure_jax_counter(model: Any) -> None:
+    """JAX: creates the step counter before Keras gathers the step's state, so that
+    steps run without a `GradWatch` are counted too (a train function made before
+    it existed is made anew)."""
+    if keras.backend.backend() == "jax" and model_state(model).counter is None:
+        _step_counter(model)
+        model.train_function = None
 
 
 def _commit(model: Any, scope: _StepScope) -> None:
@@ -364,15 +399,12 @@ class GradWatchMixin:
 
     @property
     def metrics(self) -> list[Any]:
-        metrics = super().metrics
-        if keras.backend.backend() != "jax":
-            return metrics
-        # On JAX, gradwatch's device state travels in the step's metrics state.
-        state = model_state(self)
-        extra = [state.counter.metric] if isinstance(state.counter, _VariableCounter) else []
-        for watch in state.watches:
-            extra += [m for m in (watch._buffer, watch._alarm) if isinstance(m, keras.Metric)]
-        return metrics + extra
+        return super().metrics + _own_metrics(self)
+
+    @property
+    def metrics_names(self) -> list[str]:
+        own = {id(m) for m in _own_metrics(self)}
+        return [m.name for m in self.metrics if id(m) not in own]
 
     def fit(self, *args: Any, **kwargs: Any) -> Any:
         """Runs `keras.Model.fit` with the `GradWatch` callbacks among `callbacks` attached.
@@ -382,6 +414,7 @@ class GradWatchMixin:
         what they captured and detach.
         """
         state = model_state(self)
+        _ensure_jax_counter(self)
         watches = _watches_in(_bound_callbacks(args, kwargs))
         if watches != state.traced_with:
             self.train_function = None  # Keras makes and traces a new one
@@ -398,6 +431,7 @@ class GradWatchMixin:
     def train_on_batch(self, *args: Any, **kwargs: Any) -> Any:
         """Runs `keras.Model.train_on_batch`, without capture (no callbacks run here)."""
         state = model_state(self)
+        _ensure_jax_counter(self)
         if state.traced_with:
             self.train_function = None
             state.traced_with = ()
@@ -436,6 +470,23 @@ class GradWatchMixin:
             self.optimizer.apply_gradients(zip(grads, self.trainable_weights))
             return {"loss": loss}
         ```
+
+        On JAX the step is stateless; record before `stateless_apply`, and
+        return the state as usual (gradwatch reads the loss scale and the
+        weights from the step's input state):
+
+        ```python
+        def train_step(self, state, data):
+            trainable, non_trainable, optimizer_vars, metrics_vars = state
+            (loss, non_trainable), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                trainable, non_trainable, data
+            )
+            self.record_gradients(grads, self.trainable_variables, optimizer=self.optimizer)
+            trainable, optimizer_vars = self.optimizer.stateless_apply(
+                optimizer_vars, grads, trainable
+            )
+            return {"loss": loss}, (trainable, non_trainable, optimizer_vars, metrics_vars)
+        ```
         """
         scope = _scopes().get(id(self))
         if scope is None:
@@ -453,16 +504,28 @@ class GradWatchMixin:
                 "`grads` and `variables` must have the same length. "
                 f"Received: len(grads)={len(grads)}, len(variables)={len(variables)}"
             )
+        if scope.state is not None:
+            # JAX: read the loss scale, `iterations` and the weights from the step's
+            # input state, not from the variables (stale, or purged, while it runs).
+            with _jax_step_scope(self, scope.state):
+                self._gradwatch_record(scope, grads, variables, optimizer, keep_weights)
+        else:
+            self._gradwatch_record(scope, grads, variables, optimizer, keep_weights)
+
+    def _gradwatch_record(
+        self, scope: _StepScope, grads: list, variables: list, optimizer: Any, keep_weights: bool
+    ) -> None:
         scale = _loss_scale(optimizer)
         graph = keras.backend.backend() == "tensorflow"
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and (
-            keras.backend.backend() != "jax"  # skipped updates are not marked on JAX yet
+            scope.state is None or _in_state(self, optimizer.iterations)
         ):
-            before = (
-                tf.convert_to_tensor(optimizer.iterations)
-                if graph
-                else int(host_copy(optimizer.iterations.value))
-            )
+            if graph:
+                before = tf.convert_to_tensor(optimizer.iterations)
+            elif scope.state is not None:
+                before = optimizer.iterations.value
+            else:
+                before = int(host_copy(optimizer.iterations.value))
             scope.loss_scaled.setdefault(id(optimizer), (optimizer, before))
         for grad, var in zip(grads, variables, strict=True):
             if id(var) in scope.grads:
@@ -483,20 +546,84 @@ class GradWatchMixin:
             scope.grads[id(var)] = (var, grad, scale, before, optimizer)
 
 
+def _jax_counted(fn: Callable, model: Any, state: Any, data: Any, **kwargs: Any) -> Any:
+    """Runs a stateless JAX `train_step(state, data)` and adds the count and the capture.
+
+    Whatever the step is (gradwatch's, the stock one, or a user's), its input state is
+    where `record_gradients` reads the loss scale and the weights before the update,
+    and its returned state is where the step counter, the ring buffer and the alarm
+    (metrics) are advanced and written, in a `StatelessScope` over that state.
+    """
+    counter = model_state(model).counter
+    if not isinstance(counter, _VariableCounter):
+        # No counter in the state (the train function was made outside `fit`): run as is.
+        return fn(model, state, data, **kwargs)
+    scopes = _scopes()
+    scope = scopes[id(model)] = _StepScope()
+    scope.state = tuple(state)
+    try:
+        logs, new_state = fn(model, state, data, **kwargs)
+    finally:
+        del scopes[id(model)]
+    trainable, non_trainable, optimizer_vars, metrics_vars = new_state
+    refs = model.metrics_variables
+    if len(refs) != len(metrics_vars):
+        raise RuntimeError(
+            f"The `train_step` of {type(model).__name__} returned "
+            f"{len(metrics_vars)} metrics variables, and the model has {len(refs)}. "
+            "Return the state as `(trainable_variables, non_trainable_variables, "
+            "optimizer_variables, metrics_variables)`, with every metrics variable."
+        )
+    optimizer = getattr(model, "optimizer", None)
+    mapping = [
+        *zip(refs, metrics_vars, strict=True),
+        *zip(model.trainable_variables, trainable, strict=True),  # after the update
+        *zip(model.non_trainable_variables, non_trainable, strict=True),
+    ]
+    if optimizer is not None and optimizer_vars:
+        mapping += list(zip(optimizer.variables, optimizer_vars, strict=True))
+    with keras.StatelessScope(state_mapping=mapping) as written:
+        _commit(model, scope)
+    metrics_vars = [
+        value if (new := written.get_current_value(ref)) is None else new
+        for ref, value in zip(refs, metrics_vars, strict=True)
+    ]
+    return logs, (trainable, non_trainable, optimizer_vars, metrics_vars)
+
+
+def _jax_step_scope(model: Any, state: tuple) -> Any:
+    """A `StatelessScope` that reads the optimizer's and the trainable variables from
+    the input state of the JAX step being traced."""
+    trainable, _, optimizer_vars, _ = state
+    mapping = list(zip(model.trainable_variables, trainable, strict=True))
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and optimizer_vars:
+        mapping += list(zip(optimizer.variables, optimizer_vars, strict=True))
+    return keras.StatelessScope(state_mapping=mapping)
+
+
 def _jax_train_step(model: Any, state: Any, data: Any) -> Any:
-    """The stock JAX `train_step(state, data)`, plus the capture, in the same traced step.
+    """The stock JAX `train_step(state, data)`, plus `record_gradients`, in the same step.
 
     The gradients, the optimizer update and the metrics are computed exactly as the
-    stock step computes them. The loss scale is read in a `StatelessScope` over the
-    optimizer's variables; the stats are written to the ring buffer, a metric, in a
-    `StatelessScope` over the metrics variables, whose new values are returned in the
-    state.
+    stock step computes them. JAX differentiates a variable that the loss does not
+    depend on to zeros; such variables are found while tracing, from the loss's jaxpr,
+    and recorded as disconnected (`None`), as TensorFlow reports them. The optimizer
+    still gets the zeros, as in the stock step.
     """
     import jax
     from keras.src.trainers.data_adapters import data_adapter_utils
 
     trainable, non_trainable, optimizer_vars, metrics_vars = state
     x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+    args = (trainable, non_trainable, metrics_vars, x, y, sample_weight, optimizer_vars)
+
+    def loss_and_updates(tv, ntv, mv, x, y, sw, ov):
+        return model.compute_loss_and_updates(
+            tv, ntv, mv, x, y, sw, training=True, optimizer_variables=ov
+        )
+
+    connected = _reaches_loss(loss_and_updates, args, len(trainable))
     grad_fn = jax.value_and_grad(model.compute_loss_and_updates, has_aux=True)
     (_, aux), grads = grad_fn(
         trainable,
@@ -509,36 +636,83 @@ def _jax_train_step(model: Any, state: Any, data: Any) -> Any:
         optimizer_variables=optimizer_vars,
     )
     (unscaled_loss, y_pred, non_trainable, metrics_vars) = aux
-    scopes = _scopes()
-    scope = scopes[id(model)] = _StepScope()
-    try:
-        optimizer = model.optimizer
-        # The optimizer's state gives the loss scale; the weights before the update give
-        # the update stats.
-        mapping = [
-            *zip(optimizer.variables, optimizer_vars, strict=True),
-            *zip(model.trainable_variables, trainable, strict=True),
-        ]
-        with keras.StatelessScope(state_mapping=mapping):
-            model.record_gradients(grads, model.trainable_variables, optimizer=optimizer)
-    finally:
-        del scopes[id(model)]
+    optimizer = model.optimizer
+    recorded = [g if used else None for g, used in zip(grads, connected, strict=True)]
+    model.record_gradients(recorded, model.trainable_variables, optimizer=optimizer)
     trainable, optimizer_vars = optimizer.stateless_apply(optimizer_vars, grads, trainable)
     logs, metrics_vars = model._update_metrics_variables(
         metrics_vars, unscaled_loss, x, y, y_pred, sample_weight
     )
-    refs = model.metrics_variables
-    mapping = [
-        *zip(refs, metrics_vars, strict=True),
-        *zip(model.trainable_variables, trainable, strict=True),  # after the update
-    ]
-    with keras.StatelessScope(state_mapping=mapping) as written:
-        _commit(model, scope)
-    metrics_vars = [
-        value if (new := written.get_current_value(ref)) is None else new
-        for ref, value in zip(refs, metrics_vars, strict=True)
-    ]
     return logs, (trainable, non_trainable, optimizer_vars, metrics_vars)
+
+
+def _reaches_loss(loss_fn: Callable, args: tuple, n: int) -> list[bool]:
+    """Whether the loss (the first output of `loss_fn(*args)`) depends on each of the
+    first `n` array leaves of `args`, found from its jaxpr while tracing.
+
+    A backward walk from the loss marks every input of an equation with a used
+    output as used. Higher-order primitives (`jit`, `cond`, `while`, custom
+    derivatives) are taken whole, so an input is never wrongly called unused;
+    only `stop_gradient` cuts the walk, as it cuts TensorFlow's gradient.
+    """
+    import jax
+    from jax.extend.core import Var
+
+    def spec(a: Any) -> Any:
+        return jax.ShapeDtypeStruct(np.shape(a), a.dtype)
+
+    def loss_only(*a: Any) -> Any:
+        return loss_fn(*a)[0]
+
+    closed = jax.make_jaxpr(loss_only)(*jax.tree.map(spec, args))
+    jaxpr = closed.jaxpr
+    used = {v for v in jaxpr.outvars if isinstance(v, Var)}
+    for eqn in reversed(jaxpr.eqns):
+        if eqn.primitive.name == "stop_gradient":
+            continue
+        if any(v in used for v in eqn.outvars):
+            used.update(v for v in eqn.invars if isinstance(v, Var))
+    return [v in used for v in jaxpr.invars[:n]]
+
+
+def stateless_cond(predicate: Any, fn: Callable[[], Any], variables: Sequence[Any]) -> None:
+    """JAX: runs `fn`, which assigns some of `variables`, only where `predicate` holds.
+
+    Inside the step's `StatelessScope`, a Python branch cannot depend on a traced
+    value, and assignments made inside `jax.lax.cond` must leave it as outputs: the
+    branch runs `fn` in a scope of its own (the outer mapping, plus `variables` at
+    their current values) and returns the new values, which are assigned here.
+    """
+    import jax
+    from keras.src.backend.common.stateless_scope import get_stateless_scope
+
+    outer = get_stateless_scope()
+    variables = list(variables)
+
+    def taken(values: list) -> list:
+        with keras.StatelessScope() as inner:
+            if outer is not None:
+                inner.state_mapping.update(outer.state_mapping)
+            inner.state_mapping.update(
+                {id(v): value for v, value in zip(variables, values, strict=True)}
+            )
+            fn()
+        return [inner.get_current_value(v) for v in variables]
+
+    new = jax.lax.cond(
+        ops.convert_to_tensor(predicate, "bool"),
+        taken,
+        lambda values: list(values),
+        [v.value for v in variables],
+    )
+    for var, value in zip(variables, new, strict=True):
+        var.assign(value)
+
+
+def _in_state(model: Any, variable: Any) -> bool:
+    """JAX: whether `variable` is one of the compiled optimizer's, so in the step's state."""
+    optimizer = getattr(model, "optimizer", None)
+    return optimizer is not None and any(v is variable for v in optimizer.variables)
 
 
 def _register(cls: type) -> type:
@@ -606,7 +780,10 @@ def setup_gate(model: Any) -> None:
     """
     state = model_state(model)
     spe = int(model.steps_per_execution)
-    if keras.backend.backend() == "jax":  # `every > 1` is not recorded on JAX yet
+    if keras.backend.backend() == "jax":
+        # The step gates itself (see `stateless_cond`). Two train functions cannot be had
+        # here: Keras jits the same bound `train_step` for both, JAX's trace cache hands
+        # the second the first one's trace, and every step was recorded.
         state.gate = None
         return
     if spe != 1 or not state.watches or any(w.every == 1 for w in state.watches):

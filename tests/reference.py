@@ -29,9 +29,9 @@ def spe(n: int) -> int:
 
 
 def skip_on_jax(reason: str) -> None:
-    """Skips what gradwatch does not record on JAX yet (it refuses it, or cannot know it)."""
+    """Skips a test whose model cannot run on JAX as written (a stateful custom step)."""
     if BACKEND == "jax":
-        pytest.skip(f"not on JAX yet: {reason}")
+        pytest.skip(f"not on JAX: {reason}")
 
 
 def skip_unless_supported(spe: int = 1, jit: bool = False) -> None:

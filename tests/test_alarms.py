@@ -4,7 +4,6 @@ import keras
 import numpy as np
 import pytest
 from models import data, pair
-from reference import skip_on_jax
 
 import gradwatch
 
@@ -43,7 +42,6 @@ def test_nonfinite_warns_once_naming_the_first_step_and_variables():
 
 
 def test_nonfinite_is_checked_on_steps_that_every_skips():
-    skip_on_jax("every > 1")
     watch = gradwatch.GradWatch(stats="norm", every=10)
     with pytest.warns(UserWarning, match="at step 3"):
         _fit(watch)
@@ -157,7 +155,6 @@ def _loss_scaled_fit(watch, poisoned=False):
 
 
 def test_steps_a_loss_scale_optimizer_skipped_are_recorded_and_marked():
-    skip_on_jax("steps a LossScaleOptimizer skipped are not marked")
     watch = gradwatch.GradWatch(stats=("norm", "nonfinite"), on_nonfinite="raise")
     _, seen = _loss_scaled_fit(watch)  # skipped steps do not raise: nothing bad was applied
     log = watch.log
@@ -179,7 +176,6 @@ def test_steps_a_loss_scale_optimizer_skipped_are_recorded_and_marked():
 
 
 def test_nonfinite_gradients_that_were_applied_still_alarm_beside_skipped_steps():
-    skip_on_jax("steps a LossScaleOptimizer skipped are not marked")
     # Without a loss scale the NaN batch is applied; with one it is skipped (and stays
     # silent), so only the plain optimizer raises.
     watch = gradwatch.GradWatch(stats=("norm", "nonfinite"), on_nonfinite="raise")
@@ -190,7 +186,6 @@ def test_nonfinite_gradients_that_were_applied_still_alarm_beside_skipped_steps(
 
 
 def test_skipped_steps_round_trip_through_files(tmp_path):
-    skip_on_jax("steps a LossScaleOptimizer skipped are not marked")
     watch = gradwatch.GradWatch(stats=("norm", "nonfinite"), path=tmp_path / "run", every=1)
     _loss_scaled_fit(watch)
     assert len(watch.log.skipped_steps)

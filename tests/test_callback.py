@@ -1,13 +1,14 @@
 import keras
 import numpy as np
 import pytest
+from keras import ops
 from models import data, pair
 from reference import (
     BACKEND,
     batches_of,
+    grads_of,
     mse,
     np_stats,
-    skip_on_jax,
     skip_unless_supported,
     spe,
     tape_gradients,
@@ -87,21 +88,24 @@ def test_step_continues_across_fits_and_epoch_honours_initial_epoch():
 
 
 def test_steps_without_a_watch_still_count():
-    skip_on_jax("steps run without a GradWatch are not counted")
     x, y = data(n=16)
-    model, _ = pair()
-    model.compile("sgd", "mse")
+    model, plain = pair()
+    for m in (model, plain):
+        m.compile("sgd", "mse", metrics=["mae"])
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)  # steps 0 and 1, unwatched
     watch = gradwatch.GradWatch(stats="norm")
     model.fit(x, y, batch_size=8, epochs=1, callbacks=[watch], verbose=0)
     np.testing.assert_array_equal(watch.log.steps, [2, 3])
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)  # steps 4 and 5: detached again
     np.testing.assert_array_equal(watch.log.steps, [2, 3])
+    # The counter (a metric on JAX) stays out of what Keras reports.
+    plain.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert model.metrics_names == plain.metrics_names
+    assert len(model.evaluate(x, y, verbose=0)) == len(plain.evaluate(x, y, verbose=0)) == 2
 
 
 @pytest.mark.parametrize("spe", [1, 3])
 def test_every_records_only_multiples_and_matches_reference(spe):
-    skip_on_jax("every > 1")
     skip_unless_supported(spe)
     x, y = data()
     model, plain = pair()
@@ -268,7 +272,6 @@ def test_sparse_embedding_gradient_equals_dense_equivalent(jit):
 
 
 def test_refit_with_the_same_watch_reuses_the_traced_step():
-    skip_on_jax("steps run without a GradWatch are not counted")
     x, y = data(n=16)
     model, _ = pair()
     model.compile("sgd", "mse")
@@ -286,7 +289,6 @@ def test_refit_with_the_same_watch_reuses_the_traced_step():
 
 
 def test_two_watches_in_one_fit_both_record():
-    skip_on_jax("every > 1")
     x, y = data(n=16)
     model, _ = pair()
     model.compile("sgd", "mse")
@@ -314,3 +316,48 @@ def test_update_stats_of_an_sgd_step_match_the_weights_by_hand():
         assert log.stat("weight_norm").loc[0, key] == pytest.approx(np.linalg.norm(w), rel=1e-6)
         ratio = log.stat("update_norm")[key] / log.stat("weight_norm")[key]
         np.testing.assert_allclose(log.stat("update_ratio")[key], ratio, rtol=1e-6)
+
+
+class WithSpare(gradwatch.GradWatchMixin, keras.Model):
+    """A model with a layer that never touches the loss, and one seen through
+    `stop_gradient` alone: the loss depends on neither's weights' gradient."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.used = keras.layers.Dense(2, name="used")
+        self.spare = keras.layers.Dense(2, name="spare")
+        self.held = keras.layers.Dense(2, name="held")
+
+    def build(self, input_shape):
+        for layer in (self.used, self.spare, self.held):
+            layer.build(input_shape)
+
+    def call(self, x):
+        return self.used(x) + ops.stop_gradient(self.held(x))
+
+
+def test_disconnected_variables_are_nan_rows_listed_once(tmp_path):
+    model = WithSpare(name="m")
+    model.compile("sgd", "mse")
+    watch = gradwatch.GradWatch(values="*")
+    x, y = data(n=16, features=3)
+    model.build(x.shape)
+    _, ref = grads_of(lambda: mse(y[:8], model(x[:8])), model.trainable_weights)
+    with pytest.warns(UserWarning) as caught:  # TensorFlow's optimizer warns too
+        model.fit(x, y, batch_size=8, epochs=2, shuffle=False, callbacks=[watch], verbose=0)
+    ours = [w for w in caught if "have no gradient" in str(w.message)]
+    assert len(ours) == 1
+    unused = ["m/spare/kernel", "m/spare/bias", "m/held/kernel", "m/held/bias"]
+    assert str(unused) in str(ours[0].message)
+    log = watch.log
+    assert log.disconnected == unused
+    norms = log.stat("norm")
+    assert norms[unused].isna().all().all()
+    assert norms[["m/used/kernel", "m/used/bias"]].notna().all().all()
+    assert np.isnan(log.gradient("spare/kernel", 3)).all()
+    assert np.isnan(log.gradient("held/bias", 0)).all()
+    # The connected ones: the backend's own gradient at the start weights.
+    for key, g in zip(log.variables[:2], ref[:2], strict=True):
+        np.testing.assert_allclose(log.gradient(key, 0), g, rtol=1e-5, atol=1e-6)
+    log.to_parquet(tmp_path / "g.parquet")
+    assert gradwatch.read_log(tmp_path / "g.parquet").disconnected == log.disconnected

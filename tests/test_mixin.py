@@ -50,11 +50,14 @@ def test_mixin_with_watch_is_bitwise_neutral_to_training(jit):
     else:
         stats = [s for s in gradwatch.STATS if s not in EAGER_UNSUPPORTED]
         watch = gradwatch.GradWatch(stats=stats, values="*")
-    ha, hb = _fit_both(watched, plain, [watch], spe=spe(3), jit=jit, global_clipnorm=0.05)
+    # A second watch records every other step, with the every-step checks on.
+    sparse = gradwatch.GradWatch(stats="norm", every=2, max_norm=1e9, on_threshold="stop")
+    ha, hb = _fit_both(watched, plain, [watch, sparse], spe=spe(3), jit=jit, global_clipnorm=0.05)
     assert ha == hb  # losses and metrics, exactly
     for a, b in zip(watched.get_weights(), plain.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     assert len(watch.log) == 18
+    np.testing.assert_array_equal(sparse.log.steps, np.arange(0, 18, 2))
 
 
 def test_mixin_without_watch_trains_as_usual():
@@ -132,6 +135,7 @@ class TwoOptimizers(gradwatch.GradWatchMixin, keras.Model):
         self.a = keras.layers.Dense(3, activation="tanh", name="a")
         self.b = keras.layers.Dense(1, name="b")
         self.record = True
+        self.twice = False
 
     def call(self, x):
         return self.b(self.a(x))
@@ -152,6 +156,8 @@ class TwoOptimizers(gradwatch.GradWatchMixin, keras.Model):
         if self.record:
             self.record_gradients(ga, self.a.trainable_weights)
             self.record_gradients(gb, self.b.trainable_weights)
+        if self.twice:
+            self.record_gradients([None], self.a.trainable_weights[:1])
         with no_grad():
             self.opt_a.apply_gradients(zip(ga, self.a.trainable_weights, strict=True))
             self.opt_b.apply_gradients(zip(gb, self.b.trainable_weights, strict=True))
@@ -159,7 +165,7 @@ class TwoOptimizers(gradwatch.GradWatchMixin, keras.Model):
 
 
 def test_custom_train_step_feeds_the_log_through_record_gradients():
-    skip_on_jax("a custom stateless train_step does not reach record_gradients")
+    skip_on_jax("two optimizers: a JAX step's state holds the compiled optimizer's alone")
     x, y = data(n=24, features=2, outputs=1)
     model = TwoOptimizers(name="gan")
     model(x[:1])
@@ -186,12 +192,111 @@ def test_custom_train_step_feeds_the_log_through_record_gradients():
     assert watch.log.variables == ["gan/a/kernel", "gan/a/bias", "gan/b/kernel", "gan/b/bias"]
 
 
+class StatelessStep(gradwatch.GradWatchMixin, keras.Sequential):
+    """A user's stateless JAX `train_step(state, data)`, as Keras' guide to customizing
+    `fit` with JAX writes one: its own loss, scaled by the optimizer's state."""
+
+    record = True
+    twice = False
+
+    def train_step(self, state, data):
+        import jax
+
+        trainable, non_trainable, optimizer_vars, metrics_vars = state
+        x, y = data
+
+        def loss_fn(tv, ntv):
+            pred, ntv = self.stateless_call(tv, ntv, x, training=True)
+            loss = ops.mean(ops.square(y - pred))
+            mapping = list(zip(self.optimizer.variables, optimizer_vars, strict=True))
+            with keras.StatelessScope(state_mapping=mapping):
+                return self.optimizer.scale_loss(loss), (loss, ntv)
+
+        (_, (loss, non_trainable)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            trainable, non_trainable
+        )
+        if self.record:
+            self.record_gradients(grads, self.trainable_variables, optimizer=self.optimizer)
+        if self.twice:
+            self.record_gradients(grads[:1], self.trainable_variables[:1])
+        trainable, optimizer_vars = self.optimizer.stateless_apply(optimizer_vars, grads, trainable)
+        return {"loss": loss}, (trainable, non_trainable, optimizer_vars, metrics_vars)
+
+
+class _Seen(keras.callbacks.Callback):
+    """The weights (float64) and the loss scale before the first step and after each."""
+
+    def on_train_begin(self, logs=None):
+        self.weights = [[w.astype(np.float64) for w in self.model.get_weights()]]
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.weights.append([w.astype(np.float64) for w in self.model.get_weights()])
+
+
+def test_custom_stateless_jax_train_step_feeds_the_log_with_state_read_in_the_step():
+    if BACKEND != "jax":
+        pytest.skip("a stateless train_step(state, data) is JAX's")
+    x, y = data(n=48, features=2, outputs=1)
+    y = 4 * y
+    model = StatelessStep(
+        [keras.Input((2,)), keras.layers.Dense(3, activation="tanh"), keras.layers.Dense(1)],
+        name="net",
+    )
+    # A first scale of 2**127 overflows the scaled loss: the optimizer skips those
+    # steps and halves the scale, so the scale and the weights change while it runs.
+    optimizer = keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(0.1), initial_scale=2.0**127
+    )
+    model.compile(optimizer, "mse")
+    watch = gradwatch.GradWatch(values="*", stats=["norm", "weight_norm", "update_norm"])
+    seen = _Seen()
+    model.fit(x, y, batch_size=8, epochs=2, shuffle=False, callbacks=[watch, seen], verbose=0)
+    log = watch.log
+    np.testing.assert_array_equal(log.steps, np.arange(12))
+    moved = [
+        not all(np.array_equal(a, b) for a, b in zip(w0, w1, strict=True))
+        for w0, w1 in zip(seen.weights, seen.weights[1:], strict=False)
+    ]
+    skipped = np.flatnonzero(np.logical_not(moved))
+    assert 1 <= len(skipped) < 12
+    np.testing.assert_array_equal(log.skipped_steps, skipped)
+    # Applied steps: the gradient of mean((y - out)**2), by hand in float64 NumPy at
+    # the weights the step started from (not scaled, whatever the scale was then).
+    for step in np.flatnonzero(moved):
+        k1, b1, k2, b2 = seen.weights[step]
+        i = 8 * (step % 6)
+        xb, yb = x[i : i + 8], y[i : i + 8]
+        h = np.tanh(xb @ k1 + b1)
+        d_out = -2.0 * (yb - (h @ k2 + b2)) / len(xb)
+        d_pre = (d_out @ k2.T) * (1.0 - h**2)
+        grads = [xb.T @ d_pre, d_pre.sum(axis=0), h.T @ d_out, d_out.sum(axis=0)]
+        after = seen.weights[step + 1]
+        for key, g, w, w1 in zip(log.variables, grads, seen.weights[step], after, strict=True):
+            np.testing.assert_allclose(log.gradient(key, step), g, rtol=1e-4, atol=1e-6)
+            assert log.stat("weight_norm").loc[step, key] == pytest.approx(
+                np.linalg.norm(w), rel=1e-5
+            )
+            assert log.stat("update_norm").loc[step, key] == pytest.approx(
+                np.linalg.norm(w1 - w), rel=1e-3
+            )
+
+
+def _custom_model(**flags):
+    """A compiled model with a custom train_step of the backend's form."""
+    if BACKEND == "jax":
+        model = StatelessStep([keras.Input((2,)), keras.layers.Dense(1)])
+        model.compile(keras.optimizers.SGD(0.1), "mse")
+    else:
+        model = TwoOptimizers()
+        model.compile(keras.optimizers.SGD(0.1), keras.optimizers.SGD(0.1))
+    for name, value in flags.items():
+        setattr(model, name, value)
+    return model
+
+
 def test_custom_train_step_that_records_nothing_warns():
-    skip_on_jax("a custom stateless train_step does not reach record_gradients")
     x, y = data(n=8, features=2, outputs=1)
-    model = TwoOptimizers()
-    model.record = False
-    model.compile(keras.optimizers.SGD(0.1), keras.optimizers.SGD(0.1))
+    model = _custom_model(record=False)
     with pytest.warns(UserWarning, match=r"recorded no gradients.*record_gradients"):
         model.fit(x, y, callbacks=[gradwatch.GradWatch()], verbose=0)
 
@@ -203,18 +308,9 @@ def test_record_gradients_outside_train_step_is_an_error():
 
 
 def test_record_gradients_twice_for_one_variable_is_an_error():
-    skip_on_jax("a custom stateless train_step does not reach record_gradients")
-
-    class Twice(TwoOptimizers):
-        def train_step(self, data):
-            out = super().train_step(data)
-            self.record_gradients([None], self.a.trainable_weights[:1])
-            return out
-
     x, y = data(n=8, features=2, outputs=1)
-    model = Twice()
-    model.compile(keras.optimizers.SGD(0.1), keras.optimizers.SGD(0.1))
-    with pytest.raises(ValueError, match="/a/kernel' was recorded twice in one step"):
+    model = _custom_model(twice=True)
+    with pytest.raises(ValueError, match="/kernel' was recorded twice in one step"):
         model.fit(x, y, callbacks=[gradwatch.GradWatch()], verbose=0)
 
 
@@ -291,3 +387,25 @@ def test_mixed_bfloat16_records_gradients_close_to_float32():
             # percent of the gradient's scale.
             got = watch.log.gradient(key, step)
             np.testing.assert_allclose(got, g, rtol=5e-2, atol=2e-2 * np.abs(g).max())
+
+
+def test_reaches_loss_walks_the_jaxpr_back_from_the_loss():
+    if BACKEND != "jax":
+        pytest.skip("the jaxpr walk is JAX's")
+    import jax
+    import jax.numpy as jnp
+
+    from gradwatch.mixin import _reaches_loss
+
+    def loss(a, b, c, d, e, flag):
+        inner = jax.jit(lambda u: u * 2.0)(a)  # through a higher-order primitive
+        held = jax.lax.stop_gradient(b) * a  # b only through stop_gradient
+        picked = jax.lax.cond(flag > 0, lambda: c, lambda: d)  # d: branch not taken
+        return jnp.sum(inner) + jnp.sum(held) + jnp.sum(picked), e  # e: auxiliary only
+
+    args = (*(jnp.full((2,), 1.5) for _ in range(5)), jnp.ones(()))
+    grads = jax.grad(lambda *a: loss(*a)[0], argnums=(0, 1, 2, 3, 4))(*args)
+    nonzero = [bool(jnp.any(g != 0)) for g in grads]
+    assert nonzero == [True, False, True, False, False]  # JAX's own gradients
+    # The walk agrees, except that it keeps the whole cond: d counts as used.
+    assert _reaches_loss(loss, args, 5) == [True, False, True, True, False]

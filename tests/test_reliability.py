@@ -16,42 +16,6 @@ from models import data, pair
 import gradwatch
 
 
-class WithSpare(gradwatch.GradWatchMixin, keras.Model):
-    """A model with a layer that never touches the loss."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.used = keras.layers.Dense(2, name="used")
-        self.spare = keras.layers.Dense(2, name="spare")
-
-    def build(self, input_shape):
-        self.used.build(input_shape)
-        self.spare.build(input_shape)
-
-    def call(self, x):
-        return self.used(x)
-
-
-def test_disconnected_variables_are_nan_rows_listed_once(tmp_path):
-    model = WithSpare(name="m")
-    model.compile("sgd", "mse")
-    watch = gradwatch.GradWatch(values="spare/kernel")
-    x, y = np.ones((16, 3), "float32"), np.zeros((16, 2), "float32")
-    with pytest.warns(UserWarning) as caught:  # Keras warns too, from the optimizer
-        model.fit(x, y, batch_size=8, epochs=2, callbacks=[watch], verbose=0)
-    ours = [w for w in caught if "have no gradient" in str(w.message)]
-    assert len(ours) == 1
-    assert "['m/spare/kernel', 'm/spare/bias']" in str(ours[0].message)
-    log = watch.log
-    assert log.disconnected == ["m/spare/kernel", "m/spare/bias"]
-    norms = log.stat("norm")
-    assert norms[["m/spare/kernel", "m/spare/bias"]].isna().all().all()
-    assert norms[["m/used/kernel", "m/used/bias"]].notna().all().all()
-    assert np.isnan(log.gradient("spare/kernel", 3)).all()
-    log.to_parquet(tmp_path / "g.parquet")
-    assert gradwatch.read_log(tmp_path / "g.parquet").disconnected == log.disconnected
-
-
 def test_values_on_a_big_variable_is_a_value_error_with_the_size():
     x, y = data(n=8)
     model, _ = pair()
