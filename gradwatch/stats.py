@@ -519,7 +519,9 @@ def histogram_bins(bins_per_decade: int) -> tuple[np.ndarray, np.ndarray, np.nda
     everything below `1e-12` (its `lo` is 0) and the highest everything at or
     above `1e+4` (its `hi` is inf), so no element is dropped. Negative elements
     go to the `"-"` bins, ordered from the most negative value up, then one
-    bin for exact zeros (`"0"`, lo = hi = 0), then the `"+"` bins from small to
+    bin for zeros (`"0"`, lo = hi = 0; it also takes the subnormal magnitudes
+    below `1.18e-38`, which XLA flushes to zero, so that every backend bins
+    alike), then the `"+"` bins from small to
     large, then one bin for NaN and ±Inf (`"nonfinite"`, lo = hi = NaN). Every
     element lands in exactly one of the `2 * K + 2` bins.
 
@@ -658,7 +660,11 @@ def _bin_index(x: Any, bins_per_decade: int) -> Any:
     n_bins = 2 * k + 2
     a = ops.abs(x)
     finite = ops.isfinite(x)
-    safe = ops.where(finite & (a > 0), a, 1.0)
+    # Subnormal magnitudes count as zeros on every backend: XLA's CPU code (and, in some
+    # kernels, TensorFlow's) flushes them to zero, and an explicit bound keeps the bins
+    # the same whichever kernel runs.
+    nonzero = a >= _SMALLEST_NORMAL
+    safe = ops.where(finite & nonzero, a, 1.0)
     # The edge nearest to |g| on the log scale is `g`; log10 is inexact, but only by far
     # less than half a bin, so |g| lies in bin g - 1 or g, and one exact comparison with
     # the float32 edge decides: binning follows `lo <= |g| < hi` exactly.
@@ -670,5 +676,9 @@ def _bin_index(x: Any, bins_per_decade: int) -> Any:
     j = g - 1 + ops.cast(safe >= ops.take(edges, g), "int32")
     j = ops.clip(j, 0, k - 1)  # below the range: the lowest bin; above it: the highest
     idx = ops.where(x < 0, k - 1 - j, k + 1 + j)
-    idx = ops.where(a == 0, k, idx)
+    idx = ops.where(nonzero, idx, k)
     return ops.where(finite, idx, n_bins - 1)
+
+
+#: The smallest normal float32; smaller non-zero magnitudes are subnormal.
+_SMALLEST_NORMAL = float(np.finfo(np.float32).tiny)
