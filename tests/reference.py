@@ -15,7 +15,7 @@ BACKEND = keras.backend.backend()
 if BACKEND == "tensorflow":
     import tensorflow as tf
 
-# Tests of what only the TensorFlow backend has (tf.distribute, XLA, tf.summary).
+# Tests of what only the TensorFlow backend has (tf.distribute, XLA).
 tf_only = pytest.mark.skipif(
     BACKEND != "tensorflow", reason=f"TensorFlow-only feature; the backend is {BACKEND}"
 )

@@ -374,3 +374,20 @@ def test_histogram_clipped_norm_and_cos_prev_match_a_plain_gradient_loop(clip):
         for key, g in zip(KEYS, grads, strict=True):
             counts = log.histogram(key, step)["count"].to_numpy()
             np.testing.assert_array_equal(counts, reference_bins(g, 4), err_msg=key)
+
+
+def test_cos_prev_with_every_compares_with_the_step_before_each_recorded_one():
+    skip_on_jax("every > 1 is refused")
+    x, y = data(n=48)
+    model, plain = pair()
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    watch = gradwatch.GradWatch(stats=["cos_prev"], every=2)
+    model.fit(x, y, batch_size=8, shuffle=False, callbacks=[watch], verbose=0)
+    reference = tape_gradients(plain, keras.optimizers.SGD(0.1), batches_of(x, y, 8), mse)
+    cos = watch.log.stat("cos_prev")[KEYS]
+    assert list(cos.index) == [0, 2, 4]
+    assert cos.loc[0].isna().all()
+    for step in (2, 4):
+        for j, key in enumerate(KEYS):
+            ref = cosine(reference[step][j], reference[step - 1][j])
+            assert cos.loc[step, key] == pytest.approx(ref, rel=1e-5, abs=1e-6)
