@@ -649,10 +649,14 @@ class GradWatch(keras.callbacks.Callback):
                 return None
             return unscaled_float32(entry[1], entry[2])
 
+        flat_cache: list[Any] = []
+
         def flat_gradients():
             # The selected gradients as one vector; a missing one is NaN.
-            parts = []
             graph = keras.backend.backend() == "tensorflow"
+            if flat_cache and not graph:  # once per step (on TF each branch builds its own)
+                return flat_cache[0]
+            parts = []
             for i, var in zip(plan.stat_index, stat_vars, strict=True):
                 g = gradient(i)
                 if g is None and graph:
@@ -660,7 +664,10 @@ class GradWatch(keras.callbacks.Callback):
                 elif g is None:
                     g = ops.full(var.shape, math.nan, "float32")
                 parts.append(tf.reshape(dense(g), (-1,)) if graph else ops.reshape(g, (-1,)))
-            return tf.concat(parts, axis=0) if graph else ops.concatenate(parts, axis=0)
+            if graph:
+                return tf.concat(parts, axis=0)
+            flat_cache.append(ops.concatenate(parts, axis=0))
+            return flat_cache[0]
 
         # Collectives stay out of the branch below: under tf.distribute a cross-replica
         # call inside a conditional branch fails to trace.

@@ -651,6 +651,16 @@ def _count(idx: Any, length: int) -> Any:
         return tf.raw_ops.DenseBincount(
             input=idx, size=length, weights=tf.zeros([0], tf.int32), binary_output=False
         )
+    if keras.backend.backend() == "torch":
+        import torch
+
+        # One pass, in int64: Keras' segment_sum adds in float32 on torch, which stops
+        # counting exactly past 2**24 elements in a bin.
+        return torch.bincount(idx, minlength=length).to(torch.int32)
+    if keras.backend.backend() == "jax":
+        import jax.numpy as jnp
+
+        return jnp.bincount(idx, length=length).astype("int32")
     return ops.segment_sum(ops.ones_like(idx), idx, num_segments=length)
 
 
