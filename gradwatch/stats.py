@@ -666,6 +666,8 @@ def _count(idx: Any, length: int) -> Any:
 
 def _bin_index(x: Any, bins_per_decade: int) -> Any:
     """The bin number of each element of a flat float32 tensor (see `histogram_bins`)."""
+    if keras.backend.backend() == "torch":
+        return _bin_index_torch(x, bins_per_decade)
     k = (HIST_MAX_EXP - HIST_MIN_EXP) * bins_per_decade
     n_bins = 2 * k + 2
     a = ops.abs(x)
@@ -692,3 +694,24 @@ def _bin_index(x: Any, bins_per_decade: int) -> Any:
 
 #: The smallest normal float32; smaller non-zero magnitudes are subnormal.
 _SMALLEST_NORMAL = float(np.finfo(np.float32).tiny)
+
+
+def _bin_index_torch(x: Any, bins_per_decade: int) -> Any:
+    """`_bin_index` on PyTorch, where each op is a pass over the elements and each new
+    tensor an allocation: the same arithmetic, in place where it can be."""
+    import torch
+
+    k = (HIST_MAX_EXP - HIST_MIN_EXP) * bins_per_decade
+    edges = torch.as_tensor(
+        (10.0 ** (HIST_MIN_EXP + np.arange(k + 1) / bins_per_decade)).astype("float32"),
+        device=x.device,
+    )
+    a = torch.abs(x)
+    nonzero = a >= _SMALLEST_NORMAL  # False for NaN too
+    a.masked_fill_(~nonzero, 1.0)  # zeros and NaN; Inf goes to the top edge, then out
+    g = torch.log10(a).sub_(HIST_MIN_EXP).mul_(bins_per_decade).round_().clamp_(0, k)
+    g = g.to(torch.int32)
+    j = (a >= edges[g]).to(torch.int32).add_(g).sub_(1).clamp_(0, k - 1)
+    j = torch.where(x < 0, k - 1 - j, j.add_(k + 1))
+    j.masked_fill_(~nonzero, k)
+    return j.masked_fill_(~torch.isfinite(x), 2 * k + 1)
