@@ -88,6 +88,7 @@ class TensorBoardWriter:
             bins_per_decade: The histograms' resolution; needed with
                 `histograms`. Defaults to `None`.
         """
+        writer = self._open()  # first: it says how to install tensorboard if it is missing
         from tensorboard.compat.proto import event_pb2, summary_pb2
 
         steps = np.asarray(steps, np.int64)
@@ -104,7 +105,6 @@ class TensorBoardWriter:
                 squares = np.where(np.isnan(norms), 0.0, norms**2)
             has_norm = (~np.isnan(norms)).any(axis=1)
             global_norms = np.where(has_norm, np.sqrt(squares.sum(axis=1)), np.nan)
-        writer = self._open()
         for row, step in enumerate(steps):
             summary = summary_pb2.Summary()
             # NaN norms (disconnected variables) and histograms with no element
@@ -125,8 +125,14 @@ class TensorBoardWriter:
 
     def _open(self) -> Any:
         if self._writer is None:
-            from tensorboard.compat.proto import event_pb2
-            from tensorboard.summary.writer.record_writer import RecordWriter
+            try:
+                from tensorboard.compat.proto import event_pb2
+                from tensorboard.summary.writer.record_writer import RecordWriter
+            except ImportError as e:
+                raise ImportError(
+                    "gradwatch.tensorboard writes event files with the tensorboard package, "
+                    "which is not installed. Install it with: pip install tensorboard"
+                ) from e
 
             self.logdir.mkdir(parents=True, exist_ok=True)
             # TensorBoard's naming: `events.out.tfevents.<time>.<host>.<pid>.<n>`; the
