@@ -41,18 +41,20 @@ def configs(name: str) -> list[tuple[str, dict, dict]]:
     }
     value = small.get(name, "dense_252/bias")
     if keras.backend.backend() == "torch":
-        # What gradwatch records on PyTorch (one step per execution, no jit, no histograms).
+        # What gradwatch records on PyTorch (one step per execution, no jit).
         return [
             ("torch: default", {}, {}),
             ("torch: 1 kept tensor", {"values": value}, {}),
             ("torch: every=10", {"every": 10}, {}),
+            ("torch: histogram", {"histogram": True}, {}),
         ]
     if keras.backend.backend() == "jax":
-        # What gradwatch records on JAX (no histograms); Keras jit-compiles there.
+        # Keras jit-compiles the step on JAX.
         return [
             ("jax: default", {}, {}),
             ("jax: default, spe=8", {}, {"steps_per_execution": 8}),
             ("jax: 1 kept tensor", {"values": value}, {}),
+            ("jax: histogram", {"histogram": True}, {}),
             ("jax: every=10", {"every": 10}, {}),
         ]
     return [

@@ -136,7 +136,7 @@ class GradientBuffer(keras.metrics.Metric):
     ) -> None:
         """Writes one step into the next slot, inside the compiled step."""
         if keras.backend.backend() != "tensorflow":
-            self._write_eager(step, stats, values, skipped)
+            self._write_eager(step, stats, values, hist, skipped)
             return
         count = self.count.value
         slot = tf.cast(count % self.capacity, tf.int32)[None]
@@ -154,7 +154,7 @@ class GradientBuffer(keras.metrics.Metric):
             _write_slot(self.replica_stats.value, slot, replica_stats)
         self.count.value.assign_add(1)
 
-    def _write_eager(self, step, stats, values: Sequence, skipped=None) -> None:
+    def _write_eager(self, step, stats, values: Sequence, hist=None, skipped=None) -> None:
         """`write` on an eagerly run backend (PyTorch): in-place writes of one slot.
 
         The slot index stays a device tensor, so writing never waits on the device.
@@ -175,6 +175,8 @@ class GradientBuffer(keras.metrics.Metric):
             self.flagged = True
         for var, value in zip(self.values, values, strict=True):
             write(var, slot, ops.reshape(ops.cast(value, "float32"), (-1,)))
+        if self.hist is not None:
+            write(self.hist, slot, ops.cast(hist, "int32"))
         self.count.assign(count + ops.ones((), self.count.dtype))
 
     def _host(self, variable) -> np.ndarray:
@@ -229,7 +231,7 @@ class GradientBuffer(keras.metrics.Metric):
             steps=self._host(self.steps)[idx].astype(np.int64),
             stats=self._host(self.stats)[idx],
             values=[self._host(v)[idx] for v in self.values],
-            hist=None,
+            hist=None if self.hist is None else self._host(self.hist)[idx],
             replica_stats=None,
             skipped=(
                 self._host(self.skipped)[idx] != 0 if self.flagged else np.zeros(len(idx), bool)

@@ -441,7 +441,7 @@ class GradWatch(keras.callbacks.Callback):
             if self in state.watches:
                 state.watches.remove(self)
             if self._tensorboard is not None:
-                with contextlib.suppress(OSError, tf.errors.OpError):
+                with contextlib.suppress(OSError):
                     self._tensorboard.close()
 
     def _drain(self) -> None:
@@ -507,13 +507,13 @@ class GradWatch(keras.callbacks.Callback):
         if self._tensorboard_failed:
             return
         if self._tensorboard is None:
-            from gradwatch.tensorboard import TensorBoardWriter  # imports tf.summary lazily
+            from gradwatch.tensorboard import TensorBoardWriter
 
             self._tensorboard = TensorBoardWriter(self.tensorboard_dir)
         norms = out.stats[:, :, self.stats.index("norm")] if "norm" in self.stats else None
         try:
             self._tensorboard.write(out.steps, keys, norms, out.hist, self.histogram or None)
-        except (OSError, tf.errors.OpError) as e:
+        except OSError as e:
             # As with `path`: training goes on, and the log keeps every step.
             self._tensorboard_failed = True
             warnings.warn(
@@ -653,15 +653,30 @@ class GradWatch(keras.callbacks.Callback):
                 return None
             return unscaled_float32(entry[1], entry[2])
 
+        flat_cache: list[Any] = []
+
         def flat_gradients():
             # The selected gradients as one vector; a missing one is NaN.
+            graph = keras.backend.backend() == "tensorflow"
+            # Once per step on PyTorch; on TensorFlow and JAX each branch (tf.cond,
+            # lax.cond) builds its own, as a value traced in one cannot leave it.
+            cached = keras.backend.backend() == "torch"
+            if flat_cache and cached:
+                return flat_cache[0]
             parts = []
             for i, var in zip(plan.stat_index, stat_vars, strict=True):
                 g = gradient(i)
-                if g is None:
+                if g is None and graph:
                     g = tf.fill(var.shape, tf.constant(math.nan, tf.float32))
-                parts.append(tf.reshape(dense(g), (-1,)))
-            return tf.concat(parts, axis=0)
+                elif g is None:
+                    g = ops.full(var.shape, math.nan, "float32")
+                parts.append(tf.reshape(dense(g), (-1,)) if graph else ops.reshape(g, (-1,)))
+            if graph:
+                return tf.concat(parts, axis=0)
+            flat = ops.concatenate(parts, axis=0)
+            if cached:
+                flat_cache.append(flat)
+            return flat
 
         # Collectives stay out of the branch below: under tf.distribute a cross-replica
         # call inside a conditional branch fails to trace.
@@ -701,15 +716,22 @@ class GradWatch(keras.callbacks.Callback):
             return tf.constant(True) if graph else True
 
         def keep_previous():
+            if keras.backend.backend() != "tensorflow":
+                # Through the variables' `assign`: in place on PyTorch, and into the
+                # step's StatelessScope on JAX (the buffer travels in the metrics state).
+                buffer.prev.assign(flat_gradients())
+                buffer.prev_step.assign(ops.cast(step, buffer.prev_step.dtype))
+                return True
             buffer.prev.value.assign(flat_gradients())
             buffer.prev_step.value.assign(step)
             return tf.constant(True)
 
+        backend = keras.backend.backend()
         if self.every == 1:
             record()
-        elif keras.backend.backend() == "jax":  # in the step, on the traced step number
+        elif backend == "jax":  # in the step, on the traced step number
             stateless_cond(step % self.every == 0, record, buffer.variables)
-        elif keras.backend.backend() != "tensorflow":  # eager: the step is a host int
+        elif backend != "tensorflow":  # PyTorch: the step is a host int
             if step % self.every == 0:
                 record()
         else:
@@ -718,6 +740,11 @@ class GradWatch(keras.callbacks.Callback):
             # cos_prev at step s needs step s - 1: keep it only where s is recorded.
             if self.every == 1:
                 keep_previous()
+            elif backend == "jax":
+                stateless_cond((step + 1) % self.every == 0, keep_previous, buffer.variables)
+            elif backend != "tensorflow":
+                if (step + 1) % self.every == 0:
+                    keep_previous()
             else:
                 branch((step + 1) % self.every == 0, keep_previous, lambda: tf.constant(False))
 
@@ -769,7 +796,9 @@ class GradWatch(keras.callbacks.Callback):
             weight = compute_stats(before, ["norm"])[:, 0]
             update = compute_stats(delta, ["norm"])[:, 0]
             cols.update(weight_norm=weight, update_norm=update, update_ratio=update / weight)
-        if "cos_prev" in self.stats:
+        if "cos_prev" in self.stats and keras.backend.backend() != "tensorflow":
+            cols["cos_prev"] = _cosines_with_previous(plan, buffer, flat_gradients(), step)
+        elif "cos_prev" in self.stats:
             # Per-variable reductions: segment ops over the flat vector are far slower on CPU.
             sizes = [int(np.prod(plan.variables[i].shape)) for i in plan.stat_index]
             gs = tf.split(flat_gradients(), sizes)
@@ -1110,16 +1139,19 @@ def _clipping(records: dict[int, tuple], view: Any) -> tuple[dict, dict, Any]:
     for key, opt in optimizers.items():
         total[id(opt)] = total.get(id(opt), 0.0) + sq[key]
 
+    # tf's own ops on TensorFlow (the graph the TensorFlow tests pin), keras.ops elsewhere.
+    xp = tf if keras.backend.backend() == "tensorflow" else ops
+
     def rule(key: int) -> tuple[Any, Any]:
         opt = optimizers[key]
         clipnorm = getattr(opt, "clipnorm", None)
         global_clipnorm = getattr(opt, "global_clipnorm", None)
         clipvalue = getattr(opt, "clipvalue", None)
         if clipnorm and clipnorm > 0:  # g * c / max(|g|, c)
-            return clipnorm / tf.maximum(tf.sqrt(sq[key]), clipnorm), None
+            return clipnorm / xp.maximum(xp.sqrt(sq[key]), clipnorm), None
         if global_clipnorm and global_clipnorm > 0:  # all g * c * min(1/|G|, 1/c)
-            gn = tf.sqrt(total[id(opt)])
-            return global_clipnorm * tf.minimum(1.0 / gn, 1.0 / global_clipnorm) + (gn - gn), None
+            gn = xp.sqrt(total[id(opt)])
+            return global_clipnorm * xp.minimum(1.0 / gn, 1.0 / global_clipnorm) + (gn - gn), None
         if clipvalue and clipvalue > 0:
             return None, clipvalue
         return None, None
@@ -1130,7 +1162,10 @@ def _clipping(records: dict[int, tuple], view: Any) -> tuple[dict, dict, Any]:
 def _clipped_norms(plan: _Plan, records: dict[int, tuple]) -> Any:
     """The norms of the selected gradients after the clipping of the optimizer applying them."""
     grads, sq, rule = _clipping(records, elements)
-    nan = tf.constant(math.nan, tf.float32)
+    graph = keras.backend.backend() == "tensorflow"
+    nan = tf.constant(math.nan, tf.float32) if graph else ops.convert_to_tensor(math.nan, "float32")
+    clip = tf.clip_by_value if graph else ops.clip
+    sqrt = tf.sqrt if graph else ops.sqrt
     out = []
     for i in plan.stat_index:
         key = id(plan.variables[i])
@@ -1139,12 +1174,12 @@ def _clipped_norms(plan: _Plan, records: dict[int, tuple]) -> Any:
             continue
         factor, clipvalue = rule(key)
         if clipvalue is not None:
-            clipped = tf.clip_by_value(grads[key], -clipvalue, clipvalue)
-            out.append(tf.sqrt(sum_of_squares(clipped)))
+            clipped = clip(grads[key], -clipvalue, clipvalue)
+            out.append(sqrt(sum_of_squares(clipped)))
         else:
-            norm = tf.sqrt(sq[key])
+            norm = sqrt(sq[key])
             out.append(norm if factor is None else norm * factor)
-    return tf.stack(out)
+    return tf.stack(out) if graph else ops.stack(out)
 
 
 def _clipped_norms_distributed(plan: _Plan, local: dict[int, tuple]) -> Any:
@@ -1172,6 +1207,24 @@ def _clipped_norms_distributed(plan: _Plan, local: dict[int, tuple]) -> Any:
     summed = context.all_reduce(tf.distribute.ReduceOp.SUM, clipped)
     norms = dict(zip(keys, (tf.sqrt(sum_of_squares(c)) for c in summed), strict=True))
     return tf.stack([norms.get(id(plan.variables[i]), nan) for i in plan.stat_index])
+
+
+def _cosines_with_previous(plan: _Plan, buffer: GradientBuffer, flat: Any, step: Any) -> Any:
+    """`cos_prev` in `keras.ops` (PyTorch, JAX): the cosine of each selected gradient
+    with the one kept in the buffer, NaN unless that one is from step `step - 1`."""
+    prev = buffer.prev.value
+    dots, gg, pp = [], [], []
+    start = 0
+    for i in plan.stat_index:
+        size = int(np.prod(plan.variables[i].shape))
+        g, p = flat[start : start + size], prev[start : start + size]
+        start += size
+        dots.append(ops.sum(g * p))
+        gg.append(ops.sum(ops.square(g)))
+        pp.append(ops.sum(ops.square(p)))
+    cos = ops.stack(dots) / (ops.sqrt(ops.stack(gg)) * ops.sqrt(ops.stack(pp)))
+    follows = ops.equal(buffer.prev_step.value, ops.cast(step, buffer.prev_step.dtype) - 1)
+    return ops.where(follows, cos, math.nan)
 
 
 def _check_model(model: Any) -> None:
@@ -1281,11 +1334,7 @@ def _check_eager_backend(model: Any) -> None:
 def _unsupported_on_eager(watch: Any) -> list[str]:
     """The settings of `watch` that gradwatch does not yet record on the PyTorch or JAX
     backend."""
-    out = [f"stats={s!r}" for s in ("clipped_norm", "cos_prev") if s in watch.stats]
-    if watch.histogram:
-        out.append(f"histogram={watch.histogram!r}")
-    if watch.tensorboard_dir is not None:
-        out.append(f"tensorboard_dir={str(watch.tensorboard_dir)!r}")
+    out = []
     if watch.per_replica:
         out.append("per_replica=True")
     return out

@@ -519,7 +519,9 @@ def histogram_bins(bins_per_decade: int) -> tuple[np.ndarray, np.ndarray, np.nda
     everything below `1e-12` (its `lo` is 0) and the highest everything at or
     above `1e+4` (its `hi` is inf), so no element is dropped. Negative elements
     go to the `"-"` bins, ordered from the most negative value up, then one
-    bin for exact zeros (`"0"`, lo = hi = 0), then the `"+"` bins from small to
+    bin for zeros (`"0"`, lo = hi = 0; it also takes the subnormal magnitudes
+    below `1.18e-38`, which XLA flushes to zero, so that every backend bins
+    alike), then the `"+"` bins from small to
     large, then one bin for NaN and ±Inf (`"nonfinite"`, lo = hi = NaN). Every
     element lands in exactly one of the `2 * K + 2` bins.
 
@@ -649,16 +651,32 @@ def _count(idx: Any, length: int) -> Any:
         return tf.raw_ops.DenseBincount(
             input=idx, size=length, weights=tf.zeros([0], tf.int32), binary_output=False
         )
+    if keras.backend.backend() == "torch":
+        import torch
+
+        # One pass, in int64: Keras' segment_sum adds in float32 on torch, which stops
+        # counting exactly past 2**24 elements in a bin.
+        return torch.bincount(idx, minlength=length).to(torch.int32)
+    if keras.backend.backend() == "jax":
+        import jax.numpy as jnp
+
+        return jnp.bincount(idx, length=length).astype("int32")
     return ops.segment_sum(ops.ones_like(idx), idx, num_segments=length)
 
 
 def _bin_index(x: Any, bins_per_decade: int) -> Any:
     """The bin number of each element of a flat float32 tensor (see `histogram_bins`)."""
+    if keras.backend.backend() == "torch":
+        return _bin_index_torch(x, bins_per_decade)
     k = (HIST_MAX_EXP - HIST_MIN_EXP) * bins_per_decade
     n_bins = 2 * k + 2
     a = ops.abs(x)
     finite = ops.isfinite(x)
-    safe = ops.where(finite & (a > 0), a, 1.0)
+    # Subnormal magnitudes count as zeros on every backend: XLA's CPU code (and, in some
+    # kernels, TensorFlow's) flushes them to zero, and an explicit bound keeps the bins
+    # the same whichever kernel runs.
+    nonzero = a >= _SMALLEST_NORMAL
+    safe = ops.where(finite & nonzero, a, 1.0)
     # The edge nearest to |g| on the log scale is `g`; log10 is inexact, but only by far
     # less than half a bin, so |g| lies in bin g - 1 or g, and one exact comparison with
     # the float32 edge decides: binning follows `lo <= |g| < hi` exactly.
@@ -670,5 +688,30 @@ def _bin_index(x: Any, bins_per_decade: int) -> Any:
     j = g - 1 + ops.cast(safe >= ops.take(edges, g), "int32")
     j = ops.clip(j, 0, k - 1)  # below the range: the lowest bin; above it: the highest
     idx = ops.where(x < 0, k - 1 - j, k + 1 + j)
-    idx = ops.where(a == 0, k, idx)
+    idx = ops.where(nonzero, idx, k)
     return ops.where(finite, idx, n_bins - 1)
+
+
+#: The smallest normal float32; smaller non-zero magnitudes are subnormal.
+_SMALLEST_NORMAL = float(np.finfo(np.float32).tiny)
+
+
+def _bin_index_torch(x: Any, bins_per_decade: int) -> Any:
+    """`_bin_index` on PyTorch, where each op is a pass over the elements and each new
+    tensor an allocation: the same arithmetic, in place where it can be."""
+    import torch
+
+    k = (HIST_MAX_EXP - HIST_MIN_EXP) * bins_per_decade
+    edges = torch.as_tensor(
+        (10.0 ** (HIST_MIN_EXP + np.arange(k + 1) / bins_per_decade)).astype("float32"),
+        device=x.device,
+    )
+    a = torch.abs(x)
+    nonzero = a >= _SMALLEST_NORMAL  # False for NaN too
+    a.masked_fill_(~nonzero, 1.0)  # zeros and NaN; Inf goes to the top edge, then out
+    g = torch.log10(a).sub_(HIST_MIN_EXP).mul_(bins_per_decade).round_().clamp_(0, k)
+    g = g.to(torch.int32)
+    j = (a >= edges[g]).to(torch.int32).add_(g).sub_(1).clamp_(0, k - 1)
+    j = torch.where(x < 0, k - 1 - j, j.add_(k + 1))
+    j.masked_fill_(~nonzero, k)
+    return j.masked_fill_(~torch.isfinite(x), 2 * k + 1)

@@ -1,4 +1,4 @@
-"""TensorBoard summaries of gradient norms and histograms, written with `tf.summary`.
+"""TensorBoard summaries of gradient norms and histograms, written without TensorFlow.
 
 What is written, at the log's step numbers:
 
@@ -11,12 +11,17 @@ What is written, at the log's step numbers:
   buckets also hold `|g| < 1e-12` and `|g| >= 1e4`; exact zeros and NaN/Inf
   are left out (they are in the `zero_frac` and `nonfinite` stats).
 
-TensorFlow is imported when a writer first writes, not when this module is.
+The event files are written with TensorBoard's own record writer and protos
+(`tensorboard.compat.proto`), as `torch.utils.tensorboard` writes them, so
+TensorFlow is never imported: the same files come from every Keras backend.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import socket
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,9 +43,9 @@ _HISTOGRAM_DESCRIPTION = (
 class TensorBoardWriter:
     """Writes blocks of recorded steps as TensorBoard summaries into `logdir`.
 
-    Each block goes in with one `tf.summary` write per step (all of that step's
-    values in one `Summary`), and the file is flushed after each block, so a
-    running TensorBoard sees it. Use it as a context manager, or call `close()`.
+    Each block goes in with one event per step (all of that step's values in
+    one `Summary`), and the file is flushed after each block, so a running
+    TensorBoard sees it. Use it as a context manager, or call `close()`.
 
     Args:
         logdir: The TensorBoard log directory; created if missing.
@@ -83,7 +88,8 @@ class TensorBoardWriter:
             bins_per_decade: The histograms' resolution; needed with
                 `histograms`. Defaults to `None`.
         """
-        from tensorflow.core.framework import summary_pb2
+        writer = self._open()  # first: it says how to install tensorboard if it is missing
+        from tensorboard.compat.proto import event_pb2, summary_pb2
 
         steps = np.asarray(steps, np.int64)
         magnitudes = None
@@ -99,33 +105,47 @@ class TensorBoardWriter:
                 squares = np.where(np.isnan(norms), 0.0, norms**2)
             has_norm = (~np.isnan(norms)).any(axis=1)
             global_norms = np.where(has_norm, np.sqrt(squares.sum(axis=1)), np.nan)
-        writer = self._open()
-        import tensorflow as tf
-
-        with writer.as_default():
-            for row, step in enumerate(steps):
-                summary = summary_pb2.Summary()
-                # NaN norms (disconnected variables) and histograms with no element
-                # (not recorded for that variable) are left out.
-                if norms is not None:
-                    for key, value in zip(keys, norms[row], strict=True):
-                        if not np.isnan(value):
-                            self._scalar(summary, NORM_TAG + key, value)
-                    if not np.isnan(global_norms[row]):
-                        self._scalar(summary, GLOBAL_NORM_TAG, global_norms[row])
-                if magnitudes is not None:
-                    for key, counts, total in zip(keys, magnitudes[row], totals[row], strict=True):
-                        if total:
-                            self._histogram(summary, HISTOGRAM_TAG + key, edges, counts)
-                tf.summary.experimental.write_raw_pb(summary.SerializeToString(), step=int(step))
+        for row, step in enumerate(steps):
+            summary = summary_pb2.Summary()
+            # NaN norms (disconnected variables) and histograms with no element
+            # (not recorded for that variable) are left out.
+            if norms is not None:
+                for key, value in zip(keys, norms[row], strict=True):
+                    if not np.isnan(value):
+                        self._scalar(summary, NORM_TAG + key, value)
+                if not np.isnan(global_norms[row]):
+                    self._scalar(summary, GLOBAL_NORM_TAG, global_norms[row])
+            if magnitudes is not None:
+                for key, counts, total in zip(keys, magnitudes[row], totals[row], strict=True):
+                    if total:
+                        self._histogram(summary, HISTOGRAM_TAG + key, edges, counts)
+            event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
+            writer.write(event.SerializeToString())
         writer.flush()
 
     def _open(self) -> Any:
         if self._writer is None:
-            import tensorflow as tf
+            try:
+                from tensorboard.compat.proto import event_pb2
+                from tensorboard.summary.writer.record_writer import RecordWriter
+            except ImportError as e:
+                raise ImportError(
+                    "gradwatch.tensorboard writes event files with the tensorboard package, "
+                    "which is not installed. Install it with: pip install tensorboard"
+                ) from e
 
             self.logdir.mkdir(parents=True, exist_ok=True)
-            self._writer = tf.summary.create_file_writer(str(self.logdir))
+            # TensorBoard's naming: `events.out.tfevents.<time>.<host>.<pid>.<n>`; the
+            # counter keeps two writers of one process apart within a second.
+            name = "events.out.tfevents.%010d.%s.%s.%s" % (  # noqa: UP031
+                time.time(),
+                socket.gethostname(),
+                os.getpid(),
+                next(_file_numbers),
+            )
+            self._writer = RecordWriter(open(self.logdir / name, "wb"))  # noqa: SIM115
+            start = event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
+            self._writer.write(start.SerializeToString())
         return self._writer
 
     def _metadata(self, value: Any, tag: str, plugin: str, description: str = "") -> None:
@@ -137,7 +157,7 @@ class TensorBoardWriter:
             value.metadata.summary_description = description
 
     def _scalar(self, summary: Any, tag: str, number: float) -> None:
-        from tensorflow.core.framework import types_pb2
+        from tensorboard.compat.proto import types_pb2
 
         value = summary.value.add(tag=tag)
         self._metadata(value, tag, "scalars")
@@ -145,7 +165,7 @@ class TensorBoardWriter:
         value.tensor.float_val.append(float(number))
 
     def _histogram(self, summary: Any, tag: str, edges: np.ndarray, counts: np.ndarray) -> None:
-        from tensorflow.core.framework import types_pb2
+        from tensorboard.compat.proto import types_pb2
 
         value = summary.value.add(tag=tag)
         self._metadata(value, tag, "histograms", _HISTOGRAM_DESCRIPTION)
@@ -167,6 +187,9 @@ class TensorBoardWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+_file_numbers = itertools.count()
 
 
 def _magnitude_counts(hist: np.ndarray, bins_per_decade: int) -> tuple[np.ndarray, np.ndarray]:

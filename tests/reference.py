@@ -15,7 +15,7 @@ BACKEND = keras.backend.backend()
 if BACKEND == "tensorflow":
     import tensorflow as tf
 
-# Tests of what only the TensorFlow backend has (tf.distribute, XLA, tf.summary).
+# Tests of what only the TensorFlow backend has (tf.distribute, XLA).
 tf_only = pytest.mark.skipif(
     BACKEND != "tensorflow", reason=f"TensorFlow-only feature; the backend is {BACKEND}"
 )
@@ -152,3 +152,52 @@ def batches_of(x, y, batch_size, sw=None):
             )
         )
     return out
+
+
+def reference_bins(g, bins_per_decade):
+    """Histogram counts by searching the float32 edges, one element at a time:
+    independent of the log10 in the step. Magnitudes below the smallest normal
+    float32 count as zeros (`gradwatch.stats.histogram_bins`)."""
+    k = 16 * bins_per_decade
+    edges = (10.0 ** (-12 + np.arange(k + 1) / bins_per_decade)).astype(np.float32)
+    g = np.asarray(g, np.float32).ravel()
+    out = np.empty(g.size, np.int64)
+    for n, v in enumerate(g):
+        if not np.isfinite(v):
+            out[n] = 2 * k + 1
+        elif abs(v) < np.finfo(np.float32).tiny:
+            out[n] = k
+        else:
+            j = int(np.clip(np.searchsorted(edges, abs(v), side="right") - 1, 0, k - 1))
+            out[n] = k - 1 - j if v < 0 else k + 1 + j
+    return np.bincount(out, minlength=2 * k + 2)
+
+
+def log10_counts(g, bins_per_decade):
+    """A NumPy histogram of log10 |g| over the finite non-zero elements, the
+    out-of-range ones folded into the end bins (TensorBoard's buckets)."""
+    g = np.asarray(g, np.float64).ravel()
+    g = np.abs(g[np.isfinite(g) & (g != 0)])
+    k = 16 * bins_per_decade
+    edges = -12 + np.arange(k + 1) / bins_per_decade
+    x = np.clip(np.log10(g), edges[0], edges[-1] - 1e-9)
+    return np.histogram(x, bins=edges)[0]
+
+
+def clipped_by_hand(grads, clipnorm=None, global_clipnorm=None, clipvalue=None):
+    """The norms after Keras' documented clipping, written out in NumPy."""
+    norms = np.array([np.linalg.norm(g) for g in grads])
+    if clipnorm is not None:  # each gradient scaled to norm at most clipnorm
+        return norms * clipnorm / np.maximum(norms, clipnorm)
+    if global_clipnorm is not None:  # all scaled together to global norm at most clipnorm
+        total = np.sqrt(np.sum(norms**2))
+        return norms * global_clipnorm / max(total, global_clipnorm)
+    if clipvalue is not None:  # each element clipped to [-clipvalue, clipvalue]
+        return np.array([np.linalg.norm(np.clip(g, -clipvalue, clipvalue)) for g in grads])
+    return norms
+
+
+def cosine(a, b):
+    """The cosine of two arrays, in float64."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))

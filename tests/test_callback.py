@@ -6,16 +6,19 @@ from models import data, pair
 from reference import (
     BACKEND,
     batches_of,
+    clipped_by_hand,
+    cosine,
     grads_of,
     mse,
     np_stats,
+    reference_bins,
     skip_unless_supported,
     spe,
     tape_gradients,
 )
 
 import gradwatch
-from gradwatch.stats import GRADIENT_STATS, compute_histograms
+from gradwatch.stats import GRADIENT_STATS, compute_histograms, histogram_bins
 
 KEYS = ["net/hidden/kernel", "net/hidden/bias", "net/out/kernel", "net/out/bias"]
 
@@ -233,7 +236,6 @@ def test_constructor_rejects_bad_arguments(kwargs, error, match):
 @pytest.mark.parametrize("jit", [False, True])
 def test_sparse_embedding_gradient_equals_dense_equivalent(jit):
     skip_unless_supported(jit=jit)
-    full = BACKEND == "tensorflow"  # clipped_norm, cos_prev and histograms
     # Row 1 repeats within a batch; rows 2 and 4 are never touched.
     ids = np.array([[1, 1, 3], [0, 1, 3], [3, 3, 3], [1, 0, 0]], dtype="int32")
     y = np.linspace(-1, 1, 4 * 3 * 2).reshape(4, 3, 2).astype("float32")
@@ -242,8 +244,8 @@ def test_sparse_embedding_gradient_equals_dense_equivalent(jit):
     )
     model.compile(keras.optimizers.SGD(0.1), "mse", steps_per_execution=spe(2), jit_compile=jit)
     table = model.get_weights()[0].astype(np.float64)
-    stats = [*GRADIENT_STATS, "clipped_norm", "cos_prev"] if full else list(GRADIENT_STATS)
-    watch = gradwatch.GradWatch(stats=stats, values="*", histogram=2 if full else False)
+    stats = [*GRADIENT_STATS, "clipped_norm", "cos_prev"]
+    watch = gradwatch.GradWatch(stats=stats, values="*", histogram=2)
     model.fit(ids, y, batch_size=2, shuffle=False, callbacks=[watch], verbose=0)
     # Reference: the dense gradient of mean((y - w[ids])**2), by hand, and SGD by hand.
     w = table
@@ -259,10 +261,8 @@ def test_sparse_embedding_gradient_equals_dense_equivalent(jit):
         for name, value in np_stats(dense).items():
             got = log.stat(name).loc[step, key]
             assert got == pytest.approx(value, rel=1e-5, abs=1e-7), name
-        if not full:
-            continue
         counts = log.histogram(key, step)["count"].to_numpy()
-        expected = compute_histograms([dense.astype(np.float32)], 2).numpy()[0]
+        expected = reference_bins(dense, 2)
         np.testing.assert_array_equal(counts, expected)
         assert log.stat("clipped_norm").loc[step, key] == pytest.approx(np.linalg.norm(dense))
         if previous is not None:
@@ -361,3 +361,78 @@ def test_disconnected_variables_are_nan_rows_listed_once(tmp_path):
         np.testing.assert_allclose(log.gradient(key, 0), g, rtol=1e-5, atol=1e-6)
     log.to_parquet(tmp_path / "g.parquet")
     assert gradwatch.read_log(tmp_path / "g.parquet").disconnected == log.disconnected
+
+
+def test_histogram_bins_edges_zeros_nonfinite_and_extremes_exactly():
+    # Compiled where the backend compiles the step (jax.jit on JAX; TensorFlow's
+    # counter is always XLA-compiled); eager on PyTorch.
+    run = compute_histograms
+    if BACKEND == "jax":
+        import jax
+
+        run = jax.jit(compute_histograms, static_argnums=1)
+    rng = np.random.default_rng(0)
+    for bins_per_decade in (1, 4, 7):
+        lo, _, _ = histogram_bins(bins_per_decade)
+        edges = np.unique(lo[np.isfinite(lo) & (lo > 0)]).astype(np.float32)
+        tensors = [
+            (rng.normal(size=(6, 40)) * 10.0 ** rng.uniform(-14, 6, size=(6, 40))).astype(
+                "float32"
+            ),
+            np.concatenate([edges, np.nextafter(edges, np.float32(0)), -edges]),
+            np.array(
+                [0.0, -0.0, np.nan, np.inf, -np.inf, 1e-30, -1e-30, 1e9, -3e38, 1e-40, -1e-45],
+                np.float32,
+            ),
+        ]
+        counts = ops.convert_to_numpy(
+            run([ops.convert_to_tensor(t) for t in tensors], bins_per_decade)
+        )
+        for row, t in zip(counts, tensors, strict=True):
+            np.testing.assert_array_equal(row, reference_bins(t, bins_per_decade))
+
+
+@pytest.mark.parametrize("clip", [{"clipnorm": 0.7}, {"global_clipnorm": 2.0}, {"clipvalue": 0.5}])
+def test_histogram_clipped_norm_and_cos_prev_match_a_plain_gradient_loop(clip):
+    x, y = data(n=32)
+    model, plain = pair()
+    optimizer = keras.optimizers.SGD(0.1, **clip)
+    if "clipnorm" in clip:  # clipped after unscaling
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=2.0**10)
+    model.compile(optimizer, "mse", steps_per_execution=spe(2))
+    watch = gradwatch.GradWatch(stats=["norm", "clipped_norm", "cos_prev"], histogram=True)
+    model.fit(x, y, batch_size=8, shuffle=False, callbacks=[watch], verbose=0)
+    reference = tape_gradients(plain, keras.optimizers.SGD(0.1, **clip), batches_of(x, y, 8), mse)
+    log = watch.log
+    np.testing.assert_array_equal(log.steps, np.arange(4))
+    expected = np.array([clipped_by_hand(grads, **clip) for grads in reference])
+    clipped = log.stat("clipped_norm")[KEYS].to_numpy()
+    np.testing.assert_allclose(clipped, expected, rtol=1e-5)
+    smaller = clipped < log.stat("norm")[KEYS].to_numpy() * (1 - 1e-6)
+    assert smaller.any() and not smaller.all()  # the bound clips some and not others
+    cos = log.stat("cos_prev")[KEYS]
+    assert cos.loc[0].isna().all()  # no previous step
+    for step in range(1, 4):
+        for j, key in enumerate(KEYS):
+            ref = cosine(reference[step][j], reference[step - 1][j])
+            assert cos.loc[step, key] == pytest.approx(ref, rel=1e-5, abs=1e-6)
+    for step, grads in enumerate(reference):
+        for key, g in zip(KEYS, grads, strict=True):
+            counts = log.histogram(key, step)["count"].to_numpy()
+            np.testing.assert_array_equal(counts, reference_bins(g, 4), err_msg=key)
+
+
+def test_cos_prev_with_every_compares_with_the_step_before_each_recorded_one():
+    x, y = data(n=48)
+    model, plain = pair()
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    watch = gradwatch.GradWatch(stats=["cos_prev"], every=2)
+    model.fit(x, y, batch_size=8, shuffle=False, callbacks=[watch], verbose=0)
+    reference = tape_gradients(plain, keras.optimizers.SGD(0.1), batches_of(x, y, 8), mse)
+    cos = watch.log.stat("cos_prev")[KEYS]
+    assert list(cos.index) == [0, 2, 4]
+    assert cos.loc[0].isna().all()
+    for step in (2, 4):
+        for j, key in enumerate(KEYS):
+            ref = cosine(reference[step][j], reference[step - 1][j])
+            assert cos.loc[step, key] == pytest.approx(ref, rel=1e-5, abs=1e-6)

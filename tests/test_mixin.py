@@ -36,20 +36,12 @@ def _fit_both(watched, plain, callbacks, spe=3, jit=False, **opt):
     return histories
 
 
-# What the PyTorch backend does not record yet (it refuses these at `on_train_begin`).
-EAGER_UNSUPPORTED = ("clipped_norm", "cos_prev")
-
-
 @pytest.mark.parametrize("jit", [False, True])
 def test_mixin_with_watch_is_bitwise_neutral_to_training(jit):
     if jit and BACKEND == "torch":
         pytest.skip("gradwatch does not yet record a jit-compiled step on torch")
     watched, plain = pair(regularize=True)
-    if BACKEND == "tensorflow":
-        watch = gradwatch.GradWatch(stats=list(gradwatch.STATS), values="*", histogram=True)
-    else:
-        stats = [s for s in gradwatch.STATS if s not in EAGER_UNSUPPORTED]
-        watch = gradwatch.GradWatch(stats=stats, values="*")
+    watch = gradwatch.GradWatch(stats=list(gradwatch.STATS), values="*", histogram=True)
     # A second watch records every other step, with the every-step checks on.
     sparse = gradwatch.GradWatch(stats="norm", every=2, max_norm=1e9, on_threshold="stop")
     ha, hb = _fit_both(watched, plain, [watch, sparse], spe=spe(3), jit=jit, global_clipnorm=0.05)

@@ -128,6 +128,11 @@ from gradwatch.cli import main
 log, out = sys.argv[1:]
 print(main(["plot", log, "-o", out + ".png"]), main(["convert", log, out + ".csv"]))
 print(main(["summary", log, "--csv"]))
+from gradwatch.tensorboard import write_tensorboard
+try:
+    write_tensorboard(gradwatch.read_log(log), out + "_tb")
+except ImportError as e:
+    print(e)
 """
     run = _python(code, log, tmp_path / "out")
     lines = run.stdout.splitlines()
@@ -137,6 +142,10 @@ print(main(["summary", log, "--csv"]))
     )
     assert lines[1] == "2 2"
     assert lines[2].startswith("variable,first_norm")  # summary needs no extra
+    assert lines[-1] == (
+        "gradwatch.tensorboard writes event files with the tensorboard package, which is "
+        "not installed. Install it with: pip install tensorboard"
+    )
     err = run.stderr.splitlines()
     assert "gradwatch plot: error: gradwatch.plot needs matplotlib" in err[-2]
     assert err[-1].endswith("Install it with: pip install 'gradwatch[cli]'")

@@ -4,12 +4,12 @@ import keras
 import numpy as np
 import pytest
 from models import data, pair
+from reference import log10_counts
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 import gradwatch
 from gradwatch import tensorboard as tb
-from gradwatch.stats import HIST_MAX_EXP, HIST_MIN_EXP
 
 
 def _read(logdir):
@@ -23,17 +23,6 @@ def _read(logdir):
         out[tag] = {e.step: tensor_util.make_ndarray(e.tensor_proto) for e in acc.Tensors(tag)}
         out[tag]["plugin"] = acc.SummaryMetadata(tag).plugin_data.plugin_name
     return out
-
-
-def _log10_counts(g, bins_per_decade):
-    """Independent: a numpy histogram of log10 |g| over the finite non-zero elements,
-    the out-of-range ones folded into the end bins."""
-    g = np.asarray(g, np.float64).ravel()
-    g = np.abs(g[np.isfinite(g) & (g != 0)])
-    k = (HIST_MAX_EXP - HIST_MIN_EXP) * bins_per_decade
-    edges = HIST_MIN_EXP + np.arange(k + 1) / bins_per_decade
-    x = np.clip(np.log10(g), edges[0], edges[-1] - 1e-9)
-    return np.histogram(x, bins=edges)[0]
 
 
 def test_write_tensorboard_scalars_equal_the_logs_norms(fitted, tmp_path):
@@ -65,7 +54,7 @@ def test_write_tensorboard_histograms_match_numpy_on_kept_gradients(fitted, tmp_
         for step, buckets in hist.items():
             assert buckets.shape == (16 * log.bins_per_decade, 3)
             np.testing.assert_allclose(buckets[0, :2], [-12, -12 + 1 / log.bins_per_decade])
-            expected = _log10_counts(log.gradient(key, step), log.bins_per_decade)
+            expected = log10_counts(log.gradient(key, step), log.bins_per_decade)
             np.testing.assert_array_equal(buckets[:, 2], expected)
 
 
