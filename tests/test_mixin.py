@@ -43,7 +43,7 @@ EAGER_UNSUPPORTED = ("clipped_norm", "cos_prev")
 @pytest.mark.parametrize("jit", [False, True])
 def test_mixin_with_watch_is_bitwise_neutral_to_training(jit):
     if jit and BACKEND == "torch":
-        pytest.skip("gradwatch does not yet record a jit-compiled step on torch")
+        pytest.skip("torch jit_compile is tested in test_backends.py (compiling is slow)")
     watched, plain = pair(regularize=True)
     if BACKEND == "tensorflow":
         watch = gradwatch.GradWatch(stats=list(gradwatch.STATS), values="*", histogram=True)
