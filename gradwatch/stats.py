@@ -230,43 +230,49 @@ def _torch_stats(tensors: Sequence[Any], stats: tuple[str, ...]) -> Any:
         x = flat[rows[0]] if len(rows) == 1 else torch.stack([flat[j] for j in rows])
         groups.append((rows, x))
     order = [j for rows, _ in groups for j in rows]
+    # Each group's reductions one after the other, while its data is still in cache.
+    want_sum = bool(wanted & {"mean", "std"})
+    want_range = bool(wanted & {"min", "max", "abs_max"})
+    want_zeros = "zero_frac" in wanted
+    parts: dict[str, list[Any]] = {"norm": [], "sum": [], "min": [], "max": [], "zeros": []}
+    for _, x in groups:
+        flat_group = x.dim() == 1
+        dim = None if flat_group else 1
+        out = {"norm": torch.linalg.vector_norm(x, dim=dim)}
+        if want_sum:
+            out["sum"] = x.sum() if flat_group else x.sum(dim=1)
+        if want_range:
+            if flat_group or x.shape[1] <= 1024:
+                out["min"], out["max"] = torch.aminmax(x, dim=dim)
+            else:  # `aminmax` over long rows is many times slower than these two
+                out["min"], out["max"] = x.amin(dim=1), x.amax(dim=1)
+        if want_zeros:
+            out["zeros"] = (x == 0).sum() if flat_group else (x == 0).sum(dim=1)
+        for name, value in out.items():
+            parts[name].append(value[None] if flat_group else value)
 
-    def per_group(fn_flat, fn_rows):
-        parts = [fn_flat(x)[None] if x.dim() == 1 else fn_rows(x) for _, x in groups]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    def joined(name: str) -> Any:
+        return parts[name][0] if len(parts[name]) == 1 else torch.cat(parts[name])
 
-    norm = per_group(torch.linalg.vector_norm, lambda x: torch.linalg.vector_norm(x, dim=1))
+    norm = joined("norm")
     sq = norm * norm
     size = torch.tensor([float(flat[j].numel()) for j in order], device=norm.device)
     cols: dict[str, Any] = {"norm": norm}
     ok = torch.isfinite(sq)
-    if wanted & {"mean", "std"}:
-        cols["mean"] = per_group(torch.sum, lambda x: x.sum(dim=1)) / size
+    if want_sum:
+        cols["mean"] = joined("sum") / size
     if "std" in wanted:
         var = torch.clamp(sq / size - cols["mean"] * cols["mean"], min=0.0)
         cols["std"] = torch.sqrt(var)
         ok = ok & (cols["mean"] * cols["mean"] <= 16.0 * var)
-    if wanted & {"min", "max", "abs_max"}:
-        lows, highs = [], []
-        for _, x in groups:
-            if x.dim() == 1:
-                low, high = torch.aminmax(x)
-                low, high = low[None], high[None]
-            elif x.shape[1] <= 1024:
-                low, high = torch.aminmax(x, dim=1)
-            else:  # `aminmax` over long rows is many times slower than these two
-                low, high = x.amin(dim=1), x.amax(dim=1)
-            lows.append(low)
-            highs.append(high)
-        cols["min"], cols["max"] = torch.cat(lows), torch.cat(highs)
+    if want_range:
+        cols["min"], cols["max"] = joined("min"), joined("max")
         if "abs_max" in wanted:
             cols["abs_max"] = torch.maximum(cols["min"].abs(), cols["max"].abs())
     if "nonfinite" in wanted:
         cols["nonfinite"] = torch.zeros_like(norm)
-    if "zero_frac" in wanted:
-        cols["zero_frac"] = (
-            per_group(lambda x: (x == 0).sum(), lambda x: (x == 0).sum(dim=1)).float() / size
-        )
+    if want_zeros:
+        cols["zero_frac"] = joined("zeros").float() / size
     # One host read per step: the one-pass results stand unless an element is NaN or
     # Inf, or the mean so dominates the spread that the one-pass variance loses digits.
     if bool(ok.all()):

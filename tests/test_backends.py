@@ -170,9 +170,10 @@ def test_backends_jax_refuses_a_custom_train_step():
 
 
 def test_backends_torch_jit_compile_records_the_compiled_step():
-    # One interpreter for all of `jit_compile=True` on PyTorch: torch.compile (inductor)
-    # compiles the step on the CPU in 15-60 s, most of this test's time; the two models
-    # share Keras' step code, so the plain one reuses much of the compilation.
+    # One interpreter for all of `jit_compile=True` on PyTorch. This test takes about 45 s
+    # on 2 CPU cores with an empty inductor cache (25-45 s with a warm one), nearly all of
+    # it torch.compile compiling Keras' step; the two models share Keras' step code, so
+    # the plain one reuses much of the compilation.
     _needs("torch")
     result = _run(
         "torch",
