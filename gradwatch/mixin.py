@@ -507,6 +507,7 @@ def _before_update(scope: _StepScope, variables: list, optimizer: Any, watches: 
 def _add_records(
     scope: _StepScope, grads: list, variables: list, scale: Any, befores: list, optimizer: Any
 ) -> None:
+    """Adds one step's gradients to `scope`, with what `_before_update` read."""
     graph = keras.backend.backend() == "tensorflow"
     for grad, var, before in zip(grads, variables, befores, strict=True):
         if id(var) in scope.grads:
