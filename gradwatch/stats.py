@@ -298,7 +298,7 @@ def _torch_assemble(
     import torch
 
     k = len(stats) if k is None else k
-    if not constant_rows and rows == list(range(n_rows)):
+    if table is not None and not constant_rows and rows == list(range(n_rows)):
         return table
     out = torch.full(
         (n_rows, k), math.nan, dtype=torch.float32, device=None if table is None else table.device
