@@ -273,8 +273,10 @@ def _torch_stats(tensors: Sequence[Any], stats: tuple[str, ...]) -> Any:
         cols["nonfinite"] = torch.zeros_like(norm)
     if want_zeros:
         cols["zero_frac"] = joined("zeros").float() / size
-    # One host read per step: the one-pass results stand unless an element is NaN or
-    # Inf, or the mean so dominates the spread that the one-pass variance loses digits.
+    # One host read per step (as `ops.cond` does eagerly; Keras' loop copies each step's
+    # logs to the host for the callbacks anyway): the one-pass results stand unless an
+    # element is NaN or Inf, or the mean so dominates the spread that the one-pass
+    # variance loses digits.
     if bool(ok.all()):
         table = torch.stack([cols[name] for name in stats], dim=1)
     else:
