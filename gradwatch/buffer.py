@@ -159,6 +159,9 @@ class GradientBuffer(keras.metrics.Metric):
 
         The slot index stays a device tensor, so writing never waits on the device.
         """
+        if keras.backend.backend() == "torch":
+            self._write_torch(step, stats, values, skipped)
+            return
         count = self.count.value
         if keras.backend.backend() == "jax":
             # Stateless: a dynamic-update-slice, assigned within the step's StatelessScope.
@@ -178,6 +181,23 @@ class GradientBuffer(keras.metrics.Metric):
         if self.hist is not None:
             write(self.hist, slot, ops.cast(hist, "int32"))
         self.count.assign(count + ops.ones((), self.count.dtype))
+
+    def _write_torch(self, step, stats, values: Sequence, skipped=None) -> None:
+        """`write` on PyTorch, in raw in-place torch ops (each `keras.ops` call costs a
+        Python layer on top of the dispatch, and the step runs eagerly)."""
+        import torch
+
+        count = self.count.value
+        slot = (count % self.capacity).reshape(1)
+        self.stats.value.index_copy_(0, slot, ops.convert_to_tensor(stats).to(torch.float32)[None])
+        self.steps.value.index_fill_(0, slot, int(step))
+        if skipped is not None or self.flagged:
+            self.skipped.value.index_fill_(0, slot, int(bool(skipped)))
+            self.flagged = True
+        for var, value in zip(self.values, values, strict=True):
+            flat = ops.convert_to_tensor(value).reshape(1, -1).to(var.value.dtype)
+            var.value.index_copy_(0, slot, flat)
+        count.add_(1)
 
     def _host(self, variable) -> np.ndarray:
         # A copy: the device buffer is written again in place.

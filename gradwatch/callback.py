@@ -693,7 +693,10 @@ class GradWatch(keras.callbacks.Callback):
             stat_grads = [grads[i] for i in plan.stat_index]
             n_stats = len(self.stats)
             graph = keras.backend.backend() == "tensorflow"
-            if plan.stat_index:
+            if plan.stat_index and not graph and set(self.stats) <= set(GRADIENT_STATS):
+                # Eager backends: the table as computed, without slicing and restacking.
+                stats = compute_stats(stat_grads, self.stats)
+            elif plan.stat_index:
                 cols = self._stat_columns(
                     plan, entries, stat_grads, step, buffer, flat_gradients, records, clipped
                 )
@@ -1016,8 +1019,12 @@ class GradWatch(keras.callbacks.Callback):
                 grads.append(elements(unscaled_float32(entry[1], entry[2])))
         if not grads:
             return
+        import torch
+
+        # One small copy to the host: the norms, in raw torch ops (one pass each).
         sq = np.zeros(n, np.float32)
-        sq[rows] = host_copy(ops.stack([sum_of_squares(g) for g in grads]))
+        norms = host_copy(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        sq[rows] = np.square(norms.astype(np.float64))
         bad = over = False
         if self.on_nonfinite != "ignore":
             bad = not np.all(np.isfinite(sq)) and not skipped
@@ -1321,13 +1328,17 @@ def _check_strategy(model: Any) -> None:
 
 
 def _check_eager_backend(model: Any) -> None:
-    """Refuses what gradwatch does not yet record on the PyTorch backend, before any step."""
+    """Refuses what gradwatch does not yet record on the PyTorch and JAX backends, before
+    any step."""
     backend = keras.backend.backend()
-    if backend == "torch" and bool(model.jit_compile):
+    custom = type(model).train_step is not GradWatchMixin.train_step
+    if backend == "torch" and bool(model.jit_compile) and custom:
         raise NotImplementedError(
-            f"gradwatch does not yet record a `jit_compile=True` step on the {backend} "
-            f"backend. Received: jit_compile={model.jit_compile!r}. Compile the model "
-            "with `jit_compile=False`, or train with KERAS_BACKEND=tensorflow."
+            "gradwatch does not yet record a custom `train_step` under `jit_compile=True` "
+            f"on the torch backend: {type(model).__qualname__} overrides it, and gradwatch "
+            "records the stock step around `torch.compile`, not inside it. Compile the "
+            "model with `jit_compile=False` (`record_gradients` works there), use the stock "
+            "`train_step`, or train with KERAS_BACKEND=tensorflow."
         )
 
 

@@ -19,6 +19,16 @@ from gradwatch.sparse import SparseGradient, dense
 _local = threading.local()
 _patch_lock = threading.Lock()
 
+if keras.backend.backend() == "torch":
+    import torch
+
+    # True while `torch.compile` traces: gradwatch then stays out of the traced step.
+    _compiling = torch.compiler.is_compiling
+else:
+
+    def _compiling() -> bool:
+        return False
+
 
 class _ModelState:
     """gradwatch's per-model state, kept out of Keras' and TF's object tracking."""
@@ -111,6 +121,8 @@ def _counted(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def train_step(self, *args, **kwargs):
+        if _compiling():  # PyTorch `jit_compile=True`: recorded around the compiled step
+            return fn(self, *args, **kwargs)
         scopes = _scopes()
         if id(self) in scopes:  # super().train_step() from an overriding train_step
             return fn(self, *args, **kwargs)
@@ -390,6 +402,10 @@ class GradWatchMixin:
     @_counted
     def train_step(self, *args: Any) -> Any:
         # `(data)` on TensorFlow and PyTorch, the stateless `(state, data)` on JAX.
+        if _compiling():
+            # PyTorch `jit_compile=True`: `torch.compile` traces the stock step alone, and
+            # `_torch_compiled_step` records around it.
+            return super().train_step(*args)
         if keras.backend.backend() == "jax" and model_state(self).watches:
             return _jax_train_step(self, *args)
         if not model_state(self).listening or keras.backend.backend() not in _APPLY_METHOD:
@@ -427,6 +443,17 @@ class GradWatchMixin:
             # copy out what the device recorded, and detach.
             for watch in list(model_state(self).watches):
                 watch._release(self)
+
+    def make_train_function(self, force: bool = False) -> Any:
+        """Keras' train function; on PyTorch with `jit_compile=True`, gradwatch records
+        around the `torch.compile`d step rather than inside it."""
+        if keras.backend.backend() != "torch" or not self.jit_compile:
+            return super().make_train_function(force)
+        if self.train_function is not None and not force:
+            return self.train_function
+        super().make_train_function(force=True)
+        self.train_function = _torch_compiled_step(self, self.train_function)
+        return self.train_function
 
     def train_on_batch(self, *args: Any, **kwargs: Any) -> Any:
         """Runs `keras.Model.train_on_batch`, without capture (no callbacks run here)."""
@@ -497,7 +524,6 @@ class GradWatchMixin:
         watches = model_state(self).listening
         if not watches:
             return
-        keep_weights = any(w._needs_weights for w in watches)
         grads, variables = list(grads), list(variables)
         if len(grads) != len(variables):
             raise ValueError(
@@ -508,42 +534,88 @@ class GradWatchMixin:
             # JAX: read the loss scale, `iterations` and the weights from the step's
             # input state, not from the variables (stale, or purged, while it runs).
             with _jax_step_scope(self, scope.state):
-                self._gradwatch_record(scope, grads, variables, optimizer, keep_weights)
+                pending = _before_update(self, scope, variables, optimizer, watches)
         else:
-            self._gradwatch_record(scope, grads, variables, optimizer, keep_weights)
+            pending = _before_update(self, scope, variables, optimizer, watches)
+        _add_records(scope, grads, variables, *pending)
 
-    def _gradwatch_record(
-        self, scope: _StepScope, grads: list, variables: list, optimizer: Any, keep_weights: bool
-    ) -> None:
-        scale = _loss_scale(optimizer)
-        graph = keras.backend.backend() == "tensorflow"
-        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and (
-            scope.state is None or _in_state(self, optimizer.iterations)
-        ):
-            if graph:
-                before = tf.convert_to_tensor(optimizer.iterations)
-            elif scope.state is not None:
-                before = optimizer.iterations.value
-            else:
-                before = int(host_copy(optimizer.iterations.value))
-            scope.loss_scaled.setdefault(id(optimizer), (optimizer, before))
-        for grad, var in zip(grads, variables, strict=True):
-            if id(var) in scope.grads:
-                raise ValueError(
-                    f"The gradient of {var.path!r} was recorded twice in one step. "
-                    "Call `record_gradients` once per variable and step, with the "
-                    "gradient that is applied."
-                )
-            if graph and isinstance(grad, tf.IndexedSlices):
-                # Kept as the touched rows (repeats summed, as the dense gradient has
-                # them): a large table is not densified at every step.
-                grad = SparseGradient.from_indexed_slices(grad, tuple(var.shape))
-            # Read before `apply_gradients` runs, for the update stats.
-            before = None
-            if keep_weights:
-                # Eager backends update the weights in place: keep a copy.
-                before = tf.convert_to_tensor(var) if graph else ops.copy(var.value)
-            scope.grads[id(var)] = (var, grad, scale, before, optimizer)
+
+def _before_update(
+    model: Any, scope: _StepScope, variables: list, optimizer: Any, watches: list
+) -> tuple:
+    """What is read before the optimizer applies the gradients of `variables`: the loss
+    scale, and the weights (for the update stats). Notes a loss-scale optimizer's
+    `iterations` in `scope`. Returns `(scale, weights before or None each, optimizer)`."""
+    scale = _loss_scale(optimizer)
+    graph = keras.backend.backend() == "tensorflow"
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and (
+        scope.state is None or _in_state(model, optimizer.iterations)
+    ):
+        if graph:
+            before = tf.convert_to_tensor(optimizer.iterations)
+        elif scope.state is not None:  # JAX: a traced value from the step's state
+            before = optimizer.iterations.value
+        else:
+            before = int(host_copy(optimizer.iterations.value))
+        scope.loss_scaled.setdefault(id(optimizer), (optimizer, before))
+    befores: list[Any] = [None] * len(variables)
+    if any(w._needs_weights for w in watches):
+        # Eager backends update the weights in place: keep a copy.
+        befores = [tf.convert_to_tensor(v) if graph else ops.copy(v.value) for v in variables]
+    return scale, befores, optimizer
+
+
+def _add_records(
+    scope: _StepScope, grads: list, variables: list, scale: Any, befores: list, optimizer: Any
+) -> None:
+    """Adds one step's gradients to `scope`, with what `_before_update` read."""
+    graph = keras.backend.backend() == "tensorflow"
+    for grad, var, before in zip(grads, variables, befores, strict=True):
+        if id(var) in scope.grads:
+            raise ValueError(
+                f"The gradient of {var.path!r} was recorded twice in one step. "
+                "Call `record_gradients` once per variable and step, with the "
+                "gradient that is applied."
+            )
+        if graph and isinstance(grad, tf.IndexedSlices):
+            # Kept as the touched rows (repeats summed, as the dense gradient has
+            # them): a large table is not densified at every step.
+            grad = SparseGradient.from_indexed_slices(grad, tuple(var.shape))
+        scope.grads[id(var)] = (var, grad, scale, before, optimizer)
+
+
+def _torch_compiled_step(model: Any, compiled: Callable) -> Callable:
+    """The train function on PyTorch with `jit_compile=True`: Keras' `torch.compile`d
+    step, unchanged, with the recording done around it, outside the compiled code.
+
+    The stock step hands `optimizer.apply` each variable's `.grad`, and leaves it there
+    (the next step's `zero_grad` clears it); the optimizer does not change it in place.
+    So the gradients are read after the step, and what must be read before the update
+    (the loss scale, the weights for the update stats) is read before the step.
+    """
+    import torch
+
+    def train_function(data: Any) -> Any:
+        scopes = _scopes()
+        scope = scopes[id(model)] = _StepScope()
+        try:
+            watches = model_state(model).listening
+            variables = list(model.trainable_weights)
+            pending = None
+            if watches and variables:
+                with torch.no_grad():
+                    pending = _before_update(model, scope, variables, model.optimizer, watches)
+            outputs = compiled(data)
+            if pending is not None:
+                grads = [v.value.grad for v in variables]
+                _add_records(scope, grads, variables, *pending)
+        finally:
+            del scopes[id(model)]
+        with torch.no_grad():
+            _commit(model, scope)
+        return outputs
+
+    return train_function
 
 
 def _jax_counted(fn: Callable, model: Any, state: Any, data: Any, **kwargs: Any) -> Any:

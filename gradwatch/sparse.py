@@ -108,6 +108,8 @@ def unscaled_float32(g: Any, scale: Any = None) -> Any:
     else:
 
         def fn(x):
+            if scale is None and keras.backend.standardize_dtype(x.dtype) == "float32":
+                return x  # eager backends: no op at all, rather than a cast to itself
             x = keras.ops.cast(x, "float32")
             return x if scale is None else x / scale
 

@@ -36,10 +36,12 @@ def _run(backend: str, code: str, timeout: float = 300) -> subprocess.CompletedP
     )
 
 
-# The core tests (the seed's worked examples, the per-step reference comparison,
-# bitwise neutrality, the error cases), run again under each other backend.
+# The core tests (the seed's worked examples, the stats kernel against NumPy, the
+# per-step reference comparison, bitwise neutrality, the error cases), run again under
+# each other backend.
 CORE = [
     "tests/test_seed.py",
+    "tests/test_stats.py",
     "tests/test_mixin.py",
     "tests/test_callback.py",
     "tests/test_alarms.py",
@@ -147,3 +149,80 @@ def test_backends_refuse_what_they_do_not_record_yet(backend, kwargs, named):
     assert result.returncode == 0, result.stderr
     assert f"does not yet record {named} on the {backend} backend" in result.stdout
     assert "recorded 0" in result.stdout
+
+
+def test_backends_torch_jit_compile_records_the_compiled_step():
+    # One interpreter for all of `jit_compile=True` on PyTorch. This test takes about 45 s
+    # on 2 CPU cores with an empty inductor cache (25-45 s with a warm one), nearly all of
+    # it torch.compile compiling Keras' step; the two models share Keras' step code, so
+    # the plain one reuses much of the compilation.
+    _needs("torch")
+    result = _run(
+        "torch",
+        """
+        import sys
+
+        sys.path.insert(0, "tests")
+        import keras
+        import numpy as np
+        import torch
+        from models import data, pair
+        from reference import batches_of, mse, np_stats, tape_gradients
+
+        import gradwatch
+        from gradwatch.stats import GRADIENT_STATS
+
+        keras.utils.set_random_seed(3)
+        x, y = data(n=24)
+        watched, plain = pair()
+        reference, _ = pair()
+        reference.set_weights(watched.get_weights())
+        for model in (watched, plain):
+            model.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse", jit_compile=True)
+        stats = [*GRADIENT_STATS, "weight_norm", "update_norm", "update_ratio"]
+        watch = gradwatch.GradWatch(stats=stats, values="*")
+        ha = watched.fit(x, y, batch_size=8, shuffle=False, callbacks=[watch], verbose=0)
+        hb = plain.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it compiled
+        # Training is bitwise that of plain Keras with jit_compile=True.
+        assert ha.history == hb.history, (ha.history, hb.history)
+        for a, b in zip(watched.get_weights(), plain.get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+        # The log against a plain torch.autograd loop, run eagerly (float tolerance:
+        # the compiled kernels round differently).
+        before = [w.astype(np.float64) for w in reference.get_weights()]
+        opt = keras.optimizers.SGD(0.1, momentum=0.9)
+        log = watch.log
+        assert list(log.steps) == [0, 1, 2]
+        wide = {name: log.stat(name) for name in stats}
+        for step, batch in enumerate(batches_of(x, y, 8)):
+            (grads,) = tape_gradients(reference, opt, [batch], mse)
+            after = [w.astype(np.float64) for w in reference.get_weights()]
+            for key, g, w0, w1 in zip(log.variables, grads, before, after, strict=True):
+                np.testing.assert_allclose(log.gradient(key, step), g, rtol=1e-5, atol=1e-6)
+                ref = np_stats(g)
+                ref["weight_norm"] = np.linalg.norm(w0)
+                ref["update_norm"] = np.linalg.norm(w1 - w0)
+                ref["update_ratio"] = ref["update_norm"] / ref["weight_norm"]
+                for name in stats:
+                    got = wide[name].loc[step, key]
+                    np.testing.assert_allclose(got, ref[name], rtol=1e-4, atol=1e-6, err_msg=name)
+            before = after
+
+        # A custom train_step is refused under jit_compile=True, before any step.
+        class Custom(gradwatch.GradWatchMixin, keras.Sequential):
+            def train_step(self, data):
+                return super().train_step(data)
+
+        custom = Custom([keras.Input((5,)), keras.layers.Dense(2)])
+        custom.compile("sgd", "mse", jit_compile=True)
+        try:
+            custom.fit(x, y, callbacks=[gradwatch.GradWatch()], verbose=0)
+        except NotImplementedError as e:
+            print(e)
+        print("ok")
+        """,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert "does not yet record a custom `train_step` under `jit_compile=True`" in result.stdout
+    assert result.stdout.splitlines()[-1] == "ok"

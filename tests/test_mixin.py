@@ -39,7 +39,7 @@ def _fit_both(watched, plain, callbacks, spe=3, jit=False, **opt):
 @pytest.mark.parametrize("jit", [False, True])
 def test_mixin_with_watch_is_bitwise_neutral_to_training(jit):
     if jit and BACKEND == "torch":
-        pytest.skip("gradwatch does not yet record a jit-compiled step on torch")
+        pytest.skip("torch jit_compile is tested in test_backends.py (compiling is slow)")
     watched, plain = pair(regularize=True)
     watch = gradwatch.GradWatch(stats=list(gradwatch.STATS), values="*", histogram=True)
     # A second watch records every other step, with the every-step checks on.
