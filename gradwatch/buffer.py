@@ -160,7 +160,7 @@ class GradientBuffer(keras.metrics.Metric):
         The slot index stays a device tensor, so writing never waits on the device.
         """
         if keras.backend.backend() == "torch":
-            self._write_torch(step, stats, values, skipped)
+            self._write_torch(step, stats, values, hist, skipped)
             return
         count = self.count.value
         if keras.backend.backend() == "jax":
@@ -182,7 +182,7 @@ class GradientBuffer(keras.metrics.Metric):
             write(self.hist, slot, ops.cast(hist, "int32"))
         self.count.assign(count + ops.ones((), self.count.dtype))
 
-    def _write_torch(self, step, stats, values: Sequence, skipped=None) -> None:
+    def _write_torch(self, step, stats, values: Sequence, hist=None, skipped=None) -> None:
         """`write` on PyTorch, in raw in-place torch ops (each `keras.ops` call costs a
         Python layer on top of the dispatch, and the step runs eagerly)."""
         import torch
@@ -197,6 +197,9 @@ class GradientBuffer(keras.metrics.Metric):
         for var, value in zip(self.values, values, strict=True):
             flat = ops.convert_to_tensor(value).reshape(1, -1).to(var.value.dtype)
             var.value.index_copy_(0, slot, flat)
+        if self.hist is not None:
+            counts = ops.convert_to_tensor(hist).to(self.hist.value.dtype)[None]
+            self.hist.value.index_copy_(0, slot, counts)
         count.add_(1)
 
     def _host(self, variable) -> np.ndarray:

@@ -1298,8 +1298,7 @@ def _check_strategy(model: Any) -> None:
     `tf.distribute`, and what Keras itself cannot train (it would fail mid-step;
     across workers, a failed worker can leave the others waiting)."""
     if keras.backend.backend() != "tensorflow":
-        _check_eager_backend(model)
-        return
+        return  # no tf.distribute; `per_replica` is refused in `on_train_begin`
     strategy = model.distribute_strategy
     name = type(strategy).__name__
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
@@ -1324,21 +1323,6 @@ def _check_strategy(model: Any) -> None:
             "inside Keras, with or without gradwatch. Received: "
             f"steps_per_execution={spe}, jit_compile={jit}. Compile the model with "
             "`steps_per_execution=1, jit_compile=False` to train it with a GradWatch."
-        )
-
-
-def _check_eager_backend(model: Any) -> None:
-    """Refuses what gradwatch does not yet record on the PyTorch and JAX backends, before
-    any step."""
-    backend = keras.backend.backend()
-    custom = type(model).train_step is not GradWatchMixin.train_step
-    if backend == "torch" and bool(model.jit_compile) and custom:
-        raise NotImplementedError(
-            "gradwatch does not yet record a custom `train_step` under `jit_compile=True` "
-            f"on the torch backend: {type(model).__qualname__} overrides it, and gradwatch "
-            "records the stock step around `torch.compile`, not inside it. Compile the "
-            "model with `jit_compile=False` (`record_gradients` works there), use the stock "
-            "`train_step`, or train with KERAS_BACKEND=tensorflow."
         )
 
 

@@ -73,6 +73,8 @@ class _StepScope:
         self.grads: dict[int, tuple[Any, Any, Any, Any, Any]] = {}
         # id(optimizer) -> (loss-scale optimizer, its `iterations` before the update)
         self.loss_scaled: dict[int, tuple[Any, Any]] = {}
+        # PyTorch `jit_compile=True`: whether the stock step ran (its `.grad`s are read).
+        self.stock = False
         # JAX: the stateless step's input state (trainable, non-trainable, optimizer and
         # metrics variables), which `record_gradients` reads the step's values from.
         self.state: tuple | None = None
@@ -405,6 +407,8 @@ class GradWatchMixin:
         if _compiling():
             # PyTorch `jit_compile=True`: `torch.compile` traces the stock step alone, and
             # `_torch_compiled_step` records around it.
+            if type(self).train_step is not GradWatchMixin.train_step:
+                _outside_compile(_note_stock_step)(self)  # from a custom step's super()
             return super().train_step(*args)
         if keras.backend.backend() == "jax" and model_state(self).watches:
             return _jax_train_step(self, *args)
@@ -515,6 +519,12 @@ class GradWatchMixin:
             return {"loss": loss}, (trainable, non_trainable, optimizer_vars, metrics_vars)
         ```
         """
+        if _compiling():
+            # PyTorch `jit_compile=True`, from a custom step: recorded outside the
+            # compiled graph (a graph break), on the step's real tensors.
+            return _outside_compile(GradWatchMixin.record_gradients)(
+                self, grads, variables, optimizer
+            )
         scope = _scopes().get(id(self))
         if scope is None:
             raise RuntimeError(
@@ -584,6 +594,20 @@ def _add_records(
         scope.grads[id(var)] = (var, grad, scale, before, optimizer)
 
 
+def _outside_compile(fn: Callable) -> Callable:
+    """PyTorch: `fn`, run eagerly at a graph break when called from `torch.compile`d code."""
+    import torch
+
+    return torch._dynamo.disable(fn)
+
+
+def _note_stock_step(model: Any) -> None:
+    """Notes that the stock step ran inside a custom one (`super().train_step`)."""
+    scope = _scopes().get(id(model))
+    if scope is not None:
+        scope.stock = True
+
+
 def _torch_compiled_step(model: Any, compiled: Callable) -> Callable:
     """The train function on PyTorch with `jit_compile=True`: Keras' `torch.compile`d
     step, unchanged, with the recording done around it, outside the compiled code.
@@ -591,22 +615,30 @@ def _torch_compiled_step(model: Any, compiled: Callable) -> Callable:
     The stock step hands `optimizer.apply` each variable's `.grad`, and leaves it there
     (the next step's `zero_grad` clears it); the optimizer does not change it in place.
     So the gradients are read after the step, and what must be read before the update
-    (the loss scale, the weights for the update stats) is read before the step.
+    (the loss scale, the weights for the update stats) is read before the step. A
+    custom step's `record_gradients` runs at a graph break, on the step's tensors; if
+    it calls `super().train_step`, the stock step is recorded as above.
     """
     import torch
+
+    custom = type(model).train_step is not GradWatchMixin.train_step
 
     def train_function(data: Any) -> Any:
         scopes = _scopes()
         scope = scopes[id(model)] = _StepScope()
+        scope.stock = not custom
         try:
             watches = model_state(model).listening
             variables = list(model.trainable_weights)
             pending = None
+            before = _StepScope()  # what the stock step's records read before it
             if watches and variables:
                 with torch.no_grad():
-                    pending = _before_update(model, scope, variables, model.optimizer, watches)
+                    pending = _before_update(model, before, variables, model.optimizer, watches)
             outputs = compiled(data)
-            if pending is not None:
+            if pending is not None and scope.stock:
+                for key, entry in before.loss_scaled.items():
+                    scope.loss_scaled.setdefault(key, entry)
                 grads = [v.value.grad for v in variables]
                 _add_records(scope, grads, variables, *pending)
         finally:
