@@ -9,6 +9,16 @@ import keras
 import pytest
 
 
+def pytest_collection_modifyitems(config, items):
+    """Runs tests/test_backends.py last, and starts its long runs (other backends, each in
+    its own interpreter) now, so that they use the CPU the other tests leave idle."""
+    backends = [item for item in items if item.path.name == "test_backends.py"]
+    if not backends:
+        return
+    items[:] = [item for item in items if item.path.name != "test_backends.py"] + backends
+    backends[0].module.start_in_background([item.name for item in backends])
+
+
 @pytest.fixture(autouse=True)
 def _fresh_keras():
     # Auto-generated layer names (dense, dense_1, ...) come from a global counter.
