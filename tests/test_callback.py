@@ -436,3 +436,22 @@ def test_cos_prev_with_every_compares_with_the_step_before_each_recorded_one():
         for j, key in enumerate(KEYS):
             ref = cosine(reference[step][j], reference[step - 1][j])
             assert cos.loc[step, key] == pytest.approx(ref, rel=1e-5, abs=1e-6)
+
+
+def test_streaming_drains_mid_epoch_and_keeps_every_step(tmp_path):
+    # flush_every=2 drains the ring buffer twice an epoch, between executions: on JAX
+    # the step's state is then off the model's variables (purged) and the buffer's
+    # arrays are donated to the next execution, so each drain must attach and copy.
+    x, y = data(n=48)
+    model, plain = pair()
+    model.compile(keras.optimizers.SGD(0.05), "mse", steps_per_execution=spe(2))
+    watch = gradwatch.GradWatch(stats=["norm"], values="*", path=tmp_path / "run", flush_every=2)
+    model.fit(x, y, batch_size=8, shuffle=False, callbacks=[watch], verbose=0)
+    reference = tape_gradients(plain, keras.optimizers.SGD(0.05), batches_of(x, y, 8), mse)
+    log = gradwatch.read_log(tmp_path / "run")
+    assert len(list((tmp_path / "run").rglob("part-*.parquet"))) == 3
+    np.testing.assert_array_equal(log.steps, np.arange(6))
+    for step, grads in enumerate(reference):
+        for key, g in zip(KEYS, grads, strict=True):
+            np.testing.assert_allclose(log.gradient(key, step), g, rtol=1e-5, atol=1e-6)
+            assert log.stat("norm").loc[step, key] == pytest.approx(np.linalg.norm(g), rel=1e-5)
