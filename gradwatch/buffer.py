@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import keras
 import numpy as np
@@ -25,7 +26,22 @@ class Drained:
     lost: int  # slots overwritten before they were drained
 
 
-class GradientBuffer(keras.metrics.Metric):
+class StateMetric(keras.metrics.Metric):
+    """A metric that only carries gradwatch's device state: the train step writes its
+    variables directly, it reports nothing, and Keras' per-epoch reset leaves it as it is
+    (so it travels in JAX's stateless state and survives `reset_metrics`)."""
+
+    def update_state(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(f"{type(self).__name__} is written by the train step.")
+
+    def result(self) -> dict:
+        return {}
+
+    def reset_state(self) -> None:
+        pass
+
+
+class GradientBuffer(StateMetric):
     """A ring buffer of per-step stats and kept gradients, living on the device.
 
     It is a `Metric` so that its variables stay out of `model.weights`, and its
@@ -120,16 +136,6 @@ class GradientBuffer(keras.metrics.Metric):
         return super().add_variable(
             shape, initializer, dtype=dtype, aggregation="only_first_replica", name=name
         )
-
-    def update_state(self, *args, **kwargs) -> None:
-        raise NotImplementedError("GradientBuffer is written by `write`, not `update_state`.")
-
-    def result(self) -> dict:
-        return {}
-
-    def reset_state(self) -> None:
-        # Keras resets metrics every epoch; the buffer must keep undrained slots.
-        pass
 
     def write(
         self, step, stats, values: Sequence, hist=None, skipped=None, replica_stats=None

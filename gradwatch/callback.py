@@ -19,7 +19,7 @@ from keras import ops
 
 from gradwatch import io
 from gradwatch._lazy import tf
-from gradwatch.buffer import GradientBuffer, host_copy
+from gradwatch.buffer import GradientBuffer, StateMetric, host_copy
 from gradwatch.keys import check_patterns, match_patterns, variable_keys
 from gradwatch.log import GradientLog
 from gradwatch.mixin import (
@@ -80,7 +80,7 @@ class _Alarm:
         self.threshold_sq = var(tf.zeros([n]), tf.float32, "gradwatch_threshold_sq")
 
 
-class _MetricAlarm(keras.metrics.Metric):
+class _MetricAlarm(StateMetric):
     """`_Alarm` on JAX: a metric, so that its variables travel in the stateless step's
     state (int32 steps: JAX runs without 64-bit types unless asked)."""
 
@@ -96,15 +96,6 @@ class _MetricAlarm(keras.metrics.Metric):
         self.nonfinite_sq = var((n,), "float32", "nonfinite_sq")
         self.threshold_step = var((), "int32", "threshold_step", -1)
         self.threshold_sq = var((n,), "float32", "threshold_sq")
-
-    def update_state(self, *args, **kwargs) -> None:
-        raise NotImplementedError("The gradwatch alarm is written by the train step.")
-
-    def result(self) -> dict:
-        return {}
-
-    def reset_state(self) -> None:
-        pass
 
 
 class _HostValue:
@@ -928,12 +919,7 @@ class GradWatch(keras.callbacks.Callback):
             with tf.init_scope():
                 self._alarm = _Alarm(len(plan.stat_index))
         alarm = self._alarm
-        rows, grads = [], []
-        for j, i in enumerate(plan.stat_index):
-            entry = records.get(id(plan.variables[i]))
-            if entry is not None and entry[1] is not None:
-                rows.append(j)
-                grads.append(elements(unscaled_float32(entry[1], entry[2])))
+        rows, grads = _checked_gradients(plan, records)
         if not grads:
             return
         n = len(plan.stat_index)
@@ -970,12 +956,7 @@ class GradWatch(keras.callbacks.Callback):
         plan = self._plan_for(model)
         alarm = self._alarm
         n = len(plan.stat_index)
-        rows, grads = [], []
-        for j, i in enumerate(plan.stat_index):
-            entry = records.get(id(plan.variables[i]))
-            if entry is not None and entry[1] is not None:
-                rows.append(j)
-                grads.append(elements(unscaled_float32(entry[1], entry[2])))
+        rows, grads = _checked_gradients(plan, records)
         if not grads:
             return
         sums = [sum_of_squares(g) for g in grads]
@@ -1011,12 +992,7 @@ class GradWatch(keras.callbacks.Callback):
         if self._alarm is None:
             self._alarm = _HostAlarm(n)
         alarm = self._alarm
-        rows, grads = [], []
-        for j, i in enumerate(plan.stat_index):
-            entry = records.get(id(plan.variables[i]))
-            if entry is not None and entry[1] is not None:
-                rows.append(j)
-                grads.append(elements(unscaled_float32(entry[1], entry[2])))
+        rows, grads = _checked_gradients(plan, records)
         if not grads:
             return
         import torch
@@ -1214,6 +1190,18 @@ def _clipped_norms_distributed(plan: _Plan, local: dict[int, tuple]) -> Any:
     summed = context.all_reduce(tf.distribute.ReduceOp.SUM, clipped)
     norms = dict(zip(keys, (tf.sqrt(sum_of_squares(c)) for c in summed), strict=True))
     return tf.stack([norms.get(id(plan.variables[i]), nan) for i in plan.stat_index])
+
+
+def _checked_gradients(plan: _Plan, records: dict[int, tuple]) -> tuple[list[int], list[Any]]:
+    """The every-step checks' inputs: the rows (among the selected variables) that have a
+    gradient this step, and those gradients' elements, unscaled, in float32."""
+    rows, grads = [], []
+    for j, i in enumerate(plan.stat_index):
+        entry = records.get(id(plan.variables[i]))
+        if entry is not None and entry[1] is not None:
+            rows.append(j)
+            grads.append(elements(unscaled_float32(entry[1], entry[2])))
+    return rows, grads
 
 
 def _cosines_with_previous(plan: _Plan, buffer: GradientBuffer, flat: Any, step: Any) -> Any:

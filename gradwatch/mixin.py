@@ -13,7 +13,7 @@ import numpy as np
 from keras import ops
 
 from gradwatch._lazy import tf
-from gradwatch.buffer import host_copy
+from gradwatch.buffer import StateMetric, host_copy
 from gradwatch.sparse import SparseGradient, dense
 
 _local = threading.local()
@@ -174,22 +174,12 @@ class _HostCounter:
         return np.int64(self.value)
 
 
-class _StepMetric(keras.metrics.Metric):
+class _StepMetric(StateMetric):
     """JAX: the step counter, a metric so that it travels in the stateless step's state."""
 
     def __init__(self) -> None:
         super().__init__(name="gradwatch_step")
         self.step = self.add_variable(shape=(), initializer="zeros", dtype="int32", name="step")
-
-    def update_state(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError("The gradwatch step counter is advanced by the train step.")
-
-    def result(self) -> dict:
-        return {}
-
-    def reset_state(self) -> None:
-        # Keras resets metrics every epoch; the count goes on over the model's life.
-        pass
 
 
 class _VariableCounter:
