@@ -10,13 +10,27 @@ import pytest
 
 
 def pytest_collection_modifyitems(config, items):
-    """Runs tests/test_backends.py last, and starts its long runs (other backends, each in
-    its own interpreter) now, so that they use the CPU the other tests leave idle."""
+    """Runs tests/test_backends.py last: its long runs (other backends, each in its own
+    interpreter) then overlap the other tests, using the CPU that they leave idle."""
     backends = [item for item in items if item.path.name == "test_backends.py"]
-    if not backends:
-        return
     items[:] = [item for item in items if item.path.name != "test_backends.py"] + backends
-    backends[0].module.start_in_background([item.name for item in backends])
+
+
+def pytest_collection_finish(session):
+    """Starts the long runs that the selected tests wait for, once `-k`, `-m` and the
+    rest have deselected what they deselect; none for `--collect-only`."""
+    if session.config.option.collectonly:
+        return
+    backends = [item for item in session.items if item.path.name == "test_backends.py"]
+    if backends:
+        backends[0].module.start_in_background([item.name for item in backends])
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # However the session ends (`-x`, Ctrl-C, an error): no run outlives it.
+    from background import RUNS
+
+    RUNS.stop_all()
 
 
 @pytest.fixture(autouse=True)

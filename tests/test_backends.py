@@ -6,23 +6,23 @@ import importlib.util
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
-from typing import Any
 
 import pytest
+from background import RUNS
+from components import require
 
 ROOT = Path(__file__).resolve().parent.parent
 _PACKAGES = {"jax": "jax", "torch": "torch"}
 
 
 def _needs(backend: str) -> None:
-    if importlib.util.find_spec(_PACKAGES[backend]) is None:
-        pytest.skip(
-            f"the {backend} backend is not installed; "
-            f"install it with pip install 'gradwatch[{backend}]'"
-        )
+    require(
+        importlib.util.find_spec(_PACKAGES[backend]) is not None,
+        f"the {backend} backend is not installed; "
+        f"install it with pip install 'gradwatch[{backend}]'",
+    )
 
 
 def _run(backend: str, code: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -62,30 +62,14 @@ def _background_commands() -> dict[str, tuple[str, list[str]]]:
     }
 
 
-_started: dict[str, tuple[subprocess.Popen, Any, Any]] = {}
-
-
 def _spawn(key: str) -> None:
-    if key in _started:
-        return
     backend, args = _background_commands()[key]
     if importlib.util.find_spec(_PACKAGES[backend]) is None:
-        return
+        return  # the test that waits for it skips (or fails in CI)
     env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=str(ROOT))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     env.update(OMP_NUM_THREADS="1", XLA_FLAGS="--xla_cpu_multi_thread_eigen=false")
-    # Open until the test that waits for the run reads them.
-    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # noqa: SIM115
-    process = subprocess.Popen(
-        [sys.executable, *args],
-        env=env,
-        stdout=out,
-        stderr=err,
-        text=True,
-        cwd=ROOT,
-        preexec_fn=(lambda: os.nice(10)) if hasattr(os, "nice") else None,
-    )
-    _started[key] = (process, out, err)
+    RUNS.start(key, [sys.executable, *args], env, cwd=str(ROOT))
 
 
 def start_in_background(test_names: list[str]) -> None:
@@ -98,20 +82,8 @@ def start_in_background(test_names: list[str]) -> None:
 
 
 def _wait(key: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    _spawn(key)  # not started yet when the test runs alone
-    process, out, err = _started[key]
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    texts = []
-    for f in (out, err):
-        f.seek(0)
-        texts.append(f.read())
-        f.close()
-    del _started[key]
-    return subprocess.CompletedProcess(process.args, process.returncode, *texts)
+    _spawn(key)  # a no-op when it was started at collection
+    return RUNS.wait(key, timeout)
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])

@@ -8,6 +8,7 @@ import tempfile
 
 import numpy as np
 import pytest
+from components import require
 from PIL import Image
 
 from gradwatch.log import GradientLog
@@ -93,12 +94,12 @@ def test_report_without_histograms_or_alerts(fitted):
 
 
 def test_report_renders_its_charts_in_headless_chromium(outlier, tmp_path):
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip(
-            "Chromium and chromedriver are not installed, so the report is not rendered in a "
-            "browser; install the Debian packages chromium and chromium-driver (.ci/run does)."
-        )
-    webdriver = pytest.importorskip("selenium.webdriver")
+    require(
+        bool(CHROMIUM and CHROMEDRIVER),
+        "Chromium and chromedriver are not installed, so the report is not rendered in a "
+        "browser; install the Debian packages chromium and chromium-driver (.ci/run does).",
+    )
+    from selenium import webdriver  # a test extra: pip install '.[test]'
     from selenium.webdriver.chrome.service import Service
 
     path = write_report(outlier.log, tmp_path / "report.html")

@@ -42,6 +42,17 @@ def test_stats_nonfinite_elements_are_excluded_from_moments():
     assert got["zero_frac"] == 0.0
 
 
+def test_stats_zero_frac_counts_all_elements_when_some_are_nonfinite():
+    # 2 exact zeros among 5 elements, 2 of them non-finite: zero_frac = 2/5, not 2/3
+    # (the zeros over the finite elements only). Also one row of a stacked group.
+    g = np.array([0.0, np.nan, 0.0, np.inf, 2.0], "float32")
+    others = [np.array([1.0, 0.0, -1.0, 3.0, 4.0], "float32"), np.array([0.0, 0.0], "float32")]
+    out = np.asarray(S.compute_stats([g, *others], ["zero_frac", "nonfinite", "mean"]))
+    assert out[0].tolist() == pytest.approx([0.4, 2.0, 2.0 / 3.0])
+    assert out[1].tolist() == pytest.approx([0.2, 0.0, 7.0 / 5.0])
+    assert out[2].tolist() == pytest.approx([1.0, 0.0, 0.0])
+
+
 def test_stats_all_nan_and_empty_tensors():
     out = np.asarray(
         S.compute_stats([np.full(3, np.nan), np.zeros((0, 4))], list(S.GRADIENT_STATS))
@@ -129,7 +140,9 @@ def _random_tensors(rng, case):
             t = t + rng.normal() * 10.0 ** rng.integers(0, 4) * np.abs(t).max(initial=1.0)
         t = t.astype(np.float32)
         if case == "nonfinite" and t.size > 2:
-            t.reshape(-1)[rng.integers(0, t.size)] = rng.choice([np.nan, np.inf, -np.inf])
+            # A zero too: zero_frac must count over all elements, non-finite included.
+            at = rng.choice(t.size, size=2, replace=False)
+            t.reshape(-1)[at] = [rng.choice([np.nan, np.inf, -np.inf]), 0.0]
         tensors.append(t)
     return tensors
 

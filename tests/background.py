@@ -1,0 +1,106 @@
+"""Long test runs in child processes: started only for the tests that are selected, and
+ended with the pytest session, however it ends (a failure under `-x`, Ctrl-C, an error,
+even a killed pytest)."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import IO
+
+# Tests of this module set it to a file that gets one line per started process
+# ("key pid"), so that they can check from outside that the process is gone.
+LOG_ENV = "GRADWATCH_TEST_BACKGROUND_LOG"
+_PR_SET_PDEATHSIG = 1
+
+try:  # loaded before any fork: the child only calls into it
+    _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+except OSError:  # pragma: no cover - no C library to load
+    _libc = None
+
+
+def _in_child() -> None:
+    # Runs in the child before exec. Lower priority, so that the tests that measure or
+    # wait stay responsive; killed by the kernel if pytest dies without cleaning up.
+    os.nice(10)
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class Runs:
+    """Child processes by key, with their output in temporary files."""
+
+    def __init__(self) -> None:
+        self._running: dict[str, tuple[subprocess.Popen, IO[str], IO[str]]] = {}
+        atexit.register(self.stop_all)
+
+    def start(self, key: str, argv: Sequence[str], env: Mapping[str, str], cwd: str) -> None:
+        """Starts `argv` under `key`, unless a run of that key is going already."""
+        if key in self._running:
+            return
+        # Read by `wait`; closed there or by `stop_all`.
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # noqa: SIM115
+        process = subprocess.Popen(
+            list(argv),
+            env=dict(env),
+            stdout=out,
+            stderr=err,
+            text=True,
+            cwd=cwd,
+            # Its own process group, so that `stop_all` also ends what it started
+            # (torch.compile's worker processes, say).
+            start_new_session=True,
+            preexec_fn=_in_child,
+        )
+        self._running[key] = (process, out, err)
+        if os.environ.get(LOG_ENV):
+            with open(os.environ[LOG_ENV], "a") as f:
+                f.write(f"{key} {process.pid}\n")
+
+    def wait(self, key: str, timeout: float) -> subprocess.CompletedProcess:
+        """Waits for the run of `key` (killed after `timeout` seconds) and returns it."""
+        process, out, err = self._running[key]
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(process)
+        texts = []
+        for f in (out, err):
+            f.seek(0)
+            texts.append(f.read())
+            f.close()
+        del self._running[key]
+        return subprocess.CompletedProcess(process.args, process.returncode, *texts)
+
+    def stop_all(self) -> None:
+        """Ends every run still going, with the processes it started."""
+        while self._running:
+            _, (process, out, err) = self._running.popitem()
+            _kill_group(process)
+            out.close()
+            err.close()
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        except ProcessLookupError:
+            process.wait()
+    # What the run started may outlive it in the group; end that too.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+RUNS = Runs()

@@ -1,0 +1,23 @@
+"""Components the tests declare (Chromium, the JAX and PyTorch backends): a missing one
+is a skip with its reason on a developer's machine, and a failure in CI (`CI=true`),
+where `.ci/run` installs them all, so that a green CI never stands for a skipped part."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def in_ci() -> bool:
+    """Whether the tests run in CI: the `CI` variable that CI services set, e.g. `CI=true`."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require(installed: bool, reason: str) -> None:
+    """Skips the calling test for `reason` unless `installed`; fails it instead in CI."""
+    if installed:
+        return
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: every declared component must be installed)")
+    pytest.skip(reason)
