@@ -1,0 +1,196 @@
+"""A mutation check: plausible bugs, put into a copy of gradwatch one at a time, each of
+which the tests named beside it must catch.
+
+    python tests/mutations.py            # every mutation; exits 1 if one survives
+    python tests/mutations.py --list     # the mutations and their tests
+    python tests/mutations.py zero-frac-over-finite global-clipnorm-over-all-optimizers
+
+Each mutation is a replacement of a text that occurs exactly once in its file. When a
+refactor moves the code, the script says which text it no longer finds: point the
+mutation at the code's new home, keep the bug the same, and run it again. Run it with
+the environment the tests use (`.venv/bin/python tests/mutations.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    bug: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTATIONS = (
+    Mutation(
+        "zero-frac-over-finite",
+        "`zero_frac` divides by the finite elements instead of all elements",
+        "gradwatch/stats.py",
+        '"zero_frac": ops.sum(ops.cast(ops.equal(x, 0.0), "float32"), axis=1) / n,',
+        '"zero_frac": ops.sum(ops.cast(ops.equal(x, 0.0), "float32"), axis=1) / safe_n,',
+        ("tests/test_stats.py",),
+    ),
+    Mutation(
+        "loss-scale-not-divided",
+        "gradients of a loss-scale optimizer are recorded scaled",
+        "gradwatch/sparse.py",
+        "x = tf.cast(x, tf.float32)\n            return x if scale is None else x / scale",
+        "x = tf.cast(x, tf.float32)\n            return x",
+        ("tests/test_mixin.py::test_mixed_precision_records_unscaled_gradients",),
+    ),
+    Mutation(
+        "duplicate-keys-numbered-from-one",
+        "the second variable of a path is keyed `#2` instead of `#1`",
+        "gradwatch/keys.py",
+        'keys.append(path if n == 0 else f"{path}#{n}")',
+        'keys.append(path if n == 0 else f"{path}#{n + 1}")',
+        ("tests/test_keys.py",),
+    ),
+    Mutation(
+        "one-pass-guard-too-loose",
+        "the one-pass variance stands where the mean dominates the spread",
+        "gradwatch/stats.py",
+        'ops.all(ops.square(cols["mean"]) <= 16.0 * var)',
+        'ops.all(ops.square(cols["mean"]) <= 1e12 * var)',
+        ("tests/test_stats.py",),
+    ),
+    Mutation(
+        "std-with-bessel-correction",
+        "`std` divides by n - 1 instead of n on the exact path",
+        "gradwatch/stats.py",
+        "ops.sqrt(ops.sum(ops.square(centred), axis=1) / safe_n)",
+        "ops.sqrt(ops.sum(ops.square(centred), axis=1) / ops.maximum(safe_n - 1.0, 1.0))",
+        ("tests/test_stats.py",),
+    ),
+    Mutation(
+        "min-ignores-minus-inf",
+        "`min` leaves out -Inf instead of only NaN",
+        "gradwatch/stats.py",
+        '"min": ops.where(none_left, nan, ops.min(ops.where(notnan, x, math.inf), axis=1)),',
+        '"min": ops.where(none_left, nan, ops.min(ops.where(finite, x, math.inf), axis=1)),',
+        ("tests/test_stats.py",),
+    ),
+    Mutation(
+        "histogram-edge-to-lower-bin",
+        "a magnitude exactly on a bin edge falls in the bin below (`lo < |g| <= hi`)",
+        "gradwatch/stats.py",
+        'j = g - 1 + ops.cast(safe >= ops.take(edges, g), "int32")',
+        'j = g - 1 + ops.cast(safe > ops.take(edges, g), "int32")',
+        ("tests/test_callback.py::test_histogram_bins_edges_zeros_nonfinite_and_extremes_exactly",),
+    ),
+    Mutation(
+        "every-off-by-one",
+        "with `every=N` the steps N*k + 1 are recorded instead of N*k",
+        "gradwatch/callback.py",
+        "            branch(step % self.every == 0, record, lambda: tf.constant(False))",
+        "            branch(step % self.every == 1, record, lambda: tf.constant(False))",
+        ("tests/test_callback.py::test_every_records_only_multiples_and_matches_reference",),
+    ),
+    Mutation(
+        "skipped-steps-not-saved",
+        "the steps a loss-scale optimizer skipped are lost in CSV and Parquet files",
+        "gradwatch/io.py",
+        '"skipped": sorted(log._skipped),',
+        '"skipped": [],',
+        ("tests/test_alarms.py::test_skipped_steps_round_trip_through_files",),
+    ),
+)
+
+
+def _copy_of_the_project(into: Path) -> None:
+    for name in ("gradwatch", "tests"):
+        shutil.copytree(
+            ROOT / name, into / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
+    shutil.copy(ROOT / "pyproject.toml", into / "pyproject.toml")
+
+
+def _pytest(where: Path, tests: tuple[str, ...]) -> subprocess.CompletedProcess:
+    # The copy first on the path, ahead of an installed (or editable) gradwatch.
+    env = dict(os.environ, PYTHONPATH=str(where))
+    env.pop("CI", None)  # a missing optional backend is a skip here, not the bug caught
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    return subprocess.run(command, cwd=where, env=env, capture_output=True, text=True)
+
+
+def apply(mutation: Mutation, where: Path) -> None:
+    """Puts `mutation` into the copy at `where`; a ValueError if its text is not found once."""
+    path = where / mutation.file
+    text = path.read_text()
+    if text.count(mutation.old) != 1:
+        raise ValueError(
+            f"mutation {mutation.name!r}: the text to replace occurs "
+            f"{text.count(mutation.old)} times in {mutation.file}, not once; point the "
+            f"mutation at the code's new home. Text: {mutation.old!r}"
+        )
+    path.write_text(text.replace(mutation.old, mutation.new))
+
+
+def run(mutations: list[Mutation]) -> int:
+    all_tests = tuple(dict.fromkeys(t for m in mutations for t in m.tests))
+    with tempfile.TemporaryDirectory() as tmp:
+        clean = Path(tmp) / "clean"
+        _copy_of_the_project(clean)
+        for m in mutations:  # every text must be found before anything is run
+            apply(m, Path(shutil.copytree(clean, Path(tmp) / "check" / m.name)))
+        print(f"baseline: {len(all_tests)} test selections without any mutation ...", flush=True)
+        base = _pytest(clean, all_tests)
+        if base.returncode != 0:
+            print(base.stdout[-4000:], base.stderr[-2000:])
+            print("The tests fail without a mutation: fix that first.")
+            return 2
+        survived = []
+        print("| mutation | caught | seconds | tests |\n|---|---|---|---|", flush=True)
+        for m in mutations:
+            where = Path(tmp) / "check" / m.name
+            start = time.monotonic()
+            result = _pytest(where, m.tests)
+            caught = result.returncode == 1  # tests failed; other codes are pytest errors
+            if result.returncode not in (0, 1):
+                print(result.stdout[-3000:], result.stderr[-2000:])
+            if not caught:
+                survived.append(m.name)
+            seconds = time.monotonic() - start
+            verdict = "yes" if caught else f"**NO** (pytest exit {result.returncode})"
+            print(f"| {m.name} | {verdict} | {seconds:.0f} | {' '.join(m.tests)} |", flush=True)
+    if survived:
+        print(f"Survived: {', '.join(survived)}")
+        return 1
+    print(f"All {len(mutations)} mutations caught.")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="mutations to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    args = parser.parse_args(argv)
+    by_name = {m.name: m for m in MUTATIONS}
+    unknown = [n for n in args.names if n not in by_name]
+    if unknown:
+        parser.error(f"unknown mutation(s) {unknown}; known: {sorted(by_name)}")
+    chosen = [by_name[n] for n in args.names] or list(MUTATIONS)
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}: {m.bug}\n    {m.file}; caught by {' '.join(m.tests)}")
+        return 0
+    return run(chosen)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
