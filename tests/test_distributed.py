@@ -182,6 +182,25 @@ def test_mirrored_per_replica_rows_hold_each_replicas_local_gradient(mirrored):
     assert not np.allclose(log.stat("norm", replica=0), log.stat("norm", replica=1))
 
 
+def test_mirrored_per_replica_stats_under_a_loss_scale_are_of_the_unscaled_gradient(mirrored):
+    out, _ = mirrored
+    log = gradwatch.read_log(out / "scaled.parquet")
+    # The gradients stay finite, so the scale stays 2**10 and the update is the unscaled
+    # gradient's (a power of two scales and unscales exactly): the unscaled reference
+    # loop trains along the same weights.
+    steps = _reference(_weights(out / "scaled_start.npz"))
+    np.testing.assert_array_equal(log.steps, np.arange(len(steps)))
+    assert log.replicas == [0, 1]
+    for step, (grads, local) in enumerate(steps):
+        want = [np_stats(g)["norm"] for g in grads]
+        np.testing.assert_allclose(log.stat("norm").loc[step, KEYS], want, rtol=1e-4)
+        for r in range(REPLICAS):
+            for stat in ("norm", "mean", "std", "min", "max"):
+                want = [np_stats(g)[stat] for g in local[r]]
+                got = log.stat(stat, replica=r).loc[step, KEYS]
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=ATOL, err_msg=stat)
+
+
 def test_mirrored_clipped_norm_is_of_the_sum_of_the_clipped_local_gradients(mirrored):
     out, _ = mirrored
     log = gradwatch.read_log(out / "clipped.parquet")
@@ -228,7 +247,7 @@ def test_mirrored_sparse_gradient_stats_equal_the_dense_global_gradient(mirrored
         w.assign_sub(0.1 * dense)
 
 
-@pytest.mark.parametrize("run", ["plain", "clipped"])
+@pytest.mark.parametrize("run", ["plain", "clipped", "scaled"])
 def test_mirrored_training_is_bitwise_the_same_with_and_without_a_watch(mirrored, run):
     out, _ = mirrored
     watched, plain = _weights(out / f"{run}_watched.npz"), _weights(out / f"{run}_plain.npz")
