@@ -81,8 +81,10 @@ def _error(fn) -> str:
     return ""
 
 
-def _fit_pair(strategy, out: Path, name: str, watch, **opt) -> None:
-    """Trains a watched and a plain model from the same weights; saves both weights."""
+def _fit_pair(strategy, out: Path, name: str, watch, loss_scale=None, **opt) -> None:
+    """Trains a watched and a plain model from the same weights; saves both weights.
+    With `loss_scale`, both optimizers are wrapped in a LossScaleOptimizer of that
+    initial scale."""
     import keras
     import numpy as np
     from models import data, layers
@@ -96,7 +98,10 @@ def _fit_pair(strategy, out: Path, name: str, watch, **opt) -> None:
         plain = keras.Sequential(layers(regularize=True), name="net")
         plain.set_weights(watched.get_weights())
         for model in (watched, plain):
-            model.compile(keras.optimizers.SGD(0.1, momentum=0.9, **opt), "mse")
+            optimizer = keras.optimizers.SGD(0.1, momentum=0.9, **opt)
+            if loss_scale is not None:
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=loss_scale)
+            model.compile(optimizer, "mse")
     np.savez(out / f"{name}_start.npz", *watched.get_weights())
     for model, callbacks in ((watched, [watch]), (plain, [])):
         model.fit(
@@ -176,6 +181,15 @@ def mirrored(out: Path) -> None:
         "clipped",
         gradwatch.GradWatch(stats=("norm", "clipped_norm"), per_replica=True),
         clipnorm=0.05,
+    )
+    # Each replica's tape gradient is 2**10 times its local gradient here: the per-replica
+    # stats, like the global ones, must be of the gradient divided by the loss scale.
+    _fit_pair(
+        strategy,
+        out,
+        "scaled",
+        gradwatch.GradWatch(stats=("norm", "mean", "std", "min", "max"), per_replica=True),
+        loss_scale=2.0**10,
     )
     _sparse(strategy, out)
     (out / "mirrored.json").write_text(json.dumps(results))

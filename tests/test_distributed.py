@@ -8,6 +8,7 @@ from a plain tf.GradientTape loop on one device over the same global batches
 from the same starting weights.
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -72,26 +73,45 @@ def mirrored(tmp_path_factory):
     return out, json.loads((out / "mirrored.json").read_text())
 
 
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+@contextlib.contextmanager
+def _reserved_ports(n):
+    """`n` ports for the workers' servers, kept from other processes until the run ends.
+
+    Picking a free port and closing it before the workers bind it is a race: another
+    process may take the port in between. Here each port stays bound by a socket that
+    sets SO_REUSEADDR and never listens, for the whole run. Linux then lets another
+    SO_REUSEADDR socket bind the port and listen, which TensorFlow's gRPC server does
+    (it sets SO_REUSEADDR and turns SO_REUSEPORT off, so a SO_REUSEPORT hold would
+    block it: measured). Everyone else is kept out: `bind(port 0)` and outgoing
+    connections skip a bound port, and a bind without SO_REUSEADDR fails. Only a
+    process that binds this very port with SO_REUSEADDR could still get in first.
+    Bound on all addresses, as the server binds; a socket that does not listen gets
+    no connections.
+    """
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("", 0))
+        yield [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @pytest.fixture(scope="module")
 def multi_worker(tmp_path_factory):
     out = tmp_path_factory.mktemp("multi_worker")
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
-    envs = [
-        _env(TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}))
-        for i in range(2)
-    ]
     commands = [[sys.executable, str(SCRIPT), "worker", str(i), str(out)] for i in range(2)]
-    _run_all(commands, envs, out)
+    with _reserved_ports(2) as ports:
+        cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+        envs = [
+            _env(TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}))
+            for i in range(2)
+        ]
+        _run_all(commands, envs, out)
     return out, [json.loads((out / f"worker_{i}.json").read_text()) for i in range(2)]
 
 
@@ -182,6 +202,25 @@ def test_mirrored_per_replica_rows_hold_each_replicas_local_gradient(mirrored):
     assert not np.allclose(log.stat("norm", replica=0), log.stat("norm", replica=1))
 
 
+def test_mirrored_per_replica_stats_under_a_loss_scale_are_of_the_unscaled_gradient(mirrored):
+    out, _ = mirrored
+    log = gradwatch.read_log(out / "scaled.parquet")
+    # The gradients stay finite, so the scale stays 2**10 and the update is the unscaled
+    # gradient's (a power of two scales and unscales exactly): the unscaled reference
+    # loop trains along the same weights.
+    steps = _reference(_weights(out / "scaled_start.npz"))
+    np.testing.assert_array_equal(log.steps, np.arange(len(steps)))
+    assert log.replicas == [0, 1]
+    for step, (grads, local) in enumerate(steps):
+        want = [np_stats(g)["norm"] for g in grads]
+        np.testing.assert_allclose(log.stat("norm").loc[step, KEYS], want, rtol=1e-4)
+        for r in range(REPLICAS):
+            for stat in ("norm", "mean", "std", "min", "max"):
+                want = [np_stats(g)[stat] for g in local[r]]
+                got = log.stat(stat, replica=r).loc[step, KEYS]
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=ATOL, err_msg=stat)
+
+
 def test_mirrored_clipped_norm_is_of_the_sum_of_the_clipped_local_gradients(mirrored):
     out, _ = mirrored
     log = gradwatch.read_log(out / "clipped.parquet")
@@ -228,7 +267,7 @@ def test_mirrored_sparse_gradient_stats_equal_the_dense_global_gradient(mirrored
         w.assign_sub(0.1 * dense)
 
 
-@pytest.mark.parametrize("run", ["plain", "clipped"])
+@pytest.mark.parametrize("run", ["plain", "clipped", "scaled"])
 def test_mirrored_training_is_bitwise_the_same_with_and_without_a_watch(mirrored, run):
     out, _ = mirrored
     watched, plain = _weights(out / f"{run}_watched.npz"), _weights(out / f"{run}_plain.npz")
@@ -293,6 +332,22 @@ def test_multi_worker_only_the_chief_writes_unless_all_workers(multi_worker):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=ATOL)
     with pytest.raises(ValueError, match=r"no log of worker 2\. Received: worker=2"):
         gradwatch.read_log(out / "all_workers", worker=2)
+
+
+def test_reserved_ports_keep_other_binds_out_and_let_a_reuseaddr_server_listen():
+    with _reserved_ports(2) as ports:
+        assert len(set(ports)) == 2
+        for port in ports:
+            other = socket.socket()
+            with other, pytest.raises(OSError):  # EADDRINUSE: no one else gets it
+                other.bind(("127.0.0.1", port))
+            # A server like gRPC's (SO_REUSEADDR, no SO_REUSEPORT) binds it and listens.
+            server = socket.socket()
+            with server:
+                server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                server.bind(("", port))
+                server.listen(1)
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 
 def test_multi_worker_keras_limits_are_clear_errors_on_every_worker(multi_worker):

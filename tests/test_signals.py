@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from models import data, pair
+from models import data, layers, pair
 from reference import batches_of, clipped_by_hand, mse, reference_bins, tape_gradients
 
 import gradwatch
@@ -291,3 +291,80 @@ def test_clipped_norm_under_a_loss_scale_is_clipped_after_unscaling():
     grads = tape_gradients(plain, keras.optimizers.SGD(0.1, clipnorm=0.3), batches_of(x, y, 8), mse)
     expected = np.array([clipped_by_hand(g, clipnorm=0.3) for g in grads])
     np.testing.assert_allclose(watch.log.stat("clipped_norm")[KEYS].to_numpy(), expected, rtol=1e-4)
+
+
+class TwoClippedGroups(gradwatch.Sequential):
+    """A custom step that applies one optimizer to the hidden layer and another to the
+    output layer, and records each group with the optimizer that applies it."""
+
+    def compile(self, opt_hidden, opt_out):
+        super().compile(loss="mse")
+        self.opt_hidden, self.opt_out = opt_hidden, opt_out
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = mse(y, self(x, training=True))
+        weights = self.trainable_weights
+        grads = tape.gradient(loss, weights)
+        for opt, group in ((self.opt_hidden, slice(0, 2)), (self.opt_out, slice(2, 4))):
+            self.record_gradients(grads[group], weights[group], optimizer=opt)
+            opt.apply_gradients(zip(grads[group], weights[group], strict=True))
+        return {"loss": loss}
+
+
+def test_clipped_norm_with_two_optimizers_clips_each_group_by_its_own_global_norm():
+    # global_clipnorm scales by the norm over the gradients of that optimizer alone. The
+    # bounds are set so that each group is clipped on some steps, and so that a norm
+    # taken over both groups (or the other optimizer's bound) gives other numbers.
+    bounds = {"hidden": 0.6, "out": 1.0}
+    x, y = data()
+    model = TwoClippedGroups(layers(regularize=False), name="net")
+    plain = keras.Sequential(layers(regularize=False), name="net")
+    plain.set_weights(model.get_weights())
+    model.compile(*(keras.optimizers.SGD(0.1, global_clipnorm=c) for c in bounds.values()))
+    watch = gradwatch.GradWatch(stats=["norm", "clipped_norm"])
+    model.fit(x, y, batch_size=8, shuffle=False, callbacks=[watch], verbose=0)
+
+    # The same two optimizers in a plain tape loop.
+    opt_hidden, opt_out = (keras.optimizers.SGD(0.1, global_clipnorm=c) for c in bounds.values())
+    grads = []
+    for xb, yb, _ in batches_of(x, y, 8):
+        with tf.GradientTape() as tape:
+            loss = mse(yb, plain(xb, training=True))
+        g = tape.gradient(loss, plain.trainable_weights)
+        grads.append([t.numpy() for t in g])
+        opt_hidden.apply_gradients(zip(g[:2], plain.trainable_weights[:2], strict=True))
+        opt_out.apply_gradients(zip(g[2:], plain.trainable_weights[2:], strict=True))
+
+    log = watch.log
+    np.testing.assert_array_equal(log.steps, np.arange(len(grads)))
+    norm = log.stat("norm")[KEYS].to_numpy()
+    np.testing.assert_allclose(norm, [[np.linalg.norm(t) for t in g] for g in grads], rtol=1e-5)
+    expected = np.array(
+        [
+            np.concatenate(
+                [
+                    clipped_by_hand(g[:2], global_clipnorm=bounds["hidden"]),
+                    clipped_by_hand(g[2:], global_clipnorm=bounds["out"]),
+                ]
+            )
+            for g in grads
+        ]
+    )
+    clipped = log.stat("clipped_norm")[KEYS].to_numpy()
+    np.testing.assert_allclose(clipped, expected, rtol=1e-5)
+    smaller = expected < norm * (1 - 1e-6)
+    assert smaller[:, :2].any() and smaller[:, 2:].any() and not smaller.all()
+    over_both = np.array(
+        [
+            np.concatenate(
+                [
+                    clipped_by_hand(g, global_clipnorm=bounds["hidden"])[:2],
+                    clipped_by_hand(g, global_clipnorm=bounds["out"])[2:],
+                ]
+            )
+            for g in grads
+        ]
+    )
+    assert not np.allclose(over_both, expected, rtol=1e-2)
