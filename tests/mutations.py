@@ -46,6 +46,58 @@ MUTATIONS = (
         ("tests/test_stats.py",),
     ),
     Mutation(
+        "per-replica-not-unscaled",
+        "`per_replica` stats are not divided by the loss scale",
+        "gradwatch/callback.py",
+        "grads.append(unscaled_float32(entry[1], entry[2]))",
+        "grads.append(unscaled_float32(entry[1]))",
+        (
+            "tests/test_distributed.py::"
+            "test_mirrored_per_replica_stats_under_a_loss_scale_are_of_the_unscaled_gradient",
+        ),
+    ),
+    Mutation(
+        "global-clipnorm-over-all-optimizers",
+        "`global_clipnorm` of one optimizer is taken over the gradients of all optimizers",
+        "gradwatch/callback.py",
+        "gn = xp.sqrt(total[id(opt)])",
+        "gn = xp.sqrt(sum(sq.values()))",
+        (
+            "tests/test_signals.py::"
+            "test_clipped_norm_with_two_optimizers_clips_each_group_by_its_own_global_norm",
+        ),
+    ),
+    Mutation(
+        "one-optimizers-clipping-for-all",
+        "the first optimizer's clipping is used for every variable",
+        "gradwatch/callback.py",
+        "        opt = optimizers[key]\n",
+        "        opt = next(iter(optimizers.values()))\n",
+        (
+            "tests/test_signals.py::"
+            "test_clipped_norm_with_two_optimizers_clips_each_group_by_its_own_global_norm",
+        ),
+    ),
+    Mutation(
+        "loss-scale-inner-clipping-ignored",
+        "the clipping of a LossScaleOptimizer's inner optimizer is ignored",
+        "gradwatch/callback.py",
+        'optimizers[id(var)] = getattr(optimizer, "inner_optimizer", optimizer)',
+        "optimizers[id(var)] = optimizer",
+        ("tests/test_signals.py::test_clipped_norm_under_a_loss_scale_is_clipped_after_unscaling",),
+    ),
+    Mutation(
+        "replicas-averaged-not-summed",
+        "the global gradient under a strategy is the mean of the local ones, not their sum",
+        "gradwatch/mixin.py",
+        "context.all_reduce(tf.distribute.ReduceOp.SUM, [dense(records[k][1]) for k in keys])",
+        "context.all_reduce(tf.distribute.ReduceOp.MEAN, [dense(records[k][1]) for k in keys])",
+        (
+            "tests/test_distributed.py::"
+            "test_mirrored_records_the_global_gradient_of_a_single_device_run",
+        ),
+    ),
+    Mutation(
         "loss-scale-not-divided",
         "gradients of a loss-scale optimizer are recorded scaled",
         "gradwatch/sparse.py",
