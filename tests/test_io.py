@@ -96,6 +96,11 @@ def test_written_files_hold_the_fitted_runs_values_for_plain_readers(fitted, tmp
     assert len(ours) == 6 * 4 * 13  # steps x variables x stats
     for c in cols:
         np.testing.assert_array_equal(ours[c].to_numpy(), theirs[c].to_numpy(), err_msg=c)
+    # Every row, kept elements and histogram bins too, carries its step's epoch and batch
+    # (steps 0-2 are epoch 0, batches 0-2; steps 3-5 epoch 1).
+    np.testing.assert_array_equal(table["epoch"], table["step"] // 3)
+    np.testing.assert_array_equal(table["batch"], table["step"] % 3)
+    assert set(table["step"]) == set(range(6))
     # Kept gradient elements: the log's tensors, flat in C order.
     grads = table[table["stat"] == "grad"]
     assert sorted(set(grads["variable"].astype(str))) == ["net/out/bias", "net/out/kernel"]
