@@ -357,6 +357,10 @@ class GradWatch(keras.callbacks.Callback):
             _step_counter(model)
             if self._checks and self._alarm is None:
                 self._alarm = _MetricAlarm(len(plan.stat_index))
+        elif keras.backend.backend() == "torch" and not unsupported:
+            # A PyTorch step runs eagerly and applies the update before it records: match
+            # the patterns now, so that one matching nothing fails before any step.
+            self._plan_for(model)
         if unsupported:
             raise NotImplementedError(
                 f"GradWatch does not yet record {'; '.join(unsupported)} on the "

@@ -860,8 +860,10 @@ def _step_mask(step: np.ndarray, steps: Any) -> np.ndarray:
         return mask
     if isinstance(steps, (int, np.integer)) and not isinstance(steps, bool):
         return step == steps
-    if isinstance(steps, Sequence) and all(
-        isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in steps
+    if (
+        isinstance(steps, Sequence)
+        and not isinstance(steps, (str, bytes))
+        and all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in steps)
     ):
         return np.isin(step, np.asarray(list(steps), dtype=np.int64))
     raise TypeError(

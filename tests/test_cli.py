@@ -197,3 +197,35 @@ def test_cli_is_a_console_script_and_runs_as_a_subprocess(logfile):
     )
     assert bad.returncode == 2
     assert bad.stderr.strip().endswith("Received: out.txt")
+
+
+def test_installed_console_script_summarises_a_saved_log(outlier, logfile):
+    # The `gradwatch` command that `pip install` puts beside the interpreter (the entry
+    # point in pyproject.toml), run for real on a saved log.
+    script = Path(sys.executable).parent / ("gradwatch.exe" if os.name == "nt" else "gradwatch")
+    if not script.exists():
+        pytest.skip(f"no `gradwatch` console script beside {sys.executable}: pip install -e .")
+    env = {  # this checkout's gradwatch, also where the install points elsewhere
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    run = subprocess.run(
+        [str(script), "summary", str(logfile), "--csv"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    table = pd.read_csv(io.StringIO(run.stdout), index_col="variable")
+    log = outlier.log
+    norm = log.stat("norm").to_numpy(np.float64)
+    bad = log.stat("nonfinite").to_numpy(np.float64)
+    assert list(table.index) == log.variables
+    np.testing.assert_allclose(table["first_norm"], norm[0], rtol=1e-6)
+    np.testing.assert_allclose(table["last_norm"], norm[-1], rtol=1e-6)
+    np.testing.assert_allclose(table["max_norm"], norm.max(axis=0), rtol=1e-6)
+    np.testing.assert_array_equal(table["nonfinite"], bad.sum(axis=0))
+    # Steps 3 and 9 are the outlier batch (see the fixture): 2 steps x the elements.
+    assert table["nonfinite"].tolist() == [2 * 20, 2 * 4, 2 * 8, 2 * 2]
+    assert table["first_nonfinite_step"].tolist() == [3, 3, 3, 3]

@@ -2,9 +2,11 @@ import json
 import os
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from reference import np_stats, reference_bins
 
 import gradwatch
 from gradwatch.log import GradientLog
@@ -54,6 +56,73 @@ def test_round_trip_keeps_nan_inf_and_layouts(tmp_path, suffix):
     assert back.shapes == {"m/a": (2,), "m/b": (1, 3), "m/c": ()}
     np.testing.assert_array_equal(back.gradient("m/b", 0), [[2.0, 3.0, -np.inf]])
     assert back.gradient("m/c", 5).shape == ()
+
+
+def _read_plainly(path, suffix):
+    """The written table, read without gradwatch: pandas for CSV, skipping the metadata
+    line the README's "Files" section documents (not `comment="#"`: keys may hold `#1`),
+    and pyarrow for Parquet."""
+    if suffix == "csv":
+        with open(path, encoding="utf-8") as f:
+            first = f.readline()
+        assert first.startswith("# gradwatch-log {")
+        table = pd.read_csv(path, skiprows=1, dtype={"variable": str, "stat": str})
+        return json.loads(first[len("# gradwatch-log ") :]), table
+    table = pq.read_table(path)
+    return json.loads(table.schema.metadata[b"gradwatch"]), table.to_pandas()
+
+
+def _rows(frame, columns):
+    frame = frame[columns].astype({"variable": str, "stat": str})
+    return frame.sort_values(columns[:-1], kind="stable").reset_index(drop=True)
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "csv"])
+def test_written_files_hold_the_fitted_runs_values_for_plain_readers(fitted, tmp_path, suffix):
+    log = fitted[0].log
+    path = tmp_path / f"grads.{suffix}"
+    getattr(log, f"to_{suffix}")(path)
+    meta, table = _read_plainly(path, suffix)
+    assert list(table.columns) == ["step", "epoch", "batch", "variable", "stat", "index", "value"]
+    assert meta["variables"] == log.variables
+    assert meta["stats"] == list(log.stat_names)
+    table["stat"] = table["stat"].astype(str)
+    # Stat rows (empty index): exactly the log's frame, float32 values bit for bit
+    # (NaN cos_prev at step 0, +inf update_ratio of the zero biases included).
+    stat_rows = table[~table["stat"].isin(["grad", "hist"])]
+    assert stat_rows["index"].isna().all()
+    cols = ["step", "epoch", "batch", "variable", "stat", "value"]
+    ours, theirs = _rows(stat_rows.astype({"value": np.float32}), cols), _rows(log.frame, cols)
+    assert len(ours) == 6 * 4 * 13  # steps x variables x stats
+    for c in cols:
+        np.testing.assert_array_equal(ours[c].to_numpy(), theirs[c].to_numpy(), err_msg=c)
+    # Every row, kept elements and histogram bins too, carries its step's epoch and batch
+    # (steps 0-2 are epoch 0, batches 0-2; steps 3-5 epoch 1).
+    np.testing.assert_array_equal(table["epoch"], table["step"] // 3)
+    np.testing.assert_array_equal(table["batch"], table["step"] % 3)
+    assert set(table["step"]) == set(range(6))
+    # Kept gradient elements: the log's tensors, flat in C order.
+    grads = table[table["stat"] == "grad"]
+    assert sorted(set(grads["variable"].astype(str))) == ["net/out/bias", "net/out/kernel"]
+    hists = table[table["stat"] == "hist"]
+    for step in range(6):
+        for key in ("net/out/kernel", "net/out/bias"):
+            rows = grads[(grads["step"] == step) & (grads["variable"] == key)]
+            rows = rows.sort_values("index")
+            shape = tuple(meta["shapes"][key])
+            np.testing.assert_array_equal(rows["index"].to_numpy(), np.arange(np.prod(shape)))
+            g = rows["value"].to_numpy(np.float32).reshape(shape)
+            np.testing.assert_array_equal(g, log.gradient(key, step))
+            # The file's own stat rows are the NumPy stats of its own gradient rows.
+            here = stat_rows[(stat_rows["step"] == step) & (stat_rows["variable"] == key)]
+            got = dict(zip(here["stat"], here["value"].astype(np.float64), strict=True))
+            for name, value in np_stats(g).items():
+                assert got[name] == pytest.approx(value, rel=1e-5, abs=1e-7), (step, key, name)
+            # And its histogram rows (bin number, count) are the reference binning of them.
+            h = hists[(hists["step"] == step) & (hists["variable"] == key)]
+            counts = np.zeros(2 * 16 * meta["bins_per_decade"] + 2)
+            counts[h["index"].to_numpy(np.int64)] = h["value"].to_numpy()
+            np.testing.assert_array_equal(counts, reference_bins(g, meta["bins_per_decade"]))
 
 
 def test_parquet_is_readable_by_pyarrow_with_dictionary_columns(fitted, tmp_path):

@@ -1,7 +1,15 @@
+import inspect
+import re
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
+
+import keras
 
 import gradwatch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_public_api_is_pinned():
@@ -19,15 +27,149 @@ def test_public_api_is_pinned():
         ]
     )
     for name in gradwatch.__all__:
-        assert getattr(gradwatch, name) is not None
         obj = getattr(gradwatch, name)
         if callable(obj):
             assert obj.__doc__ and "Example" in obj.__doc__, name
 
 
-def test_default_stats_are_the_documented_set():
-    assert gradwatch.DEFAULT_STATS == ("norm", "mean", "std", "min", "max", "nonfinite")
-    assert set(gradwatch.STATS) >= {"abs_max", "zero_frac", *gradwatch.DEFAULT_STATS}
+def _parameters(fn):
+    """`{name: default}` of a signature, `inspect.Parameter.empty` for required ones."""
+    return {p.name: p.default for p in inspect.signature(fn).parameters.values()}
+
+
+def test_gradwatch_is_a_keras_callback_with_the_documented_arguments():
+    assert inspect.isclass(gradwatch.GradWatch)
+    assert issubclass(gradwatch.GradWatch, keras.callbacks.Callback)
+    # The README's API tour, in its order, with `max_value_elements` from the docstring.
+    assert _parameters(gradwatch.GradWatch) == {
+        "variables": "*",
+        "stats": ("norm", "mean", "std", "min", "max", "nonfinite"),
+        "values": None,
+        "every": 1,
+        "histogram": False,
+        "path": None,
+        "flush_every": 1000,
+        "max_value_elements": 1_000_000,
+        "on_nonfinite": "warn",
+        "max_norm": None,
+        "min_norm": None,
+        "on_threshold": "warn",
+        "tensorboard_dir": None,
+        "per_replica": False,
+        "all_workers": False,
+    }
+    assert isinstance(inspect.getattr_static(gradwatch.GradWatch, "log"), property)
+    assert isinstance(gradwatch.GradWatch().log, gradwatch.GradientLog)
+
+
+def test_models_are_the_mixin_first_then_keras_and_registered_serializables():
+    mixin = gradwatch.GradWatchMixin
+    assert inspect.isclass(mixin) and not issubclass(mixin, keras.Model)
+    assert _parameters(mixin.record_gradients) == {
+        "self": inspect.Parameter.empty,
+        "grads": inspect.Parameter.empty,
+        "variables": inspect.Parameter.empty,
+        "optimizer": None,
+    }
+    for cls, base in ((gradwatch.Sequential, keras.Sequential), (gradwatch.Model, keras.Model)):
+        assert cls.__bases__ == (mixin, base), cls
+        mro = cls.__mro__
+        assert mro.index(mixin) < mro.index(keras.Model)  # "mixin first"
+        # README "Saving": registered Keras serializables, so load_model finds them.
+        name = keras.saving.get_registered_name(cls)
+        assert name == f"gradwatch>{cls.__name__}"
+        assert keras.saving.get_registered_object(name) is cls
+
+
+# The README's API tour and "Also:" line: what a GradientLog offers, by kind.
+LOG_PROPERTIES = [
+    "frame",
+    "values_frame",
+    "variables",
+    "steps",
+    "histograms",
+    "alerts",
+    "disconnected",
+    "skipped_steps",
+    "replicas",
+    "stat_names",
+    "shapes",
+    "value_variables",
+]
+LOG_METHODS = {
+    "gradient": ["variable", "step"],
+    "stat": ["name", "replica"],
+    "select": ["variables", "stats", "steps"],
+    "histogram": ["variable", "step"],
+    "global_norm": [],
+    "by_layer": ["stat"],
+    "summary": [],
+    "first_nonfinite": [],
+    "to_csv": ["path"],
+    "to_parquet": ["path"],
+    "key": ["name"],
+}
+
+
+def test_gradient_log_has_the_documented_properties_and_methods():
+    cls = gradwatch.GradientLog
+    assert inspect.isclass(cls)
+    for name in LOG_PROPERTIES:
+        assert isinstance(inspect.getattr_static(cls, name), property), name
+    for name, params in LOG_METHODS.items():
+        method = inspect.getattr_static(cls, name)
+        assert inspect.isfunction(method), name
+        assert list(_parameters(method)) == ["self", *params], name
+    assert _parameters(cls.select) == {
+        "self": inspect.Parameter.empty,
+        "variables": None,
+        "stats": None,
+        "steps": None,
+    }
+    assert _parameters(cls.stat)["replica"] is None
+    # `len(log)` and `log == other`; a log is mutable, so it has no hash.
+    empty = cls()
+    assert len(empty) == 0 and empty == cls() and cls.__hash__ is None
+
+
+def test_read_log_is_a_function_of_a_path_and_an_optional_worker():
+    assert inspect.isfunction(gradwatch.read_log)
+    assert _parameters(gradwatch.read_log) == {"path": inspect.Parameter.empty, "worker": None}
+
+
+def test_stats_are_the_documented_catalogue():
+    # The README's "Stats" table, in its order, each with a one-line definition.
+    assert isinstance(gradwatch.STATS, dict)
+    assert list(gradwatch.STATS) == [
+        "norm",
+        "mean",
+        "std",
+        "min",
+        "max",
+        "abs_max",
+        "nonfinite",
+        "zero_frac",
+        "weight_norm",
+        "update_norm",
+        "update_ratio",
+        "cos_prev",
+        "clipped_norm",
+    ]
+    for name, definition in gradwatch.STATS.items():
+        assert isinstance(definition, str) and definition.strip(), name
+        assert "\n" not in definition, name
+
+
+def test_version_is_the_one_pyproject_reads():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" in pyproject["project"]["dynamic"]
+    source = ROOT / pyproject["tool"]["hatch"]["version"]["path"]
+    found = re.findall(r'^__version__ = "([^"]+)"$', source.read_text(), flags=re.M)
+    assert found == [gradwatch.__version__]
+    # A release version as PEP 440 writes it (N.N.N, optionally a pre/post/dev part).
+    assert re.fullmatch(
+        r"\d+\.\d+\.\d+((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?", gradwatch.__version__
+    )
 
 
 _BLOCKED_EXTRAS = r"""

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 from keras import ops
-from reference import BACKEND, np_stats, tf_only
+from reference import BACKEND, np_stats, reference_bins, tf_only
 
 from gradwatch import stats as S
 
@@ -102,8 +102,25 @@ def _assert_match_numpy(out, tensors):
 
 
 def test_stats_half_precision_inputs_are_computed_in_float32():
-    g = np.array([1.0, 2.0, 2.0], dtype=np.float16)
-    assert S.norm(g) == pytest.approx(3.0)
+    # Every element is exact in float16 (spacing 32 above 32768), but float16 arithmetic
+    # would overflow (max 65504): sum 120000, sum of squares 4.928e9 -> inf.
+    big = np.array([32000.0, 40000.0, 48000.0], dtype=np.float16)
+    # float16(1e-4) = 1.0001659393310547e-4 exactly; its square (1.0003e-8) is below
+    # float16's smallest subnormal (5.96e-8), so float16 would give norm 0.
+    small = np.full(16, 1e-4, dtype=np.float16)
+    out = np.asarray(S.compute_stats([big, small], ["norm", "mean", "std"]), np.float64)
+    # By hand: norm = sqrt(1.024e9 + 1.6e9 + 2.304e9) = sqrt(4.928e9); mean = 120000 / 3;
+    # std = sqrt((8000**2 + 0 + 8000**2) / 3) = 8000 * sqrt(2 / 3).
+    assert out[0, 0] == pytest.approx(math.sqrt(4.928e9), rel=1e-6)
+    assert out[0, 1] == pytest.approx(40000.0, rel=1e-6)
+    assert out[0, 2] == pytest.approx(8000.0 * math.sqrt(2 / 3), rel=1e-4)
+    # norm = sqrt(16 * v**2) = 4 * v; std 0 (all equal).
+    v = 1.0001659393310547e-4
+    assert float(small[0]) == v
+    assert out[1, 0] == pytest.approx(4 * v, rel=1e-6)
+    assert out[1, 1] == pytest.approx(v, rel=1e-6)
+    assert out[1, 2] == pytest.approx(0.0, abs=1e-9)
+    assert S.norm(big) == pytest.approx(math.sqrt(4.928e9), rel=1e-6)
 
 
 def test_check_stats_unknown_name_is_keras_style_error():
@@ -218,5 +235,7 @@ def test_sparse_gradient_stats_equal_those_of_the_dense_gradient(case, mode):
         assert table[0, j] == pytest.approx(expected[name], rel=1e-5, abs=1e-7, nan_ok=True), name
     np.testing.assert_array_equal(table[0], table[2])
     assert np.isnan(table[1]).all()
-    np.testing.assert_array_equal(hist[0], np.asarray(S.compute_histograms([dense], 2))[0])
+    # The histogram of the dense gradient, binned one element at a time (untouched rows
+    # are zeros, in the "0" bin).
+    np.testing.assert_array_equal(hist[0], reference_bins(dense, 2))
     np.testing.assert_allclose(back, dense, rtol=1e-6)

@@ -99,12 +99,16 @@ def test_gradwatch_tensorboard_dir_writes_blocks_at_the_logs_steps(tmp_path, mon
             np.testing.assert_array_equal(exported[tag][step], live[tag][step])
 
 
-def test_gradwatch_tensorboard_dir_is_checked_in_init():
+def test_gradwatch_tensorboard_dir_is_checked_in_init(tmp_path):
     with pytest.raises(TypeError, match=r"`tensorboard_dir` must be a directory path.*=3"):
         gradwatch.GradWatch(tensorboard_dir=3)
     with pytest.raises(ValueError, match=r"records neither.*tensorboard_dir='tb'"):
         gradwatch.GradWatch(stats=("mean",), tensorboard_dir="tb")
-    assert gradwatch.GradWatch(stats=("mean",), histogram=True, tensorboard_dir="tb")
+    # Histograms alone are something to write: accepted, the directory kept as a Path
+    # (nothing is written before training).
+    watch = gradwatch.GradWatch(stats=("mean",), histogram=True, tensorboard_dir=str(tmp_path))
+    assert watch.tensorboard_dir == tmp_path and list(tmp_path.iterdir()) == []
+    assert watch.stats == ("mean",) and watch.histogram == 4
 
 
 def test_gradwatch_tensorboard_write_failure_warns_and_training_goes_on(tmp_path):
