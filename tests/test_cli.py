@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from components import require
 from PIL import Image
 
 import gradwatch
@@ -203,8 +204,10 @@ def test_installed_console_script_summarises_a_saved_log(outlier, logfile):
     # The `gradwatch` command that `pip install` puts beside the interpreter (the entry
     # point in pyproject.toml), run for real on a saved log.
     script = Path(sys.executable).parent / ("gradwatch.exe" if os.name == "nt" else "gradwatch")
-    if not script.exists():
-        pytest.skip(f"no `gradwatch` console script beside {sys.executable}: pip install -e .")
+    require(
+        script.exists(),
+        f"no `gradwatch` console script beside {sys.executable}: pip install -e .",
+    )
     env = {  # this checkout's gradwatch, also where the install points elsewhere
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
