@@ -72,7 +72,10 @@ def test_models_are_the_mixin_first_then_keras_and_registered_serializables():
         "optimizer": None,
     }
     for cls, base in ((gradwatch.Sequential, keras.Sequential), (gradwatch.Model, keras.Model)):
-        assert cls.__bases__ == (mixin, base), cls
+        # (Keras swaps a `keras.Model` subclass's base for its Functional subclass once
+        # the class is built from inputs and outputs: a subclass of `base` it stays.)
+        assert cls.__bases__[0] is mixin and len(cls.__bases__) == 2, cls.__bases__
+        assert issubclass(cls.__bases__[1], base), cls.__bases__
         mro = cls.__mro__
         assert mro.index(mixin) < mro.index(keras.Model)  # "mixin first"
         # README "Saving": registered Keras serializables, so load_model finds them.
