@@ -19,6 +19,7 @@ from keras import ops
 
 from gradwatch import io
 from gradwatch._lazy import tf
+from gradwatch._step import Records
 from gradwatch.buffer import GradientBuffer, StateMetric, host_copy
 from gradwatch.keys import check_patterns, match_patterns, variable_keys
 from gradwatch.log import GradientLog
@@ -595,9 +596,9 @@ class GradWatch(keras.callbacks.Callback):
         self,
         model: Any,
         step: Any,
-        records: dict[int, tuple],
+        records: Records,
         skipped: Any,
-        local: dict[int, tuple] | None = None,
+        local: Records | None = None,
     ) -> None:
         """Adds this watch's capture to the step being traced.
 
@@ -613,7 +614,8 @@ class GradWatch(keras.callbacks.Callback):
         plan = self._plan_for(model)
         buffer = self._buffer_for(model, plan)
         known = set(plan.signature)
-        for var, *_ in records.values():
+        for record in records.values():
+            var = record.variable
             if id(var) not in known:
                 raise ValueError(
                     f"`record_gradients` got the variable {var.path!r}, which is not among "
@@ -627,7 +629,7 @@ class GradWatch(keras.callbacks.Callback):
         disconnected = [
             plan.keys[i]
             for i in dict.fromkeys(plan.stat_index + plan.value_index)
-            if records and (entries[i] is None or entries[i][1] is None)
+            if records and (entries[i] is None or entries[i].grad is None)
         ]
         new = [k for k in disconnected if k not in self._log._disconnected]
         if new:
@@ -640,9 +642,9 @@ class GradWatch(keras.callbacks.Callback):
 
         def gradient(i):
             entry = entries[i]
-            if entry is None or entry[1] is None:
+            if entry is None or entry.grad is None:
                 return None
-            return unscaled_float32(entry[1], entry[2])
+            return unscaled_float32(entry.grad, entry.scale)
 
         flat_cache: list[Any] = []
 
@@ -742,17 +744,17 @@ class GradWatch(keras.callbacks.Callback):
             else:
                 branch((step + 1) % self.every == 0, keep_previous, lambda: tf.constant(False))
 
-    def _replica_stats(self, plan: _Plan, local: dict[int, tuple]) -> Any:
+    def _replica_stats(self, plan: _Plan, local: Records) -> Any:
         """The stats of each replica's local gradient, gathered from all replicas:
         `(n_replicas, n_variables, n_stats)` in replica order, NaN for the stats that
         are not functions of the gradient alone. Every replica gets the same tensor."""
         grads = []
         for i in plan.stat_index:
             entry = local.get(id(plan.variables[i]))
-            if entry is None or entry[1] is None:
+            if entry is None or entry.grad is None:
                 grads.append(None)
                 continue
-            grads.append(unscaled_float32(entry[1], entry[2]))
+            grads.append(unscaled_float32(entry.grad, entry.scale))
         names = [s for s in self.stats if s in GRADIENT_STATS]
         n = len(plan.stat_index)
         table = compute_stats(grads, names) if names and n else tf.zeros((n, 0), tf.float32)
@@ -776,7 +778,7 @@ class GradWatch(keras.callbacks.Callback):
             table = compute_stats(stat_grads, grad_stats)
             cols.update({name: table[:, j] for j, name in enumerate(grad_stats)})
         if self._needs_weights:
-            before = [None if entries[i] is None else entries[i][3] for i in plan.stat_index]
+            before = [None if entries[i] is None else entries[i].before for i in plan.stat_index]
             # Read after `apply_gradients`: this runs after the stock step returns.
             read = (
                 tf.convert_to_tensor
@@ -896,7 +898,7 @@ class GradWatch(keras.callbacks.Callback):
             self._flush()
             raise error
 
-    def _check(self, model: Any, step: Any, records: dict[int, tuple], skipped: Any) -> None:
+    def _check(self, model: Any, step: Any, records: Records, skipped: Any) -> None:
         """Adds the every-step checks (non-finite, thresholds) to the step being traced.
 
         Non-finite gradients that a loss-scale optimizer skipped (`skipped`) never
@@ -1100,7 +1102,7 @@ class GradWatch(keras.callbacks.Callback):
         return self._buffer
 
 
-def _clipping(records: dict[int, tuple], view: Any) -> tuple[dict, dict, Any]:
+def _clipping(records: Records, view: Any) -> tuple[dict, dict, Any]:
     """Keras' clipping, written out over gradwatch's own reductions rather than by
     calling the optimizer's: sharing its ops lets grappler rewrite the training
     computation, and training must stay bitwise the same.
@@ -1110,13 +1112,14 @@ def _clipping(records: dict[int, tuple], view: Any) -> tuple[dict, dict, Any]:
     `factor * g` or `clip(g, -clipvalue, clipvalue)` (both None: not clipped).
     """
     grads, sq, optimizers = {}, {}, {}
-    for var, grad, scale, _, optimizer in records.values():
-        if grad is None:
+    for record in records.values():
+        if record.grad is None:
             continue
-        grads[id(var)] = view(unscaled_float32(grad, scale))
-        sq[id(var)] = sum_of_squares(grads[id(var)])
+        key, optimizer = id(record.variable), record.optimizer
+        grads[key] = view(unscaled_float32(record.grad, record.scale))
+        sq[key] = sum_of_squares(grads[key])
         # A LossScaleOptimizer unscales, then its inner optimizer clips.
-        optimizers[id(var)] = getattr(optimizer, "inner_optimizer", optimizer)
+        optimizers[key] = getattr(optimizer, "inner_optimizer", optimizer)
     # Each optimizer's global norm, over every gradient it applies.
     total: dict[int, Any] = {}
     for key, opt in optimizers.items():
@@ -1142,7 +1145,7 @@ def _clipping(records: dict[int, tuple], view: Any) -> tuple[dict, dict, Any]:
     return grads, sq, rule
 
 
-def _clipped_norms(plan: _Plan, records: dict[int, tuple]) -> Any:
+def _clipped_norms(plan: _Plan, records: Records) -> Any:
     """The norms of the selected gradients after the clipping of the optimizer applying them."""
     grads, sq, rule = _clipping(records, elements)
     graph = keras.backend.backend() == "tensorflow"
@@ -1165,7 +1168,7 @@ def _clipped_norms(plan: _Plan, records: dict[int, tuple]) -> Any:
     return tf.stack(out) if graph else ops.stack(out)
 
 
-def _clipped_norms_distributed(plan: _Plan, local: dict[int, tuple]) -> Any:
+def _clipped_norms_distributed(plan: _Plan, local: Records) -> Any:
     """`_clipped_norms` under tf.distribute, where each replica's optimizer clips its
     local gradient and then sums the clipped gradients over the replicas.
 
@@ -1192,15 +1195,15 @@ def _clipped_norms_distributed(plan: _Plan, local: dict[int, tuple]) -> Any:
     return tf.stack([norms.get(id(plan.variables[i]), nan) for i in plan.stat_index])
 
 
-def _checked_gradients(plan: _Plan, records: dict[int, tuple]) -> tuple[list[int], list[Any]]:
+def _checked_gradients(plan: _Plan, records: Records) -> tuple[list[int], list[Any]]:
     """The every-step checks' inputs: the rows (among the selected variables) that have a
     gradient this step, and those gradients' elements, unscaled, in float32."""
     rows, grads = [], []
     for j, i in enumerate(plan.stat_index):
         entry = records.get(id(plan.variables[i]))
-        if entry is not None and entry[1] is not None:
+        if entry is not None and entry.grad is not None:
             rows.append(j)
-            grads.append(elements(unscaled_float32(entry[1], entry[2])))
+            grads.append(elements(unscaled_float32(entry.grad, entry.scale)))
     return rows, grads
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from keras import ops
 
 from gradwatch._lazy import tf
+from gradwatch._step import Record, Records
 from gradwatch.buffer import StateMetric, host_copy
 from gradwatch.sparse import SparseGradient, dense
 
@@ -68,9 +69,7 @@ class _StepScope:
     """What one trace of one train step recorded: gradients by variable id."""
 
     def __init__(self) -> None:
-        # id(variable) -> (variable, grad, loss scale or None, weights before the update or
-        # None, the optimizer that applies it or None)
-        self.grads: dict[int, tuple[Any, Any, Any, Any, Any]] = {}
+        self.grads: Records = {}
         # id(optimizer) -> (loss-scale optimizer, its `iterations` before the update)
         self.loss_scaled: dict[int, tuple[Any, Any]] = {}
         # PyTorch `jit_compile=True`: whether the stock step ran (its `.grad`s are read).
@@ -256,7 +255,7 @@ def _commit(model: Any, scope: _StepScope) -> None:
     counter.assign_add(1)
 
 
-def global_records(records: dict[int, tuple]) -> dict[int, tuple]:
+def global_records(records: Records) -> Records:
     """The records with each replica's local gradient replaced by the global one.
 
     Under `tf.distribute` the step runs once per replica, and each replica hands
@@ -271,16 +270,15 @@ def global_records(records: dict[int, tuple]) -> dict[int, tuple]:
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
         return records
-    keys = [k for k, entry in records.items() if entry[1] is not None]
+    keys = [k for k, record in records.items() if record.grad is not None]
     if not keys:
         return records
     # One batched all-reduce, as the optimizer does its own.
     # (A sparse gradient is made dense here: replicas touch different rows.)
-    summed = context.all_reduce(tf.distribute.ReduceOp.SUM, [dense(records[k][1]) for k in keys])
+    summed = context.all_reduce(tf.distribute.ReduceOp.SUM, [dense(records[k].grad) for k in keys])
     out = dict(records)
     for k, grad in zip(keys, summed, strict=True):
-        var, _, scale, before, optimizer = records[k]
-        out[k] = (var, grad, scale, before, optimizer)
+        out[k] = records[k].with_grad(grad)
     return out
 
 
@@ -581,7 +579,7 @@ def _add_records(
             # Kept as the touched rows (repeats summed, as the dense gradient has
             # them): a large table is not densified at every step.
             grad = SparseGradient.from_indexed_slices(grad, tuple(var.shape))
-        scope.grads[id(var)] = (var, grad, scale, before, optimizer)
+        scope.grads[id(var)] = Record(var, grad, scale, before, optimizer)
 
 
 def _outside_compile(fn: Callable) -> Callable:
