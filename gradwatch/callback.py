@@ -25,11 +25,11 @@ from gradwatch.keys import check_patterns, match_patterns, variable_keys
 from gradwatch.log import GradientLog
 from gradwatch.mixin import (
     GradWatchMixin,
-    _step_counter,
     gate_next_step,
     model_state,
     setup_gate,
     stateless_cond,
+    step_counter,
 )
 from gradwatch.sparse import dense, elements, unscaled_float32
 from gradwatch.stats import (
@@ -299,7 +299,7 @@ class GradWatch(keras.callbacks.Callback):
         # check that runs in every step.
         self._nonfinite_from_stats = self.every == 1 and "nonfinite" in self.stats
         self._threshold_from_stats = self.every == 1 and "norm" in self.stats
-        self._checks = (
+        self.checks_every_step = (
             self.on_nonfinite in ("stop", "raise")
             or (self.on_nonfinite == "warn" and not self._nonfinite_from_stats)
             or (
@@ -320,7 +320,7 @@ class GradWatch(keras.callbacks.Callback):
         self._run: str | None = None  # the run id of this watch's parts under `path`
         self._write_failed = False
         self._read_cache: tuple[int, GradientLog] | None = None
-        self._needs_weights = any(s in UPDATE_STATS for s in self.stats)
+        self.needs_weights = any(s in UPDATE_STATS for s in self.stats)
         self._model_ref: weakref.ref | None = None
         self.tensorboard_dir = _check_tensorboard_dir(tensorboard_dir, self.stats, self.histogram)
         self._tensorboard: Any = None  # a gradwatch.tensorboard.TensorBoardWriter once used
@@ -355,8 +355,8 @@ class GradWatch(keras.callbacks.Callback):
             # step's state: they must exist before Keras gathers it.
             plan = self._plan_for(model)
             self._buffer_for(model, plan)
-            _step_counter(model)
-            if self._checks and self._alarm is None:
+            step_counter(model)
+            if self.checks_every_step and self._alarm is None:
                 self._alarm = _MetricAlarm(len(plan.stat_index))
         if unsupported:
             raise NotImplementedError(
@@ -405,7 +405,7 @@ class GradWatch(keras.callbacks.Callback):
         if model_state(self.model).watches[0] is self:
             gate_next_step(self.model)
 
-    def _wants(self, step: int) -> bool:
+    def wants_step(self, step: int) -> bool:
         """Whether the step needs capture: recorded, or kept for the next `cos_prev`."""
         if step % self.every == 0:
             return True
@@ -420,10 +420,14 @@ class GradWatch(keras.callbacks.Callback):
     def on_train_end(self, logs: dict | None = None) -> None:
         self._poll_alarm()
         self._handle_alarms()
-        self._release(self.model)
+        self.release(self.model)
         self._raise_if_alarmed()
 
-    def _release(self, model: Any) -> None:
+    def state_metrics(self) -> list[Any]:
+        """The metrics carrying this watch's device state (ring buffer, JAX alarm)."""
+        return [m for m in (self._buffer, self._alarm) if isinstance(m, keras.Metric)]
+
+    def release(self, model: Any) -> None:
         """Drains what is left and detaches from the model; safe to call twice."""
         state = model_state(model)
         try:
@@ -592,7 +596,7 @@ class GradWatch(keras.callbacks.Callback):
         self._pending = 0
 
     # ----------------------------------------------------- inside the step
-    def _capture(
+    def capture_step(
         self,
         model: Any,
         step: Any,
@@ -777,7 +781,7 @@ class GradWatch(keras.callbacks.Callback):
         if grad_stats:
             table = compute_stats(stat_grads, grad_stats)
             cols.update({name: table[:, j] for j, name in enumerate(grad_stats)})
-        if self._needs_weights:
+        if self.needs_weights:
             before = [None if entries[i] is None else entries[i].before for i in plan.stat_index]
             # Read after `apply_gradients`: this runs after the stock step returns.
             read = (
@@ -898,7 +902,7 @@ class GradWatch(keras.callbacks.Callback):
             self._flush()
             raise error
 
-    def _check(self, model: Any, step: Any, records: Records, skipped: Any) -> None:
+    def check_step(self, model: Any, step: Any, records: Records, skipped: Any) -> None:
         """Adds the every-step checks (non-finite, thresholds) to the step being traced.
 
         Non-finite gradients that a loss-scale optimizer skipped (`skipped`) never
@@ -908,7 +912,7 @@ class GradWatch(keras.callbacks.Callback):
             self._check_traced(model, step, records, skipped)
 
     def _check_traced(self, model, step, records, skipped) -> None:
-        if not self._checks:
+        if not self.checks_every_step:
             return
         if keras.backend.backend() == "jax":
             self._check_stateless(model, step, records, skipped)

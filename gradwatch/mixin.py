@@ -13,7 +13,7 @@ import numpy as np
 from keras import ops
 
 from gradwatch._lazy import tf
-from gradwatch._step import Record, Records
+from gradwatch._step import Record, Records, Watcher
 from gradwatch.buffer import StateMetric, host_copy
 from gradwatch.sparse import SparseGradient, dense
 
@@ -53,7 +53,7 @@ class _ModelState:
     @property
     def listening(self) -> list[Any]:
         """The watches that see the step's gradients: recording ones, and alarms on every step."""
-        return [w for w in self.watches if self.capturing or w._checks]
+        return [w for w in self.watches if self.capturing or w.checks_every_step]
 
 
 def model_state(model: Any) -> _ModelState:
@@ -197,7 +197,7 @@ class _VariableCounter:
         return np.int64(host_copy(self.metric.step.value))
 
 
-def _step_counter(model: Any) -> Any:
+def step_counter(model: Any) -> Any:
     state = model_state(model)
     if state.counter is None and keras.backend.backend() == "jax":
         # Created at the start of training, outside the traced step.
@@ -219,7 +219,7 @@ def _own_metrics(model: Any) -> list[Any]:
     state = model_state(model)
     own = [state.counter.metric] if isinstance(state.counter, _VariableCounter) else []
     for watch in state.watches:
-        own += [m for m in (watch._buffer, watch._alarm) if isinstance(m, keras.Metric)]
+        own += watch.state_metrics()
     return own
 
 
@@ -228,12 +228,12 @@ def _ensure_jax_counter(model: Any) -> None:
     steps run without a `GradWatch` are counted too (a train function made before
     it existed is made anew)."""
     if keras.backend.backend() == "jax" and model_state(model).counter is None:
-        _step_counter(model)
+        step_counter(model)
         model.train_function = None
 
 
 def _commit(model: Any, scope: _StepScope) -> None:
-    counter = _step_counter(model)
+    counter = step_counter(model)
     step = counter.read_value()
     state = model_state(model)
     watches = state.active
@@ -249,9 +249,9 @@ def _commit(model: Any, scope: _StepScope) -> None:
     local = scope.grads
     records = global_records(local) if listening and local else local
     for watch in listening:
-        watch._check(model, step, records, skipped)
+        watch.check_step(model, step, records, skipped)
     for watch in watches:
-        watch._capture(model, step, records, skipped, local=local)
+        watch.capture_step(model, step, records, skipped, local)
     counter.assign_add(1)
 
 
@@ -434,7 +434,7 @@ class GradWatchMixin:
             # on_train_end is skipped when fit raises (KeyboardInterrupt too):
             # copy out what the device recorded, and detach.
             for watch in list(model_state(self).watches):
-                watch._release(self)
+                watch.release(self)
 
     def make_train_function(self, force: bool = False) -> Any:
         """Keras' train function; on PyTorch with `jit_compile=True`, gradwatch records
@@ -557,7 +557,7 @@ def _before_update(
             before = int(host_copy(optimizer.iterations.value))
         scope.loss_scaled.setdefault(id(optimizer), (optimizer, before))
     befores: list[Any] = [None] * len(variables)
-    if any(w._needs_weights for w in watches):
+    if any(w.needs_weights for w in watches):
         # Eager backends update the weights in place: keep a copy.
         befores = [tf.convert_to_tensor(v) if graph else ops.copy(v.value) for v in variables]
     return scale, befores, optimizer
@@ -847,7 +847,7 @@ def _bound_callbacks(args: tuple, kwargs: dict) -> Any:
 def _watches_in(callbacks: Any) -> tuple[Any, ...]:
     """The GradWatch callbacks in a list or CallbackList, in order, without repeats."""
     items = getattr(callbacks, "callbacks", callbacks) or []
-    return tuple(dict.fromkeys(c for c in items if hasattr(c, "_capture")))
+    return tuple(dict.fromkeys(c for c in items if isinstance(c, Watcher)))
 
 
 def _with_capture(state: _ModelState, fn: Any, capturing: bool) -> Any:
@@ -902,5 +902,5 @@ def gate_next_step(model: Any) -> None:
         return
     step = state.next_step
     state.next_step += 1
-    wanted = any(w._wants(step) for w in state.watches)
+    wanted = any(w.wants_step(step) for w in state.watches)
     model.train_function = state.gate[0] if wanted else state.gate[1]
