@@ -1,0 +1,37 @@
+"""The interface each backend module implements (`gradwatch/_backend/<name>.py`).
+
+A backend module is a plain module with these names; this Protocol documents them and
+lets a type checker hold each module to them.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class Backend(Protocol):
+    """What shared code asks of the backend."""
+
+    INDEX_DTYPE: str  # dtype of step numbers and counters on the device
+
+    def host_copy(self, x: Any) -> np.ndarray:
+        """A NumPy copy of a tensor (the device copy may be written again in place)."""
+
+    def read_rows(self, variable: Any, idx: np.ndarray) -> np.ndarray:
+        """Rows `idx` of a buffer variable, copied to the host."""
+
+    def lift(self) -> AbstractContextManager:
+        """Where device state made while a step is traced is created (out of the graph)."""
+
+    def slot_of(self, count: Any, capacity: int) -> Any:
+        """The ring-buffer slot that the `count`-th write goes to, as the device holds it."""
+
+    def write_slot(self, variable: Any, slot: Any, value: Any) -> None:
+        """Writes `value` into row `slot` of `variable`, cast to its dtype and reshaped
+        to a row's shape (a kept gradient is written flat)."""
+
+    def advance(self, count: Any) -> None:
+        """Adds one to the ring buffer's write counter."""
