@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import keras
 import numpy as np
 
 from gradwatch._backend import current as _backend
+from gradwatch._state import StateMetric
 
 
 @dataclass
@@ -23,21 +23,6 @@ class Drained:
     replica_stats: np.ndarray | None  # float32, (k, n_replicas, n_variables, n_stats)
     skipped: np.ndarray  # bool, (k,): a loss-scale optimizer skipped the update
     lost: int  # slots overwritten before they were drained
-
-
-class StateMetric(keras.metrics.Metric):
-    """A metric that only carries gradwatch's device state: the train step writes its
-    variables directly, it reports nothing, and Keras' per-epoch reset leaves it as it is
-    (so it travels in JAX's stateless state and survives `reset_metrics`)."""
-
-    def update_state(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError(f"{type(self).__name__} is written by the train step.")
-
-    def result(self) -> dict:
-        return {}
-
-    def reset_state(self) -> None:
-        pass
 
 
 class GradientBuffer(StateMetric):

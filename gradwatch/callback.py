@@ -19,8 +19,9 @@ from keras import ops
 
 from gradwatch import io
 from gradwatch._lazy import tf
+from gradwatch._state import StateMetric
 from gradwatch._step import Records
-from gradwatch.buffer import GradientBuffer, StateMetric, host_copy
+from gradwatch.buffer import GradientBuffer, host_copy
 from gradwatch.keys import check_patterns, match_patterns, variable_keys
 from gradwatch.log import GradientLog
 from gradwatch.mixin import (

@@ -12,30 +12,23 @@ import keras
 import numpy as np
 from keras import ops
 
-from gradwatch._lazy import tf
+from gradwatch._backend import current as _backend
 from gradwatch._step import Record, Records, Watcher
-from gradwatch.buffer import StateMetric, host_copy
-from gradwatch.sparse import SparseGradient, dense
 
 _local = threading.local()
 _patch_lock = threading.Lock()
 
-if keras.backend.backend() == "torch":
-    import torch
 
-    # True while `torch.compile` traces: gradwatch then stays out of the traced step.
-    _compiling = torch.compiler.is_compiling
-else:
-
-    def _compiling() -> bool:
-        return False
+def _compiling() -> bool:
+    """True while `torch.compile` traces: gradwatch then stays out of the traced step."""
+    return _backend is not None and _backend.compiling()
 
 
 class _ModelState:
     """gradwatch's per-model state, kept out of Keras' and TF's object tracking."""
 
     def __init__(self) -> None:
-        self.counter: tf.Variable | None = None  # steps over the model's life
+        self.counter: Any = None  # steps over the model's life (the backend's counter)
         self.watches: list[Any] = []  # attached GradWatch callbacks
         # The watches that the current train function was (or will be) traced with.
         self.traced_with: tuple[Any, ...] = ()
@@ -86,28 +79,7 @@ class _StepScope:
         """
         if not self.loss_scaled:
             return None
-        if keras.backend.backend() == "jax":  # read in a scope over the step's new state
-            return ops.any(
-                ops.stack(
-                    [
-                        ops.equal(opt.iterations.value, before)
-                        for opt, before in self.loss_scaled.values()
-                    ]
-                )
-            )
-        if keras.backend.backend() != "tensorflow":  # eager: a host bool
-            return any(
-                int(host_copy(opt.iterations.value)) == before
-                for opt, before in self.loss_scaled.values()
-            )
-        return tf.reduce_any(
-            tf.stack(
-                [
-                    tf.equal(tf.convert_to_tensor(opt.iterations), before)
-                    for opt, before in self.loss_scaled.values()
-                ]
-            )
-        )
+        return _backend.skipped_update(self.loss_scaled.values())
 
 
 def _scopes() -> dict[int, _StepScope]:
@@ -127,7 +99,7 @@ def _counted(fn: Callable) -> Callable:
         scopes = _scopes()
         if id(self) in scopes:  # super().train_step() from an overriding train_step
             return fn(self, *args, **kwargs)
-        if keras.backend.backend() not in _CAPTURING_BACKENDS:
+        if _backend is None:  # a backend gradwatch does not record
             return fn(self, *args, **kwargs)
         if keras.backend.backend() == "jax":
             return _jax_counted(fn, self, *args, **kwargs)
@@ -150,74 +122,20 @@ def _counted(fn: Callable) -> Callable:
     return train_step
 
 
-# The backends whose `train_step` gradwatch records.
-_CAPTURING_BACKENDS = ("tensorflow", "torch", "jax")
-
-# The optimizer method that the stock `train_step` of each backend hands the gradients.
-_APPLY_METHOD = {"tensorflow": "apply_gradients", "torch": "apply"}
-
-
-class _HostCounter:
-    """The step counter of an eagerly run backend (PyTorch), kept on the host."""
-
-    def __init__(self) -> None:
-        self.value = 0
-
-    def read_value(self) -> int:
-        return self.value
-
-    def assign_add(self, n: int) -> None:
-        self.value += n
-
-    def numpy(self) -> np.int64:
-        return np.int64(self.value)
-
-
-class _StepMetric(StateMetric):
-    """JAX: the step counter, a metric so that it travels in the stateless step's state."""
-
-    def __init__(self) -> None:
-        super().__init__(name="gradwatch_step")
-        self.step = self.add_variable(shape=(), initializer="zeros", dtype="int32", name="step")
-
-
-class _VariableCounter:
-    """The step counter on JAX: reads and writes go through the current `StatelessScope`."""
-
-    def __init__(self) -> None:
-        self.metric = _StepMetric()
-
-    def read_value(self) -> Any:
-        return self.metric.step.value
-
-    def assign_add(self, n: int) -> None:
-        self.metric.step.assign(self.metric.step.value + n)
-
-    def numpy(self) -> np.int64:
-        return np.int64(host_copy(self.metric.step.value))
-
-
 def step_counter(model: Any) -> Any:
     state = model_state(model)
-    if state.counter is None and keras.backend.backend() == "jax":
-        # Created at the start of training, outside the traced step.
-        state.counter = _VariableCounter()
-    if state.counter is None and keras.backend.backend() != "tensorflow":
-        state.counter = _HostCounter()
     if state.counter is None:
-        # Built lazily inside the first trace; init_scope lifts it out of the graph.
-        with tf.init_scope():
-            state.counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="gradwatch_step")
+        state.counter = _backend.new_counter()
     return state.counter
 
 
 def _own_metrics(model: Any) -> list[Any]:
     """JAX: gradwatch's device state (step counter, ring buffers, alarms), which travels
     in the stateless step's metrics state; none on the other backends."""
-    if keras.backend.backend() != "jax":
+    if _backend is None or not _backend.STATE_IN_STEP:
         return []
     state = model_state(model)
-    own = [state.counter.metric] if isinstance(state.counter, _VariableCounter) else []
+    own = [] if state.counter is None else _backend.counter_metrics(state.counter)
     for watch in state.watches:
         own += watch.state_metrics()
     return own
@@ -247,39 +165,12 @@ def _commit(model: Any, scope: _StepScope) -> None:
     listening = state.listening
     skipped = scope.skipped() if listening and scope.grads else None
     local = scope.grads
-    records = global_records(local) if listening and local else local
+    records = _backend.global_records(local) if listening and local else local
     for watch in listening:
         watch.check_step(model, step, records, skipped)
     for watch in watches:
         watch.capture_step(model, step, records, skipped, local)
     counter.assign_add(1)
-
-
-def global_records(records: Records) -> Records:
-    """The records with each replica's local gradient replaced by the global one.
-
-    Under `tf.distribute` the step runs once per replica, and each replica hands
-    the optimizer its local gradient, already divided by the number of replicas;
-    the optimizer sums them over the replicas. The sum is the gradient of the
-    global batch. This all-reduce is for the stats alone: the optimizer keeps
-    the local gradients, and does its own all-reduce. Without a strategy, or
-    with one replica, the records are returned as they are.
-    """
-    if keras.backend.backend() != "tensorflow":
-        return records
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return records
-    keys = [k for k, record in records.items() if record.grad is not None]
-    if not keys:
-        return records
-    # One batched all-reduce, as the optimizer does its own.
-    # (A sparse gradient is made dense here: replicas touch different rows.)
-    summed = context.all_reduce(tf.distribute.ReduceOp.SUM, [dense(records[k].grad) for k in keys])
-    out = dict(records)
-    for k, grad in zip(keys, summed, strict=True):
-        out[k] = records[k].with_grad(grad)
-    return out
 
 
 def _loss_scale(optimizer: Any) -> Any:
@@ -290,9 +181,7 @@ def _loss_scale(optimizer: Any) -> Any:
         getattr(optimizer, "loss_scale_factor", None) is not None
     ):
         # Read before `apply`, which may change a dynamic scale.
-        if keras.backend.backend() != "tensorflow":
-            return ops.cast(optimizer.scale_loss(1.0), "float32")
-        return tf.cast(optimizer.scale_loss(1.0), tf.float32)
+        return _backend.float32(optimizer.scale_loss(1.0))
     return None
 
 
@@ -306,7 +195,7 @@ class _ApplyInterceptor:
     def __init__(self, optimizer: Any, model: Any):
         self.optimizer = optimizer
         self.model = model
-        self.method = _APPLY_METHOD[keras.backend.backend()]
+        self.method = _backend.APPLY_METHOD
 
     def __enter__(self) -> None:
         with _patch_lock:
@@ -400,7 +289,7 @@ class GradWatchMixin:
             return super().train_step(*args)
         if keras.backend.backend() == "jax" and model_state(self).watches:
             return _jax_train_step(self, *args)
-        if not model_state(self).listening or keras.backend.backend() not in _APPLY_METHOD:
+        if not model_state(self).listening or _backend is None or not _backend.APPLY_METHOD:
             return super().train_step(*args)
         with _ApplyInterceptor(self.optimizer, self):
             return super().train_step(*args)
@@ -545,21 +434,14 @@ def _before_update(
     scale, and the weights (for the update stats). Notes a loss-scale optimizer's
     `iterations` in `scope`. Returns `(scale, weights before or None each, optimizer)`."""
     scale = _loss_scale(optimizer)
-    graph = keras.backend.backend() == "tensorflow"
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and (
         scope.state is None or _in_state(model, optimizer.iterations)
     ):
-        if graph:
-            before = tf.convert_to_tensor(optimizer.iterations)
-        elif scope.state is not None:  # JAX: a traced value from the step's state
-            before = optimizer.iterations.value
-        else:
-            before = int(host_copy(optimizer.iterations.value))
+        before = _backend.iterations_now(optimizer)
         scope.loss_scaled.setdefault(id(optimizer), (optimizer, before))
     befores: list[Any] = [None] * len(variables)
     if any(w.needs_weights for w in watches):
-        # Eager backends update the weights in place: keep a copy.
-        befores = [tf.convert_to_tensor(v) if graph else ops.copy(v.value) for v in variables]
+        befores = [_backend.weights_before(v) for v in variables]
     return scale, befores, optimizer
 
 
@@ -567,7 +449,6 @@ def _add_records(
     scope: _StepScope, grads: list, variables: list, scale: Any, befores: list, optimizer: Any
 ) -> None:
     """Adds one step's gradients to `scope`, with what `_before_update` read."""
-    graph = keras.backend.backend() == "tensorflow"
     for grad, var, before in zip(grads, variables, befores, strict=True):
         if id(var) in scope.grads:
             raise ValueError(
@@ -575,10 +456,7 @@ def _add_records(
                 "Call `record_gradients` once per variable and step, with the "
                 "gradient that is applied."
             )
-        if graph and isinstance(grad, tf.IndexedSlices):
-            # Kept as the touched rows (repeats summed, as the dense gradient has
-            # them): a large table is not densified at every step.
-            grad = SparseGradient.from_indexed_slices(grad, tuple(var.shape))
+        grad = _backend.as_recorded(grad, var)
         scope.grads[id(var)] = Record(var, grad, scale, before, optimizer)
 
 
@@ -647,7 +525,7 @@ def _jax_counted(fn: Callable, model: Any, state: Any, data: Any, **kwargs: Any)
     (metrics) are advanced and written, in a `StatelessScope` over that state.
     """
     counter = model_state(model).counter
-    if not isinstance(counter, _VariableCounter):
+    if counter is None:
         # No counter in the state (the train function was made outside `fit`): run as is.
         return fn(model, state, data, **kwargs)
     scopes = _scopes()

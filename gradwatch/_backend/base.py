@@ -35,3 +35,34 @@ class Backend(Protocol):
 
     def advance(self, count: Any) -> None:
         """Adds one to the ring buffer's write counter."""
+
+    STATE_IN_STEP: bool  # gradwatch's device state travels in the step's state (metrics)
+    APPLY_METHOD: str | None  # the optimizer method the stock step hands the gradients to
+
+    def compiling(self) -> bool:
+        """Whether `torch.compile` is tracing the step (gradwatch records around it)."""
+
+    def new_counter(self) -> Any:
+        """The model's step counter: `read_value()`, `assign_add(n)`, `numpy()`."""
+
+    def counter_metrics(self, counter: Any) -> list[Any]:
+        """The metrics that carry the counter in the step's state (JAX), else none."""
+
+    def skipped_update(self, loss_scaled: Any) -> Any:
+        """Whether a loss-scale optimizer skipped the update: `iterations` unchanged
+        across it, from `(optimizer, iterations before)` pairs."""
+
+    def iterations_now(self, optimizer: Any) -> Any:
+        """The optimizer's `iterations`, read before the update."""
+
+    def weights_before(self, variable: Any) -> Any:
+        """The weights before the update (a copy where the update is in place)."""
+
+    def as_recorded(self, grad: Any, variable: Any) -> Any:
+        """The gradient as gradwatch keeps it (TensorFlow: `IndexedSlices` as rows)."""
+
+    def float32(self, x: Any) -> Any:
+        """`x` cast to float32."""
+
+    def global_records(self, records: Any) -> Any:
+        """The records with each replica's local gradient replaced by the global one."""
