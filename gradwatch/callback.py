@@ -19,16 +19,18 @@ from keras import ops
 
 from gradwatch import io
 from gradwatch._lazy import tf
-from gradwatch.buffer import GradientBuffer, StateMetric, host_copy
+from gradwatch._state import StateMetric
+from gradwatch._step import Records
+from gradwatch.buffer import GradientBuffer, host_copy
 from gradwatch.keys import check_patterns, match_patterns, variable_keys
 from gradwatch.log import GradientLog
 from gradwatch.mixin import (
     GradWatchMixin,
-    _step_counter,
     gate_next_step,
     model_state,
     setup_gate,
     stateless_cond,
+    step_counter,
 )
 from gradwatch.sparse import dense, elements, unscaled_float32
 from gradwatch.stats import (
@@ -298,7 +300,7 @@ class GradWatch(keras.callbacks.Callback):
         # check that runs in every step.
         self._nonfinite_from_stats = self.every == 1 and "nonfinite" in self.stats
         self._threshold_from_stats = self.every == 1 and "norm" in self.stats
-        self._checks = (
+        self.checks_every_step = (
             self.on_nonfinite in ("stop", "raise")
             or (self.on_nonfinite == "warn" and not self._nonfinite_from_stats)
             or (
@@ -319,7 +321,7 @@ class GradWatch(keras.callbacks.Callback):
         self._run: str | None = None  # the run id of this watch's parts under `path`
         self._write_failed = False
         self._read_cache: tuple[int, GradientLog] | None = None
-        self._needs_weights = any(s in UPDATE_STATS for s in self.stats)
+        self.needs_weights = any(s in UPDATE_STATS for s in self.stats)
         self._model_ref: weakref.ref | None = None
         self.tensorboard_dir = _check_tensorboard_dir(tensorboard_dir, self.stats, self.histogram)
         self._tensorboard: Any = None  # a gradwatch.tensorboard.TensorBoardWriter once used
@@ -354,8 +356,8 @@ class GradWatch(keras.callbacks.Callback):
             # step's state: they must exist before Keras gathers it.
             plan = self._plan_for(model)
             self._buffer_for(model, plan)
-            _step_counter(model)
-            if self._checks and self._alarm is None:
+            step_counter(model)
+            if self.checks_every_step and self._alarm is None:
                 self._alarm = _MetricAlarm(len(plan.stat_index))
         elif keras.backend.backend() == "torch" and not unsupported:
             # A PyTorch step runs eagerly and applies the update before it records: match
@@ -408,7 +410,7 @@ class GradWatch(keras.callbacks.Callback):
         if model_state(self.model).watches[0] is self:
             gate_next_step(self.model)
 
-    def _wants(self, step: int) -> bool:
+    def wants_step(self, step: int) -> bool:
         """Whether the step needs capture: recorded, or kept for the next `cos_prev`."""
         if step % self.every == 0:
             return True
@@ -423,10 +425,14 @@ class GradWatch(keras.callbacks.Callback):
     def on_train_end(self, logs: dict | None = None) -> None:
         self._poll_alarm()
         self._handle_alarms()
-        self._release(self.model)
+        self.release(self.model)
         self._raise_if_alarmed()
 
-    def _release(self, model: Any) -> None:
+    def state_metrics(self) -> list[Any]:
+        """The metrics carrying this watch's device state (ring buffer, JAX alarm)."""
+        return [m for m in (self._buffer, self._alarm) if isinstance(m, keras.Metric)]
+
+    def release(self, model: Any) -> None:
         """Drains what is left and detaches from the model; safe to call twice."""
         state = model_state(model)
         try:
@@ -595,13 +601,13 @@ class GradWatch(keras.callbacks.Callback):
         self._pending = 0
 
     # ----------------------------------------------------- inside the step
-    def _capture(
+    def capture_step(
         self,
         model: Any,
         step: Any,
-        records: dict[int, tuple],
+        records: Records,
         skipped: Any,
-        local: dict[int, tuple] | None = None,
+        local: Records | None = None,
     ) -> None:
         """Adds this watch's capture to the step being traced.
 
@@ -617,7 +623,8 @@ class GradWatch(keras.callbacks.Callback):
         plan = self._plan_for(model)
         buffer = self._buffer_for(model, plan)
         known = set(plan.signature)
-        for var, *_ in records.values():
+        for record in records.values():
+            var = record.variable
             if id(var) not in known:
                 raise ValueError(
                     f"`record_gradients` got the variable {var.path!r}, which is not among "
@@ -631,7 +638,7 @@ class GradWatch(keras.callbacks.Callback):
         disconnected = [
             plan.keys[i]
             for i in dict.fromkeys(plan.stat_index + plan.value_index)
-            if records and (entries[i] is None or entries[i][1] is None)
+            if records and (entries[i] is None or entries[i].grad is None)
         ]
         new = [k for k in disconnected if k not in self._log._disconnected]
         if new:
@@ -644,9 +651,9 @@ class GradWatch(keras.callbacks.Callback):
 
         def gradient(i):
             entry = entries[i]
-            if entry is None or entry[1] is None:
+            if entry is None or entry.grad is None:
                 return None
-            return unscaled_float32(entry[1], entry[2])
+            return unscaled_float32(entry.grad, entry.scale)
 
         flat_cache: list[Any] = []
 
@@ -746,17 +753,17 @@ class GradWatch(keras.callbacks.Callback):
             else:
                 branch((step + 1) % self.every == 0, keep_previous, lambda: tf.constant(False))
 
-    def _replica_stats(self, plan: _Plan, local: dict[int, tuple]) -> Any:
+    def _replica_stats(self, plan: _Plan, local: Records) -> Any:
         """The stats of each replica's local gradient, gathered from all replicas:
         `(n_replicas, n_variables, n_stats)` in replica order, NaN for the stats that
         are not functions of the gradient alone. Every replica gets the same tensor."""
         grads = []
         for i in plan.stat_index:
             entry = local.get(id(plan.variables[i]))
-            if entry is None or entry[1] is None:
+            if entry is None or entry.grad is None:
                 grads.append(None)
                 continue
-            grads.append(unscaled_float32(entry[1], entry[2]))
+            grads.append(unscaled_float32(entry.grad, entry.scale))
         names = [s for s in self.stats if s in GRADIENT_STATS]
         n = len(plan.stat_index)
         table = compute_stats(grads, names) if names and n else tf.zeros((n, 0), tf.float32)
@@ -779,8 +786,8 @@ class GradWatch(keras.callbacks.Callback):
         if grad_stats:
             table = compute_stats(stat_grads, grad_stats)
             cols.update({name: table[:, j] for j, name in enumerate(grad_stats)})
-        if self._needs_weights:
-            before = [None if entries[i] is None else entries[i][3] for i in plan.stat_index]
+        if self.needs_weights:
+            before = [None if entries[i] is None else entries[i].before for i in plan.stat_index]
             # Read after `apply_gradients`: this runs after the stock step returns.
             read = (
                 tf.convert_to_tensor
@@ -900,7 +907,7 @@ class GradWatch(keras.callbacks.Callback):
             self._flush()
             raise error
 
-    def _check(self, model: Any, step: Any, records: dict[int, tuple], skipped: Any) -> None:
+    def check_step(self, model: Any, step: Any, records: Records, skipped: Any) -> None:
         """Adds the every-step checks (non-finite, thresholds) to the step being traced.
 
         Non-finite gradients that a loss-scale optimizer skipped (`skipped`) never
@@ -910,7 +917,7 @@ class GradWatch(keras.callbacks.Callback):
             self._check_traced(model, step, records, skipped)
 
     def _check_traced(self, model, step, records, skipped) -> None:
-        if not self._checks:
+        if not self.checks_every_step:
             return
         if keras.backend.backend() == "jax":
             self._check_stateless(model, step, records, skipped)
@@ -1104,7 +1111,7 @@ class GradWatch(keras.callbacks.Callback):
         return self._buffer
 
 
-def _clipping(records: dict[int, tuple], view: Any) -> tuple[dict, dict, Any]:
+def _clipping(records: Records, view: Any) -> tuple[dict, dict, Any]:
     """Keras' clipping, written out over gradwatch's own reductions rather than by
     calling the optimizer's: sharing its ops lets grappler rewrite the training
     computation, and training must stay bitwise the same.
@@ -1114,13 +1121,14 @@ def _clipping(records: dict[int, tuple], view: Any) -> tuple[dict, dict, Any]:
     `factor * g` or `clip(g, -clipvalue, clipvalue)` (both None: not clipped).
     """
     grads, sq, optimizers = {}, {}, {}
-    for var, grad, scale, _, optimizer in records.values():
-        if grad is None:
+    for record in records.values():
+        if record.grad is None:
             continue
-        grads[id(var)] = view(unscaled_float32(grad, scale))
-        sq[id(var)] = sum_of_squares(grads[id(var)])
+        key, optimizer = id(record.variable), record.optimizer
+        grads[key] = view(unscaled_float32(record.grad, record.scale))
+        sq[key] = sum_of_squares(grads[key])
         # A LossScaleOptimizer unscales, then its inner optimizer clips.
-        optimizers[id(var)] = getattr(optimizer, "inner_optimizer", optimizer)
+        optimizers[key] = getattr(optimizer, "inner_optimizer", optimizer)
     # Each optimizer's global norm, over every gradient it applies.
     total: dict[int, Any] = {}
     for key, opt in optimizers.items():
@@ -1146,7 +1154,7 @@ def _clipping(records: dict[int, tuple], view: Any) -> tuple[dict, dict, Any]:
     return grads, sq, rule
 
 
-def _clipped_norms(plan: _Plan, records: dict[int, tuple]) -> Any:
+def _clipped_norms(plan: _Plan, records: Records) -> Any:
     """The norms of the selected gradients after the clipping of the optimizer applying them."""
     grads, sq, rule = _clipping(records, elements)
     graph = keras.backend.backend() == "tensorflow"
@@ -1169,7 +1177,7 @@ def _clipped_norms(plan: _Plan, records: dict[int, tuple]) -> Any:
     return tf.stack(out) if graph else ops.stack(out)
 
 
-def _clipped_norms_distributed(plan: _Plan, local: dict[int, tuple]) -> Any:
+def _clipped_norms_distributed(plan: _Plan, local: Records) -> Any:
     """`_clipped_norms` under tf.distribute, where each replica's optimizer clips its
     local gradient and then sums the clipped gradients over the replicas.
 
@@ -1196,15 +1204,15 @@ def _clipped_norms_distributed(plan: _Plan, local: dict[int, tuple]) -> Any:
     return tf.stack([norms.get(id(plan.variables[i]), nan) for i in plan.stat_index])
 
 
-def _checked_gradients(plan: _Plan, records: dict[int, tuple]) -> tuple[list[int], list[Any]]:
+def _checked_gradients(plan: _Plan, records: Records) -> tuple[list[int], list[Any]]:
     """The every-step checks' inputs: the rows (among the selected variables) that have a
     gradient this step, and those gradients' elements, unscaled, in float32."""
     rows, grads = [], []
     for j, i in enumerate(plan.stat_index):
         entry = records.get(id(plan.variables[i]))
-        if entry is not None and entry[1] is not None:
+        if entry is not None and entry.grad is not None:
             rows.append(j)
-            grads.append(elements(unscaled_float32(entry[1], entry[2])))
+            grads.append(elements(unscaled_float32(entry.grad, entry.scale)))
     return rows, grads
 
 

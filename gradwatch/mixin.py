@@ -12,29 +12,23 @@ import keras
 import numpy as np
 from keras import ops
 
-from gradwatch._lazy import tf
-from gradwatch.buffer import StateMetric, host_copy
-from gradwatch.sparse import SparseGradient, dense
+from gradwatch._backend import current as _backend
+from gradwatch._step import Record, Records, Watcher
 
 _local = threading.local()
 _patch_lock = threading.Lock()
 
-if keras.backend.backend() == "torch":
-    import torch
 
-    # True while `torch.compile` traces: gradwatch then stays out of the traced step.
-    _compiling = torch.compiler.is_compiling
-else:
-
-    def _compiling() -> bool:
-        return False
+def _compiling() -> bool:
+    """True while `torch.compile` traces: gradwatch then stays out of the traced step."""
+    return _backend is not None and _backend.compiling()
 
 
 class _ModelState:
     """gradwatch's per-model state, kept out of Keras' and TF's object tracking."""
 
     def __init__(self) -> None:
-        self.counter: tf.Variable | None = None  # steps over the model's life
+        self.counter: Any = None  # steps over the model's life (the backend's counter)
         self.watches: list[Any] = []  # attached GradWatch callbacks
         # The watches that the current train function was (or will be) traced with.
         self.traced_with: tuple[Any, ...] = ()
@@ -52,7 +46,7 @@ class _ModelState:
     @property
     def listening(self) -> list[Any]:
         """The watches that see the step's gradients: recording ones, and alarms on every step."""
-        return [w for w in self.watches if self.capturing or w._checks]
+        return [w for w in self.watches if self.capturing or w.checks_every_step]
 
 
 def model_state(model: Any) -> _ModelState:
@@ -68,9 +62,7 @@ class _StepScope:
     """What one trace of one train step recorded: gradients by variable id."""
 
     def __init__(self) -> None:
-        # id(variable) -> (variable, grad, loss scale or None, weights before the update or
-        # None, the optimizer that applies it or None)
-        self.grads: dict[int, tuple[Any, Any, Any, Any, Any]] = {}
+        self.grads: Records = {}
         # id(optimizer) -> (loss-scale optimizer, its `iterations` before the update)
         self.loss_scaled: dict[int, tuple[Any, Any]] = {}
         # PyTorch `jit_compile=True`: whether the stock step ran (its `.grad`s are read).
@@ -87,28 +79,7 @@ class _StepScope:
         """
         if not self.loss_scaled:
             return None
-        if keras.backend.backend() == "jax":  # read in a scope over the step's new state
-            return ops.any(
-                ops.stack(
-                    [
-                        ops.equal(opt.iterations.value, before)
-                        for opt, before in self.loss_scaled.values()
-                    ]
-                )
-            )
-        if keras.backend.backend() != "tensorflow":  # eager: a host bool
-            return any(
-                int(host_copy(opt.iterations.value)) == before
-                for opt, before in self.loss_scaled.values()
-            )
-        return tf.reduce_any(
-            tf.stack(
-                [
-                    tf.equal(tf.convert_to_tensor(opt.iterations), before)
-                    for opt, before in self.loss_scaled.values()
-                ]
-            )
-        )
+        return _backend.skipped_update(self.loss_scaled.values())
 
 
 def _scopes() -> dict[int, _StepScope]:
@@ -128,7 +99,7 @@ def _counted(fn: Callable) -> Callable:
         scopes = _scopes()
         if id(self) in scopes:  # super().train_step() from an overriding train_step
             return fn(self, *args, **kwargs)
-        if keras.backend.backend() not in _CAPTURING_BACKENDS:
+        if _backend is None:  # a backend gradwatch does not record
             return fn(self, *args, **kwargs)
         if keras.backend.backend() == "jax":
             return _jax_counted(fn, self, *args, **kwargs)
@@ -151,76 +122,22 @@ def _counted(fn: Callable) -> Callable:
     return train_step
 
 
-# The backends whose `train_step` gradwatch records.
-_CAPTURING_BACKENDS = ("tensorflow", "torch", "jax")
-
-# The optimizer method that the stock `train_step` of each backend hands the gradients.
-_APPLY_METHOD = {"tensorflow": "apply_gradients", "torch": "apply"}
-
-
-class _HostCounter:
-    """The step counter of an eagerly run backend (PyTorch), kept on the host."""
-
-    def __init__(self) -> None:
-        self.value = 0
-
-    def read_value(self) -> int:
-        return self.value
-
-    def assign_add(self, n: int) -> None:
-        self.value += n
-
-    def numpy(self) -> np.int64:
-        return np.int64(self.value)
-
-
-class _StepMetric(StateMetric):
-    """JAX: the step counter, a metric so that it travels in the stateless step's state."""
-
-    def __init__(self) -> None:
-        super().__init__(name="gradwatch_step")
-        self.step = self.add_variable(shape=(), initializer="zeros", dtype="int32", name="step")
-
-
-class _VariableCounter:
-    """The step counter on JAX: reads and writes go through the current `StatelessScope`."""
-
-    def __init__(self) -> None:
-        self.metric = _StepMetric()
-
-    def read_value(self) -> Any:
-        return self.metric.step.value
-
-    def assign_add(self, n: int) -> None:
-        self.metric.step.assign(self.metric.step.value + n)
-
-    def numpy(self) -> np.int64:
-        return np.int64(host_copy(self.metric.step.value))
-
-
-def _step_counter(model: Any) -> Any:
+def step_counter(model: Any) -> Any:
     state = model_state(model)
-    if state.counter is None and keras.backend.backend() == "jax":
-        # Created at the start of training, outside the traced step.
-        state.counter = _VariableCounter()
-    if state.counter is None and keras.backend.backend() != "tensorflow":
-        state.counter = _HostCounter()
     if state.counter is None:
-        # Built lazily inside the first trace; init_scope lifts it out of the graph.
-        with tf.init_scope():
-            state.counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="gradwatch_step")
+        state.counter = _backend.new_counter()
     return state.counter
 
 
 def _own_metrics(model: Any) -> list[Any]:
     """JAX: gradwatch's device state (step counter, ring buffers, alarms), which travels
     in the stateless step's metrics state; none on the other backends."""
-    if keras.backend.backend() != "jax":
+    if _backend is None or not _backend.STATE_IN_STEP:
         return []
     state = model_state(model)
-    own = [state.counter.metric] if isinstance(state.counter, _VariableCounter) else []
+    own = [] if state.counter is None else _backend.counter_metrics(state.counter)
     for watch in state.watches:
-        own += [m for m in (watch._buffer, watch._alarm) if isinstance(m, keras.Metric)]
+        own += watch.state_metrics()
     return own
 
 
@@ -229,12 +146,12 @@ def _ensure_jax_counter(model: Any) -> None:
     steps run without a `GradWatch` are counted too (a train function made before
     it existed is made anew)."""
     if keras.backend.backend() == "jax" and model_state(model).counter is None:
-        _step_counter(model)
+        step_counter(model)
         model.train_function = None
 
 
 def _commit(model: Any, scope: _StepScope) -> None:
-    counter = _step_counter(model)
+    counter = step_counter(model)
     step = counter.read_value()
     state = model_state(model)
     watches = state.active
@@ -248,40 +165,12 @@ def _commit(model: Any, scope: _StepScope) -> None:
     listening = state.listening
     skipped = scope.skipped() if listening and scope.grads else None
     local = scope.grads
-    records = global_records(local) if listening and local else local
+    records = _backend.global_records(local) if listening and local else local
     for watch in listening:
-        watch._check(model, step, records, skipped)
+        watch.check_step(model, step, records, skipped)
     for watch in watches:
-        watch._capture(model, step, records, skipped, local=local)
+        watch.capture_step(model, step, records, skipped, local)
     counter.assign_add(1)
-
-
-def global_records(records: dict[int, tuple]) -> dict[int, tuple]:
-    """The records with each replica's local gradient replaced by the global one.
-
-    Under `tf.distribute` the step runs once per replica, and each replica hands
-    the optimizer its local gradient, already divided by the number of replicas;
-    the optimizer sums them over the replicas. The sum is the gradient of the
-    global batch. This all-reduce is for the stats alone: the optimizer keeps
-    the local gradients, and does its own all-reduce. Without a strategy, or
-    with one replica, the records are returned as they are.
-    """
-    if keras.backend.backend() != "tensorflow":
-        return records
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return records
-    keys = [k for k, entry in records.items() if entry[1] is not None]
-    if not keys:
-        return records
-    # One batched all-reduce, as the optimizer does its own.
-    # (A sparse gradient is made dense here: replicas touch different rows.)
-    summed = context.all_reduce(tf.distribute.ReduceOp.SUM, [dense(records[k][1]) for k in keys])
-    out = dict(records)
-    for k, grad in zip(keys, summed, strict=True):
-        var, _, scale, before, optimizer = records[k]
-        out[k] = (var, grad, scale, before, optimizer)
-    return out
 
 
 def _loss_scale(optimizer: Any) -> Any:
@@ -292,9 +181,7 @@ def _loss_scale(optimizer: Any) -> Any:
         getattr(optimizer, "loss_scale_factor", None) is not None
     ):
         # Read before `apply`, which may change a dynamic scale.
-        if keras.backend.backend() != "tensorflow":
-            return ops.cast(optimizer.scale_loss(1.0), "float32")
-        return tf.cast(optimizer.scale_loss(1.0), tf.float32)
+        return _backend.float32(optimizer.scale_loss(1.0))
     return None
 
 
@@ -308,7 +195,7 @@ class _ApplyInterceptor:
     def __init__(self, optimizer: Any, model: Any):
         self.optimizer = optimizer
         self.model = model
-        self.method = _APPLY_METHOD[keras.backend.backend()]
+        self.method = _backend.APPLY_METHOD
 
     def __enter__(self) -> None:
         with _patch_lock:
@@ -402,7 +289,7 @@ class GradWatchMixin:
             return super().train_step(*args)
         if keras.backend.backend() == "jax" and model_state(self).watches:
             return _jax_train_step(self, *args)
-        if not model_state(self).listening or keras.backend.backend() not in _APPLY_METHOD:
+        if not model_state(self).listening or _backend is None or not _backend.APPLY_METHOD:
             return super().train_step(*args)
         with _ApplyInterceptor(self.optimizer, self):
             return super().train_step(*args)
@@ -436,7 +323,7 @@ class GradWatchMixin:
             # on_train_end is skipped when fit raises (KeyboardInterrupt too):
             # copy out what the device recorded, and detach.
             for watch in list(model_state(self).watches):
-                watch._release(self)
+                watch.release(self)
 
     def make_train_function(self, force: bool = False) -> Any:
         """Keras' train function; on PyTorch with `jit_compile=True`, gradwatch records
@@ -547,21 +434,14 @@ def _before_update(
     scale, and the weights (for the update stats). Notes a loss-scale optimizer's
     `iterations` in `scope`. Returns `(scale, weights before or None each, optimizer)`."""
     scale = _loss_scale(optimizer)
-    graph = keras.backend.backend() == "tensorflow"
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and (
         scope.state is None or _in_state(model, optimizer.iterations)
     ):
-        if graph:
-            before = tf.convert_to_tensor(optimizer.iterations)
-        elif scope.state is not None:  # JAX: a traced value from the step's state
-            before = optimizer.iterations.value
-        else:
-            before = int(host_copy(optimizer.iterations.value))
+        before = _backend.iterations_now(optimizer)
         scope.loss_scaled.setdefault(id(optimizer), (optimizer, before))
     befores: list[Any] = [None] * len(variables)
-    if any(w._needs_weights for w in watches):
-        # Eager backends update the weights in place: keep a copy.
-        befores = [tf.convert_to_tensor(v) if graph else ops.copy(v.value) for v in variables]
+    if any(w.needs_weights for w in watches):
+        befores = [_backend.weights_before(v) for v in variables]
     return scale, befores, optimizer
 
 
@@ -569,7 +449,6 @@ def _add_records(
     scope: _StepScope, grads: list, variables: list, scale: Any, befores: list, optimizer: Any
 ) -> None:
     """Adds one step's gradients to `scope`, with what `_before_update` read."""
-    graph = keras.backend.backend() == "tensorflow"
     for grad, var, before in zip(grads, variables, befores, strict=True):
         if id(var) in scope.grads:
             raise ValueError(
@@ -577,11 +456,8 @@ def _add_records(
                 "Call `record_gradients` once per variable and step, with the "
                 "gradient that is applied."
             )
-        if graph and isinstance(grad, tf.IndexedSlices):
-            # Kept as the touched rows (repeats summed, as the dense gradient has
-            # them): a large table is not densified at every step.
-            grad = SparseGradient.from_indexed_slices(grad, tuple(var.shape))
-        scope.grads[id(var)] = (var, grad, scale, before, optimizer)
+        grad = _backend.as_recorded(grad, var)
+        scope.grads[id(var)] = Record(var, grad, scale, before, optimizer)
 
 
 def _outside_compile(fn: Callable) -> Callable:
@@ -649,7 +525,7 @@ def _jax_counted(fn: Callable, model: Any, state: Any, data: Any, **kwargs: Any)
     (metrics) are advanced and written, in a `StatelessScope` over that state.
     """
     counter = model_state(model).counter
-    if not isinstance(counter, _VariableCounter):
+    if counter is None:
         # No counter in the state (the train function was made outside `fit`): run as is.
         return fn(model, state, data, **kwargs)
     scopes = _scopes()
@@ -849,7 +725,7 @@ def _bound_callbacks(args: tuple, kwargs: dict) -> Any:
 def _watches_in(callbacks: Any) -> tuple[Any, ...]:
     """The GradWatch callbacks in a list or CallbackList, in order, without repeats."""
     items = getattr(callbacks, "callbacks", callbacks) or []
-    return tuple(dict.fromkeys(c for c in items if hasattr(c, "_capture")))
+    return tuple(dict.fromkeys(c for c in items if isinstance(c, Watcher)))
 
 
 def _with_capture(state: _ModelState, fn: Any, capturing: bool) -> Any:
@@ -904,5 +780,5 @@ def gate_next_step(model: Any) -> None:
         return
     step = state.next_step
     state.next_step += 1
-    wanted = any(w._wants(step) for w in state.watches)
+    wanted = any(w.wants_step(step) for w in state.watches)
     model.train_function = state.gate[0] if wanted else state.gate[1]

@@ -49,8 +49,8 @@ MUTATIONS = (
         "per-replica-not-unscaled",
         "`per_replica` stats are not divided by the loss scale",
         "gradwatch/callback.py",
-        "grads.append(unscaled_float32(entry[1], entry[2]))",
-        "grads.append(unscaled_float32(entry[1]))",
+        "grads.append(unscaled_float32(entry.grad, entry.scale))",
+        "grads.append(unscaled_float32(entry.grad))",
         (
             "tests/test_distributed.py::"
             "test_mirrored_per_replica_stats_under_a_loss_scale_are_of_the_unscaled_gradient",
@@ -89,9 +89,9 @@ MUTATIONS = (
     Mutation(
         "replicas-averaged-not-summed",
         "the global gradient under a strategy is the mean of the local ones, not their sum",
-        "gradwatch/mixin.py",
-        "context.all_reduce(tf.distribute.ReduceOp.SUM, [dense(records[k][1]) for k in keys])",
-        "context.all_reduce(tf.distribute.ReduceOp.MEAN, [dense(records[k][1]) for k in keys])",
+        "gradwatch/_backend/tensorflow.py",
+        "context.all_reduce(tf.distribute.ReduceOp.SUM, [dense(records[k].grad) for k in keys])",
+        "context.all_reduce(tf.distribute.ReduceOp.MEAN, [dense(records[k].grad) for k in keys])",
         (
             "tests/test_distributed.py::"
             "test_mirrored_records_the_global_gradient_of_a_single_device_run",

@@ -1,0 +1,68 @@
+"""The interface each backend module implements (`gradwatch/_backend/<name>.py`).
+
+A backend module is a plain module with these names; this Protocol documents them and
+lets a type checker hold each module to them.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class Backend(Protocol):
+    """What shared code asks of the backend."""
+
+    INDEX_DTYPE: str  # dtype of step numbers and counters on the device
+
+    def host_copy(self, x: Any) -> np.ndarray:
+        """A NumPy copy of a tensor (the device copy may be written again in place)."""
+
+    def read_rows(self, variable: Any, idx: np.ndarray) -> np.ndarray:
+        """Rows `idx` of a buffer variable, copied to the host."""
+
+    def lift(self) -> AbstractContextManager:
+        """Where device state made while a step is traced is created (out of the graph)."""
+
+    def slot_of(self, count: Any, capacity: int) -> Any:
+        """The ring-buffer slot that the `count`-th write goes to, as the device holds it."""
+
+    def write_slot(self, variable: Any, slot: Any, value: Any) -> None:
+        """Writes `value` into row `slot` of `variable`, cast to its dtype and reshaped
+        to a row's shape (a kept gradient is written flat)."""
+
+    def advance(self, count: Any) -> None:
+        """Adds one to the ring buffer's write counter."""
+
+    STATE_IN_STEP: bool  # gradwatch's device state travels in the step's state (metrics)
+    APPLY_METHOD: str | None  # the optimizer method the stock step hands the gradients to
+
+    def compiling(self) -> bool:
+        """Whether `torch.compile` is tracing the step (gradwatch records around it)."""
+
+    def new_counter(self) -> Any:
+        """The model's step counter: `read_value()`, `assign_add(n)`, `numpy()`."""
+
+    def counter_metrics(self, counter: Any) -> list[Any]:
+        """The metrics that carry the counter in the step's state (JAX), else none."""
+
+    def skipped_update(self, loss_scaled: Any) -> Any:
+        """Whether a loss-scale optimizer skipped the update: `iterations` unchanged
+        across it, from `(optimizer, iterations before)` pairs."""
+
+    def iterations_now(self, optimizer: Any) -> Any:
+        """The optimizer's `iterations`, read before the update."""
+
+    def weights_before(self, variable: Any) -> Any:
+        """The weights before the update (a copy where the update is in place)."""
+
+    def as_recorded(self, grad: Any, variable: Any) -> Any:
+        """The gradient as gradwatch keeps it (TensorFlow: `IndexedSlices` as rows)."""
+
+    def float32(self, x: Any) -> Any:
+        """`x` cast to float32."""
+
+    def global_records(self, records: Any) -> Any:
+        """The records with each replica's local gradient replaced by the global one."""

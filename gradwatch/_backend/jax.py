@@ -1,0 +1,113 @@
+"""JAX: gradwatch's device state travels in the stateless step's state; writes are
+assignments within the step's `StatelessScope`."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from keras import ops
+
+from gradwatch._state import StateMetric
+from gradwatch._step import Records
+
+INDEX_DTYPE = "int32"  # JAX runs without 64-bit types unless asked
+
+
+def host_copy(x: Any) -> np.ndarray:
+    return np.array(ops.convert_to_numpy(x))
+
+
+def read_rows(variable: Any, idx: np.ndarray) -> np.ndarray:
+    return host_copy(variable.value)[idx]
+
+
+def lift() -> Any:
+    return contextlib.nullcontext()
+
+
+def slot_of(count: Any, capacity: int) -> Any:
+    return ops.cast(count.value % capacity, "int32")
+
+
+def write_slot(variable: Any, slot: Any, value: Any) -> None:
+    # Stateless: a dynamic-update-slice, assigned within the step's StatelessScope.
+    value = ops.reshape(ops.cast(value, variable.dtype), (1, *variable.shape[1:]))
+    start = (slot,) + (0,) * (len(variable.shape) - 1)
+    variable.assign(ops.slice_update(variable.value, start, value))
+
+
+def advance(count: Any) -> None:
+    count.assign(count.value + ops.ones((), count.dtype))
+
+
+# Whether gradwatch's device state travels in the step's state (as metrics).
+STATE_IN_STEP = True
+APPLY_METHOD = None  # the stateless step calls `stateless_apply`; gradwatch wraps the step
+
+
+class StepMetric(StateMetric):
+    """The step counter, a metric so that it travels in the stateless step's state."""
+
+    def __init__(self) -> None:
+        super().__init__(name="gradwatch_step")
+        self.step = self.add_variable(shape=(), initializer="zeros", dtype="int32", name="step")
+
+
+class Counter:
+    """The step counter: reads and writes go through the current `StatelessScope`."""
+
+    def __init__(self) -> None:
+        self.metric = StepMetric()
+
+    def read_value(self) -> Any:
+        return self.metric.step.value
+
+    def assign_add(self, n: int) -> None:
+        self.metric.step.assign(self.metric.step.value + n)
+
+    def numpy(self) -> np.int64:
+        return np.int64(host_copy(self.metric.step.value))
+
+
+def new_counter() -> Counter:
+    """Created at the start of training, outside the traced step."""
+    return Counter()
+
+
+def counter_metrics(counter: Counter) -> list[Any]:
+    return [counter.metric]
+
+
+def skipped_update(loss_scaled: Iterable[tuple[Any, Any]]) -> Any:
+    # Read in a scope over the step's new state.
+    return ops.any(
+        ops.stack([ops.equal(opt.iterations.value, before) for opt, before in loss_scaled])
+    )
+
+
+def iterations_now(optimizer: Any) -> Any:
+    return optimizer.iterations.value  # a traced value from the step's state
+
+
+def weights_before(variable: Any) -> Any:
+    return ops.copy(variable.value)
+
+
+def as_recorded(grad: Any, variable: Any) -> Any:
+    return grad
+
+
+def float32(x: Any) -> Any:
+    return ops.cast(x, "float32")
+
+
+def global_records(records: Records) -> Records:
+    return records  # no strategy on JAX
+
+
+def compiling() -> bool:
+    """Whether `torch.compile` is tracing (never, here)."""
+    return False

@@ -1,0 +1,108 @@
+"""PyTorch: the step runs eagerly; gradwatch writes its device state in place, in raw
+torch ops (each `keras.ops` call costs a Python layer on top of the dispatch)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from keras import ops
+
+from gradwatch._step import Records
+
+INDEX_DTYPE = "int64"
+
+
+def host_copy(x: Any) -> np.ndarray:
+    # Without the NumPy 2 copy warning that `ops.convert_to_numpy` gives on a torch tensor.
+    if hasattr(x, "detach"):
+        return x.detach().cpu().numpy().copy()
+    return np.array(ops.convert_to_numpy(x))
+
+
+def read_rows(variable: Any, idx: np.ndarray) -> np.ndarray:
+    return host_copy(variable.value)[idx]
+
+
+def lift() -> Any:
+    return contextlib.nullcontext()
+
+
+def slot_of(count: Any, capacity: int) -> Any:
+    # Stays a device tensor, so that writing never waits on the device.
+    return (count.value % capacity).reshape(1)
+
+
+def write_slot(variable: Any, slot: Any, value: Any) -> None:
+    var = variable.value
+    if isinstance(value, (bool, int, np.integer, np.bool_)):  # a host number (step, flag)
+        var.index_fill_(0, slot, int(value))
+        return
+    value = ops.convert_to_tensor(value).to(var.dtype)
+    var.index_copy_(0, slot, value.reshape(1, *var.shape[1:]))
+
+
+def advance(count: Any) -> None:
+    count.value.add_(1)
+
+
+# Whether gradwatch's device state travels in the step's state (as metrics).
+STATE_IN_STEP = False
+APPLY_METHOD = "apply"
+
+
+class HostCounter:
+    """The step counter, kept on the host: the step runs eagerly."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def read_value(self) -> int:
+        return self.value
+
+    def assign_add(self, n: int) -> None:
+        self.value += n
+
+    def numpy(self) -> np.int64:
+        return np.int64(self.value)
+
+
+def new_counter() -> HostCounter:
+    return HostCounter()
+
+
+def counter_metrics(counter: HostCounter) -> list[Any]:
+    return []
+
+
+def skipped_update(loss_scaled: Iterable[tuple[Any, Any]]) -> bool:
+    # Eager: a host bool.
+    return any(int(host_copy(opt.iterations.value)) == before for opt, before in loss_scaled)
+
+
+def iterations_now(optimizer: Any) -> int:
+    return int(host_copy(optimizer.iterations.value))
+
+
+def weights_before(variable: Any) -> Any:
+    return ops.copy(variable.value)  # updated in place by the optimizer: keep a copy
+
+
+def as_recorded(grad: Any, variable: Any) -> Any:
+    return grad
+
+
+def float32(x: Any) -> Any:
+    return ops.cast(x, "float32")
+
+
+def global_records(records: Records) -> Records:
+    return records  # no strategy on PyTorch
+
+
+# True while `torch.compile` traces (`jit_compile=True`): gradwatch then stays out of the
+# traced step, and records around it.
+compiling = torch.compiler.is_compiling
