@@ -169,13 +169,9 @@ class GradientBuffer(StateMetric):
             self._write_torch(step, stats, values, hist, skipped)
             return
         count = self.count.value
-        if keras.backend.backend() == "jax":
-            # Stateless: a dynamic-update-slice, assigned within the step's StatelessScope.
-            slot = ops.cast(count % self.capacity, "int32")
-            write = _write_slot_stateless
-        else:
-            slot = ops.reshape(ops.cast(count % self.capacity, "int32"), (1,))
-            write = _write_slot_eager
+        # JAX, stateless: a dynamic-update-slice, assigned within the step's StatelessScope.
+        slot = ops.cast(count % self.capacity, "int32")
+        write = _write_slot_stateless
         write(self.stats, slot, stats)
         write(self.steps, slot, ops.cast(step, self.steps.dtype))
         if skipped is not None or self.flagged:
@@ -281,11 +277,6 @@ def _write_slot_stateless(var, slot, value) -> None:
     value = ops.expand_dims(ops.cast(value, var.dtype), 0)
     start = (slot,) + (0,) * (len(var.shape) - 1)
     var.assign(ops.slice_update(var.value, start, value))
-
-
-def _write_slot_eager(var, slot, value) -> None:
-    # In place, as the eager backend's optimizers update weights.
-    var.value[slot] = ops.expand_dims(ops.convert_to_tensor(value), 0)
 
 
 def _write_slot(var: tf.Variable, slot, value) -> None:

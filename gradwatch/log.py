@@ -17,14 +17,6 @@ STAT_COLUMNS = ("step", "epoch", "batch", "variable", "stat", "value")
 REPLICA_STAT_COLUMNS = ("step", "epoch", "batch", "replica", "variable", "stat", "value")
 VALUE_COLUMNS = ("step", "epoch", "batch", "variable", "index", "value")
 HISTOGRAM_COLUMNS = ("step", "variable", "lo", "hi", "sign", "count")
-SUMMARY_COLUMNS = (
-    "first_norm",
-    "last_norm",
-    "median_norm",
-    "max_norm",
-    "nonfinite",
-    "first_nonfinite_step",
-)
 
 
 @dataclass
