@@ -18,6 +18,13 @@ import numpy as np
 from keras import ops
 
 from gradwatch import io
+from gradwatch._compute import (
+    branch,
+    compute_histograms,
+    compute_stats,
+    sum_of_squares,
+    traced_for_xla,
+)
 from gradwatch._lazy import tf
 from gradwatch.buffer import GradientBuffer, StateMetric, host_copy
 from gradwatch.keys import check_patterns, match_patterns, variable_keys
@@ -35,15 +42,9 @@ from gradwatch.stats import (
     DEFAULT_BINS_PER_DECADE,
     DEFAULT_STATS,
     GRADIENT_STATS,
-    HIST_MAX_EXP,
-    HIST_MIN_EXP,
     UPDATE_STATS,
-    branch,
     check_stats,
-    compute_histograms,
-    compute_stats,
-    sum_of_squares,
-    traced_for_xla,
+    histogram_bin_count,
 )
 
 Policy = Literal["ignore", "warn", "stop", "raise"]
@@ -1076,7 +1077,7 @@ class GradWatch(keras.callbacks.Callback):
             sizes = [int(np.prod(plan.variables[i].shape)) for i in plan.value_index]
             slot_bytes = 8 + 4 * (len(plan.stat_index) * len(self.stats) + sum(sizes))
             spe = int(model.steps_per_execution)
-            n_bins = 2 * (HIST_MAX_EXP - HIST_MIN_EXP) * self.histogram + 2 if self.histogram else 0
+            n_bins = histogram_bin_count(self.histogram) if self.histogram else 0
             slot_bytes = slot_bytes + 4 * len(plan.stat_index) * n_bins
             if self.per_replica:
                 slot_bytes += 4 * _num_replicas(model) * len(plan.stat_index) * len(self.stats)

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from gradwatch.log import GradientLog
-from gradwatch.stats import histogram_bins
+from gradwatch.stats import histogram_bin_count
 
 FORMAT = "gradwatch-log"
 VERSION = 1
@@ -603,7 +603,7 @@ def _replica_blocks_from_rows(path, log, step, epoch, batch, replica, var, stat,
 
 def _hist_blocks_from_rows(log, step, epoch, batch, var, bin_index, count) -> None:
     """Rebuilds histogram blocks from the non-empty bins in the file."""
-    n_bins = len(histogram_bins(log.bins_per_decade)[0])
+    n_bins = histogram_bin_count(log.bins_per_decade)
     if bin_index.min() < 0 or bin_index.max() >= n_bins:
         raise ValueError(f"A histogram row has a bin outside 0..{n_bins - 1}.")
     steps, first = np.unique(step, return_index=True)

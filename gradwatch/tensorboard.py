@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from gradwatch.log import GradientLog
-from gradwatch.stats import HIST_MAX_EXP, HIST_MIN_EXP
+from gradwatch.stats import HIST_MIN_EXP, histogram_bin_count
 
 NORM_TAG = "norm/"
 GLOBAL_NORM_TAG = "global_norm"
@@ -195,7 +195,7 @@ _file_numbers = itertools.count()
 def _magnitude_counts(hist: np.ndarray, bins_per_decade: int) -> tuple[np.ndarray, np.ndarray]:
     """`(k, n, n_bins)` signed counts -> `(k, n, K)` counts by magnitude, and the K + 1
     edges in log10 |g|."""
-    k = (HIST_MAX_EXP - HIST_MIN_EXP) * bins_per_decade
+    k = histogram_bin_count(bins_per_decade) // 2 - 1  # bins per sign
     negative = hist[..., :k][..., ::-1]  # "-" bins run from the most negative value up
     positive = hist[..., k + 1 : 2 * k + 1]
     edges = HIST_MIN_EXP + np.arange(k + 1) / bins_per_decade
@@ -257,7 +257,7 @@ def _chunks(log: GradientLog, size: int = 256) -> Iterator[tuple[np.ndarray, lis
     column = {log.variables.index(k): i for i, k in enumerate(keys)}
     n_bins = None
     if log.bins_per_decade is not None:
-        n_bins = 2 * (HIST_MAX_EXP - HIST_MIN_EXP) * log.bins_per_decade + 2
+        n_bins = histogram_bin_count(log.bins_per_decade)
     steps = log.steps
     for start in range(0, len(steps), size):
         chunk = steps[start : start + size]
