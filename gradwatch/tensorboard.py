@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from gradwatch.log import GradientLog
+from gradwatch.log import GradientLog, global_norms, store_of
 from gradwatch.stats import HIST_MIN_EXP, histogram_bin_count
 
 NORM_TAG = "norm/"
@@ -101,10 +101,7 @@ class TensorBoardWriter:
             totals = histograms.sum(axis=2)
         if norms is not None:
             norms = np.asarray(norms, np.float64)
-            with np.errstate(invalid="ignore"):
-                squares = np.where(np.isnan(norms), 0.0, norms**2)
-            has_norm = (~np.isnan(norms)).any(axis=1)
-            global_norms = np.where(has_norm, np.sqrt(squares.sum(axis=1)), np.nan)
+            global_norm = global_norms(norms)
         for row, step in enumerate(steps):
             summary = summary_pb2.Summary()
             # NaN norms (disconnected variables) and histograms with no element
@@ -113,8 +110,8 @@ class TensorBoardWriter:
                 for key, value in zip(keys, norms[row], strict=True):
                     if not np.isnan(value):
                         self._scalar(summary, NORM_TAG + key, value)
-                if not np.isnan(global_norms[row]):
-                    self._scalar(summary, GLOBAL_NORM_TAG, global_norms[row])
+                if not np.isnan(global_norm[row]):
+                    self._scalar(summary, GLOBAL_NORM_TAG, global_norm[row])
             if magnitudes is not None:
                 for key, counts, total in zip(keys, magnitudes[row], totals[row], strict=True):
                     if total:
@@ -248,11 +245,12 @@ def write_tensorboard(log: GradientLog, logdir: str | os.PathLike, progress: boo
 
 def _chunks(log: GradientLog, size: int = 256) -> Iterator[tuple[np.ndarray, list[str], Any, Any]]:
     """The log in runs of `size` steps: `(steps, keys, norms or None, histograms or None)`."""
+    hist_blocks = store_of(log).hist_blocks
     wide = log.stat("norm") if "norm" in log.stat_names else None
     if wide is not None:
         keys = list(wide.columns)
     else:
-        codes = np.unique(np.concatenate([b.codes for b in log._hist_blocks] or [[]]))
+        codes = np.unique(np.concatenate([b.codes for b in hist_blocks] or [[]]))
         keys = [log.variables[int(c)] for c in codes]
     column = {log.variables.index(k): i for i, k in enumerate(keys)}
     n_bins = None
@@ -265,7 +263,7 @@ def _chunks(log: GradientLog, size: int = 256) -> Iterator[tuple[np.ndarray, lis
         hist = None
         if n_bins is not None:
             hist = np.zeros((len(chunk), len(keys), n_bins), np.int64)
-            for b in log._hist_blocks:
+            for b in hist_blocks:
                 rows = np.searchsorted(chunk, b.steps)
                 inside = (rows < len(chunk)) & (chunk[np.minimum(rows, len(chunk) - 1)] == b.steps)
                 if not inside.any():

@@ -104,8 +104,8 @@ MUTATIONS = (
     Mutation(
         "skipped-steps-not-saved",
         "the steps a loss-scale optimizer skipped are lost in CSV and Parquet files",
-        "gradwatch/io.py",
-        '"skipped": sorted(log._skipped),',
+        "gradwatch/_files.py",
+        '"skipped": sorted(store.skipped),',
         '"skipped": [],',
         ("tests/test_alarms.py::test_skipped_steps_round_trip_through_files",),
     ),
