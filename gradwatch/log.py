@@ -32,9 +32,7 @@ __all__ = [
     "STAT_COLUMNS",
     "VALUE_COLUMNS",
     "GradientLog",
-    "from_store",
     "global_norms",
-    "store_of",
 ]
 
 
@@ -637,14 +635,14 @@ def _step_mask(step: np.ndarray, steps: Any) -> np.ndarray:
 
 
 def from_store(store: Store) -> GradientLog:
-    """The `GradientLog` over a store: its queries see the store's later writes too."""
+    """The `GradientLog` over a store (package-internal): its queries see later writes."""
     log = GradientLog.__new__(GradientLog)
     log._store = store
     return log
 
 
 def store_of(log: GradientLog) -> Store:
-    """The store that a `GradientLog` queries."""
+    """The store that a `GradientLog` queries (package-internal: what gradwatch writes)."""
     return log._store
 
 
