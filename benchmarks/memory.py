@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import models as bench_models
 
 import gradwatch
+from gradwatch.log import store_of
 
 
 def rss_mb() -> float:
@@ -50,7 +51,8 @@ def mlp_model():
 
 def block_bytes(log: gradwatch.GradientLog) -> int:
     total = 0
-    for block in (*log._blocks, *log._value_blocks, *log._hist_blocks):
+    store = store_of(log)
+    for block in (*store.stat_blocks, *store.value_blocks, *store.hist_blocks):
         total += sum(a.nbytes for a in (block.steps, block.epochs, block.batches, block.codes))
         total += block.data.nbytes
     return total
@@ -68,13 +70,13 @@ def in_memory(steps: int) -> tuple[gradwatch.GradientLog, dict]:
 
 def frame_rate(log: gradwatch.GradientLog, target_rows: int) -> dict:
     big = gradwatch.GradientLog(log.stat_names)
-    big._add_variables(log.variables, [log.shapes[k] for k in log.variables])
+    store_of(big).add_variables(log.variables, [log.shapes[k] for k in log.variables])
     rows_per_copy = len(log.frame)
     copies = max(1, target_rows // rows_per_copy)
     span = int(log.steps[-1]) + 1
     for c in range(copies):
-        for b in log._blocks:
-            big._append(
+        for b in store_of(log).stat_blocks:
+            store_of(big).append(
                 b.steps + c * span, b.epochs, b.batches, b.codes, b.data,
                 np.zeros((0,), np.int32), np.zeros((len(b.steps), 0), np.float32),
             )  # fmt: skip

@@ -18,12 +18,19 @@ import numpy as np
 from keras import ops
 
 from gradwatch import io
+from gradwatch._compute import (
+    branch,
+    compute_histograms,
+    compute_stats,
+    sum_of_squares,
+    traced_for_xla,
+)
 from gradwatch._lazy import tf
 from gradwatch._state import StateMetric
 from gradwatch._step import Records
 from gradwatch.buffer import GradientBuffer, host_copy
 from gradwatch.keys import check_patterns, match_patterns, variable_keys
-from gradwatch.log import GradientLog
+from gradwatch.log import GradientLog, store_of
 from gradwatch.mixin import (
     GradWatchMixin,
     gate_next_step,
@@ -37,15 +44,9 @@ from gradwatch.stats import (
     DEFAULT_BINS_PER_DECADE,
     DEFAULT_STATS,
     GRADIENT_STATS,
-    HIST_MAX_EXP,
-    HIST_MIN_EXP,
     UPDATE_STATS,
-    branch,
     check_stats,
-    compute_histograms,
-    compute_stats,
-    sum_of_squares,
-    traced_for_xla,
+    histogram_bin_count,
 )
 
 Policy = Literal["ignore", "warn", "stop", "raise"]
@@ -253,6 +254,7 @@ class GradWatch(keras.callbacks.Callback):
         self._log = GradientLog(
             self.stats, bins_per_decade=self.histogram or None, per_replica=self.per_replica
         )
+        self._store = store_of(self._log)  # what the drained blocks are written to
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise TypeError(
                 "`path` must be a directory path (str or os.PathLike), or None. "
@@ -471,7 +473,7 @@ class GradWatch(keras.callbacks.Callback):
         if k == 0:
             return
         values = np.concatenate(out.values, axis=1) if out.values else np.zeros((k, 0), np.float32)
-        self._log._append(
+        self._store.append(
             out.steps,
             np.full(k, self._epoch, np.int64),
             out.steps - self._epoch_start,
@@ -483,7 +485,7 @@ class GradWatch(keras.callbacks.Callback):
             replica_stats=out.replica_stats,
         )
         keys = [plan.keys[i] for i in plan.stat_index]
-        self._log._add_skipped(out.steps[out.skipped])
+        self._store.add_skipped(out.steps[out.skipped])
         if self.tensorboard_dir is not None:
             self._write_tensorboard(out, keys)
         if "nonfinite" in self.stats:  # every recorded step with NaN/Inf is an alert
@@ -536,7 +538,7 @@ class GradWatch(keras.callbacks.Callback):
             for a, b in zip(step_i, var_i, strict=True)
             for v in [float(values[a, b])]
         ]
-        self._log._add_alerts(rows)
+        self._store.add_alerts(rows)
         if acted is not None:
             rows = [r for r, a in zip(rows, step_i, strict=True) if acted[a]]
         if not rows:
@@ -597,7 +599,7 @@ class GradWatch(keras.callbacks.Callback):
                 stacklevel=2,
             )
             return
-        self._log._clear_blocks()
+        self._store.clear_blocks()
         self._pending = 0
 
     # ----------------------------------------------------- inside the step
@@ -640,9 +642,8 @@ class GradWatch(keras.callbacks.Callback):
             for i in dict.fromkeys(plan.stat_index + plan.value_index)
             if records and (entries[i] is None or entries[i].grad is None)
         ]
-        new = [k for k in disconnected if k not in self._log._disconnected]
+        new = self._store.add_disconnected(disconnected)
         if new:
-            self._log._disconnected.extend(new)
             warnings.warn(
                 f"GradWatch: {new} have no gradient (they are not connected to the loss); "
                 "their stats are recorded as NaN. See `log.disconnected`.",
@@ -856,13 +857,13 @@ class GradWatch(keras.callbacks.Callback):
                 sq = alarm.nonfinite_sq.numpy()
                 bad = [k for k, v in zip(keys, sq, strict=True) if not np.isfinite(v)]
                 counts = self._nonfinite_counts(step, bad)
-                self._log._add_alerts([(step, k, "nonfinite", counts.get(k, np.nan)) for k in bad])
+                self._store.add_alerts([(step, k, "nonfinite", counts.get(k, np.nan)) for k in bad])
                 self._act(self.on_nonfinite, _nonfinite_message(step, counts or bad))
             else:
                 step = int(alarm.threshold_step.numpy())
                 norms = np.sqrt(alarm.threshold_sq.numpy().astype(np.float64))
                 out = {k: float(v) for k, v in zip(keys, norms, strict=True) if self._beyond(v)}
-                self._log._add_alerts([(step, k, self._kind(v), v) for k, v in out.items()])
+                self._store.add_alerts([(step, k, self._kind(v), v) for k, v in out.items()])
                 self._act(self.on_threshold, self._threshold_message(step, out))
 
     def _threshold_message(self, step: int, norms: dict) -> str:
@@ -1064,7 +1065,7 @@ class GradWatch(keras.callbacks.Callback):
         codes = dict(
             zip(
                 used,
-                self._log._add_variables(
+                self._store.add_variables(
                     [keys[i] for i in used], [tuple(variables[i].shape) for i in used]
                 ),
                 strict=True,
@@ -1087,7 +1088,7 @@ class GradWatch(keras.callbacks.Callback):
             sizes = [int(np.prod(plan.variables[i].shape)) for i in plan.value_index]
             slot_bytes = 8 + 4 * (len(plan.stat_index) * len(self.stats) + sum(sizes))
             spe = int(model.steps_per_execution)
-            n_bins = 2 * (HIST_MAX_EXP - HIST_MIN_EXP) * self.histogram + 2 if self.histogram else 0
+            n_bins = histogram_bin_count(self.histogram) if self.histogram else 0
             slot_bytes = slot_bytes + 4 * len(plan.stat_index) * n_bins
             if self.per_replica:
                 slot_bytes += 4 * _num_replicas(model) * len(plan.stat_index) * len(self.stats)

@@ -2,254 +2,45 @@
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
-import secrets
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
+from gradwatch import _files
+from gradwatch._files import (
+    COLUMNS,
+    FORMAT,
+    PART_PREFIX,
+    REPLICA_COLUMNS,
+    RUN_KEY,
+    VERSION,
+    WORKER_KEY,
+    dataset_parts,
+    new_run_id,
+    part_files,
+    run_directory,
+    streamed_metadata,
+)
+from gradwatch.log import GradientLog, from_store, store_of
 
-from gradwatch.log import GradientLog
-from gradwatch.stats import histogram_bins
-
-FORMAT = "gradwatch-log"
-VERSION = 1
-_CSV_MARK = "# " + FORMAT + " "
-COLUMNS = ("step", "epoch", "batch", "variable", "stat", "index", "value")
-REPLICA_COLUMNS = ("step", "epoch", "batch", "replica", "variable", "stat", "index", "value")
-_VALUE_STAT = "grad"  # the `stat` of rows that hold kept tensor elements
-_HIST_STAT = "hist"  # the `stat` of histogram rows: `index` is the bin, `value` the count
-
-
-def _metadata(log: GradientLog) -> dict[str, Any]:
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "variables": log.variables,
-        "stats": list(log.stat_names),
-        "shapes": {k: list(v) for k, v in log.shapes.items()},
-        "bins_per_decade": log.bins_per_decade,
-        "disconnected": log.disconnected,
-        "alerts": [[step, key, kind, value] for (step, key, kind), value in log._alerts.items()],
-        "skipped": sorted(log._skipped),
-        "per_replica": log.per_replica,
-    }
-
-
-def _table(log: GradientLog) -> pd.DataFrame:
-    """One long table: stat rows (index empty), kept elements ('grad'), histogram bins ('hist').
-
-    A log with per-replica stats has a `replica` column too, after `batch`: empty on
-    the global gradient's rows (and on kept elements and bins), the replica's
-    number on its local-gradient stats.
-    """
-    stats = log.frame
-    values = log.values_frame
-    cats = [*log.stat_names, _VALUE_STAT, _HIST_STAT]
-    frames = [
-        pd.DataFrame(
-            {
-                "step": stats["step"],
-                "epoch": stats["epoch"],
-                "batch": stats["batch"],
-                "variable": stats["variable"],
-                "stat": pd.Categorical(stats["stat"].astype(object), categories=cats),
-                "index": pd.array([pd.NA] * len(stats), dtype="Int64"),
-                "value": stats["value"],
-            }
-        ),
-        pd.DataFrame(
-            {
-                "step": values["step"],
-                "epoch": values["epoch"],
-                "batch": values["batch"],
-                "variable": values["variable"],
-                "stat": pd.Categorical([_VALUE_STAT] * len(values), categories=cats),
-                "index": values["index"].astype("Int64"),
-                "value": values["value"],
-            }
-        ),
-    ]
-    if log.bins_per_decade is not None:
-        hist = _hist_rows(log)
-        frames.append(hist.assign(stat=pd.Categorical([_HIST_STAT] * len(hist), categories=cats)))
-    if not log.per_replica:
-        return pd.concat(frames, ignore_index=True)[list(COLUMNS)]
-    frames[0]["replica"] = stats["replica"].array
-    for frame in frames[1:]:
-        frame["replica"] = pd.array([pd.NA] * len(frame), dtype="Int64")
-    return pd.concat(frames, ignore_index=True)[list(REPLICA_COLUMNS)]
-
-
-def _hist_rows(log: GradientLog) -> pd.DataFrame:
-    """Histogram counts as rows: the bin number in `index`, the count in `value`."""
-    cols: dict[str, list] = {
-        c: [] for c in ("step", "epoch", "batch", "variable", "index", "value")
-    }
-    for b in log._hist_blocks:
-        i, v, j = np.nonzero(b.data)
-        cols["step"].append(b.steps[i])
-        cols["epoch"].append(b.epochs[i])
-        cols["batch"].append(b.batches[i])
-        cols["variable"].append(b.codes[v])
-        cols["index"].append(j.astype(np.int64))
-        cols["value"].append(b.data[i, v, j].astype(np.float32))
-    data = {
-        k: np.concatenate(v) if v else np.zeros((0,), np.float32 if k == "value" else np.int64)
-        for k, v in cols.items()
-    }
-    data["variable"] = pd.Categorical.from_codes(
-        data["variable"].astype(np.int32), categories=pd.Index(log.variables, dtype=object)
-    )
-    data["index"] = pd.array(data["index"], dtype="Int64")
-    return pd.DataFrame(data)
-
-
-def _check_target(path: Any) -> Path:
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"`path` must be a str or os.PathLike. Received: path={path!r}")
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise FileNotFoundError(
-            f"Cannot write the gradwatch log to '{path}': the directory '{parent}' does "
-            "not exist. Create it first, or choose another path."
-        )
-    if path.is_dir():
-        raise IsADirectoryError(f"Cannot write the gradwatch log to '{path}': it is a directory.")
-    return path
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Writes through a temporary file in the same directory, so no half file is left."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise OSError(
-            f"Cannot write the gradwatch log to '{path}': {e.strerror or e}. Check that "
-            "the directory is writable."
-        ) from e
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OSError(f"Cannot write the gradwatch log to '{path}': {e.strerror or e}.") from e
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_csv(log: GradientLog, path: Any) -> None:
-    """Writes `log` as CSV: a `# gradwatch-log {json}` first line, then the long table."""
-    path = _check_target(path)
-    table = _table(log)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            f.write(_CSV_MARK + json.dumps(_metadata(log)) + "\n")
-            # %.9g round-trips float32 exactly.
-            table.to_csv(f, index=False, float_format="%.9g")
-
-    _atomic_write(path, write)
-
-
-def write_parquet(log: GradientLog, path: Any) -> None:
-    """Writes `log` as Parquet, with the metadata under the schema key `gradwatch`."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = _check_target(path)
-    table = pa.Table.from_pandas(_table(log), preserve_index=False)
-    meta = dict(table.schema.metadata or {})
-    meta[b"gradwatch"] = json.dumps(_metadata(log)).encode()
-    table = table.replace_schema_metadata(meta)
-    _atomic_write(path, lambda tmp: pq.write_table(table, tmp, **_PARQUET_OPTIONS))
-
-
-# Compact on disk: dictionary-encoded names, delta-encoded integer columns (steps
-# run in order, so deltas are small), byte-stream-split floats, zstd.
-_PARQUET_OPTIONS: dict[str, Any] = {
-    "compression": "zstd",
-    "use_dictionary": ["variable", "stat"],
-    "column_encoding": {
-        "step": "DELTA_BINARY_PACKED",
-        "epoch": "DELTA_BINARY_PACKED",
-        "batch": "DELTA_BINARY_PACKED",
-        "index": "DELTA_BINARY_PACKED",
-        "value": "BYTE_STREAM_SPLIT",
-    },
-}
-
-
-PART_PREFIX = "part-"
-WORKER_KEY = "worker"  # hive partition keys of a streamed log: worker=<k>/run=<id>/
-RUN_KEY = "run"
-
-
-def new_run_id() -> str:
-    """A unique run id that sorts in time order: UTC time to the microsecond, then
-    six random hex digits (two runs started in the same microsecond stay apart)."""
-    now = datetime.datetime.now(datetime.UTC)
-    return now.strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(3)
-
-
-def run_directory(path: Path, worker: int, run: str) -> Path:
-    """The hive partition that one worker's run streams its parts into."""
-    return path / f"{WORKER_KEY}={worker}" / f"{RUN_KEY}={run}"
-
-
-def part_files(directory: Path) -> list[Path]:
-    """The part files directly in one directory, in writing order."""
-    return sorted(directory.glob(f"{PART_PREFIX}*.parquet"))
-
-
-def dataset_parts(path: Path) -> dict[int, list[Path]]:
-    """The part files of a streamed log, by worker, each worker's in writing order.
-
-    Runs sort by their id, which starts with the time. The parts of an older,
-    flat log directory (`part-*.parquet` directly in `path`) count as worker
-    0's first run.
-    """
-    out: dict[int, list[Path]] = {}
-    flat = part_files(path)
-    if flat:
-        out[0] = flat
-    for directory in sorted(path.glob(f"{WORKER_KEY}=*")):
-        try:
-            worker = int(directory.name.split("=", 1)[1])
-        except ValueError:
-            continue
-        runs = sorted(r for r in directory.glob(f"{RUN_KEY}=*") if r.is_dir())
-        parts = [p for r in runs for p in part_files(r)]
-        if parts:
-            out.setdefault(worker, []).extend(parts)
-    return dict(sorted(out.items()))
-
-
-def append_part(log: GradientLog, directory: Path) -> Path:
-    """Writes the steps held in `log` as the next part file in `directory`.
-
-    Each part is a complete Parquet file with the log's metadata, written
-    through a temporary file and renamed, so a crash never leaves half a part.
-    """
-    parts = part_files(directory)
-    number = int(parts[-1].stem[len(PART_PREFIX) :]) + 1 if parts else 0
-    target = directory / f"{PART_PREFIX}{number:06d}.parquet"
-    write_parquet(log, target)
-    return target
-
-
-def streamed_metadata(path: Path, worker: int = 0) -> dict | None:
-    """The metadata of the newest part of a worker's streamed log (of any worker if
-    that one has none yet), or None if there are no parts."""
-    by_worker = dataset_parts(path)
-    parts = by_worker.get(worker) or next(iter(by_worker.values()), None)
-    return _read_parquet(parts[-1], table=False)[0] if parts else None
+__all__ = [
+    "COLUMNS",
+    "FORMAT",
+    "PART_PREFIX",
+    "REPLICA_COLUMNS",
+    "RUN_KEY",
+    "VERSION",
+    "WORKER_KEY",
+    "append_part",
+    "dataset_parts",
+    "new_run_id",
+    "part_files",
+    "read_log",
+    "run_directory",
+    "streamed_metadata",
+    "write_csv",
+    "write_parquet",
+]
 
 
 def read_log(path: Any, worker: int | None = None) -> GradientLog:
@@ -282,341 +73,47 @@ def read_log(path: Any, worker: int | None = None) -> GradientLog:
     assert same == log
     ```
     """
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"`path` must be a str or os.PathLike. Received: path={path!r}")
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"No gradwatch log at '{path}': the file does not exist.")
-    if path.is_dir():
-        return _read_streamed(path, worker)
-    if worker is not None:
-        raise ValueError(
-            f"`worker` picks a partition of a streamed log directory, but '{path}' is a "
-            f"file. Received: worker={worker!r}. Leave `worker` out for a file."
-        )
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head == b"PAR1":
-        meta, table = _read_parquet(path)
-    else:
-        meta, table = _read_csv(path)
-    return _from_table(path, meta, table)
+    return from_store(_files.read_store(path, worker))
 
 
-def _read_streamed(directory: Path, worker: int | None = None) -> GradientLog:
-    if worker is not None and (
-        isinstance(worker, bool) or not isinstance(worker, (int, np.integer)) or worker < 0
-    ):
-        raise TypeError(f"`worker` must be an integer >= 0, or None. Received: worker={worker!r}")
-    by_worker = dataset_parts(directory)
-    if not by_worker:
-        raise ValueError(
-            f"'{directory}' is a directory with no gradwatch part files ({PART_PREFIX}*.parquet, "
-            f"directly or under {WORKER_KEY}=<k>/{RUN_KEY}=<id>/). Pass a log file, or the "
-            "directory given to GradWatch(path=...)."
-        )
-    if worker is None:
-        worker = min(by_worker)
-    if worker not in by_worker:
-        raise ValueError(
-            f"'{directory}' holds no log of worker {worker}. Received: worker={worker}. "
-            f"Workers with a log there: {list(by_worker)}."
-        )
-    parts = by_worker[worker]
-    metas, tables = zip(*(_read_parquet(p) for p in parts), strict=True)
-    meta = dict(metas[-1])  # variables only grow, so the newest part names them all
-    for p, m in zip(parts, metas, strict=True):
-        if m["stats"] != meta["stats"] or m.get("bins_per_decade") != meta.get("bins_per_decade"):
-            raise ValueError(
-                f"The part '{p}' records other stats than the newest part of '{directory}': "
-                f"{m['stats']} against {meta['stats']}. A streamed log holds one set of stats."
-            )
-        meta["shapes"] = {**m["shapes"], **meta["shapes"]}
-    # A resumed log's newest part knows only its own run's alerts: merge them all.
-    meta["alerts"] = [a for m in metas for a in m.get("alerts", [])]
-    meta["skipped"] = sorted({s for m in metas for s in m.get("skipped", [])})
-    meta["disconnected"] = list(dict.fromkeys(k for m in metas for k in m.get("disconnected", [])))
-    table = pd.concat(
-        [t.astype({"variable": object, "stat": object}) for t in tables], ignore_index=True
-    )
-    return _from_table(directory, meta, table)
+def write_csv(log: GradientLog, path: Any) -> None:
+    """Writes `log` as CSV: a `# gradwatch-log {json}` first line, then the long table.
+
+    The same as `log.to_csv(path)`.
+
+    Example:
+
+    ```python
+    write_csv(log, "grads.csv")
+    ```
+    """
+    _files.write_csv(store_of(log), path)
 
 
-def _read_parquet(path: Path, table: bool = True) -> tuple[dict, pd.DataFrame | None]:
-    import pyarrow.parquet as pq
+def write_parquet(log: GradientLog, path: Any) -> None:
+    """Writes `log` as Parquet, with the metadata under the schema key `gradwatch`.
 
-    try:
-        schema = pq.read_schema(path)
-    except Exception as e:  # pyarrow raises its own error types for bad files
-        raise ValueError(f"'{path}' is not a readable Parquet file: {e}") from e
-    raw = (schema.metadata or {}).get(b"gradwatch")
-    if raw is None:
-        raise ValueError(
-            f"'{path}' is a Parquet file but not a gradwatch log: its schema has no "
-            "'gradwatch' metadata. Write logs with `GradientLog.to_parquet`."
-        )
-    meta = _parse_meta(path, raw.decode())
-    return meta, pq.read_table(path).to_pandas() if table else None
+    The same as `log.to_parquet(path)`.
+
+    Example:
+
+    ```python
+    write_parquet(log, "grads.parquet")
+    ```
+    """
+    _files.write_parquet(store_of(log), path)
 
 
-def _read_csv(path: Path) -> tuple[dict, pd.DataFrame]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            first = f.readline()
-            if not first.startswith(_CSV_MARK):
-                raise ValueError(
-                    f"'{path}' is not a gradwatch log: its first line should start with "
-                    f"'{_CSV_MARK.strip()}' followed by the log's metadata. Write logs "
-                    "with `GradientLog.to_csv` or `GradientLog.to_parquet`."
-                )
-            meta = _parse_meta(path, first[len(_CSV_MARK) :])
-            table = pd.read_csv(
-                f,
-                dtype={
-                    "variable": object,
-                    "stat": object,
-                    "index": "Int64",
-                    "replica": "Int64",
-                    "value": np.float32,
-                },
-                keep_default_na=False,
-                na_values={"value": ["", "nan", "NaN"], "index": [""], "replica": [""]},
-            )
-    except UnicodeDecodeError as e:
-        raise ValueError(f"'{path}' is not a gradwatch log: it is not a text file.") from e
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise ValueError(f"'{path}' is not a gradwatch log: its table cannot be parsed: {e}") from e
-    return meta, table
+def append_part(log: GradientLog, directory: str | os.PathLike) -> Path:
+    """Writes the steps held in `log` as the next part file in `directory`.
 
+    Each part is a complete Parquet file with the log's metadata, written
+    through a temporary file and renamed, so a crash never leaves half a part.
 
-def _parse_meta(path: Path, text: str) -> dict:
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"'{path}' is not a gradwatch log: its metadata is not JSON ({e}).") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"'{path}' is not a gradwatch log: its metadata has no format '{FORMAT}'.")
-    if meta.get("version") != VERSION:
-        raise ValueError(
-            f"'{path}' is a gradwatch log of version {meta.get('version')!r}; this gradwatch "
-            f"reads version {VERSION}. Upgrade gradwatch to read it."
-        )
-    missing = [k for k in ("variables", "stats", "shapes") if k not in meta]
-    if missing:
-        raise ValueError(f"'{path}' is not a complete gradwatch log: its metadata lacks {missing}.")
-    return meta
+    Example:
 
-
-def _from_table(path: Path, meta: dict, table: pd.DataFrame) -> GradientLog:
-    missing = [c for c in COLUMNS if c not in table.columns]
-    if missing:
-        raise ValueError(
-            f"'{path}' is not a complete gradwatch log: it lacks the columns {missing}. "
-            f"Expected: {list(COLUMNS)}"
-        )
-    variables, stats = list(meta["variables"]), list(meta["stats"])
-    bins = meta.get("bins_per_decade")
-    per_replica = bool(meta.get("per_replica", False))
-    if per_replica and "replica" not in table.columns:
-        raise ValueError(
-            f"'{path}' is not a complete gradwatch log: its metadata says it has "
-            "per-replica stats, but it lacks the column 'replica'."
-        )
-    log = GradientLog(stats, bins_per_decade=bins, per_replica=per_replica)
-    log._add_variables(variables, [meta["shapes"].get(k, ()) for k in variables])
-    log._disconnected = [k for k in meta.get("disconnected", []) if k in variables]
-    try:
-        log._add_alerts([tuple(a) for a in meta.get("alerts", [])])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"'{path}' has malformed alerts in its metadata: {e}") from e
-    try:
-        log._add_skipped(meta.get("skipped", []))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"'{path}' has malformed skipped steps in its metadata: {e}") from e
-    codes = {k: i for i, k in enumerate(variables)}
-    stat_codes = {s: i for i, s in enumerate(stats)}
-    var = table["variable"].astype(object).to_numpy()
-    stat = table["stat"].astype(object).to_numpy()
-    unknown = sorted(set(var) - set(codes), key=str)
-    if unknown:
-        raise ValueError(f"'{path}' names variables that its metadata lacks: {unknown[:5]}.")
-    unknown = sorted(set(stat) - set(stat_codes) - {_VALUE_STAT, _HIST_STAT}, key=str)
-    if unknown:
-        raise ValueError(f"'{path}' names stats that its metadata lacks: {unknown[:5]}.")
-    try:
-        step = table["step"].to_numpy(np.int64)
-        epoch = table["epoch"].to_numpy(np.int64)
-        batch = table["batch"].to_numpy(np.int64)
-        value = table["value"].to_numpy(np.float32)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"'{path}' has a step, epoch, batch or value that is not a number.") from e
-    var_code = np.asarray([codes[v] for v in var], np.int32)
-    is_value = stat == _VALUE_STAT
-    is_hist = stat == _HIST_STAT
-    s = ~(is_value | is_hist)
-    if per_replica:
-        replica = table["replica"].to_numpy(dtype=np.int64, na_value=-1)
-        local = s & (replica >= 0)
-        s = s & (replica < 0)
-        _replica_blocks_from_rows(
-            path,
-            log,
-            step[local],
-            epoch[local],
-            batch[local],
-            replica[local],
-            var_code[local],
-            np.asarray([stat_codes[x] for x in stat[local]], np.int32),
-            value[local],
-        )
-    _blocks_from_rows(
-        log,
-        step[s],
-        epoch[s],
-        batch[s],
-        var_code[s],
-        np.asarray([stat_codes[x] for x in stat[s]], np.int32),
-        value[s],
-        kind="stats",
-    )
-    if is_hist.any():
-        if bins is None:
-            raise ValueError(
-                f"'{path}' has histogram rows but no `bins_per_decade` in its metadata."
-            )
-        _hist_blocks_from_rows(
-            log,
-            step[is_hist],
-            epoch[is_hist],
-            batch[is_hist],
-            var_code[is_hist],
-            table["index"][is_hist].to_numpy(dtype=np.int64, na_value=-1),
-            value[is_hist],
-        )
-    index = table["index"][is_value].to_numpy(dtype=np.int64, na_value=-1)
-    _blocks_from_rows(
-        log,
-        step[is_value],
-        epoch[is_value],
-        batch[is_value],
-        var_code[is_value],
-        index,
-        value[is_value],
-        kind="values",
-    )
-    return log
-
-
-def _blocks_from_rows(log, step, epoch, batch, var, inner, value, kind) -> None:
-    """Rebuilds dense blocks from long rows, one block per run of steps with equal layout."""
-    if len(step) == 0:
-        return
-    order = np.lexsort((inner, var, step))
-    step, epoch, batch, var, inner, value = (
-        a[order] for a in (step, epoch, batch, var, inner, value)
-    )
-    uniq, starts = np.unique(step, return_index=True)
-    bounds = [*starts.tolist(), len(step)]
-    run: list[int] = []
-    layout = None
-
-    def flush() -> None:
-        if not run:
-            return
-        first, k = bounds[run[0]], len(run)
-        width = bounds[run[0] + 1] - first
-        rows = slice(first, bounds[run[-1] + 1])
-        data = value[rows].reshape(k, width)
-        idx = [bounds[i] for i in run]
-        if kind == "stats":
-            ns = len(log.stat_names)
-            codes = var[first : first + width : ns]
-            log._append(
-                step[idx],
-                epoch[idx],
-                batch[idx],
-                codes,
-                data.reshape(k, -1, ns),
-                np.zeros((0,), np.int32),
-                np.zeros((k, 0), np.float32),
-            )
-        else:
-            codes = np.asarray(list(dict.fromkeys(var[first : first + width].tolist())), np.int32)
-            log._append(
-                step[idx],
-                epoch[idx],
-                batch[idx],
-                np.zeros((0,), np.int32),
-                np.zeros((k, 0, len(log.stat_names)), np.float32),
-                codes,
-                data,
-            )
-
-    for i in range(len(uniq)):
-        rows = slice(bounds[i], bounds[i + 1])
-        this = (var[rows].tobytes(), inner[rows].tobytes())
-        if this != layout:
-            flush()
-            run, layout = [], this
-        run.append(i)
-    flush()
-
-
-def _replica_blocks_from_rows(path, log, step, epoch, batch, replica, var, stat, value) -> None:
-    """Rebuilds per-replica stat blocks from long rows, one block per run of steps with
-    equal layout (replicas, variables and stats)."""
-    if len(step) == 0:
-        return
-    ns = len(log.stat_names)
-    order = np.lexsort((stat, var, replica, step))
-    step, epoch, batch, replica, var, stat, value = (
-        a[order] for a in (step, epoch, batch, replica, var, stat, value)
-    )
-    uniq, starts = np.unique(step, return_index=True)
-    bounds = [*starts.tolist(), len(step)]
-    runs: list[list[int]] = []
-    layout = None
-    for i in range(len(uniq)):
-        rows = slice(bounds[i], bounds[i + 1])
-        this = (replica[rows].tobytes(), var[rows].tobytes(), stat[rows].tobytes())
-        if this != layout:
-            runs.append([])
-            layout = this
-        runs[-1].append(i)
-    for run in runs:
-        first, k = bounds[run[0]], len(run)
-        width = bounds[run[0] + 1] - first
-        ids = np.unique(replica[first : first + width])
-        n_replicas = len(ids)
-        n_vars = width // max(n_replicas * ns, 1)
-        if not np.array_equal(ids, np.arange(n_replicas)) or n_replicas * n_vars * ns != width:
-            raise ValueError(
-                f"'{path}' has per-replica rows at step {step[first]} that do not form whole "
-                "replicas 0, 1, ... with every stat of each variable."
-            )
-        data = value[first : bounds[run[-1] + 1]].reshape(k, n_replicas, n_vars, ns)
-        idx = [bounds[i] for i in run]
-        log._append_replicas(
-            step[idx], epoch[idx], batch[idx], var[first : first + width : ns][:n_vars], data
-        )
-
-
-def _hist_blocks_from_rows(log, step, epoch, batch, var, bin_index, count) -> None:
-    """Rebuilds histogram blocks from the non-empty bins in the file."""
-    n_bins = len(histogram_bins(log.bins_per_decade)[0])
-    if bin_index.min() < 0 or bin_index.max() >= n_bins:
-        raise ValueError(f"A histogram row has a bin outside 0..{n_bins - 1}.")
-    steps, first = np.unique(step, return_index=True)
-    codes = np.unique(var).astype(np.int32)
-    data = np.zeros((len(steps), len(codes), n_bins), np.int32)
-    data[np.searchsorted(steps, step), np.searchsorted(codes, var), bin_index] = count
-    log._append(
-        steps,
-        epoch[first],
-        batch[first],
-        codes,
-        np.zeros((len(steps), len(codes), 0), np.float32),
-        np.zeros((0,), np.int32),
-        np.zeros((len(steps), 0), np.float32),
-        hist=data,
-    )
+    ```python
+    append_part(log, run_directory(Path("runs/grads"), worker=0, run=new_run_id()))
+    ```
+    """
+    return _files.append_part(store_of(log), Path(directory))

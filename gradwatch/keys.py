@@ -7,8 +7,6 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-Patterns = str | re.Pattern | Sequence[str | re.Pattern]
-
 
 def variable_keys(paths: Iterable[str]) -> list[str]:
     """Makes unique keys from variable paths, in the order given.

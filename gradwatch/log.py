@@ -4,55 +4,36 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from gradwatch.keys import match_patterns, resolve_key
-from gradwatch.stats import HIST_SIGNS, STATS, histogram_bins
-
-STAT_COLUMNS = ("step", "epoch", "batch", "variable", "stat", "value")
-REPLICA_STAT_COLUMNS = ("step", "epoch", "batch", "replica", "variable", "stat", "value")
-VALUE_COLUMNS = ("step", "epoch", "batch", "variable", "index", "value")
-HISTOGRAM_COLUMNS = ("step", "variable", "lo", "hi", "sign", "count")
-SUMMARY_COLUMNS = (
-    "first_norm",
-    "last_norm",
-    "median_norm",
-    "max_norm",
-    "nonfinite",
-    "first_nonfinite_step",
+from gradwatch._files import write_csv, write_parquet
+from gradwatch._frames import (
+    HISTOGRAM_COLUMNS,
+    REPLICA_STAT_COLUMNS,
+    STAT_COLUMNS,
+    VALUE_COLUMNS,
+    bins,
+    histogram_table,
+    histograms_frame,
+    stat_frame,
+    values_frame,
 )
+from gradwatch._frames import steps as recorded_steps
+from gradwatch._store import Store
+from gradwatch.keys import match_patterns, resolve_key
+from gradwatch.stats import STATS
 
-
-@dataclass
-class _StatBlock:
-    steps: np.ndarray  # int64 (k,)
-    epochs: np.ndarray  # int64 (k,)
-    batches: np.ndarray  # int64 (k,)
-    codes: np.ndarray  # int32 (n_variables,): positions in GradientLog.variables
-    data: np.ndarray  # float32 (k, n_variables, n_stats)
-
-
-@dataclass
-class _ReplicaBlock:
-    steps: np.ndarray
-    epochs: np.ndarray
-    batches: np.ndarray
-    codes: np.ndarray  # int32 (n_variables,)
-    data: np.ndarray  # float32 (k, n_replicas, n_variables, n_stats), replicas 0, 1, ...
-
-
-@dataclass
-class _ValueBlock:
-    steps: np.ndarray
-    epochs: np.ndarray
-    batches: np.ndarray
-    codes: np.ndarray  # int32 (n_kept,)
-    # float32 (k, sum of sizes): each step's kept tensors, flattened, in code order
-    data: np.ndarray
+__all__ = [
+    "HISTOGRAM_COLUMNS",
+    "REPLICA_STAT_COLUMNS",
+    "STAT_COLUMNS",
+    "VALUE_COLUMNS",
+    "GradientLog",
+    "global_norms",
+]
 
 
 class GradientLog:
@@ -90,137 +71,28 @@ class GradientLog:
         bins_per_decade: int | None = None,
         per_replica: bool = False,
     ):
-        self._stats = tuple(stats)
-        self._bins_per_decade = bins_per_decade
-        self._per_replica = bool(per_replica)
-        self._replica_blocks: list[_ReplicaBlock] = []
-        self._hist_blocks: list[_StatBlock] = []
-        self._disconnected: list[str] = []
-        self._alerts: dict[tuple[int, str, str], float] = {}
-        self._skipped: set[int] = set()
-        self._variables: list[str] = []
-        self._codes: dict[str, int] = {}
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        self._blocks: list[_StatBlock] = []
-        self._value_blocks: list[_ValueBlock] = []
-        self._cache: dict[str, Any] = {}
-
-    # ----------------------------------------------------------------- writing
-    def _add_variables(self, keys: Sequence[str], shapes: Sequence[Sequence[int]]) -> np.ndarray:
-        """Registers keys (new ones go last) and returns their codes."""
-        for key, shape in zip(keys, shapes, strict=True):
-            if key not in self._codes:
-                self._codes[key] = len(self._variables)
-                self._variables.append(key)
-            self._shapes[key] = tuple(int(d) for d in shape)
-        return np.asarray([self._codes[k] for k in keys], dtype=np.int32)
-
-    def _append(
-        self,
-        steps: np.ndarray,
-        epochs: np.ndarray,
-        batches: np.ndarray,
-        stat_codes: np.ndarray,
-        stats: np.ndarray,
-        value_codes: np.ndarray,
-        values: np.ndarray,
-        hist: np.ndarray | None = None,
-        replica_stats: np.ndarray | None = None,
-    ) -> None:
-        """Appends k recorded steps: stats `(k, n_vars, n_stats)`, values `(k, total)`.
-
-        `hist`, if given, holds `(k, n_vars, n_bins)` counts for the stat variables,
-        and `replica_stats` `(k, n_replicas, n_vars, n_stats)` local-gradient stats.
-        """
-        if len(steps) == 0:
-            return
-        steps = np.asarray(steps, np.int64)
-        epochs = np.asarray(epochs, np.int64)
-        batches = np.asarray(batches, np.int64)
-        # Blocks keep their variables in code order, so that frames are canonical.
-        if len(stat_codes):
-            perm = np.argsort(stat_codes, kind="stable")
-            if stats.shape[2]:
-                self._blocks.append(
-                    _StatBlock(steps, epochs, batches, stat_codes[perm], stats[:, perm, :])
-                )
-            if hist is not None:
-                self._hist_blocks.append(
-                    _StatBlock(steps, epochs, batches, stat_codes[perm], hist[:, perm, :])
-                )
-            if replica_stats is not None:
-                self._append_replicas(steps, epochs, batches, stat_codes, replica_stats)
-        if len(value_codes):
-            sizes = [self._size(self._variables[c]) for c in value_codes]
-            offsets = np.concatenate([[0], np.cumsum(sizes)])
-            perm = np.argsort(value_codes, kind="stable")
-            cols = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in perm]).astype(
-                np.int64
-            )
-            self._value_blocks.append(
-                _ValueBlock(steps, epochs, batches, value_codes[perm], values[:, cols])
-            )
-        self._cache.clear()
-
-    def _append_replicas(
-        self,
-        steps: np.ndarray,
-        epochs: np.ndarray,
-        batches: np.ndarray,
-        codes: np.ndarray,
-        data: np.ndarray,
-    ) -> None:
-        """Appends the local-gradient stats `(k, n_replicas, n_vars, n_stats)` of k steps."""
-        if not len(steps) or not data.shape[1] or not data.shape[3]:
-            return
-        perm = np.argsort(codes, kind="stable")
-        self._replica_blocks.append(
-            _ReplicaBlock(
-                np.asarray(steps, np.int64),
-                np.asarray(epochs, np.int64),
-                np.asarray(batches, np.int64),
-                codes[perm],
-                data[:, :, perm, :],
-            )
-        )
-        self._cache.clear()
-
-    def _clear_blocks(self) -> None:
-        """Forgets the recorded steps (after they were written out); keeps the variables."""
-        self._blocks, self._hist_blocks, self._value_blocks = [], [], []
-        self._replica_blocks = []
-        self._cache.clear()
+        self._store = Store(stats, bins_per_decade=bins_per_decade, per_replica=per_replica)
 
     # ---------------------------------------------------------------- metadata
     @property
     def variables(self) -> list[str]:
         """The keys of the recorded variables, in model order."""
-        return list(self._variables)
+        return list(self._store.variables)
 
     @property
     def stat_names(self) -> tuple[str, ...]:
         """The names of the recorded stats, in column order."""
-        return self._stats
+        return self._store.stats
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """The shape of each recorded variable, by key."""
-        return dict(self._shapes)
+        return dict(self._store.shapes)
 
     @property
     def steps(self) -> np.ndarray:
         """The recorded step numbers, sorted, as an int64 array."""
-        if "steps" not in self._cache:
-            blocks = (*self._blocks, *self._hist_blocks, *self._value_blocks, *self._replica_blocks)
-            parts = [b.steps for b in blocks]
-            self._cache["steps"] = (
-                np.unique(np.concatenate(parts)) if parts else np.zeros((0,), np.int64)
-            )
-        return self._cache["steps"]
-
-    def _add_alerts(self, rows: Sequence[tuple[int, str, str, float]]) -> None:
-        for step, key, kind, value in rows:
-            self._alerts[(int(step), key, kind)] = float(value)
+        return recorded_steps(self._store)
 
     @property
     def alerts(self) -> pd.DataFrame:
@@ -230,7 +102,7 @@ class GradientLog:
         `"max_norm"` or `"min_norm"` (value: the norm). Recorded steps give every
         alert; steps that `every` skips give the first alert of each kind.
         """
-        rows = sorted(self._alerts.items(), key=lambda kv: kv[0])
+        rows = sorted(self._store.alerts.items(), key=lambda kv: kv[0])
         return pd.DataFrame(
             {
                 "step": np.asarray([k[0] for k, _ in rows], np.int64),
@@ -250,15 +122,13 @@ class GradientLog:
         log.first_nonfinite()  # (1234, ['net/dense/kernel'])
         ```
         """
-        steps = [k[0] for k in self._alerts if k[2] == "nonfinite"]
+        alerts = self._store.alerts
+        steps = [k[0] for k in alerts if k[2] == "nonfinite"]
         if not steps:
             return None
         first = min(steps)
-        keys = {k[1] for k in self._alerts if k[2] == "nonfinite" and k[0] == first}
-        return first, [k for k in self._variables if k in keys]
-
-    def _add_skipped(self, steps: Sequence[int]) -> None:
-        self._skipped.update(int(s) for s in steps)
+        keys = {k[1] for k in alerts if k[2] == "nonfinite" and k[0] == first}
+        return first, [k for k in self._store.variables if k in keys]
 
     @property
     def skipped_steps(self) -> np.ndarray:
@@ -275,12 +145,12 @@ class GradientLog:
         log.skipped_steps  # array([0, 1])
         ```
         """
-        return np.asarray(sorted(self._skipped), np.int64)
+        return np.asarray(sorted(self._store.skipped), np.int64)
 
     @property
     def per_replica(self) -> bool:
         """Whether the log holds per-replica stats (`GradWatch(per_replica=True)`)."""
-        return self._per_replica
+        return self._store.per_replica
 
     @property
     def replicas(self) -> list[int]:
@@ -294,7 +164,7 @@ class GradientLog:
         log.replicas  # [0, 1] under a MirroredStrategy over two devices
         ```
         """
-        n = max((b.data.shape[1] for b in self._replica_blocks), default=0)
+        n = max((b.data.shape[1] for b in self._store.replica_blocks), default=0)
         return list(range(n))
 
     @property
@@ -303,20 +173,20 @@ class GradientLog:
 
         Their stats are recorded as NaN.
         """
-        return list(self._disconnected)
+        return list(self._store.disconnected)
 
     @property
     def bins_per_decade(self) -> int | None:
         """The histogram resolution, or `None` when no histograms were recorded."""
-        return self._bins_per_decade
+        return self._store.bins_per_decade
 
     @property
     def value_variables(self) -> list[str]:
         """The keys whose full gradient tensors were kept (`values=`), in model order."""
         codes = set()
-        for b in self._value_blocks:
+        for b in self._store.value_blocks:
             codes.update(int(c) for c in b.codes)
-        return [k for k in self._variables if self._codes[k] in codes]
+        return [k for k, c in self._store.codes.items() if c in codes]
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -326,7 +196,7 @@ class GradientLog:
         span = f"steps {steps[0]}..{steps[-1]}" if len(steps) else "no steps"
         return (
             f"GradientLog({len(steps)} recorded steps, {span}, "
-            f"{len(self._variables)} variables, stats={list(self._stats)})"
+            f"{len(self._store.variables)} variables, stats={list(self._store.stats)})"
         )
 
     # ------------------------------------------------------------------ frames
@@ -343,46 +213,7 @@ class GradientLog:
         gradient, the replica's number on the rows of its local gradient. Each
         step's global rows come first, then replica 0's, 1's, ...
         """
-        if "frame" not in self._cache:
-            self._cache["frame"] = self._build_frame()
-        return self._cache["frame"]
-
-    def _build_frame(self) -> pd.DataFrame:
-        ns = len(self._stats)
-        names = REPLICA_STAT_COLUMNS if self._per_replica else STAT_COLUMNS
-        cols: dict[str, list[np.ndarray]] = {c: [] for c in names}
-        for b in self._blocks:
-            k, nv = b.data.shape[0], b.data.shape[1]
-            per_step = nv * ns
-            cols["step"].append(np.repeat(b.steps, per_step))
-            cols["epoch"].append(np.repeat(b.epochs, per_step))
-            cols["batch"].append(np.repeat(b.batches, per_step))
-            cols["variable"].append(np.tile(np.repeat(b.codes, ns), k))
-            cols["stat"].append(np.tile(np.arange(ns, dtype=np.int32), k * nv))
-            cols["value"].append(b.data.reshape(-1))
-            if self._per_replica:
-                cols["replica"].append(np.full(k * per_step, -1, np.int64))
-        if not self._per_replica:
-            return self._assemble(cols, {"stat": self._stats}, names)
-        for b in self._replica_blocks:
-            k, nr, nv = b.data.shape[:3]
-            per_step = nr * nv * ns
-            cols["step"].append(np.repeat(b.steps, per_step))
-            cols["epoch"].append(np.repeat(b.epochs, per_step))
-            cols["batch"].append(np.repeat(b.batches, per_step))
-            cols["replica"].append(np.tile(np.repeat(np.arange(nr), nv * ns), k))
-            cols["variable"].append(np.tile(np.repeat(b.codes, ns), k * nr))
-            cols["stat"].append(np.tile(np.arange(ns, dtype=np.int32), k * nr * nv))
-            cols["value"].append(b.data.reshape(-1))
-        frame = self._assemble(cols, {"stat": self._stats}, names)
-        # Global rows (-1) first within each step; a stable sort keeps variable order.
-        replica = frame["replica"].to_numpy()
-        order = np.lexsort((replica, frame["step"].to_numpy()))
-        frame = frame.iloc[order].reset_index(drop=True)
-        ids = pd.array(replica[order], dtype="Int64")
-        ids[replica[order] < 0] = pd.NA
-        frame["replica"] = ids
-        return frame
+        return stat_frame(self._store)
 
     @property
     def values_frame(self) -> pd.DataFrame:
@@ -391,43 +222,7 @@ class GradientLog:
         Columns: `step`, `epoch`, `batch`, `variable` (Categorical), `index`
         (int64, the element's flat position in C order), `value` (float32).
         """
-        if "values_frame" not in self._cache:
-            cols: dict[str, list[np.ndarray]] = {c: [] for c in VALUE_COLUMNS}
-            for b in self._value_blocks:
-                k = b.data.shape[0]
-                sizes = [self._size(self._variables[c]) for c in b.codes]
-                per_step = int(sum(sizes))
-                cols["step"].append(np.repeat(b.steps, per_step))
-                cols["epoch"].append(np.repeat(b.epochs, per_step))
-                cols["batch"].append(np.repeat(b.batches, per_step))
-                cols["variable"].append(np.tile(np.repeat(b.codes, sizes), k))
-                index = np.concatenate([np.arange(s, dtype=np.int64) for s in sizes])
-                cols["index"].append(np.tile(index, k))
-                cols["value"].append(b.data.reshape(-1))
-            self._cache["values_frame"] = self._assemble(cols, {}, VALUE_COLUMNS)
-        return self._cache["values_frame"]
-
-    def _size(self, key: str) -> int:
-        return int(np.prod(self._shapes[key], dtype=np.int64))
-
-    def _assemble(
-        self, cols: dict[str, list[np.ndarray]], categories: dict[str, Sequence[str]], names
-    ) -> pd.DataFrame:
-        dtypes = {"value": np.float32, "variable": np.int32, "stat": np.int32}
-        data: dict[str, Any] = {}
-        for name in names:
-            parts = cols[name]
-            arr = np.concatenate(parts) if parts else np.zeros((0,), dtypes.get(name, np.int64))
-            if name == "variable":
-                data[name] = pd.Categorical.from_codes(arr, categories=self._variables_index())
-            elif name in categories:
-                data[name] = pd.Categorical.from_codes(arr, categories=list(categories[name]))
-            else:
-                data[name] = arr
-        return pd.DataFrame(data)
-
-    def _variables_index(self) -> pd.Index:
-        return pd.Index(self._variables, dtype=object)
+        return values_frame(self._store)
 
     # ----------------------------------------------------------------- queries
     def key(self, name: str) -> str:
@@ -439,7 +234,7 @@ class GradientLog:
         log.key("dense/kernel")  # 'sequential/dense/kernel'
         ```
         """
-        return resolve_key(name, self._variables)
+        return resolve_key(name, self._store.variables)
 
     def stat(self, name: str, replica: int | None = None) -> pd.DataFrame:
         """One stat as a wide frame: index `step`, one column per variable in model order.
@@ -470,23 +265,24 @@ class GradientLog:
                     f"{self.replicas} (record them with GradWatch(per_replica=True))."
                 )
             mask = mask & (frame["replica"] == replica).fillna(False).to_numpy(bool)
-        elif self._per_replica:
+        elif self._store.per_replica:
             mask = mask & frame["replica"].isna().to_numpy()
         sub = frame[mask]
         wide = sub.pivot(index="step", columns="variable", values="value")
-        keys = [k for k in self._variables if k in set(sub["variable"].astype(object))]
+        present = set(sub["variable"].astype(object))
+        keys = [k for k in self._store.variables if k in present]
         wide = wide.reindex(columns=pd.Index(keys, dtype=object, name="variable"))
         return wide
 
     def _check_stat(self, name: Any) -> None:
-        if not isinstance(name, str) or name not in self._stats:
+        if not isinstance(name, str) or name not in self._store.stats:
             hint = (
                 f" It is a known stat; record it with GradWatch(stats=[..., {name!r}])."
                 if name in STATS
                 else ""
             )
             raise KeyError(
-                f"The stat {name!r} was not recorded.{hint} Recorded: {list(self._stats)}"
+                f"The stat {name!r} was not recorded.{hint} Recorded: {list(self._store.stats)}"
             )
 
     def select(
@@ -518,7 +314,7 @@ class GradientLog:
         frame = self.frame
         mask = np.ones(len(frame), dtype=bool)
         if variables is not None:
-            keys = match_patterns(variables, self._variables, "variables")
+            keys = match_patterns(variables, self._store.variables, "variables")
             mask &= frame["variable"].isin(keys).to_numpy()
         if stats is not None:
             names = [stats] if isinstance(stats, str) else stats
@@ -554,13 +350,15 @@ class GradientLog:
         log.gradient("dense/kernel", step=0)
         ```
         """
+        store = self._store
         key = self.key(variable)
-        found, kept = _find(self._value_blocks, self._codes[key], step)
+        found, kept = _find(store.value_blocks, store.codes[key], step)
         if found is not None:
             b, col, row = found
-            sizes = [self._size(self._variables[c]) for c in b.codes]
+            variables = store.variables
+            sizes = [store.size(variables[c]) for c in b.codes]
             start = int(sum(sizes[:col]))
-            return b.data[row, start : start + sizes[col]].reshape(self._shapes[key]).copy()
+            return b.data[row, start : start + sizes[col]].reshape(store.shapes[key]).copy()
         if not kept:
             raise KeyError(
                 f"The gradient tensor of {key!r} was not kept; only its stats were "
@@ -568,13 +366,13 @@ class GradientLog:
                 f"values='*'). Kept: {self.value_variables}"
             )
         raise KeyError(
-            f"Step {step!r} of {key!r} was not recorded. {self._range_text(self._codes[key])}"
+            f"Step {step!r} of {key!r} was not recorded. {self._range_text(store.codes[key])}"
         )
 
     def _range_text(self, code: int) -> str:
         steps = np.unique(
             np.concatenate(
-                [b.steps for b in self._value_blocks if code in b.codes]
+                [b.steps for b in self._store.value_blocks if code in b.codes]
                 or [np.zeros((0,), np.int64)]
             )
         )
@@ -595,41 +393,7 @@ class GradientLog:
         `gradwatch.stats.histogram_bins`; the counts of a variable at a step sum
         to its number of elements.
         """
-        if "histograms" not in self._cache:
-            lo, hi, sign = self._bins()
-            cols: dict[str, list[np.ndarray]] = {c: [] for c in HISTOGRAM_COLUMNS}
-            for b in self._hist_blocks:
-                i, v, j = np.nonzero(b.data)
-                cols["step"].append(b.steps[i])
-                cols["variable"].append(b.codes[v])
-                cols["lo"].append(lo[j])
-                cols["hi"].append(hi[j])
-                cols["sign"].append(sign[j])
-                cols["count"].append(b.data[i, v, j].astype(np.int64))
-            self._cache["histograms"] = self._hist_frame(cols)
-        return self._cache["histograms"]
-
-    def _bins(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if self._bins_per_decade is None:
-            raise KeyError(
-                "No histograms were recorded. Record them with GradWatch(histogram=True)."
-            )
-        lo, hi, sign = histogram_bins(self._bins_per_decade)
-        codes = np.asarray([HIST_SIGNS.index(x) for x in sign], np.int8)
-        return lo, hi, codes
-
-    def _hist_frame(self, cols: dict[str, list[np.ndarray]]) -> pd.DataFrame:
-        dtypes = {"lo": np.float64, "hi": np.float64, "sign": np.int8, "variable": np.int32}
-        data = {
-            name: np.concatenate(parts) if parts else np.zeros((0,), dtypes.get(name, np.int64))
-            for name, parts in cols.items()
-        }
-        if "variable" in data:
-            data["variable"] = pd.Categorical.from_codes(
-                data["variable"], categories=self._variables_index()
-            )
-        data["sign"] = pd.Categorical.from_codes(data["sign"], categories=list(HIST_SIGNS))
-        return pd.DataFrame(data)
+        return histograms_frame(self._store)
 
     def histogram(self, variable: str, step: int) -> pd.DataFrame:
         """The full histogram of one variable's gradient at one step, empty bins included.
@@ -652,19 +416,22 @@ class GradientLog:
         h[h["count"] > 0]
         ```
         """
-        lo, hi, sign = self._bins()
+        store = self._store
+        lo, hi, sign = bins(store)
         key = self.key(variable)
-        found, seen = _find(self._hist_blocks, self._codes[key], step)
+        found, seen = _find(store.hist_blocks, store.codes[key], step)
         if found is not None:
             b, col, row = found
             counts = b.data[row, col].astype(np.int64)
-            return self._hist_frame({"lo": [lo], "hi": [hi], "sign": [sign], "count": [counts]})
+            return histogram_table(
+                store, {"lo": [lo], "hi": [hi], "sign": [sign], "count": [counts]}
+            )
         if not seen:
             raise KeyError(
                 f"No histogram of {key!r} was recorded: it is not among the variables "
                 "selected with `variables=`."
             )
-        steps = np.unique(np.concatenate([b.steps for b in self._hist_blocks]))
+        steps = np.unique(np.concatenate([b.steps for b in store.hist_blocks]))
         raise KeyError(
             f"Step {step!r} of {key!r} was not recorded. Recorded: {len(steps)} steps "
             f"from {steps[0]} to {steps[-1]}."
@@ -684,10 +451,10 @@ class GradientLog:
         log.global_norm().plot()
         ```
         """
-        wide = self.stat("norm").astype(np.float64)
-        out = np.sqrt((wide**2).sum(axis=1, min_count=1))
-        out.name = "global_norm"
-        return out
+        wide = self.stat("norm")
+        return pd.Series(
+            global_norms(wide.to_numpy(np.float64)), index=wide.index, name="global_norm"
+        )
 
     def by_layer(self, stat: str) -> pd.DataFrame:
         """One stat aggregated per layer: index `step`, one column per layer.
@@ -719,7 +486,7 @@ class GradientLog:
         wide = self.stat(stat).astype(np.float64)
         layer_of = {k: k.rsplit("/", 1)[0] if "/" in k else k for k in wide.columns}
         layers = list(dict.fromkeys(layer_of.values()))
-        size = pd.Series({k: float(self._size(k)) for k in wide.columns})
+        size = pd.Series({k: float(self._store.size(k)) for k in wide.columns})
         out = {}
         for layer in layers:
             cols = [k for k in wide.columns if layer_of[k] == layer]
@@ -735,7 +502,7 @@ class GradientLog:
             elif stat in ("mean", "zero_frac"):
                 out[layer] = (part * size[cols]).sum(axis=1, min_count=1) / size[cols].sum()
             elif stat == "std":
-                if "mean" not in self._stats:
+                if "mean" not in self._store.stats:
                     raise KeyError("Pooling `std` per layer needs `mean` recorded too.")
                 mean = self.stat("mean").astype(np.float64)[cols]
                 n = size[cols]
@@ -772,7 +539,7 @@ class GradientLog:
         )
         out["median_norm"] = ordered.median()
         out["max_norm"] = ordered.max()
-        if "nonfinite" in self._stats:
+        if "nonfinite" in self._store.stats:
             bad = self.stat("nonfinite").reindex(columns=norm.columns)
             out["nonfinite"] = bad.sum().astype(np.int64)
             first = [(bad[c] > 0).idxmax() if (bad[c] > 0).any() else pd.NA for c in bad.columns]
@@ -792,9 +559,7 @@ class GradientLog:
         log.to_csv("grads.csv")
         ```
         """
-        from gradwatch.io import write_csv
-
-        write_csv(self, path)
+        write_csv(self._store, path)
 
     def to_parquet(self, path: Any) -> None:
         """Writes the log to a Parquet file that `gradwatch.read_log` reads back.
@@ -805,25 +570,24 @@ class GradientLog:
         log.to_parquet("grads.parquet")
         ```
         """
-        from gradwatch.io import write_parquet
-
-        write_parquet(self, path)
+        write_parquet(self._store, path)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, GradientLog):
             return NotImplemented
+        a, b = self._store, other._store
         return (
-            self._stats == other._stats
-            and self._per_replica == other._per_replica
-            and self._bins_per_decade == other._bins_per_decade
-            and self._disconnected == other._disconnected
-            and self._alerts == other._alerts
-            and self._skipped == other._skipped
-            and self._variables == other._variables
-            and self._shapes == other._shapes
+            a.stats == b.stats
+            and a.per_replica == b.per_replica
+            and a.bins_per_decade == b.bins_per_decade
+            and a.disconnected == b.disconnected
+            and dict(a.alerts) == dict(b.alerts)
+            and a.skipped == b.skipped
+            and a.variables == b.variables
+            and dict(a.shapes) == dict(b.shapes)
             and self.frame.equals(other.frame)
             and self.values_frame.equals(other.values_frame)
-            and (self._bins_per_decade is None or self.histograms.equals(other.histograms))
+            and (a.bins_per_decade is None or self.histograms.equals(other.histograms))
         )
 
     __hash__ = None  # type: ignore[assignment]
@@ -870,3 +634,39 @@ def _step_mask(step: np.ndarray, steps: Any) -> np.ndarray:
         "`steps` must be an int, a list of ints, or a slice such as slice(0, 100). "
         f"Received: steps={steps!r}"
     )
+
+
+def from_store(store: Store) -> GradientLog:
+    """The `GradientLog` over a store (package-internal): its queries see later writes."""
+    log = GradientLog.__new__(GradientLog)
+    log._store = store
+    return log
+
+
+def store_of(log: GradientLog) -> Store:
+    """The store that a `GradientLog` queries (package-internal: what gradwatch writes)."""
+    return log._store
+
+
+def global_norms(norms: np.ndarray) -> np.ndarray:
+    """The global gradient norm of each step: `sqrt(sum_v norm_v**2)` over each row.
+
+    NaN norms (disconnected variables) are left out; a row with no norm at all
+    gives NaN.
+
+    Args:
+        norms: Per-variable gradient norms, shape `(k, n)`.
+
+    Returns:
+        A float64 array of shape `(k,)`.
+
+    Example:
+
+    >>> global_norms(np.array([[3.0, 4.0], [np.nan, 2.0], [np.nan, np.nan]])).tolist()
+    [5.0, 2.0, nan]
+    """
+    norms = np.asarray(norms, np.float64)
+    with np.errstate(invalid="ignore"):
+        squares = np.where(np.isnan(norms), 0.0, norms**2)
+    has_norm = (~np.isnan(norms)).any(axis=1)
+    return np.where(has_norm, np.sqrt(squares.sum(axis=1)), np.nan)

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from gradwatch.log import GradientLog
-from gradwatch.stats import HIST_MAX_EXP, HIST_MIN_EXP
+from gradwatch.log import GradientLog, global_norms, store_of
+from gradwatch.stats import HIST_MIN_EXP, histogram_bin_count
 
 NORM_TAG = "norm/"
 GLOBAL_NORM_TAG = "global_norm"
@@ -101,10 +101,7 @@ class TensorBoardWriter:
             totals = histograms.sum(axis=2)
         if norms is not None:
             norms = np.asarray(norms, np.float64)
-            with np.errstate(invalid="ignore"):
-                squares = np.where(np.isnan(norms), 0.0, norms**2)
-            has_norm = (~np.isnan(norms)).any(axis=1)
-            global_norms = np.where(has_norm, np.sqrt(squares.sum(axis=1)), np.nan)
+            global_norm = global_norms(norms)
         for row, step in enumerate(steps):
             summary = summary_pb2.Summary()
             # NaN norms (disconnected variables) and histograms with no element
@@ -113,8 +110,8 @@ class TensorBoardWriter:
                 for key, value in zip(keys, norms[row], strict=True):
                     if not np.isnan(value):
                         self._scalar(summary, NORM_TAG + key, value)
-                if not np.isnan(global_norms[row]):
-                    self._scalar(summary, GLOBAL_NORM_TAG, global_norms[row])
+                if not np.isnan(global_norm[row]):
+                    self._scalar(summary, GLOBAL_NORM_TAG, global_norm[row])
             if magnitudes is not None:
                 for key, counts, total in zip(keys, magnitudes[row], totals[row], strict=True):
                     if total:
@@ -195,7 +192,7 @@ _file_numbers = itertools.count()
 def _magnitude_counts(hist: np.ndarray, bins_per_decade: int) -> tuple[np.ndarray, np.ndarray]:
     """`(k, n, n_bins)` signed counts -> `(k, n, K)` counts by magnitude, and the K + 1
     edges in log10 |g|."""
-    k = (HIST_MAX_EXP - HIST_MIN_EXP) * bins_per_decade
+    k = histogram_bin_count(bins_per_decade) // 2 - 1  # bins per sign
     negative = hist[..., :k][..., ::-1]  # "-" bins run from the most negative value up
     positive = hist[..., k + 1 : 2 * k + 1]
     edges = HIST_MIN_EXP + np.arange(k + 1) / bins_per_decade
@@ -248,16 +245,17 @@ def write_tensorboard(log: GradientLog, logdir: str | os.PathLike, progress: boo
 
 def _chunks(log: GradientLog, size: int = 256) -> Iterator[tuple[np.ndarray, list[str], Any, Any]]:
     """The log in runs of `size` steps: `(steps, keys, norms or None, histograms or None)`."""
+    hist_blocks = store_of(log).hist_blocks
     wide = log.stat("norm") if "norm" in log.stat_names else None
     if wide is not None:
         keys = list(wide.columns)
     else:
-        codes = np.unique(np.concatenate([b.codes for b in log._hist_blocks] or [[]]))
+        codes = np.unique(np.concatenate([b.codes for b in hist_blocks] or [[]]))
         keys = [log.variables[int(c)] for c in codes]
     column = {log.variables.index(k): i for i, k in enumerate(keys)}
     n_bins = None
     if log.bins_per_decade is not None:
-        n_bins = 2 * (HIST_MAX_EXP - HIST_MIN_EXP) * log.bins_per_decade + 2
+        n_bins = histogram_bin_count(log.bins_per_decade)
     steps = log.steps
     for start in range(0, len(steps), size):
         chunk = steps[start : start + size]
@@ -265,7 +263,7 @@ def _chunks(log: GradientLog, size: int = 256) -> Iterator[tuple[np.ndarray, lis
         hist = None
         if n_bins is not None:
             hist = np.zeros((len(chunk), len(keys), n_bins), np.int64)
-            for b in log._hist_blocks:
+            for b in hist_blocks:
                 rows = np.searchsorted(chunk, b.steps)
                 inside = (rows < len(chunk)) & (chunk[np.minimum(rows, len(chunk) - 1)] == b.steps)
                 if not inside.any():

@@ -40,7 +40,7 @@ MUTATIONS = (
     Mutation(
         "zero-frac-over-finite",
         "`zero_frac` divides by the finite elements instead of all elements",
-        "gradwatch/stats.py",
+        "gradwatch/_compute.py",
         '"zero_frac": ops.sum(ops.cast(ops.equal(x, 0.0), "float32"), axis=1) / n,',
         '"zero_frac": ops.sum(ops.cast(ops.equal(x, 0.0), "float32"), axis=1) / safe_n,',
         ("tests/test_stats.py",),
@@ -116,7 +116,7 @@ MUTATIONS = (
     Mutation(
         "one-pass-guard-too-loose",
         "the one-pass variance stands where the mean dominates the spread",
-        "gradwatch/stats.py",
+        "gradwatch/_compute.py",
         'ops.all(ops.square(cols["mean"]) <= 16.0 * var)',
         'ops.all(ops.square(cols["mean"]) <= 1e12 * var)',
         ("tests/test_stats.py",),
@@ -124,7 +124,7 @@ MUTATIONS = (
     Mutation(
         "std-with-bessel-correction",
         "`std` divides by n - 1 instead of n on the exact path",
-        "gradwatch/stats.py",
+        "gradwatch/_compute.py",
         "ops.sqrt(ops.sum(ops.square(centred), axis=1) / safe_n)",
         "ops.sqrt(ops.sum(ops.square(centred), axis=1) / ops.maximum(safe_n - 1.0, 1.0))",
         ("tests/test_stats.py",),
@@ -132,7 +132,7 @@ MUTATIONS = (
     Mutation(
         "min-ignores-minus-inf",
         "`min` leaves out -Inf instead of only NaN",
-        "gradwatch/stats.py",
+        "gradwatch/_compute.py",
         '"min": ops.where(none_left, nan, ops.min(ops.where(notnan, x, math.inf), axis=1)),',
         '"min": ops.where(none_left, nan, ops.min(ops.where(finite, x, math.inf), axis=1)),',
         ("tests/test_stats.py",),
@@ -140,7 +140,7 @@ MUTATIONS = (
     Mutation(
         "histogram-edge-to-lower-bin",
         "a magnitude exactly on a bin edge falls in the bin below (`lo < |g| <= hi`)",
-        "gradwatch/stats.py",
+        "gradwatch/_compute.py",
         'j = g - 1 + ops.cast(safe >= ops.take(edges, g), "int32")',
         'j = g - 1 + ops.cast(safe > ops.take(edges, g), "int32")',
         ("tests/test_callback.py::test_histogram_bins_edges_zeros_nonfinite_and_extremes_exactly",),
@@ -189,8 +189,8 @@ MUTATIONS = (
     Mutation(
         "skipped-steps-not-saved",
         "the steps a loss-scale optimizer skipped are lost in CSV and Parquet files",
-        "gradwatch/io.py",
-        '"skipped": sorted(log._skipped),',
+        "gradwatch/_files.py",
+        '"skipped": sorted(store.skipped),',
         '"skipped": [],',
         ("tests/test_alarms.py::test_skipped_steps_round_trip_through_files",),
     ),

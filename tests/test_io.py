@@ -9,20 +9,21 @@ import pytest
 from reference import np_stats, reference_bins
 
 import gradwatch
-from gradwatch.log import GradientLog
+from gradwatch.log import GradientLog, store_of
 
 
 def _odd_log():
     """A log with NaN, ±Inf, a disconnected row and two variable layouts."""
     log = GradientLog(stats=("norm", "max"))
-    a = log._add_variables(["m/a", "m/b"], [(2,), (1, 3)])
+    store = store_of(log)
+    a = store.add_variables(["m/a", "m/b"], [(2,), (1, 3)])
     stats = np.array(
         [[[1.0, np.nan], [np.inf, -np.inf]], [[np.nan, np.nan], [0.5, 3e-8]]], np.float32
     )
     values = np.array([[1.0, np.nan, 2.0, 3.0, -np.inf], [0.0, 1e-30, 4.0, 5.0, 6.0]], np.float32)
-    log._append(np.array([0, 1]), np.zeros(2), np.array([0, 1]), a, stats, a, values)
-    c = log._add_variables(["m/c"], [()])
-    log._append(
+    store.append(np.array([0, 1]), np.zeros(2), np.array([0, 1]), a, stats, a, values)
+    c = store.add_variables(["m/c"], [()])
+    store.append(
         np.array([5]),
         np.array([1]),
         np.array([0]),

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 
 import gradwatch
 from gradwatch import plot
-from gradwatch.log import GradientLog
+from gradwatch.log import GradientLog, store_of
 from gradwatch.stats import HIST_MAX_EXP, HIST_MIN_EXP
 
 RED = matplotlib.colors.to_rgba(plot.NONFINITE_COLOR)
@@ -195,8 +195,8 @@ def test_plot_errors(fitted, outlier):
     with pytest.raises(TypeError, match=r"`steps` must be a step number.*Received: steps='0'"):
         plot.histogram(log, "out/kernel", steps="0")
     small = GradientLog(stats=("mean",))
-    small._add_variables(["a"], [(1,)])
-    small._append(
+    store_of(small).add_variables(["a"], [(1,)])
+    store_of(small).append(
         np.asarray([0]),
         np.asarray([0]),
         np.asarray([0]),

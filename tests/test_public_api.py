@@ -1,4 +1,6 @@
+import ast
 import inspect
+import os
 import re
 import subprocess
 import sys
@@ -6,6 +8,8 @@ import tomllib
 from pathlib import Path
 
 import keras
+import pytest
+from components import require
 
 import gradwatch
 
@@ -294,3 +298,134 @@ except ImportError as e:
     err = run.stderr.splitlines()
     assert "gradwatch plot: error: gradwatch.plot needs matplotlib" in err[-2]
     assert err[-1].endswith("Install it with: pip install 'gradwatch[cli]'")
+
+
+_BEFORE_LOADING = {
+    "gradwatch-then-keras": "import gradwatch\nassert 'keras' not in sys.modules\nimport keras",
+    "keras-then-gradwatch": "import keras\nimport gradwatch",
+    # TensorFlow imports Keras while it is itself being imported.
+    "gradwatch-then-tensorflow": "import gradwatch\nimport tensorflow\nimport keras",
+}
+
+
+@pytest.mark.parametrize("imports", _BEFORE_LOADING.values(), ids=_BEFORE_LOADING.keys())
+def test_saved_model_loads_after_a_bare_import_gradwatch(tmp_path, imports):
+    # `load_model` finds only registered classes; `import gradwatch` registers them
+    # with Keras whether Keras is imported before or after it.
+    model = gradwatch.Sequential([keras.Input((3,)), keras.layers.Dense(2)], name="net")
+    model.compile("sgd", "mse")
+    model.save(tmp_path / "model.keras")
+    code = f"""
+import sys
+{imports}
+model = keras.models.load_model(sys.argv[1])
+print(type(model).__module__, type(model).__name__, model.name, model.count_params())
+loaders = sys.modules["keras"].__loader__, sys.modules["keras"].__spec__.loader
+print([type(loader).__name__ for loader in loaders])
+print([type(f).__name__ for f in sys.meta_path if type(f).__module__.startswith("gradwatch")])
+"""
+    lines = _python(code, tmp_path / "model.keras").stdout.splitlines()
+    assert lines[0] == "gradwatch.mixin Sequential net 8"
+    # Keras keeps its own loader, and the finder is gone once Keras is in.
+    assert lines[1] == "['SourceFileLoader', 'SourceFileLoader']"
+    assert lines[2] == "[]"
+
+
+_READ_ONLY = r"""
+import sys
+import gradwatch
+from gradwatch.cli import main
+from gradwatch.report import write_report
+from gradwatch.tensorboard import write_tensorboard
+
+path, out = sys.argv[1:]
+log = gradwatch.read_log(path)
+key, step = log.value_variables[0], int(log.steps[1])
+log.frame, log.values_frame, log.histograms, log.alerts, log.stat("norm"), log.global_norm()
+log.select(stats="norm", steps=slice(0, 4)), log.by_layer("norm"), log.summary()
+log.gradient(key, step), log.histogram(key, step), log.first_nonfinite(), log.skipped_steps
+log.to_csv(out + ".csv")
+log.to_parquet(out + ".parquet")
+assert gradwatch.read_log(out + ".csv") == log == gradwatch.read_log(out + ".parquet")
+gradwatch.plot.flow(log), gradwatch.plot.histogram(log, key)
+write_report(log, out + ".html")
+write_tensorboard(log, out + "_tb")
+codes = [main(["summary", path, "--csv"]), main(["convert", path, out + "_2.csv"])]
+codes += [main(["plot", path, "-o", out + ".png"]), main(["report", path, "-o", out + "_2.html"])]
+codes += [main(["tensorboard", path, "--logdir", out + "_tb2"])]
+heavy = ("keras", "tensorflow", "jax", "torch")
+print(codes, sorted({m.split(".")[0] for m in sys.modules} & set(heavy)))
+"""
+
+
+def test_reading_a_log_imports_neither_keras_nor_tensorflow(fitted, tmp_path):
+    # Reading, querying, writing, plotting, the report, TensorBoard and the command line:
+    # none of them needs Keras or a backend.
+    fitted[0].log.to_parquet(tmp_path / "grads.parquet")
+    run = _python(_READ_ONLY, tmp_path / "grads.parquet", tmp_path / "out")
+    assert run.stdout.splitlines()[-1] == "[0, 0, 0, 0, 0] []"
+
+
+@pytest.mark.parametrize("how", ["console-script", "python-m"])
+def test_the_command_line_imports_neither_keras_nor_tensorflow(fitted, tmp_path, how):
+    fitted[0].log.to_parquet(tmp_path / "grads.parquet")
+    command = [sys.executable, "-m", "gradwatch"]
+    if how == "console-script":
+        script = Path(sys.executable).with_name("gradwatch")
+        require(script.exists(), f"no installed `gradwatch` console script at {script}")
+        command = [str(script)]
+    # Python lists every module it imports on stderr.
+    env = dict(os.environ, PYTHONPROFILEIMPORTTIME="1")
+    out = subprocess.run(
+        [*command, "summary", str(tmp_path / "grads.parquet")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    imported = {
+        line.rsplit("|", 1)[-1].strip().split(".")[0]
+        for line in out.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert {"gradwatch", "pandas"} <= imported
+    assert not imported & {"keras", "tensorflow", "jax", "torch"}
+
+
+def _imports(package: Path) -> dict[str, set[str]]:
+    """The gradwatch modules that each gradwatch module imports, at any depth in it."""
+    names = {p.stem: f"gradwatch.{p.stem}" for p in package.glob("*.py")}
+    names["__init__"] = "gradwatch"
+    modules = set(names.values())
+    graph: dict[str, set[str]] = {}
+    for stem, module in names.items():
+        found = set()
+        for node in ast.walk(ast.parse((package / f"{stem}.py").read_text())):
+            if isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                for a in node.names:  # `from gradwatch import io` imports gradwatch.io
+                    sub = f"{node.module}.{a.name}"
+                    found.add(sub if sub in modules else node.module)
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module":
+                found.update(a.value for a in node.args if isinstance(a, ast.Constant))
+        graph[module] = (found & modules) - {module}
+    return graph
+
+
+def test_package_modules_import_each_other_without_cycles():
+    # A lazy import inside a function counts: the cycle is there whenever it runs.
+    graph = _imports(Path(gradwatch.__file__).parent)
+    assert graph["gradwatch.stats"] == {"gradwatch._catalogue", "gradwatch._compute"}
+
+    def reach(start):
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        return seen
+
+    cycles = {tuple(sorted((a, b))) for a in graph for b in reach(a) if a != b and a in reach(b)}
+    assert cycles == set()

@@ -11,7 +11,7 @@ import pytest
 from components import require
 from PIL import Image
 
-from gradwatch.log import GradientLog
+from gradwatch.log import GradientLog, store_of
 from gradwatch.report import render_report, write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -70,8 +70,8 @@ def _only(source, stat):
     """A log holding one stat of `source`, without histograms or alerts."""
     log = GradientLog((stat,))
     wide = source.stat(stat)
-    log._add_variables(list(wide.columns), [source.shapes[k] for k in wide.columns])
-    log._append(
+    store_of(log).add_variables(list(wide.columns), [source.shapes[k] for k in wide.columns])
+    store_of(log).append(
         wide.index.to_numpy(),
         np.zeros(len(wide), np.int64),
         wide.index.to_numpy(),

@@ -10,7 +10,7 @@ from models import data, layers, pair
 from reference import batches_of, clipped_by_hand, mse, reference_bins, tape_gradients
 
 import gradwatch
-from gradwatch.log import GradientLog
+from gradwatch.log import GradientLog, store_of
 from gradwatch.stats import compute_histograms, histogram_bins
 
 KEYS = ["net/hidden/kernel", "net/hidden/bias", "net/out/kernel", "net/out/bias"]
@@ -238,13 +238,13 @@ def test_summary_per_variable(fitted):
 
 def test_summary_finds_the_first_nonfinite_step():
     log = GradientLog(stats=("norm", "nonfinite"))
-    codes = log._add_variables(["m/a", "m/b"], [(3,), (2,)])
+    codes = store_of(log).add_variables(["m/a", "m/b"], [(3,), (2,)])
     stats = np.zeros((4, 2, 2), np.float32)
     stats[:, :, 0] = [[1, 2], [3, 4], [5, 6], [7, 8]]
     stats[2, 1, 1] = 2.0  # m/b has 2 non-finite elements at step 12
     stats[3, 1, 1] = 1.0
-    log._append(np.array([10, 11, 12, 13]), np.zeros(4), np.arange(4), codes, stats,
-                np.zeros(0, np.int32), np.zeros((4, 0), np.float32))  # fmt: skip
+    store_of(log).append(np.array([10, 11, 12, 13]), np.zeros(4), np.arange(4), codes, stats,
+                         np.zeros(0, np.int32), np.zeros((4, 0), np.float32))  # fmt: skip
     table = log.summary()
     assert table.loc["m/b", "nonfinite"] == 3
     assert table.loc["m/b", "first_nonfinite_step"] == 12

@@ -1,0 +1,167 @@
+"""The long, tidy pandas frames of a store, built when first asked for and cached in it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gradwatch._store import Store
+from gradwatch.stats import HIST_SIGNS, histogram_bins
+
+STAT_COLUMNS = ("step", "epoch", "batch", "variable", "stat", "value")
+REPLICA_STAT_COLUMNS = ("step", "epoch", "batch", "replica", "variable", "stat", "value")
+VALUE_COLUMNS = ("step", "epoch", "batch", "variable", "index", "value")
+HISTOGRAM_COLUMNS = ("step", "variable", "lo", "hi", "sign", "count")
+
+
+def steps(store: Store) -> np.ndarray:
+    """The recorded step numbers, sorted, as an int64 array."""
+
+    def build() -> np.ndarray:
+        blocks = (
+            *store.stat_blocks,
+            *store.hist_blocks,
+            *store.value_blocks,
+            *store.replica_blocks,
+        )
+        parts = [b.steps for b in blocks]
+        return np.unique(np.concatenate(parts)) if parts else np.zeros((0,), np.int64)
+
+    return store.cached("steps", build)
+
+
+def stat_frame(store: Store) -> pd.DataFrame:
+    """The stats, one row per step, variable and stat (see `GradientLog.frame`)."""
+    return store.cached("frame", lambda: _build_stat_frame(store))
+
+
+def _build_stat_frame(store: Store) -> pd.DataFrame:
+    ns = len(store.stats)
+    per_replica = store.per_replica
+    names = REPLICA_STAT_COLUMNS if per_replica else STAT_COLUMNS
+    cols: dict[str, list[np.ndarray]] = {c: [] for c in names}
+    for b in store.stat_blocks:
+        k, nv = b.data.shape[0], b.data.shape[1]
+        per_step = nv * ns
+        cols["step"].append(np.repeat(b.steps, per_step))
+        cols["epoch"].append(np.repeat(b.epochs, per_step))
+        cols["batch"].append(np.repeat(b.batches, per_step))
+        cols["variable"].append(np.tile(np.repeat(b.codes, ns), k))
+        cols["stat"].append(np.tile(np.arange(ns, dtype=np.int32), k * nv))
+        cols["value"].append(b.data.reshape(-1))
+        if per_replica:
+            cols["replica"].append(np.full(k * per_step, -1, np.int64))
+    if not per_replica:
+        return _assemble(store, cols, {"stat": store.stats}, names)
+    for b in store.replica_blocks:
+        k, nr, nv = b.data.shape[:3]
+        per_step = nr * nv * ns
+        cols["step"].append(np.repeat(b.steps, per_step))
+        cols["epoch"].append(np.repeat(b.epochs, per_step))
+        cols["batch"].append(np.repeat(b.batches, per_step))
+        cols["replica"].append(np.tile(np.repeat(np.arange(nr), nv * ns), k))
+        cols["variable"].append(np.tile(np.repeat(b.codes, ns), k * nr))
+        cols["stat"].append(np.tile(np.arange(ns, dtype=np.int32), k * nr * nv))
+        cols["value"].append(b.data.reshape(-1))
+    frame = _assemble(store, cols, {"stat": store.stats}, names)
+    # Global rows (-1) first within each step; a stable sort keeps variable order.
+    replica = frame["replica"].to_numpy()
+    order = np.lexsort((replica, frame["step"].to_numpy()))
+    frame = frame.iloc[order].reset_index(drop=True)
+    ids = pd.array(replica[order], dtype="Int64")
+    ids[replica[order] < 0] = pd.NA
+    frame["replica"] = ids
+    return frame
+
+
+def values_frame(store: Store) -> pd.DataFrame:
+    """The kept tensors, one row per step and element (see `GradientLog.values_frame`)."""
+
+    def build() -> pd.DataFrame:
+        cols: dict[str, list[np.ndarray]] = {c: [] for c in VALUE_COLUMNS}
+        variables = store.variables
+        for b in store.value_blocks:
+            k = b.data.shape[0]
+            sizes = [store.size(variables[c]) for c in b.codes]
+            per_step = int(sum(sizes))
+            cols["step"].append(np.repeat(b.steps, per_step))
+            cols["epoch"].append(np.repeat(b.epochs, per_step))
+            cols["batch"].append(np.repeat(b.batches, per_step))
+            cols["variable"].append(np.tile(np.repeat(b.codes, sizes), k))
+            index = np.concatenate([np.arange(s, dtype=np.int64) for s in sizes])
+            cols["index"].append(np.tile(index, k))
+            cols["value"].append(b.data.reshape(-1))
+        return _assemble(store, cols, {}, VALUE_COLUMNS)
+
+    return store.cached("values_frame", build)
+
+
+def histograms_frame(store: Store) -> pd.DataFrame:
+    """The histograms, empty bins left out (see `GradientLog.histograms`)."""
+
+    def build() -> pd.DataFrame:
+        lo, hi, sign = bins(store)
+        cols: dict[str, list[np.ndarray]] = {c: [] for c in HISTOGRAM_COLUMNS}
+        for b in store.hist_blocks:
+            i, v, j = np.nonzero(b.data)
+            cols["step"].append(b.steps[i])
+            cols["variable"].append(b.codes[v])
+            cols["lo"].append(lo[j])
+            cols["hi"].append(hi[j])
+            cols["sign"].append(sign[j])
+            cols["count"].append(b.data[i, v, j].astype(np.int64))
+        return histogram_table(store, cols)
+
+    return store.cached("histograms", build)
+
+
+def bins(store: Store) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The histogram bins `(lo, hi, sign code)`; a KeyError when none were recorded."""
+    if store.bins_per_decade is None:
+        raise KeyError("No histograms were recorded. Record them with GradWatch(histogram=True).")
+    lo, hi, sign = histogram_bins(store.bins_per_decade)
+    codes = np.asarray([HIST_SIGNS.index(x) for x in sign], np.int8)
+    return lo, hi, codes
+
+
+def histogram_table(store: Store, cols: dict[str, list[np.ndarray]]) -> pd.DataFrame:
+    """A histogram frame from column parts; `sign` (and `variable`) as codes."""
+    dtypes = {"lo": np.float64, "hi": np.float64, "sign": np.int8, "variable": np.int32}
+    data = {
+        name: np.concatenate(parts) if parts else np.zeros((0,), dtypes.get(name, np.int64))
+        for name, parts in cols.items()
+    }
+    if "variable" in data:
+        data["variable"] = pd.Categorical.from_codes(
+            data["variable"], categories=variables_index(store)
+        )
+    data["sign"] = pd.Categorical.from_codes(data["sign"], categories=list(HIST_SIGNS))
+    return pd.DataFrame(data)
+
+
+def variables_index(store: Store) -> pd.Index:
+    """The variables' keys as the categories of a `variable` column."""
+    return pd.Index(store.variables, dtype=object)
+
+
+def _assemble(
+    store: Store,
+    cols: dict[str, list[np.ndarray]],
+    categories: dict[str, Sequence[str]],
+    names: Sequence[str],
+) -> pd.DataFrame:
+    dtypes = {"value": np.float32, "variable": np.int32, "stat": np.int32}
+    data: dict[str, Any] = {}
+    for name in names:
+        parts = cols[name]
+        arr = np.concatenate(parts) if parts else np.zeros((0,), dtypes.get(name, np.int64))
+        if name == "variable":
+            data[name] = pd.Categorical.from_codes(arr, categories=variables_index(store))
+        elif name in categories:
+            data[name] = pd.Categorical.from_codes(arr, categories=list(categories[name]))
+        else:
+            data[name] = arr
+    return pd.DataFrame(data)

@@ -1,0 +1,254 @@
+"""The store behind a `GradientLog`: recorded steps as dense numpy blocks, and what they describe.
+
+The callback and the file readers write a store through its methods; the log, the
+file writers and the TensorBoard export read it through its read-only attributes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+
+
+@dataclass
+class StatBlock:
+    """k recorded steps of one stat layout (also the layout of a histogram block)."""
+
+    steps: np.ndarray  # int64 (k,)
+    epochs: np.ndarray  # int64 (k,)
+    batches: np.ndarray  # int64 (k,)
+    codes: np.ndarray  # int32 (n_variables,): positions in Store.variables
+    data: np.ndarray  # float32 (k, n_variables, n_stats); histograms: (k, n_variables, n_bins)
+
+
+@dataclass
+class ReplicaBlock:
+    """k recorded steps of each replica's local-gradient stats."""
+
+    steps: np.ndarray
+    epochs: np.ndarray
+    batches: np.ndarray
+    codes: np.ndarray  # int32 (n_variables,)
+    data: np.ndarray  # float32 (k, n_replicas, n_variables, n_stats), replicas 0, 1, ...
+
+
+@dataclass
+class ValueBlock:
+    """k recorded steps of kept gradient tensors."""
+
+    steps: np.ndarray
+    epochs: np.ndarray
+    batches: np.ndarray
+    codes: np.ndarray  # int32 (n_kept,)
+    # float32 (k, sum of sizes): each step's kept tensors, flattened, in code order
+    data: np.ndarray
+
+
+class Store:
+    """The recorded history of one run, and its description.
+
+    Blocks keep their variables in code order (the order in which the variables
+    were added), so that frames built from them are canonical. Every write drops
+    what `cached` holds.
+
+    Args:
+        stats: The stat names recorded, in column order.
+        bins_per_decade: The histogram resolution, or `None` when no histograms
+            are recorded. Defaults to `None`.
+        per_replica: Whether per-replica stats are recorded. Defaults to `False`.
+
+    Example:
+
+    >>> store = Store(("norm",))
+    >>> codes = store.add_variables(["m/w"], [(2,)])
+    >>> store.append(np.array([0]), np.array([0]), np.array([0]), codes,
+    ...              np.ones((1, 1, 1), np.float32), codes[:0], np.zeros((1, 0), np.float32))
+    >>> store.variables, store.stat_blocks[0].data.shape
+    (('m/w',), (1, 1, 1))
+    """
+
+    def __init__(
+        self,
+        stats: Sequence[str],
+        bins_per_decade: int | None = None,
+        per_replica: bool = False,
+    ):
+        self.stats = tuple(stats)
+        self.bins_per_decade = bins_per_decade
+        self.per_replica = bool(per_replica)
+        self._variables: list[str] = []
+        self._codes: dict[str, int] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._stat_blocks: list[StatBlock] = []
+        self._hist_blocks: list[StatBlock] = []
+        self._value_blocks: list[ValueBlock] = []
+        self._replica_blocks: list[ReplicaBlock] = []
+        self._alerts: dict[tuple[int, str, str], float] = {}
+        self._skipped: set[int] = set()
+        self._disconnected: list[str] = []
+        self._cache: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- reading
+    @property
+    def variables(self) -> tuple[str, ...]:
+        """The keys of the variables, in the order they were added (model order)."""
+        return tuple(self._variables)
+
+    @property
+    def codes(self) -> Mapping[str, int]:
+        """Each key's code: its position in `variables`."""
+        return MappingProxyType(self._codes)
+
+    @property
+    def shapes(self) -> Mapping[str, tuple[int, ...]]:
+        """The shape of each variable, by key."""
+        return MappingProxyType(self._shapes)
+
+    @property
+    def stat_blocks(self) -> tuple[StatBlock, ...]:
+        return tuple(self._stat_blocks)
+
+    @property
+    def hist_blocks(self) -> tuple[StatBlock, ...]:
+        """Histogram counts `(k, n_variables, n_bins)` in the bins of `histogram_bins`."""
+        return tuple(self._hist_blocks)
+
+    @property
+    def value_blocks(self) -> tuple[ValueBlock, ...]:
+        return tuple(self._value_blocks)
+
+    @property
+    def replica_blocks(self) -> tuple[ReplicaBlock, ...]:
+        return tuple(self._replica_blocks)
+
+    @property
+    def alerts(self) -> Mapping[tuple[int, str, str], float]:
+        """`(step, key, kind) -> value`, in the order they were added."""
+        return MappingProxyType(self._alerts)
+
+    @property
+    def skipped(self) -> frozenset[int]:
+        """The steps whose update a loss-scale optimizer skipped."""
+        return frozenset(self._skipped)
+
+    @property
+    def disconnected(self) -> tuple[str, ...]:
+        """The keys of the variables that had no gradient, in the order found."""
+        return tuple(self._disconnected)
+
+    def size(self, key: str) -> int:
+        """The number of elements of a variable."""
+        return int(np.prod(self._shapes[key], dtype=np.int64))
+
+    def cached(self, name: str, build: Callable[[], T]) -> T:
+        """`build()`, computed once until the next write to the store."""
+        if name not in self._cache:
+            self._cache[name] = build()
+        return self._cache[name]
+
+    # ----------------------------------------------------------------- writing
+    def add_variables(self, keys: Sequence[str], shapes: Sequence[Sequence[int]]) -> np.ndarray:
+        """Registers keys (new ones go last) and returns their codes."""
+        for key, shape in zip(keys, shapes, strict=True):
+            if key not in self._codes:
+                self._codes[key] = len(self._variables)
+                self._variables.append(key)
+            self._shapes[key] = tuple(int(d) for d in shape)
+        self._cache.clear()
+        return np.asarray([self._codes[k] for k in keys], dtype=np.int32)
+
+    def append(
+        self,
+        steps: np.ndarray,
+        epochs: np.ndarray,
+        batches: np.ndarray,
+        stat_codes: np.ndarray,
+        stats: np.ndarray,
+        value_codes: np.ndarray,
+        values: np.ndarray,
+        hist: np.ndarray | None = None,
+        replica_stats: np.ndarray | None = None,
+    ) -> None:
+        """Appends k recorded steps: stats `(k, n_vars, n_stats)`, values `(k, total)`.
+
+        `hist`, if given, holds `(k, n_vars, n_bins)` counts for the stat variables,
+        and `replica_stats` `(k, n_replicas, n_vars, n_stats)` local-gradient stats.
+        """
+        if len(steps) == 0:
+            return
+        steps = np.asarray(steps, np.int64)
+        epochs = np.asarray(epochs, np.int64)
+        batches = np.asarray(batches, np.int64)
+        if len(stat_codes):
+            perm = np.argsort(stat_codes, kind="stable")
+            if stats.shape[2]:
+                self._stat_blocks.append(
+                    StatBlock(steps, epochs, batches, stat_codes[perm], stats[:, perm, :])
+                )
+            if hist is not None:
+                self._hist_blocks.append(
+                    StatBlock(steps, epochs, batches, stat_codes[perm], hist[:, perm, :])
+                )
+            if replica_stats is not None:
+                self.append_replicas(steps, epochs, batches, stat_codes, replica_stats)
+        if len(value_codes):
+            sizes = [self.size(self._variables[c]) for c in value_codes]
+            offsets = np.concatenate([[0], np.cumsum(sizes)])
+            perm = np.argsort(value_codes, kind="stable")
+            cols = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in perm]).astype(
+                np.int64
+            )
+            self._value_blocks.append(
+                ValueBlock(steps, epochs, batches, value_codes[perm], values[:, cols])
+            )
+        self._cache.clear()
+
+    def append_replicas(
+        self,
+        steps: np.ndarray,
+        epochs: np.ndarray,
+        batches: np.ndarray,
+        codes: np.ndarray,
+        data: np.ndarray,
+    ) -> None:
+        """Appends the local-gradient stats `(k, n_replicas, n_vars, n_stats)` of k steps."""
+        if not len(steps) or not data.shape[1] or not data.shape[3]:
+            return
+        perm = np.argsort(codes, kind="stable")
+        self._replica_blocks.append(
+            ReplicaBlock(
+                np.asarray(steps, np.int64),
+                np.asarray(epochs, np.int64),
+                np.asarray(batches, np.int64),
+                codes[perm],
+                data[:, :, perm, :],
+            )
+        )
+        self._cache.clear()
+
+    def add_alerts(self, rows: Sequence[tuple[int, str, str, float]]) -> None:
+        """Adds `(step, key, kind, value)` alerts; a later one for the same key wins."""
+        for step, key, kind, value in rows:
+            self._alerts[(int(step), key, kind)] = float(value)
+
+    def add_skipped(self, steps: Sequence[int] | np.ndarray) -> None:
+        """Marks steps whose update a loss-scale optimizer skipped."""
+        self._skipped.update(int(s) for s in steps)
+
+    def add_disconnected(self, keys: Sequence[str]) -> list[str]:
+        """Marks variables as disconnected; returns those not marked before, in order."""
+        new = [k for k in dict.fromkeys(keys) if k not in self._disconnected]
+        self._disconnected.extend(new)
+        return new
+
+    def clear_blocks(self) -> None:
+        """Forgets the recorded steps (after they were written out); keeps the rest."""
+        self._stat_blocks, self._hist_blocks, self._value_blocks = [], [], []
+        self._replica_blocks = []
+        self._cache.clear()
