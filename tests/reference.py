@@ -23,6 +23,24 @@ tf_only = pytest.mark.skipif(
 MAX_SPE = 1 if BACKEND == "torch" else None
 
 
+# The README's "Stats" table, in its order, written out (not read from gradwatch.STATS).
+README_STATS = [
+    "norm",
+    "mean",
+    "std",
+    "min",
+    "max",
+    "abs_max",
+    "nonfinite",
+    "zero_frac",
+    "weight_norm",
+    "update_norm",
+    "update_ratio",
+    "cos_prev",
+    "clipped_norm",
+]
+
+
 def spe(n: int) -> int:
     """`n` steps per execution where the backend allows it, else 1."""
     return n if MAX_SPE is None else min(n, MAX_SPE)

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
-from reference import np_stats, reference_bins
+from reference import README_STATS, np_stats, reference_bins
 
 import gradwatch
 from gradwatch.keys import match_patterns, resolve_key
@@ -26,22 +26,6 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 
-# The README's "Stats" table, written out (not read from gradwatch.STATS).
-README_STATS = [
-    "norm",
-    "mean",
-    "std",
-    "min",
-    "max",
-    "abs_max",
-    "nonfinite",
-    "zero_frac",
-    "weight_norm",
-    "update_norm",
-    "update_ratio",
-    "cos_prev",
-    "clipped_norm",
-]
 GRADIENT_STATS = README_STATS[:8]
 
 names = st.text(alphabet="abcd/#*?[]_.01", max_size=12)
