@@ -82,8 +82,8 @@ MUTATIONS = (
         "loss-scale-inner-clipping-ignored",
         "the clipping of a LossScaleOptimizer's inner optimizer is ignored",
         "gradwatch/callback.py",
-        'optimizers[id(var)] = getattr(optimizer, "inner_optimizer", optimizer)',
-        "optimizers[id(var)] = optimizer",
+        'optimizers[key] = getattr(optimizer, "inner_optimizer", optimizer)',
+        "optimizers[key] = optimizer",
         ("tests/test_signals.py::test_clipped_norm_under_a_loss_scale_is_clipped_after_unscaling",),
     ),
     Mutation(
@@ -156,7 +156,7 @@ MUTATIONS = (
     Mutation(
         "half-precision-computed-in-half",
         "float16 gradients are reduced in float16, which overflows and underflows",
-        "gradwatch/stats.py",
+        "gradwatch/_compute.py",
         'flat = [ops.reshape(ops.cast(tensors[i], "float32"), (size,)) for i in rows]',
         "flat = [ops.reshape(ops.cast(tensors[i], "
         '"float16" if "16" in str(tensors[i].dtype) else "float32"), (size,)) for i in rows]',
@@ -181,7 +181,7 @@ MUTATIONS = (
     Mutation(
         "histogram-rows-wrong-epoch",
         "the histogram rows of CSV and Parquet files carry the step as their epoch",
-        "gradwatch/io.py",
+        "gradwatch/_files.py",
         'cols["epoch"].append(b.epochs[i])',
         'cols["epoch"].append(b.steps[i])',
         ("tests/test_io.py::test_written_files_hold_the_fitted_runs_values_for_plain_readers",),
