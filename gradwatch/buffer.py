@@ -159,8 +159,3 @@ class GradientBuffer(StateMetric):
             else np.zeros(len(idx), bool),
             lost=lost,
         )
-
-
-def host_copy(x) -> np.ndarray:
-    """A NumPy copy of a tensor of the backend."""
-    return _backend.host_copy(x)

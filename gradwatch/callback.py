@@ -18,6 +18,7 @@ import numpy as np
 from keras import ops
 
 from gradwatch import io
+from gradwatch._backend import current as _backend
 from gradwatch._compute import (
     branch,
     compute_histograms,
@@ -28,7 +29,7 @@ from gradwatch._compute import (
 from gradwatch._lazy import tf
 from gradwatch._state import StateMetric
 from gradwatch._step import Records
-from gradwatch.buffer import GradientBuffer, host_copy
+from gradwatch.buffer import GradientBuffer
 from gradwatch.keys import check_patterns, match_patterns, variable_keys
 from gradwatch.log import GradientLog, store_of
 from gradwatch.mixin import (
@@ -1011,7 +1012,9 @@ class GradWatch(keras.callbacks.Callback):
 
         # One small copy to the host: the norms, in raw torch ops (one pass each).
         sq = np.zeros(n, np.float32)
-        norms = host_copy(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        norms = _backend.host_copy(
+            torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+        )
         sq[rows] = np.square(norms.astype(np.float64))
         bad = over = False
         if self.on_nonfinite != "ignore":

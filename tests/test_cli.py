@@ -29,19 +29,25 @@ def logfile(outlier, tmp_path_factory):
     return path
 
 
-def test_cli_summary_csv_matches_numpy(outlier, logfile, capsys):
-    assert main(["summary", str(logfile), "--csv"]) == 0
-    out = capsys.readouterr().out
+def _summary_matches_numpy(out: str, log):
+    """Checks `gradwatch summary --csv` output against NumPy over the log's norms and
+    NaN/Inf counts; returns (table, norms, counts) for further checks."""
     table = pd.read_csv(io.StringIO(out), index_col="variable")
-    log = outlier.log
     norm = log.stat("norm").to_numpy(np.float64)
     bad = log.stat("nonfinite").to_numpy(np.float64)
     assert list(table.index) == log.variables
     np.testing.assert_allclose(table["first_norm"], norm[0], rtol=1e-6)
     np.testing.assert_allclose(table["last_norm"], norm[-1], rtol=1e-6)
-    np.testing.assert_allclose(table["median_norm"], np.median(norm, axis=0), rtol=1e-6)
     np.testing.assert_allclose(table["max_norm"], norm.max(axis=0), rtol=1e-6)
     np.testing.assert_array_equal(table["nonfinite"], bad.sum(axis=0))
+    return table, norm, bad
+
+
+def test_cli_summary_csv_matches_numpy(outlier, logfile, capsys):
+    assert main(["summary", str(logfile), "--csv"]) == 0
+    out = capsys.readouterr().out
+    table, norm, bad = _summary_matches_numpy(out, outlier.log)
+    np.testing.assert_allclose(table["median_norm"], np.median(norm, axis=0), rtol=1e-6)
     np.testing.assert_array_equal(table["first_nonfinite_step"], np.argmax(bad > 0, axis=0))
     assert table["nonfinite"].tolist() == [40, 8, 16, 4]  # 2 bad steps x elements
 
@@ -220,15 +226,7 @@ def test_installed_console_script_summarises_a_saved_log(outlier, logfile):
         timeout=120,
     )
     assert run.returncode == 0, run.stderr
-    table = pd.read_csv(io.StringIO(run.stdout), index_col="variable")
-    log = outlier.log
-    norm = log.stat("norm").to_numpy(np.float64)
-    bad = log.stat("nonfinite").to_numpy(np.float64)
-    assert list(table.index) == log.variables
-    np.testing.assert_allclose(table["first_norm"], norm[0], rtol=1e-6)
-    np.testing.assert_allclose(table["last_norm"], norm[-1], rtol=1e-6)
-    np.testing.assert_allclose(table["max_norm"], norm.max(axis=0), rtol=1e-6)
-    np.testing.assert_array_equal(table["nonfinite"], bad.sum(axis=0))
+    table, _, _ = _summary_matches_numpy(run.stdout, outlier.log)
     # Steps 3 and 9 are the outlier batch (see the fixture): 2 steps x the elements.
     assert table["nonfinite"].tolist() == [2 * 20, 2 * 4, 2 * 8, 2 * 2]
     assert table["first_nonfinite_step"].tolist() == [3, 3, 3, 3]
