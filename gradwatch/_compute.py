@@ -12,6 +12,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from gradwatch._backend import current as _backend
 from gradwatch._catalogue import GRADIENT_STATS, HIST_MIN_EXP, histogram_bin_count
 from gradwatch.sparse import SparseGradient
 
@@ -241,24 +242,9 @@ def _torch_assemble(
 
 
 def branch(pred: Any, true_fn: Any, false_fn: Any) -> Any:
-    """`ops.cond`, kept as one function call on TensorFlow graphs.
-
-    `tf.cond` in a `tf.function` is lowered to Switch/Merge, and every op of the
-    branch not taken is still visited; for the rarely taken exact path that is
-    a cost on every step. Unlowered, the branch not taken costs nothing.
-    """
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        if not tf.executing_eagerly():
-            try:
-                from tensorflow.python.ops import cond_v2
-            except ImportError:  # pragma: no cover - private module moved
-                return ops.cond(pred, true_fn, false_fn)
-            return cond_v2.indexed_case(
-                tf.cast(pred, tf.int32), [false_fn, true_fn], lower_using_switch_merge=False
-            )
-    return ops.cond(pred, true_fn, false_fn)
+    """`ops.cond`; on TensorFlow graphs an unlowered branch, so that the branch not
+    taken costs nothing (see the backend's `cond`)."""
+    return _backend.cond(pred, true_fn, false_fn)
 
 
 # Tensors below this many elements are stacked with others of their size, so that

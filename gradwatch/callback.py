@@ -20,7 +20,6 @@ from keras import ops
 from gradwatch import io
 from gradwatch._backend import current as _backend
 from gradwatch._compute import (
-    branch,
     compute_histograms,
     compute_stats,
     sum_of_squares,
@@ -37,7 +36,6 @@ from gradwatch.mixin import (
     gate_next_step,
     model_state,
     setup_gate,
-    stateless_cond,
     step_counter,
 )
 from gradwatch.sparse import dense, elements, unscaled_float32
@@ -720,7 +718,6 @@ class GradWatch(keras.callbacks.Callback):
             ]
             hist = compute_histograms(stat_grads, self.histogram) if self.histogram else None
             buffer.write(step, stats, values, hist, skipped, replica_stats)
-            return tf.constant(True) if graph else True
 
         def keep_previous():
             if keras.backend.backend() != "tensorflow":
@@ -728,32 +725,20 @@ class GradWatch(keras.callbacks.Callback):
                 # step's StatelessScope on JAX (the buffer travels in the metrics state).
                 buffer.prev.assign(flat_gradients())
                 buffer.prev_step.assign(ops.cast(step, buffer.prev_step.dtype))
-                return True
+                return
             buffer.prev.value.assign(flat_gradients())
             buffer.prev_step.value.assign(step)
-            return tf.constant(True)
 
-        backend = keras.backend.backend()
         if self.every == 1:
             record()
-        elif backend == "jax":  # in the step, on the traced step number
-            stateless_cond(step % self.every == 0, record, buffer.variables)
-        elif backend != "tensorflow":  # PyTorch: the step is a host int
-            if step % self.every == 0:
-                record()
         else:
-            branch(step % self.every == 0, record, lambda: tf.constant(False))
+            _backend.when(step % self.every == 0, record, buffer.variables)
         if buffer.prev is not None:
             # cos_prev at step s needs step s - 1: keep it only where s is recorded.
             if self.every == 1:
                 keep_previous()
-            elif backend == "jax":
-                stateless_cond((step + 1) % self.every == 0, keep_previous, buffer.variables)
-            elif backend != "tensorflow":
-                if (step + 1) % self.every == 0:
-                    keep_previous()
             else:
-                branch((step + 1) % self.every == 0, keep_previous, lambda: tf.constant(False))
+                _backend.when((step + 1) % self.every == 0, keep_previous, buffer.variables)
 
     def _replica_stats(self, plan: _Plan, local: Records) -> Any:
         """The stats of each replica's local gradient, gathered from all replicas:

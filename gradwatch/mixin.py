@@ -10,7 +10,6 @@ from typing import Any
 
 import keras
 import numpy as np
-from keras import ops
 
 from gradwatch._backend import current as _backend
 from gradwatch._step import Record, Records, Watcher
@@ -21,7 +20,7 @@ _patch_lock = threading.Lock()
 
 def _compiling() -> bool:
     """True while `torch.compile` traces: gradwatch then stays out of the traced step."""
-    return _backend is not None and _backend.compiling()
+    return _backend.compiling()
 
 
 class _ModelState:
@@ -99,7 +98,7 @@ def _counted(fn: Callable) -> Callable:
         scopes = _scopes()
         if id(self) in scopes:  # super().train_step() from an overriding train_step
             return fn(self, *args, **kwargs)
-        if _backend is None:  # a backend gradwatch does not record
+        if not _backend.RECORDS:  # a backend gradwatch does not record
             return fn(self, *args, **kwargs)
         if keras.backend.backend() == "jax":
             return _jax_counted(fn, self, *args, **kwargs)
@@ -132,7 +131,7 @@ def step_counter(model: Any) -> Any:
 def _own_metrics(model: Any) -> list[Any]:
     """JAX: gradwatch's device state (step counter, ring buffers, alarms), which travels
     in the stateless step's metrics state; none on the other backends."""
-    if _backend is None or not _backend.STATE_IN_STEP:
+    if not _backend.STATE_IN_STEP:
         return []
     state = model_state(model)
     own = [] if state.counter is None else _backend.counter_metrics(state.counter)
@@ -289,7 +288,7 @@ class GradWatchMixin:
             return super().train_step(*args)
         if keras.backend.backend() == "jax" and model_state(self).watches:
             return _jax_train_step(self, *args)
-        if not model_state(self).listening or _backend is None or not _backend.APPLY_METHOD:
+        if not model_state(self).listening or not _backend.APPLY_METHOD:
             return super().train_step(*args)
         with _ApplyInterceptor(self.optimizer, self):
             return super().train_step(*args)
@@ -643,40 +642,6 @@ def _reaches_loss(loss_fn: Callable, args: tuple, n: int) -> list[bool]:
         if any(v in used for v in eqn.outvars):
             used.update(v for v in eqn.invars if isinstance(v, Var))
     return [v in used for v in jaxpr.invars[:n]]
-
-
-def stateless_cond(predicate: Any, fn: Callable[[], Any], variables: Sequence[Any]) -> None:
-    """JAX: runs `fn`, which assigns some of `variables`, only where `predicate` holds.
-
-    Inside the step's `StatelessScope`, a Python branch cannot depend on a traced
-    value, and assignments made inside `jax.lax.cond` must leave it as outputs: the
-    branch runs `fn` in a scope of its own (the outer mapping, plus `variables` at
-    their current values) and returns the new values, which are assigned here.
-    """
-    import jax
-    from keras.src.backend.common.stateless_scope import get_stateless_scope
-
-    outer = get_stateless_scope()
-    variables = list(variables)
-
-    def taken(values: list) -> list:
-        with keras.StatelessScope() as inner:
-            if outer is not None:
-                inner.state_mapping.update(outer.state_mapping)
-            inner.state_mapping.update(
-                {id(v): value for v, value in zip(variables, values, strict=True)}
-            )
-            fn()
-        return [inner.get_current_value(v) for v in variables]
-
-    new = jax.lax.cond(
-        ops.convert_to_tensor(predicate, "bool"),
-        taken,
-        lambda values: list(values),
-        [v.value for v in variables],
-    )
-    for var, value in zip(variables, new, strict=True):
-        var.assign(value)
 
 
 def _in_state(model: Any, variable: Any) -> bool:

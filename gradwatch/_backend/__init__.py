@@ -12,7 +12,8 @@ import keras
 NAME: str = keras.backend.backend()
 SUPPORTED = ("tensorflow", "jax", "torch")
 
-# None on a backend gradwatch does not record (refused when training starts).
-current: ModuleType | None = (
-    importlib.import_module(f"gradwatch._backend.{NAME}") if NAME in SUPPORTED else None
+# On a backend gradwatch does not record, `generic` (its `RECORDS` is False, and
+# training with a GradWatch is refused when it starts).
+current: ModuleType = importlib.import_module(
+    f"gradwatch._backend.{NAME if NAME in SUPPORTED else 'generic'}"
 )

@@ -15,6 +15,7 @@ import numpy as np
 class Backend(Protocol):
     """What shared code asks of the backend."""
 
+    RECORDS: bool  # GradWatch records on it (False: `generic`, the stats functions only)
     INDEX_DTYPE: str  # dtype of step numbers and counters on the device
 
     def host_copy(self, x: Any) -> np.ndarray:

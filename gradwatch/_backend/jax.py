@@ -4,15 +4,17 @@ assignments within the step's `StatelessScope`."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import keras
 import numpy as np
 from keras import ops
 
 from gradwatch._state import StateMetric
 from gradwatch._step import Records
 
+RECORDS = True  # GradWatch records on this backend
 INDEX_DTYPE = "int32"  # JAX runs without 64-bit types unless asked
 
 
@@ -111,3 +113,47 @@ def global_records(records: Records) -> Records:
 def compiling() -> bool:
     """Whether `torch.compile` is tracing (never, here)."""
     return False
+
+
+def cond(pred: Any, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:
+    return ops.cond(pred, true_fn, false_fn)
+
+
+def when(predicate: Any, fn: Callable[[], None], variables: Sequence[Any]) -> None:
+    """Runs `fn`, which assigns some of `variables`, only where `predicate` holds:
+    in the step, on the traced step number."""
+    stateless_cond(predicate, fn, variables)
+
+
+def stateless_cond(predicate: Any, fn: Callable[[], Any], variables: Sequence[Any]) -> None:
+    """JAX: runs `fn`, which assigns some of `variables`, only where `predicate` holds.
+
+    Inside the step's `StatelessScope`, a Python branch cannot depend on a traced
+    value, and assignments made inside `jax.lax.cond` must leave it as outputs: the
+    branch runs `fn` in a scope of its own (the outer mapping, plus `variables` at
+    their current values) and returns the new values, which are assigned here.
+    """
+    import jax
+    from keras.src.backend.common.stateless_scope import get_stateless_scope
+
+    outer = get_stateless_scope()
+    variables = list(variables)
+
+    def taken(values: list) -> list:
+        with keras.StatelessScope() as inner:
+            if outer is not None:
+                inner.state_mapping.update(outer.state_mapping)
+            inner.state_mapping.update(
+                {id(v): value for v, value in zip(variables, values, strict=True)}
+            )
+            fn()
+        return [inner.get_current_value(v) for v in variables]
+
+    new = jax.lax.cond(
+        ops.convert_to_tensor(predicate, "bool"),
+        taken,
+        lambda values: list(values),
+        [v.value for v in variables],
+    )
+    for var, value in zip(variables, new, strict=True):
+        var.assign(value)

@@ -3,7 +3,7 @@ graph the TensorFlow tests pin), inside the compiled step."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -13,6 +13,7 @@ from gradwatch._lazy import tf
 from gradwatch._step import Records
 from gradwatch.sparse import SparseGradient, dense
 
+RECORDS = True  # GradWatch records on this backend
 INDEX_DTYPE = "int64"
 
 
@@ -124,3 +125,32 @@ def global_records(records: Records) -> Records:
 def compiling() -> bool:
     """Whether `torch.compile` is tracing (never, here)."""
     return False
+
+
+def cond(pred: Any, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:
+    """`ops.cond`, kept as one function call on TensorFlow graphs.
+
+    `tf.cond` in a `tf.function` is lowered to Switch/Merge, and every op of the
+    branch not taken is still visited; for the rarely taken exact path that is
+    a cost on every step. Unlowered, the branch not taken costs nothing.
+    """
+    if not tf.executing_eagerly():
+        try:
+            from tensorflow.python.ops import cond_v2
+        except ImportError:  # pragma: no cover - private module moved
+            return ops.cond(pred, true_fn, false_fn)
+        return cond_v2.indexed_case(
+            tf.cast(pred, tf.int32), [false_fn, true_fn], lower_using_switch_merge=False
+        )
+    return ops.cond(pred, true_fn, false_fn)
+
+
+def when(predicate: Any, fn: Callable[[], None], variables: Sequence[Any]) -> None:
+    """Runs `fn`, which assigns some of `variables`, only where `predicate` holds:
+    a branch in the step, on the traced step number."""
+
+    def taken() -> Any:
+        fn()
+        return tf.constant(True)
+
+    cond(predicate, taken, lambda: tf.constant(False))

@@ -4,7 +4,7 @@ torch ops (each `keras.ops` call costs a Python layer on top of the dispatch).""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -13,6 +13,7 @@ from keras import ops
 
 from gradwatch._step import Records
 
+RECORDS = True  # GradWatch records on this backend
 INDEX_DTYPE = "int64"
 
 
@@ -101,6 +102,16 @@ def float32(x: Any) -> Any:
 
 def global_records(records: Records) -> Records:
     return records  # no strategy on PyTorch
+
+
+def cond(pred: Any, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:
+    return ops.cond(pred, true_fn, false_fn)
+
+
+def when(predicate: Any, fn: Callable[[], None], variables: Sequence[Any]) -> None:
+    """Runs `fn` only where `predicate` holds: the step runs eagerly, on a host int."""
+    if predicate:
+        fn()
 
 
 # True while `torch.compile` traces (`jit_compile=True`): gradwatch then stays out of the
