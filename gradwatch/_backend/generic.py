@@ -4,7 +4,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,3 +27,130 @@ def compiling() -> bool:
 
 def cond(pred: Any, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:
     return ops.cond(pred, true_fn, false_fn)
+
+
+# ------------------------------------------------- the array functions of the step
+class Ops:
+    """The array functions that shared code computes its derived stats and checks
+    with (`gradwatch._derived`), in `keras.ops`."""
+
+    # The stats table is handed on as computed (no slicing into columns and restacking).
+    restack = False
+
+    @staticmethod
+    def stack(xs: Sequence[Any], axis: int = 0) -> Any:
+        return ops.stack(xs, axis=axis)
+
+    @staticmethod
+    def concat(xs: Sequence[Any]) -> Any:
+        return ops.concatenate(xs, axis=0)
+
+    @staticmethod
+    def flat(x: Any) -> Any:
+        return ops.reshape(x, (-1,))
+
+    @staticmethod
+    def split(x: Any, sizes: Sequence[int]) -> list[Any]:
+        out, start = [], 0
+        for size in sizes:
+            out.append(x[start : start + size])
+            start += size
+        return out
+
+    @staticmethod
+    def sum(x: Any) -> Any:
+        return ops.sum(x)
+
+    @staticmethod
+    def sqrt(x: Any) -> Any:
+        return ops.sqrt(x)
+
+    @staticmethod
+    def maximum(a: Any, b: Any) -> Any:
+        return ops.maximum(a, b)
+
+    @staticmethod
+    def minimum(a: Any, b: Any) -> Any:
+        return ops.minimum(a, b)
+
+    @staticmethod
+    def clip(x: Any, lo: float, hi: float) -> Any:
+        return ops.clip(x, lo, hi)
+
+    @staticmethod
+    def full(shape: Sequence[int], value: float) -> Any:
+        return ops.full(shape, value, "float32")
+
+    @staticmethod
+    def zeros(shape: Sequence[int]) -> Any:
+        return ops.zeros(shape)
+
+    @staticmethod
+    def nan() -> Any:
+        return ops.convert_to_tensor(math.nan, "float32")
+
+    @staticmethod
+    def where(cond: Any, a: Any, b: Any) -> Any:
+        return ops.where(cond, a, b)
+
+    @staticmethod
+    def equal(a: Any, b: Any) -> Any:
+        return ops.equal(a, b)
+
+    @staticmethod
+    def cast(x: Any, dtype: Any) -> Any:
+        return ops.cast(x, dtype)
+
+    @staticmethod
+    def read(variable: Any) -> Any:
+        """A variable's value, read in the step (after the update, where it ran)."""
+        return ops.convert_to_tensor(variable.value)
+
+    @staticmethod
+    def assign(variable: Any, value: Any) -> None:
+        # Through the variable's `assign`: in place on PyTorch, and into the step's
+        # StatelessScope on JAX (gradwatch's state travels in the metrics state).
+        variable.assign(value)
+
+    # The every-step check.
+    @staticmethod
+    def false() -> Any:
+        return ops.convert_to_tensor(False)
+
+    @staticmethod
+    def any(x: Any) -> Any:
+        return ops.any(x)
+
+    @staticmethod
+    def isfinite(x: Any) -> Any:
+        return ops.isfinite(x)
+
+    @staticmethod
+    def logical_not(x: Any) -> Any:
+        return ops.logical_not(x)
+
+    @staticmethod
+    def logical_and(a: Any, b: Any) -> Any:
+        return ops.logical_and(a, b)
+
+    @staticmethod
+    def logical_or(a: Any, b: Any) -> Any:
+        return ops.logical_or(a, b)
+
+    @staticmethod
+    def false_like(x: Any) -> Any:
+        return ops.zeros_like(x, "bool")
+
+    @staticmethod
+    def note_first(tripped: Any, step_var: Any, sq_var: Any, step: Any, sq: Any) -> None:
+        """Keeps the step and the sums of squares of the first step that `tripped`."""
+        first = ops.logical_and(tripped, step_var.value < 0)
+        step_var.assign(ops.where(first, ops.cast(step, step_var.dtype), step_var.value))
+        sq_var.assign(ops.where(first, sq, sq_var.value))
+
+    @staticmethod
+    def count_tripped(variable: Any, flags: Sequence[Any]) -> None:
+        variable.assign(variable.value + ops.cast(ops.stack(flags), variable.dtype))
+
+
+OPS = CHECK_OPS = Ops

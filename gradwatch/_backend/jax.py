@@ -11,6 +11,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from gradwatch._backend.generic import Ops
 from gradwatch._state import StateMetric
 from gradwatch._step import Records
 
@@ -157,3 +158,57 @@ def stateless_cond(predicate: Any, fn: Callable[[], Any], variables: Sequence[An
     )
     for var, value in zip(variables, new, strict=True):
         var.assign(value)
+
+
+# ------------------------------------------------- the array functions of the step
+OPS = CHECK_OPS = Ops
+
+
+def squares_by_row(grads: Sequence[Any], rows: Sequence[int], n: int) -> Any:
+    """The every-step check's input: each of `n` rows' sum of squares, 0 where `rows`
+    has no gradient."""
+    sums = [ops.sum(ops.square(ops.cast(g, "float32"))) for g in grads]
+    return ops.stack([sums[rows.index(j)] if j in rows else 0.0 for j in range(n)])
+
+
+def alarm_cell(owner: Any, shape: tuple[int, ...], dtype: str, value: float, name: str) -> Any:
+    """One of the every-step check's device values: a variable of the alarm metric, so
+    that it travels in the stateless step's state."""
+    init = keras.initializers.Constant(value)
+    return owner.add_variable(shape=shape, initializer=init, dtype=dtype, name=name)
+
+
+# The capture runs on host values, outside any traced step (PyTorch).
+EAGER = False
+# `per_replica`: tf.distribute runs the step once per replica.
+DISTRIBUTES = False
+
+
+def sync_state(model: Any, variable: Any) -> bool:
+    """Makes the model's device state readable; False if `variable` has no value.
+
+    Mid-epoch, Keras keeps the state off the model's variables (purged to None):
+    attach it. With no state to attach, the first step failed while tracing.
+    """
+    model.jax_state_sync()
+    return variable._value is not None
+
+
+def all_gather(x: Any) -> Any:
+    return x  # one replica
+
+
+def all_reduce_sum(xs: list[Any]) -> list[Any]:
+    return xs
+
+
+def num_replicas(model: Any) -> int:
+    return 1
+
+
+def worker_of(model: Any) -> tuple[int, bool]:
+    return 0, True
+
+
+def check_strategy(model: Any) -> None:
+    """No tf.distribute here."""

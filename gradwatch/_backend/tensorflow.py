@@ -3,6 +3,7 @@ graph the TensorFlow tests pin), inside the compiled step."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -154,3 +155,230 @@ def when(predicate: Any, fn: Callable[[], None], variables: Sequence[Any]) -> No
         return tf.constant(True)
 
     cond(predicate, taken, lambda: tf.constant(False))
+
+
+# ------------------------------------------------- the array functions of the step
+class Ops:
+    """The array functions that shared code computes its derived stats and checks
+    with (`gradwatch._derived`), in TF's own ops: the graph the TensorFlow tests pin."""
+
+    # The stats table is sliced into columns and restacked in the stats' order.
+    restack = True
+
+    @staticmethod
+    def stack(xs: Sequence[Any], axis: int = 0) -> Any:
+        return tf.stack(xs, axis=axis)
+
+    @staticmethod
+    def concat(xs: Sequence[Any]) -> Any:
+        return tf.concat(xs, axis=0)
+
+    @staticmethod
+    def flat(x: Any) -> Any:
+        return tf.reshape(x, (-1,))
+
+    @staticmethod
+    def split(x: Any, sizes: Sequence[int]) -> list[Any]:
+        return tf.split(x, sizes)
+
+    @staticmethod
+    def sum(x: Any) -> Any:
+        return tf.reduce_sum(x)
+
+    @staticmethod
+    def sqrt(x: Any) -> Any:
+        return tf.sqrt(x)
+
+    @staticmethod
+    def maximum(a: Any, b: Any) -> Any:
+        return tf.maximum(a, b)
+
+    @staticmethod
+    def minimum(a: Any, b: Any) -> Any:
+        return tf.minimum(a, b)
+
+    @staticmethod
+    def clip(x: Any, lo: float, hi: float) -> Any:
+        return tf.clip_by_value(x, lo, hi)
+
+    @staticmethod
+    def full(shape: Sequence[int], value: float) -> Any:
+        return tf.fill(shape, tf.constant(value, tf.float32))
+
+    @staticmethod
+    def zeros(shape: Sequence[int]) -> Any:
+        return tf.zeros(shape, tf.float32)
+
+    @staticmethod
+    def nan() -> Any:
+        return tf.constant(math.nan, tf.float32)
+
+    @staticmethod
+    def where(cond: Any, a: Any, b: Any) -> Any:
+        return tf.where(cond, a, b)
+
+    @staticmethod
+    def equal(a: Any, b: Any) -> Any:
+        return tf.equal(a, b)
+
+    @staticmethod
+    def cast(x: Any, dtype: Any) -> Any:
+        return tf.cast(x, dtype)
+
+    @staticmethod
+    def read(variable: Any) -> Any:
+        """A variable's value, read in the step (after the update, where it ran)."""
+        return tf.convert_to_tensor(variable)
+
+    @staticmethod
+    def assign(variable: Any, value: Any) -> None:
+        variable.value.assign(value)
+
+    # The every-step check.
+    @staticmethod
+    def false() -> Any:
+        return tf.constant(False)
+
+    @staticmethod
+    def any(x: Any) -> Any:
+        return tf.reduce_any(x)
+
+    @staticmethod
+    def isfinite(x: Any) -> Any:
+        return tf.math.is_finite(x)
+
+    @staticmethod
+    def logical_not(x: Any) -> Any:
+        return tf.logical_not(x)
+
+    @staticmethod
+    def logical_and(a: Any, b: Any) -> Any:
+        return a & b
+
+    @staticmethod
+    def logical_or(a: Any, b: Any) -> Any:
+        return a | b
+
+    @staticmethod
+    def false_like(x: Any) -> Any:
+        return tf.zeros_like(x, tf.bool)
+
+    @staticmethod
+    def note_first(tripped: Any, step_var: Any, sq_var: Any, step: Any, sq: Any) -> None:
+        """Keeps the step and the sums of squares of the first step that `tripped`.
+        Branchless: a branch taking every gradient costs more than these small ops."""
+        first = tripped & (step_var.read_value() < 0)
+        step_var.assign(tf.where(first, step, step_var.read_value()))
+        sq_var.assign(tf.where(first, sq, sq_var.read_value()))
+
+    @staticmethod
+    def count_tripped(variable: Any, flags: Sequence[Any]) -> None:
+        variable.assign_add(tf.cast(tf.stack(flags), tf.int64))
+
+
+OPS = CHECK_OPS = Ops
+
+
+def squares_by_row(grads: Sequence[Any], rows: Sequence[int], n: int) -> Any:
+    """The every-step check's input: each of `n` rows' sum of squares, 0 where `rows`
+    has no gradient. The same L2Loss ops as the stats kernel's, so that grappler
+    computes them once."""
+    from gradwatch._compute import sum_of_squares
+
+    index = tf.constant([[j] for j in rows], tf.int32)
+    return tf.scatter_nd(index, tf.stack([sum_of_squares(g) for g in grads]), [n])
+
+
+def alarm_cell(owner: Any, shape: tuple[int, ...], dtype: str, value: float, name: str) -> Any:
+    """One of the every-step check's device values: a variable, out of the graph."""
+    with tf.init_scope():
+        return tf.Variable(
+            np.full(shape, value, dtype), dtype=dtype, trainable=False, name=f"gradwatch_{name}"
+        )
+
+
+# The capture runs on host values, outside any traced step (PyTorch).
+EAGER = False
+# `per_replica`: tf.distribute runs the step once per replica.
+DISTRIBUTES = True
+
+
+def sync_state(model: Any, variable: Any) -> bool:
+    """Makes the model's device state readable; False if `variable` has no value."""
+    return True
+
+
+def all_gather(x: Any) -> Any:
+    """`x` from every replica, stacked on axis 0 in replica order (one replica: `x`)."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return x
+    return context.all_gather(x, axis=0)
+
+
+def all_reduce_sum(xs: list[Any]) -> list[Any]:
+    """Each of `xs` summed over the replicas, in one batched all-reduce."""
+    context = tf.distribute.get_replica_context()
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, xs)
+
+
+def num_replicas(model: Any) -> int:
+    return int(model.distribute_strategy.num_replicas_in_sync)
+
+
+def worker_of(model: Any) -> tuple[int, bool]:
+    """This process's worker index in the cluster and whether it is the chief.
+
+    Without a multi-worker strategy: worker 0, the chief. With one, the index of
+    `TF_CONFIG`'s task among all tasks, a `chief` task first, then the `worker`
+    tasks; without a `chief` task, worker 0 is the chief (as in Keras).
+    """
+    strategy = model.distribute_strategy
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return 0, True
+    resolver = strategy.cluster_resolver
+    task_type, task_id = resolver.task_type, resolver.task_id
+    if task_type in (None, "chief"):
+        return 0, True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    index = int(task_id or 0) + (1 if has_chief else 0)
+    return index, index == 0
+
+
+def _sync_strategies() -> tuple[type, ...]:
+    """Strategies whose replicas run the step in sync and sum their gradients; gradwatch
+    records the global gradient under these."""
+    return (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def check_strategy(model: Any) -> None:
+    """Refuses, before any step runs, what gradwatch cannot record correctly under
+    `tf.distribute`, and what Keras itself cannot train (it would fail mid-step;
+    across workers, a failed worker can leave the others waiting)."""
+    import keras
+
+    strategy = model.distribute_strategy
+    name = type(strategy).__name__
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        name = "MultiWorkerMirroredStrategy"  # not its internal class's name
+    if not isinstance(strategy, _sync_strategies()):
+        if isinstance(strategy, tf.distribute.OneDeviceStrategy) or (
+            strategy is tf.distribute.get_strategy() and not tf.distribute.has_strategy()
+        ):
+            return  # one replica: its gradient is the global one
+        raise NotImplementedError(
+            "gradwatch records the global gradient under MirroredStrategy and "
+            "MultiWorkerMirroredStrategy (and without a strategy, or with "
+            f"OneDeviceStrategy). Received: a model built under {name}. Train it "
+            "without a GradWatch, or under one of those strategies."
+        )
+    spe = int(model.steps_per_execution)
+    jit = bool(model.jit_compile)
+    if spe > 1 or jit:
+        raise ValueError(
+            f"Keras {keras.version()} cannot train a model under {name} with "
+            "`steps_per_execution > 1` or `jit_compile=True`: the compiled step fails "
+            "inside Keras, with or without gradwatch. Received: "
+            f"steps_per_execution={spe}, jit_compile={jit}. Compile the model with "
+            "`steps_per_execution=1, jit_compile=False` to train it with a GradWatch."
+        )

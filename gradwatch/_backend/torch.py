@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from keras import ops
 
+from gradwatch._backend.generic import Ops
 from gradwatch._step import Records
 
 RECORDS = True  # GradWatch records on this backend
@@ -117,3 +118,112 @@ def when(predicate: Any, fn: Callable[[], None], variables: Sequence[Any]) -> No
 # True while `torch.compile` traces (`jit_compile=True`): gradwatch then stays out of the
 # traced step, and records around it.
 compiling = torch.compiler.is_compiling
+
+
+# ------------------------------------------------- the array functions of the step
+class HostValue:
+    """A host array with the `numpy()` of a device variable."""
+
+    def __init__(self, value: np.ndarray):
+        self.value = value
+
+    def numpy(self) -> np.ndarray:
+        return self.value
+
+
+class HostOps:
+    """The every-step check's array functions, on the host (NumPy): the check reads one
+    small copy of the per-variable sums of squares (`squares_by_row`)."""
+
+    @staticmethod
+    def false() -> bool:
+        return False
+
+    @staticmethod
+    def any(x: Any) -> bool:
+        return bool(np.any(x))
+
+    @staticmethod
+    def isfinite(x: Any) -> Any:
+        return np.isfinite(x)
+
+    @staticmethod
+    def logical_not(x: Any) -> Any:
+        return np.logical_not(x)
+
+    @staticmethod
+    def logical_and(a: Any, b: Any) -> bool:
+        return bool(np.logical_and(a, b))
+
+    @staticmethod
+    def logical_or(a: Any, b: Any) -> Any:
+        return np.logical_or(a, b)
+
+    @staticmethod
+    def sqrt(x: Any) -> Any:
+        with np.errstate(invalid="ignore"):
+            return np.sqrt(x)
+
+    @staticmethod
+    def false_like(x: Any) -> Any:
+        return np.zeros(np.shape(x), bool)
+
+    @staticmethod
+    def note_first(tripped: Any, step_var: Any, sq_var: Any, step: Any, sq: Any) -> None:
+        """Keeps the step and the sums of squares of the first step that `tripped`."""
+        if tripped and step_var.value < 0:
+            step_var.value = np.array(step, np.int64)
+            sq_var.value = sq
+
+    @staticmethod
+    def count_tripped(variable: Any, flags: Sequence[Any]) -> None:
+        variable.value += np.array(flags, np.int64)
+
+
+OPS = Ops
+CHECK_OPS = HostOps
+
+
+def squares_by_row(grads: Sequence[Any], rows: Sequence[int], n: int) -> np.ndarray:
+    """The every-step check's input, on the host: each of `n` rows' sum of squares, 0
+    where `rows` has no gradient; one small copy of the norms, in raw torch ops (one
+    pass each)."""
+    sq = np.zeros(n, np.float32)
+    norms = host_copy(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    sq[rows] = np.square(norms.astype(np.float64))
+    return sq
+
+
+def alarm_cell(owner: Any, shape: tuple[int, ...], dtype: str, value: float, name: str) -> Any:
+    """One of the every-step check's values, kept on the host: the step runs eagerly."""
+    return HostValue(np.full(shape, value, dtype))
+
+
+# The capture runs on host values, outside any traced step (PyTorch).
+EAGER = True
+# `per_replica`: tf.distribute runs the step once per replica.
+DISTRIBUTES = False
+
+
+def sync_state(model: Any, variable: Any) -> bool:
+    return True
+
+
+def all_gather(x: Any) -> Any:
+    return x  # one replica
+
+
+def all_reduce_sum(xs: list[Any]) -> list[Any]:
+    return xs
+
+
+def num_replicas(model: Any) -> int:
+    return 1
+
+
+def worker_of(model: Any) -> tuple[int, bool]:
+    return 0, True
+
+
+def check_strategy(model: Any) -> None:
+    """No tf.distribute here."""

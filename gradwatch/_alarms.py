@@ -1,0 +1,209 @@
+"""The alarms of a watch: NaN/Inf gradients and norms beyond `max_norm`/`min_norm`.
+
+Two sources feed them: the recorded stats of each drained block (free, where every
+step is recorded), and the every-step check in the step (`gradwatch._derived`),
+whose device values (`Alarm`) are polled after each execution. What trips becomes
+alerts in the store, and a warning, a stop or an error, by policy.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any, Literal
+
+import numpy as np
+
+from gradwatch._backend import current as _backend
+from gradwatch._state import StateMetric
+from gradwatch._store import Store
+from gradwatch.buffer import Drained
+
+PolicyName = Literal["ignore", "warn", "stop", "raise"]
+POLICIES = ("ignore", "warn", "stop", "raise")
+
+
+class Alarm(StateMetric):
+    """The every-step check's device values: how many steps tripped each check, and
+    the first such step with each variable's sum of squares there. A metric, so that
+    on JAX its variables travel in the stateless step's state; each backend makes
+    the values (`current.alarm_cell`)."""
+
+    def __init__(self, n: int):
+        super().__init__(name="gradwatch_alarm")
+        index = _backend.INDEX_DTYPE
+
+        def cell(shape, dtype, name, value=0):
+            return _backend.alarm_cell(self, shape, dtype, value, name)
+
+        self.tripped = cell((2,), index, "tripped")  # [nonfinite, threshold]
+        self.nonfinite_step = cell((), index, "nonfinite_step", -1)
+        self.nonfinite_sq = cell((n,), "float32", "nonfinite_sq")
+        self.threshold_step = cell((), index, "threshold_step", -1)
+        self.threshold_sq = cell((n,), "float32", "threshold_sq")
+
+
+class Alarms:
+    """A watch's alarm policy and what it has seen.
+
+    Args:
+        on_nonfinite, on_threshold: The policies (see `GradWatch`).
+        max_norm, min_norm: The norm thresholds, or None.
+        every: The watch's `every`.
+        stats: The watch's stats.
+    """
+
+    def __init__(self, on_nonfinite, on_threshold, max_norm, min_norm, every, stats):
+        self.on_nonfinite = on_nonfinite
+        self.on_threshold = on_threshold
+        self.max_norm = max_norm
+        self.min_norm = min_norm
+        self.thresholds = max_norm is not None or min_norm is not None
+        # Where the recorded stats see every step, a warning can come from them, at no
+        # cost in the step; stop and raise, and steps that `every` skips, need the
+        # check that runs in every step.
+        self.nonfinite_from_stats = every == 1 and "nonfinite" in stats
+        self.threshold_from_stats = every == 1 and "norm" in stats
+        self.stats = tuple(stats)
+        self.checks_every_step = (
+            on_nonfinite in ("stop", "raise")
+            or (on_nonfinite == "warn" and not self.nonfinite_from_stats)
+            or (
+                self.thresholds
+                and (
+                    on_threshold in ("stop", "raise")
+                    or (on_threshold == "warn" and not self.threshold_from_stats)
+                )
+            )
+        )
+        self.alarm: Alarm | None = None
+        self._warned: set[str] = set()
+        self._seen = {"nonfinite": 0, "threshold": 0}
+        self._pending: list[str] = []
+        self._error: FloatingPointError | None = None
+
+    def alarm_for(self, n: int) -> Alarm:
+        """The every-step check's device values, made on first use (out of the graph)."""
+        if self.alarm is None:
+            with _backend.lift():
+                self.alarm = Alarm(n)
+        return self.alarm
+
+    # ------------------------------------------------------------ from the stats
+    def from_block(self, block: Drained, keys: list[str], store: Store) -> None:
+        """Alerts for each drained (step, variable) whose recorded stats trip a check,
+        and a warning where the stats see every step."""
+        if "nonfinite" in self.stats:  # every recorded step with NaN/Inf is an alert
+            # ...but one that a loss-scale optimizer skipped never reached the weights.
+            first, found = self._stat_alerts(
+                block, keys, store, "nonfinite", lambda v: v > 0, "nonfinite", ~block.skipped
+            )
+            if found and self.on_nonfinite == "warn" and self.nonfinite_from_stats:
+                counts = {k: int(v) for k, v in found.items()}
+                self.act("warn", nonfinite_message(first, counts))
+        if self.thresholds and "norm" in self.stats:
+            beyond = np.vectorize(self.beyond, otypes=[bool])
+            first, found = self._stat_alerts(block, keys, store, "norm", beyond, self.kind)
+            if found and self.on_threshold == "warn" and self.threshold_from_stats:
+                self.act("warn", self.threshold_message(first, found))
+
+    def _stat_alerts(
+        self, block, keys, store, stat, tripped, kind, acted=None
+    ) -> tuple[int, dict[str, float]]:
+        """Adds an alert for each drained (step, variable) whose `stat` trips; returns the
+        first such step among the `acted` ones (a bool per step; default all) and its values
+        by variable (empty when none tripped)."""
+        values = block.stats[:, :, self.stats.index(stat)]
+        step_i, var_i = np.nonzero(tripped(values))
+        rows = [
+            (int(block.steps[a]), keys[b], kind(v) if callable(kind) else kind, v)
+            for a, b in zip(step_i, var_i, strict=True)
+            for v in [float(values[a, b])]
+        ]
+        store.add_alerts(rows)
+        if acted is not None:
+            rows = [r for r, a in zip(rows, step_i, strict=True) if acted[a]]
+        if not rows:
+            return -1, {}
+        first = rows[0][0]
+        return first, {r[1]: r[3] for r in rows if r[0] == first}
+
+    # ------------------------------------------------------ from the step's check
+    def poll(self, model: Any) -> None:
+        """Reads the check counters (one small read). May run on Keras' worker thread, so
+        it only notes what tripped and sets `stop_training`; `handle` does the rest."""
+        alarm = self.alarm
+        if alarm is None or not _backend.sync_state(model, alarm.tripped):
+            return
+        tripped = alarm.tripped.numpy()
+        for kind, n, policy in (
+            ("nonfinite", tripped[0], self.on_nonfinite),
+            ("threshold", tripped[1], self.on_threshold),
+        ):
+            if n and not self._seen[kind]:
+                self._seen[kind] = int(n)
+                self._pending.append(kind)
+                if policy in ("stop", "raise"):
+                    model.stop_training = True
+
+    def handle(
+        self, keys: list[str], store: Store, counts: Callable[[int, list[str]], dict]
+    ) -> None:
+        """On the main thread: records the alerts noted by `poll` and acts on them.
+        `counts(step, keys)` gives the NaN/Inf counts of a step where they are recorded."""
+        alarm = self.alarm
+        if alarm is None:
+            return
+        while self._pending:
+            kind = self._pending.pop(0)
+            if kind == "nonfinite":
+                step = int(alarm.nonfinite_step.numpy())
+                sq = alarm.nonfinite_sq.numpy()
+                bad = [k for k, v in zip(keys, sq, strict=True) if not np.isfinite(v)]
+                found = counts(step, bad)
+                store.add_alerts([(step, k, "nonfinite", found.get(k, np.nan)) for k in bad])
+                self.act(self.on_nonfinite, nonfinite_message(step, found or bad))
+            else:
+                step = int(alarm.threshold_step.numpy())
+                norms = np.sqrt(alarm.threshold_sq.numpy().astype(np.float64))
+                out = {k: float(v) for k, v in zip(keys, norms, strict=True) if self.beyond(v)}
+                store.add_alerts([(step, k, self.kind(v), v) for k, v in out.items()])
+                self.act(self.on_threshold, self.threshold_message(step, out))
+
+    # ------------------------------------------------------------------ acting
+    def beyond(self, norm: float) -> bool:
+        return (self.max_norm is not None and norm > self.max_norm) or (
+            self.min_norm is not None and norm < self.min_norm
+        )
+
+    def kind(self, norm: float) -> str:
+        return "max_norm" if self.max_norm is not None and norm > self.max_norm else "min_norm"
+
+    def threshold_message(self, step: int, norms: dict) -> str:
+        return (
+            f"Gradient norms beyond max_norm={self.max_norm}/min_norm={self.min_norm} "
+            f"at step {step}: {norms}."
+        )
+
+    def act(self, policy: str, message: str) -> None:
+        if policy == "warn":
+            kind = message.split(" ", 1)[0]  # one warning per kind of alert
+            if kind not in self._warned:
+                self._warned.add(kind)
+                warnings.warn("GradWatch: " + message, stacklevel=2)
+        elif policy == "raise":
+            self._error = FloatingPointError("GradWatch: " + message)
+
+    def take_error(self) -> FloatingPointError | None:
+        """The pending error of a `"raise"` policy, once."""
+        error, self._error = self._error, None
+        return error
+
+
+def nonfinite_message(step: int, found: dict | list) -> str:
+    what = (
+        f"{found} (NaN/Inf element counts)"
+        if isinstance(found, dict)
+        else f"{found} (record the `nonfinite` stat at that step for element counts)"
+    )
+    return f"Non-finite gradients at step {step}: {what}."

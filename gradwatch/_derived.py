@@ -1,0 +1,206 @@
+"""The stats that are more than a function of one gradient, computed in the step
+beside the others (`gradwatch._compute`): the clipped norm (the optimizer's
+clipping), `cos_prev`, the update stats, each replica's stats, and the every-step
+check. Written once, on the backend's array functions (`current.OPS`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from gradwatch._backend import current as _backend
+from gradwatch._compute import compute_stats, sum_of_squares
+from gradwatch._plan import Plan
+from gradwatch._step import Records
+from gradwatch.buffer import GradientBuffer
+from gradwatch.sparse import dense, elements, unscaled_float32
+from gradwatch.stats import GRADIENT_STATS
+
+xp = _backend.OPS
+
+
+def clipping(records: Records, view: Callable[[Any], Any]) -> tuple[dict, dict, Any]:
+    """Keras' clipping, written out over gradwatch's own reductions rather than by
+    calling the optimizer's: sharing its ops lets grappler rewrite the training
+    computation, and training must stay bitwise the same.
+
+    Returns each recorded gradient (unscaled, float32, through `view`), its sum of
+    squares, and `rule(key) -> (factor, clipvalue)`: the clipped gradient is
+    `factor * g` or `clip(g, -clipvalue, clipvalue)` (both None: not clipped).
+    """
+    grads, sq, optimizers = {}, {}, {}
+    for record in records.values():
+        if record.grad is None:
+            continue
+        key, optimizer = id(record.variable), record.optimizer
+        grads[key] = view(unscaled_float32(record.grad, record.scale))
+        sq[key] = sum_of_squares(grads[key])
+        # A LossScaleOptimizer unscales, then its inner optimizer clips.
+        optimizers[key] = getattr(optimizer, "inner_optimizer", optimizer)
+    # Each optimizer's global norm, over every gradient it applies.
+    total: dict[int, Any] = {}
+    for key, opt in optimizers.items():
+        total[id(opt)] = total.get(id(opt), 0.0) + sq[key]
+
+    def rule(key: int) -> tuple[Any, Any]:
+        opt = optimizers[key]
+        clipnorm = getattr(opt, "clipnorm", None)
+        global_clipnorm = getattr(opt, "global_clipnorm", None)
+        clipvalue = getattr(opt, "clipvalue", None)
+        if clipnorm and clipnorm > 0:  # g * c / max(|g|, c)
+            return clipnorm / xp.maximum(xp.sqrt(sq[key]), clipnorm), None
+        if global_clipnorm and global_clipnorm > 0:  # all g * c * min(1/|G|, 1/c)
+            gn = xp.sqrt(total[id(opt)])
+            return global_clipnorm * xp.minimum(1.0 / gn, 1.0 / global_clipnorm) + (gn - gn), None
+        if clipvalue and clipvalue > 0:
+            return None, clipvalue
+        return None, None
+
+    return grads, sq, rule
+
+
+def clipped_norms(plan: Plan, records: Records) -> Any:
+    """The norms of the selected gradients after the clipping of the optimizer applying them."""
+    grads, sq, rule = clipping(records, elements)
+    nan = xp.nan()
+    out = []
+    for i in plan.stat_index:
+        key = id(plan.variables[i])
+        if key not in grads:
+            out.append(nan)
+            continue
+        factor, clipvalue = rule(key)
+        if clipvalue is not None:
+            clipped = xp.clip(grads[key], -clipvalue, clipvalue)
+            out.append(xp.sqrt(sum_of_squares(clipped)))
+        else:
+            norm = xp.sqrt(sq[key])
+            out.append(norm if factor is None else norm * factor)
+    return xp.stack(out)
+
+
+def clipped_norms_across_replicas(plan: Plan, local: Records) -> Any:
+    """`clipped_norms` under tf.distribute, where each replica's optimizer clips its
+    local gradient and then sums the clipped gradients over the replicas.
+
+    The norm of that sum needs the clipped tensors, so they are built here and
+    all-reduced (outside any branch). Dense: replicas touch different rows.
+    """
+    grads, _, rule = clipping(local, dense)
+    keys = [id(plan.variables[i]) for i in plan.stat_index if id(plan.variables[i]) in grads]
+    nan = xp.nan()
+    if not keys:
+        return xp.full((len(plan.stat_index),), math.nan)
+    clipped = []
+    for key in keys:
+        factor, clipvalue = rule(key)
+        g = grads[key]
+        if clipvalue is not None:
+            g = xp.clip(g, -clipvalue, clipvalue)
+        elif factor is not None:
+            g = g * factor
+        clipped.append(g)
+    summed = _backend.all_reduce_sum(clipped)
+    norms = dict(zip(keys, (xp.sqrt(sum_of_squares(c)) for c in summed), strict=True))
+    return xp.stack([norms.get(id(plan.variables[i]), nan) for i in plan.stat_index])
+
+
+def replica_stats(plan: Plan, local: Records, stats: Sequence[str]) -> Any:
+    """The stats of each replica's local gradient, gathered from all replicas:
+    `(n_replicas, n_variables, n_stats)` in replica order, NaN for the stats that
+    are not functions of the gradient alone. Every replica gets the same tensor."""
+    grads = []
+    for i in plan.stat_index:
+        entry = local.get(id(plan.variables[i]))
+        if entry is None or entry.grad is None:
+            grads.append(None)
+            continue
+        grads.append(unscaled_float32(entry.grad, entry.scale))
+    names = [s for s in stats if s in GRADIENT_STATS]
+    n = len(plan.stat_index)
+    table = compute_stats(grads, names) if names and n else xp.zeros((n, 0))
+    nan = xp.full((n,), math.nan)
+    cols = [table[:, names.index(s)] if s in names else nan for s in stats]
+    mine = xp.stack(cols, axis=1)[None] if cols else xp.zeros((1, n, 0))
+    return _backend.all_gather(mine)
+
+
+def update_stats(plan: Plan, befores: list[Any]) -> dict[str, Any]:
+    """`weight_norm`, `update_norm` and `update_ratio` of the selected variables, from
+    the weights before the update (`befores`, one per selected variable or None) and
+    after it: read after `apply_gradients`, as this runs after the stock step returns."""
+    delta = [
+        None if b is None else xp.read(plan.variables[i]) - b
+        for i, b in zip(plan.stat_index, befores, strict=True)
+    ]
+    weight = compute_stats(befores, ["norm"])[:, 0]
+    update = compute_stats(delta, ["norm"])[:, 0]
+    return {"weight_norm": weight, "update_norm": update, "update_ratio": update / weight}
+
+
+def cosines_with_previous(plan: Plan, buffer: GradientBuffer, flat: Any, step: Any) -> Any:
+    """`cos_prev`: the cosine of each selected gradient with the one kept in the buffer,
+    NaN unless that one is from step `step - 1`. Per-variable reductions: segment ops
+    over the flat vector are far slower on the CPU."""
+    sizes = plan.stat_sizes
+    gs = xp.split(flat, sizes)
+    ps = xp.split(xp.read(buffer.prev), sizes)
+    dot = xp.stack([xp.sum(g * p) for g, p in zip(gs, ps, strict=True)])
+    gg = xp.stack([sum_of_squares(g) for g in gs])
+    pp = xp.stack([sum_of_squares(p) for p in ps])
+    cos = dot / (xp.sqrt(gg) * xp.sqrt(pp))
+    follows = xp.equal(xp.read(buffer.prev_step), xp.cast(step, buffer.prev_step.dtype) - 1)
+    return xp.where(follows, cos, xp.nan())
+
+
+def keep_previous(buffer: GradientBuffer, flat: Any, step: Any) -> None:
+    """Keeps this step's flat gradient for the next step's `cos_prev`."""
+    xp.assign(buffer.prev, flat)
+    xp.assign(buffer.prev_step, xp.cast(step, buffer.prev_step.dtype))
+
+
+def checked_gradients(plan: Plan, records: Records) -> tuple[list[int], list[Any]]:
+    """The every-step checks' inputs: the rows (among the selected variables) that have a
+    gradient this step, and those gradients' elements, unscaled, in float32."""
+    rows, grads = [], []
+    for j, i in enumerate(plan.stat_index):
+        entry = records.get(id(plan.variables[i]))
+        if entry is not None and entry.grad is not None:
+            rows.append(j)
+            grads.append(elements(unscaled_float32(entry.grad, entry.scale)))
+    return rows, grads
+
+
+def every_step_check(
+    plan: Plan, records: Records, step: Any, skipped: Any, alarm: Any, policy: Any
+) -> None:
+    """Checks one step's gradients for NaN/Inf and against the norm thresholds, and
+    notes in `alarm` how many steps tripped each check, and the first such step with
+    each variable's sum of squares there (`policy`: the watch's `on_nonfinite`,
+    `on_threshold`, `max_norm` and `min_norm`).
+
+    Non-finite gradients that a loss-scale optimizer skipped (`skipped`) never reached
+    the weights, so they do not trip `on_nonfinite`.
+    """
+    rows, grads = checked_gradients(plan, records)
+    if not grads:
+        return
+    ck = _backend.CHECK_OPS
+    sq = _backend.squares_by_row(grads, rows, len(plan.stat_index))
+    bad = over = ck.false()
+    if policy.on_nonfinite != "ignore":
+        bad = ck.any(ck.logical_not(ck.isfinite(sq)))
+        if skipped is not None:
+            bad = ck.logical_and(bad, ck.logical_not(skipped))
+        ck.note_first(bad, alarm.nonfinite_step, alarm.nonfinite_sq, step, sq)
+    if policy.thresholds and policy.on_threshold != "ignore":
+        norm = ck.sqrt(sq)
+        out = ck.false_like(norm)
+        if policy.max_norm is not None:
+            out = ck.logical_or(out, norm > policy.max_norm)
+        if policy.min_norm is not None:
+            out = ck.logical_or(out, norm < policy.min_norm)
+        over = ck.any(out)
+        ck.note_first(over, alarm.threshold_step, alarm.threshold_sq, step, sq)
+    ck.count_tripped(alarm.tripped, [bad, over])

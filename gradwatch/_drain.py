@@ -1,0 +1,59 @@
+"""Draining: the ring buffer's new slots, copied to the host as one block and added to
+the store; and when a drain is due."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+
+from gradwatch._backend import current as _backend
+from gradwatch._plan import Plan
+from gradwatch._store import Store
+from gradwatch.buffer import Drained, GradientBuffer
+
+
+def drain(
+    model: Any, buffer: GradientBuffer, plan: Plan, store: Store, epoch: int, epoch_start: int
+) -> Drained | None:
+    """Copies the slots written since the last drain and appends them to `store`, at
+    `epoch`, with batch numbers counted from `epoch_start`. None when there are none
+    (or no device state to read yet)."""
+    # JAX: mid-epoch the state is off the model's variables; attach it, and copy the
+    # buffer out at once (its arrays are donated to the next step).
+    if model is not None and not _backend.sync_state(model, buffer.count):
+        return None
+    block = buffer.drain()
+    if block.lost:
+        warnings.warn(
+            f"GradWatch lost {block.lost} recorded steps that were overwritten in the "
+            "ring buffer before they were copied out.",
+            stacklevel=3,
+        )
+    k = len(block.steps)
+    if k == 0:
+        return None
+    values = np.concatenate(block.values, axis=1) if block.values else np.zeros((k, 0), np.float32)
+    store.append(
+        block.steps,
+        np.full(k, epoch, np.int64),
+        block.steps - epoch_start,
+        plan.stat_codes,
+        block.stats,
+        plan.value_codes,
+        values,
+        hist=block.hist,
+        replica_stats=block.replica_stats,
+    )
+    store.add_skipped(block.steps[block.skipped])
+    return block
+
+
+def drain_due(since_drain: int, steps_per_execution: int, capacity: int, room: int | None) -> bool:
+    """Before an execution: whether it could overwrite slots not yet copied out, or
+    bring more steps than `room` (steps until a part is due; None: no parts)."""
+    limit = capacity
+    if room is not None:  # drain in time to write a part
+        limit = min(limit, max(room, steps_per_execution))
+    return (since_drain + 1) * steps_per_execution > limit

@@ -1,0 +1,168 @@
+"""What a watch adds to the training step: its stats, kept tensors and histograms
+written into the ring buffer, gated by `every`; written once, on the backend's array
+functions (`current.OPS`)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from gradwatch import _derived
+from gradwatch._backend import current as _backend
+from gradwatch._compute import compute_histograms, compute_stats
+from gradwatch._plan import Plan
+from gradwatch._step import Records
+from gradwatch._store import Store
+from gradwatch.buffer import GradientBuffer
+from gradwatch.sparse import dense, unscaled_float32
+from gradwatch.stats import GRADIENT_STATS
+
+xp = _backend.OPS
+
+
+def capture(
+    watch: Any,
+    model: Any,
+    plan: Plan,
+    buffer: GradientBuffer,
+    store: Store,
+    step: Any,
+    records: Records,
+    skipped: Any,
+    local: Records,
+) -> None:
+    """Adds the capture of `watch` (its `stats`, `every`, `histogram`, `per_replica`) to
+    the step being traced or run.
+
+    `records` hold the global gradients, `local` (under `tf.distribute`) what this
+    replica handed the optimizer; without a strategy they are the same object.
+    """
+    _check_known(model, plan, records)
+    entries = [records.get(id(v)) for v in plan.variables]
+    _note_disconnected(plan, records, entries, store)
+
+    def gradient(i: int) -> Any:
+        entry = entries[i]
+        if entry is None or entry.grad is None:
+            return None
+        return unscaled_float32(entry.grad, entry.scale)
+
+    flat_gradients = _flat_gradients(plan, gradient)
+    # Collectives stay out of the branch below: under tf.distribute a cross-replica
+    # call inside a conditional branch fails to trace.
+    clipped = (
+        _derived.clipped_norms_across_replicas(plan, local)
+        if local is not records and "clipped_norm" in watch.stats
+        else None
+    )
+    replica_stats = _derived.replica_stats(plan, local, watch.stats) if watch.per_replica else None
+
+    def record() -> None:
+        grads = {i: gradient(i) for i in dict.fromkeys(plan.stat_index + plan.value_index)}
+        stat_grads = [grads[i] for i in plan.stat_index]
+        if plan.stat_index and not xp.restack and set(watch.stats) <= set(GRADIENT_STATS):
+            # The table as computed, without slicing and restacking.
+            stats = compute_stats(stat_grads, watch.stats)
+        elif plan.stat_index:
+            cols = stat_columns(
+                watch, plan, entries, stat_grads, step, buffer, flat_gradients, records, clipped
+            )
+            stats = xp.stack([cols[name] for name in watch.stats], axis=1)
+        else:
+            stats = xp.zeros((0, len(watch.stats)))
+        values = [
+            dense(grads[i]) if grads[i] is not None else xp.full(plan.variables[i].shape, math.nan)
+            for i in plan.value_index
+        ]
+        hist = compute_histograms(stat_grads, watch.histogram) if watch.histogram else None
+        buffer.write(step, stats, values, hist, skipped, replica_stats)
+
+    def keep_previous() -> None:
+        _derived.keep_previous(buffer, flat_gradients(), step)
+
+    if watch.every == 1:
+        record()
+    else:
+        _backend.when(step % watch.every == 0, record, buffer.variables)
+    if buffer.prev is not None:
+        # cos_prev at step s needs step s - 1: keep it only where s is recorded.
+        if watch.every == 1:
+            keep_previous()
+        else:
+            _backend.when((step + 1) % watch.every == 0, keep_previous, buffer.variables)
+
+
+def stat_columns(
+    watch, plan, entries, stat_grads, step, buffer, flat_gradients, records, clipped=None
+) -> dict[str, Any]:
+    """The stats of the selected variables, one float32 column per stat name."""
+    cols = {}
+    if "clipped_norm" in watch.stats:
+        cols["clipped_norm"] = _derived.clipped_norms(plan, records) if clipped is None else clipped
+    grad_stats = [s for s in watch.stats if s in GRADIENT_STATS]
+    if grad_stats:
+        table = compute_stats(stat_grads, grad_stats)
+        cols.update({name: table[:, j] for j, name in enumerate(grad_stats)})
+    if watch.needs_weights:
+        before = [None if entries[i] is None else entries[i].before for i in plan.stat_index]
+        cols.update(_derived.update_stats(plan, before))
+    if "cos_prev" in watch.stats:
+        cols["cos_prev"] = _derived.cosines_with_previous(plan, buffer, flat_gradients(), step)
+    return cols
+
+
+def _check_known(model: Any, plan: Plan, records: Records) -> None:
+    known = set(plan.signature)
+    for record in records.values():
+        var = record.variable
+        if id(var) not in known:
+            raise ValueError(
+                f"`record_gradients` got the variable {var.path!r}, which is not among "
+                f"the trainable weights of {type(model).__name__}. Record only the "
+                "model's own trainable variables."
+            )
+
+
+def _note_disconnected(plan: Plan, records: Records, entries: list, store: Store) -> None:
+    """Known while tracing: variables whose gradient is None are disconnected.
+    (A step that recorded nothing at all has warned about that instead.)"""
+    disconnected = [
+        plan.keys[i]
+        for i in dict.fromkeys(plan.stat_index + plan.value_index)
+        if records and (entries[i] is None or entries[i].grad is None)
+    ]
+    new = store.add_disconnected(disconnected)
+    if new:
+        warnings.warn(
+            f"GradWatch: {new} have no gradient (they are not connected to the loss); "
+            "their stats are recorded as NaN. See `log.disconnected`.",
+            stacklevel=4,
+        )
+
+
+def _flat_gradients(plan: Plan, gradient: Callable[[int], Any]) -> Callable[[], Any]:
+    """A function giving the selected gradients as one vector; a missing one is NaN.
+
+    Made once per step where the capture runs eagerly (PyTorch); on TensorFlow and
+    JAX each branch (tf.cond, lax.cond) builds its own, as a value traced in one
+    cannot leave it.
+    """
+    cache: list[Any] = []
+
+    def flat_gradients() -> Any:
+        if cache:
+            return cache[0]
+        parts = []
+        for i in plan.stat_index:
+            g = gradient(i)
+            if g is None:
+                g = xp.full(plan.variables[i].shape, math.nan)
+            parts.append(xp.flat(dense(g)))
+        flat = xp.concat(parts)
+        if _backend.EAGER:
+            cache.append(flat)
+        return flat
+
+    return flat_gradients
