@@ -38,8 +38,9 @@ Records = dict[int, Record]
 
 @runtime_checkable
 class Watcher(Protocol):
-    """What the capture (`gradwatch.mixin`) asks of each attached watch; `GradWatch`
-    is the one implementation. Package-internal: not part of the public API."""
+    """What the capture (`gradwatch._capture`, `gradwatch.mixin`) asks of each attached
+    watch; `GradWatch` is the one implementation. Package-internal: not part of the
+    public API."""
 
     every: int  # records the steps that are multiples of it
     checks_every_step: bool  # runs checks at every step, also at unrecorded ones

@@ -1,5 +1,7 @@
 """JAX: gradwatch's device state travels in the stateless step's state; writes are
-assignments within the step's `StatelessScope`."""
+assignments within the step's `StatelessScope`. The step: `run_step` counts and commits
+it in a scope over its returned state, and `train_step` is the stock step with the
+recording in it."""
 
 from __future__ import annotations
 

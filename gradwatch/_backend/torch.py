@@ -1,5 +1,6 @@
 """PyTorch: the step runs eagerly; gradwatch writes its device state in place, in raw
-torch ops (each `keras.ops` call costs a Python layer on top of the dispatch)."""
+torch ops (each `keras.ops` call costs a Python layer on top of the dispatch). With
+`jit_compile=True`, gradwatch records around the `torch.compile`d step (`make_train_function`)."""
 
 from __future__ import annotations
 
