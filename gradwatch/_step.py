@@ -1,8 +1,13 @@
-"""What one training step hands the watches: a record per variable."""
+"""What one training step hands the watches (a record per variable), and the step's
+machinery that the backend modules share: the model's state, the step scope, the
+`Capture` protocol. A leaf: it imports no gradwatch module, so that the backend
+modules can import it."""
 
 from __future__ import annotations
 
 import dataclasses
+import threading
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 
@@ -33,8 +38,9 @@ Records = dict[int, Record]
 
 @runtime_checkable
 class Watcher(Protocol):
-    """What the capture (`gradwatch.mixin`) asks of each attached watch; `GradWatch`
-    is the one implementation. Package-internal: not part of the public API."""
+    """What the capture (`gradwatch._capture`, `gradwatch.mixin`) asks of each attached
+    watch; `GradWatch` is the one implementation. Package-internal: not part of the
+    public API."""
 
     every: int  # records the steps that are multiples of it
     checks_every_step: bool  # runs checks at every step, also at unrecorded ones
@@ -56,3 +62,99 @@ class Watcher(Protocol):
 
     def release(self, model: Any) -> None:
         """Drains what is left and detaches from `model`; safe to call twice."""
+
+
+class ModelState:
+    """gradwatch's per-model state, kept out of Keras' and TF's object tracking."""
+
+    def __init__(self) -> None:
+        self.counter: Any = None  # steps over the model's life (the backend's counter)
+        self.watches: list[Any] = []  # attached GradWatch callbacks
+        # The watches that the current train function was (or will be) traced with.
+        self.traced_with: tuple[Any, ...] = ()
+        # False while a train function traced without capture runs (see `gate`).
+        self.capturing = True
+        # Host-side gating for `every > 1`: (with capture, without, traced_with).
+        self.gate: tuple[Any, Any, tuple[Any, ...]] | None = None
+        self.next_step = 0  # host's count of the next step, while gating
+
+    @property
+    def active(self) -> list[Any]:
+        """The watches that the step being traced records for."""
+        return self.watches if self.capturing else []
+
+    @property
+    def listening(self) -> list[Any]:
+        """The watches that see the step's gradients: recording ones, and alarms on every step."""
+        return [w for w in self.watches if self.capturing or w.checks_every_step]
+
+
+def model_state(model: Any) -> ModelState:
+    """The model's gradwatch state; a plain object so that saving never sees it."""
+    state = model.__dict__.get("_gradwatch_state")
+    if state is None:
+        state = ModelState()
+        object.__setattr__(model, "_gradwatch_state", state)
+    return state
+
+
+class StepScope:
+    """What one trace of one train step recorded: gradients by variable id."""
+
+    def __init__(self) -> None:
+        self.grads: Records = {}
+        # id(optimizer) -> (loss-scale optimizer, its `iterations` before the update)
+        self.loss_scaled: dict[int, tuple[Any, Any]] = {}
+        # PyTorch `jit_compile=True`: whether the stock step ran (its `.grad`s are read).
+        self.stock = False
+        # JAX: the stateless step's input state (trainable, non-trainable, optimizer and
+        # metrics variables), which `record_gradients` reads the step's values from.
+        self.state: tuple | None = None
+
+
+_local = threading.local()
+
+
+def scopes() -> dict[int, StepScope]:
+    """The scopes of the steps being traced or run, by `id(model)`."""
+    # Thread-local: under tf.distribute each replica traces the step in its own thread.
+    if not hasattr(_local, "scopes"):
+        _local.scopes = {}
+    return _local.scopes
+
+
+def run_in_scope(fn: Callable, model: Any, *args: Any, **kwargs: Any) -> tuple[Any, StepScope]:
+    """Runs `fn(model, *args, **kwargs)` in a new scope of `model`'s step; returns its
+    outputs and the scope, with what `record_gradients` added to it."""
+    all_scopes = scopes()
+    scope = all_scopes[id(model)] = StepScope()
+    try:
+        outputs = fn(model, *args, **kwargs)
+    finally:
+        del all_scopes[id(model)]
+    return outputs, scope
+
+
+class Capture(Protocol):
+    """What a backend's step code asks of the capture (`gradwatch._capture`, which it
+    cannot import: the capture imports the backend). Package-internal."""
+
+    def commit(self, model: Any, scope: StepScope) -> None:
+        """Hands the step's records to the watches, and counts the step."""
+
+    def before_update(
+        self, model: Any, scope: StepScope, variables: list, optimizer: Any, watches: list
+    ) -> tuple:
+        """What the records of `variables` read before the update: `(scale, befores,
+        optimizer)`, for `add_records`."""
+
+    def add_records(
+        self,
+        scope: StepScope,
+        grads: list,
+        variables: list,
+        scale: Any,
+        befores: list,
+        optimizer: Any,
+    ) -> None:
+        """Adds one step's gradients to `scope`, with what `before_update` read."""

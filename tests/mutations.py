@@ -48,7 +48,7 @@ MUTATIONS = (
     Mutation(
         "per-replica-not-unscaled",
         "`per_replica` stats are not divided by the loss scale",
-        "gradwatch/callback.py",
+        "gradwatch/_derived.py",
         "grads.append(unscaled_float32(entry.grad, entry.scale))",
         "grads.append(unscaled_float32(entry.grad))",
         (
@@ -59,7 +59,7 @@ MUTATIONS = (
     Mutation(
         "global-clipnorm-over-all-optimizers",
         "`global_clipnorm` of one optimizer is taken over the gradients of all optimizers",
-        "gradwatch/callback.py",
+        "gradwatch/_derived.py",
         "gn = xp.sqrt(total[id(opt)])",
         "gn = xp.sqrt(sum(sq.values()))",
         (
@@ -70,7 +70,7 @@ MUTATIONS = (
     Mutation(
         "one-optimizers-clipping-for-all",
         "the first optimizer's clipping is used for every variable",
-        "gradwatch/callback.py",
+        "gradwatch/_derived.py",
         "        opt = optimizers[key]\n",
         "        opt = next(iter(optimizers.values()))\n",
         (
@@ -81,7 +81,7 @@ MUTATIONS = (
     Mutation(
         "loss-scale-inner-clipping-ignored",
         "the clipping of a LossScaleOptimizer's inner optimizer is ignored",
-        "gradwatch/callback.py",
+        "gradwatch/_derived.py",
         'optimizers[key] = getattr(optimizer, "inner_optimizer", optimizer)',
         "optimizers[key] = optimizer",
         ("tests/test_signals.py::test_clipped_norm_under_a_loss_scale_is_clipped_after_unscaling",),
@@ -148,9 +148,9 @@ MUTATIONS = (
     Mutation(
         "every-off-by-one",
         "with `every=N` the steps N*k + 1 are recorded instead of N*k",
-        "gradwatch/callback.py",
-        "_backend.when(step % self.every == 0, record, buffer.variables)",
-        "_backend.when(step % self.every == 1, record, buffer.variables)",
+        "gradwatch/_in_step.py",
+        "_backend.when(step % watch.every == 0, record, buffer.variables)",
+        "_backend.when(step % watch.every == 1, record, buffer.variables)",
         ("tests/test_callback.py::test_every_records_only_multiples_and_matches_reference",),
     ),
     Mutation(
@@ -173,7 +173,7 @@ MUTATIONS = (
     Mutation(
         "histogram-100-refused",
         "`GradWatch(histogram=100)`, the documented maximum, is refused",
-        "gradwatch/callback.py",
+        "gradwatch/_args.py",
         "if 1 <= histogram <= 100:",
         "if 1 <= histogram < 100:",
         ("tests/test_fuzz.py::test_fuzz_gradwatch_constructor",),

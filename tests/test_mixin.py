@@ -387,7 +387,7 @@ def test_reaches_loss_walks_the_jaxpr_back_from_the_loss():
     import jax
     import jax.numpy as jnp
 
-    from gradwatch.mixin import _reaches_loss
+    from gradwatch._backend.jax import _reaches_loss
 
     def loss(a, b, c, d, e, flag):
         inner = jax.jit(lambda u: u * 2.0)(a)  # through a higher-order primitive

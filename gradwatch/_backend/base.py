@@ -6,10 +6,13 @@ lets a type checker hold each module to them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 import numpy as np
+
+from gradwatch._step import Capture, StepScope
 
 
 class Backend(Protocol):
@@ -67,3 +70,32 @@ class Backend(Protocol):
 
     def global_records(self, records: Any) -> Any:
         """The records with each replica's local gradient replaced by the global one."""
+
+    # The step: how it is run, counted and recorded.
+    OWN_TRAIN_STEP: bool  # with watches attached, `train_step` replaces the stock step (JAX)
+    GATES_IN_STEP: bool  # the step gates `every > 1` itself; no host-side gating (JAX)
+
+    def run_step(
+        self, fn: Callable, model: Any, commit: Callable, *args: Any, **kwargs: Any
+    ) -> Any:
+        """Runs `fn(model, *args, **kwargs)`, a train step, in a step scope, then `commit`s it."""
+
+    def train_step(self, model: Any, *args: Any) -> Any:
+        """The stock step with the recording in it, where `OWN_TRAIN_STEP` (else it raises)."""
+
+    def input_scope(self, model: Any, scope: StepScope) -> AbstractContextManager:
+        """Where `record_gradients` reads what precedes the update (JAX: the step's input state)."""
+
+    def readable_in_step(self, model: Any, scope: StepScope, variable: Any) -> bool:
+        """Whether the step can read `variable` (JAX: only the variables of its state)."""
+
+    def make_train_function(
+        self, model: Any, make: Callable, force: bool, custom: bool, capture: Capture
+    ) -> Any:
+        """Keras' train function from `make(force)`, as gradwatch runs it (PyTorch jit: wrapped)."""
+
+    def outside_compile(self, fn: Callable) -> Callable:
+        """`fn`, run eagerly at a graph break when called from `torch.compile`d code."""
+
+    def note_stock_step(self, model: Any) -> None:
+        """From a compiled custom step: notes that it ran the stock one (`super().train_step`)."""

@@ -1,5 +1,7 @@
 """JAX: gradwatch's device state travels in the stateless step's state; writes are
-assignments within the step's `StatelessScope`."""
+assignments within the step's `StatelessScope`. The step: `run_step` counts and commits
+it in a scope over its returned state, and `train_step` is the stock step with the
+recording in it."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from keras import ops
 
 from gradwatch._backend.generic import Ops
 from gradwatch._state import StateMetric
-from gradwatch._step import Records
+from gradwatch._step import Capture, Records, StepScope, model_state, scopes
 
 RECORDS = True  # GradWatch records on this backend
 INDEX_DTYPE = "int32"  # JAX runs without 64-bit types unless asked
@@ -212,3 +214,180 @@ def worker_of(model: Any) -> tuple[int, bool]:
 
 def check_strategy(model: Any) -> None:
     """No tf.distribute here."""
+
+
+# Stateless: the stock step has no apply method to intercept, so while watches are
+# attached gradwatch runs `train_step`, the stock step with the recording in it.
+OWN_TRAIN_STEP = True
+
+# The step gates itself (see `stateless_cond`). Two train functions cannot be had for
+# host-side gating: Keras jits the same bound `train_step` for both, JAX's trace cache
+# hands the second the first one's trace, and every step was recorded.
+GATES_IN_STEP = True
+
+
+def run_step(
+    fn: Callable, model: Any, commit: Callable, state: Any, data: Any, **kwargs: Any
+) -> Any:
+    """Runs a stateless JAX `train_step(state, data)` and adds the count and the capture.
+
+    Whatever the step is (gradwatch's, the stock one, or a user's), its input state is
+    where `record_gradients` reads the loss scale and the weights before the update,
+    and its returned state is where the step counter, the ring buffer and the alarm
+    (metrics) are advanced and written, in a `StatelessScope` over that state.
+    """
+    counter = model_state(model).counter
+    if counter is None:
+        # No counter in the state (the train function was made outside `fit`): run as is.
+        return fn(model, state, data, **kwargs)
+    all_scopes = scopes()
+    scope = all_scopes[id(model)] = StepScope()
+    scope.state = tuple(state)
+    try:
+        logs, new_state = fn(model, state, data, **kwargs)
+    finally:
+        del all_scopes[id(model)]
+    trainable, non_trainable, optimizer_vars, metrics_vars = new_state
+    refs = model.metrics_variables
+    if len(refs) != len(metrics_vars):
+        raise RuntimeError(
+            f"The `train_step` of {type(model).__name__} returned "
+            f"{len(metrics_vars)} metrics variables, and the model has {len(refs)}. "
+            "Return the state as `(trainable_variables, non_trainable_variables, "
+            "optimizer_variables, metrics_variables)`, with every metrics variable."
+        )
+    optimizer = getattr(model, "optimizer", None)
+    mapping = [
+        *zip(refs, metrics_vars, strict=True),
+        *zip(model.trainable_variables, trainable, strict=True),  # after the update
+        *zip(model.non_trainable_variables, non_trainable, strict=True),
+    ]
+    if optimizer is not None and optimizer_vars:
+        mapping += list(zip(optimizer.variables, optimizer_vars, strict=True))
+    with keras.StatelessScope(state_mapping=mapping) as written:
+        commit(model, scope)
+    metrics_vars = [
+        value if (new := written.get_current_value(ref)) is None else new
+        for ref, value in zip(refs, metrics_vars, strict=True)
+    ]
+    return logs, (trainable, non_trainable, optimizer_vars, metrics_vars)
+
+
+def train_step(model: Any, state: Any, data: Any) -> Any:
+    """The stock JAX `train_step(state, data)`, plus `record_gradients`, in the same step.
+
+    The gradients, the optimizer update and the metrics are computed exactly as the
+    stock step computes them. JAX differentiates a variable that the loss does not
+    depend on to zeros; such variables are found while tracing, from the loss's jaxpr,
+    and recorded as disconnected (`None`), as TensorFlow reports them. The optimizer
+    still gets the zeros, as in the stock step.
+    """
+    import jax
+    from keras.src.trainers.data_adapters import data_adapter_utils
+
+    trainable, non_trainable, optimizer_vars, metrics_vars = state
+    x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+    args = (trainable, non_trainable, metrics_vars, x, y, sample_weight, optimizer_vars)
+
+    def loss_and_updates(tv, ntv, mv, x, y, sw, ov):
+        return model.compute_loss_and_updates(
+            tv, ntv, mv, x, y, sw, training=True, optimizer_variables=ov
+        )
+
+    connected = _reaches_loss(loss_and_updates, args, len(trainable))
+    grad_fn = jax.value_and_grad(model.compute_loss_and_updates, has_aux=True)
+    (_, aux), grads = grad_fn(
+        trainable,
+        non_trainable,
+        metrics_vars,
+        x,
+        y,
+        sample_weight,
+        training=True,
+        optimizer_variables=optimizer_vars,
+    )
+    (unscaled_loss, y_pred, non_trainable, metrics_vars) = aux
+    optimizer = model.optimizer
+    recorded = [g if used else None for g, used in zip(grads, connected, strict=True)]
+    model.record_gradients(recorded, model.trainable_variables, optimizer=optimizer)
+    trainable, optimizer_vars = optimizer.stateless_apply(optimizer_vars, grads, trainable)
+    logs, metrics_vars = model._update_metrics_variables(
+        metrics_vars, unscaled_loss, x, y, y_pred, sample_weight
+    )
+    return logs, (trainable, non_trainable, optimizer_vars, metrics_vars)
+
+
+def _reaches_loss(loss_fn: Callable, args: tuple, n: int) -> list[bool]:
+    """Whether the loss (the first output of `loss_fn(*args)`) depends on each of the
+    first `n` array leaves of `args`, found from its jaxpr while tracing.
+
+    A backward walk from the loss marks every input of an equation with a used
+    output as used. Higher-order primitives (`jit`, `cond`, `while`, custom
+    derivatives) are taken whole, so an input is never wrongly called unused;
+    only `stop_gradient` cuts the walk, as it cuts TensorFlow's gradient.
+    """
+    import jax
+    from jax.extend.core import Var
+
+    def spec(a: Any) -> Any:
+        return jax.ShapeDtypeStruct(np.shape(a), a.dtype)
+
+    def loss_only(*a: Any) -> Any:
+        return loss_fn(*a)[0]
+
+    closed = jax.make_jaxpr(loss_only)(*jax.tree.map(spec, args))
+    jaxpr = closed.jaxpr
+    used = {v for v in jaxpr.outvars if isinstance(v, Var)}
+    for eqn in reversed(jaxpr.eqns):
+        if eqn.primitive.name == "stop_gradient":
+            continue
+        if any(v in used for v in eqn.outvars):
+            used.update(v for v in eqn.invars if isinstance(v, Var))
+    return [v in used for v in jaxpr.invars[:n]]
+
+
+def input_scope(model: Any, scope: StepScope) -> Any:
+    """A scope over the input state of the step being traced (when `run_step` runs it),
+    where `record_gradients` reads the loss scale, `iterations` and the weights."""
+    if scope.state is None:
+        return contextlib.nullcontext()
+    return _step_scope(model, scope.state)
+
+
+def _step_scope(model: Any, state: tuple) -> Any:
+    """A `StatelessScope` that reads the optimizer's and the trainable variables from
+    the input state of the JAX step being traced."""
+    trainable, _, optimizer_vars, _ = state
+    mapping = list(zip(model.trainable_variables, trainable, strict=True))
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and optimizer_vars:
+        mapping += list(zip(optimizer.variables, optimizer_vars, strict=True))
+    return keras.StatelessScope(state_mapping=mapping)
+
+
+def readable_in_step(model: Any, scope: StepScope, variable: Any) -> bool:
+    """Whether the step can read `variable`: in a step run by `run_step`, only the
+    variables of its state."""
+    return scope.state is None or _in_state(model, variable)
+
+
+def _in_state(model: Any, variable: Any) -> bool:
+    """JAX: whether `variable` is one of the compiled optimizer's, so in the step's state."""
+    optimizer = getattr(model, "optimizer", None)
+    return optimizer is not None and any(v is variable for v in optimizer.variables)
+
+
+def make_train_function(
+    model: Any, make: Callable, force: bool, custom: bool, capture: Capture
+) -> Any:
+    """Keras' train function, as it is: the step records inside it."""
+    return make(force)
+
+
+def outside_compile(fn: Callable) -> Callable:
+    """`fn` itself: nothing compiles around the step here (`compiling()` is False)."""
+    return fn
+
+
+def note_stock_step(model: Any) -> None:
+    """Nothing to note: the stock step is recorded by `train_step`."""

@@ -3,6 +3,7 @@ graph the TensorFlow tests pin), inside the compiled step."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -11,7 +12,7 @@ import numpy as np
 from keras import ops
 
 from gradwatch._lazy import tf
-from gradwatch._step import Records
+from gradwatch._step import Capture, Records, StepScope, run_in_scope
 from gradwatch.sparse import SparseGradient, dense
 
 RECORDS = True  # GradWatch records on this backend
@@ -382,3 +383,49 @@ def check_strategy(model: Any) -> None:
             f"steps_per_execution={spe}, jit_compile={jit}. Compile the model with "
             "`steps_per_execution=1, jit_compile=False` to train it with a GradWatch."
         )
+
+
+def run_step(fn: Callable, model: Any, commit: Callable, *args: Any, **kwargs: Any) -> Any:
+    """Runs (traces) one counted step, and commits its records into it."""
+    outputs, scope = run_in_scope(fn, model, *args, **kwargs)
+    commit(model, scope)
+    return outputs
+
+
+OWN_TRAIN_STEP = False  # the stock step is recorded at `APPLY_METHOD`
+
+
+def train_step(model: Any, *args: Any) -> Any:
+    """Not used: the stock step is recorded at `APPLY_METHOD` (`OWN_TRAIN_STEP` is False)."""
+    raise NotImplementedError(
+        "gradwatch records the stock TensorFlow step at its `apply_gradients`"
+    )
+
+
+GATES_IN_STEP = False  # the host picks a train function with or without capture
+
+
+def input_scope(model: Any, scope: StepScope) -> Any:
+    """No scope: the step reads the variables themselves."""
+    return contextlib.nullcontext()
+
+
+def readable_in_step(model: Any, scope: StepScope, variable: Any) -> bool:
+    """Every variable: the traced step reads the variables themselves."""
+    return True
+
+
+def make_train_function(
+    model: Any, make: Callable, force: bool, custom: bool, capture: Capture
+) -> Any:
+    """Keras' train function, as it is: the step records inside it (XLA too)."""
+    return make(force)
+
+
+def outside_compile(fn: Callable) -> Callable:
+    """`fn` itself: nothing compiles around the step here (`compiling()` is False)."""
+    return fn
+
+
+def note_stock_step(model: Any) -> None:
+    """Nothing to note: the stock step is recorded at `APPLY_METHOD`."""

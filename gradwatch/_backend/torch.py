@@ -1,5 +1,6 @@
 """PyTorch: the step runs eagerly; gradwatch writes its device state in place, in raw
-torch ops (each `keras.ops` call costs a Python layer on top of the dispatch)."""
+torch ops (each `keras.ops` call costs a Python layer on top of the dispatch). With
+`jit_compile=True`, gradwatch records around the `torch.compile`d step (`make_train_function`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from keras import ops
 
 from gradwatch._backend.generic import Ops
-from gradwatch._step import Records
+from gradwatch._step import Capture, Records, StepScope, model_state, run_in_scope, scopes
 
 RECORDS = True  # GradWatch records on this backend
 INDEX_DTYPE = "int64"
@@ -227,3 +228,105 @@ def worker_of(model: Any) -> tuple[int, bool]:
 
 def check_strategy(model: Any) -> None:
     """No tf.distribute here."""
+
+
+def run_step(fn: Callable, model: Any, commit: Callable, *args: Any, **kwargs: Any) -> Any:
+    """Runs one counted step, eagerly, and commits its records."""
+    outputs, scope = run_in_scope(fn, model, *args, **kwargs)
+    # The stats read gradients and weights; they must not join autograd's graph.
+    with torch.no_grad():
+        commit(model, scope)
+    return outputs
+
+
+OWN_TRAIN_STEP = False  # the stock step is recorded at `APPLY_METHOD`
+
+
+def train_step(model: Any, *args: Any) -> Any:
+    """Not used: the stock step is recorded at `APPLY_METHOD` (`OWN_TRAIN_STEP` is False)."""
+    raise NotImplementedError("gradwatch records the stock PyTorch step at its `apply`")
+
+
+GATES_IN_STEP = False  # the host picks a train function with or without capture
+
+
+def input_scope(model: Any, scope: StepScope) -> Any:
+    """No scope: the step reads the variables themselves."""
+    return contextlib.nullcontext()
+
+
+def readable_in_step(model: Any, scope: StepScope, variable: Any) -> bool:
+    """Every variable: the step runs eagerly, on the variables themselves."""
+    return True
+
+
+def make_train_function(
+    model: Any, make: Callable, force: bool, custom: bool, capture: Capture
+) -> Any:
+    """Keras' train function; with `jit_compile=True`, Keras' `torch.compile`d step with
+    the recording done around it (`custom`: the model overrides `train_step`)."""
+    if not model.jit_compile:
+        return make(force)
+    if model.train_function is not None and not force:
+        return model.train_function
+    make(force=True)
+    model.train_function = _compiled_step(model, model.train_function, custom, capture)
+    return model.train_function
+
+
+def outside_compile(fn: Callable) -> Callable:
+    """PyTorch: `fn`, run eagerly at a graph break when called from `torch.compile`d code."""
+    return torch._dynamo.disable(fn)
+
+
+def note_stock_step(model: Any) -> None:
+    """Notes, at a graph break, that the stock step ran inside a custom one."""
+    outside_compile(_note_stock_step)(model)
+
+
+def _note_stock_step(model: Any) -> None:
+    """Notes that the stock step ran inside a custom one (`super().train_step`)."""
+    scope = scopes().get(id(model))
+    if scope is not None:
+        scope.stock = True
+
+
+def _compiled_step(model: Any, compiled: Callable, custom: bool, capture: Capture) -> Callable:
+    """The train function on PyTorch with `jit_compile=True`: Keras' `torch.compile`d
+    step, unchanged, with the recording done around it, outside the compiled code.
+
+    The stock step hands `optimizer.apply` each variable's `.grad`, and leaves it there
+    (the next step's `zero_grad` clears it); the optimizer does not change it in place.
+    So the gradients are read after the step, and what must be read before the update
+    (the loss scale, the weights for the update stats) is read before the step. A
+    custom step's `record_gradients` runs at a graph break, on the step's tensors; if
+    it calls `super().train_step`, the stock step is recorded as above.
+    """
+
+    def train_function(data: Any) -> Any:
+        all_scopes = scopes()
+        scope = all_scopes[id(model)] = StepScope()
+        scope.stock = not custom
+        try:
+            watches = model_state(model).listening
+            variables = list(model.trainable_weights)
+            pending = None
+            before = StepScope()  # what the stock step's records read before it
+            if watches and variables:
+                with torch.no_grad():
+                    pending = capture.before_update(
+                        model, before, variables, model.optimizer, watches
+                    )
+            outputs = compiled(data)
+            if pending is not None and scope.stock:
+                for key, entry in before.loss_scaled.items():
+                    scope.loss_scaled.setdefault(key, entry)
+                grads = [v.value.grad for v in variables]
+                capture.add_records(scope, grads, variables, *pending)
+        finally:
+            del all_scopes[id(model)]
+        with torch.no_grad():
+            capture.commit(model, scope)
+        return outputs
+
+    return train_function

@@ -1,0 +1,120 @@
+"""The capture of one step: counting it, the records `record_gradients` adds, and
+handing them to the watches (`commit`). The backend's step code reaches `commit`,
+`before_update` and `add_records` through the `_step.Capture` protocol, as it cannot
+import this module (it imports the backend)."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import keras
+
+from gradwatch._backend import current as _backend
+from gradwatch._step import Record, StepScope, model_state, scopes
+
+
+def counted(fn: Callable) -> Callable:
+    """Wraps a train_step so that each step is counted and its records committed once."""
+
+    @functools.wraps(fn)
+    def train_step(self, *args, **kwargs):
+        if _backend.compiling():  # PyTorch `jit_compile=True`: recorded around the compiled step
+            return fn(self, *args, **kwargs)
+        if id(self) in scopes():  # super().train_step() from an overriding train_step
+            return fn(self, *args, **kwargs)
+        if not _backend.RECORDS:  # a backend gradwatch does not record
+            return fn(self, *args, **kwargs)
+        return _backend.run_step(fn, self, commit, *args, **kwargs)
+
+    train_step._gradwatch_counted = True
+    return train_step
+
+
+def step_counter(model: Any) -> Any:
+    state = model_state(model)
+    if state.counter is None:
+        state.counter = _backend.new_counter()
+    return state.counter
+
+
+def commit(model: Any, scope: StepScope) -> None:
+    """Hands the step's records to the watches (checks, then capture), and counts the step."""
+    counter = step_counter(model)
+    step = counter.read_value()
+    state = model_state(model)
+    watches = state.active
+    if watches and not scope.grads:
+        warnings.warn(
+            f"The `train_step` of {type(model).__name__} recorded no gradients, so GradWatch "
+            "has nothing to log. A custom `train_step` must call "
+            "`self.record_gradients(grads, variables)` with the gradients it applies.",
+            stacklevel=2,
+        )
+    listening = state.listening
+    skipped = skipped_update(scope) if listening and scope.grads else None
+    local = scope.grads
+    records = _backend.global_records(local) if listening and local else local
+    for watch in listening:
+        watch.check_step(model, step, records, skipped)
+    for watch in watches:
+        watch.capture_step(model, step, records, skipped, local)
+    counter.assign_add(1)
+
+
+def skipped_update(scope: StepScope) -> Any:
+    """A bool tensor: did a loss-scale optimizer skip this step's update? None without one.
+
+    Read after `apply_gradients`: a `LossScaleOptimizer` that finds non-finite
+    gradients lowers its scale and leaves `iterations` where it was.
+    """
+    if not scope.loss_scaled:
+        return None
+    return _backend.skipped_update(scope.loss_scaled.values())
+
+
+def _loss_scale(optimizer: Any) -> Any:
+    """The factor the loss was multiplied by, or None when the loss is not scaled."""
+    if optimizer is None:
+        return None
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) or (
+        getattr(optimizer, "loss_scale_factor", None) is not None
+    ):
+        # Read before `apply`, which may change a dynamic scale.
+        return _backend.float32(optimizer.scale_loss(1.0))
+    return None
+
+
+def before_update(
+    model: Any, scope: StepScope, variables: list, optimizer: Any, watches: list
+) -> tuple:
+    """What is read before the optimizer applies the gradients of `variables`: the loss
+    scale, and the weights (for the update stats). Notes a loss-scale optimizer's
+    `iterations` in `scope`. Returns `(scale, weights before or None each, optimizer)`."""
+    scale = _loss_scale(optimizer)
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and (
+        _backend.readable_in_step(model, scope, optimizer.iterations)
+    ):
+        before = _backend.iterations_now(optimizer)
+        scope.loss_scaled.setdefault(id(optimizer), (optimizer, before))
+    befores: list[Any] = [None] * len(variables)
+    if any(w.needs_weights for w in watches):
+        befores = [_backend.weights_before(v) for v in variables]
+    return scale, befores, optimizer
+
+
+def add_records(
+    scope: StepScope, grads: list, variables: list, scale: Any, befores: list, optimizer: Any
+) -> None:
+    """Adds one step's gradients to `scope`, with what `before_update` read."""
+    for grad, var, before in zip(grads, variables, befores, strict=True):
+        if id(var) in scope.grads:
+            raise ValueError(
+                f"The gradient of {var.path!r} was recorded twice in one step. "
+                "Call `record_gradients` once per variable and step, with the "
+                "gradient that is applied."
+            )
+        grad = _backend.as_recorded(grad, var)
+        scope.grads[id(var)] = Record(var, grad, scale, before, optimizer)
