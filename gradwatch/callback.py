@@ -24,6 +24,7 @@ from gradwatch._compute import (
     compute_stats,
     sum_of_squares,
     traced_for_xla,
+    unscaled_float32,
 )
 from gradwatch._lazy import tf
 from gradwatch._state import StateMetric
@@ -38,7 +39,7 @@ from gradwatch.mixin import (
     setup_gate,
     step_counter,
 )
-from gradwatch.sparse import dense, elements, unscaled_float32
+from gradwatch.sparse import dense, elements
 from gradwatch.stats import (
     DEFAULT_BINS_PER_DECADE,
     DEFAULT_STATS,

@@ -3,12 +3,15 @@ graph the TensorFlow tests pin), inside the compiled step."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 from keras import ops
 
+from gradwatch import _kernels
 from gradwatch._lazy import tf
 from gradwatch._step import Records
 from gradwatch.sparse import SparseGradient, dense
@@ -154,3 +157,83 @@ def when(predicate: Any, fn: Callable[[], None], variables: Sequence[Any]) -> No
         return tf.constant(True)
 
     cond(predicate, taken, lambda: tf.constant(False))
+
+
+def stats_table(tensors: Sequence[Any], stats: tuple[str, ...]) -> None:
+    """None: `compute_stats`' shared algorithm serves TensorFlow."""
+    return None
+
+
+def row_sums_of_squares(x: Any, source: Any = None) -> Any:
+    """Each row's sum of squares of a 2-D float32 tensor; a single row in one L2Loss op."""
+    # On a single tensor, L2Loss reads the tensor itself (`source`, the tensor the row
+    # was reshaped from), so that the same op in GradWatch's every-step check is the
+    # same node and computed once.
+    if x.shape[0] == 1:
+        return ops.reshape(sum_of_squares(x if source is None else source), (1,))
+    return ops.sum(ops.square(x), axis=1)
+
+
+_xla = threading.local()
+
+
+@contextlib.contextmanager
+def traced_for_xla(flag: bool) -> Iterator[None]:
+    """Tells `sum_of_squares` that the step being traced is compiled with XLA."""
+    before = getattr(_xla, "on", False)
+    _xla.on = bool(flag)
+    try:
+        yield
+    finally:
+        _xla.on = before
+
+
+def sum_of_squares(g: Any) -> Any:
+    """`sum(g**2)` as a scalar in one L2Loss op (one pass, XLA-compatible)."""
+    g = tf.cast(g, tf.float32)
+    if getattr(_xla, "on", False):
+        # XLA's CPU backend runs a reduction with the square fused into it several
+        # times slower than a plain sum: keep the square a separate pass (the MLP's
+        # jit row measured 1.36x -> 1.23x).
+        try:
+            from tensorflow.compiler.tf2xla.python import xla
+        except ImportError:  # pragma: no cover - private module moved
+            return 2.0 * tf.nn.l2_loss(g)
+        (squares,) = xla.optimization_barrier([tf.square(g)])
+        return tf.reduce_sum(squares)
+    return 2.0 * tf.nn.l2_loss(g)
+
+
+def unscaled_float32(g: Any, scale: Any = None) -> Any:
+    """`g` in float32, divided by a loss scale if one is given; sparse stays sparse."""
+
+    def fn(x):
+        x = tf.cast(x, tf.float32)
+        return x if scale is None else x / scale
+
+    return g.map(fn) if isinstance(g, SparseGradient) else fn(g)
+
+
+_FUSED: dict[Any, Any] = {}
+
+
+def fused(fn: Callable[..., Any], key: Any) -> Callable[..., Any]:
+    """`fn` compiled with XLA (once per `key`), also inside a step that is not.
+
+    XLA fuses the dozen elementwise ops of the histogram's binning into one pass over
+    the elements, which measured 5x faster on the CPU than running them one by one.
+    """
+    if key not in _FUSED:
+        _FUSED[key] = tf.function(fn, jit_compile=True, autograph=False)
+    return _FUSED[key]
+
+
+def bincount(idx: Any, length: int) -> Any:
+    """How often each of `0 .. length - 1` occurs in the int32 tensor `idx`."""
+    # A bincount: on the CPU an unsorted segment sum of ones was 20x slower.
+    return tf.raw_ops.DenseBincount(
+        input=idx, size=length, weights=tf.zeros([0], tf.int32), binary_output=False
+    )
+
+
+bin_index = _kernels.bin_index
