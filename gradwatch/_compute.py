@@ -59,7 +59,7 @@ def compute_stats(tensors: Sequence[Any], stats: Sequence[str]) -> Any:
         del constant_rows[i]
     n_rows = len(tensors)
     if sparse:
-        parts = [_exact_sparse(tensors[i]) for i in sparse]
+        parts = [_backend.sparse_stats(tensors[i]) for i in sparse]
         sparse_table = ops.stack(
             [ops.stack([p[name] for p in parts], axis=0) for name in stats], axis=1
         )
@@ -177,46 +177,6 @@ def traced_for_xla(flag: bool) -> Any:
 # The gradient as the stats read it: float32, unscaled, sparse staying sparse (the
 # backend's cast; `gradwatch.sparse` cannot reach the backend).
 unscaled_float32 = _backend.unscaled_float32
-
-
-def _exact_sparse(g: SparseGradient) -> dict[str, Any]:
-    """Every stat of a sparse gradient's dense equivalent, from its touched rows alone:
-    the untouched elements are zeros that count in `n` but add nothing to the sums."""
-    import tensorflow as tf
-
-    nan = math.nan
-    x = tf.reshape(tf.cast(g.rows, tf.float32), (-1,))
-    valid = tf.reshape(g.valid(), (-1,))
-    zeros = g.implicit_zeros()
-    n = float(g.size)
-    finite = ops.isfinite(x) & valid
-    notnan = ops.logical_not(ops.isnan(x)) & valid
-    n_finite = ops.sum(ops.cast(finite, "float32")) + zeros
-    none_left = ops.sum(ops.cast(notnan, "float32")) + zeros == 0
-    xf = ops.where(finite, x, 0.0)
-    safe_n = ops.maximum(n_finite, 1.0)
-    mean = ops.where(n_finite == 0, nan, ops.sum(xf) / safe_n)
-    m0 = ops.nan_to_num(mean)
-    spread = ops.sum(ops.square(ops.where(finite, x - m0, 0.0))) + zeros * ops.square(m0)
-    # tf's reductions: Keras' refuse an empty tensor (a step that touched no row).
-    lo = tf.reduce_min(ops.where(notnan, x, math.inf))
-    hi = tf.reduce_max(ops.where(notnan, x, -math.inf))
-    some_zero = zeros > 0
-    lo = ops.where(some_zero, ops.minimum(lo, 0.0), lo)
-    hi = ops.where(some_zero, ops.maximum(hi, 0.0), hi)
-    abs_max = tf.reduce_max(ops.where(notnan, ops.abs(x), -1.0))
-    abs_max = ops.where(some_zero, ops.maximum(abs_max, 0.0), abs_max)
-    n_valid = ops.sum(ops.cast(valid, "float32"))
-    return {
-        "norm": ops.sqrt(ops.sum(ops.square(xf))),
-        "mean": mean,
-        "std": ops.where(n_finite == 0, nan, ops.sqrt(spread / safe_n)),
-        "min": ops.where(none_left, nan, lo),
-        "max": ops.where(none_left, nan, hi),
-        "abs_max": ops.where(none_left, nan, abs_max),
-        "nonfinite": n_valid - (n_finite - zeros),
-        "zero_frac": (ops.sum(ops.cast(ops.equal(x, 0.0) & valid, "float32")) + zeros) / n,
-    }
 
 
 def _assemble(

@@ -94,3 +94,6 @@ class Backend(Protocol):
 
     def bincount(self, idx: Any, length: int) -> Any:
         """How often each of `0 .. length - 1` occurs in the int32 tensor `idx` (int32)."""
+
+    def sparse_stats(self, g: Any) -> dict[str, Any]:
+        """Every stat of a `SparseGradient`, from its rows (TensorFlow, which makes them)."""
