@@ -14,7 +14,7 @@ from gradwatch._compute import compute_stats, sum_of_squares
 from gradwatch._plan import Plan
 from gradwatch._step import Records
 from gradwatch.buffer import GradientBuffer
-from gradwatch.sparse import dense, elements, unscaled_float32
+from gradwatch.sparse import dense, elements
 from gradwatch.stats import GRADIENT_STATS
 
 xp = _backend.OPS
@@ -34,7 +34,7 @@ def clipping(records: Records, view: Callable[[Any], Any]) -> tuple[dict, dict, 
         if record.grad is None:
             continue
         key, optimizer = id(record.variable), record.optimizer
-        grads[key] = view(unscaled_float32(record.grad, record.scale))
+        grads[key] = view(_backend.unscaled_float32(record.grad, record.scale))
         sq[key] = sum_of_squares(grads[key])
         # A LossScaleOptimizer unscales, then its inner optimizer clips.
         optimizers[key] = getattr(optimizer, "inner_optimizer", optimizer)
@@ -116,7 +116,7 @@ def replica_stats(plan: Plan, local: Records, stats: Sequence[str]) -> Any:
         if entry is None or entry.grad is None:
             grads.append(None)
             continue
-        grads.append(unscaled_float32(entry.grad, entry.scale))
+        grads.append(_backend.unscaled_float32(entry.grad, entry.scale))
     names = [s for s in stats if s in GRADIENT_STATS]
     n = len(plan.stat_index)
     table = compute_stats(grads, names) if names and n else xp.zeros((n, 0))
@@ -168,7 +168,7 @@ def checked_gradients(plan: Plan, records: Records) -> tuple[list[int], list[Any
         entry = records.get(id(plan.variables[i]))
         if entry is not None and entry.grad is not None:
             rows.append(j)
-            grads.append(elements(unscaled_float32(entry.grad, entry.scale)))
+            grads.append(elements(_backend.unscaled_float32(entry.grad, entry.scale)))
     return rows, grads
 
 

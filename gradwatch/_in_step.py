@@ -16,7 +16,7 @@ from gradwatch._plan import Plan
 from gradwatch._step import Records
 from gradwatch._store import Store
 from gradwatch.buffer import GradientBuffer
-from gradwatch.sparse import dense, unscaled_float32
+from gradwatch.sparse import dense
 from gradwatch.stats import GRADIENT_STATS
 
 xp = _backend.OPS
@@ -47,7 +47,7 @@ def capture(
         entry = entries[i]
         if entry is None or entry.grad is None:
             return None
-        return unscaled_float32(entry.grad, entry.scale)
+        return _backend.unscaled_float32(entry.grad, entry.scale)
 
     flat_gradients = _flat_gradients(plan, gradient)
     # Collectives stay out of the branch below: under tf.distribute a cross-replica

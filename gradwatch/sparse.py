@@ -94,28 +94,6 @@ def dense(g: Any) -> Any:
     return g.dense() if isinstance(g, SparseGradient) else g
 
 
-def unscaled_float32(g: Any, scale: Any = None) -> Any:
-    """`g` in float32, divided by a loss scale if one is given; sparse stays sparse."""
-    import keras
-
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        def fn(x):
-            x = tf.cast(x, tf.float32)
-            return x if scale is None else x / scale
-
-    else:
-
-        def fn(x):
-            if scale is None and keras.backend.standardize_dtype(x.dtype) == "float32":
-                return x  # eager backends: no op at all, rather than a cast to itself
-            x = keras.ops.cast(x, "float32")
-            return x if scale is None else x / scale
-
-    return g.map(fn) if isinstance(g, SparseGradient) else fn(g)
-
-
 def elements(g: Any) -> Any:
     """The tensor whose elements carry all of `g`'s non-zero values (its rows, if sparse)."""
     return g.rows if isinstance(g, SparseGradient) else g

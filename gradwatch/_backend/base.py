@@ -6,7 +6,7 @@ lets a type checker hold each module to them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -99,3 +99,32 @@ class Backend(Protocol):
 
     def note_stock_step(self, model: Any) -> None:
         """From a compiled custom step: notes that it ran the stock one (`super().train_step`)."""
+
+    # The stats (`gradwatch._compute`): the fast paths each backend has of its own.
+
+    def stats_table(self, tensors: Sequence[Any], stats: tuple[str, ...]) -> Any | None:
+        """`compute_stats`' table from a kernel of the backend's own (PyTorch), else None."""
+
+    def sum_of_squares(self, g: Any) -> Any:
+        """`sum(g**2)` in float32, as a scalar (TensorFlow: one L2Loss op)."""
+
+    def row_sums_of_squares(self, x: Any, source: Any = None) -> Any:
+        """Each row's sum of squares of a 2-D float32 `x` (`source`: a single row's tensor)."""
+
+    def traced_for_xla(self, flag: bool) -> AbstractContextManager:
+        """Tells `sum_of_squares` whether the step being traced is compiled with XLA."""
+
+    def unscaled_float32(self, g: Any, scale: Any = None) -> Any:
+        """`g` in float32, divided by `scale` if given; a `SparseGradient` stays sparse."""
+
+    def fused(self, fn: Callable[..., Any], key: Any) -> Callable[..., Any]:
+        """`fn` compiled into fused kernels, once per `key` (TensorFlow: XLA), else `fn`."""
+
+    def bin_index(self, x: Any, bins_per_decade: int) -> Any:
+        """The histogram bin of each element of a flat float32 tensor."""
+
+    def bincount(self, idx: Any, length: int) -> Any:
+        """How often each of `0 .. length - 1` occurs in the int32 tensor `idx` (int32)."""
+
+    def sparse_stats(self, g: Any) -> dict[str, Any]:
+        """Every stat of a `SparseGradient`, from its rows (TensorFlow, which makes them)."""

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from gradwatch import _kernels
 from gradwatch._backend.generic import Ops
 from gradwatch._state import StateMetric
 from gradwatch._step import Capture, Records, StepScope, model_state, scopes
@@ -391,3 +392,31 @@ def outside_compile(fn: Callable) -> Callable:
 
 def note_stock_step(model: Any) -> None:
     """Nothing to note: the stock step is recorded by `train_step`."""
+
+
+def stats_table(tensors: Sequence[Any], stats: tuple[str, ...]) -> None:
+    """None: `compute_stats`' shared algorithm serves JAX."""
+    return None
+
+
+def fused(fn: Callable[..., Any], key: Any) -> Callable[..., Any]:
+    """`fn` as it is (XLA fuses it within the step)."""
+    return fn
+
+
+def traced_for_xla(flag: bool) -> Any:
+    """The step's XLA compilation is JAX's own: nothing to tell `sum_of_squares`."""
+    return contextlib.nullcontext()
+
+
+def bincount(idx: Any, length: int) -> Any:
+    """How often each of `0 .. length - 1` occurs in the int32 tensor `idx`."""
+    import jax.numpy as jnp
+
+    return jnp.bincount(idx, length=length).astype("int32")
+
+
+sum_of_squares = _kernels.sum_of_squares
+row_sums_of_squares = _kernels.row_sums_of_squares
+unscaled_float32 = _kernels.unscaled_float32
+bin_index = _kernels.bin_index
