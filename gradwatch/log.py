@@ -23,6 +23,7 @@ from gradwatch._frames import (
 )
 from gradwatch._frames import steps as recorded_steps
 from gradwatch._store import Store
+from gradwatch._views import by_layer, summary
 from gradwatch.keys import match_patterns, resolve_key
 from gradwatch.stats import STATS
 
@@ -484,35 +485,13 @@ class GradientLog:
             up, w = self.by_layer("update_norm"), self.by_layer("weight_norm")
             return up / w
         wide = self.stat(stat).astype(np.float64)
-        layer_of = {k: k.rsplit("/", 1)[0] if "/" in k else k for k in wide.columns}
-        layers = list(dict.fromkeys(layer_of.values()))
-        size = pd.Series({k: float(self._store.size(k)) for k in wide.columns})
-        out = {}
-        for layer in layers:
-            cols = [k for k in wide.columns if layer_of[k] == layer]
-            part = wide[cols]
-            if stat in ("norm", "clipped_norm", "weight_norm", "update_norm"):
-                out[layer] = np.sqrt((part**2).sum(axis=1, min_count=1))
-            elif stat in ("min",):
-                out[layer] = part.min(axis=1)
-            elif stat in ("max", "abs_max"):
-                out[layer] = part.max(axis=1)
-            elif stat == "nonfinite":
-                out[layer] = part.sum(axis=1, min_count=1)
-            elif stat in ("mean", "zero_frac"):
-                out[layer] = (part * size[cols]).sum(axis=1, min_count=1) / size[cols].sum()
-            elif stat == "std":
-                if "mean" not in self._store.stats:
-                    raise KeyError("Pooling `std` per layer needs `mean` recorded too.")
-                mean = self.stat("mean").astype(np.float64)[cols]
-                n = size[cols]
-                total = n.sum()
-                m = (mean * n).sum(axis=1) / total
-                second = ((part**2 + mean**2) * n).sum(axis=1) / total
-                out[layer] = np.sqrt(np.maximum(second - m**2, 0.0))
-        frame = pd.DataFrame(out)
-        frame.columns = pd.Index(layers, dtype=object, name="layer")
-        return frame
+        sizes = pd.Series({k: float(self._store.size(k)) for k in wide.columns})
+        mean = None
+        if stat == "std":
+            if "mean" not in self._store.stats:
+                raise KeyError("Pooling `std` per layer needs `mean` recorded too.")
+            mean = self.stat("mean").astype(np.float64)
+        return by_layer(wide, sizes, stat, mean)
 
     def summary(self) -> pd.DataFrame:
         """One row per variable: first, last, median and max norm, non-finite count, and
@@ -528,26 +507,8 @@ class GradientLog:
         log.summary().sort_values("max_norm")
         ```
         """
-        norm = self.stat("norm")
-        out = pd.DataFrame(index=pd.Index(list(norm.columns), dtype=object, name="variable"))
-        ordered = norm.sort_index()
-        out["first_norm"] = ordered.apply(
-            lambda c: c.dropna().iloc[0] if c.notna().any() else np.nan
-        )
-        out["last_norm"] = ordered.apply(
-            lambda c: c.dropna().iloc[-1] if c.notna().any() else np.nan
-        )
-        out["median_norm"] = ordered.median()
-        out["max_norm"] = ordered.max()
-        if "nonfinite" in self._store.stats:
-            bad = self.stat("nonfinite").reindex(columns=norm.columns)
-            out["nonfinite"] = bad.sum().astype(np.int64)
-            first = [(bad[c] > 0).idxmax() if (bad[c] > 0).any() else pd.NA for c in bad.columns]
-            out["first_nonfinite_step"] = pd.array(first, dtype="Int64")
-        else:
-            out["nonfinite"] = pd.array([pd.NA] * len(out), dtype="Int64")
-            out["first_nonfinite_step"] = pd.array([pd.NA] * len(out), dtype="Int64")
-        return out
+        nonfinite = self.stat("nonfinite") if "nonfinite" in self._store.stats else None
+        return summary(self.stat("norm"), nonfinite)
 
     # ----------------------------------------------------------------- export
     def to_csv(self, path: Any) -> None:

@@ -381,14 +381,17 @@ def test_the_command_line_imports_neither_keras_nor_tensorflow(fitted, tmp_path,
 
 
 def _imports(package: Path) -> dict[str, set[str]]:
-    """The gradwatch modules that each gradwatch module imports, at any depth in it."""
-    names = {p.stem: f"gradwatch.{p.stem}" for p in package.glob("*.py")}
-    names["__init__"] = "gradwatch"
-    modules = set(names.values())
+    """The gradwatch modules that each gradwatch module imports, at any depth in it
+    (subpackages included; `gradwatch._backend` imports each backend module by name)."""
+    paths = {}
+    for p in package.rglob("*.py"):
+        parts = p.relative_to(package.parent).with_suffix("").parts
+        paths[".".join(parts).removesuffix(".__init__")] = p
+    modules = set(paths)
     graph: dict[str, set[str]] = {}
-    for stem, module in names.items():
+    for module, path in paths.items():
         found = set()
-        for node in ast.walk(ast.parse((package / f"{stem}.py").read_text())):
+        for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 found.update(a.name for a in node.names)
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
@@ -398,6 +401,9 @@ def _imports(package: Path) -> dict[str, set[str]]:
             elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module":
                 found.update(a.value for a in node.args if isinstance(a, ast.Constant))
         graph[module] = (found & modules) - {module}
+    # The backend package picks its module with a computed name.
+    graph["gradwatch._backend"] |= {m for m in modules if m.startswith("gradwatch._backend.")}
+    graph["gradwatch._backend"] -= {"gradwatch._backend.base"}
     return graph
 
 

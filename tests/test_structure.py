@@ -73,3 +73,36 @@ def test_no_module_imports_another_modules_private_names():
                 if alias.name.startswith("_") and not dunder and not is_module:
                     found.append((name, node.module, alias.name))
     assert found == []
+
+
+def _protocol_members() -> set[str]:
+    tree = ast.parse((PACKAGE / "_backend" / "base.py").read_text())
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Backend"]
+    out = set()
+    for node in cls.body:
+        if isinstance(node, ast.FunctionDef):
+            out.add(node.name)
+        elif isinstance(node, ast.AnnAssign):
+            out.add(node.target.id)
+    return out
+
+
+def _module_names(path: Path) -> set[str]:
+    out = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            out.add(node.name)
+        elif isinstance(node, ast.Assign):
+            out.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.AnnAssign):
+            out.add(node.target.id)
+    return out
+
+
+def test_each_recording_backend_implements_the_whole_protocol():
+    members = _protocol_members()
+    assert {"run_step", "write_slot", "OPS", "sum_of_squares", "bincount"} <= members
+    for name in ("tensorflow", "jax", "torch"):
+        missing = members - _module_names(PACKAGE / "_backend" / f"{name}.py")
+        # Only TensorFlow makes sparse gradients (`IndexedSlices`).
+        assert missing <= {"sparse_stats"}, (name, missing)

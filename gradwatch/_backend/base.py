@@ -128,3 +128,42 @@ class Backend(Protocol):
 
     def sparse_stats(self, g: Any) -> dict[str, Any]:
         """Every stat of a `SparseGradient`, from its rows (TensorFlow, which makes them)."""
+
+    # Control flow in the step.
+    def cond(self, pred: Any, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:
+        """`ops.cond` (TensorFlow graphs: unlowered, so the branch not taken costs nothing)."""
+
+    def when(self, predicate: Any, fn: Callable[[], None], variables: Sequence[Any]) -> None:
+        """Runs `fn`, which assigns some of `variables`, only where `predicate` holds."""
+
+    # What a watch computes in the step beyond one gradient's stats (`gradwatch._derived`).
+    OPS: Any  # the array functions of the derived stats (stack, sqrt, where, read, assign, ...)
+    CHECK_OPS: Any  # the same for the every-step check (PyTorch: NumPy, on the host)
+    EAGER: bool  # the capture runs on host values, outside any traced step (PyTorch)
+    DISTRIBUTES: bool  # tf.distribute: the step runs once per replica (`per_replica`)
+
+    def squares_by_row(self, grads: Sequence[Any], rows: Sequence[int], n: int) -> Any:
+        """The every-step check's input: `n` rows' sums of squares, 0 where `rows` has none."""
+
+    def alarm_cell(
+        self, owner: Any, shape: tuple[int, ...], dtype: str, value: float, name: str
+    ) -> Any:
+        """One of the every-step check's values (`numpy()`, `assign`), owned by `owner`."""
+
+    def sync_state(self, model: Any, variable: Any) -> bool:
+        """Makes the model's device state readable; False if `variable` has no value."""
+
+    def all_gather(self, x: Any) -> Any:
+        """`x` from every replica, stacked on axis 0 (one replica: `x`)."""
+
+    def all_reduce_sum(self, xs: list[Any]) -> list[Any]:
+        """Each of `xs` summed over the replicas, in one batched all-reduce."""
+
+    def num_replicas(self, model: Any) -> int:
+        """The replicas that run each step."""
+
+    def worker_of(self, model: Any) -> tuple[int, bool]:
+        """This process's worker index and whether it is the chief (writes the log)."""
+
+    def check_strategy(self, model: Any) -> None:
+        """Refuses a distribution strategy gradwatch cannot record under."""

@@ -1,0 +1,64 @@
+"""Derived views of a log, computed from its per-variable frames: the per-layer
+aggregate and the per-variable summary (`GradientLog.by_layer`, `GradientLog.summary`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+_ROOT_SUM_SQUARES = ("norm", "clipped_norm", "weight_norm", "update_norm")
+
+
+def by_layer(
+    wide: pd.DataFrame, sizes: pd.Series, stat: str, mean: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """`stat` per layer from its per-variable frame `wide` (float64, one column per
+    key), exact for the layer's variables taken together as one tensor. `sizes` are
+    the element counts by key; `std` pools with `mean` (the per-variable means)."""
+    layer_of = {k: k.rsplit("/", 1)[0] if "/" in k else k for k in wide.columns}
+    layers = list(dict.fromkeys(layer_of.values()))
+    out = {}
+    for layer in layers:
+        cols = [k for k in wide.columns if layer_of[k] == layer]
+        part = wide[cols]
+        if stat in _ROOT_SUM_SQUARES:
+            out[layer] = np.sqrt((part**2).sum(axis=1, min_count=1))
+        elif stat in ("min",):
+            out[layer] = part.min(axis=1)
+        elif stat in ("max", "abs_max"):
+            out[layer] = part.max(axis=1)
+        elif stat == "nonfinite":
+            out[layer] = part.sum(axis=1, min_count=1)
+        elif stat in ("mean", "zero_frac"):
+            out[layer] = (part * sizes[cols]).sum(axis=1, min_count=1) / sizes[cols].sum()
+        elif stat == "std":
+            m_part = mean[cols]
+            n = sizes[cols]
+            total = n.sum()
+            m = (m_part * n).sum(axis=1) / total
+            second = ((part**2 + m_part**2) * n).sum(axis=1) / total
+            out[layer] = np.sqrt(np.maximum(second - m**2, 0.0))
+    frame = pd.DataFrame(out)
+    frame.columns = pd.Index(layers, dtype=object, name="layer")
+    return frame
+
+
+def summary(norm: pd.DataFrame, nonfinite: pd.DataFrame | None) -> pd.DataFrame:
+    """One row per variable of `norm` (the `norm` stat frame): first, last, median and
+    max norm, and from `nonfinite` (or missing without it) the total count of
+    non-finite elements and the first step with one."""
+    out = pd.DataFrame(index=pd.Index(list(norm.columns), dtype=object, name="variable"))
+    ordered = norm.sort_index()
+    out["first_norm"] = ordered.apply(lambda c: c.dropna().iloc[0] if c.notna().any() else np.nan)
+    out["last_norm"] = ordered.apply(lambda c: c.dropna().iloc[-1] if c.notna().any() else np.nan)
+    out["median_norm"] = ordered.median()
+    out["max_norm"] = ordered.max()
+    if nonfinite is not None:
+        bad = nonfinite.reindex(columns=norm.columns)
+        out["nonfinite"] = bad.sum().astype(np.int64)
+        first = [(bad[c] > 0).idxmax() if (bad[c] > 0).any() else pd.NA for c in bad.columns]
+        out["first_nonfinite_step"] = pd.array(first, dtype="Int64")
+    else:
+        out["nonfinite"] = pd.array([pd.NA] * len(out), dtype="Int64")
+        out["first_nonfinite_step"] = pd.array([pd.NA] * len(out), dtype="Int64")
+    return out
