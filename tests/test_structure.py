@@ -96,6 +96,8 @@ def _module_names(path: Path) -> set[str]:
             out.update(t.id for t in node.targets if isinstance(t, ast.Name))
         elif isinstance(node, ast.AnnAssign):
             out.add(node.target.id)
+        elif isinstance(node, ast.ImportFrom):
+            out.update(a.asname or a.name for a in node.names)
     return out
 
 

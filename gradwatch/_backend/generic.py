@@ -194,3 +194,49 @@ sum_of_squares = _kernels.sum_of_squares
 row_sums_of_squares = _kernels.row_sums_of_squares
 unscaled_float32 = _kernels.unscaled_float32
 bin_index = _kernels.bin_index
+
+
+# ------------------------------------------------- defaults the backends share
+# One replica: no tf.distribute (JAX, PyTorch, and here).
+DISTRIBUTES = False  # `per_replica`: the step runs once per replica
+
+
+def all_gather(x: Any) -> Any:
+    return x  # one replica
+
+
+def all_reduce_sum(xs: list[Any]) -> list[Any]:
+    return xs
+
+
+def num_replicas(model: Any) -> int:
+    return 1
+
+
+def worker_of(model: Any) -> tuple[int, bool]:
+    return 0, True
+
+
+def check_strategy(model: Any) -> None:
+    """No tf.distribute: nothing to refuse."""
+
+
+# A step that reads the variables themselves (TensorFlow, PyTorch).
+def input_scope(model: Any, scope: Any) -> Any:
+    """No scope: the step reads the variables themselves."""
+    return contextlib.nullcontext()
+
+
+def readable_in_step(model: Any, scope: Any, variable: Any) -> bool:
+    """Every variable: the step reads the variables themselves."""
+    return True
+
+
+# Nothing compiles around the step (TensorFlow, JAX).
+def outside_compile(fn: Callable) -> Callable:
+    """`fn` itself: nothing compiles around the step (`compiling()` is False)."""
+    return fn
+
+
+def note_stock_step(model: Any) -> None:
+    """Nothing to note: the stock step is recorded in the step."""

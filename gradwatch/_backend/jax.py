@@ -14,11 +14,27 @@ import numpy as np
 from keras import ops
 
 from gradwatch import _kernels
+from gradwatch._backend import generic
 from gradwatch._backend.generic import Ops
 from gradwatch._state import StateMetric
-from gradwatch._step import Capture, Records, StepScope, model_state, scopes
+from gradwatch._step import Records, StepScope, model_state, scopes
 
 RECORDS = True  # GradWatch records on this backend
+
+# The same as on the backends gradwatch does not record (`generic`).
+DISTRIBUTES = generic.DISTRIBUTES
+all_gather = generic.all_gather
+all_reduce_sum = generic.all_reduce_sum
+check_strategy = generic.check_strategy
+fused = generic.fused
+make_train_function = generic.make_train_function
+note_stock_step = generic.note_stock_step
+num_replicas = generic.num_replicas
+outside_compile = generic.outside_compile
+stats_table = generic.stats_table
+traced_for_xla = generic.traced_for_xla
+worker_of = generic.worker_of
+
 INDEX_DTYPE = "int32"  # JAX runs without 64-bit types unless asked
 
 
@@ -183,8 +199,6 @@ def alarm_cell(owner: Any, shape: tuple[int, ...], dtype: str, value: float, nam
 
 # The capture runs on host values, outside any traced step (PyTorch).
 EAGER = False
-# `per_replica`: tf.distribute runs the step once per replica.
-DISTRIBUTES = False
 
 
 def sync_state(model: Any, variable: Any) -> bool:
@@ -195,26 +209,6 @@ def sync_state(model: Any, variable: Any) -> bool:
     """
     model.jax_state_sync()
     return variable._value is not None
-
-
-def all_gather(x: Any) -> Any:
-    return x  # one replica
-
-
-def all_reduce_sum(xs: list[Any]) -> list[Any]:
-    return xs
-
-
-def num_replicas(model: Any) -> int:
-    return 1
-
-
-def worker_of(model: Any) -> tuple[int, bool]:
-    return 0, True
-
-
-def check_strategy(model: Any) -> None:
-    """No tf.distribute here."""
 
 
 # Stateless: the stock step has no apply method to intercept, so while watches are
@@ -376,37 +370,6 @@ def _in_state(model: Any, variable: Any) -> bool:
     """JAX: whether `variable` is one of the compiled optimizer's, so in the step's state."""
     optimizer = getattr(model, "optimizer", None)
     return optimizer is not None and any(v is variable for v in optimizer.variables)
-
-
-def make_train_function(
-    model: Any, make: Callable, force: bool, custom: bool, capture: Capture
-) -> Any:
-    """Keras' train function, as it is: the step records inside it."""
-    return make(force)
-
-
-def outside_compile(fn: Callable) -> Callable:
-    """`fn` itself: nothing compiles around the step here (`compiling()` is False)."""
-    return fn
-
-
-def note_stock_step(model: Any) -> None:
-    """Nothing to note: the stock step is recorded by `train_step`."""
-
-
-def stats_table(tensors: Sequence[Any], stats: tuple[str, ...]) -> None:
-    """None: `compute_stats`' shared algorithm serves JAX."""
-    return None
-
-
-def fused(fn: Callable[..., Any], key: Any) -> Callable[..., Any]:
-    """`fn` as it is (XLA fuses it within the step)."""
-    return fn
-
-
-def traced_for_xla(flag: bool) -> Any:
-    """The step's XLA compilation is JAX's own: nothing to tell `sum_of_squares`."""
-    return contextlib.nullcontext()
 
 
 def bincount(idx: Any, length: int) -> Any:

@@ -13,11 +13,21 @@ import numpy as np
 from keras import ops
 
 from gradwatch import _kernels
+from gradwatch._backend import generic
 from gradwatch._lazy import tf
-from gradwatch._step import Capture, Records, StepScope, run_in_scope
+from gradwatch._step import Records, run_in_scope
 from gradwatch.sparse import SparseGradient, dense
 
 RECORDS = True  # GradWatch records on this backend
+
+# The same as on the backends gradwatch does not record (`generic`).
+input_scope = generic.input_scope
+make_train_function = generic.make_train_function
+note_stock_step = generic.note_stock_step
+outside_compile = generic.outside_compile
+readable_in_step = generic.readable_in_step
+stats_table = generic.stats_table
+
 INDEX_DTYPE = "int64"
 
 
@@ -403,37 +413,6 @@ def train_step(model: Any, *args: Any) -> Any:
 
 
 GATES_IN_STEP = False  # the host picks a train function with or without capture
-
-
-def input_scope(model: Any, scope: StepScope) -> Any:
-    """No scope: the step reads the variables themselves."""
-    return contextlib.nullcontext()
-
-
-def readable_in_step(model: Any, scope: StepScope, variable: Any) -> bool:
-    """Every variable: the traced step reads the variables themselves."""
-    return True
-
-
-def make_train_function(
-    model: Any, make: Callable, force: bool, custom: bool, capture: Capture
-) -> Any:
-    """Keras' train function, as it is: the step records inside it (XLA too)."""
-    return make(force)
-
-
-def outside_compile(fn: Callable) -> Callable:
-    """`fn` itself: nothing compiles around the step here (`compiling()` is False)."""
-    return fn
-
-
-def note_stock_step(model: Any) -> None:
-    """Nothing to note: the stock step is recorded at `APPLY_METHOD`."""
-
-
-def stats_table(tensors: Sequence[Any], stats: tuple[str, ...]) -> None:
-    """None: `compute_stats`' shared algorithm serves TensorFlow."""
-    return None
 
 
 def row_sums_of_squares(x: Any, source: Any = None) -> Any:

@@ -14,12 +14,24 @@ import torch
 from keras import ops
 
 from gradwatch import _kernels
+from gradwatch._backend import generic
 from gradwatch._backend.generic import Ops
 from gradwatch._catalogue import HIST_MIN_EXP, histogram_bin_count
 from gradwatch._kernels import EMPTY, SMALLEST_NORMAL, STACK_BELOW, exact_group
 from gradwatch._step import Capture, Records, StepScope, model_state, run_in_scope, scopes
 
 RECORDS = True  # GradWatch records on this backend
+
+# The same as on the backends gradwatch does not record (`generic`).
+DISTRIBUTES = generic.DISTRIBUTES
+all_gather = generic.all_gather
+all_reduce_sum = generic.all_reduce_sum
+check_strategy = generic.check_strategy
+input_scope = generic.input_scope
+num_replicas = generic.num_replicas
+readable_in_step = generic.readable_in_step
+worker_of = generic.worker_of
+
 INDEX_DTYPE = "int64"
 
 
@@ -206,32 +218,10 @@ def alarm_cell(owner: Any, shape: tuple[int, ...], dtype: str, value: float, nam
 
 # The capture runs on host values, outside any traced step (PyTorch).
 EAGER = True
-# `per_replica`: tf.distribute runs the step once per replica.
-DISTRIBUTES = False
 
 
 def sync_state(model: Any, variable: Any) -> bool:
     return True
-
-
-def all_gather(x: Any) -> Any:
-    return x  # one replica
-
-
-def all_reduce_sum(xs: list[Any]) -> list[Any]:
-    return xs
-
-
-def num_replicas(model: Any) -> int:
-    return 1
-
-
-def worker_of(model: Any) -> tuple[int, bool]:
-    return 0, True
-
-
-def check_strategy(model: Any) -> None:
-    """No tf.distribute here."""
 
 
 def run_step(fn: Callable, model: Any, commit: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -252,16 +242,6 @@ def train_step(model: Any, *args: Any) -> Any:
 
 
 GATES_IN_STEP = False  # the host picks a train function with or without capture
-
-
-def input_scope(model: Any, scope: StepScope) -> Any:
-    """No scope: the step reads the variables themselves."""
-    return contextlib.nullcontext()
-
-
-def readable_in_step(model: Any, scope: StepScope, variable: Any) -> bool:
-    """Every variable: the step runs eagerly, on the variables themselves."""
-    return True
 
 
 def make_train_function(
