@@ -251,14 +251,15 @@ class GradWatch(keras.callbacks.Callback):
             self._parquet.open(model, self.stats, self.histogram or None, self.per_replica)
         self._model_ref = weakref.ref(model)
         state = model_state(model)
-        if self not in state.watches:
+        joined = self not in state.watches
+        if joined:
             # Reached when the model's own `fit` did not attach this watch (a plain
             # model, or `fit` of a class that overrides it).
             state.watches.append(self)
             state.traced_with = tuple(state.watches)
             model.make_train_function(force=True)
-        if state.watches[0] is self:
-            setup_gate(model)
+        if state.watches[0] is self or joined:
+            setup_gate(model)  # again when a watch joins: the gate serves them all
         self._since_drain = 0
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:

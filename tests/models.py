@@ -6,6 +6,7 @@ import os
 
 import keras
 import numpy as np
+import pytest
 
 import gradwatch
 
@@ -18,6 +19,11 @@ if KIND not in ("mixin", "plain"):
     raise ValueError(f"GRADWATCH_TEST_MODELS must be 'mixin' or 'plain'. Received: {KIND!r}")
 Sequential = keras.Sequential if KIND == "plain" else gradwatch.Sequential
 Model = keras.Model if KIND == "plain" else gradwatch.Model
+#: Marks a test of what the mixin adds: it counts the steps run without a GradWatch
+#: (and keeps its traced step across fits); a plain model counts the watched steps.
+mixin_only = pytest.mark.skipif(
+    KIND == "plain", reason="the mixin counts steps run without a GradWatch"
+)
 
 
 def data(n=40, features=5, outputs=2, seed=0):

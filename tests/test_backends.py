@@ -52,16 +52,20 @@ CORE = [
 
 # The core tests again on plain Keras models (`keras.Sequential`, `keras.Model`) with
 # nothing but a `GradWatch` (tests/models.py's KIND), on every backend: the seed's
-# examples, the per-step references and error cases, the alarms, streaming, and the
-# bitwise-neutrality tests of the mixin's file.
+# examples, the per-step references and error cases, the alarms, the bitwise-neutrality
+# tests of the mixin's file, and on TensorFlow streaming (its tests use `per_replica`).
 PLAIN_CORE = [
     "tests/test_seed.py",
     "tests/test_callback.py",
     "tests/test_alarms.py",
-    "tests/test_streaming.py",
     "tests/test_mixin.py::test_mixin_with_watch_is_bitwise_neutral_to_training",
     "tests/test_mixin.py::test_mixin_without_watch_trains_as_usual",
 ]
+PLAIN_ON = {
+    "tensorflow": [*PLAIN_CORE, "tests/test_streaming.py"],
+    "jax": PLAIN_CORE,
+    "torch": PLAIN_CORE,
+}
 
 
 # The long runs, each in its own interpreter: started together when the tests are
@@ -74,8 +78,8 @@ def _background_commands() -> dict[str, tuple[str, list[str]]]:
         "core-torch": ("torch", [*pytest_args, *CORE]),
         "torch-jit": ("torch", ["-c", textwrap.dedent(_TORCH_JIT)]),
         **{
-            f"plain-{backend}": (backend, [*pytest_args, *PLAIN_CORE])
-            for backend in ("tensorflow", "jax", "torch")
+            f"plain-{backend}": (backend, [*pytest_args, *files])
+            for backend, files in PLAIN_ON.items()
         },
     }
 

@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 from keras import ops
-from models import Model, Sequential, data, pair
+from models import Model, Sequential, data, mixin_only, pair
 from reference import (
     BACKEND,
     batches_of,
@@ -90,6 +90,7 @@ def test_step_continues_across_fits_and_epoch_honours_initial_epoch():
     np.testing.assert_array_equal(frame["batch"], [0, 1] * 4)
 
 
+@mixin_only
 def test_steps_without_a_watch_still_count():
     x, y = data(n=16)
     model, plain = pair()
@@ -266,6 +267,7 @@ def test_sparse_embedding_gradient_equals_dense_equivalent(jit):
         previous = dense
 
 
+@mixin_only
 def test_refit_with_the_same_watch_reuses_the_traced_step():
     x, y = data(n=16)
     model, _ = pair()
