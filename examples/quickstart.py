@@ -13,7 +13,7 @@ keras.utils.set_random_seed(0)
 x = np.random.normal(size=(512, 8)).astype("float32")
 y = (x @ np.linspace(-1, 1, 8)[:, None] + 0.1 * np.random.normal(size=(512, 1))).astype("float32")
 
-model = gradwatch.Sequential(
+model = keras.Sequential(
     [
         keras.Input((8,)),
         keras.layers.Dense(16, activation="relu", name="hidden"),

@@ -12,7 +12,7 @@ from gradwatch.stats import DEFAULT_STATS, STATS
 
 if TYPE_CHECKING:  # for type checkers; imported on first use, below
     from gradwatch.callback import GradWatch
-    from gradwatch.mixin import GradWatchMixin, Model, Sequential
+    from gradwatch.mixin import GradWatchMixin, Model, Sequential, record_gradients
 
 __version__ = "0.1.0"
 
@@ -26,6 +26,7 @@ __all__ = [
     "Sequential",
     "__version__",
     "read_log",
+    "record_gradients",
 ]
 
 # Recording needs Keras; reading a saved log does not. The recording side is imported
@@ -36,6 +37,7 @@ _LAZY_NAMES = {
     "GradWatchMixin": "gradwatch.mixin",
     "Model": "gradwatch.mixin",
     "Sequential": "gradwatch.mixin",
+    "record_gradients": "gradwatch.mixin",
 }
 # Imported on first use: `gradwatch.plot` needs matplotlib, the others Keras. (The
 # command line, report and TensorBoard modules are imported by name.)

@@ -87,18 +87,8 @@ def check_tensorboard_dir(value: Any, stats: Sequence[str], histogram: int) -> P
     return Path(value)
 
 
-def check_model(model: Any, mixin: type, backend: Any, backend_name: str) -> None:
+def check_model(model: Any, backend: Any, backend_name: str) -> None:
     """Refuses a model whose steps gradwatch cannot see, or a backend it does not record."""
-    if not isinstance(model, mixin):
-        raise TypeError(
-            "GradWatch records gradients inside the training step, so the model must "
-            "mix in `gradwatch.GradWatchMixin`. Received: a model of type "
-            f"{type(model).__module__}.{type(model).__qualname__}. Build it with "
-            "`gradwatch.Sequential([...])` instead of `keras.Sequential([...])`, "
-            "`gradwatch.Model(inputs, outputs)` instead of `keras.Model(inputs, outputs)`, "
-            "or for a subclassed model put the mixin first: "
-            f"`class {type(model).__name__}(gradwatch.GradWatchMixin, keras.Model): ...`"
-        )
     if not getattr(type(model).train_step, "_gradwatch_counted", False):
         raise TypeError(
             f"The `train_step` of {type(model).__qualname__} comes from a class that is "

@@ -49,8 +49,11 @@ def commit(model: Any, scope: StepScope) -> None:
     if watches and not scope.grads:
         warnings.warn(
             f"The `train_step` of {type(model).__name__} recorded no gradients, so GradWatch "
-            "has nothing to log. A custom `train_step` must call "
-            "`self.record_gradients(grads, variables)` with the gradients it applies.",
+            "has nothing to log. A custom `train_step` that does not hand its gradients "
+            "to `optimizer.apply` or `apply_gradients` must call "
+            "`self.record_gradients(grads, variables)` (or, without GradWatchMixin, "
+            "`gradwatch.record_gradients(self, grads, variables)`) with the gradients "
+            "it applies.",
             stacklevel=2,
         )
     listening = state.listening

@@ -77,6 +77,8 @@ class ModelState:
         # Host-side gating for `every > 1`: (with capture, without, traced_with).
         self.gate: tuple[Any, Any, tuple[Any, ...]] | None = None
         self.next_step = 0  # host's count of the next step, while gating
+        # A plain model's own class while a GradWatch records it (see `gradwatch._adopt`).
+        self.adopted_from: type | None = None
 
     @property
     def active(self) -> list[Any]:
@@ -158,3 +160,18 @@ class Capture(Protocol):
         optimizer: Any,
     ) -> None:
         """Adds one step's gradients to `scope`, with what `before_update` read."""
+
+
+def restore_class(model: Any) -> None:
+    """Gives a model that a `GradWatch` adopted its own class back, and drops the train
+    function traced with the capture, so that Keras makes its stock one next time.
+    Does nothing for a model that was not adopted."""
+    state = model_state(model)
+    cls = state.adopted_from
+    if cls is None:
+        return
+    object.__setattr__(model, "__class__", cls)
+    state.adopted_from = None
+    state.traced_with = ()
+    state.gate = None
+    model.train_function = None

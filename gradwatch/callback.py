@@ -15,6 +15,7 @@ import keras
 import numpy as np
 
 from gradwatch import _args, _derived, _in_step, io
+from gradwatch._adopt import adopt
 from gradwatch._alarms import Alarms, PolicyName
 from gradwatch._backend import NAME as _BACKEND_NAME
 from gradwatch._backend import current as _backend
@@ -22,11 +23,11 @@ from gradwatch._compute import traced_for_xla
 from gradwatch._drain import drain, drain_due
 from gradwatch._plan import Plan, make_buffer, make_plan, signature_of
 from gradwatch._sinks import ParquetSink, TensorBoardSink
-from gradwatch._step import Records
+from gradwatch._step import Records, restore_class
 from gradwatch.buffer import GradientBuffer
 from gradwatch.keys import check_patterns
 from gradwatch.log import GradientLog, store_of
-from gradwatch.mixin import GradWatchMixin, gate_next_step, model_state, setup_gate, step_counter
+from gradwatch.mixin import gate_next_step, model_state, setup_gate, step_counter
 from gradwatch.stats import DEFAULT_STATS, UPDATE_STATS, check_stats
 
 Policy = PolicyName
@@ -35,8 +36,11 @@ Policy = PolicyName
 class GradWatch(keras.callbacks.Callback):
     """Records the gradients of every training step of `model.fit`, by variable.
 
-    The model must mix in `gradwatch.GradWatchMixin` (or be a
-    `gradwatch.Sequential` / `gradwatch.Model`). The stats are computed inside
+    Works on any Keras 3 model (`keras.Sequential`, a functional or subclassed
+    `keras.Model`, one from `keras.applications` or `load_model`), and on models
+    that mix in `gradwatch.GradWatchMixin`. It records the gradients the
+    optimizer applies, also from a custom `train_step` that hands them to
+    `optimizer.apply` or `apply_gradients`. The stats are computed inside
     the compiled step, written to a ring buffer on the device, and drained into
     `self.log` (a `GradientLog`) in blocks, so every selected step is recorded,
     also with `steps_per_execution > 1` and `jit_compile=True`.
@@ -193,6 +197,9 @@ class GradWatch(keras.callbacks.Callback):
     @property
     def log(self) -> GradientLog:
         """The recorded history. With `path`, what was written there plus what was not yet."""
+        # Steps still on the device: after an error that ended `fit` on a plain model
+        # (Keras calls no callback then), or when read while training runs.
+        self._drain()
         sink = self._parquet
         if sink is None or not sink.active:
             return self._log
@@ -212,7 +219,21 @@ class GradWatch(keras.callbacks.Callback):
     # ------------------------------------------------------------- host side
     def on_train_begin(self, logs: dict | None = None) -> None:
         model = self.model
-        _args.check_model(model, GradWatchMixin, _backend, _BACKEND_NAME)
+        if self._model_ref is not None and self._model_ref() is not model:
+            raise ValueError(
+                "This GradWatch already records another model, and one log holds one "
+                "model's history. Create a new `gradwatch.GradWatch()` for each model."
+            )
+        adopted = adopt(model)  # a plain Keras model records as if it mixed in the mixin
+        try:
+            self._attach(model)
+        except BaseException:
+            if adopted and not model_state(model).watches:
+                restore_class(model)
+            raise
+
+    def _attach(self, model: Any) -> None:
+        _args.check_model(model, _backend, _BACKEND_NAME)
         _args.unsupported_settings(self, _backend, _BACKEND_NAME)
         if _backend.STATE_IN_STEP:
             # The ring buffer, the step counter and the alarm travel in the stateless
@@ -228,20 +249,17 @@ class GradWatch(keras.callbacks.Callback):
             self._plan_for(model)
         if self._parquet is not None:
             self._parquet.open(model, self.stats, self.histogram or None, self.per_replica)
-        if self._model_ref is not None and self._model_ref() is not model:
-            raise ValueError(
-                "This GradWatch already records another model, and one log holds one "
-                "model's history. Create a new `gradwatch.GradWatch()` for each model."
-            )
         self._model_ref = weakref.ref(model)
         state = model_state(model)
-        if self not in state.watches:
-            # Reached only when the model's own `fit` did not attach this watch.
+        joined = self not in state.watches
+        if joined:
+            # Reached when the model's own `fit` did not attach this watch (a plain
+            # model, or `fit` of a class that overrides it).
             state.watches.append(self)
             state.traced_with = tuple(state.watches)
             model.make_train_function(force=True)
-        if state.watches[0] is self:
-            setup_gate(model)
+        if state.watches[0] is self or joined:
+            setup_gate(model)  # again when a watch joins: the gate serves them all
         self._since_drain = 0
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
@@ -306,6 +324,8 @@ class GradWatch(keras.callbacks.Callback):
         finally:
             if self in state.watches:
                 state.watches.remove(self)
+            if not state.watches:
+                restore_class(model)  # an adopted plain model gets its class back
             if self._tensorboard_sink is not None:
                 self._tensorboard_sink.close()
 

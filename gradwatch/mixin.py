@@ -11,7 +11,7 @@ import keras
 from gradwatch import _capture
 from gradwatch._backend import current as _backend
 from gradwatch._capture import add_records, before_update, counted, step_counter
-from gradwatch._step import ModelState, Watcher, model_state, scopes
+from gradwatch._step import ModelState, Watcher, model_state, restore_class, scopes
 
 _patch_lock = threading.Lock()
 
@@ -37,22 +37,27 @@ def _ensure_counter(model: Any) -> None:
         model.train_function = None
 
 
-class _ApplyInterceptor:
+class ApplyInterceptor:
     """Routes the optimizer's apply method through a recorder while a stock step runs.
 
     The method is `apply_gradients(grads_and_vars)` on TensorFlow and
     `apply(grads, trainable_variables)` on PyTorch, as each stock step calls it.
     """
 
-    def __init__(self, optimizer: Any, model: Any):
+    def __init__(
+        self, optimizer: Any, model: Any, method: str | None = None, skip_recorded: bool = False
+    ):
         self.optimizer = optimizer
         self.model = model
-        self.method = _backend.APPLY_METHOD
+        self.method = method or _backend.APPLY_METHOD
+        # A custom step may record some variables itself; the optimizer then gets the rest.
+        self.skip_recorded = skip_recorded
+        self.hooks_name = f"_gradwatch_hooks_{self.method}"
 
     def __enter__(self) -> None:
         with _patch_lock:
             opt = self.optimizer
-            hooks = opt.__dict__.get("_gradwatch_hooks")
+            hooks = opt.__dict__.get(self.hooks_name)
             if hooks is None:
                 hooks = {}
                 original = getattr(opt, self.method)
@@ -72,11 +77,17 @@ class _ApplyInterceptor:
                     return original(grads, trainable_variables, *args, **kwargs)
 
                 patched = apply_gradients if self.method == "apply_gradients" else apply
-                object.__setattr__(opt, "_gradwatch_hooks", hooks)
+                object.__setattr__(opt, self.hooks_name, hooks)
                 object.__setattr__(opt, self.method, patched)
             hooks[threading.get_ident()] = self._record
 
     def _record(self, grads_and_vars: list) -> None:
+        if self.skip_recorded:
+            scope = scopes().get(id(self.model))
+            recorded = set() if scope is None else set(scope.grads)
+            grads_and_vars = [(g, v) for g, v in grads_and_vars if id(v) not in recorded]
+        if not grads_and_vars:
+            return
         grads = [g for g, _ in grads_and_vars]
         variables = [v for _, v in grads_and_vars]
         self.model.record_gradients(grads, variables, optimizer=self.optimizer)
@@ -84,11 +95,11 @@ class _ApplyInterceptor:
     def __exit__(self, *exc: Any) -> None:
         with _patch_lock:
             opt = self.optimizer
-            hooks = opt.__dict__["_gradwatch_hooks"]
+            hooks = opt.__dict__[self.hooks_name]
             hooks.pop(threading.get_ident(), None)
             if not hooks:
                 object.__delattr__(opt, self.method)
-                object.__delattr__(opt, "_gradwatch_hooks")
+                object.__delattr__(opt, self.hooks_name)
 
 
 class GradWatchMixin:
@@ -143,7 +154,7 @@ class GradWatchMixin:
             return _backend.train_step(self, *args)
         if not model_state(self).listening or not _backend.APPLY_METHOD:
             return super().train_step(*args)
-        with _ApplyInterceptor(self.optimizer, self):
+        with ApplyInterceptor(self.optimizer, self):
             return super().train_step(*args)
 
     @property
@@ -176,6 +187,7 @@ class GradWatchMixin:
             # copy out what the device recorded, and detach.
             for watch in list(model_state(self).watches):
                 watch.release(self)
+            restore_class(self)  # a plain model a GradWatch adopted, left after an error
 
     def make_train_function(self, force: bool = False) -> Any:
         """Keras' train function, as the backend makes it (on PyTorch with
@@ -272,6 +284,40 @@ class GradWatchMixin:
         with _backend.input_scope(self, scope):
             pending = before_update(self, scope, variables, optimizer, watches)
         add_records(scope, grads, variables, *pending)
+
+
+def record_gradients(
+    model: Any, grads: Sequence[Any], variables: Sequence[Any], optimizer: Any = None
+) -> None:
+    """Records gradients from the custom `train_step` of any Keras model, with or
+    without `GradWatchMixin`: `GradWatchMixin.record_gradients` as a function.
+
+    Where the step hands its gradients to an optimizer's `apply` or `apply_gradients`,
+    a `GradWatch` records them without this call; call it where gradwatch cannot see
+    them, such as a stateless JAX step (`stateless_apply`). Without a `GradWatch`
+    attached it does nothing.
+
+    Args:
+        model: The model whose step is running (`self` in `train_step`).
+        grads: Gradients, one per variable; `None` for a disconnected one.
+        variables: The model's trainable variables they belong to.
+        optimizer: The optimizer that applies the gradients (see
+            `GradWatchMixin.record_gradients`). Defaults to `None`.
+
+    Example:
+
+    ```python
+    def train_step(self, state, data):
+        ...
+        gradwatch.record_gradients(self, grads, self.trainable_variables, self.optimizer)
+        trainable, optimizer_vars = self.optimizer.stateless_apply(
+            optimizer_vars, grads, trainable
+        )
+    ```
+    """
+    if isinstance(model, GradWatchMixin):
+        GradWatchMixin.record_gradients(model, grads, variables, optimizer)
+    # Otherwise no GradWatch records this model (a watch adopts it for its training).
 
 
 def _register(cls: type) -> type:

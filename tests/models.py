@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+import os
+
 import keras
 import numpy as np
+import pytest
 
 import gradwatch
+
+#: The kind of model that the core tests record: "mixin" (`gradwatch.Sequential` and
+#: `gradwatch.Model`) or "plain" (`keras.Sequential` and `keras.Model`, with nothing but a
+#: `GradWatch`). Chosen by GRADWATCH_TEST_MODELS; tests/test_backends.py runs the core
+#: tests again with "plain", on each backend.
+KIND = os.environ.get("GRADWATCH_TEST_MODELS", "mixin")
+if KIND not in ("mixin", "plain"):
+    raise ValueError(f"GRADWATCH_TEST_MODELS must be 'mixin' or 'plain'. Received: {KIND!r}")
+Sequential = keras.Sequential if KIND == "plain" else gradwatch.Sequential
+Model = keras.Model if KIND == "plain" else gradwatch.Model
+#: Marks a test of what the mixin adds: it counts the steps run without a GradWatch
+#: (and keeps its traced step across fits); a plain model counts the watched steps.
+mixin_only = pytest.mark.skipif(
+    KIND == "plain", reason="the mixin counts steps run without a GradWatch"
+)
 
 
 def data(n=40, features=5, outputs=2, seed=0):
@@ -25,8 +43,9 @@ def layers(regularize=True):
 
 
 def pair(regularize=True):
-    """A gradwatch.Sequential and a plain keras.Sequential with the same starting weights."""
-    watched = gradwatch.Sequential(layers(regularize), name="net")
+    """The model under test (a `Sequential` of `KIND`) and a plain keras.Sequential with the
+    same starting weights."""
+    watched = Sequential(layers(regularize), name="net")
     plain = keras.Sequential(layers(regularize), name="net")
     plain.set_weights(watched.get_weights())
     return watched, plain

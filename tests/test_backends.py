@@ -14,7 +14,7 @@ from background import RUNS
 from components import require
 
 ROOT = Path(__file__).resolve().parent.parent
-_PACKAGES = {"jax": "jax", "torch": "torch"}
+_PACKAGES = {"jax": "jax", "torch": "torch", "tensorflow": "tensorflow"}
 
 
 def _needs(backend: str) -> None:
@@ -50,6 +50,24 @@ CORE = [
 ]
 
 
+# The core tests again on plain Keras models (`keras.Sequential`, `keras.Model`) with
+# nothing but a `GradWatch` (tests/models.py's KIND), on every backend: the seed's
+# examples, the per-step references and error cases, the alarms, the bitwise-neutrality
+# tests of the mixin's file, and on TensorFlow streaming (its tests use `per_replica`).
+PLAIN_CORE = [
+    "tests/test_seed.py",
+    "tests/test_callback.py",
+    "tests/test_alarms.py",
+    "tests/test_mixin.py::test_mixin_with_watch_is_bitwise_neutral_to_training",
+    "tests/test_mixin.py::test_mixin_without_watch_trains_as_usual",
+]
+PLAIN_ON = {
+    "tensorflow": [*PLAIN_CORE, "tests/test_streaming.py"],
+    "jax": PLAIN_CORE,
+    "torch": PLAIN_CORE,
+}
+
+
 # The long runs, each in its own interpreter: started together when the tests are
 # collected (tests/conftest.py runs this module's tests last), so that they use the
 # CPU the TensorFlow tests leave idle, at a lower priority and one thread each.
@@ -59,6 +77,10 @@ def _background_commands() -> dict[str, tuple[str, list[str]]]:
         "core-jax": ("jax", [*pytest_args, *CORE]),
         "core-torch": ("torch", [*pytest_args, *CORE]),
         "torch-jit": ("torch", ["-c", textwrap.dedent(_TORCH_JIT)]),
+        **{
+            f"plain-{backend}": (backend, [*pytest_args, *files])
+            for backend, files in PLAIN_ON.items()
+        },
     }
 
 
@@ -69,6 +91,8 @@ def _spawn(key: str) -> None:
     env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=str(ROOT))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     env.update(OMP_NUM_THREADS="1", XLA_FLAGS="--xla_cpu_multi_thread_eigen=false")
+    if key.startswith("plain-"):
+        env["GRADWATCH_TEST_MODELS"] = "plain"
     RUNS.start(key, [sys.executable, *args], env, cwd=str(ROOT))
 
 
@@ -77,6 +101,8 @@ def start_in_background(test_names: list[str]) -> None:
     for name in test_names:
         if name.startswith("test_backends_core_suite_passes["):
             _spawn("core-" + name.split("[")[1].rstrip("]"))
+        elif name.startswith("test_core_suite_passes_on_plain_keras_models["):
+            _spawn("plain-" + name.split("[")[1].rstrip("]"))
         elif name == "test_backends_torch_jit_compile_records_the_compiled_step":
             _spawn("torch-jit")
 
@@ -148,6 +174,14 @@ def test_backends_import_and_fit_never_import_tensorflow(backend):
 def test_backends_core_suite_passes(backend):
     _needs(backend)
     result = _wait(f"core-{backend}")
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout.splitlines()[-1]
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax", "torch"])
+def test_core_suite_passes_on_plain_keras_models(backend):
+    _needs(backend)
+    result = _wait(f"plain-{backend}")
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert " passed" in result.stdout.splitlines()[-1]
 

@@ -26,7 +26,11 @@ def _run(script, tmp_path, *args):
 def test_overhead_benchmark_smoke(tmp_path):
     table = _run("overhead.py", tmp_path, "--only", "mlp")
     rows = [line for line in table.splitlines() if line.startswith("| mlp")]
-    assert len(rows) == 4
+    assert len(rows) == 6
+    assert [r.split(" | ")[2] for r in rows[-2:]] == [
+        "default, plain model",
+        "plain model, later fit without the watch",
+    ]
     for row in rows:
         ratio = float(re.search(r"\| ([0-9.]+)x \|$", row).group(1))
         assert ratio > 0

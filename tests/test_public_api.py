@@ -29,6 +29,7 @@ def test_public_api_is_pinned():
             "Sequential",
             "__version__",
             "read_log",
+            "record_gradients",
         ]
     )
     for name in gradwatch.__all__:
@@ -40,6 +41,18 @@ def test_public_api_is_pinned():
 def _parameters(fn):
     """`{name: default}` of a signature, `inspect.Parameter.empty` for required ones."""
     return {p.name: p.default for p in inspect.signature(fn).parameters.values()}
+
+
+def test_record_gradients_function_takes_the_model_first_and_matches_the_method():
+    assert _parameters(gradwatch.record_gradients) == {
+        "model": inspect.Parameter.empty,
+        "grads": inspect.Parameter.empty,
+        "variables": inspect.Parameter.empty,
+        "optimizer": None,
+    }
+    method = _parameters(gradwatch.GradWatchMixin.record_gradients)
+    assert list(method) == ["self", "grads", "variables", "optimizer"]
+    assert method["optimizer"] is None
 
 
 def test_gradwatch_is_a_keras_callback_with_the_documented_arguments():

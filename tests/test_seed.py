@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 from keras import ops
+from models import Sequential
 
 import gradwatch
 
@@ -25,7 +26,7 @@ class Scalar(keras.layers.Layer):
 
 
 def test_seed_example_1_gradient_of_x_squared_at_3_is_6():
-    model = gradwatch.Sequential([keras.Input((1,)), Scalar(3.0, name="f")])
+    model = Sequential([keras.Input((1,)), Scalar(3.0, name="f")])
     model.compile("sgd", loss=lambda y_true, y_pred: ops.square(y_pred))  # y = x**2
     watch = gradwatch.GradWatch(values="x")
     model.fit(np.zeros((1, 1)), np.zeros((1, 1)), callbacks=[watch], verbose=0)
@@ -39,7 +40,7 @@ def test_seed_example_2_gradients_of_w_x_plus_b_are_4_and_1():
         bias_initializer=keras.initializers.Constant(1.0),  # b = 1
         name="linear",
     )
-    model = gradwatch.Sequential([keras.Input((1,)), dense])
+    model = Sequential([keras.Input((1,)), dense])
     model.compile("sgd", loss=lambda y_true, y_pred: y_pred)  # the target is y = w*x + b
     watch = gradwatch.GradWatch(values="*")
     model.fit(np.array([[4.0]]), np.zeros((1, 1)), callbacks=[watch], verbose=0)  # x = 4
@@ -48,7 +49,7 @@ def test_seed_example_2_gradients_of_w_x_plus_b_are_4_and_1():
 
 
 def test_seed_example_3_dense_kernel_minus_12_bias_minus_6():
-    model = gradwatch.Sequential(
+    model = Sequential(
         [
             keras.Input((1,)),
             keras.layers.Dense(

@@ -1,0 +1,95 @@
+"""GradWatch on any Keras model. For the length of a training, a `GradWatch` swaps
+the model's class for a subclass that mixes in `GradWatchMixin`, with the same name,
+module and Keras registration, and gives the class back when its watches detach
+(`_step.restore_class`). The model's name, weights, and so its trained numbers, are
+those of the plain model."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import keras
+
+from gradwatch._backend import current as _backend
+from gradwatch._capture import counted
+from gradwatch._step import model_state
+from gradwatch.mixin import ApplyInterceptor, GradWatchMixin
+
+_CLASSES: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
+
+
+def adopt(model: Any) -> bool:
+    """Swaps a plain model's class for its recording subclass; False if the model
+    already mixes in `GradWatchMixin` (nothing to do)."""
+    if isinstance(model, GradWatchMixin):
+        return False
+    cls = type(model)
+    object.__setattr__(model, "__class__", adopted_class(cls))
+    model_state(model).adopted_from = cls
+    return True
+
+
+def adopted_class(cls: type) -> type:
+    """`cls` with `GradWatchMixin` first among its bases, made once per class.
+
+    A custom `train_step` of `cls` is counted, and the gradients it hands to any of
+    the model's optimizers (`apply`, which `apply_gradients` calls) are recorded,
+    except for the variables it records itself.
+    """
+    if cls in _CLASSES:
+        return _CLASSES[cls]
+    namespace: dict[str, Any] = {
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__doc__": cls.__doc__,
+    }
+    if cls.train_step is not keras.Model.train_step:
+        namespace["train_step"] = counted(_intercepting(cls.train_step))
+    sub = type(cls.__name__, (GradWatchMixin, cls), namespace)
+    _copy_registration(cls, sub)
+    _CLASSES[cls] = sub
+    return sub
+
+
+def _intercepting(step: Callable) -> Callable:
+    """A custom train step with the optimizers' `apply` recorded on the way."""
+
+    @functools.wraps(step)
+    def train_step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not model_state(self).listening or not _backend.APPLY_METHOD or _backend.compiling():
+            return step(self, *args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            for optimizer in _optimizers_of(self):
+                stack.enter_context(
+                    ApplyInterceptor(optimizer, self, method="apply", skip_recorded=True)
+                )
+            return step(self, *args, **kwargs)
+
+    return train_step
+
+
+def _optimizers_of(model: Any) -> list[Any]:
+    """The model's optimizers: `model.optimizer` and any optimizer among its attributes
+    (a GAN's `d_optimizer` and `g_optimizer`), once each."""
+    found: dict[int, Any] = {}
+    for value in [getattr(model, "optimizer", None), *vars(model).values()]:
+        if isinstance(value, keras.optimizers.Optimizer):
+            found.setdefault(id(value), value)
+    return list(found.values())
+
+
+def _copy_registration(cls: type, sub: type) -> None:
+    """Saving during training (a `ModelCheckpoint`) names the plain class: a class
+    registered with `keras.saving.register_keras_serializable` keeps its name."""
+    name = keras.saving.get_registered_name(cls)
+    if name == cls.__name__:
+        return
+    try:
+        from keras.src.saving import object_registration
+    except ImportError:  # pragma: no cover - Keras moved its registry
+        return
+    object_registration.GLOBAL_CUSTOM_NAMES[sub] = name
