@@ -29,7 +29,13 @@ def adopt(model: Any) -> bool:
         return False
     cls = type(model)
     object.__setattr__(model, "__class__", adopted_class(cls))
-    model_state(model).adopted_from = cls
+    state = model_state(model)
+    state.adopted_from = cls
+    # Keras made its train function at the start of this fit; the same one as at the last
+    # watched fit means no compile since, so the functions traced then still hold.
+    if model.train_function is not state.stock_function:
+        state.captured, state.gate = {}, None
+    state.stock_function = model.train_function
     return True
 
 

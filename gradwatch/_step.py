@@ -79,6 +79,10 @@ class ModelState:
         self.next_step = 0  # host's count of the next step, while gating
         # A plain model's own class while a GradWatch records it (see `gradwatch._adopt`).
         self.adopted_from: type | None = None
+        # A plain model's train functions across its fits: Keras' stock one of the current
+        # compile, and those traced with the capture, by the watches they record for.
+        self.stock_function: Any = None
+        self.captured: dict[tuple[Any, ...], Any] = {}
 
     @property
     def active(self) -> list[Any]:
@@ -163,15 +167,24 @@ class Capture(Protocol):
 
 
 def restore_class(model: Any) -> None:
-    """Gives a model that a `GradWatch` adopted its own class back, and drops the train
-    function traced with the capture, so that Keras makes its stock one next time.
-    Does nothing for a model that was not adopted."""
+    """Gives a model that a `GradWatch` adopted its own class back, and Keras' stock train
+    function of its compile (a later `fit` without a watch runs it). The functions traced
+    with the capture are kept for the next watched `fit` (`captured`). Does nothing for a
+    model that was not adopted."""
     state = model_state(model)
     cls = state.adopted_from
     if cls is None:
         return
     object.__setattr__(model, "__class__", cls)
     state.adopted_from = None
-    state.traced_with = ()
-    state.gate = None
-    model.train_function = None
+    # Keep what this fit's watches used (they may record the next fit too), no more.
+    final, state.traced_with = state.traced_with, ()
+    state.captured = {k: f for k, f in state.captured.items() if final[: len(k)] == k}
+    ours = {id(f) for f in state.captured.values()}
+    if state.gate is not None:
+        ours |= {id(state.gate[0]), id(state.gate[1])}
+    if id(model.train_function) in ours:
+        model.train_function = state.stock_function
+    else:  # made elsewhere (a compile, or another fit, since): let Keras make it anew
+        model.train_function = None
+        state.captured, state.gate = {}, None

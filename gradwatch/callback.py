@@ -257,7 +257,13 @@ class GradWatch(keras.callbacks.Callback):
             # model, or `fit` of a class that overrides it).
             state.watches.append(self)
             state.traced_with = tuple(state.watches)
-            model.make_train_function(force=True)
+            adopted = state.adopted_from is not None
+            if adopted and state.traced_with in state.captured:
+                model.train_function = state.captured[state.traced_with]  # traced before
+            else:
+                model.make_train_function(force=True)
+                if adopted:
+                    state.captured[state.traced_with] = model.train_function
         if state.watches[0] is self or joined:
             setup_gate(model)  # again when a watch joins: the gate serves them all
         self._since_drain = 0

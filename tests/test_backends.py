@@ -47,6 +47,7 @@ CORE = [
     "tests/test_mixin.py",
     "tests/test_callback.py",
     "tests/test_alarms.py",
+    "tests/test_any_model.py",
 ]
 
 
