@@ -31,10 +31,10 @@ class Plan:
     stat_codes: np.ndarray  # codes in the log
     value_codes: np.ndarray
 
-    @property
-    def stat_keys(self) -> list[str]:
-        """The keys of the variables that get stats, in the order of the stats rows."""
-        return [self.keys[i] for i in self.stat_index]
+    def __post_init__(self) -> None:
+        # The keys of the variables that get stats, in the order of the stats rows: made
+        # once, as the alarms and the drain read them at every execution.
+        self.stat_keys = [self.keys[i] for i in self.stat_index]
 
     @property
     def stat_sizes(self) -> list[int]:
