@@ -15,8 +15,9 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from typing import IO
 
-# Tests of this module set it to a file that gets one line per started process
-# ("key pid"), so that they can check from outside that the process is gone.
+# Tests of this module set it to a file that gets one line per started process ("key pid",
+# and "waiting:key pid" once a test waits for it), so that they can check from outside that
+# the process is gone.
 LOG_ENV = "GRADWATCH_TEST_BACKGROUND_LOG"
 _PR_SET_PDEATHSIG = 1
 
@@ -60,13 +61,12 @@ class Runs:
             preexec_fn=_in_child,
         )
         self._running[key] = (process, out, err)
-        if os.environ.get(LOG_ENV):
-            with open(os.environ[LOG_ENV], "a") as f:
-                f.write(f"{key} {process.pid}\n")
+        _log(key, process.pid)
 
     def wait(self, key: str, timeout: float) -> subprocess.CompletedProcess:
         """Waits for the run of `key` (killed after `timeout` seconds) and returns it."""
         process, out, err = self._running[key]
+        _log(f"waiting:{key}", process.pid)
         try:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -86,6 +86,12 @@ class Runs:
             _kill_group(process)
             out.close()
             err.close()
+
+
+def _log(event: str, pid: int) -> None:
+    if os.environ.get(LOG_ENV):
+        with open(os.environ[LOG_ENV], "a") as f:
+            f.write(f"{event} {pid}\n")
 
 
 def _kill_group(process: subprocess.Popen) -> None:

@@ -41,14 +41,25 @@ def _started(log: Path) -> dict[str, int]:
 
 
 def _wait_until_started(log: Path, process: subprocess.Popen, timeout: float = 120) -> int:
+    """The process group of the core-torch run, once a test is waiting for it.
+
+    Waiting for the test, not only for the start: a signal that lands while the session is
+    still between collection and the test (in a fixture's `gc.collect()`, say) can be raised
+    inside an object's `__del__`, where Python reports it as unraisable and goes on."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if "core-torch" in _started(log):
+        if "waiting:core-torch" in _started(log):
             return _started(log)["core-torch"]
         assert process.poll() is None, process.communicate()[0]
         time.sleep(0.2)
+    _end(process)
+    raise AssertionError(f"no test waited for a background run within {timeout} s")
+
+
+def _end(process: subprocess.Popen) -> str:
+    """Kills `process` if it is still going, and returns its output."""
     process.kill()
-    raise AssertionError(f"no background run started in {timeout} s")
+    return process.communicate()[0]
 
 
 def _living(group: int) -> list[int]:
@@ -101,7 +112,10 @@ def test_background_run_ends_when_a_failure_stops_the_session(torch_installed, t
     failing.write_text("def test_fails():\n    assert False\n")
     log = tmp_path / "started.txt"
     process = _pytest(["-x", str(failing), *CORE_TORCH], log)
-    out, _ = process.communicate(timeout=120)
+    try:
+        out, _ = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"pytest still ran after 120 s:\n{_end(process)}") from None
     assert process.returncode == 1, out
     assert "1 failed" in out
     _assert_gone(_started(log)["core-torch"])
@@ -114,7 +128,10 @@ def test_background_run_ends_when_pytest_is_interrupted_or_killed(torch_installe
     group = _wait_until_started(log, process)
     assert _living(group)  # the run is going while its test waits for it
     process.send_signal(sig)
-    out, _ = process.communicate(timeout=60)
+    try:
+        out, _ = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"pytest still ran 60 s after {sig.name}:\n{_end(process)}") from None
     if sig == signal.SIGINT:
         assert "KeyboardInterrupt" in out, out
     _assert_gone(group)
