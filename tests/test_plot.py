@@ -151,23 +151,30 @@ def test_flow_marks_nonfinite_variables_red(outlier):
     assert not any(_is_red(t.get_color()) for t in fig.axes[0].get_yticklabels())
 
 
-def test_flow_keeps_the_range_off_the_nonfinite_steps(outlier):
-    log = outlier.log
-    norm = log.stat("norm").to_numpy(np.float64)
-    finite = np.delete(norm, [3, 9], axis=0)  # steps 3 and 9 had NaN/Inf elements
-    ax = plot.flow(log).axes[0]
+def test_flow_keeps_the_range_off_the_nonfinite_steps():
+    # At step 2 some elements overflowed: the norm over the finite rest is huge (or 0 where
+    # all did). A range through that step would stretch every bar to it.
+    log, _, norms = _synthetic(3, 2, nonfinite=[(2, "net/layer_1/kernel")], huge_at=2)
+    finite = np.delete(norms, 2, axis=0)
+    ax = plot.flow(log, by="variable").axes[0]
     np.testing.assert_allclose(_ranges(ax), np.stack([finite.min(0), finite.max(0)], 1), rtol=1e-6)
     medians = _medians(ax)
-    np.testing.assert_allclose([medians[i] for i in range(4)], np.median(finite, 0), rtol=1e-6)
+    np.testing.assert_allclose([medians[i] for i in range(6)], np.median(finite, 0), rtol=1e-6)
+    # Where every step was non-finite the range spans them all, rather than nothing.
+    log, _, norms = _synthetic(1, 2, steps=1, nonfinite=[(0, "net/layer_0/bias")])
+    np.testing.assert_allclose(_ranges(plot.flow(log).axes[0]), np.stack([norms[0], norms[0]], 1))
 
 
-def _synthetic(layers, per_layer, steps=5, nonfinite=(), seed=0):
+def _synthetic(layers, per_layer, steps=5, nonfinite=(), seed=0, huge_at=None):
     """A log of `layers` layers of `per_layer` variables each (`net/layer_i/kernel`, `bias`,
-    `v2`, ...), with seeded norms, and `nonfinite` (step, key) pairs as NaN/Inf alerts."""
+    `gamma`, `beta`), with seeded norms, and `nonfinite` (step, key) pairs as NaN/Inf
+    alerts; with `huge_at`, every norm at that step is 1e6 times larger."""
     rng = np.random.default_rng(seed)
     names = ["kernel", "bias", "gamma", "beta"]
     keys = [f"net/layer_{i}/{names[j]}" for i in range(layers) for j in range(per_layer)]
     norms = 10.0 ** rng.uniform(-3, 1, size=(steps, len(keys)))
+    if huge_at is not None:
+        norms[huge_at] *= 1e6
     log = GradientLog(stats=("norm",))
     store = store_of(log)
     store.add_variables(keys, [(3,)] * len(keys))
