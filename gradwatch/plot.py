@@ -383,7 +383,11 @@ def heatmap(log: GradientLog, stat: str = "norm", by: By = "auto") -> Figure:
         ax.set_xlabel("step")
     axes[0].set_ylabel(rows.axis_label)
     label = f"log10 |{stat}|" if stat in _SIGNED_STATS else f"log10 {stat}"
-    fig.colorbar(image, ax=axes, label=label, fraction=0.04 if len(axes) > 1 else 0.15)
+    height = fig.get_size_inches()[1]
+    # On a tall chart a full-height bar would be as wide as a panel: keep it about 5 in.
+    fig.colorbar(
+        image, ax=axes, label=label, fraction=0.05, pad=0.02, shrink=min(1.0, 5.0 / height)
+    )
     what = "layer" if rows.by == "layer" else "variable"
     title = f"Gradient {stat} by {what}, {_span(log)}"
     if len(bad_steps):

@@ -51,7 +51,7 @@ th, td { border: 1px solid #ddd; padding: 0.25rem 0.5rem; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 thead th { background: #f3f3f3; position: sticky; top: 0; }
 tr.nonfinite td { color: #d62728; font-weight: 600; }
-tr.skipped td { color: #8a5a00; }
+tr.skipped td, dd.skipped { color: #8a5a00; }
 .nonfinite { color: #d62728; font-weight: 600; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 0.2rem 1rem; }
 dt { color: #555; } dd { margin: 0; }
@@ -385,9 +385,11 @@ def _page(
     parts.append("<dl>")
     parts.extend(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in overview.items())
     if first is not None:
+        # A step that the optimizer skipped is a fact, not an alarm: not in red.
+        cls, note = ("skipped", " (skipped)") if first[0] in skipped else ("nonfinite", "")
         parts.append(
-            '<dt>first non-finite step</dt><dd class="nonfinite">'
-            f"{first[0]}: {e(', '.join(first[1]))}</dd>"
+            f'<dt>first non-finite step</dt><dd class="{cls}">'
+            f"{first[0]}{note}: {e(', '.join(first[1]))}</dd>"
         )
     if skipped:
         parts.append(
