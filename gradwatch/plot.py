@@ -323,8 +323,9 @@ def heatmap(log: GradientLog, stat: str = "norm", by: By = "auto") -> Figure:
         stat: A recorded stat. Defaults to `"norm"`.
         by: `"variable"`, `"layer"` (the stat aggregated per layer, as
             `GradientLog.by_layer`), or `"auto"`: by layer when the log has
-            more than 30 variables and the stat aggregates (all but
-            `cos_prev`). Defaults to `"auto"`.
+            more than 30 variables and `by_layer` can aggregate the stat (not
+            `cos_prev`; `std` with `mean` recorded, `update_ratio` with
+            `update_norm` and `weight_norm`). Defaults to `"auto"`.
 
     Returns:
         A `matplotlib.figure.Figure` with one axes per panel and the colour bar's axes, last.
@@ -529,7 +530,7 @@ def _rows(log: GradientLog, stat: str, by: Any, keys: Sequence[str] | None = Non
         )
     keys = list(log.variables if keys is None else keys)
     if by == "auto":
-        by = "layer" if len(keys) > LAYER_THRESHOLD and stat != "cos_prev" else "variable"
+        by = "layer" if len(keys) > LAYER_THRESHOLD and _aggregates(log, stat) else "variable"
     alerts = _nonfinite(log)
     if by == "layer":
         names = list(dict.fromkeys(layer_of_key(k) for k in keys))
@@ -558,6 +559,14 @@ def _rows(log: GradientLog, stat: str, by: Any, keys: Sequence[str] | None = Non
     prefix = _common_prefix(names)
     labels = [name[len(prefix) :] for name in names]
     return _Rows(by, wide, names, labels, prefix, kinds, bad)
+
+
+def _aggregates(log: GradientLog, stat: str) -> bool:
+    """Whether `GradientLog.by_layer` can aggregate `stat` from what the log recorded."""
+    needs = {"cos_prev": None, "std": ("mean",), "update_ratio": ("update_norm", "weight_norm")}
+    if stat not in needs:
+        return True
+    return needs[stat] is not None and all(n in log.stat_names for n in needs[stat])
 
 
 def _kind_of(key: str) -> str:

@@ -165,7 +165,7 @@ def test_flow_keeps_the_range_off_the_nonfinite_steps():
     np.testing.assert_allclose(_ranges(plot.flow(log).axes[0]), np.stack([norms[0], norms[0]], 1))
 
 
-def _synthetic(layers, per_layer, steps=5, nonfinite=(), seed=0, huge_at=None):
+def _synthetic(layers, per_layer, steps=5, nonfinite=(), seed=0, huge_at=None, stats=("norm",)):
     """A log of `layers` layers of `per_layer` variables each (`net/layer_i/kernel`, `bias`,
     `gamma`, `beta`), with seeded norms, and `nonfinite` (step, key) pairs as NaN/Inf
     alerts; with `huge_at`, every norm at that step is 1e6 times larger."""
@@ -175,7 +175,7 @@ def _synthetic(layers, per_layer, steps=5, nonfinite=(), seed=0, huge_at=None):
     norms = 10.0 ** rng.uniform(-3, 1, size=(steps, len(keys)))
     if huge_at is not None:
         norms[huge_at] *= 1e6
-    log = GradientLog(stats=("norm",))
+    log = GradientLog(stats=stats)
     store = store_of(log)
     store.add_variables(keys, [(3,)] * len(keys))
     store.append(
@@ -183,7 +183,7 @@ def _synthetic(layers, per_layer, steps=5, nonfinite=(), seed=0, huge_at=None):
         np.zeros(steps, np.int64),
         np.arange(steps),
         np.arange(len(keys), dtype=np.int32),
-        norms[:, :, None].astype(np.float32),
+        np.repeat(norms[:, :, None], len(stats), axis=2).astype(np.float32),
         np.zeros((0,), np.int32),
         np.zeros((steps, 0), np.float32),
     )
@@ -201,6 +201,12 @@ def test_charts_group_by_layer_above_30_variables():
     assert _row_labels(plot.heatmap(big)) == layers
     assert plot.norms(big).axes[0].get_title() == "Gradient norms of 16 layers of net, steps 0..4"
     assert len(_row_labels(plot.flow(big, by="variable"))) == 32
+    # A stat that `by_layer` cannot aggregate from what was recorded stays by variable.
+    spread, _, _ = _synthetic(16, 2, stats=("norm", "std", "cos_prev"))
+    assert len(_row_labels(plot.heatmap(spread, stat="std"))) == 32  # std pools with mean
+    assert len(_row_labels(plot.heatmap(spread, stat="cos_prev"))) == 32
+    with pytest.raises(ValueError, match=r"`cos_prev` cannot be aggregated per layer"):
+        plot.heatmap(spread, stat="cos_prev", by="layer")
     # A selection of few variables is drawn by variable.
     assert len(plot.norms(big, variables="*layer_3/*").axes[0].get_lines()) == 2
 
