@@ -9,13 +9,19 @@ import pandas as pd
 _ROOT_SUM_SQUARES = ("norm", "clipped_norm", "weight_norm", "update_norm")
 
 
+def layer_of_key(key: str) -> str:
+    """The layer of a variable key: the key without its last `/` part (`net/dense/kernel`
+    belongs to `net/dense`); a key without `/` is its own layer."""
+    return key.rsplit("/", 1)[0] if "/" in key else key
+
+
 def by_layer(
     wide: pd.DataFrame, sizes: pd.Series, stat: str, mean: pd.DataFrame | None = None
 ) -> pd.DataFrame:
     """`stat` per layer from its per-variable frame `wide` (float64, one column per
     key), exact for the layer's variables taken together as one tensor. `sizes` are
     the element counts by key; `std` pools with `mean` (the per-variable means)."""
-    layer_of = {k: k.rsplit("/", 1)[0] if "/" in k else k for k in wide.columns}
+    layer_of = {k: layer_of_key(k) for k in wide.columns}
     layers = list(dict.fromkeys(layer_of.values()))
     out = {}
     for layer in layers:

@@ -1,4 +1,5 @@
-"""A self-contained HTML report of a `GradientLog`: the charts, the summary table and alerts.
+"""A self-contained HTML report of a `GradientLog`: the verdict, then the charts, the
+summary table and alerts.
 
 The page has its images as base64 data URIs and its CSS inline, and loads
 nothing else, so it opens offline and can be mailed or archived as one file.
@@ -10,40 +11,243 @@ import base64
 import html
 import io
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 
+from gradwatch._views import layer_of_key
 from gradwatch.log import GradientLog
 
 MAX_ALERT_ROWS = 200
+# The verdict's levels, least severe first.
+LEVELS = ("ok", "note", "warning", "problem")
 
 _CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto;
-       max-width: 1100px; padding: 0 1rem; color: #222; }
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5rem auto;
+       max-width: 2000px; padding: 0 2vw; color: #222; }
 h1 { font-size: 1.5rem; } h2 { font-size: 1.2rem; margin-top: 2rem; }
-figure { margin: 1rem 0; } figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
+.verdict { border-left: 0.4rem solid #2ca02c; background: #f2f8f2; padding: 0.6rem 1rem;
+           margin: 1rem 0; }
+.verdict p { font-size: 1.15rem; margin: 0.2rem 0 0.4rem; font-weight: 600; }
+.verdict ul { margin: 0.2rem 0; padding-left: 1.2rem; }
+.verdict.note { border-color: #1f77b4; background: #f1f6fb; }
+.verdict.warning { border-color: #ff7f0e; background: #fff6ec; }
+.verdict.problem { border-color: #d62728; background: #fdf0f0; }
+.charts { display: grid; grid-template-columns: repeat(auto-fit, minmax(min(100%, 560px), 1fr));
+          gap: 1rem 2rem; align-items: start; }
+.charts figure.wide { grid-column: 1 / -1; }
+figure { margin: 0; } figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
+figure.wide img { width: 100%; }
 figcaption { color: #555; font-size: 0.9rem; }
+.tables { display: grid; grid-template-columns: repeat(auto-fit, minmax(min(100%, 720px), 1fr));
+          gap: 0 2rem; align-items: start; }
+.scroll { max-height: 80vh; overflow: auto; }
 table { border-collapse: collapse; font-size: 0.85rem; }
 th, td { border: 1px solid #ddd; padding: 0.25rem 0.5rem; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
-thead th { background: #f3f3f3; }
+thead th { background: #f3f3f3; position: sticky; top: 0; }
 tr.nonfinite td { color: #d62728; font-weight: 600; }
+tr.skipped td, dd.skipped { color: #8a5a00; }
 .nonfinite { color: #d62728; font-weight: 600; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 0.2rem 1rem; }
 dt { color: #555; } dd { margin: 0; }
 """
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """What the report leads with: one sentence, its level, and the facts behind it.
+
+    Attributes:
+        level: `"ok"`, `"note"`, `"warning"` or `"problem"`, the most severe
+            of the facts.
+        sentence: One sentence that says what happened, in plain words.
+        facts: The evidence, one short sentence each, most severe first.
+    """
+
+    level: Literal["ok", "note", "warning", "problem"]
+    sentence: str
+    facts: list[str] = field(default_factory=list)
+
+
+def verdict(log: GradientLog, findings: pd.DataFrame | None = None) -> Verdict:
+    """The verdict on a log: one clear sentence and the facts behind it.
+
+    From the log alone it reads the recorded facts: NaN/Inf gradients (and
+    which of those steps a `LossScaleOptimizer` skipped, so that their update
+    never reached the weights), the `max_norm`/`min_norm` alerts, and the
+    variables that got no gradient. The sentence names the most severe:
+    NaN/Inf gradients that reached the weights are a problem; norm alerts and
+    missing gradients a warning; steps that the optimizer skipped only a note,
+    as mixed precision skips a step whenever it lowers its loss scale.
+
+    Args:
+        log: A `GradientLog`.
+        findings: Findings to lead with, most severe first: a frame with the
+            columns `severity` (one of `LEVELS`; others count as
+            `"warning"`) and `finding` (a sentence). The first one becomes the
+            sentence and each one a fact, before the log's own facts.
+            Defaults to `None`.
+
+    Returns:
+        A `Verdict`.
+
+    Example:
+
+    ```python
+    v = gradwatch.report.verdict(log)
+    print(v.sentence)
+    # No problem found: the 2 steps with NaN/Inf gradients (steps 3, 9) were skipped
+    # by the LossScaleOptimizer, and their updates never reached the weights.
+    ```
+    """
+    alerts = log.alerts
+    variables = log.variables
+    order = {k: i for i, k in enumerate(variables)}
+    skipped = {int(s) for s in log.skipped_steps}
+    nonfinite = alerts[alerts["kind"] == "nonfinite"]
+    bad_steps = sorted({int(s) for s in nonfinite["step"]})
+    reached = [s for s in bad_steps if s not in skipped]
+    was_skipped = [s for s in bad_steps if s in skipped]
+    found: list[tuple[str, str]] = []  # (level, fact)
+    if reached:
+        first = reached[0]
+        keys = _in_order(nonfinite.loc[nonfinite["step"] == first, "variable"], order)
+        found.append(
+            (
+                "problem",
+                f"NaN/Inf gradients reached the weights at {_count(reached, 'step')}"
+                f" ({_steps(reached)}), first at step {first} in {_names(keys)}.",
+            )
+        )
+    for kind, word in (("max_norm", "above `max_norm`"), ("min_norm", "below `min_norm`")):
+        rows = alerts[alerts["kind"] == kind]
+        if len(rows):
+            steps = sorted({int(s) for s in rows["step"]})
+            keys = _in_order(rows.loc[rows["step"] == steps[0], "variable"], order)
+            found.append(
+                (
+                    "warning",
+                    f"Gradient norms {word} at {_count(steps, 'step')} ({_steps(steps)}), "
+                    f"first at step {steps[0]} in {_names(keys)}.",
+                )
+            )
+    if log.disconnected:
+        found.append(
+            (
+                "warning",
+                f"{_count(log.disconnected, 'variable')} got no gradient (not connected to "
+                f"the loss): {_names(log.disconnected)}.",
+            )
+        )
+    if was_skipped:
+        hit = nonfinite.loc[nonfinite["step"].isin(was_skipped), "variable"]
+        found.append(
+            (
+                "note",
+                f"Skipped by the LossScaleOptimizer: {_steps(was_skipped)} "
+                f"({len(was_skipped)} of {len(log)} recorded steps), with NaN/Inf gradients "
+                f"in {_count(sorted(set(hit)), 'variable')}; their updates never reached "
+                "the weights.",
+            )
+        )
+    found.sort(key=lambda f: -LEVELS.index(f[0]))
+    facts = [fact for _, fact in found]
+    extremes = _extremes_fact(log)
+    if extremes:
+        facts.append(extremes)
+    lead: tuple[str, str] | None = None
+    if findings is not None and len(findings):
+        rows = list(zip(findings["severity"], findings["finding"], strict=True))
+        leveled = [(str(v) if str(v) in LEVELS else "warning", str(f)) for v, f in rows]
+        facts = [f for _, f in leveled] + facts
+        lead = max(leveled, key=lambda f: LEVELS.index(f[0]))
+    if lead is None and found and found[0][0] != "note":
+        lead = found[0]
+    if lead is not None:
+        level, sentence = lead
+        return Verdict(level, sentence, facts)  # type: ignore[arg-type]
+    if was_skipped:
+        sentence = (
+            f"No problem found: the {_count(was_skipped, 'step')} with NaN/Inf gradients "
+            f"({_steps(was_skipped)}) {'was' if len(was_skipped) == 1 else 'were'} skipped by "
+            "the LossScaleOptimizer, and their updates never reached the weights."
+        )
+        return Verdict("note", sentence, facts)
+    sentence = (
+        f"No problem found: every recorded gradient of the {_count(range(len(log)), 'step')} "
+        "was finite, and no alert was raised."
+    )
+    return Verdict("ok", sentence, facts)
+
+
+def _count(items: Sequence[Any], word: str) -> str:
+    n = len(items)
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _steps(steps: Sequence[int], most: int = 6) -> str:
+    text = ", ".join(str(s) for s in steps[:most])
+    if len(steps) > most:
+        text += ", ..."
+    return ("step " if len(steps) == 1 else "steps ") + text
+
+
+def _names(keys: Sequence[str], most: int = 3) -> str:
+    text = ", ".join(keys[:most])
+    if len(keys) > most:
+        text += f" and {len(keys) - most} more"
+    return text
+
+
+def _in_order(keys: Any, order: dict[str, int]) -> list[str]:
+    return sorted(set(keys), key=lambda k: order.get(k, len(order)))
+
+
+def _extremes_fact(log: GradientLog) -> str | None:
+    """Which layer had the largest and which the smallest median gradient norm, over the
+    steps without NaN/Inf gradients."""
+    if "norm" not in log.stat_names or len(log.variables) < 2:
+        return None
+    by_layer = len({layer_of_key(k) for k in log.variables}) > 1
+    wide = log.by_layer("norm") if by_layer else log.stat("norm").astype(np.float64)
+    bad = log.alerts
+    bad = bad.loc[bad["kind"] == "nonfinite", "step"].unique()
+    finite = wide.drop(index=bad, errors="ignore")
+    median = (finite if len(finite) else wide).median().dropna()
+    if len(median) < 2:
+        return None
+    what = "layer" if by_layer else "variable"
+    top, low = median.idxmax(), median.idxmin()
+    return (
+        f"Largest median gradient norm: {_num(median[top])} in {what} {top}; smallest: "
+        f"{_num(median[low])} in {low} ({_num(median[top] / median[low])} times smaller)."
+        if median[low] > 0
+        else f"Largest median gradient norm: {_num(median[top])} in {what} {top}; smallest: "
+        f"0 in {low}."
+    )
+
+
+def _num(value: float) -> str:
+    return f"{value:.3g}"
+
+
 def render_report(log: GradientLog, title: str = "gradwatch report", progress: bool = False) -> str:
     """The report as one HTML page.
 
-    Shows an overview, the gradient-flow chart, the norms over steps, the norm
-    heatmap, a histogram (where recorded) of the variable with the largest
-    gradient norm, the per-variable summary table (`GradientLog.summary`) and
-    the alerts. Charts come from `gradwatch.plot`, so this needs matplotlib.
+    Leads with the verdict (`verdict`): one sentence and the facts behind it,
+    with the steps that a `LossScaleOptimizer` skipped named as such. Then
+    the evidence: an overview, the norms over steps, the gradient-flow chart,
+    the norm heatmap, a histogram (where recorded) of the variable with the
+    largest gradient norm, the per-variable summary table
+    (`GradientLog.summary`) and the alerts. The charts come from
+    `gradwatch.plot` with `by="auto"`, so a model of more than 30 variables
+    is drawn by layer; this needs matplotlib. The charts sit side by side in
+    a wide window and one below the other in a narrow one.
 
     Args:
         log: A `GradientLog` that recorded the `norm` stat.
@@ -70,10 +274,17 @@ def render_report(log: GradientLog, title: str = "gradwatch report", progress: b
     if not len(log):
         raise ValueError("The log has no recorded steps, so there is nothing to report.")
     summary = log.summary()  # raises the log's KeyError without `norm`
-    charts: list[tuple[str, Any]] = [
-        ("Gradient flow: median and range of each variable's norm, in model order", plot.flow),
-        ("Gradient norm of each variable over the steps", plot.norms),
-        ("Gradient norm heatmap (log10)", plot.heatmap),
+    what = "layer" if len(log.variables) > plot.LAYER_THRESHOLD else "variable"
+    # (caption, draw, wide, dpi): the wide charts span the page, drawn sharper to fill it.
+    charts: list[tuple[str, Any, bool, int]] = [
+        (f"Gradient norm of each {what} over the steps", plot.norms, True, 140),
+        (
+            f"Gradient flow: median and range of each {what}'s norm, in model order",
+            plot.flow,
+            False,
+            100,
+        ),
+        (f"Gradient norm heatmap by {what} (log10)", plot.heatmap, False, 100),
     ]
     if log.bins_per_decade is not None and summary["max_norm"].notna().any():
         key = str(summary["max_norm"].idxmax())
@@ -81,14 +292,16 @@ def render_report(log: GradientLog, title: str = "gradwatch report", progress: b
             (
                 f"Gradient histogram of {key}, the variable with the largest norm",
                 lambda log: plot.histogram(log, key),
+                False,
+                100,
             )
         )
     figures = []
     with progress_bar(len(charts) + 1, "report", unit="part", enabled=progress) as bar:
-        for caption, draw in charts:
-            figures.append((caption, _png(draw(log))))
+        for caption, draw, wide, dpi in charts:
+            figures.append((caption, _png(draw(log), dpi), wide))
             bar.update()
-        page = _page(log, title, summary, figures)
+        page = _page(log, title, summary, figures, verdict(log))
         bar.update()
     return page
 
@@ -130,22 +343,28 @@ def write_report(
     return path
 
 
-def _png(fig: Any) -> str:
+def _png(fig: Any, dpi: int = 100) -> str:
     buffer = io.BytesIO()
     # No "Software" text chunk: the page holds no URL, not even inside an image.
-    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    fig.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _page(
-    log: GradientLog, title: str, summary: pd.DataFrame, figures: list[tuple[str, str]]
+    log: GradientLog,
+    title: str,
+    summary: pd.DataFrame,
+    figures: list[tuple[str, str, bool]],
+    lead: Verdict,
 ) -> str:
     e = html.escape
     steps = log.steps
     first = log.first_nonfinite()
+    skipped = [int(s) for s in log.skipped_steps]
     overview = {
         "recorded steps": f"{len(steps)} (steps {steps[0]} to {steps[-1]})",
-        "variables": str(len(log.variables)),
+        "variables": f"{len(log.variables)} in {len({layer_of_key(k) for k in log.variables})} "
+        "layers",
         "stats": ", ".join(log.stat_names),
         "histograms": "none"
         if log.bins_per_decade is None
@@ -157,13 +376,25 @@ def _page(
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{e(title)}</h1>",
-        "<dl>",
-        *(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in overview.items()),
+        f'<section class="verdict {lead.level}" id="verdict"><p>{e(lead.sentence)}</p>',
     ]
+    evidence = [f for f in lead.facts if f != lead.sentence]
+    if evidence:
+        parts.append("<ul>" + "".join(f"<li>{e(f)}</li>" for f in evidence) + "</ul>")
+    parts.append("</section>")
+    parts.append("<dl>")
+    parts.extend(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in overview.items())
     if first is not None:
+        # A step that the optimizer skipped is a fact, not an alarm: not in red.
+        cls, note = ("skipped", " (skipped)") if first[0] in skipped else ("nonfinite", "")
         parts.append(
-            '<dt>first non-finite step</dt><dd class="nonfinite">'
-            f"{first[0]}: {e(', '.join(first[1]))}</dd>"
+            f'<dt>first non-finite step</dt><dd class="{cls}">'
+            f"{first[0]}{note}: {e(', '.join(first[1]))}</dd>"
+        )
+    if skipped:
+        parts.append(
+            "<dt>skipped steps</dt>"
+            f"<dd>{e(', '.join(str(s) for s in skipped))} (by the LossScaleOptimizer)</dd>"
         )
     if log.disconnected:
         parts.append(f"<dt>no gradient</dt><dd>{e(', '.join(log.disconnected))}</dd>")
@@ -173,47 +404,77 @@ def _page(
             '<p class="nonfinite">Steps with NaN or Inf gradient elements are marked in red '
             "on every chart.</p>"
         )
-    parts.append("<h2>Charts</h2>")
-    for caption, data in figures:
+    parts.append('<h2>Charts</h2><div class="charts">')
+    for caption, data, wide in figures:
+        cls = ' class="wide"' if wide else ""
         parts.append(
-            f'<figure><img alt="{e(caption)}" src="data:image/png;base64,{data}">'
+            f'<figure{cls}><img alt="{e(caption)}" src="data:image/png;base64,{data}">'
             f"<figcaption>{e(caption)}</figcaption></figure>"
         )
-    parts.append("<h2>Summary</h2>")
-    parts.append(_summary_table(summary))
-    parts.append("<h2>Alerts</h2>")
-    parts.append(_alerts_table(log.alerts))
-    parts.append("</body></html>")
+    parts.append('</div><div class="tables"><section><h2>Summary</h2>')
+    reached = log.alerts
+    reached = reached[(reached["kind"] == "nonfinite") & ~reached["step"].isin(set(skipped))]
+    table = _summary_table(summary, set(reached["variable"]))
+    parts.append(f'<div class="scroll">{table}</div></section>')
+    parts.append("<section><h2>Alerts</h2>")
+    parts.append(_alerts_table(log.alerts, skipped))
+    parts.append("</section></div></body></html>")
     return "\n".join(parts)
 
 
-def _summary_table(summary: pd.DataFrame) -> str:
+def _summary_table(summary: pd.DataFrame, reached: set[str]) -> str:
+    """The summary; rows with NaN/Inf are red where some reached the weights (`reached`),
+    and marked as skipped where all of theirs were at steps the optimizer skipped."""
     e = html.escape
     head = "".join(f"<th>{e(c)}</th>" for c in ["variable", *summary.columns])
     rows = []
     for key, row in summary.iterrows():
         bad = pd.notna(row["nonfinite"]) and row["nonfinite"] > 0
         cells = "".join(f"<td>{e(_fmt(v))}</td>" for v in row)
-        cls = ' class="nonfinite"' if bad else ""
+        cls = ""
+        if bad:
+            cls = ' class="nonfinite"' if key in reached else ' class="skipped"'
         rows.append(f"<tr{cls}><td>{e(str(key))}</td>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
-def _alerts_table(alerts: pd.DataFrame) -> str:
+def _alerts_table(alerts: pd.DataFrame, skipped: Sequence[int] = ()) -> str:
+    """The alerts, with the non-finite alerts of each skipped step folded into one row."""
     e = html.escape
     if not len(alerts):
         return "<p>No alerts.</p>"
-    shown = alerts.head(MAX_ALERT_ROWS)
-    head = "".join(f"<th>{e(c)}</th>" for c in shown.columns)
-    rows = []
-    for _, row in shown.iterrows():
-        cls = ' class="nonfinite"' if row["kind"] == "nonfinite" else ""
-        rows.append(f"<tr{cls}>" + "".join(f"<td>{e(_fmt(v))}</td>" for v in row) + "</tr>")
+    folded = alerts["step"].isin(set(skipped)) & (alerts["kind"] == "nonfinite")
+    rows: list[tuple[int, str, list[Any]]] = []  # (step, class, cells)
+    for _, row in alerts[~folded].iterrows():
+        cls = "nonfinite" if row["kind"] == "nonfinite" else ""
+        rows.append((int(row["step"]), cls, list(row)))
+    for step, group in alerts[folded].groupby("step"):
+        cells = [
+            step,
+            f"{_count(list(group['variable']), 'variable')}",
+            "nonfinite, step skipped by the LossScaleOptimizer",
+            group["value"].sum(),
+        ]
+        rows.append((int(step), "skipped", cells))
+    rows.sort(key=lambda r: r[0])
+    shown = rows[:MAX_ALERT_ROWS]
+    head = "".join(f"<th>{e(c)}</th>" for c in alerts.columns)
+    body = []
+    for _, cls, cells in shown:
+        attr = f' class="{cls}"' if cls else ""
+        body.append(f"<tr{attr}>" + "".join(f"<td>{e(_fmt(v))}</td>" for v in cells) + "</tr>")
     more = ""
-    if len(alerts) > len(shown):
-        more = f"<p>and {len(alerts) - len(shown)} more; see <code>log.alerts</code>.</p>"
-    table = f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
-    return f"<p>{len(alerts)} alerts.</p>{table}{more}"
+    if len(rows) > len(shown):
+        more = f"<p>and {len(rows) - len(shown)} more rows; see <code>log.alerts</code>.</p>"
+    text = f"{_count(range(len(alerts)), 'alert')}"
+    if folded.any():
+        text += (
+            f", {int(folded.sum())} of them at the "
+            f"{_count(sorted(set(alerts.loc[folded, 'step'])), 'step')} that "
+            "the LossScaleOptimizer skipped (one row each)"
+        )
+    table = f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f'<p>{e(text)}.</p><div class="scroll">{table}</div>{more}'
 
 
 def _fmt(value: Any) -> str:

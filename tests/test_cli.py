@@ -78,8 +78,8 @@ def test_cli_summary_prints_a_table_and_the_first_nonfinite_step(outlier, logfil
 @pytest.mark.parametrize(
     ("kind", "extra", "size"),
     [
-        ("flow", [], (600, 480)),
-        ("norms", ["--variables", "hidden*"], (900, 480)),
+        ("flow", [], (700, 340)),
+        ("norms", ["--variables", "hidden*"], (1000, 600)),
         ("heatmap", ["--stat", "norm"], (900, 300)),
         ("histogram", ["--variable", "out/kernel", "--steps", "2", "3"], (800, 550)),
     ],
