@@ -289,15 +289,17 @@ except ImportError as e:
         "gradwatch.plot needs matplotlib, which is not installed. Install it with: "
         "pip install 'gradwatch[plot]'"
     )
-    assert lines[1] == "2 2"
-    assert lines[2].startswith("variable,first_norm")  # summary needs no extra
+    # convert needs no extra: without tqdm it shows no progress bar.
+    assert lines[1].startswith("Wrote ") and lines[2] == "2 0"
+    assert lines[3].startswith("variable,first_norm")  # summary needs no extra
     assert lines[-1] == (
         "gradwatch.tensorboard writes event files with the tensorboard package, which is "
         "not installed. Install it with: pip install tensorboard"
     )
     err = run.stderr.splitlines()
-    assert "gradwatch plot: error: gradwatch.plot needs matplotlib" in err[-2]
-    assert err[-1].endswith("Install it with: pip install 'gradwatch[cli]'")
+    assert "gradwatch plot: error: gradwatch.plot needs matplotlib" in err[-1]
+    assert err[-1].endswith("Install it with: pip install 'gradwatch[plot]'")
+    assert (tmp_path / "out.csv").exists()
 
 
 _BEFORE_LOADING = {
