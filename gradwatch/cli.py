@@ -302,8 +302,12 @@ def _text_table(table: Any) -> str:
         return "-" if pd.isna(value) else str(int(value))
 
     kinds = {"f": real, "i": whole, "u": whole, "b": whole}
-    formats = {c: kinds.get(table[c].dtype.kind, str) for c in table.columns}
-    return table.to_string(formatters=formats)
+    text = pd.DataFrame(index=table.index)
+    for column in table.columns:
+        # Formatted here, not by `to_string(formatters=)`, which prints `<NA>` itself.
+        show = kinds.get(table[column].dtype.kind, str)
+        text[column] = [show(value) for value in table[column]]
+    return text.to_string()
 
 
 def _output(path: str, formats: dict[str, str], option: str) -> Path:

@@ -268,7 +268,7 @@ def test_cli_summary_sort_puts_missing_values_last(outlier, tmp_path, capsys):
         assert np.isnan(out.loc[gone, "last_norm"])
 
 
-def test_cli_summary_formats_every_number_alike(outlier, logfile, capsys):
+def test_cli_summary_formats_every_number_alike(outlier, fitted, logfile, tmp_path, capsys):
     # Norms spanning many decades all print as d.ddde±XX (no `8772` beside `1.325e+04`),
     # counts and steps as integers, and a missing value as `-`.
     assert main(["summary", str(logfile)]) == 0
@@ -283,6 +283,14 @@ def test_cli_summary_formats_every_number_alike(outlier, logfile, capsys):
     first = dict(zip(outlier.log.variables, norm[0], strict=True))
     for row in rows:
         assert float(row[1]) == pytest.approx(first[row[0]], rel=1e-3)
+    # A log without NaN/Inf: no first non-finite step, shown as `-`.
+    path = tmp_path / "finite.parquet"
+    fitted[0].log.to_parquet(path)
+    assert main(["summary", str(path)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[3:]]
+    assert [row[0] for row in rows] == fitted[0].log.variables
+    assert [row[5:] for row in rows] == [["0", "-"]] * len(rows)
+    assert all(real.fullmatch(cell) for row in rows for cell in row[1:5])
 
 
 def _imported_modules(*argv):
