@@ -60,8 +60,8 @@ def describe_html(log: Any) -> str:
 def _steps_text(log: Any) -> str:
     steps = log.steps
     if not len(steps):
-        return "no recorded steps"
-    return f"{len(steps)} recorded steps ({steps[0]}..{steps[-1]})"
+        return "0 recorded steps, no steps"
+    return f"{len(steps)} recorded steps, steps {steps[0]}..{steps[-1]}"
 
 
 def _first_nonfinite_text(log: Any) -> str | None:

@@ -62,15 +62,15 @@ def test_log_repr_gives_steps_variables_stats_and_the_first_nonfinite_step(outli
     step, keys = _first_bad_step(log)
     assert (step, len(keys)) == (3, 4)
     assert repr(log) == (
-        f"GradientLog(12 recorded steps (0..11), 4 variables, stats={STATS}, "
+        f"GradientLog(12 recorded steps, steps 0..11, 4 variables, stats={STATS}, "
         "first non-finite step 3 (skipped by the LossScaleOptimizer) in 4 variables)"
     )
     assert repr(gradwatch.GradientLog()) == (
-        f"GradientLog(no recorded steps, 0 variables, stats={STATS}, no non-finite step)"
+        f"GradientLog(0 recorded steps, no steps, 0 variables, stats={STATS}, no non-finite step)"
     )
     # Without the `nonfinite` stat the log cannot say there was none.
     assert repr(gradwatch.GradientLog(stats=["norm"])) == (
-        "GradientLog(no recorded steps, 0 variables, stats=['norm'])"
+        "GradientLog(0 recorded steps, no steps, 0 variables, stats=['norm'])"
     )
 
 
@@ -82,7 +82,7 @@ def test_log_notebook_view_is_a_table_of_the_same_facts(outlier):
     assert skipped == [3, 9]  # the outlier batch, in both epochs
     alerts = int((log.stat("nonfinite") > 0).to_numpy().sum())
     assert rows == {
-        "steps": "12 recorded steps (0..11)",
+        "steps": "12 recorded steps, steps 0..11",
         "variables": f"4: {', '.join(log.variables)}",
         "stats": ", ".join(STATS),
         "first non-finite step": f"{step} (skipped by the LossScaleOptimizer): {', '.join(keys)}",
@@ -103,7 +103,7 @@ def test_log_notebook_view_is_a_table_of_the_same_facts(outlier):
     rows = _html_rows(watch.log._repr_html_())
     names = [f"sequential/d{i}/{v}" for i in range(4) for v in ("kernel", "bias")]
     assert rows == {
-        "steps": "2 recorded steps (0..1)",
+        "steps": "2 recorded steps, steps 0..1",
         "variables": f"8: {', '.join(names[:6])} and 2 more",
         "stats": ", ".join(STATS),
         "first non-finite step": "none",

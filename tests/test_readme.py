@@ -158,7 +158,7 @@ def test_readme_recipes_and_command_lines_run_on_the_quickstarts_log(readme):
 def test_readme_resume_recipe_reads_one_history(readme):
     tmp_path, out = readme
     assert "resume" not in out["errors"], out["errors"]["resume"]
-    assert out["resume"].startswith("GradientLog(16 recorded steps (0..15), 4 variables")
+    assert out["resume"].startswith("GradientLog(16 recorded steps, steps 0..15, 4 variables")
     log = gradwatch.read_log(tmp_path / "runs" / "resume")
     np.testing.assert_array_equal(log.steps, np.arange(16))
     assert log.variables == [
