@@ -111,7 +111,8 @@ def test_log_notebook_view_is_a_table_of_the_same_facts(outlier):
     }
 
 
-def test_gradwatch_repr_shows_its_settings_as_a_call():
+def test_gradwatch_repr_shows_its_settings_as_a_call(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert repr(gradwatch.GradWatch()) == (
         f"GradWatch(variables='*', stats={tuple(STATS)}, every=1)"
     )
@@ -134,7 +135,7 @@ def test_gradwatch_repr_shows_its_settings_as_a_call():
     assert repr(again) == text
     for name in ("variables", "stats", "every", "histogram", "path", "on_nonfinite", "max_norm"):
         assert getattr(again, name) == getattr(watch, name), name
-    assert not Path("runs").exists()  # making one writes nothing
+    assert list(tmp_path.iterdir()) == []  # making one writes nothing
 
 
 def test_chart_renders_itself_as_png_for_notebooks(outlier):
