@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
 from gradwatch._keras_hook import register_when_keras_loads
 
+TYPE_CHECKING = False  # not `typing`'s: `import gradwatch` imports nothing it can leave out
 if TYPE_CHECKING:  # for type checkers; imported on first use, below
+    from typing import Any
+
     from gradwatch.callback import GradWatch
     from gradwatch.io import read_log
     from gradwatch.log import GradientLog

@@ -10,9 +10,12 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+
+TYPE_CHECKING = False  # `typing` is left out at run time, so that `--help` starts at once
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
 
 _KINDS = ("flow", "norms", "heatmap", "histogram")
 _LOG_HELP = "a gradwatch log: a .csv or .parquet file, or a directory streamed by GradWatch(path=)"
