@@ -1,7 +1,7 @@
 """Query a streamed gradwatch log with DuckDB: SQL over the hive-partitioned Parquet dataset.
 
     pip install duckdb
-    python examples/duckdb_query.py [runs/grads]
+    python examples/duckdb_query.py [runs/duckdb]
 
 trains a small model twice into the same log directory (two runs), then asks DuckDB
 which variables had the largest gradient norms, and for the global gradient norm of
@@ -58,7 +58,7 @@ def train(path: str) -> None:
         model.fit(x, y, batch_size=32, epochs=epochs, callbacks=[watch], verbose=0)
 
 
-def main(path: str = "runs/grads") -> dict:
+def main(path: str = "runs/duckdb") -> dict:
     """Trains into `path` and runs the queries; returns their results as DataFrames."""
     import duckdb
 

@@ -8,7 +8,8 @@ steps' NaN/Inf gradients, and every chart marks them in red.
 
     python examples/plots.py [OUTPUT_DIR]   # default: docs/images
 
-It also writes the log to grads.parquet, for trying the `gradwatch` command line.
+It also writes the log to plots.parquet (the quickstart writes grads.parquet), for trying
+the `gradwatch` command line on a log with non-finite steps.
 """
 
 import os
@@ -49,7 +50,7 @@ model.fit(x, y, batch_size=32, epochs=3, shuffle=False, callbacks=[watch], verbo
 log = watch.log
 print(log)
 print("Non-finite steps:", sorted(set(log.alerts["step"])))
-log.to_parquet("grads.parquet")  # for the command line: gradwatch report grads.parquet ...
+log.to_parquet("plots.parquet")  # for the command line: gradwatch report plots.parquet ...
 charts = {
     "flow.png": gradwatch.plot.flow(log),
     "norms.png": gradwatch.plot.norms(log, variables="*kernel"),

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
 from gradwatch._keras_hook import register_when_keras_loads
-from gradwatch.io import read_log
-from gradwatch.log import GradientLog
-from gradwatch.stats import DEFAULT_STATS, STATS
 
+TYPE_CHECKING = False  # not `typing`'s: `import gradwatch` imports nothing it can leave out
 if TYPE_CHECKING:  # for type checkers; imported on first use, below
+    from typing import Any
+
     from gradwatch.callback import GradWatch
+    from gradwatch.io import read_log
+    from gradwatch.log import GradientLog
     from gradwatch.mixin import GradWatchMixin, Model, Sequential, record_gradients
+    from gradwatch.stats import DEFAULT_STATS, STATS
 
 __version__ = "0.1.0"
 
@@ -29,19 +31,26 @@ __all__ = [
     "record_gradients",
 ]
 
-# Recording needs Keras; reading a saved log does not. The recording side is imported
-# on first use, and `gradwatch.Sequential` and `gradwatch.Model` are registered with
-# Keras as soon as Keras is imported, so that `keras.models.load_model` finds them.
+# Every public name is imported on first use, so that `import gradwatch` costs about
+# nothing (`gradwatch --help` starts as fast as Python): reading a log needs NumPy,
+# pandas and pyarrow, recording needs Keras. `gradwatch.Sequential` and
+# `gradwatch.Model` are registered with Keras as soon as Keras is imported, so that
+# `keras.models.load_model` finds them.
 _LAZY_NAMES = {
+    "DEFAULT_STATS": "gradwatch.stats",
+    "STATS": "gradwatch.stats",
+    "GradientLog": "gradwatch.log",
+    "read_log": "gradwatch.io",
     "GradWatch": "gradwatch.callback",
     "GradWatchMixin": "gradwatch.mixin",
     "Model": "gradwatch.mixin",
     "Sequential": "gradwatch.mixin",
     "record_gradients": "gradwatch.mixin",
 }
-# Imported on first use: `gradwatch.plot` needs matplotlib, the others Keras. (The
-# command line, report and TensorBoard modules are imported by name.)
-_LAZY_MODULES = ("plot", "callback", "mixin", "buffer", "sparse")
+# Imported on first use: `gradwatch.plot` needs matplotlib, `callback`, `mixin`,
+# `buffer` and `sparse` Keras, the others pandas. (The command line, report and
+# TensorBoard modules are imported by name.)
+_LAZY_MODULES = ("plot", "callback", "mixin", "buffer", "sparse", "io", "log", "stats", "keys")
 
 register_when_keras_loads()
 

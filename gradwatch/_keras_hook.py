@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import importlib.abc
 import sys
-from types import ModuleType
-from typing import Any
+
+# `typing`, `types` and `importlib.abc` are left out at run time: `import gradwatch` (and so
+# `gradwatch --help`) stays about as fast as a bare Python start.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import ModuleType
+    from typing import Any
 
 _KERAS = "keras"
 _REGISTERS = "gradwatch.mixin"
@@ -37,7 +41,7 @@ def register_when_keras_loads() -> None:
         sys.meta_path.insert(0, KerasFinder())
 
 
-class KerasFinder(importlib.abc.MetaPathFinder):
+class KerasFinder:  # an `importlib.abc.MetaPathFinder`
     """Finds `keras` with the finders after it, and wraps the loader they give."""
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
@@ -55,7 +59,7 @@ class KerasFinder(importlib.abc.MetaPathFinder):
         return None
 
 
-class ThenRegister(importlib.abc.Loader):
+class ThenRegister:  # an `importlib.abc.Loader`
     """Keras' own loader, then the import of `gradwatch.mixin`.
 
     Keras' module sees only its own loader (`__loader__`, `__spec__.loader`): this

@@ -5,6 +5,7 @@ the alarms (`_alarms`) and the sinks (`_sinks`)."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import weakref
@@ -144,7 +145,10 @@ class GradWatch(keras.callbacks.Callback):
         per_replica: bool = False,
         all_workers: bool = False,
     ):
+        # The arguments as given, for the repr (read back by name from the signature).
+        arguments = locals()
         super().__init__()
+        self._arguments = {n: arguments[n] for n in _PARAMETERS if n in arguments}
         self.per_replica = _args.check_flag(per_replica, "per_replica")
         self.all_workers = _args.check_flag(all_workers, "all_workers")
         self.variables = check_patterns(variables, "variables")
@@ -193,6 +197,28 @@ class GradWatch(keras.callbacks.Callback):
         self._epoch = 0
         self._epoch_start = 0
         self._since_drain = 0
+
+    def __repr__(self) -> str:
+        """The settings, as a call: what is recorded (`variables`, `stats`, `every`)
+        and each other argument that differs from its default.
+
+        Example:
+
+        ```python
+        >>> import gradwatch
+        >>> gradwatch.GradWatch(stats=["norm", "nonfinite"], on_nonfinite="raise")
+        GradWatch(variables='*', stats=['norm', 'nonfinite'], every=1, on_nonfinite='raise')
+        >>> gradwatch.GradWatch(path="runs/grads", every=10)
+        GradWatch(variables='*', stats=('norm', 'mean', 'std', 'min', 'max', 'nonfinite'), every=10, path='runs/grads')
+
+        ```
+        """  # noqa: E501 (a repr is one line)
+        shown = []
+        for name, parameter in _PARAMETERS.items():
+            value = self._arguments.get(name, parameter.default)
+            if name in _ALWAYS_SHOWN or not _same(value, parameter.default):
+                shown.append(f"{name}={_show(value)}")
+        return f"{type(self).__name__}({', '.join(shown)})"
 
     @property
     def log(self) -> GradientLog:
@@ -418,3 +444,28 @@ class GradWatch(keras.callbacks.Callback):
         if self._buffer is None:
             self._buffer = make_buffer(model, plan, self)
         return self._buffer
+
+
+_PARAMETERS = {
+    name: parameter
+    for name, parameter in inspect.signature(GradWatch.__init__).parameters.items()
+    if name != "self"
+}
+# What is recorded and when: shown in the repr also at their defaults.
+_ALWAYS_SHOWN = ("variables", "stats", "every")
+
+
+def _same(value: Any, default: Any) -> bool:
+    if value is default:
+        return True
+    try:
+        return bool(type(value) is type(default) and value == default)
+    except Exception:  # an array-like compares elementwise: not the default
+        return False
+
+
+def _show(value: Any) -> str:
+    """An argument as it reads in a call (a path as its string)."""
+    if isinstance(value, os.PathLike):
+        return repr(os.fspath(value))
+    return repr(value)

@@ -10,9 +10,12 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+
+TYPE_CHECKING = False  # `typing` is left out at run time, so that `--help` starts at once
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
 
 _KINDS = ("flow", "norms", "heatmap", "histogram")
 _LOG_HELP = "a gradwatch log: a .csv or .parquet file, or a directory streamed by GradWatch(path=)"
@@ -100,6 +103,15 @@ def _parser() -> _Parser:
     )
     p.add_argument("log", metavar="LOG", help=_LOG_HELP)
     p.add_argument("--csv", action="store_true", help="print CSV instead of a text table")
+    p.add_argument(
+        "--sort",
+        metavar="COLUMN",
+        help="order the rows by this column, largest first (e.g. max_norm); variables "
+        "without a value go last (default: model order)",
+    )
+    p.add_argument(
+        "--ascending", action="store_true", help="with --sort: smallest first (vanishing norms)"
+    )
     p.set_defaults(run=_summary)
 
     p = sub.add_parser(
@@ -163,15 +175,19 @@ def _parser() -> _Parser:
 
 # ------------------------------------------------------------------ commands
 def _summary(args: argparse.Namespace) -> int:
+    if args.ascending and args.sort is None:
+        raise _UsageError("`--ascending` orders the rows of `--sort COLUMN`; pass --sort too.")
     log = _read(args.log)
     table = log.summary()
+    if args.sort is not None:
+        table = _sorted(table, args.sort, ascending=args.ascending)
     if args.csv:
         table.to_csv(sys.stdout, float_format="%.9g")
         return 0
     steps = log.steps
     span = f"steps {steps[0]}..{steps[-1]}" if len(steps) else "no steps"
     print(f"{args.log}: {len(steps)} recorded steps ({span}), {len(log.variables)} variables")
-    print(table.to_string(float_format="{:.4g}".format, na_rep="-"))
+    print(_text_table(table))
     first = log.first_nonfinite()
     if first is not None:
         print(f"First non-finite step: {first[0]} ({', '.join(first[1])})")
@@ -265,6 +281,36 @@ def _read(path: str) -> Any:
             f"{e} Pass the path of a log written by `GradientLog.to_csv`/`to_parquet`, or the "
             "directory given to GradWatch(path=...)."
         ) from e
+
+
+def _sorted(table: Any, column: str, ascending: bool) -> Any:
+    if column not in table.columns:
+        raise _UsageError(
+            f"`--sort` takes a column of the summary: {', '.join(table.columns)}. "
+            f"Received: --sort {column}"
+        )
+    # Stable, so that equal values keep model order; missing values go last either way.
+    return table.sort_values(column, ascending=ascending, kind="stable", na_position="last")
+
+
+def _text_table(table: Any) -> str:
+    """The summary as text: every real number in one format (`1.234e-05`), whole
+    numbers (counts, steps) as integers, and `-` where there is no value."""
+    import pandas as pd
+
+    def real(value: Any) -> str:
+        return "-" if pd.isna(value) else f"{value:.3e}"
+
+    def whole(value: Any) -> str:
+        return "-" if pd.isna(value) else str(int(value))
+
+    kinds = {"f": real, "i": whole, "u": whole, "b": whole}
+    text = pd.DataFrame(index=table.index)
+    for column in table.columns:
+        # Formatted here, not by `to_string(formatters=)`, which prints `<NA>` itself.
+        show = kinds.get(table[column].dtype.kind, str)
+        text[column] = [show(value) for value in table[column]]
+    return text.to_string()
 
 
 def _output(path: str, formats: dict[str, str], option: str) -> Path:

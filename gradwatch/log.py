@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gradwatch._describe import describe, describe_html
 from gradwatch._files import write_csv, write_parquet
 from gradwatch._frames import (
     HISTOGRAM_COLUMNS,
@@ -193,12 +194,10 @@ class GradientLog:
         return len(self.steps)
 
     def __repr__(self) -> str:
-        steps = self.steps
-        span = f"steps {steps[0]}..{steps[-1]}" if len(steps) else "no steps"
-        return (
-            f"GradientLog({len(steps)} recorded steps, {span}, "
-            f"{len(self._store.variables)} variables, stats={list(self._store.stats)})"
-        )
+        return describe(self)
+
+    def _repr_html_(self) -> str:  # a notebook's view of a log
+        return describe_html(self)
 
     # ------------------------------------------------------------------ frames
     @property

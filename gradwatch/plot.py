@@ -6,7 +6,7 @@ gradient element are marked in red on every chart.
 
 The figures are made with matplotlib's object-oriented API, not `pyplot`, so
 they hold no global state: save one with `fig.savefig("flow.png")`; in Jupyter
-a figure returned by a cell is displayed.
+a figure returned by a cell is displayed as an image, with no `%matplotlib` magic.
 
 Example:
 
@@ -31,9 +31,10 @@ import pandas as pd
 
 try:
     import matplotlib as mpl
-    from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
+
+    from gradwatch._figure import Figure  # matplotlib's, displayed as PNG in notebooks
 except ImportError as e:  # pragma: no cover - exercised in a subprocess test
     raise ImportError(
         "gradwatch.plot needs matplotlib, which is not installed. Install it with: "

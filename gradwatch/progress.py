@@ -1,4 +1,4 @@
-"""Progress bars (tqdm) for the long conversions and reports of the command line."""
+"""Progress bars for the long conversions and reports of the command line (tqdm, if installed)."""
 
 from __future__ import annotations
 
@@ -31,8 +31,7 @@ def progress_bar(total: int, desc: str, unit: str = "it", enabled: bool = True) 
         unit: What is counted. Defaults to `"it"`.
         enabled: Whether to show a bar. Defaults to `True`.
 
-    Raises:
-        ImportError: If tqdm is not installed; the message names the extra.
+    Without tqdm installed there is no bar: the silent stand-in, and no error.
 
     Example:
 
@@ -47,11 +46,9 @@ def progress_bar(total: int, desc: str, unit: str = "it", enabled: bool = True) 
         return
     try:
         from tqdm import tqdm
-    except ImportError as e:
-        raise ImportError(
-            "The gradwatch command line shows progress with tqdm, which is not installed. "
-            "Install it with: pip install 'gradwatch[cli]'"
-        ) from e
+    except ImportError:  # a progress bar is a nicety, never a requirement
+        yield _Silent()
+        return
     # disable=None: no bar when stderr is not a terminal (pipes, CI logs).
     with tqdm(
         total=total, desc=desc, unit=unit, file=sys.stderr, delay=DELAY_S, disable=None, leave=False

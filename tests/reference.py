@@ -23,7 +23,7 @@ tf_only = pytest.mark.skipif(
 MAX_SPE = 1 if BACKEND == "torch" else None
 
 
-# The README's "Stats" table, in its order, written out (not read from gradwatch.STATS).
+# The "Stats" table of docs/reference.md, in its order, written out (not read from gradwatch.STATS).
 README_STATS = [
     "norm",
     "mean",
@@ -105,7 +105,7 @@ def no_grad():
 
 
 def np_stats(g) -> dict[str, float]:
-    """The stats catalogue, written out in NumPy from the README's definitions."""
+    """The stats catalogue, written out in NumPy from the definitions in docs/reference.md."""
     g = np.asarray(g, dtype=np.float64).ravel()
     finite = g[np.isfinite(g)]
     notnan = g[~np.isnan(g)]

@@ -40,3 +40,15 @@ def test_memory_benchmark_smoke(tmp_path):
     table = _run("memory.py", tmp_path)
     assert "| RAM bytes per value |" in table
     assert "| parts written | 1 |" in table
+
+
+def test_cli_start_benchmark_smoke(outlier, tmp_path):
+    outlier.log.to_parquet(tmp_path / "grads.parquet")
+    table = _run("cli_start.py", tmp_path, "--log", str(tmp_path / "grads.parquet"))
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| python -c pass",
+        "| gradwatch --help",
+        "| gradwatch summary LOG",
+        "| gradwatch summary LOG --sort max_norm",
+    ]

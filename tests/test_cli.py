@@ -230,3 +230,148 @@ def test_installed_console_script_summarises_a_saved_log(outlier, logfile):
     # Steps 3 and 9 are the outlier batch (see the fixture): 2 steps x the elements.
     assert table["nonfinite"].tolist() == [2 * 20, 2 * 4, 2 * 8, 2 * 2]
     assert table["first_nonfinite_step"].tolist() == [3, 3, 3, 3]
+
+
+def test_cli_summary_sorts_by_a_column_largest_first(outlier, logfile, capsys):
+    norm = outlier.log.stat("norm").to_numpy(np.float64)
+    keys = np.array(outlier.log.variables)
+    median = np.median(norm, axis=0)
+    assert main(["summary", str(logfile), "--csv", "--sort", "median_norm"]) == 0
+    table = pd.read_csv(io.StringIO(capsys.readouterr().out), index_col="variable")
+    assert list(table.index) == list(keys[np.argsort(-median, kind="stable")])
+    np.testing.assert_allclose(table["median_norm"], np.sort(median)[::-1], rtol=1e-6)
+    assert main(["summary", str(logfile), "--sort", "median_norm", "--ascending"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split()[0] for line in lines if line.startswith(tuple(keys))]
+    assert rows == list(keys[np.argsort(median, kind="stable")])
+
+
+def test_cli_summary_sort_puts_missing_values_last(outlier, tmp_path, capsys):
+    # A variable with no value in the sorted column (a norm of NaN at every step, as
+    # for a disconnected variable) goes last, also smallest first.
+    csv = tmp_path / "grads.csv"
+    outlier.log.to_csv(csv)
+    meta, *rows = csv.read_text().splitlines(keepends=True)
+    table = pd.read_csv(io.StringIO("".join(rows)), dtype={"index": "Int64"})
+    gone = "net/hidden/bias"
+    table.loc[(table["variable"] == gone) & (table["stat"] == "norm"), "value"] = np.nan
+    csv.write_text(meta + table.to_csv(index=False))
+    keys = [k for k in outlier.log.variables if k != gone]
+    last = outlier.log.stat("norm")[keys].to_numpy(np.float64)[-1]
+    for extra, order in [
+        ([], np.argsort(-last, kind="stable")),
+        (["--ascending"], np.argsort(last)),
+    ]:
+        assert main(["summary", str(csv), "--csv", "--sort", "last_norm", *extra]) == 0
+        out = pd.read_csv(io.StringIO(capsys.readouterr().out), index_col="variable")
+        assert list(out.index) == [*(keys[i] for i in order), gone]
+        assert np.isnan(out.loc[gone, "last_norm"])
+
+
+def test_cli_summary_formats_every_number_alike(outlier, fitted, logfile, tmp_path, capsys):
+    # Norms spanning many decades all print as d.ddde±XX (no `8772` beside `1.325e+04`),
+    # counts and steps as integers, and a missing value as `-`.
+    assert main(["summary", str(logfile)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines if line.startswith("net/")]
+    assert len(rows) == 4
+    real = re.compile(r"(\d\.\d{3}e[+-]\d\d|inf|-)")
+    for row in rows:
+        assert all(real.fullmatch(cell) for cell in row[1:5]), row
+        assert all(re.fullmatch(r"\d+|-", cell) for cell in row[5:]), row
+    norm = outlier.log.stat("norm").to_numpy(np.float64)
+    first = dict(zip(outlier.log.variables, norm[0], strict=True))
+    for row in rows:
+        assert float(row[1]) == pytest.approx(first[row[0]], rel=1e-3)
+    # A log without NaN/Inf: no first non-finite step, shown as `-`.
+    path = tmp_path / "finite.parquet"
+    fitted[0].log.to_parquet(path)
+    assert main(["summary", str(path)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[3:]]
+    assert [row[0] for row in rows] == fitted[0].log.variables
+    assert [row[5:] for row in rows] == [["0", "-"]] * len(rows)
+    assert all(real.fullmatch(cell) for row in rows for cell in row[1:5])
+
+
+def _imported_modules(*argv):
+    """The modules a real `python -m gradwatch ARGV...` imports, read from
+    `-X importtime`, and its result."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    run = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "gradwatch", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    names = {
+        line.rsplit("|", 1)[1].strip().split(".")[0]
+        for line in run.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    return names, run
+
+
+def test_cli_help_starts_without_numpy_pandas_or_keras():
+    names, run = _imported_modules("--help")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "summary" in run.stdout
+    assert "gradwatch" in names  # the import log was read
+    heavy = {"numpy", "pandas", "pyarrow", "keras", "tensorflow", "matplotlib", "jax", "torch"}
+    assert names & heavy == set()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["summary", "{log}", "--sort", "max_norm"],
+        ["convert", "{log}", "{out}.csv"],
+        ["plot", "{log}", "-o", "{out}.png"],
+        ["report", "{log}", "-o", "{out}.html"],
+        ["tensorboard", "{log}", "--logdir", "{out}_tb"],
+    ],
+    ids=lambda c: c[0],
+)
+def test_cli_commands_import_neither_tensorflow_nor_keras(logfile, tmp_path, command):
+    argv = [c.format(log=logfile, out=tmp_path / "out") for c in command]
+    names, run = _imported_modules(*argv)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "pandas" in names
+    assert names & {"keras", "tensorflow", "jax", "torch"} == set()
+
+
+_WITHOUT_TQDM = r"""
+import sys
+
+class NoTqdm:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "tqdm":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, NoTqdm())
+from gradwatch.cli import main
+log, out = sys.argv[1:]
+print(main(["report", log, "-o", out + ".html"]), main(["convert", log, out + ".csv"]),
+      main(["tensorboard", log, "--logdir", out + "_tb"]))
+print("tqdm" in sys.modules)
+"""
+
+
+def test_cli_works_without_tqdm(logfile, tmp_path):
+    # A progress bar is never a requirement: without tqdm, no bar and no error.
+    run = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TQDM, str(logfile), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.splitlines()[-2:] == ["0 0 0", "False"]
+    assert "error" not in run.stderr
+    html = (tmp_path / "out.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3
+    assert gradwatch.read_log(tmp_path / "out.csv") == gradwatch.read_log(logfile)
+    assert any((tmp_path / "out_tb").iterdir())

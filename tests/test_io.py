@@ -61,7 +61,7 @@ def test_round_trip_keeps_nan_inf_and_layouts(tmp_path, suffix):
 
 def _read_plainly(path, suffix):
     """The written table, read without gradwatch: pandas for CSV, skipping the metadata
-    line the README's "Files" section documents (not `comment="#"`: keys may hold `#1`),
+    line that docs/reference.md ("Files") documents (not `comment="#"`: keys may hold `#1`),
     and pyarrow for Parquet."""
     if suffix == "csv":
         with open(path, encoding="utf-8") as f:

@@ -58,7 +58,7 @@ def test_record_gradients_function_takes_the_model_first_and_matches_the_method(
 def test_gradwatch_is_a_keras_callback_with_the_documented_arguments():
     assert inspect.isclass(gradwatch.GradWatch)
     assert issubclass(gradwatch.GradWatch, keras.callbacks.Callback)
-    # The README's API tour, in its order, with `max_value_elements` from the docstring.
+    # The API tour of docs/guide.md, in its order, with `max_value_elements` from the docstring.
     assert _parameters(gradwatch.GradWatch) == {
         "variables": "*",
         "stats": ("norm", "mean", "std", "min", "max", "nonfinite"),
@@ -96,7 +96,7 @@ def test_models_are_the_mixin_first_then_keras_and_registered_serializables():
         assert issubclass(cls.__bases__[1], base), cls.__bases__
         mro = cls.__mro__
         assert mro.index(mixin) < mro.index(keras.Model)  # "mixin first"
-        # README "Saving": registered Keras serializables, so load_model finds them.
+        # docs/guide.md "Saving": registered Keras serializables, so load_model finds them.
         name = keras.saving.get_registered_name(cls)
         assert name == f"gradwatch>{cls.__name__}"
         assert keras.saving.get_registered_object(name) is cls
@@ -289,15 +289,17 @@ except ImportError as e:
         "gradwatch.plot needs matplotlib, which is not installed. Install it with: "
         "pip install 'gradwatch[plot]'"
     )
-    assert lines[1] == "2 2"
-    assert lines[2].startswith("variable,first_norm")  # summary needs no extra
+    # convert needs no extra: without tqdm it shows no progress bar.
+    assert lines[1].startswith("Wrote ") and lines[2] == "2 0"
+    assert lines[3].startswith("variable,first_norm")  # summary needs no extra
     assert lines[-1] == (
         "gradwatch.tensorboard writes event files with the tensorboard package, which is "
         "not installed. Install it with: pip install tensorboard"
     )
     err = run.stderr.splitlines()
-    assert "gradwatch plot: error: gradwatch.plot needs matplotlib" in err[-2]
-    assert err[-1].endswith("Install it with: pip install 'gradwatch[cli]'")
+    assert "gradwatch plot: error: gradwatch.plot needs matplotlib" in err[-1]
+    assert err[-1].endswith("Install it with: pip install 'gradwatch[plot]'")
+    assert (tmp_path / "out.csv").exists()
 
 
 _BEFORE_LOADING = {
