@@ -41,7 +41,7 @@ def capture(
     """
     _check_known(model, plan, records)
     entries = [records.get(id(v)) for v in plan.variables]
-    _note_disconnected(plan, records, entries, store)
+    _note_disconnected(plan, entries, store)
 
     def gradient(i: int) -> Any:
         entry = entries[i]
@@ -125,13 +125,14 @@ def _check_known(model: Any, plan: Plan, records: Records) -> None:
             )
 
 
-def _note_disconnected(plan: Plan, records: Records, entries: list, store: Store) -> None:
-    """Known while tracing: variables whose gradient is None are disconnected.
-    (A step that recorded nothing at all has warned about that instead.)"""
+def _note_disconnected(plan: Plan, entries: list, store: Store) -> None:
+    """Known while tracing: variables recorded with a gradient of None are disconnected.
+    One the step did not record at all (a custom step that updates some variables
+    only) is not: its stats are NaN at that step, with no warning."""
     disconnected = [
         plan.keys[i]
         for i in dict.fromkeys(plan.stat_index + plan.value_index)
-        if records and (entries[i] is None or entries[i].grad is None)
+        if entries[i] is not None and entries[i].grad is None
     ]
     new = store.add_disconnected(disconnected)
     if new:
