@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +43,8 @@ def capture(
     _check_known(model, plan, records)
     entries = [records.get(id(v)) for v in plan.variables]
     _note_disconnected(plan, entries, store)
+    if "clipped_norm" in watch.stats:
+        _note_unknown_clipping(watch, plan, entries)
 
     def gradient(i: int) -> Any:
         entry = entries[i]
@@ -141,6 +144,29 @@ def _note_disconnected(plan: Plan, entries: list, store: Store) -> None:
             "their stats are recorded as NaN. See `log.disconnected`.",
             stacklevel=4,
         )
+
+
+_warned_clipping: weakref.WeakSet = weakref.WeakSet()
+
+
+def _note_unknown_clipping(watch: Any, plan: Plan, entries: list) -> None:
+    """Warns once per watch where `clipped_norm` cannot follow the optimizer's clipping:
+    gradients recorded without `optimizer=` on a model with several optimizers."""
+    unknown = [
+        plan.keys[i]
+        for i in plan.stat_index
+        if entries[i] is not None and entries[i].grad is not None and entries[i].optimizer is None
+    ]
+    if not unknown or watch in _warned_clipping:
+        return
+    _warned_clipping.add(watch)
+    warnings.warn(
+        f"GradWatch: `clipped_norm` of {unknown} equals `norm`, as their gradients were "
+        "recorded without `optimizer=` and the model has several optimizers, so which one "
+        "clips them is unknown. Pass the optimizer that applies them: "
+        "`record_gradients(grads, variables, optimizer=...)`.",
+        stacklevel=4,
+    )
 
 
 def _flat_gradients(plan: Plan, gradient: Callable[[int], Any]) -> Callable[[], Any]:

@@ -37,6 +37,23 @@ def _ensure_counter(model: Any) -> None:
         model.train_function = None
 
 
+def optimizers_of(model: Any) -> list[Any]:
+    """The model's optimizers: `model.optimizer` and any optimizer among its attributes
+    (a GAN's `d_optimizer` and `g_optimizer`), once each."""
+    found: dict[int, Any] = {}
+    for value in [getattr(model, "optimizer", None), *vars(model).values()]:
+        if isinstance(value, keras.optimizers.Optimizer):
+            found.setdefault(id(value), value)
+    return list(found.values())
+
+
+def applying_optimizer(model: Any) -> Any:
+    """The optimizer that applies gradients recorded without `optimizer=`, where it can
+    be known: the model's own when it has no other. None with several (a GAN's)."""
+    found = optimizers_of(model)
+    return found[0] if len(found) == 1 else None
+
+
 class ApplyInterceptor:
     """Routes the optimizer's apply method through a recorder while a stock step runs.
 
@@ -225,8 +242,10 @@ class GradWatchMixin:
             optimizer: The optimizer that applies the gradients. If its
                 `scale_loss` scaled the loss, the gradients are divided by its
                 loss scale, and its clipping gives the `clipped_norm` stat.
-                Defaults to `None` (gradients are taken as they are, and
-                `clipped_norm` equals `norm`).
+                Defaults to `None`: the gradients are taken as they are
+                (not unscaled), and `clipped_norm` follows the clipping of
+                `self.optimizer` where it is the model's only optimizer; with
+                several (a GAN's), `clipped_norm` equals `norm`, with a warning.
 
         Example:
 
@@ -282,8 +301,11 @@ class GradWatchMixin:
         # JAX: the loss scale, `iterations` and the weights are read from the step's
         # input state, not from the variables (stale, or purged, while it runs).
         with _backend.input_scope(self, scope):
-            pending = before_update(self, scope, variables, optimizer, watches)
-        add_records(scope, grads, variables, *pending)
+            scale, befores, _ = before_update(self, scope, variables, optimizer, watches)
+        # Without `optimizer=`, the gradients are taken as they are (no loss scale), but
+        # the model's own optimizer, when it has no other, is the one that clips them.
+        clips = optimizer if optimizer is not None else applying_optimizer(self)
+        add_records(scope, grads, variables, scale, befores, clips)
 
 
 def record_gradients(
