@@ -14,7 +14,7 @@ from gradwatch import _derived
 from gradwatch._backend import current as _backend
 from gradwatch._compute import compute_histograms, compute_stats
 from gradwatch._plan import Plan
-from gradwatch._step import Records
+from gradwatch._step import Records, record_key
 from gradwatch._store import Store
 from gradwatch.buffer import GradientBuffer
 from gradwatch.sparse import dense
@@ -41,7 +41,7 @@ def capture(
     replica handed the optimizer; without a strategy they are the same object.
     """
     _check_known(model, plan, records)
-    entries = [records.get(id(v)) for v in plan.variables]
+    entries = [records.get(k) for k in plan.ids]
     _note_disconnected(plan, entries, store)
     if "clipped_norm" in watch.stats:
         _note_unknown_clipping(watch, plan, entries)
@@ -110,10 +110,21 @@ def stat_columns(
         cols.update({name: table[:, j] for j, name in enumerate(grad_stats)})
     if watch.needs_weights:
         before = [None if entries[i] is None else entries[i].before for i in plan.stat_index]
-        cols.update(_derived.update_stats(plan, before))
+        cols.update(_derived.update_stats(plan, before, _afters(plan, records)))
     if "cos_prev" in watch.stats:
         cols["cos_prev"] = _derived.cosines_with_previous(plan, buffer, flat_gradients(), step)
     return cols
+
+
+def _afters(plan: Plan, records: Records) -> list[Any]:
+    """The weights after each selected row's update, where a later update of the same
+    variable in the step read them (its `before`); None: the weights now, after the step."""
+    afters = []
+    for i in plan.stat_index:
+        entry = records.get(plan.ids[i])
+        later = None if entry is None else records.get(record_key(entry.variable, entry.update + 1))
+        afters.append(None if later is None else later.before)
+    return afters
 
 
 def _check_known(model: Any, plan: Plan, records: Records) -> None:

@@ -13,6 +13,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
+from keras import ops
 from models import data
 from reference import BACKEND, grads_of, mse, no_grad
 
@@ -161,3 +162,138 @@ def test_clipped_norm_without_optimizer_on_a_model_with_several_warns_once():
     log = watch.log
     assert str(log.variables) in ours[0]
     np.testing.assert_array_equal(log.stat("clipped_norm").to_numpy(), log.stat("norm").to_numpy())
+
+
+class CriticLoop(keras.Model):
+    """WGAN-GP's shape (without the penalty): the critic `d` is updated `n_critic` times
+    per step, by its own optimizer, then the generator `g` once. With `by_hand`, the step
+    also calls `gradwatch.record_gradients` before each apply, as the docs advise."""
+
+    def __init__(self, n_critic=3, by_hand=False, **kwargs):
+        super().__init__(**kwargs)
+        self.n_critic, self.by_hand = n_critic, by_hand
+        self.g = keras.layers.Dense(2, activation="tanh", name="g")
+        self.d = keras.layers.Dense(1, activation="tanh", name="d")
+
+    def call(self, x):
+        return self.d(self.g(x))
+
+    def compile(self, d_optimizer, g_optimizer):
+        super().compile()
+        self.d_optimizer, self.g_optimizer = d_optimizer, g_optimizer
+
+    def train_step(self, data):
+        x, y = data
+        d_vars, g_vars = self.d.trainable_weights, self.g.trainable_weights
+        for _ in range(self.n_critic):
+            loss_d, grads = grads_of(lambda: critic_loss(self, x, y), d_vars)
+            if self.by_hand:
+                gradwatch.record_gradients(self, grads, d_vars, self.d_optimizer)
+            with no_grad():
+                self.d_optimizer.apply_gradients(zip(grads, d_vars, strict=True))
+        loss_g, grads = grads_of(lambda: -ops.mean(self.d(self.g(x, training=True))), g_vars)
+        if self.by_hand:
+            gradwatch.record_gradients(self, grads, g_vars, self.g_optimizer)
+        with no_grad():
+            self.g_optimizer.apply_gradients(zip(grads, g_vars, strict=True))
+        return {"d_loss": loss_d, "g_loss": loss_g}
+
+
+def critic_loss(model, x, y):
+    """The Wasserstein critic loss: fake scores minus real ones."""
+    fake = ops.stop_gradient(model.g(x))
+    return ops.mean(model.d(fake, training=True)) - ops.mean(model.d(y, training=True))
+
+
+def _critic_reference(model, x, y, steps, lr_d, lr_g, global_clipnorm):
+    """The same critic loop by hand, on a twin from `model`'s weights: per step, the
+    generator's gradients and the critic's gradients of each update, in NumPy."""
+    twin = CriticLoop(name=model.name)
+    twin(x[:1])
+    twin.set_weights(model.get_weights())
+    d_opt = keras.optimizers.SGD(lr_d, global_clipnorm=global_clipnorm)
+    g_opt = keras.optimizers.SGD(lr_g)
+    out = []
+    for step in range(steps):
+        xb, yb = x[8 * step : 8 * step + 8], y[8 * step : 8 * step + 8]
+        d_vars, g_vars = twin.d.trainable_weights, twin.g.trainable_weights
+        critic = []
+        for _ in range(3):
+            _, gd = grads_of(lambda xb=xb, yb=yb: critic_loss(twin, xb, yb), d_vars)
+            critic.append([np.asarray(ops.convert_to_numpy(g), np.float64) for g in gd])
+            with no_grad():
+                d_opt.apply_gradients(zip(gd, d_vars, strict=True))
+        _, gg = grads_of(lambda xb=xb: -ops.mean(twin.d(twin.g(xb))), g_vars)
+        with no_grad():
+            g_opt.apply_gradients(zip(gg, g_vars, strict=True))
+        out.append(([np.asarray(ops.convert_to_numpy(g), np.float64) for g in gg], critic))
+    return out
+
+
+CRITIC_KEYS = [
+    "gan/g/kernel",
+    "gan/g/bias",
+    "gan/d/kernel",
+    "gan/d/kernel@1",
+    "gan/d/kernel@2",
+    "gan/d/bias",
+    "gan/d/bias@1",
+    "gan/d/bias@2",
+]
+
+
+@pytest.mark.parametrize("by_hand", [False, True], ids=["at-apply", "by-hand"])
+def test_a_critic_loop_keeps_every_update_apart_as_the_tape_computes_it(tmp_path, by_hand):
+    _skip_stateful_steps_on_jax()
+    x, y = data(n=24, features=3, outputs=2)
+    model = CriticLoop(by_hand=by_hand, name="gan")
+    model(x[:1])
+    lr_d, lr_g, clip = 0.1, 0.05, 0.25
+    reference = _critic_reference(model, x, y, 3, lr_d, lr_g, clip)
+    model.compile(keras.optimizers.SGD(lr_d, global_clipnorm=clip), keras.optimizers.SGD(lr_g))
+    stats = ["norm", "clipped_norm", "update_norm"]
+    watch = gradwatch.GradWatch(stats=stats, values="*", path=tmp_path / "stream")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, callbacks=[watch], verbose=0)
+    assert not [w for w in caught if issubclass(w.category, UserWarning)]
+    log = watch.log
+    assert log.variables == CRITIC_KEYS
+    assert log.disconnected == []
+    norms, clipped, updates = (log.stat(s) for s in stats)
+    assert list(norms.columns) == CRITIC_KEYS
+    factors = []
+    for step, (gen, critic) in enumerate(reference):
+        expected = dict(zip(CRITIC_KEYS[:2], gen, strict=True))
+        for k, grads in enumerate(critic):
+            suffix = "" if k == 0 else f"@{k}"
+            expected[f"gan/d/kernel{suffix}"], expected[f"gan/d/bias{suffix}"] = grads
+            # Each critic update is its own apply: its global norm clips it alone.
+            total = np.sqrt(sum(np.sum(g**2) for g in grads))
+            factor = clip / max(total, clip)
+            for name, g in zip(["kernel", "bias"], grads, strict=True):
+                key = f"gan/d/{name}{suffix}"
+                assert clipped.loc[step, key] == pytest.approx(
+                    factor * np.linalg.norm(g), rel=1e-4, abs=1e-7
+                )
+                # SGD: this update moved the weights by lr * (clipped gradient).
+                assert updates.loc[step, key] == pytest.approx(
+                    lr_d * factor * np.linalg.norm(g), rel=1e-3, abs=1e-7
+                )
+                factors.append(factor)
+        for key, g in expected.items():
+            np.testing.assert_allclose(log.gradient(key, step), g, rtol=1e-5, atol=1e-7)
+            assert norms.loc[step, key] == pytest.approx(np.linalg.norm(g), rel=1e-4, abs=1e-7)
+        # The updates differ: each saw the weights the one before it left.
+        assert not np.allclose(expected["gan/d/kernel"], expected["gan/d/kernel@1"])
+    assert min(factors) < 0.9 and max(factors) == 1.0  # some updates clipped, some not
+    frame = log.frame
+    assert set(frame["variable"]) == set(CRITIC_KEYS)
+    assert len(frame) == 3 * len(CRITIC_KEYS) * len(stats)
+    # Every update survives the files, and the streamed parts.
+    log.to_csv(tmp_path / "g.csv")
+    log.to_parquet(tmp_path / "g.parquet")
+    for path in (tmp_path / "g.csv", tmp_path / "g.parquet", tmp_path / "stream"):
+        read = gradwatch.read_log(path)
+        assert read.variables == CRITIC_KEYS
+        assert read == log
