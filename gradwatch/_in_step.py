@@ -109,7 +109,15 @@ def stat_columns(
         table = compute_stats(stat_grads, grad_stats)
         cols.update({name: table[:, j] for j, name in enumerate(grad_stats)})
     if watch.needs_weights:
-        before = [None if entries[i] is None else entries[i].before for i in plan.stat_index]
+        before = [
+            None
+            if entries[i] is None
+            or (_backend.STATE_IN_STEP and id(plan.variables[i]) in plan.counts)
+            else entries[i].before
+            for i in plan.stat_index
+        ]
+        # (A stateless step reads every update's weights from the step's input state,
+        # so the update stats of a variable updated more than once are NaN there.)
         cols.update(_derived.update_stats(plan, before, _afters(plan, records)))
     if "cos_prev" in watch.stats:
         cols["cos_prev"] = _derived.cosines_with_previous(plan, buffer, flat_gradients(), step)

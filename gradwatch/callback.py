@@ -427,8 +427,7 @@ class GradWatch(keras.callbacks.Callback):
         if plan is not None and plan.signature == signature_of(model) and plan.counts == counts:
             return plan
         if (
-            grown
-            and _backend.STATE_IN_STEP
+            _backend.STATE_IN_STEP
             and records is not None
             and plan is not None
             and plan.signature == signature_of(model)
@@ -436,7 +435,8 @@ class GradWatch(keras.callbacks.Callback):
         ):
             # JAX: the ring buffer travels in the step's state, which Keras gathered
             # before this trace; the next `fit` makes the plan with every update.
-            _warn_updates_next_fit(plan, grown)
+            if grown:
+                _warn_updates_next_fit(plan, grown)
             return plan
         self._plan = make_plan(model, self, self._store, counts)
         self._buffer = None  # a new plan needs a buffer of its own shape

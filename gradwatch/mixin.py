@@ -239,9 +239,11 @@ class GradWatchMixin:
     ) -> None:
         """Records gradients from a custom `train_step`.
 
-        Call it once per variable and step, with the gradients you pass to
-        `apply_gradients`, before you apply them (the update stats read the
-        weights here). Without a `GradWatch` attached it does nothing.
+        Call it with the gradients you pass to `apply_gradients`, before you
+        apply them (the update stats read the weights here), once per update:
+        a variable recorded again in the same step (a critic updated several
+        times) is its next update, logged as `key@1`, `key@2`, ... beside
+        `key`. Without a `GradWatch` attached it does nothing.
 
         Args:
             grads: Gradients, one per variable; `None` for a disconnected one.
