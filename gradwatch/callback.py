@@ -246,7 +246,7 @@ class GradWatch(keras.callbacks.Callback):
             step_counter(model)
             if self.checks_every_step:
                 self._alarms.alarm_for(len(plan.stat_index))
-        elif _backend.EAGER and self._plan is None:
+        elif _backend.EAGER and (self._plan is None or self._plan.signature != signature_of(model)):
             # The step runs eagerly and applies the update before it records: match
             # the patterns now, so that one matching nothing fails before any step.
             # (The plan itself is made at the first step, which shows how many times
