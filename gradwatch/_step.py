@@ -45,11 +45,14 @@ def record_key(variable: Any, update: int = 0) -> Any:
 
 
 def update_counts(records: Records) -> dict[int, int]:
-    """How many updates each recorded variable had in the step, by `id(variable)`."""
+    """How many updates the variables recorded more than once in the step had, by
+    `id(variable)`. Reads the keys alone: it runs at every step on PyTorch."""
     counts: dict[int, int] = {}
-    for record in records.values():
-        key = id(record.variable)
-        counts[key] = max(counts.get(key, 0), record.update + 1)
+    for key in records:
+        if type(key) is tuple:  # a later update: (id(variable), update)
+            var, update = key
+            if update >= counts.get(var, 1):
+                counts[var] = update + 1
     return counts
 
 
