@@ -15,7 +15,7 @@ def by_layer(
     """`stat` per layer from its per-variable frame `wide` (float64, one column per
     key), exact for the layer's variables taken together as one tensor. `sizes` are
     the element counts by key; `std` pools with `mean` (the per-variable means)."""
-    layer_of = {k: k.rsplit("/", 1)[0] if "/" in k else k for k in wide.columns}
+    layer_of = {k: _layer_of(k) for k in wide.columns}
     layers = list(dict.fromkeys(layer_of.values()))
     out = {}
     for layer in layers:
@@ -41,6 +41,16 @@ def by_layer(
     frame = pd.DataFrame(out)
     frame.columns = pd.Index(layers, dtype=object, name="layer")
     return frame
+
+
+def _layer_of(key: str) -> str:
+    """The layer of a variable key: the key less its last part; a later update of the
+    variable in a step (`d/kernel@1`) belongs to that update of the layer (`d@1`)."""
+    head, sep, leaf = key.rpartition("/")
+    if not sep:
+        return key
+    _, at, update = leaf.rpartition("@")
+    return f"{head}@{update}" if at and update.isdigit() else head
 
 
 def summary(norm: pd.DataFrame, nonfinite: pd.DataFrame | None) -> pd.DataFrame:

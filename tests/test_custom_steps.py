@@ -289,6 +289,12 @@ def test_a_critic_loop_keeps_every_update_apart_as_the_tape_computes_it(tmp_path
         # The updates differ: each saw the weights the one before it left.
         assert not np.allclose(expected["gan/d/kernel"], expected["gan/d/kernel@1"])
     assert min(factors) < 0.9 and max(factors) == 1.0  # some updates clipped, some not
+    # Each update of the critic is a layer of its own in the per-layer view.
+    layers = log.by_layer("norm")
+    assert list(layers.columns) == ["gan/g", "gan/d", "gan/d@1", "gan/d@2"]
+    np.testing.assert_allclose(
+        layers["gan/d@1"], np.hypot(norms["gan/d/kernel@1"], norms["gan/d/bias@1"]), rtol=1e-6
+    )
     frame = log.frame
     assert set(frame["variable"]) == set(CRITIC_KEYS)
     assert len(frame) == 3 * len(CRITIC_KEYS) * len(stats)
