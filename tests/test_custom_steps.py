@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from keras import ops
 from models import data
-from reference import BACKEND, grads_of, mse, no_grad
+from reference import BACKEND, cosine, grads_of, mse, no_grad
 
 import gradwatch
 
@@ -253,7 +253,7 @@ def test_a_critic_loop_keeps_every_update_apart_as_the_tape_computes_it(tmp_path
     lr_d, lr_g, clip = 0.1, 0.05, 0.25
     reference = _critic_reference(model, x, y, 3, lr_d, lr_g, clip)
     model.compile(keras.optimizers.SGD(lr_d, global_clipnorm=clip), keras.optimizers.SGD(lr_g))
-    stats = ["norm", "clipped_norm", "update_norm"]
+    stats = ["norm", "clipped_norm", "update_norm", "cos_prev"]
     watch = gradwatch.GradWatch(stats=stats, values="*", path=tmp_path / "stream")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -262,9 +262,9 @@ def test_a_critic_loop_keeps_every_update_apart_as_the_tape_computes_it(tmp_path
     log = watch.log
     assert log.variables == CRITIC_KEYS
     assert log.disconnected == []
-    norms, clipped, updates = (log.stat(s) for s in stats)
+    norms, clipped, updates, cos_prev = (log.stat(s) for s in stats)
     assert list(norms.columns) == CRITIC_KEYS
-    factors = []
+    factors, previous = [], None
     for step, (gen, critic) in enumerate(reference):
         expected = dict(zip(CRITIC_KEYS[:2], gen, strict=True))
         for k, grads in enumerate(critic):
@@ -288,6 +288,13 @@ def test_a_critic_loop_keeps_every_update_apart_as_the_tape_computes_it(tmp_path
             assert norms.loc[step, key] == pytest.approx(np.linalg.norm(g), rel=1e-4, abs=1e-7)
         # The updates differ: each saw the weights the one before it left.
         assert not np.allclose(expected["gan/d/kernel"], expected["gan/d/kernel@1"])
+        # cos_prev: with the same update of the step before.
+        for key, g in expected.items():
+            if previous is None:
+                assert np.isnan(cos_prev.loc[step, key])
+            else:
+                assert cos_prev.loc[step, key] == pytest.approx(cosine(g, previous[key]), abs=1e-5)
+        previous = expected
     assert min(factors) < 0.9 and max(factors) == 1.0  # some updates clipped, some not
     # Each update of the critic is a layer of its own in the per-layer view.
     layers = log.by_layer("norm")
