@@ -17,7 +17,7 @@ import keras
 from gradwatch._backend import current as _backend
 from gradwatch._capture import counted
 from gradwatch._step import model_state
-from gradwatch.mixin import ApplyInterceptor, GradWatchMixin
+from gradwatch.mixin import ApplyInterceptor, GradWatchMixin, optimizers_of
 
 _CLASSES: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
 
@@ -69,23 +69,13 @@ def _intercepting(step: Callable) -> Callable:
         if not model_state(self).listening or not _backend.APPLY_METHOD or _backend.compiling():
             return step(self, *args, **kwargs)
         with contextlib.ExitStack() as stack:
-            for optimizer in _optimizers_of(self):
+            for optimizer in optimizers_of(self):
                 stack.enter_context(
                     ApplyInterceptor(optimizer, self, method="apply", skip_recorded=True)
                 )
             return step(self, *args, **kwargs)
 
     return train_step
-
-
-def _optimizers_of(model: Any) -> list[Any]:
-    """The model's optimizers: `model.optimizer` and any optimizer among its attributes
-    (a GAN's `d_optimizer` and `g_optimizer`), once each."""
-    found: dict[int, Any] = {}
-    for value in [getattr(model, "optimizer", None), *vars(model).values()]:
-        if isinstance(value, keras.optimizers.Optimizer):
-            found.setdefault(id(value), value)
-    return list(found.values())
 
 
 def _copy_registration(cls: type, sub: type) -> None:

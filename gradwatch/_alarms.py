@@ -31,6 +31,7 @@ class Alarm(StateMetric):
 
     def __init__(self, n: int):
         super().__init__(name="gradwatch_alarm")
+        self.n = n  # rows of the plan it checks
         index = _backend.INDEX_DTYPE
 
         def cell(shape, dtype, name, value=0):
@@ -83,8 +84,9 @@ class Alarms:
         self._error: FloatingPointError | None = None
 
     def alarm_for(self, n: int) -> Alarm:
-        """The every-step check's device values, made on first use (out of the graph)."""
-        if self.alarm is None:
+        """The every-step check's device values, made on first use (out of the graph),
+        and again for a plan of another size (what was seen stays seen)."""
+        if self.alarm is None or self.alarm.n != n:
             with _backend.lift():
                 self.alarm = Alarm(n)
         return self.alarm

@@ -13,7 +13,7 @@ from typing import Any
 import keras
 
 from gradwatch._backend import current as _backend
-from gradwatch._step import Record, StepScope, model_state, scopes
+from gradwatch._step import Record, StepScope, model_state, record_key, scopes
 
 
 def counted(fn: Callable) -> Callable:
@@ -113,11 +113,9 @@ def add_records(
 ) -> None:
     """Adds one step's gradients to `scope`, with what `before_update` read."""
     for grad, var, before in zip(grads, variables, befores, strict=True):
-        if id(var) in scope.grads:
-            raise ValueError(
-                f"The gradient of {var.path!r} was recorded twice in one step. "
-                "Call `record_gradients` once per variable and step, with the "
-                "gradient that is applied."
-            )
+        # A variable recorded again in the same step (a critic updated several times)
+        # is its next update, kept beside the earlier ones.
+        update = scope.updates.get(id(var), 0)
+        scope.updates[id(var)] = update + 1
         grad = _backend.as_recorded(grad, var)
-        scope.grads[id(var)] = Record(var, grad, scale, before, optimizer)
+        scope.grads[record_key(var, update)] = Record(var, grad, scale, before, optimizer, update)

@@ -29,21 +29,23 @@ def clipping(records: Records, view: Callable[[Any], Any]) -> tuple[dict, dict, 
     squares, and `rule(key) -> (factor, clipvalue)`: the clipped gradient is
     `factor * g` or `clip(g, -clipvalue, clipvalue)` (both None: not clipped).
     """
-    grads, sq, optimizers = {}, {}, {}
-    for record in records.values():
+    grads, sq, optimizers, applies = {}, {}, {}, {}
+    for key, record in records.items():
         if record.grad is None:
             continue
-        key, optimizer = id(record.variable), record.optimizer
+        optimizer = record.optimizer
         grads[key] = view(_backend.unscaled_float32(record.grad, record.scale))
         sq[key] = sum_of_squares(grads[key])
         # A LossScaleOptimizer unscales, then its inner optimizer clips.
         optimizers[key] = getattr(optimizer, "inner_optimizer", optimizer)
-    # Each optimizer's global norm, over every gradient it applies.
-    total: dict[int, Any] = {}
-    for key, opt in optimizers.items():
-        total[id(opt)] = total.get(id(opt), 0.0) + sq[key]
+        # Several updates in one step (a critic's loop) are separate applies.
+        applies[key] = (id(optimizers[key]), record.update)
+    # Each apply's global norm, over every gradient the optimizer applies there.
+    total: dict[tuple[int, int], Any] = {}
+    for key, apply in applies.items():
+        total[apply] = total.get(apply, 0.0) + sq[key]
 
-    def rule(key: int) -> tuple[Any, Any]:
+    def rule(key: Any) -> tuple[Any, Any]:
         opt = optimizers[key]
         clipnorm = getattr(opt, "clipnorm", None)
         global_clipnorm = getattr(opt, "global_clipnorm", None)
@@ -51,7 +53,7 @@ def clipping(records: Records, view: Callable[[Any], Any]) -> tuple[dict, dict, 
         if clipnorm and clipnorm > 0:  # g * c / max(|g|, c)
             return clipnorm / xp.maximum(xp.sqrt(sq[key]), clipnorm), None
         if global_clipnorm and global_clipnorm > 0:  # all g * c * min(1/|G|, 1/c)
-            gn = xp.sqrt(total[id(opt)])
+            gn = xp.sqrt(total[applies[key]])
             return global_clipnorm * xp.minimum(1.0 / gn, 1.0 / global_clipnorm) + (gn - gn), None
         if clipvalue and clipvalue > 0:
             return None, clipvalue
@@ -66,7 +68,7 @@ def clipped_norms(plan: Plan, records: Records) -> Any:
     nan = xp.nan()
     out = []
     for i in plan.stat_index:
-        key = id(plan.variables[i])
+        key = plan.ids[i]
         if key not in grads:
             out.append(nan)
             continue
@@ -88,7 +90,7 @@ def clipped_norms_across_replicas(plan: Plan, local: Records) -> Any:
     all-reduced (outside any branch). Dense: replicas touch different rows.
     """
     grads, _, rule = clipping(local, dense)
-    keys = [id(plan.variables[i]) for i in plan.stat_index if id(plan.variables[i]) in grads]
+    keys = [plan.ids[i] for i in plan.stat_index if plan.ids[i] in grads]
     nan = xp.nan()
     if not keys:
         return xp.full((len(plan.stat_index),), math.nan)
@@ -103,7 +105,7 @@ def clipped_norms_across_replicas(plan: Plan, local: Records) -> Any:
         clipped.append(g)
     summed = _backend.all_reduce_sum(clipped)
     norms = dict(zip(keys, (xp.sqrt(sum_of_squares(c)) for c in summed), strict=True))
-    return xp.stack([norms.get(id(plan.variables[i]), nan) for i in plan.stat_index])
+    return xp.stack([norms.get(plan.ids[i], nan) for i in plan.stat_index])
 
 
 def replica_stats(plan: Plan, local: Records, stats: Sequence[str]) -> Any:
@@ -112,7 +114,7 @@ def replica_stats(plan: Plan, local: Records, stats: Sequence[str]) -> Any:
     are not functions of the gradient alone. Every replica gets the same tensor."""
     grads = []
     for i in plan.stat_index:
-        entry = local.get(id(plan.variables[i]))
+        entry = local.get(plan.ids[i])
         if entry is None or entry.grad is None:
             grads.append(None)
             continue
@@ -126,13 +128,15 @@ def replica_stats(plan: Plan, local: Records, stats: Sequence[str]) -> Any:
     return _backend.all_gather(mine)
 
 
-def update_stats(plan: Plan, befores: list[Any]) -> dict[str, Any]:
-    """`weight_norm`, `update_norm` and `update_ratio` of the selected variables, from
-    the weights before the update (`befores`, one per selected variable or None) and
-    after it: read after `apply_gradients`, as this runs after the stock step returns."""
+def update_stats(plan: Plan, befores: list[Any], afters: list[Any] | None = None) -> dict[str, Any]:
+    """`weight_norm`, `update_norm` and `update_ratio` of the selected rows, from the
+    weights before the update (`befores`, one per selected row or None) and after it:
+    `afters` where a later update in the same step read them, else read now, after
+    `apply_gradients`, as this runs after the stock step returns."""
+    afters = afters or [None] * len(befores)
     delta = [
-        None if b is None else xp.read(plan.variables[i]) - b
-        for i, b in zip(plan.stat_index, befores, strict=True)
+        None if b is None else (xp.read(plan.variables[i]) if a is None else a) - b
+        for i, b, a in zip(plan.stat_index, befores, afters, strict=True)
     ]
     weight = compute_stats(befores, ["norm"])[:, 0]
     update = compute_stats(delta, ["norm"])[:, 0]
@@ -165,7 +169,7 @@ def checked_gradients(plan: Plan, records: Records) -> tuple[list[int], list[Any
     gradient this step, and those gradients' elements, unscaled, in float32."""
     rows, grads = [], []
     for j, i in enumerate(plan.stat_index):
-        entry = records.get(id(plan.variables[i]))
+        entry = records.get(plan.ids[i])
         if entry is not None and entry.grad is not None:
             rows.append(j)
             grads.append(elements(_backend.unscaled_float32(entry.grad, entry.scale)))

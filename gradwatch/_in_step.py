@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +14,7 @@ from gradwatch import _derived
 from gradwatch._backend import current as _backend
 from gradwatch._compute import compute_histograms, compute_stats
 from gradwatch._plan import Plan
-from gradwatch._step import Records
+from gradwatch._step import Records, record_key
 from gradwatch._store import Store
 from gradwatch.buffer import GradientBuffer
 from gradwatch.sparse import dense
@@ -40,8 +41,10 @@ def capture(
     replica handed the optimizer; without a strategy they are the same object.
     """
     _check_known(model, plan, records)
-    entries = [records.get(id(v)) for v in plan.variables]
-    _note_disconnected(plan, records, entries, store)
+    entries = [records.get(k) for k in plan.ids]
+    _note_disconnected(plan, entries, store)
+    if "clipped_norm" in watch.stats:
+        _note_unknown_clipping(watch, plan, entries)
 
     def gradient(i: int) -> Any:
         entry = entries[i]
@@ -106,11 +109,30 @@ def stat_columns(
         table = compute_stats(stat_grads, grad_stats)
         cols.update({name: table[:, j] for j, name in enumerate(grad_stats)})
     if watch.needs_weights:
-        before = [None if entries[i] is None else entries[i].before for i in plan.stat_index]
-        cols.update(_derived.update_stats(plan, before))
+        before = [
+            None
+            if entries[i] is None
+            or (_backend.STATE_IN_STEP and id(plan.variables[i]) in plan.counts)
+            else entries[i].before
+            for i in plan.stat_index
+        ]
+        # (A stateless step reads every update's weights from the step's input state,
+        # so the update stats of a variable updated more than once are NaN there.)
+        cols.update(_derived.update_stats(plan, before, _afters(plan, records)))
     if "cos_prev" in watch.stats:
         cols["cos_prev"] = _derived.cosines_with_previous(plan, buffer, flat_gradients(), step)
     return cols
+
+
+def _afters(plan: Plan, records: Records) -> list[Any]:
+    """The weights after each selected row's update, where a later update of the same
+    variable in the step read them (its `before`); None: the weights now, after the step."""
+    afters = []
+    for i in plan.stat_index:
+        entry = records.get(plan.ids[i])
+        later = None if entry is None else records.get(record_key(entry.variable, entry.update + 1))
+        afters.append(None if later is None else later.before)
+    return afters
 
 
 def _check_known(model: Any, plan: Plan, records: Records) -> None:
@@ -125,13 +147,14 @@ def _check_known(model: Any, plan: Plan, records: Records) -> None:
             )
 
 
-def _note_disconnected(plan: Plan, records: Records, entries: list, store: Store) -> None:
-    """Known while tracing: variables whose gradient is None are disconnected.
-    (A step that recorded nothing at all has warned about that instead.)"""
+def _note_disconnected(plan: Plan, entries: list, store: Store) -> None:
+    """Known while tracing: variables recorded with a gradient of None are disconnected.
+    One the step did not record at all (a custom step that updates some variables
+    only) is not: its stats are NaN at that step, with no warning."""
     disconnected = [
         plan.keys[i]
         for i in dict.fromkeys(plan.stat_index + plan.value_index)
-        if records and (entries[i] is None or entries[i].grad is None)
+        if entries[i] is not None and entries[i].grad is None
     ]
     new = store.add_disconnected(disconnected)
     if new:
@@ -140,6 +163,29 @@ def _note_disconnected(plan: Plan, records: Records, entries: list, store: Store
             "their stats are recorded as NaN. See `log.disconnected`.",
             stacklevel=4,
         )
+
+
+_warned_clipping: weakref.WeakSet = weakref.WeakSet()
+
+
+def _note_unknown_clipping(watch: Any, plan: Plan, entries: list) -> None:
+    """Warns once per watch where `clipped_norm` cannot follow the optimizer's clipping:
+    gradients recorded without `optimizer=` on a model with several optimizers."""
+    unknown = [
+        plan.keys[i]
+        for i in plan.stat_index
+        if entries[i] is not None and entries[i].grad is not None and entries[i].optimizer is None
+    ]
+    if not unknown or watch in _warned_clipping:
+        return
+    _warned_clipping.add(watch)
+    warnings.warn(
+        f"GradWatch: `clipped_norm` of {unknown} equals `norm`, as their gradients were "
+        "recorded without `optimizer=` and the model has several optimizers, so which one "
+        "clips them is unknown. Pass the optimizer that applies them: "
+        "`record_gradients(grads, variables, optimizer=...)`.",
+        stacklevel=4,
+    )
 
 
 def _flat_gradients(plan: Plan, gradient: Callable[[int], Any]) -> Callable[[], Any]:

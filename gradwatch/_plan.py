@@ -4,13 +4,15 @@ tensors, and the ring buffer sized for them."""
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from gradwatch._backend import current as _backend
 from gradwatch._catalogue import histogram_bin_count
+from gradwatch._step import record_key
 from gradwatch._store import Store
 from gradwatch.buffer import GradientBuffer
 from gradwatch.keys import match_patterns, variable_keys
@@ -21,15 +23,23 @@ BUFFER_BYTES = 64 * 2**20  # cap on one buffer's size when full tensors are kept
 
 @dataclass
 class Plan:
-    """Which of the model's trainable variables get stats and kept tensors."""
+    """Which of the model's trainable variables get stats and kept tensors.
 
-    signature: tuple[int, ...]
-    variables: list[Any]  # model.trainable_weights
-    keys: list[str]
-    stat_index: list[int]
+    Its rows are the variables' updates in one step: one row per variable, and
+    a variable that the step updates n times (a critic's loop) has n rows in a
+    row, keyed `key`, `key@1`, ..., `key@{n-1}` (see `update_key`).
+    """
+
+    signature: tuple[int, ...]  # the ids of model.trainable_weights
+    variables: list[Any]  # each row's variable
+    keys: list[str]  # each row's key in the log
+    stat_index: list[int]  # rows
     value_index: list[int]
     stat_codes: np.ndarray  # codes in the log
     value_codes: np.ndarray
+    # id(variable) -> its updates in one step, where more than one.
+    counts: dict[int, int] = field(default_factory=dict)
+    ids: list[Any] = field(default_factory=list)  # each row's key in the step's Records
 
     def __post_init__(self) -> None:
         # The keys of the variables that get stats, in the order of the stats rows: made
@@ -46,25 +56,50 @@ def signature_of(model: Any) -> tuple[int, ...]:
     return tuple(id(v) for v in model.trainable_weights)
 
 
-def make_plan(model: Any, watch: Any, store: Store) -> Plan:
+def update_key(key: str, update: int) -> str:
+    """The log's key of a variable's update in a step that updates it several times:
+    the key itself for the first (0), `key@1`, `key@2`, ... for the later ones.
+
+    >>> update_key("critic/dense/kernel", 0), update_key("critic/dense/kernel", 2)
+    ('critic/dense/kernel', 'critic/dense/kernel@2')
+    """
+    return key if update == 0 else f"{key}@{update}"
+
+
+def make_plan(
+    model: Any, watch: Any, store: Store | None, counts: Mapping[int, int] | None = None
+) -> Plan:
     """The plan of `watch` (its `variables`, `values` and `max_value_elements`) on the
-    model's trainable variables; the used variables are added to `store`."""
-    variables = list(model.trainable_weights)
-    keys = variable_keys([v.path for v in variables])
-    stat_keys = set(match_patterns(watch.variables, keys, "variables"))
+    model's trainable variables, with `counts[id(variable)]` updates of a variable
+    that the step updates more than once; the used rows are added to `store`
+    (`None`: only check the arguments against the model)."""
+    counts = {k: int(n) for k, n in (counts or {}).items() if n > 1}
+    model_variables = list(model.trainable_weights)
+    model_keys = variable_keys([v.path for v in model_variables])
+    # Patterns match the variables' own keys; every update of a match is selected.
+    variables, keys, ids, own_keys = [], [], [], []
+    for var, key in zip(model_variables, model_keys, strict=True):
+        for update in range(counts.get(id(var), 1)):
+            variables.append(var)
+            keys.append(update_key(key, update))
+            ids.append(record_key(var, update))
+            own_keys.append(key)
+    stat_keys = set(match_patterns(watch.variables, model_keys, "variables"))
     value_keys = (
-        set(match_patterns(watch.values, keys, "values")) if watch.values is not None else set()
+        set(match_patterns(watch.values, model_keys, "values"))
+        if watch.values is not None
+        else set()
     )
     floats = [_is_float(v) for v in variables]
-    skipped = [k for k, f in zip(keys, floats, strict=True) if not f]
-    if skipped:
+    skipped = [k for k, v in zip(model_keys, model_variables, strict=True) if not _is_float(v)]
+    if skipped and store is not None:
         warnings.warn(
             f"GradWatch skips the trainable variables {skipped}: they are not floating "
             "point, so they have no gradient to record.",
             stacklevel=3,
         )
-    stat_index = [i for i, k in enumerate(keys) if k in stat_keys and floats[i]]
-    value_index = [i for i, k in enumerate(keys) if k in value_keys and floats[i]]
+    stat_index = [i for i, k in enumerate(own_keys) if k in stat_keys and floats[i]]
+    value_index = [i for i, k in enumerate(own_keys) if k in value_keys and floats[i]]
     too_big = {
         keys[i]: int(np.prod(variables[i].shape))
         for i in value_index
@@ -78,21 +113,21 @@ def make_plan(model: Any, watch: Any, store: Store) -> Plan:
             "or raise the limit with GradWatch(max_value_elements=...)."
         )
     used = sorted(set(stat_index) | set(value_index))
-    codes = dict(
-        zip(
-            used,
-            store.add_variables([keys[i] for i in used], [tuple(variables[i].shape) for i in used]),
-            strict=True,
-        )
-    )
+    if store is None:
+        codes = dict.fromkeys(used, -1)
+    else:
+        shapes = [tuple(variables[i].shape) for i in used]
+        codes = dict(zip(used, store.add_variables([keys[i] for i in used], shapes), strict=True))
     return Plan(
-        signature=tuple(id(v) for v in variables),
+        signature=tuple(id(v) for v in model_variables),
         variables=variables,
         keys=keys,
         stat_index=stat_index,
         value_index=value_index,
         stat_codes=np.asarray([codes[i] for i in stat_index], np.int32),
         value_codes=np.asarray([codes[i] for i in value_index], np.int32),
+        counts=counts,
+        ids=ids,
     )
 
 

@@ -18,7 +18,8 @@ class Record:
     `grad` is None for a variable the loss does not depend on. `scale` is the loss
     scale the gradient is multiplied by (None: not scaled), `before` the weights
     before the update (None unless a watch needs them), and `optimizer` the one
-    that applies the gradient (None: unknown).
+    that applies the gradient (None: unknown). `update` counts the variable's
+    earlier updates in the same step (a critic updated 3 times: 0, 1, 2).
     """
 
     variable: Any
@@ -26,14 +27,33 @@ class Record:
     scale: Any = None
     before: Any = None
     optimizer: Any = None
+    update: int = 0
 
     def with_grad(self, grad: Any) -> Record:
         """The same record with another gradient (the global one, under a strategy)."""
         return dataclasses.replace(self, grad=grad)
 
 
-# id(variable) -> its record, in the order recorded.
-Records = dict[int, Record]
+# record_key(variable, update) -> its record, in the order recorded.
+Records = dict[Any, Record]
+
+
+def record_key(variable: Any, update: int = 0) -> Any:
+    """The key of a variable's record in `Records`: `id(variable)` for its first update
+    in the step, `(id(variable), update)` for a later one."""
+    return id(variable) if update == 0 else (id(variable), update)
+
+
+def update_counts(records: Records) -> dict[int, int]:
+    """How many updates the variables recorded more than once in the step had, by
+    `id(variable)`. Reads the keys alone: it runs at every step on PyTorch."""
+    counts: dict[int, int] = {}
+    for key in records:
+        if type(key) is tuple:  # a later update: (id(variable), update)
+            var, update = key
+            if update >= counts.get(var, 1):
+                counts[var] = update + 1
+    return counts
 
 
 @runtime_checkable
@@ -109,6 +129,11 @@ class StepScope:
 
     def __init__(self) -> None:
         self.grads: Records = {}
+        self.updates: dict[int, int] = {}  # id(variable) -> its records in `grads`
+        # id(variable) -> its records so far: by the step's own `record_gradients`
+        # calls, and seen at an optimizer's apply (see `mixin.ApplyInterceptor`).
+        self.by_hand: dict[int, int] = {}
+        self.applied: dict[int, int] = {}
         # id(optimizer) -> (loss-scale optimizer, its `iterations` before the update)
         self.loss_scaled: dict[int, tuple[Any, Any]] = {}
         # PyTorch `jit_compile=True`: whether the stock step ran (its `.grad`s are read).

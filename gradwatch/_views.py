@@ -11,8 +11,13 @@ _ROOT_SUM_SQUARES = ("norm", "clipped_norm", "weight_norm", "update_norm")
 
 def layer_of_key(key: str) -> str:
     """The layer of a variable key: the key without its last `/` part (`net/dense/kernel`
-    belongs to `net/dense`); a key without `/` is its own layer."""
-    return key.rsplit("/", 1)[0] if "/" in key else key
+    belongs to `net/dense`); a key without `/` is its own layer. A later update of the
+    variable in a step (`d/kernel@1`) belongs to that update of the layer (`d@1`)."""
+    head, sep, leaf = key.rpartition("/")
+    if not sep:
+        return key
+    _, at, update = leaf.rpartition("@")
+    return f"{head}@{update}" if at and update.isdigit() else head
 
 
 def by_layer(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -24,7 +25,7 @@ from gradwatch._compute import traced_for_xla
 from gradwatch._drain import drain, drain_due
 from gradwatch._plan import Plan, make_buffer, make_plan, signature_of
 from gradwatch._sinks import ParquetSink, TensorBoardSink
-from gradwatch._step import Records, restore_class
+from gradwatch._step import Records, restore_class, update_counts
 from gradwatch.buffer import GradientBuffer
 from gradwatch.keys import check_patterns
 from gradwatch.log import GradientLog, store_of
@@ -194,6 +195,8 @@ class GradWatch(keras.callbacks.Callback):
         self._model_ref: weakref.ref | None = None
         self._plan: Plan | None = None
         self._buffer: GradientBuffer | None = None
+        # id(variable) -> its updates in one step, where a step updates it more than once.
+        self._update_counts: dict[int, int] = {}
         self._epoch = 0
         self._epoch_start = 0
         self._since_drain = 0
@@ -269,10 +272,12 @@ class GradWatch(keras.callbacks.Callback):
             step_counter(model)
             if self.checks_every_step:
                 self._alarms.alarm_for(len(plan.stat_index))
-        elif _backend.EAGER:
+        elif _backend.EAGER and (self._plan is None or self._plan.signature != signature_of(model)):
             # The step runs eagerly and applies the update before it records: match
             # the patterns now, so that one matching nothing fails before any step.
-            self._plan_for(model)
+            # (The plan itself is made at the first step, which shows how many times
+            # it updates each variable.)
+            make_plan(model, self, None)
         if self._parquet is not None:
             self._parquet.open(model, self.stats, self.histogram or None, self.per_replica)
         self._model_ref = weakref.ref(model)
@@ -416,7 +421,7 @@ class GradWatch(keras.callbacks.Callback):
         `skipped` is a bool tensor (a loss-scale optimizer skipped the update) or None.
         """
         with traced_for_xla(model.jit_compile):
-            plan = self._plan_for(model)
+            plan = self._plan_for(model, records)
             buffer = self._buffer_for(model, plan)
             local = records if local is None else local
             _in_step.capture(self, model, plan, buffer, self._store, step, records, skipped, local)
@@ -430,14 +435,37 @@ class GradWatch(keras.callbacks.Callback):
         if not self.checks_every_step:
             return
         with traced_for_xla(model.jit_compile):
-            plan = self._plan_for(model)
+            plan = self._plan_for(model, records)
             alarm = self._alarms.alarm_for(len(plan.stat_index))
             _derived.every_step_check(plan, records, step, skipped, alarm, self._alarms)
 
-    def _plan_for(self, model: Any) -> Plan:
-        if self._plan is None or self._plan.signature != signature_of(model):
-            self._plan = make_plan(model, self, self._store)
-            self._buffer = None  # a new plan needs a buffer of its own shape
+    def _plan_for(self, model: Any, records: Records | None = None) -> Plan:
+        """The plan for the model's trainable variables and, from the step's `records`,
+        the number of times the step updates each (the counts only grow: an update
+        that a later step lacks is NaN there)."""
+        counts = self._update_counts
+        grown = {
+            k: n for k, n in update_counts(records or {}).items() if n > max(counts.get(k, 1), 1)
+        }
+        if grown:
+            counts = self._update_counts = {**counts, **grown}
+        plan = self._plan
+        if plan is not None and plan.signature == signature_of(model) and plan.counts == counts:
+            return plan
+        if (
+            _backend.STATE_IN_STEP
+            and records is not None
+            and plan is not None
+            and plan.signature == signature_of(model)
+            and self._buffer is not None
+        ):
+            # JAX: the ring buffer travels in the step's state, which Keras gathered
+            # before this trace; the next `fit` makes the plan with every update.
+            if grown:
+                _warn_updates_next_fit(plan, grown)
+            return plan
+        self._plan = make_plan(model, self, self._store, counts)
+        self._buffer = None  # a new plan needs a buffer of its own shape
         return self._plan
 
     def _buffer_for(self, model: Any, plan: Plan) -> GradientBuffer:
@@ -469,3 +497,14 @@ def _show(value: Any) -> str:
     if isinstance(value, os.PathLike):
         return repr(os.fspath(value))
     return repr(value)
+
+
+def _warn_updates_next_fit(plan: Plan, grown: dict[int, int]) -> None:
+    keys = [k for v, k in zip(plan.variables, plan.keys, strict=True) if id(v) in grown]
+    warnings.warn(
+        f"GradWatch: the train step updates {keys} more than once. This `fit` records "
+        "their first update only, as the log's layout travels in the step's state, which "
+        "was made before the step was traced; a later `fit` with this GradWatch records "
+        "every update (`key`, `key@1`, ...).",
+        stacklevel=4,
+    )

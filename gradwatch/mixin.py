@@ -37,6 +37,23 @@ def _ensure_counter(model: Any) -> None:
         model.train_function = None
 
 
+def optimizers_of(model: Any) -> list[Any]:
+    """The model's optimizers: `model.optimizer` and any optimizer among its attributes
+    (a GAN's `d_optimizer` and `g_optimizer`), once each."""
+    found: dict[int, Any] = {}
+    for value in [getattr(model, "optimizer", None), *vars(model).values()]:
+        if isinstance(value, keras.optimizers.Optimizer):
+            found.setdefault(id(value), value)
+    return list(found.values())
+
+
+def applying_optimizer(model: Any) -> Any:
+    """The optimizer that applies gradients recorded without `optimizer=`, where it can
+    be known: the model's own when it has no other. None with several (a GAN's)."""
+    found = optimizers_of(model)
+    return found[0] if len(found) == 1 else None
+
+
 class ApplyInterceptor:
     """Routes the optimizer's apply method through a recorder while a stock step runs.
 
@@ -82,15 +99,22 @@ class ApplyInterceptor:
             hooks[threading.get_ident()] = self._record
 
     def _record(self, grads_and_vars: list) -> None:
-        if self.skip_recorded:
-            scope = scopes().get(id(self.model))
-            recorded = set() if scope is None else set(scope.grads)
-            grads_and_vars = [(g, v) for g, v in grads_and_vars if id(v) not in recorded]
+        scope = scopes().get(id(self.model))
+        if self.skip_recorded and scope is not None:
+            # The step's own `record_gradients` call before this apply recorded these
+            # already; an apply it did not record (a critic's next update) is recorded.
+            kept = []
+            for g, v in grads_and_vars:
+                seen = scope.applied.get(id(v), 0)
+                scope.applied[id(v)] = seen + 1
+                if seen >= scope.by_hand.get(id(v), 0):
+                    kept.append((g, v))
+            grads_and_vars = kept
         if not grads_and_vars:
             return
         grads = [g for g, _ in grads_and_vars]
         variables = [v for _, v in grads_and_vars]
-        self.model.record_gradients(grads, variables, optimizer=self.optimizer)
+        _record_in_step(self.model, grads, variables, self.optimizer, by_hand=False)
 
     def __exit__(self, *exc: Any) -> None:
         with _patch_lock:
@@ -215,9 +239,11 @@ class GradWatchMixin:
     ) -> None:
         """Records gradients from a custom `train_step`.
 
-        Call it once per variable and step, with the gradients you pass to
-        `apply_gradients`, before you apply them (the update stats read the
-        weights here). Without a `GradWatch` attached it does nothing.
+        Call it with the gradients you pass to `apply_gradients`, before you
+        apply them (the update stats read the weights here), once per update:
+        a variable recorded again in the same step (a critic updated several
+        times) is its next update, logged as `key@1`, `key@2`, ... beside
+        `key`. Without a `GradWatch` attached it does nothing.
 
         Args:
             grads: Gradients, one per variable; `None` for a disconnected one.
@@ -225,8 +251,10 @@ class GradWatchMixin:
             optimizer: The optimizer that applies the gradients. If its
                 `scale_loss` scaled the loss, the gradients are divided by its
                 loss scale, and its clipping gives the `clipped_norm` stat.
-                Defaults to `None` (gradients are taken as they are, and
-                `clipped_norm` equals `norm`).
+                Defaults to `None`: the gradients are taken as they are
+                (not unscaled), and `clipped_norm` follows the clipping of
+                `self.optimizer` where it is the model's only optimizer; with
+                several (a GAN's), `clipped_norm` equals `norm`, with a warning.
 
         Example:
 
@@ -264,26 +292,40 @@ class GradWatchMixin:
             return _backend.outside_compile(GradWatchMixin.record_gradients)(
                 self, grads, variables, optimizer
             )
-        scope = scopes().get(id(self))
-        if scope is None:
-            raise RuntimeError(
-                "`record_gradients` records for the step being run, so call it inside "
-                f"`train_step` of {type(self).__name__}, during `fit` or `train_on_batch`."
-            )
-        watches = model_state(self).listening
-        if not watches:
-            return
-        grads, variables = list(grads), list(variables)
-        if len(grads) != len(variables):
-            raise ValueError(
-                "`grads` and `variables` must have the same length. "
-                f"Received: len(grads)={len(grads)}, len(variables)={len(variables)}"
-            )
-        # JAX: the loss scale, `iterations` and the weights are read from the step's
-        # input state, not from the variables (stale, or purged, while it runs).
-        with _backend.input_scope(self, scope):
-            pending = before_update(self, scope, variables, optimizer, watches)
-        add_records(scope, grads, variables, *pending)
+        _record_in_step(self, grads, variables, optimizer, by_hand=True)
+
+
+def _record_in_step(
+    model: Any, grads: Sequence[Any], variables: Sequence[Any], optimizer: Any, by_hand: bool
+) -> None:
+    """`record_gradients`: from the step's own call (`by_hand`), or from an optimizer's
+    apply that `ApplyInterceptor` saw."""
+    scope = scopes().get(id(model))
+    if scope is None:
+        raise RuntimeError(
+            "`record_gradients` records for the step being run, so call it inside "
+            f"`train_step` of {type(model).__name__}, during `fit` or `train_on_batch`."
+        )
+    watches = model_state(model).listening
+    if not watches:
+        return
+    grads, variables = list(grads), list(variables)
+    if len(grads) != len(variables):
+        raise ValueError(
+            "`grads` and `variables` must have the same length. "
+            f"Received: len(grads)={len(grads)}, len(variables)={len(variables)}"
+        )
+    if by_hand:
+        for v in variables:
+            scope.by_hand[id(v)] = scope.by_hand.get(id(v), 0) + 1
+    # JAX: the loss scale, `iterations` and the weights are read from the step's
+    # input state, not from the variables (stale, or purged, while it runs).
+    with _backend.input_scope(model, scope):
+        scale, befores, _ = before_update(model, scope, variables, optimizer, watches)
+    # Without `optimizer=`, the gradients are taken as they are (no loss scale), but
+    # the model's own optimizer, when it has no other, is the one that clips them.
+    clips = optimizer if optimizer is not None else applying_optimizer(model)
+    add_records(scope, grads, variables, scale, befores, clips)
 
 
 def record_gradients(
