@@ -517,7 +517,7 @@ def sparse_stats(g: SparseGradient) -> dict[str, Any]:
     abs_max = ops.where(some_zero, ops.maximum(abs_max, 0.0), abs_max)
     n_valid = ops.sum(ops.cast(valid, "float32"))
     return {
-        "norm": ops.sqrt(ops.sum(ops.square(xf))),
+        "norm": ops.where(n_finite == 0, nan, ops.sqrt(ops.sum(ops.square(xf)))),
         "mean": mean,
         "std": ops.where(n_finite == 0, nan, ops.sqrt(spread / safe_n)),
         "min": ops.where(none_left, nan, lo),

@@ -169,8 +169,8 @@ class HostOps:
         return np.logical_not(x)
 
     @staticmethod
-    def logical_and(a: Any, b: Any) -> bool:
-        return bool(np.logical_and(a, b))
+    def logical_and(a: Any, b: Any) -> Any:
+        return np.logical_and(a, b)
 
     @staticmethod
     def logical_or(a: Any, b: Any) -> Any:
