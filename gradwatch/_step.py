@@ -88,6 +88,9 @@ class ModelState:
         # the model evaluates (a test step neither writes nor returns it), and while a
         # train step runs (it gets and returns the variables of `metrics` alone).
         self.own_hidden = 0
+        # TensorFlow: where the step's stateful random ops are in their streams, shared by
+        # every train function traced for the model (see `_backend.tensorflow`).
+        self.random_streams: dict[Any, Any] = {}
 
     @property
     def active(self) -> list[Any]:

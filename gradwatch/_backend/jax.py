@@ -29,6 +29,7 @@ check_strategy = generic.check_strategy
 fused = generic.fused
 make_train_function = generic.make_train_function
 note_stock_step = generic.note_stock_step
+stock_train_function = generic.stock_train_function
 num_replicas = generic.num_replicas
 outside_compile = generic.outside_compile
 stats_table = generic.stats_table

@@ -263,6 +263,9 @@ def outside_compile(fn: Callable) -> Callable:
     return torch._dynamo.disable(fn)
 
 
+stock_train_function = generic.stock_train_function
+
+
 def note_stock_step(model: Any) -> None:
     """Notes, at a graph break, that the stock step ran inside a custom one."""
     outside_compile(_note_stock_step)(model)
