@@ -435,7 +435,7 @@ def continued_random_streams(model: Any) -> Iterator[None]:
     streams. Not under XLA (which has random numbers of its own) or a strategy (one
     kernel per replica); an op run eagerly (`run_eagerly=True`: a new op, and seed, at
     every call) runs as it is."""
-    if bool(getattr(model, "jit_compile", False)) or tf.distribute.has_strategy():
+    if bool(getattr(model, "jit_compile", False)) or _distributed(model):
         yield
         return
     _install()
@@ -445,6 +445,15 @@ def continued_random_streams(model: Any) -> Iterator[None]:
         yield
     finally:
         _tracing.model = outer
+
+
+def _distributed(model: Any) -> bool:
+    """Whether the model trains under a `tf.distribute` strategy (asked also outside its
+    scope, where Keras' stock train function is called)."""
+    if tf.distribute.has_strategy():
+        return True
+    strategy = getattr(model, "distribute_strategy", None)
+    return strategy is not None and strategy is not tf.distribute.get_strategy()
 
 
 def stock_train_function(model: Any, fn: Any) -> Any:
