@@ -509,20 +509,25 @@ def _noisy(cls):
 def test_stateful_random_ops_in_the_step_draw_as_without_the_watch(kind):
     # Plain Keras traces one train function, and each random op's stream goes on
     # across steps and fits; gradwatch traces one with and one without capture for
-    # `every`, and new ones when the watches change. Two fits with different watches
-    # and `every`, then one without (Keras' own function again, on a plain model), 44
-    # samples in batches of 8: the weights after each fit are bitwise those without a
-    # watch.
+    # `every`, and new ones when the watches change. Three fits with different watches
+    # (`every` 2, 1 and 3), then one without (Keras' own function again, on a plain
+    # model), 44 samples in batches of 8: the weights after each fit are bitwise those
+    # without a watch.
     alone = _noisy(Noisy)
     watched = _noisy(Noisy if kind == "plain" else WatchedNoisy)
     watched.set_weights(alone.get_weights())
     x, y = data(n=44)
     weights = {}
     for model, watches in (
-        (alone, [[], [], []]),
+        (alone, [[], [], [], []]),
         (
             watched,
-            [[gradwatch.GradWatch(every=2)], [gradwatch.GradWatch(stats="norm", every=3)], []],
+            [
+                [gradwatch.GradWatch(every=2)],
+                [gradwatch.GradWatch(stats="norm")],
+                [gradwatch.GradWatch(stats="norm", every=3)],
+                [],
+            ],
         ),
     ):
         model.compile(keras.optimizers.SGD(0.05), "mse")
