@@ -479,8 +479,14 @@ def _install() -> None:
     with _install_lock:
         if _installed:
             return
-        from tensorflow.python.ops import gen_random_ops
-
+        try:
+            from tensorflow.python.ops import gen_random_ops, gen_stateless_random_ops_v2
+        except ImportError:  # pragma: no cover - private modules moved: ops run as they are
+            _installed.append(False)
+            return
+        if not all(hasattr(gen_stateless_random_ops_v2, t) for t in _STATELESS_TWIN.values()):
+            _installed.append(False)  # pragma: no cover
+            return
         for name in _STATELESS_TWIN:
             original = getattr(gen_random_ops, name)
             setattr(gen_random_ops, name, _continued(name, original))
