@@ -35,7 +35,7 @@ def adopt(model: Any) -> bool:
     # watched fit means no compile since, so the functions traced then still hold.
     if model.train_function is not state.stock_function:
         state.captured, state.gate = {}, None
-    state.stock_function = model.train_function
+    state.stock_function = _backend.stock_train_function(model, model.train_function)
     return True
 
 

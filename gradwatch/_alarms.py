@@ -105,7 +105,13 @@ class Alarms:
                 self.act("warn", nonfinite_message(first, counts))
         if self.thresholds and "norm" in self.stats:
             beyond = np.vectorize(self.beyond, otypes=[bool])
-            first, found = self._stat_alerts(block, keys, store, "norm", beyond, self.kind)
+            if "nonfinite" in self.stats:
+                # A gradient with NaN/Inf elements is a non-finite alert, not a threshold one.
+                clean = block.stats[:, :, self.stats.index("nonfinite")] == 0
+                tripped = lambda v: beyond(v) & clean  # noqa: E731
+            else:
+                tripped = beyond
+            first, found = self._stat_alerts(block, keys, store, "norm", tripped, self.kind)
             if found and self.on_threshold == "warn" and self.threshold_from_stats:
                 self.act("warn", self.threshold_message(first, found))
 
@@ -174,6 +180,10 @@ class Alarms:
 
     # ------------------------------------------------------------------ acting
     def beyond(self, norm: float) -> bool:
+        """Whether a norm trips `max_norm` or `min_norm`. A non-finite norm never does:
+        its gradient is reported as non-finite (`on_nonfinite`)."""
+        if not np.isfinite(norm):
+            return False
         return (self.max_norm is not None and norm > self.max_norm) or (
             self.min_norm is not None and norm < self.min_norm
         )
@@ -193,6 +203,9 @@ class Alarms:
             if kind not in self._warned:
                 self._warned.add(kind)
                 warnings.warn("GradWatch: " + message, stacklevel=2)
+        elif policy == "stop":
+            # As Keras' TerminateOnNaN: say why training ends, where the progress bar is.
+            _print_msg(f"GradWatch: {message} Terminating training.")
         elif policy == "raise":
             self._error = FloatingPointError("GradWatch: " + message)
 
@@ -200,6 +213,14 @@ class Alarms:
         """The pending error of a `"raise"` policy, once."""
         error, self._error = self._error, None
         return error
+
+
+def _print_msg(message: str) -> None:
+    """Prints as Keras' callbacks do: to stdout, or to absl's log where Keras'
+    interactive logging is off (`keras.config.disable_interactive_logging`)."""
+    from keras.src.utils import io_utils
+
+    io_utils.print_msg(message)
 
 
 def nonfinite_message(step: int, found: dict | list) -> str:

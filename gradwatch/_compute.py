@@ -200,12 +200,15 @@ def norm(g: Any) -> float:
     """L2 norm of the finite elements.
 
     `norm = sqrt(sum_i g_i**2)` over the elements that are neither NaN nor
-    ±Inf; 0.0 for an empty tensor.
+    ±Inf; NaN when there are none (an all-NaN gradient is not a vanishing
+    one); 0.0 for an empty tensor.
 
     Example:
 
     >>> norm(np.array([3.0, 4.0, np.nan]))
     5.0
+    >>> norm(np.array([np.nan, np.inf]))
+    nan
     """
     return _one("norm", g)
 

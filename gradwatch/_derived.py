@@ -205,6 +205,8 @@ def every_step_check(
             out = ck.logical_or(out, norm > policy.max_norm)
         if policy.min_norm is not None:
             out = ck.logical_or(out, norm < policy.min_norm)
+        # A non-finite gradient is `on_nonfinite`'s to report, not beyond a threshold.
+        out = ck.logical_and(out, ck.isfinite(norm))
         over = ck.any(out)
         ck.note_first(over, alarm.threshold_step, alarm.threshold_sq, step, sq)
     ck.count_tripped(alarm.tripped, [bad, over])

@@ -46,7 +46,8 @@ def exact_group(x: Any) -> dict[str, Any]:
     mean = ops.where(n_finite == 0, nan, ops.sum(xf, axis=1) / safe_n)
     centred = ops.where(finite, x - ops.nan_to_num(mean)[:, None], 0.0)
     return {
-        "norm": ops.sqrt(ops.sum(ops.square(xf), axis=1)),
+        # No finite element: NaN, not a norm of 0 that would read as a vanishing gradient.
+        "norm": ops.where(n_finite == 0, nan, ops.sqrt(ops.sum(ops.square(xf), axis=1))),
         "mean": mean,
         "std": ops.where(
             n_finite == 0, nan, ops.sqrt(ops.sum(ops.square(centred), axis=1) / safe_n)

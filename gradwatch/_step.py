@@ -5,9 +5,10 @@ modules can import it."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 
@@ -103,6 +104,13 @@ class ModelState:
         # compile, and those traced with the capture, by the watches they record for.
         self.stock_function: Any = None
         self.captured: dict[tuple[Any, ...], Any] = {}
+        # JAX: >0 while `metrics_variables` leaves gradwatch's device state out: while
+        # the model evaluates (a test step neither writes nor returns it), and while a
+        # train step runs (it gets and returns the variables of `metrics` alone).
+        self.own_hidden = 0
+        # TensorFlow: where the step's stateful random ops are in their streams, shared by
+        # every train function traced for the model (see `_backend.tensorflow`).
+        self.random_streams: dict[Any, Any] = {}
 
     @property
     def active(self) -> list[Any]:
@@ -113,6 +121,17 @@ class ModelState:
     def listening(self) -> list[Any]:
         """The watches that see the step's gradients: recording ones, and alarms on every step."""
         return [w for w in self.watches if self.capturing or w.checks_every_step]
+
+
+@contextlib.contextmanager
+def own_state_hidden(model: Any) -> Iterator[None]:
+    """Leaves gradwatch's device state out of the model's `metrics_variables` (JAX)."""
+    state = model_state(model)
+    state.own_hidden += 1
+    try:
+        yield
+    finally:
+        state.own_hidden -= 1
 
 
 def model_state(model: Any) -> ModelState:

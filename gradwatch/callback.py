@@ -75,12 +75,14 @@ class GradWatch(keras.callbacks.Callback):
             start of training. Defaults to `1_000_000`.
         on_nonfinite: What to do when a watched gradient has a NaN or Inf:
             `"ignore"`, `"warn"` (one warning naming the first step and the
-            variables, with counts), `"stop"` (set `model.stop_training`; the
-            log is kept) or `"raise"` (a `FloatingPointError`, after the log is
-            written out). Checked at every step, also with `every > 1`.
-            Defaults to `"warn"`.
+            variables, with counts), `"stop"` (set `model.stop_training` and
+            print why, naming the step and the variables, as Keras'
+            `TerminateOnNaN` does; the log is kept) or `"raise"` (a
+            `FloatingPointError`, after the log is written out). Checked at
+            every step, also with `every > 1`. Defaults to `"warn"`.
         max_norm: Alert when a watched variable's gradient norm exceeds this.
-            Defaults to `None` (no check).
+            A non-finite gradient is never a threshold alert (`on_nonfinite`
+            reports it). Defaults to `None` (no check).
         min_norm: Alert when a watched variable's gradient norm falls below
             this (vanishing). Defaults to `None` (no check).
         on_threshold: The policy for `max_norm` and `min_norm`, as

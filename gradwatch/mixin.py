@@ -11,17 +11,27 @@ import keras
 from gradwatch import _capture
 from gradwatch._backend import current as _backend
 from gradwatch._capture import add_records, before_update, counted, step_counter
-from gradwatch._step import ModelState, Watcher, model_state, restore_class, scopes
+from gradwatch._step import (
+    ModelState,
+    Watcher,
+    model_state,
+    own_state_hidden,
+    restore_class,
+    scopes,
+)
 
 _patch_lock = threading.Lock()
 
 
 def _own_metrics(model: Any) -> list[Any]:
     """JAX: gradwatch's device state (step counter, ring buffers, alarms), which travels
-    in the stateless step's metrics state; none on the other backends."""
+    in the train step's metrics state; none on the other backends, and none while the
+    model evaluates (a test step neither writes nor returns it)."""
     if not _backend.STATE_IN_STEP:
         return []
     state = model_state(model)
+    if state.own_hidden:
+        return []
     own = [] if state.counter is None else _backend.counter_metrics(state.counter)
     for watch in state.watches:
         own += watch.state_metrics()
@@ -181,14 +191,25 @@ class GradWatchMixin:
         with ApplyInterceptor(self.optimizer, self):
             return super().train_step(*args)
 
+    # JAX: gradwatch's device state travels in the train step's metrics state, after the
+    # model's own metrics variables. It stays out of `metrics`, which users iterate (a
+    # custom step updating each of `self.metrics`, or a `metrics` property of its own);
+    # `_backend.run_step` hands the step only the variables of `metrics`.
     @property
-    def metrics(self) -> list[Any]:
-        return super().metrics + _own_metrics(self)
+    def metrics_variables(self) -> list[Any]:
+        own = [v for m in _own_metrics(self) for v in m.variables]
+        return super().metrics_variables + own
 
-    @property
-    def metrics_names(self) -> list[str]:
-        own = {id(m) for m in _own_metrics(self)}
-        return [m.name for m in self.metrics if id(m) not in own]
+    def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+        """Runs `keras.Model.evaluate`; gradwatch's device state stays out of the test
+        step's state."""
+        with own_state_hidden(self):
+            return super().evaluate(*args, **kwargs)
+
+    def test_on_batch(self, *args: Any, **kwargs: Any) -> Any:
+        """Runs `keras.Model.test_on_batch`; as `evaluate`."""
+        with own_state_hidden(self):
+            return super().test_on_batch(*args, **kwargs)
 
     def fit(self, *args: Any, **kwargs: Any) -> Any:
         """Runs `keras.Model.fit` with the `GradWatch` callbacks among `callbacks` attached.

@@ -38,7 +38,7 @@ __all__ = [
 
 #: Every stat gradwatch computes, with its one-line definition, in catalogue order.
 STATS: dict[str, str] = {
-    "norm": "L2 norm over the finite elements: sqrt(sum(g_i**2)).",
+    "norm": "L2 norm over the finite elements: sqrt(sum(g_i**2)); NaN where none is finite.",
     "mean": "Mean of the finite elements: sum(g_i) / n_finite.",
     "std": "Population standard deviation of the finite elements (ddof=0).",
     "min": "Smallest element, NaN ignored, -Inf counted.",

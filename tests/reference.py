@@ -111,7 +111,8 @@ def np_stats(g) -> dict[str, float]:
     notnan = g[~np.isnan(g)]
     n = g.size
     return {
-        "norm": float(np.sqrt(np.sum(finite**2))),
+        # NaN where no element is finite; 0 for an empty tensor.
+        "norm": float(np.sqrt(np.sum(finite**2))) if finite.size or not n else np.nan,
         "mean": float(finite.mean()) if finite.size else np.nan,
         "std": float(finite.std()) if finite.size else np.nan,
         "min": float(notnan.min()) if notnan.size else np.nan,

@@ -203,3 +203,75 @@ def test_skipped_steps_round_trip_through_files(tmp_path):
     np.testing.assert_array_equal(streamed.skipped_steps, watch.log.skipped_steps)
     watch.log.to_csv(tmp_path / "log.csv")
     assert gradwatch.read_log(tmp_path / "log.csv") == watch.log
+
+
+def test_all_nan_gradient_has_nan_norm_and_is_no_min_norm_alert():
+    # Batch 3 has a NaN input, so every element of every gradient there is NaN (the NaN
+    # sample reaches every unit and every weight). Its norm is NaN, not 0: a vanishing
+    # gradient alert (min_norm) would be wrong. filterwarnings=error: a min_norm
+    # warning would fail this test; the non-finite one is expected.
+    watch = gradwatch.GradWatch(stats=("norm", "nonfinite"), min_norm=1e-12)
+    with pytest.warns(UserWarning, match="Non-finite gradients at step 3"):
+        model = _fit(watch)
+    log = watch.log
+    norms, nonfinite = log.stat("norm"), log.stat("nonfinite")
+    for v in model.trainable_weights:
+        key = log.key(v.path)
+        assert nonfinite.loc[3, key] == np.prod(v.shape)  # no finite element at all
+        assert (norms.loc[:2, key] > 0).all()
+        # From step 3 on the weights are NaN too: every later gradient is all NaN.
+        assert norms.loc[3:, key].isna().all()
+    alerts = log.alerts
+    assert set(alerts["kind"]) == {"nonfinite"}
+    assert set(alerts["step"]) == set(range(3, 10))
+
+
+@pytest.mark.parametrize("every", [1, 10])
+def test_thresholds_skip_non_finite_gradients_in_both_checks(every):
+    # every=1: from the recorded stats; every=10 and "raise": the check in the step.
+    watch = gradwatch.GradWatch(
+        stats="norm", every=every, min_norm=1e-12, max_norm=1e6, on_threshold="raise"
+    )
+    with pytest.warns(UserWarning, match="Non-finite gradients at step 3"):
+        _fit(watch)  # no FloatingPointError: step 3's NaN norms trip no threshold
+    assert watch.log.first_nonfinite()[0] == 3
+    assert set(watch.log.alerts["kind"]) == {"nonfinite"}
+
+
+_STOP_SCRIPT = """
+import os, sys
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, {tests!r})
+import keras, numpy as np
+from models import data, pair
+import gradwatch
+
+keras.utils.set_random_seed(1234)
+x, y = data(n=80)
+x[3 * 8 + 2, 1] = np.nan  # batch 3: NaN gradients
+model, _ = pair(regularize=False)
+model.compile(keras.optimizers.SGD(0.01), "mse")
+watch = gradwatch.GradWatch(stats=("norm", "nonfinite"), on_nonfinite="stop")
+model.fit(x, y, batch_size=8, epochs=3, shuffle=False, callbacks=[watch], verbose=0)
+print("stopped:", model.stop_training)
+"""
+
+
+def test_nonfinite_stop_says_why_naming_the_step_and_variables():
+    # As Keras' TerminateOnNaN prints "Batch 2: Invalid loss, terminating training".
+    import os
+    import subprocess
+    import sys
+
+    script = _STOP_SCRIPT.format(tests=os.path.dirname(__file__))
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True
+    ).stdout
+    lines = out.splitlines()
+    said = [line for line in lines if line.startswith("GradWatch:")]
+    assert len(said) == 1, out
+    assert said[0].startswith("GradWatch: Non-finite gradients at step 3: {")
+    assert "'net/hidden/kernel': 20" in said[0]  # 5 x 4 elements, all NaN
+    assert "'net/out/bias': 2" in said[0]
+    assert said[0].endswith("Terminating training.")
+    assert lines[-1] == "stopped: True"

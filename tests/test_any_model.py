@@ -24,6 +24,7 @@ from reference import (
     skip_unless_supported,
     spe,
     tape_gradients,
+    tf_only,
 )
 
 import gradwatch
@@ -472,3 +473,68 @@ def test_an_error_in_fit_loses_no_step_and_the_next_fit_gives_the_class_back():
     assert len(watch.log) == 3
     for a, b in zip(model.get_weights(), twin.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+class Noisy(keras.Model):
+    """A custom step that draws unseeded stateful random numbers, as the DCGAN's does
+    (`tf.random.normal` there): noise on the inputs, from the global seed alone."""
+
+    def train_step(self, data):
+        import tensorflow as tf
+
+        x, y = data
+        noise = tf.random.normal(tf.shape(x))
+        keep = tf.cast(tf.random.uniform(tf.shape(x)[:1]) < 0.8, x.dtype)[:, None]
+        with tf.GradientTape() as tape:
+            y_pred = self(x + 0.5 * noise * keep, training=True)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred)
+        grads = tape.gradient(loss, self.trainable_weights)
+        self.optimizer.apply_gradients(zip(grads, self.trainable_weights, strict=True))
+        return {"loss": loss}
+
+
+class WatchedNoisy(gradwatch.GradWatchMixin, Noisy):
+    def train_step(self, data):
+        return super().train_step(data)
+
+
+def _noisy(cls):
+    inputs = keras.Input((5,))
+    hidden = keras.layers.Dense(4, activation="tanh", name="hidden")(inputs)
+    return cls(inputs, keras.layers.Dense(2, name="out")(hidden), name="net")
+
+
+@tf_only  # stateful random ops are TensorFlow's (Keras' own random ops are stateless)
+@pytest.mark.parametrize("kind", ["plain", "mixin"])
+def test_stateful_random_ops_in_the_step_draw_as_without_the_watch(kind):
+    # Plain Keras traces one train function, and each random op's stream goes on
+    # across steps and fits; gradwatch traces one with and one without capture for
+    # `every`, and new ones when the watches change. Three fits with different watches
+    # (`every` 2, 1 and 3), then one without (Keras' own function again, on a plain
+    # model), 44 samples in batches of 8: the weights after each fit are bitwise those
+    # without a watch.
+    alone = _noisy(Noisy)
+    watched = _noisy(Noisy if kind == "plain" else WatchedNoisy)
+    watched.set_weights(alone.get_weights())
+    x, y = data(n=44)
+    weights = {}
+    for model, watches in (
+        (alone, [[], [], [], []]),
+        (
+            watched,
+            [
+                [gradwatch.GradWatch(every=2)],
+                [gradwatch.GradWatch(stats="norm")],
+                [gradwatch.GradWatch(stats="norm", every=3)],
+                [],
+            ],
+        ),
+    ):
+        model.compile(keras.optimizers.SGD(0.05), "mse")
+        weights[id(model)] = []
+        for w in watches:
+            model.fit(x, y, batch_size=8, epochs=2, shuffle=False, callbacks=w, verbose=0)
+            weights[id(model)].append(model.get_weights())
+    for fit, (a, b) in enumerate(zip(weights[id(alone)], weights[id(watched)], strict=True)):
+        for wa, wb in zip(a, b, strict=True):
+            np.testing.assert_array_equal(wa, wb, err_msg=f"after fit {fit}")

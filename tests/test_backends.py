@@ -48,6 +48,8 @@ CORE = [
     "tests/test_callback.py",
     "tests/test_alarms.py",
     "tests/test_any_model.py",
+    # JAX's stateless custom steps (skipped on the other backends).
+    "tests/test_jax_steps.py",
 ]
 
 

@@ -55,13 +55,20 @@ def test_stats_zero_frac_counts_all_elements_when_some_are_nonfinite():
 
 def test_stats_all_nan_and_empty_tensors():
     out = np.asarray(
-        S.compute_stats([np.full(3, np.nan), np.zeros((0, 4))], list(S.GRADIENT_STATS))
+        S.compute_stats(
+            [np.full(3, np.nan), np.zeros((0, 4)), np.array([np.inf, -np.inf, np.nan])],
+            list(S.GRADIENT_STATS),
+        )
     )
     all_nan = dict(zip(S.GRADIENT_STATS, out[0].tolist(), strict=True))
-    assert all_nan["norm"] == 0.0
+    # No finite element: the norm is NaN (a norm of 0 would read as a vanishing gradient).
     assert all_nan["nonfinite"] == 3.0
-    for name in ("mean", "std", "min", "max", "abs_max"):
-        assert math.isnan(all_nan[name])
+    for name in ("norm", "mean", "std", "min", "max", "abs_max"):
+        assert math.isnan(all_nan[name]), name
+    none_finite = dict(zip(S.GRADIENT_STATS, out[2].tolist(), strict=True))
+    assert math.isnan(none_finite["norm"]) and none_finite["nonfinite"] == 3.0
+    assert none_finite["min"] == -np.inf and none_finite["max"] == np.inf
+    assert math.isnan(S.norm(np.full((2, 2), np.nan)))
     empty = dict(zip(S.GRADIENT_STATS, out[1].tolist(), strict=True))
     assert empty["norm"] == 0.0 and empty["nonfinite"] == 0.0
     for name in ("mean", "std", "min", "max", "abs_max", "zero_frac"):

@@ -100,6 +100,11 @@ class Backend(Protocol):
     def note_stock_step(self, model: Any) -> None:
         """From a compiled custom step: notes that it ran the stock one (`super().train_step`)."""
 
+    def stock_train_function(self, model: Any, fn: Any) -> Any:
+        """Keras' own train function of a plain model, as gradwatch gives it back after a
+        watched fit (TensorFlow: its step's random ops go on where the watched steps'
+        left off)."""
+
     # The stats (`gradwatch._compute`): the fast paths each backend has of its own.
 
     def stats_table(self, tensors: Sequence[Any], stats: tuple[str, ...]) -> Any | None:

@@ -17,7 +17,7 @@ from gradwatch import _kernels
 from gradwatch._backend import generic
 from gradwatch._backend.generic import Ops
 from gradwatch._state import StateMetric
-from gradwatch._step import Records, StepScope, model_state, scopes
+from gradwatch._step import Records, StepScope, model_state, own_state_hidden, scopes
 
 RECORDS = True  # GradWatch records on this backend
 
@@ -29,6 +29,7 @@ check_strategy = generic.check_strategy
 fused = generic.fused
 make_train_function = generic.make_train_function
 note_stock_step = generic.note_stock_step
+stock_train_function = generic.stock_train_function
 num_replicas = generic.num_replicas
 outside_compile = generic.outside_compile
 stats_table = generic.stats_table
@@ -235,22 +236,34 @@ def run_step(
     if counter is None:
         # No counter in the state (the train function was made outside `fit`): run as is.
         return fn(model, state, data, **kwargs)
+    refs = model.metrics_variables
+    # gradwatch's own variables come last (`GradWatchMixin.metrics_variables`); the step
+    # gets those of `model.metrics` alone, as a custom step that slices or iterates
+    # them expects (the stock one, too, sees no others), and gradwatch writes its own
+    # after it.
+    with own_state_hidden(model):
+        n_user = len(model.metrics_variables)
+    trainable, non_trainable, optimizer_vars, metrics_in = state
+    metrics_in = list(metrics_in)
+    own_in = metrics_in[n_user:]
     all_scopes = scopes()
     scope = all_scopes[id(model)] = StepScope()
-    scope.state = tuple(state)
+    scope.state = (trainable, non_trainable, optimizer_vars, metrics_in[:n_user])
     try:
-        logs, new_state = fn(model, state, data, **kwargs)
+        with own_state_hidden(model):
+            logs, new_state = fn(model, scope.state, data, **kwargs)
     finally:
         del all_scopes[id(model)]
     trainable, non_trainable, optimizer_vars, metrics_vars = new_state
-    refs = model.metrics_variables
-    if len(refs) != len(metrics_vars):
+    if len(metrics_vars) != n_user:
         raise RuntimeError(
             f"The `train_step` of {type(model).__name__} returned "
-            f"{len(metrics_vars)} metrics variables, and the model has {len(refs)}. "
-            "Return the state as `(trainable_variables, non_trainable_variables, "
-            "optimizer_variables, metrics_variables)`, with every metrics variable."
+            f"{len(metrics_vars)} metrics variables, and the model's metrics have "
+            f"{n_user}. Return the state as `(trainable_variables, "
+            "non_trainable_variables, optimizer_variables, metrics_variables)`, with "
+            "every variable of the metrics in `model.metrics`."
         )
+    metrics_vars = [*metrics_vars, *own_in]
     optimizer = getattr(model, "optimizer", None)
     mapping = [
         *zip(refs, metrics_vars, strict=True),

@@ -15,7 +15,7 @@ from keras import ops
 from gradwatch import _kernels
 from gradwatch._backend import generic
 from gradwatch._lazy import tf
-from gradwatch._step import Records, run_in_scope
+from gradwatch._step import Records, model_state, run_in_scope
 from gradwatch.sparse import SparseGradient, dense
 
 RECORDS = True  # GradWatch records on this backend
@@ -396,10 +396,148 @@ def check_strategy(model: Any) -> None:
 
 
 def run_step(fn: Callable, model: Any, commit: Callable, *args: Any, **kwargs: Any) -> Any:
-    """Runs (traces) one counted step, and commits its records into it."""
-    outputs, scope = run_in_scope(fn, model, *args, **kwargs)
+    """Runs (traces) one counted step, and commits its records into it. The step's
+    unseeded stateful random ops continue one stream per op across the model's traced
+    train functions (see `continued_random_streams`)."""
+    with continued_random_streams(model):
+        outputs, scope = run_in_scope(fn, model, *args, **kwargs)
     commit(model, scope)
     return outputs
+
+
+# ------------------------------------------- stateful random ops in the traced step
+# A stateful random op (`tf.random.normal` in a GAN's step; seeded from the global seed
+# alone) keeps its stream in its kernel, one per traced function. Plain Keras traces
+# one train function per compile, and the stream goes on across steps and fits. gradwatch
+# traces more (with and without capture for `every`, anew when the watches change):
+# each would restart the stream (u0, u0, u1, u1 for u0, u1, u2, u3). So while gradwatch
+# traces a step, each such op is made its stateless twin on the same Philox key and
+# counter, the counter kept in a variable that every traced function of the model
+# shares: the numbers are bitwise those of the stateful op, continued.
+_STATELESS_TWIN = {
+    "random_standard_normal": "stateless_random_normal_v2",
+    "random_uniform": "stateless_random_uniform_v2",
+    "truncated_normal": "stateless_truncated_normal_v2",
+    "random_uniform_int": "stateless_random_uniform_int_v2",
+}
+# Each call of a stateful Philox op reserves 256 samples per element of its output
+# (`GuardedPhiloxRandom::ReserveRandomOutputs(n, 256)` in TensorFlow's kernels).
+_SAMPLES_PER_ELEMENT = 256
+_PHILOX = 1  # `tf.random.Algorithm.PHILOX`
+_tracing = threading.local()
+_install_lock = threading.Lock()
+_installed: list[bool] = []
+
+
+@contextlib.contextmanager
+def continued_random_streams(model: Any) -> Iterator[None]:
+    """While a step of `model` is traced: its stateful random ops continue the model's
+    streams. Not under XLA (which has random numbers of its own) or a strategy (one
+    kernel per replica); an op run eagerly (`run_eagerly=True`: a new op, and seed, at
+    every call) runs as it is."""
+    if bool(getattr(model, "jit_compile", False)) or _distributed(model):
+        yield
+        return
+    _install()
+    outer = getattr(_tracing, "model", None)
+    _tracing.model = model
+    try:
+        yield
+    finally:
+        _tracing.model = outer
+
+
+def _distributed(model: Any) -> bool:
+    """Whether the model trains under a `tf.distribute` strategy (asked also outside its
+    scope, where Keras' stock train function is called)."""
+    if tf.distribute.has_strategy():
+        return True
+    strategy = getattr(model, "distribute_strategy", None)
+    return strategy is not None and strategy is not tf.distribute.get_strategy()
+
+
+def stock_train_function(model: Any, fn: Any) -> Any:
+    """Keras' own train function of a plain model that gradwatch gives back after a
+    watched fit: traced (where it is first traced later) with the random streams of the
+    watched steps, so that a later fit without a watch draws on where they left off."""
+    if fn is None or getattr(fn, "_gradwatch_streams", False):
+        return fn
+
+    def train_function(*args: Any, **kwargs: Any) -> Any:
+        with continued_random_streams(model):
+            return fn(*args, **kwargs)
+
+    train_function._gradwatch_streams = True  # type: ignore[attr-defined]
+    return train_function
+
+
+def _install() -> None:
+    """Routes TensorFlow's stateful random ops through `_continued`, once per process;
+    outside a step that gradwatch traces, they run as they are."""
+    if _installed:
+        return
+    with _install_lock:
+        if _installed:
+            return
+        try:
+            from tensorflow.python.ops import gen_random_ops, gen_stateless_random_ops_v2
+        except ImportError:  # pragma: no cover - private modules moved: ops run as they are
+            _installed.append(False)
+            return
+        if not all(hasattr(gen_stateless_random_ops_v2, t) for t in _STATELESS_TWIN.values()):
+            _installed.append(False)  # pragma: no cover
+            return
+        for name in _STATELESS_TWIN:
+            original = getattr(gen_random_ops, name)
+            setattr(gen_random_ops, name, _continued(name, original))
+        _installed.append(True)
+
+
+def _continued(name: str, original: Callable) -> Callable:
+    import inspect
+
+    from tensorflow.python.ops import gen_stateless_random_ops_v2
+
+    twin = getattr(gen_stateless_random_ops_v2, _STATELESS_TWIN[name])
+    signature = inspect.signature(original)
+
+    def op(*args: Any, **kwargs: Any) -> Any:
+        model = getattr(_tracing, "model", None)
+        if model is None or tf.executing_eagerly():
+            return original(*args, **kwargs)
+        a = signature.bind(*args, **kwargs).arguments
+        seed, seed2 = int(a.get("seed", 0) or 0), int(a.get("seed2", 0) or 0)
+        if seed == 0 and seed2 == 0:  # no seed at all: random from run to run anyway
+            return original(*args, **kwargs)
+        shape = a["shape"]
+        position = _stream(model, seed, seed2)
+        key = tf.constant([seed], tf.uint64)
+        counter = tf.stack(
+            [tf.cast(position.read_value(), tf.uint64), tf.constant(seed2, tf.uint64)]
+        )
+        if name == "random_uniform_int":
+            out = twin(shape, key, counter, _PHILOX, a["minval"], a["maxval"])
+        else:
+            out = twin(shape, key, counter, _PHILOX, dtype=a["dtype"])
+        n = tf.reduce_prod(tf.cast(shape, tf.int64))
+        position.assign_add(n * _SAMPLES_PER_ELEMENT)
+        return out
+
+    op.__wrapped__ = original
+    return op
+
+
+def _stream(model: Any, seed: int, seed2: int) -> Any:
+    """The position of one op's stream: one per op seeds and input signature of the
+    traced function, as plain Keras has one kernel per op of each traced signature
+    (a last, smaller batch traces anew, and its ops start afresh there too)."""
+    graph = tf.compat.v1.get_default_graph()
+    key = (seed, seed2, repr(getattr(graph, "structured_input_signature", None)))
+    streams = model_state(model).random_streams
+    if key not in streams:
+        with tf.init_scope():
+            streams[key] = tf.Variable(0, dtype=tf.int64, trainable=False, name="gradwatch_rng")
+    return streams[key]
 
 
 OWN_TRAIN_STEP = False  # the stock step is recorded at `APPLY_METHOD`
@@ -517,7 +655,7 @@ def sparse_stats(g: SparseGradient) -> dict[str, Any]:
     abs_max = ops.where(some_zero, ops.maximum(abs_max, 0.0), abs_max)
     n_valid = ops.sum(ops.cast(valid, "float32"))
     return {
-        "norm": ops.sqrt(ops.sum(ops.square(xf))),
+        "norm": ops.where(n_finite == 0, nan, ops.sqrt(ops.sum(ops.square(xf)))),
         "mean": mean,
         "std": ops.where(n_finite == 0, nan, ops.sqrt(spread / safe_n)),
         "min": ops.where(none_left, nan, lo),

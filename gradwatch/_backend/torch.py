@@ -169,8 +169,8 @@ class HostOps:
         return np.logical_not(x)
 
     @staticmethod
-    def logical_and(a: Any, b: Any) -> bool:
-        return bool(np.logical_and(a, b))
+    def logical_and(a: Any, b: Any) -> Any:
+        return np.logical_and(a, b)
 
     @staticmethod
     def logical_or(a: Any, b: Any) -> Any:
@@ -261,6 +261,9 @@ def make_train_function(
 def outside_compile(fn: Callable) -> Callable:
     """PyTorch: `fn`, run eagerly at a graph break when called from `torch.compile`d code."""
     return torch._dynamo.disable(fn)
+
+
+stock_train_function = generic.stock_train_function
 
 
 def note_stock_step(model: Any) -> None:
