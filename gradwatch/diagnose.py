@@ -26,6 +26,7 @@ __all__ = [
     "count_line",
     "findings_json",
     "findings_text",
+    "fit_summary",
     "run_rules",
 ]
 
@@ -794,6 +795,7 @@ def _steps_text(row: Mapping[str, Any]) -> str:
     a, b = row["first_step"], row["last_step"]
     if pd.isna(a):
         return "-"
+    a, b = int(a), int(b)
     return f"step {a}" if a == b else f"steps {a}..{b}"
 
 
@@ -822,6 +824,38 @@ def findings_text(findings: pd.DataFrame, severities: Sequence[str] = SEVERITIES
         lines.append(f"{'':8}{row['evidence']}")
         lines.append(f"{'':8}Try: {row['advice']}")
     return "\n".join(lines)
+
+
+def fit_summary(findings: pd.DataFrame) -> str:
+    """The short summary `GradWatch` prints at the end of `fit`: the errors and warnings,
+    one line each, or `""` when there are none.
+
+    Example:
+
+    >>> f = pd.DataFrame({"severity": ["error", "info"], "finding": ["nonfinite", "clipping"],
+    ...                   "variables": [["d/kernel"], []], "first_step": [3, None],
+    ...                   "last_step": [9, None]})
+    >>> print(fit_summary(f))
+    GradWatch found 1 error: see `watch.log.diagnose()` for the evidence and advice.
+      error    nonfinite  steps 3..9  d/kernel
+    """
+    shown = findings[findings["severity"].isin(["error", "warning"])]
+    if not len(shown):
+        return ""
+    n = shown["severity"].value_counts()
+    e, w = int(n.get("error", 0)), int(n.get("warning", 0))
+    counts = [f"{e} error{'s' * (e != 1)}"] * bool(e) + [f"{w} warning{'s' * (w != 1)}"] * bool(w)
+    lines = [
+        f"GradWatch found {' and '.join(counts)}: see `watch.log.diagnose()` for the evidence "
+        "and advice."
+    ]
+    wid = max(len(f) for f in shown["finding"])
+    steps = [_steps_text(row) for _, row in shown.iterrows()]
+    swid = max(len(x) for x in steps)
+    for (_, row), span in zip(shown.iterrows(), steps, strict=True):
+        where = _listing([str(v) for v in row["variables"]]) if row["variables"] else ""
+        lines.append(f"  {row['severity']:<8} {row['finding']:<{wid}}  {span:<{swid}}  {where}")
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def findings_json(findings: pd.DataFrame) -> str:
