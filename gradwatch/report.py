@@ -157,6 +157,7 @@ def _page(
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{e(title)}</h1>",
+        _findings_section(log),
         "<dl>",
         *(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in overview.items()),
     ]
@@ -185,6 +186,39 @@ def _page(
     parts.append(_alerts_table(log.alerts))
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _findings_section(log: GradientLog) -> str:
+    """The doctor's findings (`GradientLog.diagnose`), most severe first, as the page's opening."""
+    from gradwatch.diagnose import count_line
+
+    e = html.escape
+    findings = log.diagnose()
+    colour = {"error": "#d62728", "warning": "#b8860b", "info": "#555"}
+    rows = []
+    for _, row in findings.iterrows():
+        steps = "-" if pd.isna(row["first_step"]) else f"{row['first_step']}..{row['last_step']}"
+        cells = [
+            f'<td style="color:{colour[row["severity"]]};font-weight:600">'
+            f"{e(row['severity'])}</td>",
+            f"<td>{e(row['finding'])}</td>",
+            f"<td>{e(steps)}</td>",
+            f'<td style="text-align:left">{e(", ".join(row["variables"]) or "-")}</td>',
+            f'<td style="text-align:left">{e(row["evidence"])}<br><em>Try:</em> '
+            f"{e(row['advice'])}</td>",
+        ]
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    head = "".join(
+        f"<th>{c}</th>" for c in ("severity", "finding", "steps", "variables", "evidence")
+    )
+    table = (
+        f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        if rows
+        else ""
+    )
+    return (
+        f'<section id="findings"><h2>Findings</h2><p>{e(count_line(findings))}</p>{table}</section>'
+    )
 
 
 def _summary_table(summary: pd.DataFrame) -> str:
