@@ -546,28 +546,30 @@ def test_report_opens_with_the_findings(clipped):
     assert "1 warning" in page and "clipping" in page
 
 
-def _nan_fit(capsys, fit_verbose, **watch):
+def test_fit_prints_the_errors_and_warnings_unless_silenced(capsys):
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)
     model = Sequential([keras.Input((2,)), L.Dense(1, name="d")])
     model.compile(keras.optimizers.SGD(0.01), "mse")
     x = np.ones((8, 2), np.float32)
     y = np.full((8, 1), np.nan, np.float32)
-    w = gradwatch.GradWatch(on_nonfinite="ignore", **watch)
-    capsys.readouterr()
-    model.fit(x, y, batch_size=4, verbose=fit_verbose, callbacks=[w])
-    return capsys.readouterr().out
+    watch = gradwatch.GradWatch(on_nonfinite="ignore")
+    assert watch.verbose == "auto"
 
+    def fit(fit_verbose, verbose):
+        watch.verbose = verbose
+        capsys.readouterr()
+        model.fit(x, y, batch_size=4, verbose=fit_verbose, callbacks=[watch])
+        return capsys.readouterr().out
 
-def test_fit_prints_the_errors_and_warnings_unless_silenced(capsys):
-    out = _nan_fit(capsys, 0, verbose=1)
-    lines = out.splitlines()
-    assert lines[0].startswith("GradWatch found 1 error: see `watch.log.diagnose()`")
-    layer = "/d"
+    lines = fit(0, 1).splitlines()
+    assert lines[0] == (
+        "GradWatch found 1 error: see `watch.log.diagnose()` for the evidence and advice."
+    )
     assert lines[1].split()[:4] == ["error", "nonfinite", "steps", "0..1"]
-    assert lines[1].split()[4].endswith(layer) and len(lines) == 2
-    assert _nan_fit(capsys, 0) == ""  # "auto" follows fit(verbose=0)
-    assert "GradWatch found 1 error" in _nan_fit(capsys, 2)
-    assert "GradWatch" not in _nan_fit(capsys, 2, verbose=0)
+    assert lines[1].split()[4].endswith("/d") and len(lines) == 2
+    assert fit(0, "auto") == ""  # "auto" follows fit(verbose=0)
+    assert "GradWatch found 1 error" in fit(2, "auto")
+    assert "GradWatch" not in fit(2, 0)
     with pytest.raises(ValueError, match=r"`verbose` must be 0.*Received: verbose=2"):
         gradwatch.GradWatch(verbose=2)
