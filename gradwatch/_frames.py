@@ -179,9 +179,14 @@ def stat_matrix(store: Store, name: str) -> np.ndarray | None:
     j = store.stats.index(name)
     rows = stat_steps(store)
     out = np.full((len(rows), len(store.variables)), np.nan, np.float32)
+    everything = np.arange(len(store.variables))
     for b in store.stat_blocks:
         r = np.searchsorted(rows, b.steps)
-        out[r[:, None], b.codes[None, :]] = b.data[:, :, j]
+        contiguous = len(r) and r[-1] - r[0] == len(r) - 1
+        if contiguous and np.array_equal(b.codes, everything):
+            out[r[0] : r[-1] + 1] = b.data[:, :, j]  # the common block: a slice, no gather
+        else:
+            out[r[:, None], b.codes[None, :]] = b.data[:, :, j]
     return out
 
 

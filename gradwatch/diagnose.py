@@ -126,10 +126,10 @@ class Signals:
     _cache: dict[str, np.ndarray | None] = field(default_factory=dict, repr=False)
 
     def get(self, name: str) -> np.ndarray | None:
-        """The stat's matrix as float64, rows of skipped steps kept, or `None`."""
+        """The stat's matrix as float32, rows of skipped steps kept, or `None`."""
         if name not in self._cache:
             m = self.stat(name)
-            self._cache[name] = None if m is None else np.asarray(m, np.float64)
+            self._cache[name] = None if m is None else np.asarray(m, np.float32)
         return self._cache[name]
 
 
@@ -204,10 +204,12 @@ class _Context:
             return self._rows[name]
         m = self.s.get(name)
         if m is not None:
-            m = m[self.applied]
-            bad = self.s.get("nonfinite")
-            if name != "nonfinite" and bad is not None:
-                m = np.where(np.nan_to_num(bad[self.applied], nan=0.0) > 0, np.nan, m)
+            m = m if self.applied.all() else m[self.applied]
+            bad = self.applied_rows("nonfinite") if name != "nonfinite" else None
+            if bad is not None:
+                hit = bad > 0  # NaN compares False
+                if hit.any():
+                    m = np.where(hit, np.float32(np.nan), m)
         self._rows[name] = m
         return m
 
@@ -225,6 +227,13 @@ class _Context:
             else:
                 out.extend(self.keys[i] for i in flagged)
         return out
+
+    def global_norm(self) -> np.ndarray:
+        """The global gradient norm of each applied step, over the live variables."""
+        if "global" not in self._rows:
+            norm = self.applied_rows("norm")
+            self._rows["global"] = _global(norm if self.live.all() else norm[:, self.live])
+        return self._rows["global"]
 
     def kernel_mask(self) -> np.ndarray:
         """The live kernels: 2 or more dimensions, and neither a bias nor an embedding table.
@@ -250,10 +259,16 @@ def _median(m: np.ndarray) -> np.ndarray:
     out = np.full(m.shape[1], np.nan)
     if not m.shape[0]:
         return out
-    m = np.where(np.isfinite(m), m, np.nan)
-    has = np.isfinite(m).any(axis=0)
-    if has.any():
-        out[has] = np.nanmedian(m[:, has], axis=0)
+    finite = np.isfinite(m)
+    full = finite.all(axis=0)
+    if full.any():
+        # Columns without a gap: one partition per contiguous row (nanmedian would
+        # loop over the columns in Python).
+        out[full] = np.median(np.ascontiguousarray(m[:, full].T), axis=1)
+    part = ~full & finite.any(axis=0)
+    if part.any():
+        sub = np.where(finite[:, part], m[:, part], np.nan)
+        out[part] = np.nanmedian(sub, axis=0)
     return out
 
 
@@ -292,26 +307,41 @@ def _not_checked(finding: str, stat: str, what: str = "") -> dict[str, Any]:
 
 def _nonfinite(c: _Context) -> list[dict]:
     counts = c.s.get("nonfinite")
-    per: dict[tuple[int, int], float] = {}
     code = {k: i for i, k in enumerate(c.keys)}
-    if counts is not None:
-        rows, cols = np.nonzero(np.nan_to_num(counts, nan=0.0) > 0)
-        keep = c.applied[rows]
-        for r, v in zip(rows[keep], cols[keep], strict=True):
-            per[(int(c.steps[r]), int(v))] = float(counts[r, v])
     skipped = set(int(x) for x in c.s.skipped)
-    for step, key, value in c.s.nonfinite_alerts:
-        if int(step) not in skipped and key in code:
-            per.setdefault((int(step), code[key]), float(value))
-    if not per:
-        return [] if counts is not None else [_not_checked("nonfinite", "nonfinite")]
-    steps = sorted({s for s, _ in per})
-    first = steps[0]
+    recorded = set(c.steps.tolist()) if counts is not None else set()
+    # Alerts cover the steps that `every` did not record; the recorded ones are in `counts`.
+    extra = [
+        (int(s), code[k], float(v))
+        for s, k, v in c.s.nonfinite_alerts
+        if int(s) not in skipped and int(s) not in recorded and k in code
+    ]
     mask = np.zeros(c.n, bool)
-    mask[[v for _, v in per]] = True
-    at_first = sorted((v for s, v in per if s == first))
-    shown = [f"{c.keys[v]} ({per[(first, v)]:.0f})" for v in at_first]
-    total = sum(per.values())
+    steps_bad: list[np.ndarray] = []
+    total = 0.0
+    at: dict[int, dict[int, float]] = {}
+    if counts is not None:
+        with np.errstate(invalid="ignore"):
+            bad = (counts > 0) & c.applied[:, None]
+        rows = np.nonzero(bad.any(axis=1))[0]
+        if len(rows):
+            mask |= bad.any(axis=0)
+            steps_bad.append(c.steps[rows])
+            total += float(counts[bad].sum())
+            first_row = rows[0]
+            cols = np.nonzero(bad[first_row])[0]
+            at[int(c.steps[first_row])] = {int(v): float(counts[first_row, v]) for v in cols}
+    for s, v, value in extra:
+        mask[v] = True
+        total += value
+        at.setdefault(s, {})[v] = value
+    if extra:
+        steps_bad.append(np.asarray([s for s, _, _ in extra], np.int64))
+    if not mask.any():
+        return [] if counts is not None else [_not_checked("nonfinite", "nonfinite")]
+    steps = np.unique(np.concatenate(steps_bad))
+    first = int(steps[0])
+    shown = [f"{c.keys[v]} ({n:.0f})" for v, n in sorted(at[first].items())]
     evidence = (
         f"NaN/Inf gradient elements at {len(steps)} applied step(s), the first at step {first}: "
         f"{_listing(shown)}; {total:.0f} elements in all."
@@ -322,7 +352,7 @@ def _nonfinite(c: _Context) -> list[dict]:
         "NaN/Inf and the loss for log(0) or a division by zero; under float16 use a "
         "LossScaleOptimizer. GradWatch(on_nonfinite='raise') stops at the first one."
     )
-    return [_row("error", "nonfinite", c.group(mask), first, steps[-1], evidence, advice)]
+    return [_row("error", "nonfinite", c.group(mask), first, int(steps[-1]), evidence, advice)]
 
 
 def _loss_scale(c: _Context) -> list[dict]:
@@ -364,7 +394,7 @@ def _exploding(c: _Context) -> list[dict]:
     out = []
     t = c.t
     with np.errstate(invalid="ignore"):
-        big = np.nan_to_num(norm, nan=0.0) > t["exploding_norm"]
+        big = norm > t["exploding_norm"]
     if big.any():
         mask = big.any(axis=0) & c.live
         peak = np.nanmax(np.where(np.isfinite(norm), norm, np.nan)[:, mask], axis=0)
@@ -410,7 +440,7 @@ def _exploding(c: _Context) -> list[dict]:
                     "LayerNormalization) between them.",
                 )
             )
-    g = _global(norm[:, c.live])
+    g = c.global_norm()
     g = g[np.isfinite(g) & (g > 0)]
     if len(g) >= _MIN_GROWTH_STEPS:
         w = max(1, len(g) // 10)
@@ -435,10 +465,12 @@ def _exploding(c: _Context) -> list[dict]:
 
 
 def _global(norm: np.ndarray) -> np.ndarray:
-    with np.errstate(invalid="ignore", over="ignore"):
-        sq = np.where(np.isnan(norm), 0.0, norm**2)
+    """sqrt(sum of squares) of each row, NaN left out; NaN for a row of NaN only."""
+    # float64 sums: squares of float32 norms above 1.8e19 overflow.
+    z = np.where(np.isnan(norm), 0, norm).astype(np.float64)
+    sq = np.einsum("ij,ij->i", z, z)
     has = (~np.isnan(norm)).any(axis=1) if norm.shape[1] else np.zeros(norm.shape[0], bool)
-    return np.where(has, np.sqrt(sq.sum(axis=1)), np.nan)
+    return np.where(has, np.sqrt(sq), np.nan)
 
 
 def _vanishing(c: _Context) -> list[dict]:
@@ -447,15 +479,18 @@ def _vanishing(c: _Context) -> list[dict]:
         return [_not_checked("vanishing", "norm")]
     t = c.t
     zero = c.applied_rows("zero_frac")
-    # RMS over the elements that have a gradient: an embedding's untouched rows are
-    # zero by design; with `zero_frac` they do not dilute it.
-    n_eff = c.size[None, :] if zero is None else np.maximum(c.size * (1 - zero), 1.0)
-    with np.errstate(invalid="ignore"):
-        rms = _median(norm / np.sqrt(n_eff))
     # Kernels only: a bias that feeds a normalisation (a conv bias before
     # BatchNormalization, an attention key bias before the softmax) has an exact
     # gradient of zero, and only its rounding error is recorded.
     considered = c.kernel_mask() & ~c.dead
+    cols = np.nonzero(considered)[0]
+    # RMS over the elements that have a gradient: an embedding's untouched rows are
+    # zero by design; with `zero_frac` they do not dilute it.
+    size = c.size[cols].astype(np.float32)
+    n_eff = size if zero is None else np.maximum(size * (1 - zero[:, cols]), np.float32(1))
+    rms = np.full(c.n, np.nan)
+    with np.errstate(invalid="ignore"):
+        rms[cols] = _median(norm[:, cols] / np.sqrt(n_eff))
     mask = considered & (rms < t["vanishing_rms"])
     out = []
     if mask.any():
@@ -519,38 +554,46 @@ def _dead(c: _Context) -> list[dict]:
     shape = (int(c.applied.sum()), c.n)
     with np.errstate(invalid="ignore"):
         whole = (norm == 0) if norm is not None else np.zeros(shape, bool)
-    zf = np.where(whole, 1.0, 0.0 if zero is None else np.nan_to_num(zero, nan=0.0))
+        zf = np.where(whole, np.float32(1), np.float32(0) if zero is None else zero)
+        zf[np.isnan(zf)] = 0
     valid = np.isfinite(norm) if norm is not None else np.isfinite(zero)
-    bad = c.applied_rows("nonfinite")
-    if bad is not None:
-        valid &= np.nan_to_num(bad, nan=0.0) == 0  # a NaN gradient is not a zero one
     # An embedding table's untouched rows get no gradient by design: only a table that
     # is zero as a whole counts.
-    table = np.asarray([k.rsplit("/", 1)[-1] == "embeddings" for k in c.keys])
-    zf[:, table] = whole[:, table]
+    table = np.asarray([x == "embeddings" for x in c.leaf], bool)
+    if table.any():
+        zf[:, table] = whole[:, table]
     rows = max(shape[0], 1)
-    var_dead = (((zf >= t["dead_zero_frac"]) & valid).sum(axis=0) / rows > t["dead_steps"]) & c.live
-    layers = list(dict.fromkeys(c.layer))
-    dead_layers, fully = [], []
-    for layer in layers:
-        idx = [i for i, x in enumerate(c.layer) if x == layer and c.live[i]]
-        if not idx:
-            continue
-        w = c.size[idx] / c.size[idx].sum()
-        lz = (zf[:, idx] * w).sum(axis=1)
-        ok = valid[:, idx].any(axis=1)
-        if ((lz >= t["dead_zero_frac"]) & ok).sum() / rows > t["dead_steps"]:
-            dead_layers.append(layer)
-            fully.append(all(var_dead[i] for i in idx))
-    c.dead = var_dead | np.asarray([c.layer[i] in dead_layers and c.live[i] for i in range(c.n)])
+    with np.errstate(invalid="ignore"):
+        zeroish = (zf >= t["dead_zero_frac"]) & valid
+    var_dead = (zeroish.sum(axis=0) / rows > t["dead_steps"]) & c.live
+    live = np.nonzero(c.live)[0]
+    if not len(live):
+        return []
+    # Each layer's zero fraction, weighted by its variables' sizes, for all layers at
+    # once: the live variables sorted by layer, then summed per layer (reduceat).
+    names = list(dict.fromkeys(c.layer[i] for i in live))
+    ids = {name: j for j, name in enumerate(names)}
+    lid = np.asarray([ids[c.layer[i]] for i in live])
+    perm = np.argsort(lid, kind="stable")
+    order, sorted_lid = live[perm], lid[perm]
+    starts = np.r_[0, np.nonzero(np.diff(sorted_lid))[0] + 1]
+    sizes = c.size[order]
+    per_layer = np.add.reduceat(sizes, starts)
+    w = (sizes / per_layer[sorted_lid]).astype(np.float32)
+    lz = np.add.reduceat(zf[:, order] * w, starts, axis=1)
+    ok = np.logical_or.reduceat(valid[:, order], starts, axis=1)
+    frac_steps = ((lz >= t["dead_zero_frac"]) & ok).sum(axis=0) / rows
+    fully_all = np.logical_and.reduceat(var_dead[order], starts)
+    is_dead = frac_steps > t["dead_steps"]
+    dead_layers = [names[j] for j in np.nonzero(is_dead)[0]]
+    fully = [bool(fully_all[j]) for j in np.nonzero(is_dead)[0]]
+    frac = {names[j]: float(frac_steps[j]) for j in np.nonzero(is_dead)[0]}
+    in_dead = np.zeros(c.n, bool)
+    in_dead[order[is_dead[sorted_lid]]] = True
+    c.dead = var_dead | in_dead
     out = []
     if dead_layers:
         stop = max((i for i, f in enumerate(fully) if f), default=None)
-        frac = {}
-        for layer in dead_layers:
-            idx = [i for i, x in enumerate(c.layer) if x == layer and c.live[i]]
-            w = c.size[idx] / c.size[idx].sum()
-            frac[layer] = float(np.mean((zf[:, idx] * w).sum(axis=1) >= t["dead_zero_frac"]))
         parts = [f"{layer} ({frac[layer]:.0%} of steps)" for layer in dead_layers]
         text = (
             f"At least {t['dead_zero_frac']:.0%} of the gradient elements are exactly zero at "
@@ -574,7 +617,7 @@ def _dead(c: _Context) -> list[dict]:
             where = f"Start with {top}: "
         else:
             where = ""
-        any_zero = (zf[:, c.dead] >= t["dead_zero_frac"]).any(axis=1)
+        any_zero = zeroish[:, c.dead].any(axis=1)
         first, last = c.span(any_zero)
         out.append(
             _row(
@@ -671,7 +714,7 @@ def _clipping(c: _Context) -> list[dict]:
     live = c.live
     with np.errstate(invalid="ignore"):
         cut = (clipped[:, live] < norm[:, live] * (1 - _CLIP_TOLERANCE)).any(axis=1)
-    g = _global(norm[:, live])
+    g = c.global_norm()
     ok = np.isfinite(g)
     if not ok.any():
         return []
