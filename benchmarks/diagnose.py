@@ -6,7 +6,7 @@ The log is synthetic but has the structure of a real one: dense blocks of 1,000
 steps (as the callback drains them), kernels and biases in layers, and every stat
 that a rule reads (`norm`, `nonfinite`, `zero_frac`, `update_ratio`,
 `clipped_norm`, `cos_prev`), with a few planted problems (a NaN burst, a dead
-layer, an oscillating bias) so that each rule does its work. It is built in
+layer, an oscillating kernel) so that each rule does its work. It is built in
 memory; no Keras is imported. Reported: the wall time of one `diagnose()` (the
 best of `--repeat`), the time to build the log, and the findings.
 """
@@ -55,7 +55,7 @@ def build_log(n_vars: int, n_steps: int, block: int = 1000, seed: int = 0):
         # Planted: layer 3 is dead, bias 5 oscillates, a NaN burst at 10 steps mid-run.
         data[:, 6:8, 0] = 0
         data[:, 6:8, 2] = 1
-        data[:, 11, 5] = -0.9
+        data[:, 10, 5] = -0.9
         if start <= n_steps // 2 < start + k:
             row = n_steps // 2 - start
             data[row : row + 10, n - 3, 1] = 7

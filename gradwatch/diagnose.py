@@ -748,8 +748,12 @@ def _oscillation(c: _Context) -> list[dict]:
     if cos is None:
         return [_not_checked("oscillation", "cos_prev")]
     t = c.t
+    # Kernels only: a converged bias of a few elements that an adaptive optimizer
+    # (Adam, RMSprop) moves by about the learning rate at every step zig-zags around
+    # its optimum by design; a kernel's cosine averages over many elements.
+    considered = c.kernel_mask() & ~c.dead
     med = _median(cos)
-    mask = c.live & ~c.dead & (med < t["oscillation_cos"])
+    mask = considered & (med < t["oscillation_cos"])
     if not mask.any():
         return []
     shown = [f"{c.keys[i]} {_g(med[i])}" for i in np.nonzero(mask)[0]]
