@@ -32,7 +32,8 @@ def _fit(build, optimizer, loss, x, y, epochs=2, batch=8, **watch):
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)
     model = build()
-    model.compile(optimizer, loss)
+    # No XLA: compiling the step costs more than these few steps run.
+    model.compile(optimizer, loss, jit_compile=False)
     w = gradwatch.GradWatch(stats=ALL, on_nonfinite="ignore", verbose=0, **watch)
     model.fit(x, y, batch_size=batch, epochs=epochs, shuffle=False, verbose=0, callbacks=[w])
     return model, w.log
@@ -309,7 +310,7 @@ def test_diagnose_finds_nothing_in_the_benchmarks_transformer():
     _, log = _fit(
         lambda: bench.transformer(Sequential), keras.optimizers.Adam(1e-3), loss, x, y, batch=16
     )
-    assert len(log.variables) == 68
+    assert sum("multi_head_attention" in k for k in log.variables) == 4 * 8  # 4 blocks
     _healthy(log)
 
 
