@@ -225,8 +225,10 @@ def test_diagnose_finds_clipping_and_names_the_90th_percentile_of_the_global_nor
 
 @pytest.fixture(scope="module")
 def overflow():
-    """A loss scale of 2**127: the scaled gradients overflow until the scale comes down."""
+    """A loss scale of 2**127 and one batch (steps 1 and 9) of targets scaled by 1e4: the
+    scaled gradients of that batch overflow float32, on every backend."""
     x, y = _data()
+    y[8:16] *= 1e4
 
     def build():
         return Sequential([keras.Input((8,)), L.Dense(16, activation="relu"), L.Dense(1)])
