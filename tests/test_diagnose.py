@@ -57,7 +57,7 @@ def _not_info(findings):
 # -------------------------------------------------------------- broken trainings
 @pytest.fixture(scope="module")
 def sigmoid():
-    """Ten sigmoid layers: the gradient shrinks by about 4x per layer toward the input."""
+    """Twelve sigmoid layers: the gradient shrinks by about 4x per layer toward the input."""
     x, y = _data()
 
     return _fit(_sigmoid_net, keras.optimizers.SGD(0.1), "mse", x, y), x, y
@@ -65,7 +65,7 @@ def sigmoid():
 
 def _sigmoid_net():
     return Sequential(
-        [keras.Input((8,)), *[L.Dense(16, activation="sigmoid") for _ in range(10)], L.Dense(1)]
+        [keras.Input((8,)), *[L.Dense(16, activation="sigmoid") for _ in range(12)], L.Dense(1)]
     )
 
 
