@@ -26,7 +26,7 @@ from gradwatch._plan import Plan, make_buffer, make_plan, signature_of
 from gradwatch._sinks import ParquetSink, TensorBoardSink
 from gradwatch._step import Records, restore_class
 from gradwatch.buffer import GradientBuffer
-from gradwatch.diagnose import fit_summary
+from gradwatch.findings import fit_summary
 from gradwatch.keys import check_patterns
 from gradwatch.log import GradientLog, store_of
 from gradwatch.mixin import gate_next_step, model_state, setup_gate, step_counter

@@ -202,7 +202,7 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from gradwatch.diagnose import findings_json, findings_text
+    from gradwatch.findings import findings_json, findings_text
 
     thresholds = {}
     for item in args.threshold:
@@ -338,7 +338,7 @@ def _image_formats() -> dict[str, str]:
 
 
 def _count_line(findings: Any) -> str:
-    from gradwatch.diagnose import count_line
+    from gradwatch.findings import count_line
 
     return count_line(findings)
 

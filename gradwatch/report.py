@@ -190,7 +190,7 @@ def _page(
 
 def _findings_section(log: GradientLog) -> str:
     """The doctor's findings (`GradientLog.diagnose`), most severe first, as the page's opening."""
-    from gradwatch.diagnose import count_line
+    from gradwatch.findings import count_line
 
     e = html.escape
     findings = log.diagnose()

@@ -456,6 +456,20 @@ def test_nonfinite_on_applied_steps_is_an_error_and_on_skipped_steps_is_not(tmp_
     assert scale.severity == "warning" and "2 of the 9 steps" in scale.evidence
 
 
+def test_a_log_whose_every_gradient_has_nan_still_names_the_stats_to_record(tmp_path):
+    stats = {"norm": _const([1, 1, 1, 1]), "nonfinite": _const([1, 1, 1, 1])}
+    findings = _log_file(tmp_path, SHAPES, stats).diagnose()
+    assert findings["finding"].tolist() == [
+        "nonfinite",
+        "dead",
+        "update_ratio_high",
+        "update_ratio_low",
+        "clipping",
+        "oscillation",
+    ]
+    assert findings["severity"].tolist() == ["error"] + ["info"] * 5
+
+
 def test_disconnected_and_missing_stats(tmp_path):
     norm = _const([1, 1, np.nan, np.nan])
     log = _log_file(tmp_path, SHAPES, {"norm": norm}, disconnected=["m/b/kernel", "m/b/bias"])
