@@ -21,6 +21,16 @@ def check_flag(value: Any, arg: str) -> bool:
     return bool(value)
 
 
+def check_verbose(value: Any) -> int | str:
+    """`GradWatch(verbose=...)`: 0, 1 or "auto"."""
+    if value == "auto" or (value in (0, 1) and not isinstance(value, (bool, str))):
+        return value if value == "auto" else int(value)
+    raise ValueError(
+        f'`verbose` must be 0 (silent), 1 (print the findings at the end of fit) or "auto" '
+        f"(print them unless fit(verbose=0)). Received: verbose={value!r}"
+    )
+
+
 def check_count(value: Any, arg: str) -> int:
     """An integer >= 1 (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):

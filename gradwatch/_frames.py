@@ -165,3 +165,36 @@ def _assemble(
         else:
             data[name] = arr
     return pd.DataFrame(data)
+
+
+def stat_matrix(store: Store, name: str) -> np.ndarray | None:
+    """One stat of the global gradient as a dense `(steps, variables)` float32 matrix.
+
+    Rows follow `steps(store)` restricted to the stat blocks' steps (see
+    `stat_steps`), columns `store.variables`; NaN where a variable was not
+    recorded. `None` when the stat was not recorded.
+    """
+    if name not in store.stats:
+        return None
+    j = store.stats.index(name)
+    rows = stat_steps(store)
+    out = np.full((len(rows), len(store.variables)), np.nan, np.float32)
+    everything = np.arange(len(store.variables))
+    for b in store.stat_blocks:
+        r = np.searchsorted(rows, b.steps)
+        contiguous = len(r) and r[-1] - r[0] == len(r) - 1
+        if contiguous and np.array_equal(b.codes, everything):
+            out[r[0] : r[-1] + 1] = b.data[:, :, j]  # the common block: a slice, no gather
+        else:
+            out[r[:, None], b.codes[None, :]] = b.data[:, :, j]
+    return out
+
+
+def stat_steps(store: Store) -> np.ndarray:
+    """The steps that the stat blocks hold, sorted and unique."""
+
+    def build() -> np.ndarray:
+        parts = [b.steps for b in store.stat_blocks]
+        return np.unique(np.concatenate(parts)) if parts else np.zeros((0,), np.int64)
+
+    return store.cached("stat_steps", build)

@@ -27,6 +27,7 @@ from gradwatch._plan import Plan, make_buffer, make_plan, signature_of
 from gradwatch._sinks import ParquetSink, TensorBoardSink
 from gradwatch._step import Records, restore_class, update_counts
 from gradwatch.buffer import GradientBuffer
+from gradwatch.findings import fit_summary
 from gradwatch.keys import check_patterns
 from gradwatch.log import GradientLog, store_of
 from gradwatch.mixin import gate_next_step, model_state, setup_gate, step_counter
@@ -100,6 +101,10 @@ class GradWatch(keras.callbacks.Callback):
         all_workers: Under `MultiWorkerMirroredStrategy` with `path`, every
             worker writes its own partition (`worker=k`) instead of the chief
             alone. Defaults to `False`.
+        verbose: At the end of `fit`, print the errors and warnings that
+            `log.diagnose()` finds, one line each (nothing when there are
+            none): `1` prints, `0` is silent, and `"auto"` prints unless
+            `fit(verbose=0)` asked Keras for silence. Defaults to `"auto"`.
 
     The stats `weight_norm`, `update_norm` and `update_ratio` keep a copy of
     the selected weights from before the update, and `cos_prev` keeps the
@@ -147,11 +152,13 @@ class GradWatch(keras.callbacks.Callback):
         tensorboard_dir: str | os.PathLike | None = None,
         per_replica: bool = False,
         all_workers: bool = False,
+        verbose: int | str = "auto",
     ):
         # The arguments as given, for the repr (read back by name from the signature).
         arguments = locals()
         super().__init__()
         self._arguments = {n: arguments[n] for n in _PARAMETERS if n in arguments}
+        self.verbose = _args.check_verbose(verbose)
         self.per_replica = _args.check_flag(per_replica, "per_replica")
         self.all_workers = _args.check_flag(all_workers, "all_workers")
         self.variables = check_patterns(variables, "variables")
@@ -340,6 +347,21 @@ class GradWatch(keras.callbacks.Callback):
         self._handle_alarms()
         self.release(self.model)
         self._raise_if_alarmed()
+        self._print_findings()
+
+    def _print_findings(self) -> None:
+        verbose = self.verbose
+        if verbose == "auto":
+            verbose = 0 if (self.params or {}).get("verbose", 1) == 0 else 1
+        if not verbose:
+            return
+        try:
+            text = fit_summary(self.log.diagnose())
+        except Exception as e:  # a diagnosis never costs the training its end
+            warnings.warn(f"GradWatch could not diagnose the run: {e!r}", stacklevel=2)
+            return
+        if text:
+            print(text, flush=True)
 
     # Keras may run `on_train_batch_end` on a worker thread; it only reads one small
     # counter there and sets flags, so training stays asynchronous. Where the device

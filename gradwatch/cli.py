@@ -1,4 +1,4 @@
-"""The `gradwatch` command line: summary, plot, convert, report and tensorboard.
+"""The `gradwatch` command line: summary, doctor, plot, convert, report and tensorboard.
 
 Errors go to stderr with exit code 2 and a message that says what was received
 and how to fix it; `gradwatch COMMAND --help` describes each command.
@@ -52,7 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             (`sys.argv[1:]`).
 
     Returns:
-        0 on success, 2 on an error (the message is on stderr).
+        0 on success, 2 on an error (the message is on stderr); `doctor` returns 1
+        when a finding is an error.
 
     Example:
 
@@ -113,6 +114,24 @@ def _parser() -> _Parser:
         "--ascending", action="store_true", help="with --sort: smallest first (vanishing norms)"
     )
     p.set_defaults(run=_summary)
+
+    p = sub.add_parser(
+        "doctor",
+        help="what looks wrong in the run, where, and what to try",
+        description="Run the diagnosis rules (docs/diagnose.md) over the log and print the "
+        "findings, most severe first. Exit status: 1 when a finding is an error, 0 "
+        "otherwise, 2 for bad input; usable as a gate in CI.",
+    )
+    p.add_argument("log", metavar="LOG", help=_LOG_HELP)
+    p.add_argument("--json", action="store_true", help="print the findings as a JSON array")
+    p.add_argument(
+        "--threshold",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="change a rule's threshold, e.g. --threshold exploding_norm=1e5 (repeatable)",
+    )
+    p.set_defaults(run=_doctor)
 
     p = sub.add_parser(
         "plot",
@@ -194,7 +213,34 @@ def _summary(args: argparse.Namespace) -> int:
     if len(log.alerts):
         counts = log.alerts["kind"].value_counts()
         print("Alerts: " + ", ".join(f"{n} {kind}" for kind, n in counts.items()))
+    print(f"{_count_line(log.diagnose())} Details: gradwatch doctor {args.log}")
     return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from gradwatch.findings import findings_json, findings_text
+
+    thresholds = {}
+    for item in args.threshold:
+        name, sep, value = item.partition("=")
+        try:
+            thresholds[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise _UsageError(
+                f"`--threshold` takes NAME=VALUE with a number, e.g. --threshold "
+                f"exploding_norm=1e5. Received: --threshold {item}"
+            )
+    log = _read(args.log)
+    findings = log.diagnose(**thresholds)
+    if args.json:
+        print(findings_json(findings))
+    else:
+        print(f"{args.log}: {len(log)} recorded steps, {len(log.variables)} variables")
+        print(findings_text(findings))
+        print(_count_line(findings))
+    return 1 if (findings["severity"] == "error").any() else 0
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -335,6 +381,12 @@ def _image_formats() -> dict[str, str]:
 
     formats = plot.Figure().canvas.get_supported_filetypes()
     return {f".{ext}": name for ext, name in formats.items()}
+
+
+def _count_line(findings: Any) -> str:
+    from gradwatch.findings import count_line
+
+    return count_line(findings)
 
 
 def _show(value: Any) -> str:

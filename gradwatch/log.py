@@ -20,11 +20,14 @@ from gradwatch._frames import (
     histogram_table,
     histograms_frame,
     stat_frame,
+    stat_matrix,
+    stat_steps,
     values_frame,
 )
 from gradwatch._frames import steps as recorded_steps
 from gradwatch._store import Store
 from gradwatch._views import by_layer, summary
+from gradwatch.diagnose import Signals, run_rules
 from gradwatch.keys import match_patterns, resolve_key
 from gradwatch.stats import STATS
 
@@ -508,6 +511,52 @@ class GradientLog:
         """
         nonfinite = self.stat("nonfinite") if "nonfinite" in self._store.stats else None
         return summary(self.stat("norm"), nonfinite)
+
+    def diagnose(self, **thresholds: float) -> pd.DataFrame:
+        """What looks wrong in this run, where, and what to try: one row per finding.
+
+        Runs the rules of `docs/diagnose.md` (NaN/Inf gradients, loss-scale
+        skips, exploding, vanishing and dead gradients, disconnected
+        variables, update ratios, clipping, oscillation) over the recorded
+        stats, vectorised over the dense blocks. A rule whose stat was not
+        recorded gives one `info` row that names the stat to record.
+
+        Args:
+            **thresholds: Any of `gradwatch.diagnose.THRESHOLDS` by name, e.g.
+                `exploding_norm=1e5`; the others keep their published defaults.
+
+        Returns:
+            A frame with the columns `severity` (`"error"`, `"warning"` or
+            `"info"`), `finding` (a name from `gradwatch.diagnose.FINDINGS`),
+            `variables` (a list of keys, or layer names where a whole layer is
+            concerned, in model order), `first_step` and `last_step` (nullable
+            Int64), `evidence` and `advice` (text), most severe first.
+
+        Raises:
+            TypeError: For an unknown threshold name or a value that is not a number.
+            ValueError: For a threshold value out of range.
+
+        Example:
+
+        ```python
+        findings = log.diagnose()
+        findings[findings["severity"] == "error"]
+        log.diagnose(update_ratio_high=0.05)
+        ```
+        """
+        store = self._store
+        skipped = set(store.skipped)
+        alerts = [(s, k, v) for (s, k, kind), v in store.alerts.items() if kind == "nonfinite"]
+        signals = Signals(
+            steps=stat_steps(store),
+            variables=store.variables,
+            shapes=store.shapes,
+            stat=lambda name: stat_matrix(store, name),
+            skipped=sorted(skipped),
+            disconnected=store.disconnected,
+            nonfinite_alerts=alerts,
+        )
+        return run_rules(signals, **thresholds)
 
     # ----------------------------------------------------------------- export
     def to_csv(self, path: Any) -> None:

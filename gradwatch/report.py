@@ -301,7 +301,8 @@ def render_report(log: GradientLog, title: str = "gradwatch report", progress: b
         for caption, draw, wide, dpi in charts:
             figures.append((caption, _png(draw(log), dpi), wide))
             bar.update()
-        page = _page(log, title, summary, figures, verdict(log))
+        findings = log.diagnose()
+        page = _page(log, title, summary, figures, verdict(log, _leads(findings)), findings)
         bar.update()
     return page
 
@@ -356,6 +357,7 @@ def _page(
     summary: pd.DataFrame,
     figures: list[tuple[str, str, bool]],
     lead: Verdict,
+    findings: pd.DataFrame,
 ) -> str:
     e = html.escape
     steps = log.steps
@@ -382,6 +384,7 @@ def _page(
     if evidence:
         parts.append("<ul>" + "".join(f"<li>{e(f)}</li>" for f in evidence) + "</ul>")
     parts.append("</section>")
+    parts.append(_findings_section(findings))
     parts.append("<dl>")
     parts.extend(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in overview.items())
     if first is not None:
@@ -420,6 +423,55 @@ def _page(
     parts.append(_alerts_table(log.alerts, skipped))
     parts.append("</section></div></body></html>")
     return "\n".join(parts)
+
+
+# The doctor's severities as the verdict's levels; its `info` rows (a stat to record for a
+# rule) are not facts about the training, and stay in the findings table.
+_LEVEL_OF = {"error": "problem", "warning": "warning"}
+
+
+def _leads(findings: pd.DataFrame) -> pd.DataFrame:
+    """The doctor's errors and warnings as `verdict` findings: a level and a sentence."""
+    rows = findings[findings["severity"].isin(list(_LEVEL_OF))]
+    sentences = [
+        f"{finding} in {_names(list(variables)) if len(variables) else 'the model'}: {evidence}"
+        for finding, variables, evidence in zip(
+            rows["finding"], rows["variables"], rows["evidence"], strict=True
+        )
+    ]
+    return pd.DataFrame({"severity": rows["severity"].map(_LEVEL_OF), "finding": sentences})
+
+
+def _findings_section(findings: pd.DataFrame) -> str:
+    """The doctor's findings (`GradientLog.diagnose`), most severe first, after the verdict."""
+    from gradwatch.findings import count_line
+
+    e = html.escape
+    colour = {"error": "#d62728", "warning": "#b8860b", "info": "#555"}
+    rows = []
+    for _, row in findings.iterrows():
+        steps = "-" if pd.isna(row["first_step"]) else f"{row['first_step']}..{row['last_step']}"
+        cells = [
+            f'<td style="color:{colour[row["severity"]]};font-weight:600">'
+            f"{e(row['severity'])}</td>",
+            f"<td>{e(row['finding'])}</td>",
+            f"<td>{e(steps)}</td>",
+            f'<td style="text-align:left">{e(", ".join(row["variables"]) or "-")}</td>',
+            f'<td style="text-align:left">{e(row["evidence"])}<br><em>Try:</em> '
+            f"{e(row['advice'])}</td>",
+        ]
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    head = "".join(
+        f"<th>{c}</th>" for c in ("severity", "finding", "steps", "variables", "evidence")
+    )
+    table = (
+        f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        if rows
+        else ""
+    )
+    return (
+        f'<section id="findings"><h2>Findings</h2><p>{e(count_line(findings))}</p>{table}</section>'
+    )
 
 
 def _summary_table(summary: pd.DataFrame, reached: set[str]) -> str:

@@ -52,3 +52,11 @@ def test_cli_start_benchmark_smoke(outlier, tmp_path):
         "| gradwatch summary LOG",
         "| gradwatch summary LOG --sort max_norm",
     ]
+
+
+def test_diagnose_benchmark_smoke(tmp_path):
+    table = _run("diagnose.py", tmp_path)
+    (row,) = [line for line in table.splitlines() if line.startswith("| 20 | 2000 |")]
+    # The planted problems are found: a NaN burst, a dead layer, an oscillating kernel.
+    assert row.endswith("| error nonfinite, warning dead, warning oscillation |")
+    assert float(row.split(" | ")[4]) > 0

@@ -19,7 +19,7 @@ from gradwatch import progress
 from gradwatch.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("summary", "plot", "convert", "report", "tensorboard")
+COMMANDS = ("summary", "doctor", "plot", "convert", "report", "tensorboard")
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +68,14 @@ def test_cli_summary_prints_a_table_and_the_first_nonfinite_step(outlier, logfil
     norm = outlier.log.stat("norm")["net/out/bias"].to_numpy(np.float64)
     assert float(row[4]) == pytest.approx(norm.max(), rel=1e-3)
     assert row[5:] == ["4", "3"]
-    assert out[-2] == (
+    assert out[-3] == (
         "First non-finite step: 3 (net/hidden/kernel, net/hidden/bias, net/out/kernel, "
         "net/out/bias)"
     )
-    assert out[-1] == "Alerts: 8 nonfinite"
+    assert out[-2] == "Alerts: 8 nonfinite"
+    # Steps 3 and 9 of 12 were skipped by the loss scale: 2 of the 11 steps after step 0
+    # (18% > 5%) is a warning; the 5 rules whose stats the default set lacks are info.
+    assert out[-1] == f"Findings: 0 errors, 1 warning, 5 info. Details: gradwatch doctor {logfile}"
 
 
 @pytest.mark.parametrize(

@@ -75,6 +75,7 @@ def test_gradwatch_is_a_keras_callback_with_the_documented_arguments():
         "tensorboard_dir": None,
         "per_replica": False,
         "all_workers": False,
+        "verbose": "auto",
     }
     assert isinstance(inspect.getattr_static(gradwatch.GradWatch, "log"), property)
     assert isinstance(gradwatch.GradWatch().log, gradwatch.GradientLog)
@@ -129,6 +130,7 @@ LOG_METHODS = {
     "to_csv": ["path"],
     "to_parquet": ["path"],
     "key": ["name"],
+    "diagnose": ["thresholds"],
 }
 
 
