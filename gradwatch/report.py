@@ -75,6 +75,8 @@ def render_report(log: GradientLog, title: str = "gradwatch report", progress: b
         ("Gradient norm of each variable over the steps", plot.norms),
         ("Gradient norm heatmap (log10)", plot.heatmap),
     ]
+    if log.scalars["loss"].notna().any():
+        charts.append(("The loss and learning rate of each step, and the global norm", plot.loss))
     if log.bins_per_decade is not None and summary["max_norm"].notna().any():
         key = str(summary["max_norm"].idxmax())
         charts.append(

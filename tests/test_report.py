@@ -48,6 +48,7 @@ def test_report_is_one_self_contained_file(outlier, tmp_path):
         "Gradient flow",
         "Gradient norm of each variable over the steps",
         "Gradient norm heatmap (log10)",
+        "The loss and learning rate of each step",
         "Gradient histogram of net/hidden/kernel",
     ]
     for _, data in images:
@@ -116,7 +117,7 @@ def test_report_renders_its_charts_in_headless_chromium(outlier, tmp_path):
         images = driver.execute_script(
             "return [...document.images].map(i => [i.complete, i.naturalWidth, i.naturalHeight])"
         )
-        assert len(images) == 4
+        assert len(images) == 5
         assert all(done and w >= 600 and h >= 300 for done, w, h in images), images
         # Nothing was fetched from anywhere: the page is its only resource.
         fetched = driver.execute_script(
