@@ -448,7 +448,8 @@ def loss(log: GradientLog) -> Figure:
     """The loss of each step, with the learning rate, above the global gradient norm.
 
     Both panels share the step axis, so a jump in the loss lines up with the
-    gradients that went with it. The loss is drawn on a linear scale, the
+    gradients that went with it. The loss is drawn on a linear scale (a log
+    scale where it is positive and spans more than two decades), the
     learning rate (dashed, right-hand scale) beside it, and the global norm
     (`log.global_norm()`) on a log scale below. Steps with a NaN or Inf
     gradient element are shaded red on both panels.
@@ -486,7 +487,11 @@ def loss(log: GradientLog) -> Figure:
     fig = Figure(figsize=(9.0, 6.0), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
     steps = known["step"].to_numpy()
-    top.plot(steps, known["loss"].to_numpy(np.float64), color=_SERIES_COLORS[0], lw=1.2)
+    values = known["loss"].to_numpy(np.float64)
+    top.plot(steps, values, color=_SERIES_COLORS[0], lw=1.2)
+    finite = values[np.isfinite(values)]
+    if len(finite) and finite.min() > 0 and finite.max() > 100 * finite.min():
+        top.set_yscale("log")  # a few outlier steps would flatten the rest on a linear scale
     top.set_ylabel("loss", color=_SERIES_COLORS[0])
     handles = [Line2D([], [], color=_SERIES_COLORS[0], lw=1.2)]
     labels = ["loss"]

@@ -211,7 +211,7 @@ def test_plot_errors(fitted, outlier):
         plot.histogram(small, "a")
 
 
-def test_loss_draws_each_steps_loss_and_rate_above_the_global_norm(outlier):
+def test_loss_draws_each_steps_loss_and_rate_above_the_global_norm(outlier, fitted):
     log = outlier.log
     fig = plot.loss(log)
     by_label = {ax.get_ylabel(): ax for ax in fig.axes}
@@ -219,6 +219,9 @@ def test_loss_draws_each_steps_loss_and_rate_above_the_global_norm(outlier):
     top, rate, bottom = (by_label[k] for k in ("loss", "learning rate", "global gradient norm"))
     assert bottom.get_yscale() == "log" and bottom.get_xlabel() == "step"
     assert top.get_shared_x_axes().joined(top, bottom)  # one step axis
+    # The outlier steps' loss is ~1e8 times the others': a log scale; a plain run's is linear.
+    assert top.get_yscale() == "log"
+    assert plot.loss(fitted[0].log).axes[0].get_yscale() == "linear"
     scalars = log.scalars
     (line,) = top.get_lines()
     np.testing.assert_array_equal(line.get_xdata(), scalars["step"])
