@@ -9,7 +9,16 @@ import pandas as pd
 import pytest
 from keras import ops
 from models import data, pair
-from reference import BACKEND, batches_of, grads_of, mse, no_grad, skip_on_jax, spe
+from reference import (
+    BACKEND,
+    batches_of,
+    grads_of,
+    mse,
+    no_grad,
+    skip_on_jax,
+    skip_unless_supported,
+    spe,
+)
 
 import gradwatch
 
@@ -42,16 +51,20 @@ def tape_losses(model, optimizer, batches):
     return np.asarray(losses)
 
 
-@pytest.mark.parametrize(("steps_per_execution", "loss_scale"), [(1, False), (3, False), (3, True)])
+@pytest.mark.parametrize(
+    ("steps_per_execution", "loss_scale", "jit"),
+    [(1, False, False), (3, False, True), (3, True, False)],
+)
 def test_scalars_are_each_steps_loss_and_scheduled_rate_of_a_tape_loop(
-    steps_per_execution, loss_scale
+    steps_per_execution, loss_scale, jit
 ):
+    skip_unless_supported(jit=jit)
     x, y = data(n=24)  # 6 batches of 4 an epoch, 2 epochs: steps 0..11
     model, plain = pair()
     optimizer = keras.optimizers.SGD(schedule())
     if loss_scale:  # the loss is recorded before scaling; the rate is the inner optimizer's
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=2.0**10)
-    model.compile(optimizer, "mse", steps_per_execution=spe(steps_per_execution))
+    model.compile(optimizer, "mse", steps_per_execution=spe(steps_per_execution), jit_compile=jit)
     watch = gradwatch.GradWatch()
     history = model.fit(x, y, batch_size=4, epochs=2, shuffle=False, callbacks=[watch], verbose=0)
 
@@ -73,7 +86,8 @@ def test_scalars_are_each_steps_loss_and_scheduled_rate_of_a_tape_loop(
 def test_scalars_with_every_are_those_of_the_recorded_steps():
     x, y = data(n=24)
     model, plain = pair()
-    model.compile(keras.optimizers.SGD(schedule()), "mse")
+    # Two steps an execution: the step gates its own capture (a conditional in the step).
+    model.compile(keras.optimizers.SGD(schedule()), "mse", steps_per_execution=spe(2))
     watch = gradwatch.GradWatch(every=4)
     model.fit(x, y, batch_size=4, epochs=2, shuffle=False, callbacks=[watch], verbose=0)
 
