@@ -9,6 +9,8 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from keras import ops
+
 from gradwatch import _derived
 from gradwatch._backend import current as _backend
 from gradwatch._compute import compute_histograms, compute_stats
@@ -106,7 +108,7 @@ def _scalar(x: Any) -> Any:
     if x is None:
         return None
     x = _backend.float32(x)
-    return xp.sum(x) / math.prod(x.shape) if len(x.shape) else x
+    return ops.mean(x) if len(x.shape) else x
 
 
 def stat_columns(
