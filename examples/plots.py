@@ -56,6 +56,7 @@ charts = {
     "norms.png": gradwatch.plot.norms(log, variables="*kernel"),
     "heatmap.png": gradwatch.plot.heatmap(log),
     "histogram.png": gradwatch.plot.histogram(log, "hidden_1/kernel", steps=[0, 20, 50, 95]),
+    "loss.png": gradwatch.plot.loss(log),
 }
 for name, fig in charts.items():
     fig.savefig(out / name, dpi=90, metadata={"Software": None})

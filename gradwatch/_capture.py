@@ -5,7 +5,9 @@ import this module (it imports the backend)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +29,10 @@ def counted(fn: Callable) -> Callable:
             return fn(self, *args, **kwargs)
         if not _backend.RECORDS:  # a backend gradwatch does not record
             return fn(self, *args, **kwargs)
-        return _backend.run_step(fn, self, commit, *args, **kwargs)
+        if not model_state(self).active:
+            return _backend.run_step(fn, self, commit, *args, **kwargs)
+        with noting_loss(self):
+            return _backend.run_step(fn, self, commit, *args, **kwargs)
 
     train_step._gradwatch_counted = True
     return train_step
@@ -62,9 +67,55 @@ def commit(model: Any, scope: StepScope) -> None:
     records = _backend.global_records(local) if listening and local else local
     for watch in listening:
         watch.check_step(model, step, records, skipped)
+    scalars = (scope.loss, scope.learning_rate)
     for watch in watches:
-        watch.capture_step(model, step, records, skipped, local)
+        watch.capture_step(model, step, records, skipped, local, scalars)
     counter.assign_add(1)
+
+
+_tracker_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def noting_loss(model: Any):
+    """While a step runs (or is traced): notes in the step's scope the loss that the step
+    hands the model's loss tracker (`_loss_tracker`, Keras' `loss` metric).
+
+    That is the loss of this step's batch, exactly as Keras averages it into
+    `logs["loss"]`: the compiled loss plus regularizers and `add_loss` terms, before
+    any loss scaling. The tracker is Keras' own on all three backends' stock steps,
+    and a custom step that updates `self.metrics`' `loss` updates it too. The
+    tracker's method is wrapped for the length of the step only, and calls through
+    unchanged, so training stays the same.
+    """
+    tracker = getattr(model, "_loss_tracker", None)
+    if tracker is None:
+        yield
+        return
+    key = id(model)
+    with _tracker_lock:
+        users = tracker.__dict__.get("_gradwatch_users")
+        if users is None:
+            original = tracker.update_state
+
+            def update_state(values, *args, **kwargs):
+                scope = scopes().get(key)
+                if scope is not None:
+                    scope.loss = values
+                return original(values, *args, **kwargs)
+
+            users = [0]
+            object.__setattr__(tracker, "_gradwatch_users", users)
+            object.__setattr__(tracker, "update_state", update_state)
+        users[0] += 1
+    try:
+        yield
+    finally:
+        with _tracker_lock:
+            users[0] -= 1
+            if not users[0]:
+                object.__delattr__(tracker, "update_state")
+                object.__delattr__(tracker, "_gradwatch_users")
 
 
 def skipped_update(scope: StepScope) -> Any:
@@ -90,6 +141,15 @@ def _loss_scale(optimizer: Any) -> Any:
     return None
 
 
+def learning_rate(optimizer: Any) -> Any:
+    """The learning rate that `optimizer` applies at this step, as a float32 scalar (a
+    `LearningRateSchedule` at the optimizer's `iterations` before the update); None
+    without an optimizer. Read before the update, which advances `iterations`."""
+    if optimizer is None:
+        return None
+    return _backend.float32(optimizer.learning_rate)
+
+
 def before_update(
     model: Any, scope: StepScope, variables: list, optimizer: Any, watches: list
 ) -> tuple:
@@ -102,6 +162,8 @@ def before_update(
     ):
         before = _backend.iterations_now(optimizer)
         scope.loss_scaled.setdefault(id(optimizer), (optimizer, before))
+    if scope.learning_rate is None:
+        scope.learning_rate = learning_rate(optimizer or getattr(model, "optimizer", None))
     befores: list[Any] = [None] * len(variables)
     if any(w.needs_weights for w in watches):
         befores = [_backend.weights_before(v) for v in variables]

@@ -45,6 +45,7 @@ def drain(
         values,
         hist=block.hist,
         replica_stats=block.replica_stats,
+        scalars=block.scalars,
     )
     store.add_skipped(block.steps[block.skipped])
     return block

@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gradwatch._frames import stat_frame, values_frame, variables_index
-from gradwatch._store import Store
+from gradwatch._frames import scalar_frame, stat_frame, values_frame, variables_index
+from gradwatch._store import SCALARS, Store
 from gradwatch.stats import histogram_bin_count
 
 FORMAT = "gradwatch-log"
-VERSION = 1
+VERSION = 2  # 2: the per-step scalars (loss, learning rate) as rows without a variable
+READS = (1, 2)  # the versions this gradwatch reads
 _CSV_MARK = "# " + FORMAT + " "
 COLUMNS = ("step", "epoch", "batch", "variable", "stat", "index", "value")
 REPLICA_COLUMNS = ("step", "epoch", "batch", "replica", "variable", "stat", "index", "value")
@@ -42,19 +43,21 @@ def _metadata(store: Store) -> dict[str, Any]:
         "alerts": [[step, key, kind, value] for (step, key, kind), value in store.alerts.items()],
         "skipped": sorted(store.skipped),
         "per_replica": store.per_replica,
+        "scalars": list(SCALARS),
     }
 
 
 def _table(store: Store) -> pd.DataFrame:
-    """One long table: stat rows (index empty), kept elements ('grad'), histogram bins ('hist').
+    """One long table: stat rows (index empty), kept elements ('grad'), histogram bins
+    ('hist'), and the step's scalars ('loss', 'learning_rate': variable and index empty).
 
     A log with per-replica stats has a `replica` column too, after `batch`: empty on
-    the global gradient's rows (and on kept elements and bins), the replica's
-    number on its local-gradient stats.
+    the global gradient's rows (and on kept elements, bins and scalars), the
+    replica's number on its local-gradient stats.
     """
     stats = stat_frame(store)
     values = values_frame(store)
-    cats = [*store.stats, _VALUE_STAT, _HIST_STAT]
+    cats = [*store.stats, _VALUE_STAT, _HIST_STAT, *SCALARS]
     frames = [
         pd.DataFrame(
             {
@@ -82,12 +85,33 @@ def _table(store: Store) -> pd.DataFrame:
     if store.bins_per_decade is not None:
         hist = _hist_rows(store)
         frames.append(hist.assign(stat=pd.Categorical([_HIST_STAT] * len(hist), categories=cats)))
+    if store.scalar_blocks:
+        frames.append(_scalar_rows(store, cats))
     if not store.per_replica:
         return pd.concat(frames, ignore_index=True)[list(COLUMNS)]
     frames[0]["replica"] = stats["replica"].array
     for frame in frames[1:]:
         frame["replica"] = pd.array([pd.NA] * len(frame), dtype="Int64")
     return pd.concat(frames, ignore_index=True)[list(REPLICA_COLUMNS)]
+
+
+def _scalar_rows(store: Store, cats: list[str]) -> pd.DataFrame:
+    """The scalars as rows, step by step: the name in `stat`, no variable, no index."""
+    scalars = scalar_frame(store)
+    n, m = len(scalars), len(SCALARS)
+    return pd.DataFrame(
+        {
+            "step": np.repeat(scalars["step"].to_numpy(), m),
+            "epoch": np.repeat(scalars["epoch"].to_numpy(), m),
+            "batch": np.repeat(scalars["batch"].to_numpy(), m),
+            "variable": pd.Categorical.from_codes(
+                np.full(n * m, -1, np.int32), categories=variables_index(store)
+            ),
+            "stat": pd.Categorical(list(SCALARS) * n, categories=cats),
+            "index": pd.array([pd.NA] * (n * m), dtype="Int64"),
+            "value": scalars[list(SCALARS)].to_numpy(np.float32).reshape(-1),
+        }
+    )
 
 
 def _hist_rows(store: Store) -> pd.DataFrame:
@@ -313,6 +337,7 @@ def _read_streamed(directory: Path, worker: int | None = None) -> Store:
     meta["alerts"] = [a for m in metas for a in m.get("alerts", [])]
     meta["skipped"] = sorted({s for m in metas for s in m.get("skipped", [])})
     meta["disconnected"] = list(dict.fromkeys(k for m in metas for k in m.get("disconnected", [])))
+    meta["scalars"] = list(dict.fromkeys(k for m in metas for k in m.get("scalars", [])))
     table = pd.concat(
         [t.astype({"variable": object, "stat": object}) for t in tables], ignore_index=True
     )
@@ -373,10 +398,10 @@ def _parse_meta(path: Path, text: str) -> dict:
         raise ValueError(f"'{path}' is not a gradwatch log: its metadata is not JSON ({e}).") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"'{path}' is not a gradwatch log: its metadata has no format '{FORMAT}'.")
-    if meta.get("version") != VERSION:
+    if meta.get("version") not in READS:
         raise ValueError(
             f"'{path}' is a gradwatch log of version {meta.get('version')!r}; this gradwatch "
-            f"reads version {VERSION}. Upgrade gradwatch to read it."
+            f"reads versions {', '.join(map(str, READS))}. Upgrade gradwatch to read it."
         )
     missing = [k for k in ("variables", "stats", "shapes") if k not in meta]
     if missing:
@@ -410,6 +435,11 @@ def _from_table(path: Path, meta: dict, table: pd.DataFrame) -> Store:
         store.add_skipped(meta.get("skipped", []))
     except (TypeError, ValueError) as e:
         raise ValueError(f"'{path}' has malformed skipped steps in its metadata: {e}") from e
+    names = [n for n in meta.get("scalars", []) if n not in stats]
+    if names:
+        is_scalar = table["stat"].astype(object).isin(names).to_numpy()
+        _scalar_blocks_from_rows(path, store, table[is_scalar])
+        table = table[~is_scalar]
     codes = {k: i for i, k in enumerate(variables)}
     stat_codes = {s: i for i, s in enumerate(stats)}
     var = table["variable"].astype(object).to_numpy()
@@ -482,6 +512,27 @@ def _from_table(path: Path, meta: dict, table: pd.DataFrame) -> Store:
         kind="values",
     )
     return store
+
+
+def _scalar_blocks_from_rows(path: Path, store: Store, rows: pd.DataFrame) -> None:
+    """Rebuilds the scalars, one row per step (NaN where a step has no row for one);
+    names this gradwatch does not know are left out."""
+    if not len(rows):
+        return
+    try:
+        step = rows["step"].to_numpy(np.int64)
+        epoch = rows["epoch"].to_numpy(np.int64)
+        batch = rows["batch"].to_numpy(np.int64)
+        value = rows["value"].to_numpy(np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"'{path}' has a scalar row whose step or value is not a number.") from e
+    name = rows["stat"].astype(object).to_numpy()
+    steps, first = np.unique(step, return_index=True)
+    data = np.full((len(steps), len(SCALARS)), np.nan, np.float32)
+    for j, scalar in enumerate(SCALARS):
+        mine = name == scalar
+        data[np.searchsorted(steps, step[mine]), j] = value[mine]
+    store.append_scalars(steps, epoch[first], batch[first], data)
 
 
 def _blocks_from_rows(store, step, epoch, batch, var, inner, value, kind) -> None:

@@ -8,13 +8,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gradwatch._store import Store
+from gradwatch._store import SCALARS, Store
 from gradwatch.stats import HIST_SIGNS, histogram_bins
 
 STAT_COLUMNS = ("step", "epoch", "batch", "variable", "stat", "value")
 REPLICA_STAT_COLUMNS = ("step", "epoch", "batch", "replica", "variable", "stat", "value")
 VALUE_COLUMNS = ("step", "epoch", "batch", "variable", "index", "value")
 HISTOGRAM_COLUMNS = ("step", "variable", "lo", "hi", "sign", "count")
+SCALAR_COLUMNS = ("step", "epoch", "batch", *SCALARS)
 
 
 def steps(store: Store) -> np.ndarray:
@@ -26,6 +27,7 @@ def steps(store: Store) -> np.ndarray:
             *store.hist_blocks,
             *store.value_blocks,
             *store.replica_blocks,
+            *store.scalar_blocks,
         )
         parts = [b.steps for b in blocks]
         return np.unique(np.concatenate(parts)) if parts else np.zeros((0,), np.int64)
@@ -75,6 +77,30 @@ def _build_stat_frame(store: Store) -> pd.DataFrame:
     ids[replica[order] < 0] = pd.NA
     frame["replica"] = ids
     return frame
+
+
+def scalar_frame(store: Store) -> pd.DataFrame:
+    """The loss and learning rate, one row per step (see `GradientLog.scalars`)."""
+
+    def build() -> pd.DataFrame:
+        blocks = store.scalar_blocks
+        ints = {
+            name: np.concatenate([getattr(b, attr) for b in blocks])
+            if blocks
+            else np.zeros((0,), np.int64)
+            for name, attr in (("step", "steps"), ("epoch", "epochs"), ("batch", "batches"))
+        }
+        data = (
+            np.concatenate([b.data for b in blocks])
+            if blocks
+            else np.zeros((0, len(SCALARS)), np.float32)
+        )
+        order = np.argsort(ints["step"], kind="stable")
+        frame = {name: values[order] for name, values in ints.items()}
+        frame.update({name: data[order, j] for j, name in enumerate(SCALARS)})
+        return pd.DataFrame(frame, columns=list(SCALAR_COLUMNS))
+
+    return store.cached("scalars", build)
 
 
 def values_frame(store: Store) -> pd.DataFrame:

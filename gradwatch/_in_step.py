@@ -10,6 +10,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from keras import ops
+
 from gradwatch import _derived
 from gradwatch._backend import current as _backend
 from gradwatch._compute import compute_histograms, compute_stats
@@ -33,12 +35,14 @@ def capture(
     records: Records,
     skipped: Any,
     local: Records,
+    scalars: tuple[Any, Any] = (None, None),
 ) -> None:
     """Adds the capture of `watch` (its `stats`, `every`, `histogram`, `per_replica`) to
     the step being traced or run.
 
     `records` hold the global gradients, `local` (under `tf.distribute`) what this
     replica handed the optimizer; without a strategy they are the same object.
+    `scalars` are the step's `(loss, learning_rate)`, written into the same slot.
     """
     _check_known(model, plan, records)
     entries = [records.get(k) for k in plan.ids]
@@ -61,6 +65,10 @@ def capture(
         else None
     )
     replica_stats = _derived.replica_stats(plan, local, watch.stats) if watch.per_replica else None
+    loss, learning_rate = (_scalar(x) for x in scalars)
+    if loss is not None and local is not records:
+        # Each replica's loss is its own batch's mean: the global batch's is their mean.
+        loss = _backend.all_reduce_sum([loss])[0] / _backend.num_replicas(model)
 
     def record() -> None:
         grads = {i: gradient(i) for i in dict.fromkeys(plan.stat_index + plan.value_index)}
@@ -80,7 +88,8 @@ def capture(
             for i in plan.value_index
         ]
         hist = compute_histograms(stat_grads, watch.histogram) if watch.histogram else None
-        buffer.write(step, stats, values, hist, skipped, replica_stats)
+        row = xp.stack([xp.nan() if x is None else x for x in (loss, learning_rate)])
+        buffer.write(step, stats, values, hist, skipped, replica_stats, row)
 
     def keep_previous() -> None:
         _derived.keep_previous(buffer, flat_gradients(), step)
@@ -95,6 +104,14 @@ def capture(
             keep_previous()
         else:
             _backend.when((step + 1) % watch.every == 0, keep_previous, buffer.variables)
+
+
+def _scalar(x: Any) -> Any:
+    """A float32 scalar: the mean of what the step handed (a loss is one already)."""
+    if x is None:
+        return None
+    x = _backend.float32(x)
+    return ops.mean(x) if len(x.shape) else x
 
 
 def stat_columns(

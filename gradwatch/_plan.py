@@ -13,7 +13,7 @@ import numpy as np
 from gradwatch._backend import current as _backend
 from gradwatch._catalogue import histogram_bin_count
 from gradwatch._step import record_key
-from gradwatch._store import Store
+from gradwatch._store import SCALARS, Store
 from gradwatch.buffer import GradientBuffer
 from gradwatch.keys import match_patterns, variable_keys
 
@@ -136,7 +136,7 @@ def make_buffer(model: Any, plan: Plan, watch: Any) -> GradientBuffer:
     two executions of `steps_per_execution` steps."""
     sizes = [int(np.prod(plan.variables[i].shape)) for i in plan.value_index]
     n_stats = len(watch.stats)
-    slot_bytes = 8 + 4 * (len(plan.stat_index) * n_stats + sum(sizes))
+    slot_bytes = 8 + 4 * (len(plan.stat_index) * n_stats + sum(sizes) + len(SCALARS))
     spe = int(model.steps_per_execution)
     n_bins = histogram_bin_count(watch.histogram) if watch.histogram else 0
     slot_bytes = slot_bytes + 4 * len(plan.stat_index) * n_bins

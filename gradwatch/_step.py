@@ -74,9 +74,16 @@ class Watcher(Protocol):
         """Adds the every-step checks to the step being traced or run."""
 
     def capture_step(
-        self, model: Any, step: Any, records: Records, skipped: Any, local: Records | None
+        self,
+        model: Any,
+        step: Any,
+        records: Records,
+        skipped: Any,
+        local: Records | None,
+        scalars: tuple[Any, Any] = (None, None),
     ) -> None:
-        """Adds the capture of the step being traced or run: stats into the ring buffer."""
+        """Adds the capture of the step being traced or run: stats into the ring buffer.
+        `scalars` are the step's `(loss, learning_rate)` tensors (None: not seen)."""
 
     def state_metrics(self) -> list[Any]:
         """The metrics that carry this watch's device state (JAX: in the step's state)."""
@@ -160,6 +167,10 @@ class StepScope:
         # JAX: the stateless step's input state (trainable, non-trainable, optimizer and
         # metrics variables), which `record_gradients` reads the step's values from.
         self.state: tuple | None = None
+        # The step's loss, as handed to the model's loss tracker (the last one handed),
+        # and the learning rate that the first optimizer applied; None: not seen.
+        self.loss: Any = None
+        self.learning_rate: Any = None
 
 
 _local = threading.local()

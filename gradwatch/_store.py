@@ -15,6 +15,9 @@ import numpy as np
 
 T = TypeVar("T")
 
+# The per-step scalars recorded beside the gradients, in column order.
+SCALARS = ("loss", "learning_rate")
+
 
 @dataclass
 class StatBlock:
@@ -36,6 +39,16 @@ class ReplicaBlock:
     batches: np.ndarray
     codes: np.ndarray  # int32 (n_variables,)
     data: np.ndarray  # float32 (k, n_replicas, n_variables, n_stats), replicas 0, 1, ...
+
+
+@dataclass
+class ScalarBlock:
+    """k recorded steps of the step's scalars (`SCALARS`: the loss, the learning rate)."""
+
+    steps: np.ndarray
+    epochs: np.ndarray
+    batches: np.ndarray
+    data: np.ndarray  # float32 (k, len(SCALARS)); NaN where a step had none
 
 
 @dataclass
@@ -89,6 +102,7 @@ class Store:
         self._hist_blocks: list[StatBlock] = []
         self._value_blocks: list[ValueBlock] = []
         self._replica_blocks: list[ReplicaBlock] = []
+        self._scalar_blocks: list[ScalarBlock] = []
         self._alerts: dict[tuple[int, str, str], float] = {}
         self._skipped: set[int] = set()
         self._disconnected: list[str] = []
@@ -126,6 +140,11 @@ class Store:
     @property
     def replica_blocks(self) -> tuple[ReplicaBlock, ...]:
         return tuple(self._replica_blocks)
+
+    @property
+    def scalar_blocks(self) -> tuple[ScalarBlock, ...]:
+        """The loss and learning rate of the recorded steps, in `SCALARS` order."""
+        return tuple(self._scalar_blocks)
 
     @property
     def alerts(self) -> Mapping[tuple[int, str, str], float]:
@@ -174,17 +193,21 @@ class Store:
         values: np.ndarray,
         hist: np.ndarray | None = None,
         replica_stats: np.ndarray | None = None,
+        scalars: np.ndarray | None = None,
     ) -> None:
         """Appends k recorded steps: stats `(k, n_vars, n_stats)`, values `(k, total)`.
 
         `hist`, if given, holds `(k, n_vars, n_bins)` counts for the stat variables,
-        and `replica_stats` `(k, n_replicas, n_vars, n_stats)` local-gradient stats.
+        `replica_stats` `(k, n_replicas, n_vars, n_stats)` local-gradient stats, and
+        `scalars` `(k, len(SCALARS))` the steps' loss and learning rate.
         """
         if len(steps) == 0:
             return
         steps = np.asarray(steps, np.int64)
         epochs = np.asarray(epochs, np.int64)
         batches = np.asarray(batches, np.int64)
+        if scalars is not None:
+            self.append_scalars(steps, epochs, batches, scalars)
         if len(stat_codes):
             perm = np.argsort(stat_codes, kind="stable")
             if stats.shape[2]:
@@ -232,6 +255,28 @@ class Store:
         )
         self._cache.clear()
 
+    def append_scalars(
+        self, steps: np.ndarray, epochs: np.ndarray, batches: np.ndarray, data: np.ndarray
+    ) -> None:
+        """Appends the scalars `(k, len(SCALARS))` (NaN: none) of k steps."""
+        data = np.asarray(data, np.float32)
+        if not len(steps):
+            return
+        if data.shape != (len(steps), len(SCALARS)):
+            raise ValueError(
+                f"The scalars of {len(steps)} steps must have the shape "
+                f"({len(steps)}, {len(SCALARS)}). Received: shape={data.shape}"
+            )
+        self._scalar_blocks.append(
+            ScalarBlock(
+                np.asarray(steps, np.int64),
+                np.asarray(epochs, np.int64),
+                np.asarray(batches, np.int64),
+                data,
+            )
+        )
+        self._cache.clear()
+
     def add_alerts(self, rows: Sequence[tuple[int, str, str, float]]) -> None:
         """Adds `(step, key, kind, value)` alerts; a later one for the same key wins."""
         for step, key, kind, value in rows:
@@ -250,5 +295,5 @@ class Store:
     def clear_blocks(self) -> None:
         """Forgets the recorded steps (after they were written out); keeps the rest."""
         self._stat_blocks, self._hist_blocks, self._value_blocks = [], [], []
-        self._replica_blocks = []
+        self._replica_blocks, self._scalar_blocks = [], []
         self._cache.clear()

@@ -10,6 +10,7 @@ import numpy as np
 
 from gradwatch._backend import current as _backend
 from gradwatch._state import StateMetric
+from gradwatch._store import SCALARS
 
 
 @dataclass
@@ -23,6 +24,7 @@ class Drained:
     replica_stats: np.ndarray | None  # float32, (k, n_replicas, n_variables, n_stats)
     skipped: np.ndarray  # bool, (k,): a loss-scale optimizer skipped the update
     lost: int  # slots overwritten before they were drained
+    scalars: np.ndarray | None = None  # float32, (k, len(SCALARS)): loss, learning rate
 
 
 class GradientBuffer(StateMetric):
@@ -111,6 +113,10 @@ class GradientBuffer(StateMetric):
             if n_replicas
             else None
         )
+        # Each step's loss and learning rate (`SCALARS`), NaN where the step had none.
+        self.scalars = self.add_variable(
+            shape=(capacity, len(SCALARS)), initializer="zeros", dtype="float32", name="scalars"
+        )
         self.drained = 0  # host side: slots already copied out
         self.flagged = False  # a traced step has written `skipped`
 
@@ -121,11 +127,21 @@ class GradientBuffer(StateMetric):
         )
 
     def write(
-        self, step, stats, values: Sequence, hist=None, skipped=None, replica_stats=None
+        self,
+        step,
+        stats,
+        values: Sequence,
+        hist=None,
+        skipped=None,
+        replica_stats=None,
+        scalars=None,
     ) -> None:
-        """Writes one step into the next slot, inside the compiled step."""
+        """Writes one step into the next slot, inside the compiled step. `scalars` is a
+        float32 vector in `SCALARS` order."""
         slot = _backend.slot_of(self.count, self.capacity)
         _backend.write_slot(self.stats, slot, stats)
+        if scalars is not None:
+            _backend.write_slot(self.scalars, slot, scalars)
         _backend.write_slot(self.steps, slot, step)
         if skipped is not None or self.flagged:
             _backend.write_slot(self.skipped, slot, False if skipped is None else skipped)
@@ -158,4 +174,5 @@ class GradientBuffer(StateMetric):
             if self.flagged
             else np.zeros(len(idx), bool),
             lost=lost,
+            scalars=read(self.scalars.value)[idx],
         )

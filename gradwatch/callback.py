@@ -437,18 +437,22 @@ class GradWatch(keras.callbacks.Callback):
         records: Records,
         skipped: Any,
         local: Records | None = None,
+        scalars: tuple[Any, Any] = (None, None),
     ) -> None:
         """Adds this watch's capture to the step being traced.
 
         `records` hold the global gradients, `local` (under `tf.distribute`) what
         this replica handed the optimizer; without a strategy they are the same.
         `skipped` is a bool tensor (a loss-scale optimizer skipped the update) or None.
+        `scalars` are the step's `(loss, learning_rate)` (None: not seen).
         """
         with traced_for_xla(model.jit_compile):
             plan = self._plan_for(model, records)
             buffer = self._buffer_for(model, plan)
             local = records if local is None else local
-            _in_step.capture(self, model, plan, buffer, self._store, step, records, skipped, local)
+            _in_step.capture(
+                self, model, plan, buffer, self._store, step, records, skipped, local, scalars
+            )
 
     def check_step(self, model: Any, step: Any, records: Records, skipped: Any) -> None:
         """Adds the every-step checks (non-finite, thresholds) to the step being traced.

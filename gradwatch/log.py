@@ -19,6 +19,7 @@ from gradwatch._frames import (
     bins,
     histogram_table,
     histograms_frame,
+    scalar_frame,
     stat_frame,
     stat_matrix,
     stat_steps,
@@ -217,6 +218,34 @@ class GradientLog:
         step's global rows come first, then replica 0's, 1's, ...
         """
         return stat_frame(self._store)
+
+    @property
+    def scalars(self) -> pd.DataFrame:
+        """The loss and the learning rate of each recorded step, as a frame.
+
+        Columns: `step`, `epoch`, `batch` (int64), `loss` and `learning_rate`
+        (float32). One row per recorded step, sorted by step.
+
+        `loss` is the loss of that step's batch, as the step computed it inside
+        `fit` (the compiled loss plus regularizers and `add_loss` terms, before
+        loss scaling; under `tf.distribute`, the mean over the replicas): the
+        value Keras averages into `logs["loss"]`, but for every step, also with
+        `steps_per_execution > 1`. `learning_rate` is the rate the optimizer
+        applied at that step (a `LearningRateSchedule` at that step's
+        iteration). A value the step did not have is NaN: `loss` where a custom
+        `train_step` never updates the model's `loss` metric, both in a log
+        written before gradwatch recorded them. Recorded at the steps the log
+        records (every `every`-th step).
+
+        Example:
+
+        ```python
+        watch = gradwatch.GradWatch()
+        model.fit(x, y, callbacks=[watch])
+        watch.log.scalars.tail()   # step, epoch, batch, loss, learning_rate
+        ```
+        """
+        return scalar_frame(self._store)
 
     @property
     def values_frame(self) -> pd.DataFrame:
@@ -596,6 +625,7 @@ class GradientLog:
             and dict(a.shapes) == dict(b.shapes)
             and self.frame.equals(other.frame)
             and self.values_frame.equals(other.values_frame)
+            and self.scalars.equals(other.scalars)
             and (a.bins_per_decade is None or self.histograms.equals(other.histograms))
         )
 

@@ -757,3 +757,86 @@ def _mark_steps(ax: Any, bad: np.ndarray, recorded: np.ndarray) -> None:
             edgecolor=NONFINITE_COLOR,
             lw=0.8,
         )
+
+
+def loss(log: GradientLog) -> Figure:
+    """The loss of each step, with the learning rate, above the global gradient norm.
+
+    Both panels share the step axis, so a jump in the loss lines up with the
+    gradients that went with it. The loss is drawn on a linear scale (a log
+    scale where it is positive and spans more than two decades), the
+    learning rate (dashed, right-hand scale) beside it, and the global norm
+    (`log.global_norm()`) on a log scale below. Steps with a NaN or Inf
+    gradient element are shaded red on both panels.
+
+    Args:
+        log: A `GradientLog` with the `norm` stat and its steps' loss
+            (`log.scalars`, recorded by `GradWatch` inside `fit`).
+
+    Returns:
+        A `matplotlib.figure.Figure` with two axes (and the learning rate's
+        twin axes on the first).
+
+    Raises:
+        KeyError: If `norm` was not recorded, or the log has no loss (written
+            before gradwatch recorded it, or a custom `train_step` that does
+            not update the model's `loss` metric).
+
+    Example:
+
+    ```python
+    fig = gradwatch.plot.loss(watch.log)
+    fig.savefig("loss.png")
+    ```
+    """
+    _check_log(log)
+    scalars = log.scalars
+    known = scalars[scalars["loss"].notna()]
+    if not len(known):
+        raise KeyError(
+            "The log has no loss to plot: it was written before gradwatch recorded the "
+            "loss, or the `train_step` never updated the model's `loss` metric. See "
+            "`log.scalars`."
+        )
+    global_norm = log.global_norm()  # the log's KeyError without `norm`
+    fig = Figure(figsize=(9.0, 6.0), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+    steps = known["step"].to_numpy()
+    values = known["loss"].to_numpy(np.float64)
+    top.plot(steps, values, color=_SERIES_COLORS[0], lw=1.2)
+    finite = values[np.isfinite(values)]
+    if len(finite) and finite.min() > 0 and finite.max() > 100 * finite.min():
+        top.set_yscale("log")  # a few outlier steps would flatten the rest on a linear scale
+    top.set_ylabel("loss", color=_SERIES_COLORS[0])
+    handles = [Line2D([], [], color=_SERIES_COLORS[0], lw=1.2)]
+    labels = ["loss"]
+    rate = scalars[scalars["learning_rate"].notna()]
+    if len(rate):
+        twin = top.twinx()
+        twin.plot(
+            rate["step"].to_numpy(),
+            rate["learning_rate"].to_numpy(np.float64),
+            color=_SERIES_COLORS[5],
+            lw=1.0,
+            ls="--",
+        )
+        twin.set_ylabel("learning rate", color=_SERIES_COLORS[5])
+        handles.append(Line2D([], [], color=_SERIES_COLORS[5], lw=1.0, ls="--"))
+        labels.append("learning rate")
+    norm = global_norm.where(global_norm > 0)
+    bottom.plot(norm.index.to_numpy(), norm.to_numpy(np.float64), color=_SERIES_COLORS[1], lw=1.2)
+    bottom.set_yscale("log")
+    bottom.set_ylabel("global gradient norm")
+    bottom.set_xlabel("step")
+    bad = np.unique(_nonfinite(log)["step"].to_numpy())
+    for ax in (top, bottom):
+        _mark_steps(ax, bad, log.steps)
+        ax.grid(True, which="major", alpha=0.3)
+    if len(bad):
+        handles.append(
+            Patch(facecolor=mpl.colors.to_rgba(NONFINITE_COLOR, 0.25), edgecolor=NONFINITE_COLOR)
+        )
+        labels.append(NONFINITE_LABEL)
+    top.legend(handles, labels, fontsize="small", loc="upper right")
+    top.set_title(f"Loss and global gradient norm, {_span(log)}")
+    return fig

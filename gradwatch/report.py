@@ -278,6 +278,12 @@ def render_report(log: GradientLog, title: str = "gradwatch report", progress: b
     # (caption, draw, wide, dpi): the wide charts span the page, drawn sharper to fill it.
     charts: list[tuple[str, Any, bool, int]] = [
         (f"Gradient norm of each {what} over the steps", plot.norms, True, 140),
+    ]
+    if log.scalars["loss"].notna().any():
+        charts.append(
+            ("The loss and learning rate of each step, and the global norm", plot.loss, True, 140)
+        )
+    charts += [
         (
             f"Gradient flow: median and range of each {what}'s norm, in model order",
             plot.flow,

@@ -266,7 +266,11 @@ _TORCH_JIT = """
         log = watch.log
         assert list(log.steps) == [0, 1, 2]
         wide = {name: log.stat(name) for name in stats}
+        losses = []
         for step, batch in enumerate(batches_of(x, y, 8)):
+            with torch.no_grad():
+                pred = reference(batch[0], training=True)
+                losses.append(float(mse(batch[1], pred) + sum(reference.losses)))
             (grads,) = tape_gradients(reference, opt, [batch], mse)
             after = [w.astype(np.float64) for w in reference.get_weights()]
             for key, g, w0, w1 in zip(log.variables, grads, before, after, strict=True):
@@ -279,6 +283,9 @@ _TORCH_JIT = """
                     got = wide[name].loc[step, key]
                     np.testing.assert_allclose(got, ref[name], rtol=1e-4, atol=1e-6, err_msg=name)
             before = after
+        # Each step's loss, from what the compiled step added to Keras' loss metric.
+        np.testing.assert_allclose(log.scalars["loss"], losses, rtol=1e-5)
+        np.testing.assert_array_equal(log.scalars["learning_rate"], np.float32(0.1))
 
         # Custom steps under jit_compile=True: one calling `super().train_step`, and one
         # computing its gradients itself and calling `record_gradients` (recorded at a
@@ -308,6 +315,12 @@ _TORCH_JIT = """
             custom.fit(x, y, batch_size=8, shuffle=False, callbacks=[other], verbose=0)
             assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs, cls
             assert list(other.log.steps) == [0, 1, 2], cls
+            # `Own` never updates the loss metric: no loss; `Delegating` runs the stock step.
+            scalars = other.log.scalars
+            assert scalars["loss"].isna().all() == (cls is Own), cls
+            if cls is Delegating:
+                np.testing.assert_allclose(scalars["loss"], losses, rtol=1e-5)
+            np.testing.assert_array_equal(scalars["learning_rate"], np.float32(0.1))
             for step in range(3):
                 for mine, theirs in zip(other.log.variables, log.variables, strict=True):
                     np.testing.assert_allclose(

@@ -113,7 +113,7 @@ def test_cli_report_and_tensorboard_write_their_outputs(logfile, tmp_path, capsy
     assert main(["report", str(logfile), "-o", str(tmp_path / "r.html")]) == 0
     text = (tmp_path / "r.html").read_text()
     assert "<title>gradwatch report: grads.parquet</title>" in text
-    assert text.count('src="data:image/png;base64,') == 4
+    assert text.count('src="data:image/png;base64,') == 5  # the loss chart too
     assert main(["tensorboard", str(logfile), "--logdir", str(tmp_path / "tb")]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == (
         f"Wrote 12 steps to {tmp_path / 'tb'}; view them with: tensorboard --logdir "
@@ -178,7 +178,7 @@ def test_cli_shows_progress_on_a_terminal(logfile, tmp_path, monkeypatch):
     monkeypatch.setattr(progress, "DELAY_S", 0)
     monkeypatch.setattr(sys, "stderr", stderr)
     assert main(["report", str(logfile), "-o", str(tmp_path / "r.html")]) == 0
-    assert "report:  20%|" in stderr.getvalue() and "1/5 [" in stderr.getvalue()
+    assert "report:  17%|" in stderr.getvalue() and "1/6 [" in stderr.getvalue()
 
 
 def test_cli_is_a_console_script_and_runs_as_a_subprocess(logfile):

@@ -183,6 +183,28 @@ def test_mirrored_records_the_global_gradient_of_a_single_device_run(mirrored):
     assert not np.allclose(log.gradient(KEYS[0], 0), local, rtol=1e-2)
 
 
+def test_mirrored_scalars_are_the_global_batchs_loss_and_the_rate(mirrored):
+    out, _ = mirrored
+    log = gradwatch.read_log(out / "plain.parquet")
+    # Each replica hands Keras' loss metric its own half-batch loss: recorded is their
+    # mean, the loss of the global batch (regularizers included) of a single-device loop.
+    model = keras.Sequential(layers(regularize=True), name="net")
+    model.set_weights(_weights(out / "plain_start.npz"))
+    optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
+    x, y = data(n=N)
+    losses = []
+    for _ in range(EPOCHS):
+        for xb, yb, _ in batches_of(x, y, BATCH):
+            with tf.GradientTape() as tape:
+                loss = mse(yb, model(xb, training=True)) + tf.add_n(model.losses)
+            losses.append(float(loss))
+            grads = tape.gradient(loss, model.trainable_weights)
+            optimizer.apply_gradients(zip(grads, model.trainable_weights, strict=True))
+    np.testing.assert_array_equal(log.scalars["step"], np.arange(len(losses)))
+    np.testing.assert_allclose(log.scalars["loss"], losses, rtol=RTOL)
+    np.testing.assert_array_equal(log.scalars["learning_rate"], np.float32(0.1))
+
+
 def test_mirrored_per_replica_rows_hold_each_replicas_local_gradient(mirrored):
     out, _ = mirrored
     log = gradwatch.read_log(out / "plain.parquet")

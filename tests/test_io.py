@@ -90,8 +90,17 @@ def test_written_files_hold_the_fitted_runs_values_for_plain_readers(fitted, tmp
     table["stat"] = table["stat"].astype(str)
     # Stat rows (empty index): exactly the log's frame, float32 values bit for bit
     # (NaN cos_prev at step 0, +inf update_ratio of the zero biases included).
-    stat_rows = table[~table["stat"].isin(["grad", "hist"])]
+    stat_rows = table[~table["stat"].isin(["grad", "hist", "loss", "learning_rate"])]
     assert stat_rows["index"].isna().all()
+    # Scalar rows: no variable, no index, the log's loss and learning rate at each step.
+    scalar_rows = table[table["stat"].isin(["loss", "learning_rate"])]
+    assert meta["scalars"] == ["loss", "learning_rate"]
+    assert scalar_rows["variable"].isna().all() and scalar_rows["index"].isna().all()
+    wide = scalar_rows.pivot(index="step", columns="stat", values="value")
+    for name in ("loss", "learning_rate"):
+        np.testing.assert_array_equal(
+            wide[name].to_numpy(np.float32), log.scalars[name].to_numpy(), err_msg=name
+        )
     cols = ["step", "epoch", "batch", "variable", "stat", "value"]
     ours, theirs = _rows(stat_rows.astype({"value": np.float32}), cols), _rows(log.frame, cols)
     assert len(ours) == 6 * 4 * 13  # steps x variables x stats

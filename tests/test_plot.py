@@ -392,3 +392,55 @@ def test_plot_errors(fitted, outlier):
         plot.flow(small)
     with pytest.raises(KeyError, match=r"No histograms were recorded"):
         plot.histogram(small, "a")
+
+
+def test_loss_draws_each_steps_loss_and_rate_above_the_global_norm(outlier, fitted):
+    log = outlier.log
+    fig = plot.loss(log)
+    by_label = {ax.get_ylabel(): ax for ax in fig.axes}
+    assert sorted(by_label) == ["global gradient norm", "learning rate", "loss"]
+    top, rate, bottom = (by_label[k] for k in ("loss", "learning rate", "global gradient norm"))
+    assert bottom.get_yscale() == "log" and bottom.get_xlabel() == "step"
+    assert top.get_shared_x_axes().joined(top, bottom)  # one step axis
+    # The outlier steps' loss is ~1e8 times the others': a log scale; a plain run's is linear.
+    assert top.get_yscale() == "log"
+    assert plot.loss(fitted[0].log).axes[0].get_yscale() == "linear"
+    scalars = log.scalars
+    (line,) = top.get_lines()
+    np.testing.assert_array_equal(line.get_xdata(), scalars["step"])
+    np.testing.assert_array_equal(line.get_ydata(), scalars["loss"].astype(np.float64))
+    (line,) = rate.get_lines()
+    np.testing.assert_array_equal(line.get_ydata(), np.full(12, np.float32(0.05)))
+    # The global norm, by hand from the per-variable norms; 0 at the non-finite steps
+    # 3 and 9 (every element there was non-finite), which a log scale leaves as gaps.
+    norms = log.stat("norm").to_numpy(np.float64)
+    by_hand = np.sqrt((norms**2).sum(axis=1))
+    by_hand[by_hand == 0] = np.nan
+    (line,) = bottom.get_lines()
+    np.testing.assert_allclose(line.get_ydata(), by_hand, rtol=1e-12)
+    assert np.isnan(line.get_ydata()[[3, 9]]).all()
+    for ax in (top, bottom):
+        spans = [p for p in ax.patches if _is_red(p.get_facecolor())]
+        assert sorted((p.get_bbox().x0 + p.get_bbox().x1) / 2 for p in spans) == [3, 9]
+    labels = [t.get_text() for t in top.get_legend().get_texts()]
+    assert labels == ["loss", "learning rate", plot.NONFINITE_LABEL]
+    width, height = fig.get_size_inches() * fig.dpi
+    assert width <= 2400 and height <= 2400
+
+
+def test_loss_of_a_log_without_a_loss_is_a_key_error(fitted):
+    log = GradientLog(stats=("norm",))
+    store_of(log).add_variables(["a"], [(1,)])
+    store_of(log).append(
+        np.asarray([0]),
+        np.asarray([0]),
+        np.asarray([0]),
+        np.asarray([0], np.int32),
+        np.ones((1, 1, 1), np.float32),
+        np.zeros((0,), np.int32),
+        np.zeros((1, 0), np.float32),
+    )
+    with pytest.raises(KeyError, match=r"no loss to plot.*log.scalars"):
+        plot.loss(log)
+    with pytest.raises(TypeError, match=r"`log` must be a gradwatch.GradientLog"):
+        plot.loss(fitted[0].log.scalars)

@@ -49,6 +49,7 @@ def test_report_is_one_self_contained_file(outlier, tmp_path):
     largest = norm.columns[int(np.nanargmax(norm.to_numpy(np.float64)) % norm.shape[1])]
     assert [alt.split(":")[0].split(",")[0] for alt, _ in images] == [
         "Gradient norm of each variable over the steps",
+        "The loss and learning rate of each step",
         "Gradient flow",
         "Gradient norm heatmap by variable (log10)",
         f"Gradient histogram of {largest}",  # net/hidden/kernel on TensorFlow
@@ -218,7 +219,7 @@ def test_report_renders_its_charts_in_headless_chromium(outlier, tmp_path):
         images = driver.execute_script(
             "return [...document.images].map(i => [i.complete, i.naturalWidth, i.naturalHeight])"
         )
-        assert len(images) == 4
+        assert len(images) == 5
         assert all(done and w >= 600 and h >= 300 for done, w, h in images), images
         # Nothing was fetched from anywhere: the page is its only resource.
         fetched = driver.execute_script(

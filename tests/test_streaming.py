@@ -42,9 +42,12 @@ def test_streamed_log_reads_back_equal_to_the_in_memory_log(tmp_path, spe):
     assert streamed.log == memory.log
     # Any Parquet reader sees one table over the parts.
     table = ds.dataset(tmp_path / "run", format="parquet").to_table()
-    assert table.num_rows == len(memory.log.frame) + len(memory.log.values_frame) + len(
-        memory.log.histograms
+    log = memory.log
+    # Stat rows, kept elements, histogram bins, and each step's loss and learning rate.
+    assert table.num_rows == (
+        len(log.frame) + len(log.values_frame) + len(log.histograms) + 2 * len(log.scalars)
     )
+    assert len(log.scalars) == 250 and not log.scalars["loss"].isna().any()
 
 
 def test_streaming_keeps_memory_bounded(tmp_path):
@@ -148,7 +151,8 @@ def test_streamed_log_is_a_hive_dataset_that_pyarrow_pandas_and_duckdb_read(tmp_
     np.testing.assert_array_equal(log.steps, np.arange(10))
     runs = sorted(p.name for p in (path / "worker=0").iterdir())
     assert len(runs) == 2 and all(r.startswith("run=") for r in runs)
-    n_rows = len(log.frame)
+    n_rows = len(log.frame) + 2 * len(log.scalars)  # stat rows, then loss and learning rate
+    assert len(log.scalars) == 10
     norms = log.stat("norm")
 
     table = ds.dataset(path, format="parquet", partitioning="hive").to_table()

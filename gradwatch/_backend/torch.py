@@ -304,7 +304,12 @@ def _compiled_step(model: Any, compiled: Callable, custom: bool, capture: Captur
                     pending = capture.before_update(
                         model, before, variables, model.optimizer, watches
                     )
+            sums = _tracker_sums(model) if watches else None
             outputs = compiled(data)
+            if sums is not None:
+                scope.loss = _step_loss(model, sums)
+            if scope.learning_rate is None:
+                scope.learning_rate = before.learning_rate
             if pending is not None and scope.stock:
                 for key, entry in before.loss_scaled.items():
                     scope.loss_scaled.setdefault(key, entry)
@@ -317,6 +322,29 @@ def _compiled_step(model: Any, compiled: Callable, custom: bool, capture: Captur
         return outputs
 
     return train_function
+
+
+def _tracker_sums(model: Any) -> tuple[Any, Any] | None:
+    """Copies of the loss tracker's running total and count (None: no Keras `Mean`)."""
+    tracker = getattr(model, "_loss_tracker", None)
+    if not (hasattr(tracker, "total") and hasattr(tracker, "count")):
+        return None
+    return tracker.total.value.clone(), tracker.count.value.clone()
+
+
+def _step_loss(model: Any, sums: tuple[Any, Any] | None) -> Any:
+    """The loss of the step just run, from what it added to the loss tracker: the stock
+    step adds `loss * batch_size` to the total and `batch_size` to the count. (The
+    compiled step stays as Keras compiled it, so the loss is not read inside it; the
+    total is a float32 sum over the epoch, so this carries its rounding, about one
+    float32 ulp of the total divided by the batch size.) NaN if the step added nothing
+    (0 / 0: no host sync to check)."""
+    if sums is None:
+        return None
+    tracker = model._loss_tracker
+    total = tracker.total.value.double() - sums[0].double()
+    count = tracker.count.value.double() - sums[1].double()
+    return total / count
 
 
 def stats_table(tensors: Sequence[Any], stats: tuple[str, ...]) -> Any:
