@@ -34,10 +34,43 @@ def counted(fn: Callable) -> Callable:
 
 
 def step_counter(model: Any) -> Any:
+    """The model's step counter, made on first use where the model's training stands."""
     state = model_state(model)
     if state.counter is None:
-        state.counter = _backend.new_counter()
+        state.counter = _backend.new_counter(first_step(model))
     return state.counter
+
+
+def first_step(model: Any) -> int:
+    """Where a new step counter starts: the optimizer's `iterations`, the count of
+    updates that `model.save` keeps, so that a loaded (or long-trained) model goes on
+    counting where it was. A loss-scale optimizer's skipped steps do not count there;
+    a streamed log continues past its own last step (`_sinks.ParquetSink.open`)."""
+    iterations = getattr(getattr(model, "optimizer", None), "iterations", None)
+    if iterations is None:
+        return 0
+    with _backend.lift():
+        return int(keras.ops.convert_to_numpy(iterations))
+
+
+def continue_after(model: Any, last: int | None, where: Any) -> None:
+    """Moves the model's step count past `last`, the last step of a log that the model's
+    steps are appended to, so that the log never holds one step twice (a loss-scale
+    optimizer's skipped steps, or a new model, would number steps it holds)."""
+    if last is None:
+        return
+    counter = step_counter(model)
+    step = int(counter.numpy())
+    if step > last:
+        return
+    warnings.warn(
+        f"GradWatch numbers this run's steps from {last + 1}, not from the model's "
+        f"step count {step} (the optimizer's `iterations` where the model was loaded): "
+        f"the log at '{where}' already holds steps up to {last}, and one log holds each "
+        "step once. To keep the model's own numbers, write to another `path`.",
+        stacklevel=2,
+    )
+    counter.assign_add(last + 1 - step)
 
 
 def commit(model: Any, scope: StepScope) -> None:
@@ -46,7 +79,8 @@ def commit(model: Any, scope: StepScope) -> None:
     step = counter.read_value()
     state = model_state(model)
     watches = state.active
-    if watches and not scope.grads:
+    # (A model with no trainable weights has no gradients: the plan warns about that.)
+    if watches and not scope.grads and model.trainable_weights:
         warnings.warn(
             f"The `train_step` of {type(model).__name__} recorded no gradients, so GradWatch "
             "has nothing to log. A custom `train_step` that does not hand its gradients "

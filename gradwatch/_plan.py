@@ -13,7 +13,7 @@ from gradwatch._backend import current as _backend
 from gradwatch._catalogue import histogram_bin_count
 from gradwatch._store import Store
 from gradwatch.buffer import GradientBuffer
-from gradwatch.keys import match_patterns, variable_keys
+from gradwatch.keys import match_patterns, model_paths, variable_keys
 
 SLOTS = 256  # ring-buffer slots when memory allows; drained every ~SLOTS steps
 BUFFER_BYTES = 64 * 2**20  # cap on one buffer's size when full tensors are kept
@@ -50,7 +50,16 @@ def make_plan(model: Any, watch: Any, store: Store) -> Plan:
     """The plan of `watch` (its `variables`, `values` and `max_value_elements`) on the
     model's trainable variables; the used variables are added to `store`."""
     variables = list(model.trainable_weights)
-    keys = variable_keys([v.path for v in variables])
+    keys = variable_keys(model_paths(model))
+    if not variables:
+        # As Keras' own step, which warns and trains on; the patterns are matched once
+        # the model has trainable weights (a frozen model unfrozen later).
+        warnings.warn(
+            f"GradWatch has nothing to record: the model {model.name!r} does not have any "
+            "trainable weights. Training goes on; the log gets steps once it has some.",
+            stacklevel=3,
+        )
+        return Plan((), [], [], [], [], np.zeros((0,), np.int32), np.zeros((0,), np.int32))
     stat_keys = set(match_patterns(watch.variables, keys, "variables"))
     value_keys = (
         set(match_patterns(watch.values, keys, "values")) if watch.values is not None else set()

@@ -19,6 +19,7 @@ from gradwatch._adopt import adopt
 from gradwatch._alarms import Alarms, PolicyName
 from gradwatch._backend import NAME as _BACKEND_NAME
 from gradwatch._backend import current as _backend
+from gradwatch._capture import continue_after
 from gradwatch._compute import traced_for_xla
 from gradwatch._drain import drain, drain_due
 from gradwatch._plan import Plan, make_buffer, make_plan, signature_of
@@ -189,6 +190,9 @@ class GradWatch(keras.callbacks.Callback):
         self._read_cache: tuple[int, GradientLog] | None = None
         self._model_ref: weakref.ref | None = None
         self._plan: Plan | None = None
+        # An argument that the model's variables refuse (a `variables` pattern matching
+        # none), found inside the traced step: raised on the host, after the step.
+        self._plan_error: ValueError | None = None
         self._buffer: GradientBuffer | None = None
         self._epoch = 0
         self._epoch_start = 0
@@ -249,6 +253,7 @@ class GradWatch(keras.callbacks.Callback):
             self._plan_for(model)
         if self._parquet is not None:
             self._parquet.open(model, self.stats, self.histogram or None, self.per_replica)
+            continue_after(model, self._parquet.last_step, self.path)
         self._model_ref = weakref.ref(model)
         state = model_state(model)
         joined = self not in state.watches
@@ -367,6 +372,10 @@ class GradWatch(keras.callbacks.Callback):
 
     def _raise_if_alarmed(self) -> None:
         """On the main thread: write the log out, then raise a pending alarm."""
+        if self._plan_error is not None:
+            error, self._plan_error = self._plan_error, None
+            self.release(self.model)  # detaches: the next `fit` starts clean
+            raise error
         error = self._alarms.take_error()
         if error is not None:
             self._drain()
@@ -390,7 +399,9 @@ class GradWatch(keras.callbacks.Callback):
         `skipped` is a bool tensor (a loss-scale optimizer skipped the update) or None.
         """
         with traced_for_xla(model.jit_compile):
-            plan = self._plan_for(model)
+            plan = self._plan_in_step(model)
+            if plan is None:
+                return
             buffer = self._buffer_for(model, plan)
             local = records if local is None else local
             _in_step.capture(self, model, plan, buffer, self._store, step, records, skipped, local)
@@ -404,9 +415,26 @@ class GradWatch(keras.callbacks.Callback):
         if not self.checks_every_step:
             return
         with traced_for_xla(model.jit_compile):
-            plan = self._plan_for(model)
+            plan = self._plan_in_step(model)
+            if plan is None:
+                return
             alarm = self._alarms.alarm_for(len(plan.stat_index))
             _derived.every_step_check(plan, records, step, skipped, alarm, self._alarms)
+
+    def _plan_in_step(self, model: Any) -> Plan | None:
+        """The plan, made inside the step being traced; None if the model's variables
+        refuse the arguments. A model built in its first step (a `Sequential` without
+        an `Input`) creates its variables in that trace, and they are initialized only
+        once the trace completes: an error raised there would leave them so for the
+        session. The trace therefore completes without this watch's capture, and the
+        error is raised on the host after that step (`_raise_if_alarmed`)."""
+        if self._plan_error is not None:
+            return None
+        try:
+            return self._plan_for(model)
+        except ValueError as e:
+            self._plan_error = e
+            return None
 
     def _plan_for(self, model: Any) -> Plan:
         if self._plan is None or self._plan.signature != signature_of(model):

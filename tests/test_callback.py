@@ -152,12 +152,17 @@ def test_duplicate_paths_get_numbered_keys():
             return self.b(self.a(x))
 
     inputs = keras.Input((3,))
-    model = Model(inputs, Block(name="sub")(inputs))
+    model = Model(inputs, Block(name="sub")(inputs), name="m")
     model.compile("sgd", "mse")
     watch = gradwatch.GradWatch(stats="norm", values="d/kernel#1")
     x = np.ones((4, 3), "float32")
     model.fit(x, np.zeros((4, 2), "float32"), batch_size=4, callbacks=[watch], verbose=0)
-    assert watch.log.variables == ["sub/d/kernel", "sub/d/bias", "sub/d/kernel#1", "sub/d/bias#1"]
+    assert watch.log.variables == [
+        "m/sub/d/kernel",
+        "m/sub/d/bias",
+        "m/sub/d/kernel#1",
+        "m/sub/d/bias#1",
+    ]
     assert watch.log.gradient("d/kernel#1", 0).shape == (2, 2)
 
 
