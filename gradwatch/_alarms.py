@@ -31,6 +31,7 @@ class Alarm(StateMetric):
 
     def __init__(self, n: int):
         super().__init__(name="gradwatch_alarm")
+        self.size = n  # the watched variables it holds a sum of squares for
         index = _backend.INDEX_DTYPE
 
         def cell(shape, dtype, name, value=0):
@@ -83,8 +84,10 @@ class Alarms:
         self._error: FloatingPointError | None = None
 
     def alarm_for(self, n: int) -> Alarm:
-        """The every-step check's device values, made on first use (out of the graph)."""
-        if self.alarm is None:
+        """The every-step check's device values for `n` watched variables, made on first
+        use (out of the graph), and again when the plan's variables change (a frozen base
+        unfrozen): the last `fit` handled what the old one held."""
+        if self.alarm is None or self.alarm.size != n:
             with _backend.lift():
                 self.alarm = Alarm(n)
         return self.alarm

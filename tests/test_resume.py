@@ -1,0 +1,131 @@
+"""Resuming a run into the same log: `model.save`, `keras.saving.load_model` (or
+`keras.models.clone_model`), then `fit` with a new `GradWatch(path=...)` on the same path."""
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from models import KIND, Model, Sequential, data
+
+import gradwatch
+
+
+@keras.saving.register_keras_serializable(package="test_resume")
+class Net(*((keras.Model,) if KIND == "plain" else (gradwatch.GradWatchMixin, keras.Model))):
+    """A subclassed model: its layers are created in `__init__`, built in the first step."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = keras.layers.Dense(4, activation="tanh", name="hidden")
+        self.head = keras.layers.Dense(2, name="out")
+
+    def call(self, x):
+        return self.head(self.inner(x))
+
+
+def _model(kind):
+    if kind == "sequential":  # no Input: built inside its first step
+        layers = [keras.layers.Dense(4, activation="tanh", name="hidden")]
+        return Sequential([*layers, keras.layers.Dense(2, name="out")], name="net")
+    if kind == "functional":
+        inputs = keras.Input((5,))
+        hidden = keras.layers.Dense(4, activation="tanh", name="hidden")(inputs)
+        return Model(inputs, keras.layers.Dense(2, name="out")(hidden), name="net")
+    return Net(name="net")
+
+
+def _fit(model, watch, epochs=1, initial_epoch=0):
+    x, y = data(n=16)
+    model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=epochs,
+        initial_epoch=initial_epoch,
+        shuffle=False,
+        callbacks=[watch],
+        verbose=0,
+    )
+
+
+@pytest.mark.parametrize("kind", ["sequential", "functional", "subclassed"])
+def test_a_run_resumed_after_load_model_reads_as_the_uninterrupted_run(tmp_path, kind):
+    # The reference: the same seeded model trained for both epochs in one `fit`.
+    reference = _model(kind)
+    reference.compile(keras.optimizers.Adam(0.01), "mse")
+    whole = gradwatch.GradWatch()
+    _fit(reference, whole, epochs=2)
+
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(1234)  # the reference's starting weights again
+    model = _model(kind)
+    model.compile(keras.optimizers.Adam(0.01), "mse")
+    _fit(model, gradwatch.GradWatch(path=tmp_path / "log"), epochs=1)
+    model.save(tmp_path / "model.keras")
+    del model
+    keras.backend.clear_session()  # as in a new process
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert int(loaded.optimizer.iterations.numpy()) == 2
+    second = gradwatch.GradWatch(path=tmp_path / "log")
+    _fit(loaded, second, epochs=2, initial_epoch=1)
+
+    log = gradwatch.read_log(tmp_path / "log")
+    assert len(list((tmp_path / "log" / "worker=0").iterdir())) == 2  # a run per GradWatch
+    assert log.variables == [
+        "net/hidden/kernel",
+        "net/hidden/bias",
+        "net/out/kernel",
+        "net/out/bias",
+    ]
+    assert log.variables == whole.log.variables
+    frame, expected = log.frame, whole.log.frame
+    assert not frame.duplicated(["step", "variable", "stat"]).any()
+    columns = ["step", "epoch", "batch", "variable", "stat"]
+    pd.testing.assert_frame_equal(frame[columns].astype(str), expected[columns].astype(str))
+    np.testing.assert_allclose(frame["value"], expected["value"], rtol=1e-5, atol=1e-7)
+    # The resumed watch's own log is the whole history too.
+    assert sorted(set(second.log.frame["step"])) == [0, 1, 2, 3]
+
+
+def test_a_clone_records_under_the_keys_of_its_original():
+    # A subclassed model built in its first step: `variable.path` has the model's name
+    # scope there, and not in a clone built outside it.
+    original = _model("subclassed")
+    original.compile("sgd", "mse")
+    first = gradwatch.GradWatch(stats="norm")
+    _fit(original, first)
+    clone = keras.models.clone_model(original)
+    clone.build((None, 5))
+    clone.set_weights(original.get_weights())
+    clone.compile("sgd", "mse")
+    again = gradwatch.GradWatch(stats="norm")
+    _fit(clone, again)
+    assert [v.path for v in clone.trainable_weights] != [v.path for v in original.trainable_weights]
+    assert (
+        again.log.variables
+        == first.log.variables
+        == [
+            "net/hidden/kernel",
+            "net/hidden/bias",
+            "net/out/kernel",
+            "net/out/bias",
+        ]
+    )
+
+
+def test_a_new_model_appended_to_a_log_continues_its_steps_with_a_warning(tmp_path):
+    first = _model("functional")
+    first.compile("sgd", "mse")
+    _fit(first, gradwatch.GradWatch(path=tmp_path / "log"), epochs=2)  # steps 0-3
+    fresh = _model("functional")  # its optimizer's `iterations` is 0
+    fresh.compile("sgd", "mse")
+    watch = gradwatch.GradWatch(path=tmp_path / "log")
+    with pytest.warns(UserWarning, match=r"steps from 4, not from the model's step count 0"):
+        _fit(fresh, watch)
+    steps = gradwatch.read_log(tmp_path / "log").frame.drop_duplicates(["step", "variable"])
+    assert sorted(set(steps["step"])) == [0, 1, 2, 3, 4, 5]
+    assert len(steps) == 6 * 4  # one row per step and variable and stat: no step twice
+    # The model goes on counting from there: its next fit appends steps 6 and 7, and
+    # warns no more (pytest makes warnings errors).
+    _fit(fresh, watch)
+    assert sorted(set(watch.log.frame["step"])) == list(range(8))
