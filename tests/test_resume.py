@@ -71,6 +71,7 @@ def test_a_run_resumed_after_load_model_reads_as_the_uninterrupted_run(tmp_path,
 
     log = gradwatch.read_log(tmp_path / "log")
     assert len(list((tmp_path / "log" / "worker=0").iterdir())) == 2  # a run per GradWatch
+    assert not log.frame.duplicated(["step", "variable", "stat"]).any()
     assert log.variables == [
         "net/hidden/kernel",
         "net/hidden/bias",
@@ -79,7 +80,6 @@ def test_a_run_resumed_after_load_model_reads_as_the_uninterrupted_run(tmp_path,
     ]
     assert log.variables == whole.log.variables
     frame, expected = log.frame, whole.log.frame
-    assert not frame.duplicated(["step", "variable", "stat"]).any()
     columns = ["step", "epoch", "batch", "variable", "stat"]
     pd.testing.assert_frame_equal(frame[columns].astype(str), expected[columns].astype(str))
     np.testing.assert_allclose(frame["value"], expected["value"], rtol=1e-5, atol=1e-7)
