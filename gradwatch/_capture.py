@@ -27,6 +27,9 @@ def counted(fn: Callable) -> Callable:
             return fn(self, *args, **kwargs)
         if not _backend.RECORDS:  # a backend gradwatch does not record
             return fn(self, *args, **kwargs)
+        # Made before the step's update, so that a new counter starts at the `iterations`
+        # before it (an eager step counts in `commit`, after the update).
+        step_counter(self)
         return _backend.run_step(fn, self, commit, *args, **kwargs)
 
     train_step._gradwatch_counted = True

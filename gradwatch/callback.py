@@ -249,8 +249,10 @@ class GradWatch(keras.callbacks.Callback):
                 self._alarms.alarm_for(len(plan.stat_index))
         elif _backend.EAGER:
             # The step runs eagerly and applies the update before it records: match
-            # the patterns now, so that one matching nothing fails before any step.
+            # the patterns now, so that one matching nothing fails before any step; and
+            # make the counter, which starts at `iterations` before any update.
             self._plan_for(model)
+            step_counter(model)
         if self._parquet is not None:
             self._parquet.open(model, self.stats, self.histogram or None, self.per_replica)
             continue_after(model, self._parquet.last_step, self.path)

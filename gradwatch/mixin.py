@@ -31,7 +31,10 @@ def _own_metrics(model: Any) -> list[Any]:
 def _ensure_counter(model: Any) -> None:
     """Where the step counter travels in the step's state (JAX): creates it before Keras
     gathers that state, so that steps run without a `GradWatch` are counted too (a train
-    function made before it existed is made anew)."""
+    function made before it existed is made anew). Where the step runs eagerly (PyTorch),
+    also made here: it starts at the optimizer's `iterations` before any update."""
+    if _backend.EAGER and model_state(model).counter is None:
+        step_counter(model)
     if _backend.STATE_IN_STEP and model_state(model).counter is None:
         step_counter(model)
         model.train_function = None
