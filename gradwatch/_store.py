@@ -160,6 +160,19 @@ class Store:
         none follows), so that `variables` keeps model order when the trainable set
         grows (a frozen base unfrozen). The keys already there keep their relative
         order, so the codes of the recorded blocks are renumbered and stay sorted.
+
+        Example:
+
+        >>> store = Store(("norm",))
+        >>> store.add_variables(["m/head/w"], [(1,)])
+        array([0], dtype=int32)
+        >>> store.append(np.array([0]), np.array([0]), np.array([0]), np.array([0], np.int32),
+        ...              np.ones((1, 1, 1), np.float32), np.zeros((0,), np.int32),
+        ...              np.zeros((1, 0), np.float32))
+        >>> store.add_variables(["m/base/w", "m/base/b", "m/head/w"], [(2,), (2,), (1,)])
+        array([0, 1, 2], dtype=int32)
+        >>> store.variables, store.stat_blocks[0].codes
+        (('m/base/w', 'm/base/b', 'm/head/w'), array([2], dtype=int32))
         """
         order = list(self._variables)
         position = {k: i for i, k in enumerate(order)}
