@@ -67,10 +67,12 @@ def continue_after(model: Any, last: int | None, where: Any) -> None:
     if step > last:
         return
     warnings.warn(
-        f"GradWatch numbers this run's steps from {last + 1}, not from the model's "
-        f"step count {step} (the optimizer's `iterations` where the model was loaded): "
-        f"the log at '{where}' already holds steps up to {last}, and one log holds each "
-        "step once. To keep the model's own numbers, write to another `path`.",
+        f"GradWatch numbers this run's steps from {last + 1}, not from the model's own "
+        f"step count {step}: the log at '{where}' already holds steps up to {last}, and "
+        "a log holds each step once. (A model's count starts at its optimizer's "
+        "`iterations`, which `model.save` keeps; it leaves out the steps that a "
+        "`LossScaleOptimizer` skipped.) To keep the model's own numbers, write to "
+        "another `path`.",
         stacklevel=2,
     )
     counter.assign_add(last + 1 - step)

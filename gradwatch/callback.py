@@ -48,8 +48,9 @@ class GradWatch(keras.callbacks.Callback):
 
     Args:
         variables: Which variables get stats: a glob, an `re.Pattern`, or a
-            list of them, matched against variable keys (`variable.path`, or
-            any suffix of it on `/` boundaries). Defaults to `"*"` (all).
+            list of them, matched against variable keys (`net/hidden/kernel`:
+            the model's name, the layer names down to the variable and its
+            name), or any suffix of one on `/` boundaries. Defaults to `"*"` (all).
         stats: Names from `gradwatch.STATS`. Defaults to
             `("norm", "mean", "std", "min", "max", "nonfinite")`.
         values: Also keep the full gradient tensor of these variables (same

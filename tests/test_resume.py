@@ -120,7 +120,7 @@ def test_a_new_model_appended_to_a_log_continues_its_steps_with_a_warning(tmp_pa
     fresh = _model("functional")  # its optimizer's `iterations` is 0
     fresh.compile("sgd", "mse")
     watch = gradwatch.GradWatch(path=tmp_path / "log")
-    with pytest.warns(UserWarning, match=r"steps from 4, not from the model's step count 0"):
+    with pytest.warns(UserWarning, match=r"steps from 4, not from the model's own step count 0"):
         _fit(fresh, watch)
     steps = gradwatch.read_log(tmp_path / "log").frame.drop_duplicates(["step", "variable"])
     assert sorted(set(steps["step"])) == [0, 1, 2, 3, 4, 5]
@@ -129,3 +129,28 @@ def test_a_new_model_appended_to_a_log_continues_its_steps_with_a_warning(tmp_pa
     # warns no more (pytest makes warnings errors).
     _fit(fresh, watch)
     assert sorted(set(watch.log.frame["step"])) == list(range(8))
+
+
+def test_steps_a_loss_scale_optimizer_skipped_are_not_numbered_twice(tmp_path):
+    # The first step's scaled gradients overflow: the update is skipped, so `iterations`
+    # (which `model.save` keeps) is one behind the steps the log holds.
+    model = _model("functional")
+    optimizer = keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(0.01), initial_scale=2.0**127
+    )
+    model.compile(optimizer, "mse")
+    first = gradwatch.GradWatch(path=tmp_path / "log", on_nonfinite="ignore")
+    _fit(model, first, epochs=2)  # steps 0-3
+    skipped = sorted(first.log.skipped)
+    assert skipped[:1] == [0] and len(skipped) < 4
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    applied = 4 - len(skipped)
+    assert int(loaded.optimizer.iterations.numpy()) == applied
+    match = rf"steps from 4, not from the model's own step count {applied}"
+    with pytest.warns(UserWarning, match=match):
+        _fit(loaded, gradwatch.GradWatch(path=tmp_path / "log", on_nonfinite="ignore"))
+    log = gradwatch.read_log(tmp_path / "log")
+    assert sorted(set(log.frame["step"])) == list(range(6))
+    assert not log.frame.duplicated(["step", "variable", "stat"]).any()
+    assert sorted(log.skipped)[: len(skipped)] == skipped
