@@ -40,7 +40,8 @@ def step_counter(model: Any) -> Any:
     """The model's step counter, made on first use where the model's training stands."""
     state = model_state(model)
     if state.counter is None:
-        state.counter = _backend.new_counter(first_step(model))
+        start = first_step(model) if state.start_at is None else state.start_at
+        state.counter = _backend.new_counter(start)
     return state.counter
 
 
@@ -62,8 +63,10 @@ def continue_after(model: Any, last: int | None, where: Any) -> None:
     optimizer's skipped steps, or a new model, would number steps it holds)."""
     if last is None:
         return
-    counter = step_counter(model)
-    step = int(counter.numpy())
+    state = model_state(model)
+    # A counter not made yet (TensorFlow makes it in the first trace, where a strategy
+    # places it) is made where the log goes on.
+    step = first_step(model) if state.counter is None else int(state.counter.numpy())
     if step > last:
         return
     warnings.warn(
@@ -75,7 +78,10 @@ def continue_after(model: Any, last: int | None, where: Any) -> None:
         "another `path`.",
         stacklevel=2,
     )
-    counter.assign_add(last + 1 - step)
+    if state.counter is None:
+        state.start_at = last + 1
+    else:
+        state.counter.assign_add(last + 1 - step)
 
 
 def commit(model: Any, scope: StepScope) -> None:
