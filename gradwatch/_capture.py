@@ -57,6 +57,14 @@ def first_step(model: Any) -> int:
         return int(keras.ops.convert_to_numpy(iterations))
 
 
+def next_step(model: Any) -> int:
+    """On the host: the number of the model's next step, also before its counter is made."""
+    state = model_state(model)
+    if state.counter is not None:
+        return int(state.counter.numpy())
+    return first_step(model) if state.start_at is None else state.start_at
+
+
 def continue_after(model: Any, last: int | None, where: Any) -> None:
     """Moves the model's step count past `last`, the last step of a log that the model's
     steps are appended to, so that the log never holds one step twice (a loss-scale
@@ -64,9 +72,7 @@ def continue_after(model: Any, last: int | None, where: Any) -> None:
     if last is None:
         return
     state = model_state(model)
-    # A counter not made yet (TensorFlow makes it in the first trace, where a strategy
-    # places it) is made where the log goes on.
-    step = first_step(model) if state.counter is None else int(state.counter.numpy())
+    step = next_step(model)
     if step > last:
         return
     warnings.warn(
@@ -79,6 +85,8 @@ def continue_after(model: Any, last: int | None, where: Any) -> None:
         stacklevel=2,
     )
     if state.counter is None:
+        # Not made yet (TensorFlow makes it in the first trace, where a strategy places
+        # it): it is made where the log goes on.
         state.start_at = last + 1
     else:
         state.counter.assign_add(last + 1 - step)

@@ -19,7 +19,7 @@ from gradwatch._adopt import adopt
 from gradwatch._alarms import Alarms, PolicyName
 from gradwatch._backend import NAME as _BACKEND_NAME
 from gradwatch._backend import current as _backend
-from gradwatch._capture import continue_after
+from gradwatch._capture import continue_after, next_step
 from gradwatch._compute import traced_for_xla
 from gradwatch._drain import drain, drain_due
 from gradwatch._plan import Plan, make_buffer, make_plan, signature_of
@@ -278,8 +278,7 @@ class GradWatch(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._epoch = int(epoch)
-        counter = model_state(self.model).counter
-        self._epoch_start = 0 if counter is None else int(counter.numpy())
+        self._epoch_start = next_step(self.model)
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         self._handle_alarms()

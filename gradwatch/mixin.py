@@ -10,7 +10,7 @@ import keras
 
 from gradwatch import _capture
 from gradwatch._backend import current as _backend
-from gradwatch._capture import add_records, before_update, counted, step_counter
+from gradwatch._capture import add_records, before_update, counted, next_step, step_counter
 from gradwatch._step import ModelState, Watcher, model_state, restore_class, scopes
 
 _patch_lock = threading.Lock()
@@ -405,7 +405,7 @@ def setup_gate(model: Any) -> None:
             _with_capture(state, without, False),
             state.traced_with,
         )
-    state.next_step = 0 if state.counter is None else int(state.counter.numpy())
+    state.next_step = next_step(model)
 
 
 def gate_next_step(model: Any) -> None:

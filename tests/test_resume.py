@@ -154,3 +154,20 @@ def test_steps_a_loss_scale_optimizer_skipped_are_not_numbered_twice(tmp_path):
     assert sorted(set(log.frame["step"])) == list(range(6))
     assert not log.frame.duplicated(["step", "variable", "stat"]).any()
     assert log.skipped_steps.tolist()[: len(skipped)] == skipped
+
+
+def test_a_loaded_model_records_every_nth_step_of_its_own_count(tmp_path):
+    x, y = data(n=24)  # 3 steps an epoch
+    model = _model("functional")
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    model.fit(x, y, batch_size=8, shuffle=False, verbose=0)  # steps 0-2, no watch
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    watch = gradwatch.GradWatch(every=2, stats="norm")
+    loaded.fit(x, y, batch_size=8, epochs=2, shuffle=False, callbacks=[watch], verbose=0)
+    # Steps 3-8: the even ones are recorded, numbered within their epoch from 0.
+    frame = watch.log.frame
+    assert sorted(set(frame["step"])) == [4, 6, 8]
+    rows = frame.drop_duplicates("step").set_index("step")
+    assert rows["batch"].to_dict() == {4: 1, 6: 0, 8: 2}
+    assert rows["epoch"].to_dict() == {4: 0, 6: 1, 8: 1}
