@@ -132,24 +132,27 @@ def test_a_new_model_appended_to_a_log_continues_its_steps_with_a_warning(tmp_pa
 
 
 def test_steps_a_loss_scale_optimizer_skipped_are_not_numbered_twice(tmp_path):
-    # The first step's scaled gradients overflow: the update is skipped, so `iterations`
-    # (which `model.save` keeps) is one behind the steps the log holds.
+    # The first batch's scaled gradients overflow: that update is skipped, so
+    # `iterations` (which `model.save` keeps) is behind the steps the log holds.
+    x, y = data(n=16)
+    y[:8] *= 1e4
     model = _model("functional")
     optimizer = keras.optimizers.LossScaleOptimizer(
-        keras.optimizers.SGD(0.01), initial_scale=2.0**127
+        keras.optimizers.SGD(0.01), initial_scale=2.0**120
     )
     model.compile(optimizer, "mse")
     first = gradwatch.GradWatch(path=tmp_path / "log", on_nonfinite="ignore")
-    _fit(model, first, epochs=2)  # steps 0-3
-    skipped = first.log.skipped_steps.tolist()
+    model.fit(x, y, batch_size=8, epochs=2, shuffle=False, callbacks=[first], verbose=0)
+    skipped = first.log.skipped_steps.tolist()  # of steps 0-3
     assert skipped[:1] == [0] and len(skipped) < 4
     model.save(tmp_path / "model.keras")
     loaded = keras.saving.load_model(tmp_path / "model.keras")
     applied = 4 - len(skipped)
     assert int(loaded.optimizer.iterations.numpy()) == applied
     match = rf"steps from 4, not from the model's own step count {applied}"
+    second = gradwatch.GradWatch(path=tmp_path / "log", on_nonfinite="ignore")
     with pytest.warns(UserWarning, match=match):
-        _fit(loaded, gradwatch.GradWatch(path=tmp_path / "log", on_nonfinite="ignore"))
+        loaded.fit(x, y, batch_size=8, shuffle=False, callbacks=[second], verbose=0)
     log = gradwatch.read_log(tmp_path / "log")
     assert sorted(set(log.frame["step"])) == list(range(6))
     assert not log.frame.duplicated(["step", "variable", "stat"]).any()
