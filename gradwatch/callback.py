@@ -254,6 +254,11 @@ class GradWatch(keras.callbacks.Callback):
             # make the counter, which starts at `iterations` before any update.
             self._plan_for(model)
             step_counter(model)
+        elif model.trainable_weights:
+            # Built before training: match the patterns now too, so that one matching
+            # nothing fails before any step. (A model built in its first step is matched
+            # in that trace; see `_plan_in_step`.)
+            self._plan_for(model)
         if self._parquet is not None:
             self._parquet.open(model, self.stats, self.histogram or None, self.per_replica)
             continue_after(model, self._parquet.last_step, self.path)
