@@ -29,6 +29,9 @@ def counted(fn: Callable) -> Callable:
             return fn(self, *args, **kwargs)
         if not _backend.RECORDS:  # a backend gradwatch does not record
             return fn(self, *args, **kwargs)
+        # Made before the step's update, so that a new counter starts at the `iterations`
+        # before it (an eager step counts in `commit`, after the update).
+        step_counter(self)
         if not model_state(self).active:
             return _backend.run_step(fn, self, commit, *args, **kwargs)
         with noting_loss(self):
@@ -39,10 +42,59 @@ def counted(fn: Callable) -> Callable:
 
 
 def step_counter(model: Any) -> Any:
+    """The model's step counter, made on first use where the model's training stands."""
     state = model_state(model)
     if state.counter is None:
-        state.counter = _backend.new_counter()
+        start = first_step(model) if state.start_at is None else state.start_at
+        state.counter = _backend.new_counter(start)
     return state.counter
+
+
+def first_step(model: Any) -> int:
+    """Where a new step counter starts: the optimizer's `iterations`, the count of
+    updates that `model.save` keeps, so that a loaded (or long-trained) model goes on
+    counting where it was. A loss-scale optimizer's skipped steps do not count there;
+    a streamed log continues past its own last step (`_sinks.ParquetSink.open`)."""
+    iterations = getattr(getattr(model, "optimizer", None), "iterations", None)
+    if iterations is None:
+        return 0
+    with _backend.lift():
+        return int(keras.ops.convert_to_numpy(iterations))
+
+
+def next_step(model: Any) -> int:
+    """On the host: the number of the model's next step, also before its counter is made."""
+    state = model_state(model)
+    if state.counter is not None:
+        return int(state.counter.numpy())
+    return first_step(model) if state.start_at is None else state.start_at
+
+
+def continue_after(model: Any, last: int | None, where: Any) -> None:
+    """Moves the model's step count past `last`, the last step of a log that the model's
+    steps are appended to, so that the log never holds one step twice (a loss-scale
+    optimizer's skipped steps, or a new model, would number steps it holds)."""
+    if last is None:
+        return
+    state = model_state(model)
+    step = next_step(model)
+    if step > last:
+        return
+    warnings.warn(
+        f"GradWatch numbers this run's steps from {last + 1}, not from the model's own "
+        f"step count {step}: the log at '{where}' already holds steps up to {last}, and "
+        "a log holds each step once. (A model's count starts at its optimizer's "
+        "`iterations`, which `model.save` keeps; it leaves out the steps that a "
+        "`LossScaleOptimizer` skipped.) To keep the model's own numbers, write to "
+        "another `path`.",
+        stacklevel=2,
+    )
+    if state.counter is None:
+        # Not made yet (TensorFlow makes it in the first trace, where a strategy places
+        # it): it is made where the log goes on.
+        state.start_at = last + 1
+    else:
+        state.counter.assign_add(last + 1 - step)
 
 
 def commit(model: Any, scope: StepScope) -> None:
@@ -51,7 +103,8 @@ def commit(model: Any, scope: StepScope) -> None:
     step = counter.read_value()
     state = model_state(model)
     watches = state.active
-    if watches and not scope.grads:
+    # (A model with no trainable weights has no gradients: the plan warns about that.)
+    if watches and not scope.grads and model.trainable_weights:
         warnings.warn(
             f"The `train_step` of {type(model).__name__} recorded no gradients, so GradWatch "
             "has nothing to log. A custom `train_step` that does not hand its gradients "

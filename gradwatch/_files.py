@@ -10,7 +10,6 @@ import datetime
 import json
 import os
 import secrets
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -154,15 +153,20 @@ def _check_target(path: Any) -> Path:
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Writes through a temporary file in the same directory, so no half file is left."""
+    """Writes through a temporary file in the same directory, so no half file is left.
+
+    The temporary file is made as `open` makes a file (mode 0o666 less the umask), not
+    as `tempfile.mkstemp` does (0o600), so that the log has the modes of any file the
+    user writes: readable by a TensorBoard server or a colleague where the umask allows.
+    """
+    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     except OSError as e:
         raise OSError(
             f"Cannot write the gradwatch log to '{path}': {e.strerror or e}. Check that "
             "the directory is writable."
         ) from e
-    os.close(fd)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -281,6 +285,30 @@ def streamed_metadata(path: Path, worker: int = 0) -> dict | None:
     return _read_parquet(parts[-1], table=False)[0] if parts else None
 
 
+def streamed_last_step(path: Path, worker: int = 0) -> int | None:
+    """The last step that a worker's streamed log holds, over all of its runs, or None
+    if it has no rows. Read from the parts' column statistics where they have them."""
+    import pyarrow.parquet as pq
+
+    last: int | None = None
+    for part in dataset_parts(path).get(worker, []):
+        try:
+            meta = pq.ParquetFile(part).metadata
+            column = meta.schema.names.index("step")
+            stats = [
+                meta.row_group(i).column(column).statistics for i in range(meta.num_row_groups)
+            ]
+            if all(s is not None and s.has_min_max for s in stats):
+                highs = [int(s.max) for s in stats]
+            else:
+                highs = pq.read_table(part, columns=["step"]).column("step").to_pylist()
+        except Exception as e:  # pyarrow raises its own error types for bad files
+            raise ValueError(f"'{part}' is not a readable Parquet file: {e}") from e
+        if highs:
+            last = max(highs) if last is None else max(last, *highs)
+    return last
+
+
 def read_store(path: Any, worker: int | None = None) -> Store:
     """Reads a log file, or a streamed log's directory, into a store (see `read_log`)."""
     if not isinstance(path, (str, os.PathLike)):
@@ -325,7 +353,13 @@ def _read_streamed(directory: Path, worker: int | None = None) -> Store:
         )
     parts = by_worker[worker]
     metas, tables = zip(*(_read_parquet(p) for p in parts), strict=True)
-    meta = dict(metas[-1])  # variables only grow, so the newest part names them all
+    meta = dict(metas[-1])
+    # Within a run variables only grow, but runs appended to one log may name other
+    # variables (a model changed between them): each part names its own.
+    # The newest part's order is the model's (a run's trainable set may have grown).
+    meta["variables"] = list(
+        dict.fromkeys([*metas[-1]["variables"], *(k for m in metas for k in m["variables"])])
+    )
     for p, m in zip(parts, metas, strict=True):
         if m["stats"] != meta["stats"] or m.get("bins_per_decade") != meta.get("bins_per_decade"):
             raise ValueError(

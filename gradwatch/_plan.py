@@ -15,7 +15,7 @@ from gradwatch._catalogue import histogram_bin_count
 from gradwatch._step import record_key
 from gradwatch._store import SCALARS, Store
 from gradwatch.buffer import GradientBuffer
-from gradwatch.keys import match_patterns, variable_keys
+from gradwatch.keys import match_patterns, model_paths, variable_keys
 
 SLOTS = 256  # ring-buffer slots when memory allows; drained every ~SLOTS steps
 BUFFER_BYTES = 64 * 2**20  # cap on one buffer's size when full tensors are kept
@@ -75,7 +75,17 @@ def make_plan(
     (`None`: only check the arguments against the model)."""
     counts = {k: int(n) for k, n in (counts or {}).items() if n > 1}
     model_variables = list(model.trainable_weights)
-    model_keys = variable_keys([v.path for v in model_variables])
+    model_keys = variable_keys(model_paths(model))
+    if not model_variables:
+        # As Keras' own step, which warns and trains on; the patterns are matched once
+        # the model has trainable weights (a frozen model unfrozen later).
+        if store is not None:
+            warnings.warn(
+                f"GradWatch has nothing to record: the model {model.name!r} does not have "
+                "any trainable weights. Training goes on; the log gets steps once it has some.",
+                stacklevel=3,
+            )
+        return Plan((), [], [], [], [], np.zeros((0,), np.int32), np.zeros((0,), np.int32))
     # Patterns match the variables' own keys; every update of a match is selected.
     variables, keys, ids, own_keys = [], [], [], []
     for var, key in zip(model_variables, model_keys, strict=True):

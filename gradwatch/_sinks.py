@@ -35,6 +35,7 @@ class ParquetSink:
         self.run: str | None = None  # the run id of this sink's parts under `path`
         self.failed = False
         self.pending = 0  # recorded steps not yet written
+        self.last_step: int | None = None  # the last step `path` held at `open`
 
     def open(self, model: Any, stats: list[str], bins_per_decade: int | None, per_replica: bool):
         """Prepares `path` at the start of training; refuses a log it cannot continue."""
@@ -67,6 +68,7 @@ class ParquetSink:
                 f"per_replica={per_replica}) cannot continue. "
                 "Use another `path`, or the same settings to append to it."
             )
+        self.last_step = io.streamed_last_step(path, self.worker)
         if self.run is None:
             self.run = io.new_run_id()
         target = io.run_directory(path, self.worker, self.run)

@@ -97,6 +97,9 @@ class ModelState:
 
     def __init__(self) -> None:
         self.counter: Any = None  # steps over the model's life (the backend's counter)
+        # Where the counter starts when it is made, if not at `iterations` (a log that
+        # the model's steps are appended to already holds those).
+        self.start_at: int | None = None
         self.watches: list[Any] = []  # attached GradWatch callbacks
         # The watches that the current train function was (or will be) traced with.
         self.traced_with: tuple[Any, ...] = ()

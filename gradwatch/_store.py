@@ -173,14 +173,56 @@ class Store:
 
     # ----------------------------------------------------------------- writing
     def add_variables(self, keys: Sequence[str], shapes: Sequence[Sequence[int]]) -> np.ndarray:
-        """Registers keys (new ones go last) and returns their codes."""
+        """Registers keys, given in model order, and returns their codes.
+
+        A new key goes just before the next of `keys` that the store has (last where
+        none follows), so that `variables` keeps model order when the trainable set
+        grows (a frozen base unfrozen). The keys already there keep their relative
+        order, so the codes of the recorded blocks are renumbered and stay sorted.
+
+        Example:
+
+        >>> store = Store(("norm",))
+        >>> store.add_variables(["m/head/w"], [(1,)])
+        array([0], dtype=int32)
+        >>> store.append(np.array([0]), np.array([0]), np.array([0]), np.array([0], np.int32),
+        ...              np.ones((1, 1, 1), np.float32), np.zeros((0,), np.int32),
+        ...              np.zeros((1, 0), np.float32))
+        >>> store.add_variables(["m/base/w", "m/base/b", "m/head/w"], [(2,), (2,), (1,)])
+        array([0, 1, 2], dtype=int32)
+        >>> store.variables, store.stat_blocks[0].codes
+        (('m/base/w', 'm/base/b', 'm/head/w'), array([2], dtype=int32))
+        """
+        order = list(self._variables)
+        position = {k: i for i, k in enumerate(order)}
+        new: list[tuple[int, str]] = []  # (position of the next known key, key)
+        following = len(order)
+        for key in reversed(list(dict.fromkeys(keys))):
+            if key in position:
+                following = position[key]
+            else:
+                new.append((following, key))
+        for at, key in sorted(new, key=lambda item: item[0], reverse=True):
+            order.insert(at, key)  # later positions first, so earlier ones stay valid
+        if len(order) != len(self._variables):
+            self._renumber(order)
         for key, shape in zip(keys, shapes, strict=True):
-            if key not in self._codes:
-                self._codes[key] = len(self._variables)
-                self._variables.append(key)
             self._shapes[key] = tuple(int(d) for d in shape)
         self._cache.clear()
         return np.asarray([self._codes[k] for k in keys], dtype=np.int32)
+
+    def _renumber(self, order: list[str]) -> None:
+        """Makes `order` the variables' order, renumbering the codes in the blocks."""
+        codes = {k: i for i, k in enumerate(order)}
+        old_to_new = np.asarray([codes[k] for k in self._variables], np.int32)
+        for block in (
+            *self._stat_blocks,
+            *self._hist_blocks,
+            *self._value_blocks,
+            *self._replica_blocks,
+        ):
+            block.codes = old_to_new[block.codes]
+        self._variables, self._codes = order, codes
 
     def append(
         self,

@@ -21,6 +21,7 @@ from gradwatch._adopt import adopt
 from gradwatch._alarms import Alarms, PolicyName
 from gradwatch._backend import NAME as _BACKEND_NAME
 from gradwatch._backend import current as _backend
+from gradwatch._capture import continue_after, next_step
 from gradwatch._compute import traced_for_xla
 from gradwatch._drain import drain, drain_due
 from gradwatch._plan import Plan, make_buffer, make_plan, signature_of
@@ -50,8 +51,9 @@ class GradWatch(keras.callbacks.Callback):
 
     Args:
         variables: Which variables get stats: a glob, an `re.Pattern`, or a
-            list of them, matched against variable keys (`variable.path`, or
-            any suffix of it on `/` boundaries). Defaults to `"*"` (all).
+            list of them, matched against variable keys (`net/hidden/kernel`:
+            the model's name, the layer names down to the variable and its
+            name), or any suffix of one on `/` boundaries. Defaults to `"*"` (all).
         stats: Names from `gradwatch.STATS`. Defaults to
             `("norm", "mean", "std", "min", "max", "nonfinite")`.
         values: Also keep the full gradient tensor of these variables (same
@@ -203,6 +205,9 @@ class GradWatch(keras.callbacks.Callback):
         self._read_cache: tuple[int, GradientLog] | None = None
         self._model_ref: weakref.ref | None = None
         self._plan: Plan | None = None
+        # An argument that the model's variables refuse (a `variables` pattern matching
+        # none), found inside the traced step: raised on the host, after the step.
+        self._plan_error: ValueError | None = None
         self._buffer: GradientBuffer | None = None
         # id(variable) -> its updates in one step, where a step updates it more than once.
         self._update_counts: dict[int, int] = {}
@@ -283,12 +288,20 @@ class GradWatch(keras.callbacks.Callback):
                 self._alarms.alarm_for(len(plan.stat_index))
         elif _backend.EAGER and (self._plan is None or self._plan.signature != signature_of(model)):
             # The step runs eagerly and applies the update before it records: match
-            # the patterns now, so that one matching nothing fails before any step.
-            # (The plan itself is made at the first step, which shows how many times
-            # it updates each variable.)
+            # the patterns now, so that one matching nothing fails before any step; and
+            # make the counter, which starts at `iterations` before any update. (The plan
+            # itself is made at the first step, which shows how many times it updates
+            # each variable.)
+            make_plan(model, self, None)
+            step_counter(model)
+        elif model.trainable_weights:
+            # Built before training: match the patterns now too, so that one matching
+            # nothing fails before any step. (A model built in its first step is matched
+            # in that trace; see `_plan_in_step`.)
             make_plan(model, self, None)
         if self._parquet is not None:
             self._parquet.open(model, self.stats, self.histogram or None, self.per_replica)
+            continue_after(model, self._parquet.last_step, self.path)
         self._model_ref = weakref.ref(model)
         state = model_state(model)
         joined = self not in state.watches
@@ -310,8 +323,7 @@ class GradWatch(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._epoch = int(epoch)
-        counter = model_state(self.model).counter
-        self._epoch_start = 0 if counter is None else int(counter.numpy())
+        self._epoch_start = next_step(self.model)
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         self._handle_alarms()
@@ -422,6 +434,10 @@ class GradWatch(keras.callbacks.Callback):
 
     def _raise_if_alarmed(self) -> None:
         """On the main thread: write the log out, then raise a pending alarm."""
+        if self._plan_error is not None:
+            error, self._plan_error = self._plan_error, None
+            self.release(self.model)  # detaches: the next `fit` starts clean
+            raise error
         error = self._alarms.take_error()
         if error is not None:
             self._drain()
@@ -447,7 +463,9 @@ class GradWatch(keras.callbacks.Callback):
         `scalars` are the step's `(loss, learning_rate)` (None: not seen).
         """
         with traced_for_xla(model.jit_compile):
-            plan = self._plan_for(model, records)
+            plan = self._plan_in_step(model, records)
+            if plan is None:
+                return
             buffer = self._buffer_for(model, plan)
             local = records if local is None else local
             _in_step.capture(
@@ -463,9 +481,26 @@ class GradWatch(keras.callbacks.Callback):
         if not self.checks_every_step:
             return
         with traced_for_xla(model.jit_compile):
-            plan = self._plan_for(model, records)
+            plan = self._plan_in_step(model, records)
+            if plan is None:
+                return
             alarm = self._alarms.alarm_for(len(plan.stat_index))
             _derived.every_step_check(plan, records, step, skipped, alarm, self._alarms)
+
+    def _plan_in_step(self, model: Any, records: Records) -> Plan | None:
+        """The plan, made inside the step being traced; None if the model's variables
+        refuse the arguments. A model built in its first step (a `Sequential` without
+        an `Input`) creates its variables in that trace, and they are initialized only
+        once the trace completes: an error raised there would leave them so for the
+        session. The trace therefore completes without this watch's capture, and the
+        error is raised on the host after that step (`_raise_if_alarmed`)."""
+        if self._plan_error is not None:
+            return None
+        try:
+            return self._plan_for(model, records)
+        except ValueError as e:
+            self._plan_error = e
+            return None
 
     def _plan_for(self, model: Any, records: Records | None = None) -> Plan:
         """The plan for the model's trainable variables and, from the step's `records`,

@@ -19,6 +19,7 @@ from gradwatch._files import (
     new_run_id,
     part_files,
     run_directory,
+    streamed_last_step,
     streamed_metadata,
 )
 from gradwatch.log import GradientLog, from_store, store_of
@@ -37,6 +38,7 @@ __all__ = [
     "part_files",
     "read_log",
     "run_directory",
+    "streamed_last_step",
     "streamed_metadata",
     "write_csv",
     "write_parquet",

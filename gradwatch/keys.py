@@ -16,7 +16,7 @@ def variable_keys(paths: Iterable[str]) -> list[str]:
     a `#1`, `#2`, ... suffix.
 
     Args:
-        paths: Variable paths (`variable.path`), in `trainable_weights` order.
+        paths: Variable paths (`model_paths`), in `trainable_weights` order.
 
     Returns:
         One unique key per path.
@@ -33,6 +33,50 @@ def variable_keys(paths: Iterable[str]) -> list[str]:
         seen[path] = n + 1
         keys.append(path if n == 0 else f"{path}#{n}")
     return keys
+
+
+def model_paths(model: Any) -> list[str]:
+    """The path of each of the model's trainable variables within the model.
+
+    A path is the model's name, the names of the layers from the model down to the
+    layer that owns the variable, then the variable's name: `net/hidden/kernel`,
+    `net/encoder/proj/kernel`. Keras' own `variable.path` is the name scope at
+    creation, so it depends on when the model was built: a `Sequential` built in its
+    first step gives `net/hidden/kernel`, the same model from `load_model` gives
+    `hidden/kernel`. These paths depend on the model's structure and names alone
+    (which `model.save` keeps), so they stay the same across `save`/`load_model` and
+    `clone_model`, whatever the build order. A variable that no layer owns keeps its
+    `variable.path`.
+
+    Args:
+        model: A Keras model (or layer).
+
+    Returns:
+        One path per variable of `model.trainable_weights`, in that order.
+
+    Example:
+
+    ```python
+    model = keras.Sequential([keras.layers.Dense(3, name="hidden")], name="net")
+    model.build((None, 4))
+    model_paths(model)  # ['net/hidden/kernel', 'net/hidden/bias']
+    ```
+    """
+    owner: dict[int, str] = {}
+
+    def walk(layer: Any, prefix: str) -> None:
+        subs = list(
+            getattr(layer, "_flatten_layers", lambda **_: [])(include_self=False, recursive=False)
+        )
+        in_subs = {id(v) for sub in subs for v in sub.weights}
+        for v in layer.weights:
+            if id(v) not in in_subs:
+                owner.setdefault(id(v), prefix + v.name)
+        for sub in subs:
+            walk(sub, f"{prefix}{sub.name}/")
+
+    walk(model, f"{model.name}/")
+    return [owner.get(id(v), v.path) for v in model.trainable_weights]
 
 
 def _suffixes(key: str) -> list[str]:

@@ -46,8 +46,9 @@ class GradientLog:
     """The gradient history of a training run: per-step stats and kept tensors.
 
     While training, a `GradWatch` appends dense numpy blocks; pandas frames are
-    built only when asked for. Variables are named by key (`variable.path`, with
-    `#1`, `#2`, ... on duplicates), and anywhere a variable is named, an
+    built only when asked for. Variables are named by key (the model's name and
+    the layer names down to the variable, `net/hidden/kernel`, with `#1`, `#2`,
+    ... on duplicates; see `gradwatch.keys.model_paths`), and anywhere a variable is named, an
     unambiguous suffix on `/` boundaries works too (`dense/kernel`).
 
     Args:

@@ -10,7 +10,7 @@ import keras
 
 from gradwatch import _capture
 from gradwatch._backend import current as _backend
-from gradwatch._capture import add_records, before_update, counted, step_counter
+from gradwatch._capture import add_records, before_update, counted, next_step, step_counter
 from gradwatch._step import (
     ModelState,
     Watcher,
@@ -41,7 +41,10 @@ def _own_metrics(model: Any) -> list[Any]:
 def _ensure_counter(model: Any) -> None:
     """Where the step counter travels in the step's state (JAX): creates it before Keras
     gathers that state, so that steps run without a `GradWatch` are counted too (a train
-    function made before it existed is made anew)."""
+    function made before it existed is made anew). Where the step runs eagerly (PyTorch),
+    also made here: it starts at the optimizer's `iterations` before any update."""
+    if _backend.EAGER and model_state(model).counter is None:
+        step_counter(model)
     if _backend.STATE_IN_STEP and model_state(model).counter is None:
         step_counter(model)
         model.train_function = None
@@ -465,7 +468,7 @@ def setup_gate(model: Any) -> None:
             _with_capture(state, without, False),
             state.traced_with,
         )
-    state.next_step = 0 if state.counter is None else int(state.counter.numpy())
+    state.next_step = next_step(model)
 
 
 def gate_next_step(model: Any) -> None:

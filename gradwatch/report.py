@@ -440,7 +440,9 @@ def _leads(findings: pd.DataFrame) -> pd.DataFrame:
     """The doctor's errors and warnings as `verdict` findings: a level and a sentence."""
     rows = findings[findings["severity"].isin(list(_LEVEL_OF))]
     sentences = [
-        f"{finding} in {_names(list(variables)) if len(variables) else 'the model'}: {evidence}"
+        f"{finding} in {_names(list(variables))}: {evidence}"
+        if len(variables)
+        else f"{finding}: {evidence}"
         for finding, variables, evidence in zip(
             rows["finding"], rows["variables"], rows["evidence"], strict=True
         )

@@ -152,12 +152,17 @@ def test_duplicate_paths_get_numbered_keys():
             return self.b(self.a(x))
 
     inputs = keras.Input((3,))
-    model = Model(inputs, Block(name="sub")(inputs))
+    model = Model(inputs, Block(name="sub")(inputs), name="m")
     model.compile("sgd", "mse")
     watch = gradwatch.GradWatch(stats="norm", values="d/kernel#1")
     x = np.ones((4, 3), "float32")
     model.fit(x, np.zeros((4, 2), "float32"), batch_size=4, callbacks=[watch], verbose=0)
-    assert watch.log.variables == ["sub/d/kernel", "sub/d/bias", "sub/d/kernel#1", "sub/d/bias#1"]
+    assert watch.log.variables == [
+        "m/sub/d/kernel",
+        "m/sub/d/bias",
+        "m/sub/d/kernel#1",
+        "m/sub/d/bias#1",
+    ]
     assert watch.log.gradient("d/kernel#1", 0).shape == (2, 2)
 
 
@@ -466,3 +471,69 @@ def test_streaming_drains_mid_epoch_and_keeps_every_step(tmp_path):
         for key, g in zip(KEYS, grads, strict=True):
             np.testing.assert_allclose(log.gradient(key, step), g, rtol=1e-5, atol=1e-6)
             assert log.stat("norm").loc[step, key] == pytest.approx(np.linalg.norm(g), rel=1e-5)
+
+
+def test_a_pattern_typo_on_a_model_built_in_its_first_step_leaves_it_trainable():
+    x, y = data(n=16)
+    # No Input: the model builds its variables inside the first traced step.
+    layers = [keras.layers.Dense(4, activation="tanh", name="hidden"), keras.layers.Dense(2)]
+    model = Sequential(layers, name="net")
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    typo = gradwatch.GradWatch(variables="hiden*")
+    with pytest.raises(ValueError, match=r"'hiden\*' in `variables` matches no variable"):
+        model.fit(x, y, batch_size=8, callbacks=[typo], verbose=0)
+    # The model is whole: it trains without a watch, and records with one, exactly.
+    history = model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    plain = keras.Sequential(
+        [keras.Input((5,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2)]
+    )
+    plain.set_weights(model.get_weights())
+    watch = gradwatch.GradWatch(variables="hidden*", stats="norm")
+    model.fit(x, y, batch_size=8, shuffle=False, callbacks=[watch], verbose=0)
+    reference = tape_gradients(plain, keras.optimizers.SGD(0.1), batches_of(x, y, 8), mse)
+    assert watch.log.variables == ["net/hidden/kernel", "net/hidden/bias"]
+    norms = watch.log.stat("norm")
+    for row, grads in zip(norms.itertuples(index=False), reference, strict=True):
+        expected = [np.linalg.norm(ops.convert_to_numpy(g)) for g in grads[:2]]
+        np.testing.assert_allclose(list(row), expected, rtol=1e-5)
+
+
+# Keras' own warning, where its trainer gives one (TensorFlow's).
+@pytest.mark.filterwarnings("ignore:The model does not have any trainable weights")
+def test_a_model_without_trainable_weights_warns_and_trains_on():
+    x, y = data(n=16)
+    model, _ = pair()
+    model.trainable = False
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    watch = gradwatch.GradWatch()
+    with pytest.warns(UserWarning, match=r"nothing to record: the model 'net' does not have any"):
+        history = model.fit(x, y, batch_size=8, epochs=2, callbacks=[watch], verbose=0)
+    assert len(history.history["loss"]) == 2 and len(watch.log) == 0
+    assert watch.log.variables == []
+    # Unfrozen, the same watch records it from there.
+    model.trainable = True
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    model.fit(x, y, batch_size=8, callbacks=[watch], verbose=0)
+    assert watch.log.variables == KEYS and len(watch.log) == 2
+
+
+def test_variables_keep_model_order_when_the_trainable_set_grows():
+    x, y = data(n=16)
+    inputs = keras.Input((5,))
+    base = Sequential([keras.Input((5,)), keras.layers.Dense(4, name="hidden")], name="base")
+    model = Model(inputs, keras.layers.Dense(2, name="out")(base(inputs)), name="net")
+    base.trainable = False  # transfer learning: train the head first, then fine-tune
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    watch = gradwatch.GradWatch(stats="norm")
+    model.fit(x, y, batch_size=8, shuffle=False, callbacks=[watch], verbose=0)
+    base.trainable = True
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    model.fit(x, y, batch_size=8, shuffle=False, callbacks=[watch], verbose=0)
+    order = ["net/base/hidden/kernel", "net/base/hidden/bias", "net/out/kernel", "net/out/bias"]
+    assert len(model.trainable_weights) == 4
+    assert watch.log.variables == order
+    norms = watch.log.stat("norm")
+    assert list(norms.columns) == order
+    assert norms.iloc[:2, :2].isna().all().all() and norms.notna().iloc[2:].all().all()
+    assert list(watch.log.frame["variable"].cat.categories) == order

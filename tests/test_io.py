@@ -196,3 +196,32 @@ def test_read_log_rejects_files_that_are_not_gradwatch_logs(tmp_path):
     newer.write_text("# gradwatch-log " + json.dumps({**meta, "version": 99}) + "\n")
     with pytest.raises(ValueError, match="version 99"):
         gradwatch.read_log(newer)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_log_files_get_the_modes_of_any_file_the_user_writes(fitted, tmp_path, umask):
+    from models import data, pair
+
+    old = os.umask(umask)
+    try:
+        expected = 0o666 & ~umask  # what `open(..., "w")` makes under this umask
+        with open(tmp_path / "plain.txt", "w"):
+            pass
+        assert os.stat(tmp_path / "plain.txt").st_mode & 0o777 == expected
+        fitted[0].log.to_csv(tmp_path / "log.csv")
+        fitted[0].log.to_parquet(tmp_path / "log.parquet")
+        x, y = data(n=8)
+        model, _ = pair()
+        model.compile("sgd", "mse")
+        model.fit(
+            x, y, batch_size=4, callbacks=[gradwatch.GradWatch(path=tmp_path / "s")], verbose=0
+        )
+    finally:
+        os.umask(old)
+    written = [tmp_path / "log.csv", tmp_path / "log.parquet"]
+    written += sorted((tmp_path / "s").rglob("part-*.parquet"))
+    assert len(written) == 3
+    assert {str(p): os.stat(p).st_mode & 0o777 for p in written} == {
+        str(p): expected for p in written
+    }
+    assert not list(tmp_path.rglob("*.tmp"))

@@ -58,12 +58,19 @@ def test_report_is_one_self_contained_file(outlier, tmp_path):
         png = base64.b64decode(data)
         assert Image.open(io.BytesIO(png)).size[0] >= 600
         assert _red_pixels(png) > 0  # steps 3 and 9 are non-finite
-    # The verdict comes first: the NaN/Inf steps were skipped, and are called so.
-    assert text.index('<section class="verdict note"') < text.index("<h2>")
-    assert (
-        "<p>No problem found: the 2 steps with NaN/Inf gradients (steps 3, 9) were skipped by "
-        "the LossScaleOptimizer, and their updates never reached the weights.</p>"
-    ) in text
+    # The verdict comes first. The NaN/Inf steps were skipped, and are called so; 2 skips in
+    # 12 steps are more than the doctor's 1 in 20 (`loss_scale`), which leads as a warning.
+    assert text.index('<section class="verdict warning"') < text.index("<h2>")
+    assert text.index("<h2>Findings</h2>") < text.index("<dl>")
+    assert "<p>loss_scale: 2 of 12 recorded steps skipped" in text
+    assert "<li>Skipped by the LossScaleOptimizer: steps 3, 9 (2 of 12 recorded steps)" in text
+    # From the log alone, skipped steps are only a note.
+    alone = verdict(log)
+    assert alone.level == "note"
+    assert alone.sentence == (
+        "No problem found: the 2 steps with NaN/Inf gradients (steps 3, 9) were skipped by "
+        "the LossScaleOptimizer, and their updates never reached the weights."
+    )
     assert "<dt>skipped steps</dt><dd>3, 9 (by the LossScaleOptimizer)</dd>" in text
     # The summary table: one row per variable, flagged as skipped, with the log's numbers.
     summary = log.summary()

@@ -46,8 +46,8 @@ class Backend(Protocol):
     def compiling(self) -> bool:
         """Whether `torch.compile` is tracing the step (gradwatch records around it)."""
 
-    def new_counter(self) -> Any:
-        """The model's step counter: `read_value()`, `assign_add(n)`, `numpy()`."""
+    def new_counter(self, start: int = 0) -> Any:
+        """The model's step counter, at `start`: `read_value()`, `assign_add(n)`, `numpy()`."""
 
     def counter_metrics(self, counter: Any) -> list[Any]:
         """The metrics that carry the counter in the step's state (JAX), else none."""

@@ -82,8 +82,10 @@ class StepMetric(StateMetric):
 class Counter:
     """The step counter: reads and writes go through the current `StatelessScope`."""
 
-    def __init__(self) -> None:
+    def __init__(self, start: int = 0) -> None:
         self.metric = StepMetric()
+        if start:
+            self.metric.step.assign(start)
 
     def read_value(self) -> Any:
         return self.metric.step.value
@@ -95,9 +97,9 @@ class Counter:
         return np.int64(host_copy(self.metric.step.value))
 
 
-def new_counter() -> Counter:
+def new_counter(start: int = 0) -> Counter:
     """Created at the start of training, outside the traced step."""
-    return Counter()
+    return Counter(start)
 
 
 def counter_metrics(counter: Counter) -> list[Any]:

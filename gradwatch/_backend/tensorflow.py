@@ -70,11 +70,11 @@ STATE_IN_STEP = False
 APPLY_METHOD = "apply_gradients"
 
 
-def new_counter() -> Any:
+def new_counter(start: int = 0) -> Any:
     """The model's step counter: a variable, built lazily inside the first trace
     (init_scope lifts it out of the graph)."""
     with tf.init_scope():
-        return tf.Variable(0, dtype=tf.int64, trainable=False, name="gradwatch_step")
+        return tf.Variable(start, dtype=tf.int64, trainable=False, name="gradwatch_step")
 
 
 def counter_metrics(counter: Any) -> list[Any]:

@@ -76,8 +76,8 @@ APPLY_METHOD = "apply"
 class HostCounter:
     """The step counter, kept on the host: the step runs eagerly."""
 
-    def __init__(self) -> None:
-        self.value = 0
+    def __init__(self, start: int = 0) -> None:
+        self.value = start
 
     def read_value(self) -> int:
         return self.value
@@ -89,8 +89,8 @@ class HostCounter:
         return np.int64(self.value)
 
 
-def new_counter() -> HostCounter:
-    return HostCounter()
+def new_counter(start: int = 0) -> HostCounter:
+    return HostCounter(start)
 
 
 def counter_metrics(counter: HostCounter) -> list[Any]:
