@@ -82,7 +82,8 @@ def make_plan(
         if store is not None:
             warnings.warn(
                 f"GradWatch has nothing to record: the model {model.name!r} does not have "
-                "any trainable weights. Training goes on; the log gets steps once it has some.",
+                "any trainable weights. Training goes on; the log gets gradients once it has "
+                "some.",
                 stacklevel=3,
             )
         return Plan((), [], [], [], [], np.zeros((0,), np.int32), np.zeros((0,), np.int32))

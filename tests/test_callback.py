@@ -509,13 +509,18 @@ def test_a_model_without_trainable_weights_warns_and_trains_on():
     watch = gradwatch.GradWatch()
     with pytest.warns(UserWarning, match=r"nothing to record: the model 'net' does not have any"):
         history = model.fit(x, y, batch_size=8, epochs=2, callbacks=[watch], verbose=0)
-    assert len(history.history["loss"]) == 2 and len(watch.log) == 0
-    assert watch.log.variables == []
+    # No gradients, but each step's loss: two batches an epoch, whose mean Keras reports.
+    assert len(history.history["loss"]) == 2 and watch.log.variables == []
+    assert list(watch.log.steps) == [0, 1, 2, 3]
+    per_epoch = watch.log.scalars["loss"].to_numpy().reshape(2, 2).mean(axis=1)
+    np.testing.assert_allclose(per_epoch, history.history["loss"], rtol=1e-6)
     # Unfrozen, the same watch records it from there.
     model.trainable = True
     model.compile(keras.optimizers.SGD(0.1), "mse")
     model.fit(x, y, batch_size=8, callbacks=[watch], verbose=0)
-    assert watch.log.variables == KEYS and len(watch.log) == 2
+    assert watch.log.variables == KEYS and list(watch.log.steps) == [0, 1, 2, 3, 4, 5]
+    norm = watch.log.stat("norm")
+    assert list(norm.index) == [4, 5] and norm.notna().all().all()
 
 
 def test_variables_keep_model_order_when_the_trainable_set_grows():
