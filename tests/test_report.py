@@ -180,8 +180,11 @@ def test_verdict_leads_with_the_most_severe_fact(fitted):
         "Skipped by the LossScaleOptimizer: step 4 (1 of 6 recorded steps), with NaN/Inf "
         "gradients in 1 variable; their updates never reached the weights.",
     ]
+    # The page's verdict: a problem, led by the doctor's findings where they say more; the
+    # log's own lead is then among its facts.
     text = render_report(log)
-    assert '<section class="verdict problem" id="verdict"><p>NaN/Inf gradients reached' in text
+    assert '<section class="verdict problem" id="verdict"><p>' in text
+    assert f"<p>{lead.sentence}</p>" in text or f"<li>{lead.sentence}</li>" in text
     # Norm alerts alone are a warning.
     log = _only(fitted[0].log, "norm")
     store_of(log).add_alerts([(3, "net/hidden/kernel", "min_norm", 1e-9)])
@@ -237,12 +240,13 @@ def test_report_renders_its_charts_in_headless_chromium(outlier, tmp_path):
         assert len(rows) == 4 + 2  # summary rows, and one alert row per skipped step
         # The verdict leads the page, in its first screen.
         lead = driver.find_element("css selector", "section.verdict")
-        assert lead.location["y"] < 200 and "skipped by the LossScaleOptimizer" in lead.text
+        assert lead.location["y"] < 200
+        assert "skipped by the LossScaleOptimizer" in lead.text.replace("Skipped", "skipped")
         # The layout uses the window: the norms chart spans it, flow and heatmap side by side.
         inner = driver.execute_script("return document.documentElement.clientWidth")
         figures = driver.find_elements("css selector", ".charts figure")
-        norms, flow, heat = (f.find_element("tag name", "img") for f in figures[:3])
-        assert norms.size["width"] > 0.85 * inner
+        norms, loss, flow, heat = (f.find_element("tag name", "img") for f in figures[:4])
+        assert norms.size["width"] > 0.85 * inner and loss.size["width"] > 0.85 * inner
         assert flow.location["y"] == heat.location["y"]
         assert flow.location["x"] + flow.size["width"] <= heat.location["x"]
         # Screenshot each chart as the browser drew it: painted, with the red marks.
