@@ -281,7 +281,7 @@ def norms(
         ax.plot(steps, norm[name].to_numpy(), color=color, ls=ls, lw=1.4, label=rows.labels[i])
         own = np.intersect1d(rows.bad.loc[rows.bad["name"] == name, "step"].to_numpy(), steps)
         if len(own):
-            # Where every element was non-finite the norm is 0 and has no cross; the span shows.
+            # Where every element was non-finite the norm is NaN and has no cross; the span shows.
             ax.scatter(
                 own, norm.loc[own, name].to_numpy(), marker="x", color=NONFINITE_COLOR, zorder=3
             )

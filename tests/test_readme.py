@@ -149,12 +149,6 @@ def test_readme_recipes_and_command_lines_run_on_the_quickstarts_log(readme):
     assert "Name: 3," in text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="resuming into the same `path=` after load_model keeps the keys and the step count "
-    "once that change lands; remove this mark then",
-)
 def test_readme_resume_recipe_reads_one_history(readme):
     tmp_path, out = readme
     assert "resume" not in out["errors"], out["errors"]["resume"]
