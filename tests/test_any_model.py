@@ -334,12 +334,14 @@ def test_a_stateless_jax_step_records_through_the_function():
     watch = gradwatch.GradWatch(values="*")
     model.fit(x, y, batch_size=8, shuffle=False, callbacks=[watch], verbose=0)
     assert type(model) is StatelessStep
-    for step in range(2):
-        xb, yb = x[8 * step : 8 * step + 8], y[8 * step : 8 * step + 8]
+    # The steps continue the optimizer's count: the unwatched fit was step 0.
+    assert list(watch.log.steps) == [1, 2]
+    for i in range(2):
+        xb, yb = x[8 * i : 8 * i + 8], y[8 * i : 8 * i + 8]
         d_out = -2.0 * (yb - (xb @ k + b)) / len(xb)
         grads = [xb.T @ d_out, d_out.sum(axis=0)]
         for key, g in zip(watch.log.variables, grads, strict=True):
-            np.testing.assert_allclose(watch.log.gradient(key, step), g, rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(watch.log.gradient(key, 1 + i), g, rtol=1e-5, atol=1e-7)
         k, b = k - 0.1 * grads[0], b - 0.1 * grads[1]
 
 
