@@ -48,6 +48,11 @@ CORE = [
     "tests/test_callback.py",
     "tests/test_alarms.py",
     "tests/test_any_model.py",
+    # Custom steps (a step that records some variables, several updates in one step),
+    # resuming into one path, the per-step loss and learning rate.
+    "tests/test_custom_steps.py",
+    "tests/test_resume.py",
+    "tests/test_scalars.py",
     # JAX's stateless custom steps (skipped on the other backends).
     "tests/test_jax_steps.py",
 ]
