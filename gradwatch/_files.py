@@ -484,13 +484,9 @@ def _from_table(path: Path, meta: dict, table: pd.DataFrame) -> Store:
     unknown = sorted(set(stat) - set(stat_codes) - {_VALUE_STAT, _HIST_STAT}, key=str)
     if unknown:
         raise ValueError(f"'{path}' names stats that its metadata lacks: {unknown[:5]}.")
-    try:
-        step = table["step"].to_numpy(np.int64)
-        epoch = table["epoch"].to_numpy(np.int64)
-        batch = table["batch"].to_numpy(np.int64)
-        value = table["value"].to_numpy(np.float32)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"'{path}' has a step, epoch, batch or value that is not a number.") from e
+    step, epoch, batch, value = _columns(
+        table, f"'{path}' has a step, epoch, batch or value that is not a number."
+    )
     var_code = np.asarray([codes[v] for v in var], np.int32)
     is_value = stat == _VALUE_STAT
     is_hist = stat == _HIST_STAT
@@ -553,13 +549,9 @@ def _scalar_blocks_from_rows(path: Path, store: Store, rows: pd.DataFrame) -> No
     names this gradwatch does not know are left out."""
     if not len(rows):
         return
-    try:
-        step = rows["step"].to_numpy(np.int64)
-        epoch = rows["epoch"].to_numpy(np.int64)
-        batch = rows["batch"].to_numpy(np.int64)
-        value = rows["value"].to_numpy(np.float32)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"'{path}' has a scalar row whose step or value is not a number.") from e
+    step, epoch, batch, value = _columns(
+        rows, f"'{path}' has a scalar row whose step or value is not a number."
+    )
     name = rows["stat"].astype(object).to_numpy()
     steps, first = np.unique(step, return_index=True)
     data = np.full((len(steps), len(SCALARS)), np.nan, np.float32)
@@ -682,3 +674,17 @@ def _hist_blocks_from_rows(store, step, epoch, batch, var, bin_index, count) -> 
         np.zeros((len(steps), 0), np.float32),
         hist=data,
     )
+
+
+def _columns(table: Any, message: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A long table's step, epoch and batch (int64) and value (float32) columns; a
+    ValueError with `message` where one is not a number."""
+    try:
+        return (
+            table["step"].to_numpy(np.int64),
+            table["epoch"].to_numpy(np.int64),
+            table["batch"].to_numpy(np.int64),
+            table["value"].to_numpy(np.float32),
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(message) from e
