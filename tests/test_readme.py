@@ -158,3 +158,26 @@ def test_readme_resume_recipe_reads_one_history(readme):
     assert log.variables == [
         f"net/{layer}/{v}" for layer in ("hidden", "out") for v in ("kernel", "bias")
     ]
+
+
+def test_readme_quickstart_has_two_commands_and_ci_runs_the_test_one_verbatim():
+    """The Quickstart is two commands (run the example; install and run the tests), and
+    `.ci/run` runs the second one verbatim, after collecting the tests in a fresh
+    virtualenv with nothing but the README's install (which catches a module or test that
+    fails to collect without PyTorch, JAX or a browser)."""
+    commands = [
+        line
+        for block in _blocks(_section(README, "## Quickstart"), "bash")
+        for line in block.splitlines()
+        if line.strip()
+    ]
+    assert len(commands) == 2, commands
+    run, test = commands
+    assert run.endswith("python examples/quickstart.py"), run
+    assert test.endswith("-m pytest"), test
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert ci[-1] == test
+    install = test.split(" && ")[1].split("pip install ", 1)[1]
+    fresh = next(i for i, line in enumerate(ci) if f"pip\" install --quiet {install}" in line)
+    assert "-m pytest --collect-only" in ci[fresh + 1]
+    assert fresh < next(i for i, line in enumerate(ci) if "/opt/wheels" in line)
