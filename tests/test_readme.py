@@ -178,6 +178,6 @@ def test_readme_quickstart_has_two_commands_and_ci_runs_the_test_one_verbatim():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert ci[-1] == test
     install = test.split(" && ")[1].split("pip install ", 1)[1]
-    fresh = next(i for i, line in enumerate(ci) if f"pip\" install --quiet {install}" in line)
+    fresh = next(i for i, line in enumerate(ci) if f'pip" install --quiet {install}' in line)
     assert "-m pytest --collect-only" in ci[fresh + 1]
     assert fresh < next(i for i, line in enumerate(ci) if "/opt/wheels" in line)
