@@ -2,7 +2,11 @@
 the model's class for a subclass that mixes in `GradWatchMixin`, with the same name,
 module and Keras registration, and gives the class back when its watches detach
 (`_step.restore_class`). The model's name, weights, and so its trained numbers, are
-those of the plain model."""
+those of the plain model.
+
+The swap happens inside Keras' `fit`, in `on_train_begin`, and Keras calls no callback
+when `fit` raises: `guard_fit` wraps `keras.Model.fit` so that, however it ends, the
+watches of a model adopted in it write out what they recorded and detach."""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import keras
 
 from gradwatch._backend import current as _backend
 from gradwatch._capture import counted
-from gradwatch._step import model_state
+from gradwatch._step import model_state, release_watches
 from gradwatch.mixin import ApplyInterceptor, GradWatchMixin, optimizers_of
 
 _CLASSES: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
@@ -37,6 +41,55 @@ def adopt(model: Any) -> bool:
         state.captured, state.gate = {}, None
     state.stock_function = _backend.stock_train_function(model, model.train_function)
     return True
+
+
+def guard_fit() -> None:
+    """Wraps `keras.Model.fit`, once per process, so that a model adopted during a
+    `fit` is released on any exit from it: every step its watches recorded (also
+    those still on the device) written out, and its class and train function given
+    back. Called when a `GradWatch` is made, so before any `fit` it can join.
+
+    Example:
+
+    ```python
+    guard_fit()  # in GradWatch.__init__
+    ```
+    """
+    fit = keras.Model.fit
+    if getattr(fit, "_gradwatch_guard", False):
+        return
+    keras.Model.fit = _guarded(fit)
+
+
+def _guarded(fit: Callable) -> Callable:
+    """`fit`, and then the release of the watches that adopted the model in it."""
+
+    @functools.wraps(fit)
+    def guarded_fit(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(self, GradWatchMixin):
+            # The mixin's own `fit` releases its watches around this call (also those
+            # of a plain model adopted before it).
+            return fit(self, *args, **kwargs)
+        try:
+            history = fit(self, *args, **kwargs)
+        except BaseException as e:
+            if _adopted(self):
+                release_watches(self, error=e)
+            raise
+        # `on_train_end` released them, unless a `fit` that overrides Keras' one ended
+        # without calling it.
+        if _adopted(self):
+            release_watches(self)
+        return history
+
+    guarded_fit._gradwatch_guard = True  # type: ignore[attr-defined]
+    return guarded_fit
+
+
+def _adopted(model: Any) -> bool:
+    """Whether a `GradWatch` adopted the model (and has not released it yet)."""
+    state = model.__dict__.get("_gradwatch_state")
+    return state is not None and state.adopted_from is not None
 
 
 def adopted_class(cls: type) -> type:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
@@ -246,3 +247,34 @@ def restore_class(model: Any) -> None:
     else:  # made elsewhere (a compile, or another fit, since): let Keras make it anew
         model.train_function = None
         state.captured, state.gate = {}, None
+
+
+def release_watches(model: Any, error: BaseException | None = None) -> None:
+    """At the end of `fit`: every watch of `model` drains what the device still holds,
+    writes it out and detaches; then an adopted model gets its class back.
+
+    `error` is the exception that ends `fit` (None: it ended normally). It goes on
+    propagating: a watch that fails to release then warns rather than raising over it.
+    Otherwise the first such failure is raised once every watch has been released.
+    """
+    state = model_state(model)
+    failure: Exception | None = None
+    try:
+        for watch in list(state.watches):
+            try:
+                watch.release(model)
+            except Exception as e:
+                if error is None:
+                    failure = failure or e
+                    continue
+                warnings.warn(
+                    f"GradWatch could not write out its log while `fit` ended with "
+                    f"{type(error).__name__} ({e!r}); `watch.log` holds what it recorded.",
+                    stacklevel=3,
+                )
+    finally:
+        for watch in list(state.watches):  # any that failed: detached all the same
+            state.watches.remove(watch)
+        restore_class(model)
+    if failure is not None:
+        raise failure

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 
 from gradwatch import _args, _derived, _in_step, io
-from gradwatch._adopt import adopt
+from gradwatch._adopt import adopt, guard_fit
 from gradwatch._alarms import Alarms, PolicyName
 from gradwatch._backend import NAME as _BACKEND_NAME
 from gradwatch._backend import current as _backend
@@ -159,6 +159,9 @@ class GradWatch(keras.callbacks.Callback):
         # The arguments as given, for the repr (read back by name from the signature).
         arguments = locals()
         super().__init__()
+        # A plain model is adopted inside Keras' `fit`, which calls no callback when it
+        # raises: `fit` itself must release it (see `gradwatch._adopt`).
+        guard_fit()
         self._arguments = {n: arguments[n] for n in _PARAMETERS if n in arguments}
         self.verbose = _args.check_verbose(verbose)
         self.per_replica = _args.check_flag(per_replica, "per_replica")
@@ -240,8 +243,7 @@ class GradWatch(keras.callbacks.Callback):
     @property
     def log(self) -> GradientLog:
         """The recorded history. With `path`, what was written there plus what was not yet."""
-        # Steps still on the device: after an error that ended `fit` on a plain model
-        # (Keras calls no callback then), or when read while training runs.
+        # Steps still on the device, when read while training runs.
         self._drain()
         sink = self._parquet
         if sink is None or not sink.active:

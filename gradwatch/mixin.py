@@ -16,7 +16,7 @@ from gradwatch._step import (
     Watcher,
     model_state,
     own_state_hidden,
-    restore_class,
+    release_watches,
     scopes,
 )
 
@@ -218,8 +218,8 @@ class GradWatchMixin:
         """Runs `keras.Model.fit` with the `GradWatch` callbacks among `callbacks` attached.
 
         The capture is traced into the train function, so it is traced anew
-        only when the set of watches changes. On any exit, the watches drain
-        what they captured and detach.
+        only when the set of watches changes. On any exit, also an exception,
+        the watches drain what they captured, write it out and detach.
         """
         state = model_state(self)
         _ensure_counter(self)
@@ -228,14 +228,15 @@ class GradWatchMixin:
             self.train_function = None  # Keras makes and traces a new one
             state.traced_with = watches
         state.watches = list(watches)
+        # Keras skips `on_train_end` when `fit` raises (`KeyboardInterrupt`, `SystemExit`
+        # too): copy out what the device recorded, write it out, and detach, on any exit.
         try:
-            return super().fit(*args, **kwargs)
-        finally:
-            # on_train_end is skipped when fit raises (KeyboardInterrupt too):
-            # copy out what the device recorded, and detach.
-            for watch in list(model_state(self).watches):
-                watch.release(self)
-            restore_class(self)  # a plain model a GradWatch adopted, left after an error
+            history = super().fit(*args, **kwargs)
+        except BaseException as e:
+            release_watches(self, error=e)
+            raise
+        release_watches(self)
+        return history
 
     def make_train_function(self, force: bool = False) -> Any:
         """Keras' train function, as the backend makes it (on PyTorch with

@@ -63,6 +63,16 @@ class Runs:
         self._running[key] = (process, out, err)
         _log(key, process.pid)
 
+    def poll(self, key: str) -> int | None:
+        """The exit status of the run of `key`, or None while it runs."""
+        return self._running[key][0].poll()
+
+    def send_signal(self, key: str, signum: int) -> None:
+        """Sends `signum` to the run of `key` itself (not to what it started)."""
+        process = self._running[key][0]
+        if process.poll() is None:
+            process.send_signal(signum)
+
     def wait(self, key: str, timeout: float) -> subprocess.CompletedProcess:
         """Waits for the run of `key` (killed after `timeout` seconds) and returns it."""
         process, out, err = self._running[key]

@@ -460,13 +460,14 @@ class Interrupt(keras.callbacks.Callback):
             raise KeyboardInterrupt
 
 
-def test_an_error_in_fit_loses_no_step_and_the_next_fit_gives_the_class_back():
+def test_an_error_in_fit_loses_no_step_and_gives_the_class_back():
     model, twin = _sequential(), _sequential()
     twin.set_weights(model.get_weights())
     watch = gradwatch.GradWatch(stats="norm")
     with pytest.raises(KeyboardInterrupt):
         _fit(model, [watch, Interrupt()], epochs=1)
-    np.testing.assert_array_equal(watch.log.steps, np.arange(3))  # drained when read
+    assert type(model) is keras.Sequential
+    np.testing.assert_array_equal(watch.log.steps, np.arange(3))
     with pytest.raises(KeyboardInterrupt):
         _fit(twin, [Interrupt()], epochs=1)
     x, y = data(n=40)

@@ -6,6 +6,7 @@ recording in it."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -209,9 +210,24 @@ def sync_state(model: Any, variable: Any) -> bool:
 
     Mid-epoch, Keras keeps the state off the model's variables (purged to None):
     attach it. With no state to attach, the first step failed while tracing.
+
+    With `steps_per_execution > 1`, data that fails part-way through an execution
+    ends `fit` after Keras donated the state to the execution's steps, which it
+    drops: the model's variables then hold deleted arrays (its weights too), and
+    the steps not drained before are gone with them.
     """
     model.jax_state_sync()
-    return variable._value is not None
+    value = variable._value
+    if value is not None and value.is_deleted():
+        warnings.warn(
+            "GradWatch cannot read the steps still on the device: Keras deleted the "
+            "model's training state (weights included) when `fit` failed part-way through "
+            "an execution of `steps_per_execution` steps. The log keeps the steps drained "
+            "before; `steps_per_execution=1` keeps every step.",
+            stacklevel=4,
+        )
+        return False
+    return value is not None
 
 
 # Stateless: the stock step has no apply method to intercept, so while watches are
