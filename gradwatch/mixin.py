@@ -235,6 +235,8 @@ class GradWatchMixin:
             # copy out what the device recorded, and detach.
             for watch in list(model_state(self).watches):
                 watch.release(self)
+            if state.counter is not None:
+                _capture.anchor(self)  # where the model's step count stands, for the next fit
             restore_class(self)  # a plain model a GradWatch adopted, left after an error
 
     def make_train_function(self, force: bool = False) -> Any:
