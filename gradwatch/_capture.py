@@ -98,11 +98,9 @@ def align(model: Any, history: Any, where: Any) -> int | None:
     if own and own[-1][0] == step and iterations not in (own[-1][1], 0):
         # No step ran since the last anchor, but `iterations` moved: the model was
         # restored (`load_weights`, BackupAndRestore), here or before its counter was made.
-        restored = iterations < own[-1][1]
-        if restored:
-            step = restored_step(iterations, own, ()) or step
-        else:
-            step += iterations - own[-1][1]
+        back = restored_step(iterations, own, ())
+        restored = back is not None
+        step = back if back is not None else step + iterations - own[-1][1]
     superseded = None
     if history is not None:
         at = restored_step(iterations, history.anchors, history.skipped)
