@@ -103,8 +103,6 @@ class ModelState:
         # (next step, optimizer iterations) pairs read on the host: where the counter
         # stood against `iterations` (see `gradwatch._resume`).
         self.anchors: list[tuple[int, int]] = []
-        # The `fit` whose steps were last aligned with `iterations` (see `_capture.align`).
-        self.aligned_for: Any = None
         self.watches: list[Any] = []  # attached GradWatch callbacks
         # The watches that the current train function was (or will be) traced with.
         self.traced_with: tuple[Any, ...] = ()
