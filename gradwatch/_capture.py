@@ -15,6 +15,7 @@ from typing import Any
 import keras
 
 from gradwatch._backend import current as _backend
+from gradwatch._resume import add_anchor, restored_step
 from gradwatch._step import Record, StepScope, model_state, record_key, scopes
 
 
@@ -45,8 +46,10 @@ def step_counter(model: Any) -> Any:
     """The model's step counter, made on first use where the model's training stands."""
     state = model_state(model)
     if state.counter is None:
-        start = first_step(model) if state.start_at is None else state.start_at
+        iterations = first_step(model)
+        start = iterations if state.start_at is None else state.start_at
         state.counter = _backend.new_counter(start)
+        add_anchor(state.anchors, (start, iterations))
     return state.counter
 
 
@@ -54,12 +57,78 @@ def first_step(model: Any) -> int:
     """Where a new step counter starts: the optimizer's `iterations`, the count of
     updates that `model.save` keeps, so that a loaded (or long-trained) model goes on
     counting where it was. A loss-scale optimizer's skipped steps do not count there;
-    a streamed log continues past its own last step (`_sinks.ParquetSink.open`)."""
+    a streamed log continues past its own last step (`align`)."""
     iterations = getattr(getattr(model, "optimizer", None), "iterations", None)
     if iterations is None:
         return 0
     with _backend.lift():
         return int(keras.ops.convert_to_numpy(iterations))
+
+
+def anchor(model: Any) -> tuple[int, int] | None:
+    """On the host, between steps: `(the model's next step, its optimizer's iterations)`,
+    noted among the model's anchors (see `gradwatch._resume`); None where the device
+    state cannot be read now (JAX, after a step that failed)."""
+    iterations = getattr(getattr(model, "optimizer", None), "iterations", None)
+    state = model_state(model)
+    if iterations is not None and not _backend.sync_state(model, iterations):
+        return None
+    pair = (next_step(model), first_step(model))
+    add_anchor(state.anchors, pair)
+    return pair
+
+
+def align(model: Any, history: Any, where: Any) -> int | None:
+    """At the start of a `fit`, once every callback's `on_train_begin` ran (so after
+    `keras.callbacks.BackupAndRestore` restored the model): numbers the model's next
+    step as its optimizer's `iterations` counts, given the model's own anchors and the
+    `history` (a `_files.StreamedHistory`, or None) of the log it is appended to.
+
+    A model restored to an earlier iteration than the history reached goes on from the
+    step that stood at that iteration; the log's steps from there on are superseded,
+    and that step is returned (None: nothing is superseded). Otherwise, where the log
+    already holds the steps the model would number (a new model; steps that a
+    loss-scale optimizer skipped), the steps are numbered on from its last step + 1,
+    with a warning.
+    """
+    state = model_state(model)
+    step, iterations = next_step(model), first_step(model)
+    own = state.anchors
+    restored = False
+    if own and own[-1][0] == step and iterations not in (own[-1][1], 0):
+        # No step ran since the last anchor, but `iterations` moved: the model was
+        # restored (`load_weights`, BackupAndRestore), here or before its counter was made.
+        back = restored_step(iterations, own, ())
+        restored = back is not None
+        step = back if back is not None else step + iterations - own[-1][1]
+    superseded = None
+    if history is not None:
+        at = restored_step(iterations, history.anchors, history.skipped)
+        last = history.last_step
+        if at is not None:
+            step = superseded = at
+        elif restored and last is not None and step <= last:
+            superseded = step
+        elif last is not None and step <= last:
+            _warn_numbered_on(step, last, where)
+            step = last + 1
+    _move_to(model, step)
+    add_anchor(own, (step, iterations))
+    return superseded
+
+
+def _move_to(model: Any, step: int) -> None:
+    """Makes `step` the number of the model's next step."""
+    state = model_state(model)
+    if state.counter is None:
+        # Not made yet (TensorFlow makes it in the first trace, where a strategy places
+        # it): it is made at `step`.
+        state.start_at = step
+    else:
+        now = int(state.counter.numpy())
+        if now != step:
+            state.counter.assign_add(step - now)
+    state.next_step = step  # the host's count, for gating (`mixin.setup_gate`)
 
 
 def next_step(model: Any) -> int:
@@ -70,16 +139,7 @@ def next_step(model: Any) -> int:
     return first_step(model) if state.start_at is None else state.start_at
 
 
-def continue_after(model: Any, last: int | None, where: Any) -> None:
-    """Moves the model's step count past `last`, the last step of a log that the model's
-    steps are appended to, so that the log never holds one step twice (a loss-scale
-    optimizer's skipped steps, or a new model, would number steps it holds)."""
-    if last is None:
-        return
-    state = model_state(model)
-    step = next_step(model)
-    if step > last:
-        return
+def _warn_numbered_on(step: int, last: int, where: Any) -> None:
     warnings.warn(
         f"GradWatch numbers this run's steps from {last + 1}, not from the model's own "
         f"step count {step}: the log at '{where}' already holds steps up to {last}, and "
@@ -87,14 +147,8 @@ def continue_after(model: Any, last: int | None, where: Any) -> None:
         "`iterations`, which `model.save` keeps; it leaves out the steps that a "
         "`LossScaleOptimizer` skipped.) To keep the model's own numbers, write to "
         "another `path`.",
-        stacklevel=2,
+        stacklevel=4,
     )
-    if state.counter is None:
-        # Not made yet (TensorFlow makes it in the first trace, where a strategy places
-        # it): it is made where the log goes on.
-        state.start_at = last + 1
-    else:
-        state.counter.assign_add(last + 1 - step)
 
 
 def commit(model: Any, scope: StepScope) -> None:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from gradwatch._frames import scalar_frame, stat_frame, values_frame, variables_index
+from gradwatch._resume import Anchor, add_anchor, cutoffs
 from gradwatch._store import SCALARS, Store
 from gradwatch.stats import histogram_bin_count
 
@@ -191,15 +195,16 @@ def write_csv(store: Store, path: Any) -> None:
     _atomic_write(path, write)
 
 
-def write_parquet(store: Store, path: Any) -> None:
-    """Writes a store as Parquet, with the metadata under the schema key `gradwatch`."""
+def write_parquet(store: Store, path: Any, extra: dict[str, Any] | None = None) -> None:
+    """Writes a store as Parquet, with the metadata (and `extra` entries, a streamed
+    part's `anchors` and `resumed`) under the schema key `gradwatch`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = _check_target(path)
     table = pa.Table.from_pandas(_table(store), preserve_index=False)
     meta = dict(table.schema.metadata or {})
-    meta[b"gradwatch"] = json.dumps(_metadata(store)).encode()
+    meta[b"gradwatch"] = json.dumps({**_metadata(store), **(extra or {})}).encode()
     table = table.replace_schema_metadata(meta)
     _atomic_write(path, lambda tmp: pq.write_table(table, tmp, **_PARQUET_OPTIONS))
 
@@ -264,16 +269,23 @@ def dataset_parts(path: Path) -> dict[int, list[Path]]:
     return dict(sorted(out.items()))
 
 
-def append_part(store: Store, directory: Path) -> Path:
+def append_part(store: Store, directory: Path, extra: dict[str, Any] | None = None) -> Path:
     """Writes the steps held in a store as the next part file in `directory`.
 
     Each part is a complete Parquet file with the log's metadata, written
     through a temporary file and renamed, so a crash never leaves half a part.
+    A streamed run's part also has in its metadata (`extra`):
+
+    - `anchors`: `[step, iteration]` pairs read since the run's previous part (the
+      model's next step and its optimizer's `iterations`, at one moment);
+    - `resumed`: `[step, iteration]` where the run went on from a model restored to
+      an earlier iteration than the log's history had reached; the rows of the runs
+      before it from `step` on are superseded.
     """
     parts = part_files(directory)
     number = int(parts[-1].stem[len(PART_PREFIX) :]) + 1 if parts else 0
     target = directory / f"{PART_PREFIX}{number:06d}.parquet"
-    write_parquet(store, target)
+    write_parquet(store, target, extra)
     return target
 
 
@@ -286,27 +298,72 @@ def streamed_metadata(path: Path, worker: int = 0) -> dict | None:
 
 
 def streamed_last_step(path: Path, worker: int = 0) -> int | None:
-    """The last step that a worker's streamed log holds, over all of its runs, or None
-    if it has no rows. Read from the parts' column statistics where they have them."""
+    """The last step of a worker's streamed log, over all of its runs (the steps that a
+    resumed run superseded left out), or None if it has no rows."""
+    return streamed_history(path, worker).last_step
+
+
+@dataclass
+class StreamedHistory:
+    """What a run appended to a streamed log goes on from: the log's history, without
+    the steps that a resumed run superseded."""
+
+    last_step: int | None = None
+    anchors: list[Anchor] = field(default_factory=list)  # (step, iteration), in step order
+    skipped: set[int] = field(default_factory=set)  # steps a loss-scale optimizer skipped
+
+
+def streamed_history(path: Path, worker: int = 0) -> StreamedHistory:
+    """The history of a worker's streamed log: its last step, anchors and skipped steps.
+    Read from the parts' metadata and column statistics where they have them."""
+    history = StreamedHistory()
+    runs = _runs(dataset_parts(path).get(worker, []))
+    metas = [[_read_parquet(p, table=False)[0] for p in run] for run in runs]
+    for run, run_metas, cut in zip(runs, metas, _run_cutoffs(metas), strict=True):
+        for part, meta in zip(run, run_metas, strict=True):
+            for step, iteration in meta.get("anchors", []):
+                if step < cut:
+                    add_anchor(history.anchors, (step, iteration))
+            history.skipped.update(s for s in meta.get("skipped", []) if s < cut)
+            last = _last_step(part, cut)
+            if last is not None and (history.last_step is None or last > history.last_step):
+                history.last_step = last
+    return history
+
+
+def _runs(parts: Sequence[Path]) -> list[list[Path]]:
+    """A worker's parts (in writing order) grouped by run (the directory they are in)."""
+    runs: list[list[Path]] = []
+    for part in parts:
+        if runs and runs[-1][0].parent == part.parent:
+            runs[-1].append(part)
+        else:
+            runs.append([part])
+    return runs
+
+
+def _run_cutoffs(metas: Sequence[Sequence[dict]]) -> list[float]:
+    """Each run's first superseded step (`math.inf`: none), from the runs' metadata."""
+    resumed = [next((m["resumed"][0] for m in ms if m.get("resumed")), None) for ms in metas]
+    return cutoffs(resumed)
+
+
+def _last_step(part: Path, cut: float) -> int | None:
+    """The last step of a part before `cut`, or None if it has none."""
     import pyarrow.parquet as pq
 
-    last: int | None = None
-    for part in dataset_parts(path).get(worker, []):
-        try:
-            meta = pq.ParquetFile(part).metadata
-            column = meta.schema.names.index("step")
-            stats = [
-                meta.row_group(i).column(column).statistics for i in range(meta.num_row_groups)
-            ]
-            if all(s is not None and s.has_min_max for s in stats):
-                highs = [int(s.max) for s in stats]
-            else:
-                highs = pq.read_table(part, columns=["step"]).column("step").to_pylist()
-        except Exception as e:  # pyarrow raises its own error types for bad files
-            raise ValueError(f"'{part}' is not a readable Parquet file: {e}") from e
-        if highs:
-            last = max(highs) if last is None else max(last, *highs)
-    return last
+    try:
+        meta = pq.ParquetFile(part).metadata
+        column = meta.schema.names.index("step")
+        stats = [meta.row_group(i).column(column).statistics for i in range(meta.num_row_groups)]
+        if all(s is not None and s.has_min_max for s in stats) and all(s.max < cut for s in stats):
+            highs = [int(s.max) for s in stats]
+        else:
+            highs = pq.read_table(part, columns=["step"]).column("step").to_pylist()
+    except Exception as e:  # pyarrow raises its own error types for bad files
+        raise ValueError(f"'{part}' is not a readable Parquet file: {e}") from e
+    highs = [h for h in highs if h < cut]
+    return max(highs) if highs else None
 
 
 def read_store(path: Any, worker: int | None = None) -> Store:
@@ -351,8 +408,47 @@ def _read_streamed(directory: Path, worker: int | None = None) -> Store:
             f"'{directory}' holds no log of worker {worker}. Received: worker={worker}. "
             f"Workers with a log there: {list(by_worker)}."
         )
-    parts = by_worker[worker]
-    metas, tables = zip(*(_read_parquet(p) for p in parts), strict=True)
+    runs = _runs(by_worker[worker])
+    read = [[_read_parquet(p) for p in run] for run in runs]
+    metas = [[m for m, _ in run] for run in read]
+    visible: list[tuple[Path, dict, pd.DataFrame]] = []
+    superseded = []
+    for run, run_read, cut in zip(runs, read, _run_cutoffs(metas), strict=True):
+        kept = [
+            (p, *_rows_before(m, t, cut, True)) for p, (m, t) in zip(run, run_read, strict=True)
+        ]
+        visible.extend(kept)
+        if cut < math.inf:
+            later = [
+                (p, *_rows_before(m, t, cut, False))
+                for p, (m, t) in zip(run, run_read, strict=True)
+            ]
+            if any(len(t) for _, _, t in later):
+                superseded.append(later)
+    store = _joined(directory, visible)
+    for later in superseded:
+        store.add_superseded(_joined(directory, later))
+    return store
+
+
+def _rows_before(meta: dict, table: Any, cut: float, before: bool) -> tuple[dict, Any]:
+    """A part's rows (and alerts and skipped steps) of the steps before `cut`, or from
+    `cut` on (`before=False`)."""
+    if cut == math.inf:
+        return (meta, table) if before else (meta, table.iloc[:0])
+    keep = (lambda s: s < cut) if before else (lambda s: s >= cut)
+    meta = {
+        **meta,
+        "alerts": [a for a in meta.get("alerts", []) if keep(a[0])],
+        "skipped": [s for s in meta.get("skipped", []) if keep(s)],
+    }
+    return meta, table[keep(table["step"].to_numpy())]
+
+
+def _joined(directory: Path, parts: Sequence[tuple[Path, dict, Any]]) -> Store:
+    """One store from parts of a streamed log: `(path, metadata, table)` in writing order."""
+    metas = [m for _, m, _ in parts]
+    tables = [t for _, _, t in parts]
     meta = dict(metas[-1])
     # Within a run variables only grow, but runs appended to one log may name other
     # variables (a model changed between them): each part names its own.
@@ -360,7 +456,7 @@ def _read_streamed(directory: Path, worker: int | None = None) -> Store:
     meta["variables"] = list(
         dict.fromkeys([*metas[-1]["variables"], *(k for m in metas for k in m["variables"])])
     )
-    for p, m in zip(parts, metas, strict=True):
+    for p, m, _ in parts:
         if m["stats"] != meta["stats"] or m.get("bins_per_decade") != meta.get("bins_per_decade"):
             raise ValueError(
                 f"The part '{p}' records other stats than the newest part of '{directory}': "

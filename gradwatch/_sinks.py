@@ -13,8 +13,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from gradwatch import io
+from gradwatch import _files, io
 from gradwatch._backend import current as _backend
+from gradwatch._resume import Anchor, add_anchor
 from gradwatch._store import Store
 from gradwatch.buffer import Drained
 
@@ -35,7 +36,12 @@ class ParquetSink:
         self.run: str | None = None  # the run id of this sink's parts under `path`
         self.failed = False
         self.pending = 0  # recorded steps not yet written
-        self.last_step: int | None = None  # the last step `path` held at `open`
+        # What `path` held at `open`: its last step, anchors and skipped steps.
+        self.history: _files.StreamedHistory | None = None
+        self.anchors: list[Anchor] = []  # read since the last part; written with the next
+        # `[step, iteration]` where this run went on from a model restored to an earlier
+        # iteration: the earlier runs' rows from `step` on are superseded.
+        self.resumed: list[int] | None = None
 
     def open(self, model: Any, stats: list[str], bins_per_decade: int | None, per_replica: bool):
         """Prepares `path` at the start of training; refuses a log it cannot continue."""
@@ -68,7 +74,7 @@ class ParquetSink:
                 f"per_replica={per_replica}) cannot continue. "
                 "Use another `path`, or the same settings to append to it."
             )
-        self.last_step = io.streamed_last_step(path, self.worker)
+        self.history = _files.streamed_history(path, self.worker)
         if self.run is None:
             self.run = io.new_run_id()
         target = io.run_directory(path, self.worker, self.run)
@@ -81,6 +87,29 @@ class ParquetSink:
     def active(self) -> bool:
         """Whether this process writes parts (not failed, and the chief or all workers)."""
         return self.writes and not self.failed
+
+    def note(self, anchor: Anchor) -> None:
+        """Keeps an anchor (see `gradwatch._resume`) for the next part's metadata."""
+        add_anchor(self.anchors, anchor)
+
+    def resume(self, step: int, iteration: int) -> None:
+        """Marks this run as resumed at `step` from a model at optimizer `iteration`, so
+        that the rows of the runs before it from `step` on are superseded. A run that
+        wrote parts already (a `GradWatch` used again after a crash) goes on as a new
+        run: one run never holds a step twice."""
+        if not self.active:
+            return
+        self.close()
+        directory = io.run_directory(self.path, self.worker, self.run)
+        if io.part_files(directory):
+            self.run = io.new_run_id()
+            directory = io.run_directory(self.path, self.worker, self.run)
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                self._failed(e)
+                return
+        self.resumed = [int(step), int(iteration)]
 
     def room(self) -> int:
         """Recorded steps that may still be drained before a part is due."""
@@ -96,19 +125,28 @@ class ParquetSink:
         """Writes the steps held in memory as the next part, then forgets them."""
         if not self.active or not len(self.log):
             return
+        extra: dict[str, Any] = {"anchors": [list(a) for a in self.anchors]}
+        if self.resumed is not None:
+            extra["resumed"] = self.resumed
         try:
-            io.append_part(self.log, io.run_directory(self.path, self.worker, self.run))
-        except OSError as e:
-            # Training goes on; the in-memory log keeps every step from here on.
-            self.failed = True
-            warnings.warn(
-                f"GradWatch could not write to '{self.path}' ({e}); it keeps recording in "
-                "memory only, and `watch.log` holds every step not written before.",
-                stacklevel=2,
+            _files.append_part(
+                self.store, io.run_directory(self.path, self.worker, self.run), extra
             )
+        except OSError as e:
+            self._failed(e)
             return
         self.store.clear_blocks()
         self.pending = 0
+        self.anchors = []
+
+    def _failed(self, e: OSError) -> None:
+        # Training goes on; the in-memory log keeps every step from here on.
+        self.failed = True
+        warnings.warn(
+            f"GradWatch could not write to '{self.path}' ({e}); it keeps recording in "
+            "memory only, and `watch.log` holds every step not written before.",
+            stacklevel=3,
+        )
 
 
 class TensorBoardSink:

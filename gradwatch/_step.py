@@ -101,6 +101,9 @@ class ModelState:
         # Where the counter starts when it is made, if not at `iterations` (a log that
         # the model's steps are appended to already holds those).
         self.start_at: int | None = None
+        # (next step, optimizer iterations) pairs read on the host: where the counter
+        # stood against `iterations` (see `gradwatch._resume`).
+        self.anchors: list[tuple[int, int]] = []
         self.watches: list[Any] = []  # attached GradWatch callbacks
         # The watches that the current train function was (or will be) traced with.
         self.traced_with: tuple[Any, ...] = ()

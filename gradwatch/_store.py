@@ -7,7 +7,7 @@ file writers and the TensorBoard export read it through its read-only attributes
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -106,6 +106,9 @@ class Store:
         self._alerts: dict[tuple[int, str, str], float] = {}
         self._skipped: set[int] = set()
         self._disconnected: list[str] = []
+        # The steps that a run resumed from an earlier iteration superseded, one store
+        # per run they were recorded in (see `gradwatch._resume`).
+        self._superseded: list[Store] = []
         self._cache: dict[str, Any] = {}
 
     # ----------------------------------------------------------------- reading
@@ -160,6 +163,11 @@ class Store:
     def disconnected(self) -> tuple[str, ...]:
         """The keys of the variables that had no gradient, in the order found."""
         return tuple(self._disconnected)
+
+    @property
+    def superseded(self) -> tuple[Store, ...]:
+        """The stores of the steps that a resumed run superseded, in writing order."""
+        return tuple(self._superseded)
 
     def size(self, key: str) -> int:
         """The number of elements of a variable."""
@@ -334,8 +342,63 @@ class Store:
         self._disconnected.extend(new)
         return new
 
+    def add_superseded(self, store: Store) -> None:
+        """Keeps `store` among the superseded steps (see `superseded`)."""
+        self._superseded.append(store)
+
+    def split_from(self, step: int) -> Store:
+        """Moves the recorded steps from `step` on (their rows, alerts and skipped marks)
+        into a new store with this one's description, and returns it.
+
+        Example:
+
+        >>> store = Store(("norm",))
+        >>> codes = store.add_variables(["m/w"], [(1,)])
+        >>> store.append(np.arange(4), np.zeros(4), np.arange(4), codes,
+        ...              np.ones((4, 1, 1), np.float32), codes[:0], np.zeros((4, 0), np.float32))
+        >>> later = store.split_from(2)
+        >>> store.stat_blocks[0].steps.tolist(), later.stat_blocks[0].steps.tolist()
+        ([0, 1], [2, 3])
+        """
+        later = Store(self.stats, self.bins_per_decade, self.per_replica)
+        later._variables, later._codes = list(self._variables), dict(self._codes)
+        later._shapes, later._disconnected = dict(self._shapes), list(self._disconnected)
+        for name in ("_stat_blocks", "_hist_blocks", "_value_blocks", "_replica_blocks"):
+            kept, moved = _split(getattr(self, name), step)
+            setattr(self, name, kept)
+            setattr(later, name, moved)
+        self._scalar_blocks, later._scalar_blocks = _split(self._scalar_blocks, step)
+        later._alerts = {k: v for k, v in self._alerts.items() if k[0] >= step}
+        self._alerts = {k: v for k, v in self._alerts.items() if k[0] < step}
+        later._skipped = {s for s in self._skipped if s >= step}
+        self._skipped -= later._skipped
+        self._cache.clear()
+        return later
+
     def clear_blocks(self) -> None:
         """Forgets the recorded steps (after they were written out); keeps the rest."""
         self._stat_blocks, self._hist_blocks, self._value_blocks = [], [], []
         self._replica_blocks, self._scalar_blocks = [], []
         self._cache.clear()
+
+
+def _split(blocks: list[Any], step: int) -> tuple[list[Any], list[Any]]:
+    """Blocks cut into the rows of steps before `step` and those from it on."""
+    kept, moved = [], []
+    for block in blocks:
+        later = block.steps >= step
+        if not later.all():
+            kept.append(_rows(block, ~later))
+        if later.any():
+            moved.append(_rows(block, later))
+    return kept, moved
+
+
+def _rows(block: Any, mask: np.ndarray) -> Any:
+    return replace(
+        block,
+        steps=block.steps[mask],
+        epochs=block.epochs[mask],
+        batches=block.batches[mask],
+        data=block.data[mask],
+    )

@@ -21,7 +21,7 @@ from gradwatch._adopt import adopt, guard_fit
 from gradwatch._alarms import Alarms, PolicyName
 from gradwatch._backend import NAME as _BACKEND_NAME
 from gradwatch._backend import current as _backend
-from gradwatch._capture import continue_after, next_step
+from gradwatch._capture import align, anchor, first_step, next_step
 from gradwatch._compute import traced_for_xla
 from gradwatch._drain import drain, drain_due
 from gradwatch._plan import Plan, make_buffer, make_plan, signature_of
@@ -217,6 +217,7 @@ class GradWatch(keras.callbacks.Callback):
         self._epoch = 0
         self._epoch_start = 0
         self._since_drain = 0
+        self._aligned = True  # until a `fit` begins
 
     def __repr__(self) -> str:
         """The settings, as a call: what is recorded (`variables`, `stats`, `every`)
@@ -303,7 +304,7 @@ class GradWatch(keras.callbacks.Callback):
             make_plan(model, self, None)
         if self._parquet is not None:
             self._parquet.open(model, self.stats, self.histogram or None, self.per_replica)
-            continue_after(model, self._parquet.last_step, self.path)
+        self._aligned = False  # the step count is aligned once every callback has begun
         self._model_ref = weakref.ref(model)
         state = model_state(model)
         joined = self not in state.watches
@@ -324,10 +325,36 @@ class GradWatch(keras.callbacks.Callback):
         self._since_drain = 0
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._align()
         self._epoch = int(epoch)
         self._epoch_start = next_step(self.model)
 
+    def _align(self) -> None:
+        """Before the first step of a `fit`, after every callback's `on_train_begin` (a
+        `keras.callbacks.BackupAndRestore` restores the model there): numbers the steps
+        as the optimizer counts them, and supersedes the recorded steps that a model
+        restored to an earlier iteration trains again (see `gradwatch._resume`)."""
+        if self._aligned:
+            return
+        self._aligned = True
+        model, sink = self.model, self._parquet
+        active = sink is not None and sink.active
+        history = sink.history if active else None
+        superseded = align(model, history, self.path)
+        step, iteration = next_step(model), first_step(model)
+        steps = self._log.steps
+        mine = len(steps) > 0 and steps[-1] >= step  # this watch's, not yet written
+        if active:
+            if mine:
+                superseded = step if superseded is None else min(superseded, step)
+            if superseded is not None:
+                sink.resume(superseded, iteration)
+            sink.note((step, iteration))
+        elif mine:
+            self._store.add_superseded(self._store.split_from(step))
+
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        self._align()
         self._handle_alarms()
         self._raise_if_alarmed()
         # Called once per execution of `steps_per_execution` steps, on the main
@@ -339,7 +366,7 @@ class GradWatch(keras.callbacks.Callback):
             room = sink.room() if sink is not None and sink.writes else None
             spe = int(self.model.steps_per_execution)
             if drain_due(self._since_drain, spe, self._buffer.capacity, room):
-                self._drain()
+                self._drain(anchored=True)
         self._since_drain += 1
         if model_state(self.model).watches[0] is self:
             gate_next_step(self.model)
@@ -351,7 +378,7 @@ class GradWatch(keras.callbacks.Callback):
         return "cos_prev" in self.stats and (step + 1) % self.every == 0
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self._drain()
+        self._drain(anchored=True)
         self._alarms.poll(self.model)
         self._handle_alarms()
         self._raise_if_alarmed()
@@ -394,6 +421,8 @@ class GradWatch(keras.callbacks.Callback):
         state = model_state(model)
         try:
             self._drain()
+            if self in state.watches:  # where this fit left the model's step count
+                self._note_anchor(model)
             if self._parquet is not None:
                 self._parquet.close()
         finally:
@@ -404,7 +433,10 @@ class GradWatch(keras.callbacks.Callback):
             if self._tensorboard_sink is not None:
                 self._tensorboard_sink.close()
 
-    def _drain(self) -> None:
+    def _drain(self, anchored: bool = False) -> None:
+        """Copies the recorded steps out of the device buffer into the log and the sinks;
+        `anchored` (between the steps of a `fit`) also notes where the model's step
+        count stands against its optimizer's, for the next part."""
         buffer, plan = self._buffer, self._plan
         if buffer is None or plan is None:
             return
@@ -413,11 +445,18 @@ class GradWatch(keras.callbacks.Callback):
         block = drain(model, buffer, plan, self._store, self._epoch, self._epoch_start)
         if block is None:
             return
+        if anchored and model is not None:
+            self._note_anchor(model)
         keys = plan.stat_keys
         self._alarms.from_block(block, keys, self._store)
         for sink in (self._tensorboard_sink, self._parquet):
             if sink is not None:
                 sink.write(block, keys)
+
+    def _note_anchor(self, model: Any) -> None:
+        pair = anchor(model)
+        if pair is not None and self._parquet is not None:
+            self._parquet.note(pair)
 
     def _handle_alarms(self) -> None:
         if self._plan is not None:

@@ -195,6 +195,27 @@ class GradientLog:
             codes.update(int(c) for c in b.codes)
         return [k for k, c in self._store.codes.items() if c in codes]
 
+    @property
+    def superseded(self) -> list[GradientLog]:
+        """The steps that a resumed run superseded, one log per run they were recorded in.
+
+        A model restored to an earlier iteration than the log had reached
+        (`keras.callbacks.BackupAndRestore` after a crash, an older checkpoint)
+        trains those iterations again, under the same step numbers. The log's
+        history then holds the resumed run's steps; the steps it went over are
+        kept here, as they were recorded (in a streamed log, in their run's part
+        files). Empty when nothing was superseded.
+
+        Example:
+
+        ```python
+        log = gradwatch.read_log("runs/grads")
+        log.steps                   # each step once, numbered as the optimizer counts
+        [old.steps for old in log.superseded]   # [array([ 8,  9, 10])]
+        ```
+        """
+        return [from_store(store) for store in self._store.superseded]
+
     def __len__(self) -> int:
         return len(self.steps)
 

@@ -234,8 +234,10 @@ class GradWatchMixin:
             history = super().fit(*args, **kwargs)
         except BaseException as e:
             release_watches(self, error=e)
+            _anchor(self, state)
             raise
         release_watches(self)
+        _anchor(self, state)
         return history
 
     def make_train_function(self, force: bool = False) -> Any:
@@ -481,3 +483,9 @@ def gate_next_step(model: Any) -> None:
     state.next_step += 1
     wanted = any(w.wants_step(step) for w in state.watches)
     model.train_function = state.gate[0] if wanted else state.gate[1]
+
+
+def _anchor(model: Any, state: Any) -> None:
+    """Where the model's step count stands after a `fit`, for the next one's resume rules."""
+    if state.counter is not None:
+        _capture.anchor(model)

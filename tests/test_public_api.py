@@ -113,6 +113,7 @@ LOG_PROPERTIES = [
     "alerts",
     "disconnected",
     "skipped_steps",
+    "superseded",
     "replicas",
     "stat_names",
     "shapes",
