@@ -30,8 +30,8 @@ def counted(fn: Callable) -> Callable:
             return fn(self, *args, **kwargs)
         if not _backend.RECORDS:  # a backend gradwatch does not record
             return fn(self, *args, **kwargs)
-        # Made before the step's update, so that a new counter starts at the `iterations`
-        # before it (an eager step counts in `commit`, after the update).
+        # Made before the step's update, so that a new counter starts at the optimizer's
+        # step count before it (an eager step counts in `commit`, after the update).
         step_counter(self)
         if not model_state(self).active:
             return _backend.run_step(fn, self, commit, *args, **kwargs)
@@ -54,24 +54,53 @@ def step_counter(model: Any) -> Any:
 
 
 def first_step(model: Any) -> int:
-    """Where a new step counter starts: the optimizer's `iterations`, the count of
-    updates that `model.save` keeps, so that a loaded (or long-trained) model goes on
-    counting where it was. A loss-scale optimizer's skipped steps do not count there;
-    a streamed log continues past its own last step (`align`)."""
-    iterations = getattr(getattr(model, "optimizer", None), "iterations", None)
-    if iterations is None:
+    """Where a new step counter starts: the optimizer's count of its steps (`iterations`,
+    or with `gradient_accumulation_steps` its micro-steps; see `micro_steps`), which
+    `model.save` keeps, so that a loaded (or long-trained) model goes on counting where
+    it was. A loss-scale optimizer's skipped steps do not count there; a streamed log
+    continues past its own last step (`align`)."""
+    optimizer = getattr(model, "optimizer", None)
+    counter = None if optimizer is None else micro_steps(optimizer)
+    if counter is None:
         return 0
     with _backend.lift():
-        return int(keras.ops.convert_to_numpy(iterations))
+        return int(keras.ops.convert_to_numpy(counter))
+
+
+def _innermost(optimizer: Any) -> Any:
+    """The optimizer that counts the steps and accumulates: a `LossScaleOptimizer`'s inner one."""
+    while isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
+    return optimizer
+
+
+def micro_steps(optimizer: Any) -> Any:
+    """The variable that counts `optimizer`'s steps, one per call of its `apply`.
+
+    That is its `iterations`, except with `gradient_accumulation_steps=n`: there
+    `iterations` counts the updates alone, as a floor division by `n` of Keras' raw
+    counter (`_iterations`) that the step builds (it cannot be read before the step
+    is traced), while `fit` runs, and the learning-rate schedule sees, the raw count.
+    A `LossScaleOptimizer` counts in its inner optimizer.
+    """
+    optimizer = _innermost(optimizer)
+    counter = getattr(optimizer, "_iterations", None)
+    return getattr(optimizer, "iterations", None) if counter is None else counter
+
+
+def accumulation_steps(optimizer: Any) -> int:
+    """The optimizer's `gradient_accumulation_steps`: 1 where each step applies."""
+    return int(getattr(_innermost(optimizer), "gradient_accumulation_steps", None) or 1)
 
 
 def anchor(model: Any) -> tuple[int, int] | None:
     """On the host, between steps: `(the model's next step, its optimizer's iterations)`,
     noted among the model's anchors (see `gradwatch._resume`); None where the device
     state cannot be read now (JAX, after a step that failed)."""
-    iterations = getattr(getattr(model, "optimizer", None), "iterations", None)
+    optimizer = getattr(model, "optimizer", None)
+    counter = None if optimizer is None else micro_steps(optimizer)
     state = model_state(model)
-    if iterations is not None and not _backend.sync_state(model, iterations):
+    if counter is not None and not _backend.sync_state(model, counter):
         return None
     pair = (next_step(model), first_step(model))
     add_anchor(state.anchors, pair)
@@ -144,7 +173,8 @@ def _warn_numbered_on(step: int, last: int, where: Any) -> None:
         f"GradWatch numbers this run's steps from {last + 1}, not from the model's own "
         f"step count {step}: the log at '{where}' already holds steps up to {last}, and "
         "a log holds each step once. (A model's count starts at its optimizer's "
-        "`iterations`, which `model.save` keeps; it leaves out the steps that a "
+        "`iterations` (micro-steps with `gradient_accumulation_steps`), which "
+        "`model.save` keeps; it leaves out the steps that a "
         "`LossScaleOptimizer` skipped.) To keep the model's own numbers, write to "
         "another `path`.",
         stacklevel=4,
@@ -174,7 +204,7 @@ def commit(model: Any, scope: StepScope) -> None:
     records = _backend.global_records(local) if listening and local else local
     for watch in listening:
         watch.check_step(model, step, records, skipped)
-    scalars = (scope.loss, scope.learning_rate)
+    scalars = (scope.loss, scope.learning_rate, scope.applies)
     for watch in watches:
         watch.capture_step(model, step, records, skipped, local, scalars)
     counter.assign_add(1)
@@ -229,7 +259,7 @@ def skipped_update(scope: StepScope) -> Any:
     """A bool tensor: did a loss-scale optimizer skip this step's update? None without one.
 
     Read after `apply_gradients`: a `LossScaleOptimizer` that finds non-finite
-    gradients lowers its scale and leaves `iterations` where it was.
+    gradients lowers its scale and leaves its step count (`micro_steps`) where it was.
     """
     if not scope.loss_scaled:
         return None
@@ -250,11 +280,29 @@ def _loss_scale(optimizer: Any) -> Any:
 
 def learning_rate(optimizer: Any) -> Any:
     """The learning rate that `optimizer` applies at this step, as a float32 scalar (a
-    `LearningRateSchedule` at the optimizer's `iterations` before the update); None
-    without an optimizer. Read before the update, which advances `iterations`."""
+    `LearningRateSchedule` at the optimizer's step count before the update, as Keras
+    evaluates it: with `gradient_accumulation_steps`, its micro-step count); None
+    without an optimizer. Read before the update, which advances the count."""
     if optimizer is None:
         return None
     return _backend.float32(optimizer.learning_rate)
+
+
+def applies(model: Any, scope: StepScope, optimizer: Any) -> Any:
+    """Whether `optimizer`'s `apply` at this step updates the weights: always, except
+    with `gradient_accumulation_steps=n`, where Keras applies the accumulated gradient
+    at every n-th micro-step (its raw count before the update + 1 a multiple of n) and
+    only accumulates at the others. A bool (tensor); None where unknown (no
+    optimizer, or one the step cannot read). Read before the update."""
+    if optimizer is None:
+        return None
+    n = accumulation_steps(optimizer)
+    if n == 1:
+        return True
+    counter = micro_steps(optimizer)
+    if not _backend.readable_in_step(model, scope, counter):
+        return None
+    return keras.ops.equal((_backend.counter_now(counter) + 1) % n, 0)
 
 
 def before_update(
@@ -262,15 +310,20 @@ def before_update(
 ) -> tuple:
     """What is read before the optimizer applies the gradients of `variables`: the loss
     scale, and the weights (for the update stats). Notes a loss-scale optimizer's
-    `iterations` in `scope`. Returns `(scale, weights before or None each, optimizer)`."""
+    step count in `scope`, and the learning rate and whether the step applies (of the
+    step's first optimizer). Returns `(scale, weights before or None each, optimizer)`."""
     scale = _loss_scale(optimizer)
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and (
-        _backend.readable_in_step(model, scope, optimizer.iterations)
-    ):
-        before = _backend.iterations_now(optimizer)
-        scope.loss_scaled.setdefault(id(optimizer), (optimizer, before))
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        # Its micro-step counter, not `iterations`: with gradient accumulation that is
+        # a floor division, made in the step, which a skipped step may leave unchanged.
+        counter = micro_steps(optimizer)
+        if _backend.readable_in_step(model, scope, counter):
+            before = _backend.counter_now(counter)
+            scope.loss_scaled.setdefault(id(optimizer), (counter, before))
     if scope.learning_rate is None:
-        scope.learning_rate = learning_rate(optimizer or getattr(model, "optimizer", None))
+        first = optimizer or getattr(model, "optimizer", None)
+        scope.learning_rate = learning_rate(first)
+        scope.applies = applies(model, scope, first)
     befores: list[Any] = [None] * len(variables)
     if any(w.needs_weights for w in watches):
         befores = [_backend.weights_before(v) for v in variables]

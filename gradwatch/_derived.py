@@ -140,7 +140,10 @@ def update_stats(plan: Plan, befores: list[Any], afters: list[Any] | None = None
     ]
     weight = compute_stats(befores, ["norm"])[:, 0]
     update = compute_stats(delta, ["norm"])[:, 0]
-    return {"weight_norm": weight, "update_norm": update, "update_ratio": update / weight}
+    # No update is a ratio of 0, also of zero weights (a step that only accumulates a
+    # gradient leaves a zero bias at 0): not 0 / 0.
+    ratio = xp.where(xp.equal(update, 0), update, update / weight)
+    return {"weight_norm": weight, "update_norm": update, "update_ratio": ratio}
 
 
 def cosines_with_previous(plan: Plan, buffer: GradientBuffer, flat: Any, step: Any) -> Any:

@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gradwatch._frames import scalar_frame, stat_frame, values_frame, variables_index
+from gradwatch._frames import scalar_table, stat_frame, values_frame, variables_index
 from gradwatch._resume import Anchor, add_anchor, cutoffs
 from gradwatch._store import SCALARS, Store
 from gradwatch.stats import histogram_bin_count
 
 FORMAT = "gradwatch-log"
-VERSION = 2  # 2: the per-step scalars (loss, learning rate) as rows without a variable
+VERSION = 2  # 2: the per-step scalars (loss, learning rate, applied) as rows without a variable
 READS = (1, 2)  # the versions this gradwatch reads
 _CSV_MARK = "# " + FORMAT + " "
 COLUMNS = ("step", "epoch", "batch", "variable", "stat", "index", "value")
@@ -52,7 +52,8 @@ def _metadata(store: Store) -> dict[str, Any]:
 
 def _table(store: Store) -> pd.DataFrame:
     """One long table: stat rows (index empty), kept elements ('grad'), histogram bins
-    ('hist'), and the step's scalars ('loss', 'learning_rate': variable and index empty).
+    ('hist'), and the step's scalars ('loss', 'learning_rate', 'applied': variable
+    and index empty).
 
     A log with per-replica stats has a `replica` column too, after `batch`: empty on
     the global gradient's rows (and on kept elements, bins and scalars), the
@@ -100,19 +101,19 @@ def _table(store: Store) -> pd.DataFrame:
 
 def _scalar_rows(store: Store, cats: list[str]) -> pd.DataFrame:
     """The scalars as rows, step by step: the name in `stat`, no variable, no index."""
-    scalars = scalar_frame(store)
-    n, m = len(scalars), len(SCALARS)
+    ints, data = scalar_table(store)
+    n, m = len(data), len(SCALARS)
     return pd.DataFrame(
         {
-            "step": np.repeat(scalars["step"].to_numpy(), m),
-            "epoch": np.repeat(scalars["epoch"].to_numpy(), m),
-            "batch": np.repeat(scalars["batch"].to_numpy(), m),
+            "step": np.repeat(ints["step"], m),
+            "epoch": np.repeat(ints["epoch"], m),
+            "batch": np.repeat(ints["batch"], m),
             "variable": pd.Categorical.from_codes(
                 np.full(n * m, -1, np.int32), categories=variables_index(store)
             ),
             "stat": pd.Categorical(list(SCALARS) * n, categories=cats),
             "index": pd.array([pd.NA] * (n * m), dtype="Int64"),
-            "value": scalars[list(SCALARS)].to_numpy(np.float32).reshape(-1),
+            "value": data.reshape(-1),
         }
     )
 

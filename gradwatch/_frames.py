@@ -79,25 +79,37 @@ def _build_stat_frame(store: Store) -> pd.DataFrame:
     return frame
 
 
+def scalar_table(store: Store) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The scalars as stored, sorted by step: `({"step", "epoch", "batch"}: int64,
+    float32 (k, len(SCALARS)))`, NaN where a step had none."""
+    blocks = store.scalar_blocks
+    ints = {
+        name: np.concatenate([getattr(b, attr) for b in blocks])
+        if blocks
+        else np.zeros((0,), np.int64)
+        for name, attr in (("step", "steps"), ("epoch", "epochs"), ("batch", "batches"))
+    }
+    data = (
+        np.concatenate([b.data for b in blocks])
+        if blocks
+        else np.zeros((0, len(SCALARS)), np.float32)
+    )
+    order = np.argsort(ints["step"], kind="stable")
+    return {name: values[order] for name, values in ints.items()}, data[order]
+
+
 def scalar_frame(store: Store) -> pd.DataFrame:
-    """The loss and learning rate, one row per step (see `GradientLog.scalars`)."""
+    """The loss, learning rate and applied flag, one row per step (see
+    `GradientLog.scalars`); `applied` as a nullable boolean (`<NA>`: not known)."""
 
     def build() -> pd.DataFrame:
-        blocks = store.scalar_blocks
-        ints = {
-            name: np.concatenate([getattr(b, attr) for b in blocks])
-            if blocks
-            else np.zeros((0,), np.int64)
-            for name, attr in (("step", "steps"), ("epoch", "epochs"), ("batch", "batches"))
-        }
-        data = (
-            np.concatenate([b.data for b in blocks])
-            if blocks
-            else np.zeros((0, len(SCALARS)), np.float32)
-        )
-        order = np.argsort(ints["step"], kind="stable")
-        frame = {name: values[order] for name, values in ints.items()}
-        frame.update({name: data[order, j] for j, name in enumerate(SCALARS)})
+        ints, data = scalar_table(store)
+        frame: dict[str, Any] = dict(ints)
+        frame.update({name: data[:, j] for j, name in enumerate(SCALARS)})
+        applied = frame["applied"]
+        flags = pd.array(applied != 0, dtype="boolean")
+        flags[np.isnan(applied)] = pd.NA
+        frame["applied"] = flags
         return pd.DataFrame(frame, columns=list(SCALAR_COLUMNS))
 
     return store.cached("scalars", build)

@@ -35,14 +35,16 @@ def capture(
     records: Records,
     skipped: Any,
     local: Records,
-    scalars: tuple[Any, Any] = (None, None),
+    scalars: tuple[Any, Any, Any] = (None, None, None),
 ) -> None:
     """Adds the capture of `watch` (its `stats`, `every`, `histogram`, `per_replica`) to
     the step being traced or run.
 
     `records` hold the global gradients, `local` (under `tf.distribute`) what this
     replica handed the optimizer; without a strategy they are the same object.
-    `scalars` are the step's `(loss, learning_rate)`, written into the same slot.
+    `scalars` are the step's `(loss, learning_rate, applies)`, written into the same
+    slot (`SCALARS`); the step applied where its optimizer applies and no loss-scale
+    optimizer skipped the update.
     """
     _check_known(model, plan, records)
     entries = [records.get(k) for k in plan.ids]
@@ -65,7 +67,9 @@ def capture(
         else None
     )
     replica_stats = _derived.replica_stats(plan, local, watch.stats) if watch.per_replica else None
-    loss, learning_rate = (_scalar(x) for x in scalars)
+    loss, learning_rate, applied = (_scalar(x) for x in scalars)
+    if applied is not None and skipped is not None:
+        applied = applied * (1 - _backend.float32(skipped))
     if loss is not None and local is not records:
         # Each replica's loss is its own batch's mean: the global batch's is their mean.
         loss = _backend.all_reduce_sum([loss])[0] / _backend.num_replicas(model)
@@ -88,7 +92,7 @@ def capture(
             for i in plan.value_index
         ]
         hist = compute_histograms(stat_grads, watch.histogram) if watch.histogram else None
-        row = xp.stack([xp.nan() if x is None else x for x in (loss, learning_rate)])
+        row = xp.stack([xp.nan() if x is None else x for x in (loss, learning_rate, applied)])
         buffer.write(step, stats, values, hist, skipped, replica_stats, row)
 
     def keep_previous() -> None:

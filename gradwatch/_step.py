@@ -81,10 +81,10 @@ class Watcher(Protocol):
         records: Records,
         skipped: Any,
         local: Records | None,
-        scalars: tuple[Any, Any] = (None, None),
+        scalars: tuple[Any, Any, Any] = (None, None, None),
     ) -> None:
         """Adds the capture of the step being traced or run: stats into the ring buffer.
-        `scalars` are the step's `(loss, learning_rate)` tensors (None: not seen)."""
+        `scalars` are the step's `(loss, learning_rate, applies)` tensors (None: not seen)."""
 
     def state_metrics(self) -> list[Any]:
         """The metrics that carry this watch's device state (JAX: in the step's state)."""
@@ -167,7 +167,8 @@ class StepScope:
         # calls, and seen at an optimizer's apply (see `mixin.ApplyInterceptor`).
         self.by_hand: dict[int, int] = {}
         self.applied: dict[int, int] = {}
-        # id(optimizer) -> (loss-scale optimizer, its `iterations` before the update)
+        # id(optimizer) -> (a loss-scale optimizer's step counter (`_capture.micro_steps`),
+        # its value before the update)
         self.loss_scaled: dict[int, tuple[Any, Any]] = {}
         # PyTorch `jit_compile=True`: whether the stock step ran (its `.grad`s are read).
         self.stock = False
@@ -175,9 +176,11 @@ class StepScope:
         # metrics variables), which `record_gradients` reads the step's values from.
         self.state: tuple | None = None
         # The step's loss, as handed to the model's loss tracker (the last one handed),
-        # and the learning rate that the first optimizer applied; None: not seen.
+        # the learning rate of the first optimizer, and whether its `apply` updates the
+        # weights (not with gradient accumulation's accumulate-only steps); None: not seen.
         self.loss: Any = None
         self.learning_rate: Any = None
+        self.applies: Any = None
 
 
 _local = threading.local()

@@ -15,8 +15,10 @@ import numpy as np
 
 T = TypeVar("T")
 
-# The per-step scalars recorded beside the gradients, in column order.
-SCALARS = ("loss", "learning_rate")
+# The per-step scalars recorded beside the gradients, in column order. `applied` is
+# held as 1.0 (the optimizer updated the weights at that step), 0.0 (it did not: a
+# step that only accumulates a gradient, or one a loss-scale optimizer skipped).
+SCALARS = ("loss", "learning_rate", "applied")
 
 
 @dataclass
@@ -43,7 +45,8 @@ class ReplicaBlock:
 
 @dataclass
 class ScalarBlock:
-    """k recorded steps of the step's scalars (`SCALARS`: the loss, the learning rate)."""
+    """k recorded steps of the step's scalars (`SCALARS`: the loss, the learning rate,
+    whether the step applied an update)."""
 
     steps: np.ndarray
     epochs: np.ndarray

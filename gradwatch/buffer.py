@@ -24,7 +24,7 @@ class Drained:
     replica_stats: np.ndarray | None  # float32, (k, n_replicas, n_variables, n_stats)
     skipped: np.ndarray  # bool, (k,): a loss-scale optimizer skipped the update
     lost: int  # slots overwritten before they were drained
-    scalars: np.ndarray | None = None  # float32, (k, len(SCALARS)): loss, learning rate
+    scalars: np.ndarray | None = None  # float32, (k, len(SCALARS)): loss, learning rate, applied
 
 
 class GradientBuffer(StateMetric):
@@ -113,7 +113,8 @@ class GradientBuffer(StateMetric):
             if n_replicas
             else None
         )
-        # Each step's loss and learning rate (`SCALARS`), NaN where the step had none.
+        # Each step's loss, learning rate and applied flag (`SCALARS`), NaN where the step
+        # had none.
         self.scalars = self.add_variable(
             shape=(capacity, len(SCALARS)), initializer="zeros", dtype="float32", name="scalars"
         )

@@ -494,14 +494,14 @@ class GradWatch(keras.callbacks.Callback):
         records: Records,
         skipped: Any,
         local: Records | None = None,
-        scalars: tuple[Any, Any] = (None, None),
+        scalars: tuple[Any, Any, Any] = (None, None, None),
     ) -> None:
         """Adds this watch's capture to the step being traced.
 
         `records` hold the global gradients, `local` (under `tf.distribute`) what
         this replica handed the optimizer; without a strategy they are the same.
         `skipped` is a bool tensor (a loss-scale optimizer skipped the update) or None.
-        `scalars` are the step's `(loss, learning_rate)` (None: not seen).
+        `scalars` are the step's `(loss, learning_rate, applies)` (None: not seen).
         """
         with traced_for_xla(model.jit_compile):
             plan = self._plan_in_step(model, records)

@@ -100,6 +100,8 @@ class Signals:
         stat: A function from a stat name to its `(k, len(variables))` matrix
             (NaN where not recorded), or `None` when the stat was not recorded.
         skipped: The steps whose update a loss-scale optimizer skipped.
+        accumulated: The steps that only accumulated a gradient, without an update
+            (`gradient_accumulation_steps`): left out of the `update_ratio` rules.
         disconnected: The keys that had no gradient.
         nonfinite_alerts: `(step, key, count)` of the recorded NaN/Inf alerts
             (these also cover steps that `every` did not record).
@@ -117,6 +119,7 @@ class Signals:
     shapes: Mapping[str, tuple[int, ...]]
     stat: Callable[[str], np.ndarray | None]
     skipped: Sequence[int] = ()
+    accumulated: Sequence[int] = ()
     disconnected: Sequence[str] = ()
     nonfinite_alerts: Sequence[tuple[int, str, float]] = ()
     _cache: dict[str, np.ndarray | None] = field(default_factory=dict, repr=False)
@@ -662,10 +665,15 @@ def _update_ratio(c: _Context) -> list[dict]:
             _not_checked("update_ratio_low", "update_ratio"),
         ]
     t = c.t
+    applied = c.steps[c.applied]
+    if len(c.s.accumulated):
+        # A step that only accumulated a gradient moved no weight: its ratio of 0 says
+        # nothing about the size of the updates.
+        updated = ~np.isin(applied, np.asarray(c.s.accumulated, np.int64))
+        ratio, applied = ratio[updated], applied[updated]
     med = _median(ratio)
     kern = c.kernel_mask()
     out = []
-    applied = c.steps[c.applied]
     span = (int(applied[0]), int(applied[-1])) if len(applied) else (pd.NA, pd.NA)
     high = kern & (med > t["update_ratio_high"])
     if high.any():

@@ -243,28 +243,34 @@ class GradientLog:
 
     @property
     def scalars(self) -> pd.DataFrame:
-        """The loss and the learning rate of each recorded step, as a frame.
+        """The loss, the learning rate and whether the update applied, of each
+        recorded step, as a frame.
 
         Columns: `step`, `epoch`, `batch` (int64), `loss` and `learning_rate`
-        (float32). One row per recorded step, sorted by step.
+        (float32), `applied` (nullable boolean). One row per recorded step, sorted
+        by step.
 
         `loss` is the loss of that step's batch, as the step computed it inside
         `fit` (the compiled loss plus regularizers and `add_loss` terms, before
         loss scaling; under `tf.distribute`, the mean over the replicas): the
         value Keras averages into `logs["loss"]`, but for every step, also with
         `steps_per_execution > 1`. `learning_rate` is the rate the optimizer
-        applied at that step (a `LearningRateSchedule` at that step's
-        iteration). A value the step did not have is NaN: `loss` where a custom
-        `train_step` never updates the model's `loss` metric, both in a log
-        written before gradwatch recorded them. Recorded at the steps the log
-        records (every `every`-th step).
+        applied at that step (a `LearningRateSchedule` at the optimizer's count
+        of its steps, as Keras evaluates it: with `gradient_accumulation_steps`,
+        its micro-steps). `applied` is whether the optimizer updated the weights:
+        False at a step that only accumulates a gradient, or whose update a
+        `LossScaleOptimizer` skipped. A value the step did not have is NaN
+        (`<NA>` for `applied`): `loss` where a custom `train_step` never updates
+        the model's `loss` metric, all in a log written before gradwatch
+        recorded them. Recorded at the steps the log records (every `every`-th
+        step).
 
         Example:
 
         ```python
         watch = gradwatch.GradWatch()
         model.fit(x, y, callbacks=[watch])
-        watch.log.scalars.tail()   # step, epoch, batch, loss, learning_rate
+        watch.log.scalars.tail()   # step, epoch, batch, loss, learning_rate, applied
         ```
         """
         return scalar_frame(self._store)
@@ -536,7 +542,7 @@ class GradientLog:
             )
         if stat == "update_ratio":
             up, w = self.by_layer("update_norm"), self.by_layer("weight_norm")
-            return up / w
+            return (up / w).mask(up == 0, 0.0)  # no update: 0, also of zero weights
         wide = self.stat(stat).astype(np.float64)
         sizes = pd.Series({k: float(self._store.size(k)) for k in wide.columns})
         mean = None
@@ -598,12 +604,15 @@ class GradientLog:
         store = self._store
         skipped = set(store.skipped)
         alerts = [(s, k, v) for (s, k, kind), v in store.alerts.items() if kind == "nonfinite"]
+        scalars = self.scalars
+        not_applied = scalars["step"][scalars["applied"].eq(False).fillna(False)]
         signals = Signals(
             steps=stat_steps(store),
             variables=store.variables,
             shapes=store.shapes,
             stat=lambda name: stat_matrix(store, name),
             skipped=sorted(skipped),
+            accumulated=sorted(set(not_applied.tolist()) - skipped),
             disconnected=store.disconnected,
             nonfinite_alerts=alerts,
         )

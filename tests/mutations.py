@@ -194,6 +194,28 @@ MUTATIONS = (
         '"skipped": [],',
         ("tests/test_alarms.py::test_skipped_steps_round_trip_through_files",),
     ),
+    Mutation(
+        "step-count-from-updates",
+        "with gradient accumulation the step count starts at `iterations`, the updates",
+        "gradwatch/_capture.py",
+        'counter = getattr(optimizer, "_iterations", None)',
+        "counter = None",
+        (
+            "tests/test_accumulation.py::"
+            "test_accumulation_resumed_after_load_model_continues_at_the_micro_step",
+        ),
+    ),
+    Mutation(
+        "applied-ignores-skipped",
+        "a step whose update a loss-scale optimizer skipped counts as applied",
+        "gradwatch/_in_step.py",
+        "applied = applied * (1 - _backend.float32(skipped))",
+        "applied = applied * 1",
+        (
+            "tests/test_accumulation.py::"
+            "test_accumulation_with_skipped_updates_applies_at_every_nth_micro_step_kept",
+        ),
+    ),
 )
 
 

@@ -203,6 +203,7 @@ def test_mirrored_scalars_are_the_global_batchs_loss_and_the_rate(mirrored):
     np.testing.assert_array_equal(log.scalars["step"], np.arange(len(losses)))
     np.testing.assert_allclose(log.scalars["loss"], losses, rtol=RTOL)
     np.testing.assert_array_equal(log.scalars["learning_rate"], np.float32(0.1))
+    assert log.scalars["applied"].all()  # every step updates the weights
 
 
 def test_mirrored_per_replica_rows_hold_each_replicas_local_gradient(mirrored):

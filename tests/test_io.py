@@ -90,17 +90,20 @@ def test_written_files_hold_the_fitted_runs_values_for_plain_readers(fitted, tmp
     table["stat"] = table["stat"].astype(str)
     # Stat rows (empty index): exactly the log's frame, float32 values bit for bit
     # (NaN cos_prev at step 0, +inf update_ratio of the zero biases included).
-    stat_rows = table[~table["stat"].isin(["grad", "hist", "loss", "learning_rate"])]
+    scalar_names = ["loss", "learning_rate", "applied"]
+    stat_rows = table[~table["stat"].isin(["grad", "hist", *scalar_names])]
     assert stat_rows["index"].isna().all()
-    # Scalar rows: no variable, no index, the log's loss and learning rate at each step.
-    scalar_rows = table[table["stat"].isin(["loss", "learning_rate"])]
-    assert meta["scalars"] == ["loss", "learning_rate"]
+    # Scalar rows: no variable, no index, the log's loss, learning rate and whether the
+    # step applied (1.0 or 0.0) at each step.
+    scalar_rows = table[table["stat"].isin(scalar_names)]
+    assert meta["scalars"] == scalar_names
     assert scalar_rows["variable"].isna().all() and scalar_rows["index"].isna().all()
     wide = scalar_rows.pivot(index="step", columns="stat", values="value")
-    for name in ("loss", "learning_rate"):
+    for name in scalar_names:
         np.testing.assert_array_equal(
-            wide[name].to_numpy(np.float32), log.scalars[name].to_numpy(), err_msg=name
+            wide[name].to_numpy(np.float32), log.scalars[name].to_numpy(np.float32), err_msg=name
         )
+    assert set(wide["applied"]) == {1.0}
     cols = ["step", "epoch", "batch", "variable", "stat", "value"]
     ours, theirs = _rows(stat_rows.astype({"value": np.float32}), cols), _rows(log.frame, cols)
     assert len(ours) == 6 * 4 * 13  # steps x variables x stats

@@ -70,8 +70,10 @@ def test_scalars_are_each_steps_loss_and_scheduled_rate_of_a_tape_loop(
 
     reference = tape_losses(plain, keras.optimizers.SGD(schedule()), batches_of(x, y, 4) * 2)
     scalars = watch.log.scalars
-    assert list(scalars.columns) == ["step", "epoch", "batch", "loss", "learning_rate"]
+    assert list(scalars.columns) == ["step", "epoch", "batch", "loss", "learning_rate", "applied"]
     assert scalars["loss"].dtype == np.float32 and scalars["learning_rate"].dtype == np.float32
+    # Without gradient accumulation every step applies (none overflowed here).
+    assert scalars["applied"].dtype == "boolean" and scalars["applied"].all()
     np.testing.assert_array_equal(scalars["step"], np.arange(12))
     np.testing.assert_array_equal(scalars["epoch"], np.arange(12) // 6)
     np.testing.assert_array_equal(scalars["batch"], np.arange(12) % 6)
@@ -166,9 +168,49 @@ def test_scalars_of_a_version_1_file_are_empty_and_its_stats_read(tmp_path):
     )
     log = gradwatch.read_log(path)
     np.testing.assert_array_equal(log.stat("norm")["d/kernel"], [1.5, 0.5])
-    assert list(log.scalars.columns) == ["step", "epoch", "batch", "loss", "learning_rate"]
+    assert list(log.scalars.columns) == [
+        "step",
+        "epoch",
+        "batch",
+        "loss",
+        "learning_rate",
+        "applied",
+    ]
     assert log.scalars.empty
     # Written again, it is a current file that reads back the same.
+    log.to_parquet(tmp_path / "new.parquet")
+    assert gradwatch.read_log(tmp_path / "new.parquet") == log
+
+
+def test_scalars_of_a_file_without_applied_read_it_as_unknown(tmp_path):
+    # A version 2 log as gradwatch wrote it before it recorded whether a step applied.
+    meta = {
+        "format": "gradwatch-log",
+        "version": 2,
+        "variables": ["d/kernel"],
+        "stats": ["norm"],
+        "shapes": {"d/kernel": [2, 1]},
+        "bins_per_decade": None,
+        "disconnected": [],
+        "alerts": [],
+        "skipped": [],
+        "per_replica": False,
+        "scalars": ["loss", "learning_rate"],
+    }
+    path = tmp_path / "old.csv"
+    path.write_text(
+        "# gradwatch-log "
+        + json.dumps(meta)
+        + "\nstep,epoch,batch,variable,stat,index,value\n"
+        + "0,0,0,d/kernel,norm,,1.5\n0,0,0,,loss,,0.25\n0,0,0,,learning_rate,,0.125\n"
+        + "1,0,1,d/kernel,norm,,0.5\n1,0,1,,loss,,0.75\n1,0,1,,learning_rate,,0.0625\n"
+    )
+    log = gradwatch.read_log(path)
+    scalars = log.scalars
+    np.testing.assert_array_equal(scalars["loss"], np.float32([0.25, 0.75]))
+    np.testing.assert_array_equal(scalars["learning_rate"], np.float32([0.125, 0.0625]))
+    assert scalars["applied"].dtype == "boolean" and scalars["applied"].isna().all()
+    # Written again and read back, it is unknown still.
     log.to_parquet(tmp_path / "new.parquet")
     assert gradwatch.read_log(tmp_path / "new.parquet") == log
 

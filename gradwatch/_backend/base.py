@@ -53,11 +53,11 @@ class Backend(Protocol):
         """The metrics that carry the counter in the step's state (JAX), else none."""
 
     def skipped_update(self, loss_scaled: Any) -> Any:
-        """Whether a loss-scale optimizer skipped the update: `iterations` unchanged
-        across it, from `(optimizer, iterations before)` pairs."""
+        """Whether a loss-scale optimizer skipped the update: its step count unchanged
+        across it, from `(counter variable, its value before)` pairs."""
 
-    def iterations_now(self, optimizer: Any) -> Any:
-        """The optimizer's `iterations`, read before the update."""
+    def counter_now(self, counter: Any) -> Any:
+        """The value of an optimizer's step counter (a variable), read before the update."""
 
     def weights_before(self, variable: Any) -> Any:
         """The weights before the update (a copy where the update is in place)."""

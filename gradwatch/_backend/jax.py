@@ -109,13 +109,11 @@ def counter_metrics(counter: Counter) -> list[Any]:
 
 def skipped_update(loss_scaled: Iterable[tuple[Any, Any]]) -> Any:
     # Read in a scope over the step's new state.
-    return ops.any(
-        ops.stack([ops.equal(opt.iterations.value, before) for opt, before in loss_scaled])
-    )
+    return ops.any(ops.stack([ops.equal(count.value, before) for count, before in loss_scaled]))
 
 
-def iterations_now(optimizer: Any) -> Any:
-    return optimizer.iterations.value  # a traced value from the step's state
+def counter_now(counter: Any) -> Any:
+    return counter.value  # a traced value from the step's state
 
 
 def weights_before(variable: Any) -> Any:

@@ -82,16 +82,14 @@ def counter_metrics(counter: Any) -> list[Any]:
 
 
 def skipped_update(loss_scaled: Iterable[tuple[Any, Any]]) -> Any:
-    """A bool tensor: did a loss-scale optimizer leave `iterations` where it was?"""
+    """A bool tensor: did a loss-scale optimizer leave its step count where it was?"""
     return tf.reduce_any(
-        tf.stack(
-            [tf.equal(tf.convert_to_tensor(opt.iterations), before) for opt, before in loss_scaled]
-        )
+        tf.stack([tf.equal(tf.convert_to_tensor(count), before) for count, before in loss_scaled])
     )
 
 
-def iterations_now(optimizer: Any) -> Any:
-    return tf.convert_to_tensor(optimizer.iterations)
+def counter_now(counter: Any) -> Any:
+    return tf.convert_to_tensor(counter)
 
 
 def weights_before(variable: Any) -> Any:

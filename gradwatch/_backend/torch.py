@@ -99,11 +99,11 @@ def counter_metrics(counter: HostCounter) -> list[Any]:
 
 def skipped_update(loss_scaled: Iterable[tuple[Any, Any]]) -> bool:
     # Eager: a host bool.
-    return any(int(host_copy(opt.iterations.value)) == before for opt, before in loss_scaled)
+    return any(int(host_copy(count.value)) == before for count, before in loss_scaled)
 
 
-def iterations_now(optimizer: Any) -> int:
-    return int(host_copy(optimizer.iterations.value))
+def counter_now(counter: Any) -> int:
+    return int(host_copy(counter.value))
 
 
 def weights_before(variable: Any) -> Any:
@@ -309,7 +309,7 @@ def _compiled_step(model: Any, compiled: Callable, custom: bool, capture: Captur
             if sums is not None:
                 scope.loss = _step_loss(model, sums)
             if scope.learning_rate is None:
-                scope.learning_rate = before.learning_rate
+                scope.learning_rate, scope.applies = before.learning_rate, before.applies
             if pending is not None and scope.stock:
                 for key, entry in before.loss_scaled.items():
                     scope.loss_scaled.setdefault(key, entry)
