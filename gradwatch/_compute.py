@@ -25,7 +25,9 @@ def compute_stats(tensors: Sequence[Any], stats: Sequence[str]) -> Any:
     so dominates the spread that the one-pass variance would lose digits, one
     branch per step takes an exact path that masks non-finite elements and
     computes `std` in two passes. Works inside a compiled (and XLA-compiled)
-    step. A `None` entry (a disconnected variable) gives a row of NaN.
+    step. A `None` entry (a disconnected variable) gives a row of NaN. A tensor
+    whose size the traced graph does not know is reduced on its own, at its
+    run-time size.
 
     Args:
         tensors: Gradients (any float dtype; computed in float32) or `None`.
@@ -71,14 +73,27 @@ def compute_stats(tensors: Sequence[Any], stats: Sequence[str]) -> Any:
     order = [i for rows, _ in groups for i in rows]
     sources = {rows[0]: tensors[rows[0]] for rows, x in groups if x.shape[0] == 1}
     raw = _one_pass([(x, sources.get(rows[0])) for rows, x in groups], stats)
-    size = ops.convert_to_tensor(
-        np.asarray([float(np.prod(tuple(tensors[i].shape))) for i in order], "float32")
-    )
+    sizes = [_size(tensors[i]) for i in order]
     sq = raw["sq"]
     # One branch per step: the one-pass results stand unless an element is NaN or
     # Inf (then its sum of squares is non-finite) or the mean so dominates the
     # spread that the one-pass variance would lose digits; then the exact path.
     fine = ops.all(ops.isfinite(sq))
+    if None in sizes:
+        # Sizes known at run time only: each such group is a single row.
+        size = ops.concatenate(
+            [
+                ops.full((len(rows),), float(x.shape[1]))
+                if x.shape[1] is not None
+                else ops.reshape(ops.cast(ops.shape(x)[1], "float32"), (1,))
+                for rows, x in groups
+            ],
+            axis=0,
+        )
+        # A tensor empty at run time has no min or max: the exact path says so.
+        fine = ops.logical_and(fine, ops.all(size > 0))
+    else:
+        size = ops.convert_to_tensor(np.asarray(sizes, "float32"))
     cols: dict[str, Any] = {"norm": ops.sqrt(sq)}
     if "sum" in raw:
         cols["mean"] = raw["sum"] / size
@@ -117,11 +132,24 @@ def branch(pred: Any, true_fn: Any, false_fn: Any) -> Any:
     return _backend.cond(pred, true_fn, false_fn)
 
 
+def _size(t: Any) -> int | None:
+    """The number of elements of `t`, or None where the traced graph knows it only at
+    run time (a dimension of `None`, or an unknown rank)."""
+    try:
+        dims = tuple(t.shape)
+    except ValueError:  # TensorFlow: a shape of unknown rank
+        return None
+    if any(d is None for d in dims):
+        return None
+    return int(np.prod(dims))
+
+
 def _groups(tensors: Sequence[Any]) -> tuple[list[tuple[list[int], Any]], dict[int, str]]:
     """Groups of (row indices, 2-D float32 tensor with one row per tensor).
 
     Also returns the rows that need no computing: `None` ("none") and empty
-    tensors ("empty").
+    tensors ("empty"). A tensor of a size known at run time only is a group of
+    its own, of shape `(1, None)`.
     """
     constant: dict[int, str] = {}
     by_size: dict[int, list[int]] = {}
@@ -130,8 +158,10 @@ def _groups(tensors: Sequence[Any]) -> tuple[list[tuple[list[int], Any]], dict[i
         if t is None:
             constant[i] = "none"
             continue
-        size = int(np.prod(tuple(t.shape)))
-        if size == 0:
+        size = _size(t)
+        if size is None:
+            groups.append(([i], ops.reshape(ops.cast(t, "float32"), (1, -1))))
+        elif size == 0:
             constant[i] = "empty"
         elif size >= STACK_BELOW:
             groups.append(([i], ops.reshape(ops.cast(t, "float32"), (1, size))))
@@ -389,7 +419,9 @@ def _dense_counter(rows: tuple[int, ...], bins_per_decade: int) -> Any:
             offset = ops.convert_to_tensor(
                 ((start + np.arange(x.shape[0])) * n_bins).astype("int32")[:, None]
             )
-            j = ops.reshape(_backend.bin_index(ops.reshape(x, (-1,)), bins_per_decade), x.shape)
+            j = ops.reshape(
+                _backend.bin_index(ops.reshape(x, (-1,)), bins_per_decade), ops.shape(x)
+            )
             idx.append(ops.reshape(j + offset, (-1,)))
         return _backend.bincount(
             idx[0] if len(idx) == 1 else ops.concatenate(idx, axis=0), total * n_bins

@@ -35,11 +35,17 @@ SMALLEST_NORMAL = float(np.finfo(np.float32).tiny)
 def exact_group(x: Any) -> dict[str, Any]:
     """Every stat of each row of a 2-D float32 tensor, with NaN and Inf treated as the
     catalogue defines (the exact path of `compute_stats`)."""
-    n = float(x.shape[1])
     nan = math.nan
     finite = ops.isfinite(x)
     notnan = ops.logical_not(ops.isnan(x))
     n_finite = ops.sum(ops.cast(finite, "float32"), axis=1)
+    no_finite = n_finite == 0
+    if x.shape[1] is None:  # a size known at run time only (it may be 0)
+        n = ops.cast(ops.shape(x)[1], "float32")
+        norm_nan = ops.logical_and(no_finite, n > 0)  # an empty tensor's norm is 0
+    else:
+        n = float(x.shape[1])
+        norm_nan = no_finite
     none_left = ops.sum(ops.cast(notnan, "float32"), axis=1) == 0
     xf = ops.where(finite, x, 0.0)
     safe_n = ops.maximum(n_finite, 1.0)
@@ -47,7 +53,7 @@ def exact_group(x: Any) -> dict[str, Any]:
     centred = ops.where(finite, x - ops.nan_to_num(mean)[:, None], 0.0)
     return {
         # No finite element: NaN, not a norm of 0 that would read as a vanishing gradient.
-        "norm": ops.where(n_finite == 0, nan, ops.sqrt(ops.sum(ops.square(xf), axis=1))),
+        "norm": ops.where(norm_nan, nan, ops.sqrt(ops.sum(ops.square(xf), axis=1))),
         "mean": mean,
         "std": ops.where(
             n_finite == 0, nan, ops.sqrt(ops.sum(ops.square(centred), axis=1) / safe_n)

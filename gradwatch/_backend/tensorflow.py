@@ -99,9 +99,18 @@ def weights_before(variable: Any) -> Any:
 def as_recorded(grad: Any, variable: Any) -> Any:
     """The gradient as gradwatch keeps it: an `IndexedSlices` as its touched rows
     (repeats summed, as the dense gradient has them), so that a large table is not
-    densified at every step."""
+    densified at every step; a dense one with its variable's shape.
+
+    A gradient has its variable's shape, but the traced graph may not know it: a table
+    sliced to the batch's sequence length (`ops.slice`, as KerasHub's position
+    embeddings do) has a `Pad` for its gradient, whose static shape is `(None, None)`
+    when the sequence length is known at run time only. The stats, kept tensors and
+    histograms then read the variable's shape, which Keras always knows.
+    """
     if isinstance(grad, tf.IndexedSlices):
         return SparseGradient.from_indexed_slices(grad, tuple(variable.shape))
+    if tf.is_tensor(grad) and not grad.shape.is_fully_defined():
+        return tf.ensure_shape(grad, variable.shape)
     return grad
 
 
