@@ -59,7 +59,7 @@ def tables(outlier, tmp_path_factory):
         capture_output=True,
         text=True,
         env=env,
-        timeout=1800,  # bounds a hang only
+        timeout=3600,  # bounds a hang only: under load the four take many minutes
     )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp / "report.json").read_text())
