@@ -18,8 +18,10 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_collection_finish(session):
     """Starts the long runs that the selected tests wait for, once `-k`, `-m` and the
-    rest have deselected what they deselect; none for `--collect-only`."""
-    if session.config.option.collectonly:
+    rest have deselected what they deselect; none for `--collect-only`. Under pytest-xdist
+    every worker collects every test, so there each run is started by the test that waits
+    for it instead, in the one worker that runs that test."""
+    if session.config.option.collectonly or hasattr(session.config, "workerinput"):
         return
     backends = [item for item in session.items if item.path.name == "test_backends.py"]
     if backends:
@@ -35,8 +37,10 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(autouse=True)
 def _fresh_keras():
-    # Auto-generated layer names (dense, dense_1, ...) come from a global counter.
-    keras.backend.clear_session()
+    # Auto-generated layer names (dense, dense_1, ...) come from a global counter. Without
+    # its `gc.collect()` (a quarter of the suite's time): Python's own collector frees the
+    # models of earlier tests, and no test depends on when.
+    keras.backend.clear_session(free_memory=False)
     keras.utils.set_random_seed(1234)
 
 

@@ -11,6 +11,8 @@ from reference import batches_of, grads_of, mse, no_grad, spe
 
 import gradwatch
 
+pytestmark = pytest.mark.backends  # run again under JAX and PyTorch (test_backends)
+
 N = 4  # gradient_accumulation_steps
 # ExponentialDecay(0.05, decay_steps=4, decay_rate=0.5), written out. Keras evaluates it
 # at the micro-step count: 0.05 * 0.5 ** (s / 4) at micro-step s.

@@ -23,6 +23,8 @@ def _fit(watch, epochs=1, n=80, **fit):
     return model
 
 
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_nonfinite_warns_once_naming_the_first_step_and_variables():
     watch = gradwatch.GradWatch(stats=("norm", "nonfinite"))
     with pytest.warns(
@@ -41,6 +43,8 @@ def test_nonfinite_warns_once_naming_the_first_step_and_variables():
     assert kernel["value"].item() == recorded > 0
 
 
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_nonfinite_is_checked_on_steps_that_every_skips():
     watch = gradwatch.GradWatch(stats="norm", every=10)
     with pytest.warns(UserWarning, match="at step 3"):
@@ -49,6 +53,8 @@ def test_nonfinite_is_checked_on_steps_that_every_skips():
     np.testing.assert_array_equal(watch.log.steps, [0])  # step 3 itself was not recorded
 
 
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_nonfinite_stop_keeps_the_log(tmp_path):
     watch = gradwatch.GradWatch(stats="norm", on_nonfinite="stop", path=tmp_path / "run")
     model = _fit(watch, epochs=3)
@@ -69,6 +75,8 @@ def test_nonfinite_stop_keeps_the_log(tmp_path):
     assert "net/hidden/kernel" in set(alerts["variable"])
 
 
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_nonfinite_raise_writes_the_log_first(tmp_path):
     watch = gradwatch.GradWatch(stats="norm", on_nonfinite="raise", path=tmp_path / "run")
     with pytest.raises(
@@ -80,12 +88,16 @@ def test_nonfinite_raise_writes_the_log_first(tmp_path):
     assert log.first_nonfinite()[0] == 3
 
 
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_nonfinite_ignore_is_silent():
     watch = gradwatch.GradWatch(stats=("norm", "nonfinite"), on_nonfinite="ignore")
     _fit(watch)  # filterwarnings=error: any warning would fail this test
     assert watch.log.first_nonfinite()[0] == 3  # still visible in the recorded stats
 
 
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_max_norm_threshold_alerts_and_stops():
     x, y = data(n=40)
     model, _ = pair()
@@ -101,6 +113,8 @@ def test_max_norm_threshold_alerts_and_stops():
         assert row.value == pytest.approx(norms.loc[row.step, row.variable])
 
 
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_min_norm_threshold_warns():
     x, y = data(n=16)
     model, _ = pair()
@@ -111,6 +125,8 @@ def test_min_norm_threshold_warns():
     assert set(watch.log.alerts["kind"]) == {"min_norm"}
 
 
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_alerts_round_trip_through_files(tmp_path):
     watch = gradwatch.GradWatch(stats=("norm", "nonfinite"), on_nonfinite="ignore")
     _fit(watch)
@@ -164,6 +180,8 @@ def _loss_scaled_fit(watch, poisoned=False):
     return model, weights
 
 
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_steps_a_loss_scale_optimizer_skipped_are_recorded_and_marked():
     watch = gradwatch.GradWatch(stats=("norm", "nonfinite"), on_nonfinite="raise")
     _, seen = _loss_scaled_fit(watch)  # skipped steps do not raise: nothing bad was applied
@@ -185,6 +203,8 @@ def test_steps_a_loss_scale_optimizer_skipped_are_recorded_and_marked():
     assert set(log.alerts["step"]) == set(expected)
 
 
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_nonfinite_gradients_that_were_applied_still_alarm_beside_skipped_steps():
     # Without a loss scale the NaN batch is applied; with one it is skipped (and stays
     # silent), so only the plain optimizer raises.
@@ -195,6 +215,8 @@ def test_nonfinite_gradients_that_were_applied_still_alarm_beside_skipped_steps(
         _fit(gradwatch.GradWatch(stats=("norm", "nonfinite"), on_nonfinite="raise"))
 
 
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_skipped_steps_round_trip_through_files(tmp_path):
     watch = gradwatch.GradWatch(stats=("norm", "nonfinite"), path=tmp_path / "run", every=1)
     _loss_scaled_fit(watch)
@@ -205,6 +227,8 @@ def test_skipped_steps_round_trip_through_files(tmp_path):
     assert gradwatch.read_log(tmp_path / "log.csv") == watch.log
 
 
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_all_nan_gradient_has_nan_norm_and_is_no_min_norm_alert():
     # Batch 3 has a NaN input, so every element of every gradient there is NaN (the NaN
     # sample reaches every unit and every weight). Its norm is NaN, not 0: a vanishing
@@ -227,6 +251,8 @@ def test_all_nan_gradient_has_nan_norm_and_is_no_min_norm_alert():
 
 
 @pytest.mark.parametrize("every", [1, 10])
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_thresholds_skip_non_finite_gradients_in_both_checks(every):
     # every=1: from the recorded stats; every=10 and "raise": the check in the step.
     watch = gradwatch.GradWatch(
@@ -238,35 +264,16 @@ def test_thresholds_skip_non_finite_gradients_in_both_checks(every):
     assert set(watch.log.alerts["kind"]) == {"nonfinite"}
 
 
-_STOP_SCRIPT = """
-import os, sys
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, {tests!r})
-import keras, numpy as np
-from models import data, pair
-import gradwatch
-
-keras.utils.set_random_seed(1234)
-x, y = data(n=80)
-x[3 * 8 + 2, 1] = np.nan  # batch 3: NaN gradients
-model, _ = pair(regularize=False)
-model.compile(keras.optimizers.SGD(0.01), "mse")
-watch = gradwatch.GradWatch(stats=("norm", "nonfinite"), on_nonfinite="stop")
-model.fit(x, y, batch_size=8, epochs=3, shuffle=False, callbacks=[watch], verbose=0)
-print("stopped:", model.stop_training)
-"""
-
-
-def test_nonfinite_stop_says_why_naming_the_step_and_variables():
+@pytest.mark.backends
+@pytest.mark.plain_models
+def test_nonfinite_stop_says_why_naming_the_step_and_variables(capfd):
     # As Keras' TerminateOnNaN prints "Batch 2: Invalid loss, terminating training".
-    import os
-    import subprocess
-    import sys
-
-    script = _STOP_SCRIPT.format(tests=os.path.dirname(__file__))
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True
-    ).stdout
+    # Read from the process's own output (file descriptors 1 and 2), where it is printed.
+    watch = gradwatch.GradWatch(stats=("norm", "nonfinite"), on_nonfinite="stop")
+    capfd.readouterr()
+    model = _fit(watch, epochs=3)
+    print("stopped:", model.stop_training)
+    out = capfd.readouterr().out
     lines = out.splitlines()
     said = [line for line in lines if line.startswith("GradWatch:")]
     assert len(said) == 1, out

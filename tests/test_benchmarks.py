@@ -1,30 +1,79 @@
-"""The benchmarks' smoke mode: the harness runs end to end (timings are not checked here)."""
+"""The benchmarks' smoke mode: the harness runs end to end (timings are not checked here).
 
+The four benchmarks run one after another in one subprocess (a benchmark is a script,
+and `benchmarks/models.py` would shadow the tests' own `models` in this process), so
+TensorFlow is imported once for all of them; each test reads its benchmark's table."""
+
+import json
 import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Runs each script as `python SCRIPT --smoke --out TABLE ARGS...` would, and writes what
+# became of each (its exit status, or the end of its traceback) to the report file.
+_DRIVER = textwrap.dedent(
+    """
+    import json, runpy, sys, traceback
+    jobs, report = json.loads(sys.argv[1]), sys.argv[2]
+    results = {}
+    for name, argv in jobs.items():
+        sys.argv = argv
+        try:
+            runpy.run_path(argv[0], run_name="__main__")
+            results[name] = 0
+        except SystemExit as e:
+            results[name] = e.code or 0
+        except BaseException:
+            results[name] = traceback.format_exc()[-3000:]
+    with open(report, "w") as f:
+        json.dump(results, f)
+    """
+)
 
-def _run(script, tmp_path, *args):
+
+@pytest.fixture(scope="module")
+def tables(outlier, tmp_path_factory):
+    """Each benchmark's table (or what stopped it), from one `--smoke` run of all four."""
+    tmp = tmp_path_factory.mktemp("benchmarks")
+    outlier.log.to_parquet(tmp / "grads.parquet")
+    extra = {
+        "overhead": ["--only", "mlp"],
+        "memory": [],
+        "cli_start": ["--log", str(tmp / "grads.parquet")],
+        "diagnose": [],
+    }
+    jobs = {
+        name: [str(ROOT / "benchmarks" / f"{name}.py"), "--smoke", "--out", str(tmp / name), *args]
+        for name, args in extra.items()
+    }
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    out = tmp_path / "table.md"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out), *args],
+    run = subprocess.run(
+        [sys.executable, "-c", _DRIVER, json.dumps(jobs), str(tmp / "report.json")],
         capture_output=True,
         text=True,
         env=env,
-        timeout=600,
+        timeout=3600,  # bounds a hang only: under load the four take many minutes
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out.read_text()
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp / "report.json").read_text())
+    return {name: (report[name], tmp / name) for name in jobs}
 
 
-def test_overhead_benchmark_smoke(tmp_path):
-    table = _run("overhead.py", tmp_path, "--only", "mlp")
+def _table(tables, name):
+    status, path = tables[name]
+    assert status == 0, status
+    return path.read_text()
+
+
+def test_overhead_benchmark_smoke(tables):
+    table = _table(tables, "overhead")
     rows = [line for line in table.splitlines() if line.startswith("| mlp")]
     assert len(rows) == 6
     assert [r.split(" | ")[2] for r in rows[-2:]] == [
@@ -36,15 +85,14 @@ def test_overhead_benchmark_smoke(tmp_path):
         assert ratio > 0
 
 
-def test_memory_benchmark_smoke(tmp_path):
-    table = _run("memory.py", tmp_path)
+def test_memory_benchmark_smoke(tables):
+    table = _table(tables, "memory")
     assert "| RAM bytes per value |" in table
     assert "| parts written | 1 |" in table
 
 
-def test_cli_start_benchmark_smoke(outlier, tmp_path):
-    outlier.log.to_parquet(tmp_path / "grads.parquet")
-    table = _run("cli_start.py", tmp_path, "--log", str(tmp_path / "grads.parquet"))
+def test_cli_start_benchmark_smoke(tables):
+    table = _table(tables, "cli_start")
     rows = [line for line in table.splitlines() if line.startswith("| ") and "ms" not in line]
     assert [r.split(" | ")[0] for r in rows] == [
         "| python -c pass",
@@ -54,8 +102,8 @@ def test_cli_start_benchmark_smoke(outlier, tmp_path):
     ]
 
 
-def test_diagnose_benchmark_smoke(tmp_path):
-    table = _run("diagnose.py", tmp_path)
+def test_diagnose_benchmark_smoke(tables):
+    table = _table(tables, "diagnose")
     (row,) = [line for line in table.splitlines() if line.startswith("| 20 | 2000 |")]
     # The planted problems are found: a NaN burst, a dead layer, an oscillating kernel.
     assert row.endswith("| error nonfinite, warning dead, warning oscillation |")

@@ -25,6 +25,8 @@ KEYS = ["net/hidden/kernel", "net/hidden/bias", "net/out/kernel", "net/out/bias"
 
 @pytest.mark.parametrize("spe", [1, 4])
 @pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_every_step_matches_a_plain_tape_loop(spe, jit):
     skip_unless_supported(spe, jit)
     x, y = data()
@@ -51,6 +53,8 @@ def test_every_step_matches_a_plain_tape_loop(spe, jit):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_epoch_and_batch_are_what_keras_reports_with_spe():
     skip_unless_supported(spe=4)
     x, y = data(n=36)  # 5 batches of 8 and one of 4 per epoch
@@ -77,6 +81,8 @@ def test_epoch_and_batch_are_what_keras_reports_with_spe():
     assert seen == [3, 7] * 3
 
 
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_step_continues_across_fits_and_epoch_honours_initial_epoch():
     x, y = data(n=16)
     model, _ = pair()
@@ -91,6 +97,8 @@ def test_step_continues_across_fits_and_epoch_honours_initial_epoch():
 
 
 @mixin_only
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_steps_without_a_watch_still_count():
     x, y = data(n=16)
     model, plain = pair()
@@ -109,6 +117,8 @@ def test_steps_without_a_watch_still_count():
 
 
 @pytest.mark.parametrize("spe", [1, 3])
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_every_records_only_multiples_and_matches_reference(spe):
     skip_unless_supported(spe)
     x, y = data()
@@ -126,6 +136,8 @@ def test_every_records_only_multiples_and_matches_reference(spe):
         watch.log.gradient("out/kernel", 4)
 
 
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_variables_selects_stats_rows_and_values_are_independent():
     x, y = data(n=16)
     model, _ = pair()
@@ -141,6 +153,8 @@ def test_variables_selects_stats_rows_and_values_are_independent():
         log.gradient("out/kernel", 0)
 
 
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_duplicate_paths_get_numbered_keys():
     class Block(keras.layers.Layer):
         def __init__(self, **kw):
@@ -166,6 +180,8 @@ def test_duplicate_paths_get_numbered_keys():
     assert watch.log.gradient("d/kernel#1", 0).shape == (2, 2)
 
 
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_pattern_matching_nothing_is_a_value_error_listing_keys():
     x, y = data(n=8)
     model, plain = pair()
@@ -187,6 +203,8 @@ def test_pattern_matching_nothing_is_a_value_error_listing_keys():
     assert any(not np.array_equal(a, b) for a, b in zip(model.get_weights(), start, strict=True))
 
 
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_mixin_listed_after_keras_model_is_a_type_error():
     class Late(keras.Model, gradwatch.GradWatchMixin):
         def __init__(self):
@@ -202,6 +220,8 @@ def test_mixin_listed_after_keras_model_is_a_type_error():
         model.fit(np.ones((4, 2)), np.ones((4, 1)), callbacks=[gradwatch.GradWatch()], verbose=0)
 
 
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_one_watch_on_two_models_is_an_error():
     x, y = data(n=8)
     a, _ = pair()
@@ -237,6 +257,8 @@ def test_constructor_rejects_bad_arguments(kwargs, error, match):
 
 
 @pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_sparse_embedding_gradient_equals_dense_equivalent(jit):
     skip_unless_supported(jit=jit)
     # Row 1 repeats within a batch; rows 2 and 4 are never touched.
@@ -273,6 +295,8 @@ def test_sparse_embedding_gradient_equals_dense_equivalent(jit):
 
 
 @mixin_only
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_refit_with_the_same_watch_reuses_the_traced_step():
     x, y = data(n=16)
     model, _ = pair()
@@ -290,6 +314,8 @@ def test_refit_with_the_same_watch_reuses_the_traced_step():
     np.testing.assert_array_equal(watch.log.frame["epoch"].unique(), [0])
 
 
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_two_watches_in_one_fit_both_record():
     x, y = data(n=16)
     model, _ = pair()
@@ -302,6 +328,8 @@ def test_two_watches_in_one_fit_both_record():
     assert a.log.variables == ["net/hidden/kernel", "net/out/kernel"]
 
 
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_update_stats_of_an_sgd_step_match_the_weights_by_hand():
     # With momentum the applied update is not lr * gradient after the first step: the
     # stats must come from the weights themselves.
@@ -352,6 +380,8 @@ class WithSpare(gradwatch.GradWatchMixin, keras.Model):
         return self.used(x) + ops.stop_gradient(self.held(x))
 
 
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_disconnected_variables_are_nan_rows_listed_once(tmp_path):
     model = WithSpare(name="m")
     model.compile("sgd", "mse")
@@ -379,6 +409,8 @@ def test_disconnected_variables_are_nan_rows_listed_once(tmp_path):
     assert gradwatch.read_log(tmp_path / "g.parquet").disconnected == log.disconnected
 
 
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_histogram_bins_edges_zeros_nonfinite_and_extremes_exactly():
     # Compiled where the backend compiles the step (jax.jit on JAX; TensorFlow's
     # counter is always XLA-compiled); eager on PyTorch.
@@ -409,6 +441,8 @@ def test_histogram_bins_edges_zeros_nonfinite_and_extremes_exactly():
 
 
 @pytest.mark.parametrize("clip", [{"clipnorm": 0.7}, {"global_clipnorm": 2.0}, {"clipvalue": 0.5}])
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_histogram_clipped_norm_and_cos_prev_match_a_plain_gradient_loop(clip):
     x, y = data(n=32)
     model, plain = pair()
@@ -438,6 +472,8 @@ def test_histogram_clipped_norm_and_cos_prev_match_a_plain_gradient_loop(clip):
             np.testing.assert_array_equal(counts, reference_bins(g, 4), err_msg=key)
 
 
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_cos_prev_with_every_compares_with_the_step_before_each_recorded_one():
     x, y = data(n=48)
     model, plain = pair()
@@ -454,6 +490,8 @@ def test_cos_prev_with_every_compares_with_the_step_before_each_recorded_one():
             assert cos.loc[step, key] == pytest.approx(ref, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_streaming_drains_mid_epoch_and_keeps_every_step(tmp_path):
     # flush_every=2 drains the ring buffer twice an epoch, between executions: on JAX
     # the step's state is then off the model's variables (purged) and the buffer's
@@ -473,6 +511,8 @@ def test_streaming_drains_mid_epoch_and_keeps_every_step(tmp_path):
             assert log.stat("norm").loc[step, key] == pytest.approx(np.linalg.norm(g), rel=1e-5)
 
 
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_a_pattern_typo_on_a_model_built_in_its_first_step_leaves_it_trainable():
     x, y = data(n=16)
     # No Input: the model builds its variables inside the first traced step.
@@ -501,6 +541,8 @@ def test_a_pattern_typo_on_a_model_built_in_its_first_step_leaves_it_trainable()
 
 # Keras' own warning, where its trainer gives one (TensorFlow's).
 @pytest.mark.filterwarnings("ignore:The model does not have any trainable weights")
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_a_model_without_trainable_weights_warns_and_trains_on():
     x, y = data(n=16)
     model, _ = pair()
@@ -523,6 +565,8 @@ def test_a_model_without_trainable_weights_warns_and_trains_on():
     assert list(norm.index) == [4, 5] and norm.notna().all().all()
 
 
+@pytest.mark.backends
+@pytest.mark.plain_models
 def test_variables_keep_model_order_when_the_trainable_set_grows():
     x, y = data(n=16)
     inputs = keras.Input((5,))

@@ -19,6 +19,9 @@ from reference import BACKEND, cosine, grads_of, mse, no_grad
 
 import gradwatch
 
+# Run again under JAX and PyTorch (tests/test_backends.py).
+pytestmark = pytest.mark.backends
+
 
 def _skip_stateful_steps_on_jax():
     if BACKEND == "jax":

@@ -25,6 +25,8 @@ from reference import (
 import gradwatch
 from gradwatch.stats import GRADIENT_STATS, compute_histograms, compute_stats
 
+pytestmark = pytest.mark.backends  # run again under JAX and PyTorch (test_backends)
+
 VOCAB, LONGEST, DIM = 50, 8, 8
 #: Each batch's sequence length: two lengths, alternating, so that a traced step (one
 #: per length on JAX, one for both on TensorFlow) runs with each.

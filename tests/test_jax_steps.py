@@ -13,9 +13,11 @@ import pytest
 
 import gradwatch
 
-pytestmark = pytest.mark.skipif(
-    keras.backend.backend() != "jax", reason="stateless train steps are JAX's"
-)
+pytestmark = [
+    # Run under JAX by tests/test_backends.py.
+    pytest.mark.backends,
+    pytest.mark.skipif(keras.backend.backend() != "jax", reason="stateless train steps are JAX's"),
+]
 
 BASES = {"plain": keras.Model, "mixin": gradwatch.Model}
 N, FEATURES, BATCH, EPOCHS = 48, 6, 16, 2

@@ -16,6 +16,9 @@ from reference import (
 
 import gradwatch
 
+# Run again under JAX and PyTorch (tests/test_backends.py).
+pytestmark = pytest.mark.backends
+
 
 def _fit_both(watched, plain, callbacks, spe=3, jit=False, **opt):
     x, y = data(n=45)
@@ -37,6 +40,7 @@ def _fit_both(watched, plain, callbacks, spe=3, jit=False, **opt):
 
 
 @pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.plain_models
 def test_mixin_with_watch_is_bitwise_neutral_to_training(jit):
     if jit and BACKEND == "torch":
         pytest.skip("torch jit_compile is tested in test_backends.py (compiling is slow)")
@@ -52,6 +56,7 @@ def test_mixin_with_watch_is_bitwise_neutral_to_training(jit):
     np.testing.assert_array_equal(sparse.log.steps, np.arange(0, 18, 2))
 
 
+@pytest.mark.plain_models
 def test_mixin_without_watch_trains_as_usual():
     watched, plain = pair(regularize=True)
     ha, hb = _fit_both(watched, plain, [], spe=spe(3), clipnorm=0.1)

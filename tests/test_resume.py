@@ -9,6 +9,9 @@ from models import KIND, Model, Sequential, data
 
 import gradwatch
 
+# Run again under JAX and PyTorch (tests/test_backends.py).
+pytestmark = pytest.mark.backends
+
 
 @keras.saving.register_keras_serializable(package="test_resume")
 class Net(*((keras.Model,) if KIND == "plain" else (gradwatch.GradWatchMixin, keras.Model))):

@@ -55,6 +55,7 @@ def tape_losses(model, optimizer, batches):
     ("steps_per_execution", "loss_scale", "jit"),
     [(1, False, False), (3, False, True), (3, True, False)],
 )
+@pytest.mark.backends
 def test_scalars_are_each_steps_loss_and_scheduled_rate_of_a_tape_loop(
     steps_per_execution, loss_scale, jit
 ):
@@ -85,6 +86,7 @@ def test_scalars_are_each_steps_loss_and_scheduled_rate_of_a_tape_loop(
     np.testing.assert_allclose(history.history["loss"], reference.reshape(2, 6).mean(1), rtol=1e-5)
 
 
+@pytest.mark.backends
 def test_scalars_with_every_are_those_of_the_recorded_steps():
     x, y = data(n=24)
     model, plain = pair()
@@ -100,6 +102,7 @@ def test_scalars_with_every_are_those_of_the_recorded_steps():
     np.testing.assert_allclose(scalars["learning_rate"], [rate_by_hand(i) for i in (0, 4, 8)])
 
 
+@pytest.mark.backends
 def test_scalars_of_a_custom_step_without_the_loss_metric_have_a_nan_loss():
     skip_on_jax("a stateful custom train_step")
 
@@ -130,6 +133,7 @@ def test_scalars_of_a_custom_step_without_the_loss_metric_have_a_nan_loss():
     np.testing.assert_array_equal(scalars["learning_rate"], np.float32(0.25))
 
 
+@pytest.mark.backends
 def test_scalars_read_back_from_files_and_streamed_parts(tmp_path):
     x, y = data(n=24)
     model, _ = pair()

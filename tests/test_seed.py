@@ -8,6 +8,9 @@ from models import Sequential
 
 import gradwatch
 
+# Run again under JAX and PyTorch, and on plain models (tests/test_backends.py).
+pytestmark = [pytest.mark.backends, pytest.mark.plain_models]
+
 
 class Scalar(keras.layers.Layer):
     """One scalar variable `x`; outputs x for every sample."""

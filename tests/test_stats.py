@@ -8,6 +8,7 @@ from reference import BACKEND, np_stats, reference_bins, tf_only
 from gradwatch import stats as S
 
 
+@pytest.mark.backends
 def test_stats_hand_computed_values():
     g = np.array([3.0, -4.0, 0.0, 0.0])
     out = np.asarray(S.compute_stats([g], list(S.GRADIENT_STATS)))[0]
@@ -23,6 +24,7 @@ def test_stats_hand_computed_values():
     assert got["zero_frac"] == 0.5
 
 
+@pytest.mark.backends
 def test_stats_nonfinite_elements_are_excluded_from_moments():
     g = np.array([1.0, 3.0, np.nan, np.inf, -np.inf])
     got = dict(
@@ -42,6 +44,7 @@ def test_stats_nonfinite_elements_are_excluded_from_moments():
     assert got["zero_frac"] == 0.0
 
 
+@pytest.mark.backends
 def test_stats_zero_frac_counts_all_elements_when_some_are_nonfinite():
     # 2 exact zeros among 5 elements, 2 of them non-finite: zero_frac = 2/5, not 2/3
     # (the zeros over the finite elements only). Also one row of a stacked group.
@@ -53,6 +56,7 @@ def test_stats_zero_frac_counts_all_elements_when_some_are_nonfinite():
     assert out[2].tolist() == pytest.approx([1.0, 0.0, 0.0])
 
 
+@pytest.mark.backends
 def test_stats_all_nan_and_empty_tensors():
     out = np.asarray(
         S.compute_stats(
@@ -75,6 +79,7 @@ def test_stats_all_nan_and_empty_tensors():
         assert math.isnan(empty[name])
 
 
+@pytest.mark.backends
 def test_stats_none_gives_a_nan_row_and_keeps_the_order():
     out = np.asarray(S.compute_stats([np.array([2.0]), None, np.array([-1.0, 1.0])], ["norm"]))
     assert out[0, 0] == pytest.approx(2.0)
@@ -83,6 +88,7 @@ def test_stats_none_gives_a_nan_row_and_keeps_the_order():
 
 
 @pytest.mark.parametrize("seed", range(5))
+@pytest.mark.backends
 def test_stats_fused_equal_numpy_reference_on_random_tensors(seed):
     rng = np.random.default_rng(seed)
     shapes = [(), (0,), (1,), (7,), (3, 5), (2, 3, 4), (1, 1)]
@@ -108,6 +114,7 @@ def _assert_match_numpy(out, tensors):
             )
 
 
+@pytest.mark.backends
 def test_stats_half_precision_inputs_are_computed_in_float32():
     # Every element is exact in float16 (spacing 32 above 32768), but float16 arithmetic
     # would overflow (max 65504): sum 120000, sum of squares 4.928e9 -> inf.
@@ -191,6 +198,7 @@ def _stats_function(jit):
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("case", ["one-pass", "dominant mean", "nonfinite"])
 @pytest.mark.parametrize("seed", range(3))
+@pytest.mark.backends
 def test_stats_fast_and_exact_paths_equal_numpy_reference(seed, case, jit):
     rng = np.random.default_rng(100 + seed)
     tensors = _random_tensors(rng, case)
@@ -216,6 +224,7 @@ def _sparse_case(case, rng):
 @tf_only  # sparse gradients (IndexedSlices) are TensorFlow's
 @pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
 @pytest.mark.parametrize("case", ["repeats", "every row", "nonfinite", "empty"])
+@pytest.mark.backends
 def test_sparse_gradient_stats_equal_those_of_the_dense_gradient(case, mode):
     import tensorflow as tf
 

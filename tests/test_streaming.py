@@ -13,6 +13,9 @@ from models import data, pair
 
 import gradwatch
 
+# Run again on plain models (tests/test_backends.py).
+pytestmark = pytest.mark.plain_models
+
 
 def _fit(watch, epochs=5, n=400, spe=1):
     x, y = data(n=n)
