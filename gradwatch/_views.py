@@ -16,8 +16,24 @@ def layer_of_key(key: str) -> str:
     head, sep, leaf = key.rpartition("/")
     if not sep:
         return key
+    update = _update_of(leaf)
+    return f"{head}@{update}" if update else head
+
+
+def leaf_of_key(key: str) -> str:
+    """The variable's own name in a key: its last `/` part without the `#n` of a repeated
+    path or the `@n` of a later update (`net/d/kernel#1@2` is a `kernel`)."""
+    leaf = key.rpartition("/")[2]
+    update = _update_of(leaf)
+    if update:
+        leaf = leaf[: -len(update) - 1]
+    return leaf.split("#", 1)[0]
+
+
+def _update_of(leaf: str) -> str:
+    """The `n` of a later update's `@n` at the end of a key's last part, or `""`."""
     _, at, update = leaf.rpartition("@")
-    return f"{head}@{update}" if at and update.isdigit() else head
+    return update if at and update.isdigit() else ""
 
 
 def by_layer(

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gradwatch._views import layer_of_key, leaf_of_key
+
 __all__ = [
     "FINDINGS",
     "FINDING_COLUMNS",
@@ -181,8 +183,8 @@ class _Context:
         self.k = len(self.steps)
         self.size = np.asarray([max(1, int(np.prod(s.shapes[k]))) for k in self.keys], np.float64)
         self.ndim = np.asarray([len(s.shapes[k]) for k in self.keys])
-        self.layer = [k.rsplit("/", 1)[0] if "/" in k else k for k in self.keys]
-        self.leaf = [k.rsplit("/", 1)[-1].split("#")[0] for k in self.keys]
+        self.layer = [layer_of_key(k) for k in self.keys]
+        self.leaf = [leaf_of_key(k) for k in self.keys]
         skipped = np.asarray(sorted(s.skipped), np.int64)
         self.applied = ~np.isin(self.steps, skipped)  # rows whose update reached the weights
         self._rows: dict[str, np.ndarray | None] = {}

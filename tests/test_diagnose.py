@@ -487,6 +487,49 @@ def test_disconnected_and_missing_stats(tmp_path):
     )
 
 
+def test_diagnose_puts_a_later_update_of_a_layer_in_its_own_layer(tmp_path):
+    # A variable updated twice in a step has the keys `m/a/kernel` and `m/a/kernel@1`;
+    # the second update belongs to the layer `m/a@1`, as in `log.by_layer`.
+    shapes = {
+        "m/a/kernel": (10, 10),
+        "m/a/bias": (10,),
+        "m/a/kernel@1": (10, 10),
+        "m/a/bias@1": (10,),
+        "m/b/kernel": (10, 10),
+        "m/b/bias": (10,),
+    }
+    zero = np.zeros((10, 6))
+    zero[:, 2] = 0.8  # m/a/kernel@1: 80% zeros at every step
+    stats = {"norm": _const([1, 1, 1, 1, np.nan, np.nan]), "zero_frac": zero}
+    log = _log_file(tmp_path, shapes, stats, disconnected=["m/b/kernel", "m/b/bias"])
+    layers = list(log.by_layer("norm").columns)
+    assert layers == ["m/a", "m/a@1", "m/b"]
+    # The layer m/a@1 is 100 + 10 elements: (100 * 0.8) / 110 = 0.727 >= 0.7 at every step;
+    # taken together with m/a (220 elements) it would be 80 / 220 = 0.36.
+    (dead,) = _found(log, "dead").itertuples()
+    assert dead.variables == ["m/a@1"] and "m/a@1 (100% of steps)" in dead.evidence
+    (gone,) = _found(log, "disconnected").itertuples()
+    assert gone.variables == ["m/b"]
+    # The second update of a whole layer that got no gradient is named as that layer.
+    norm = _const([1, 1, np.nan, np.nan, 1, 1])
+    later = _log_file(
+        tmp_path, shapes, {"norm": norm}, disconnected=["m/a/kernel@1", "m/a/bias@1"], name="d.csv"
+    )
+    (gone,) = _found(later, "disconnected").itertuples()
+    assert gone.variables == ["m/a@1"] and set(gone.variables) <= set(layers)
+    # A 2-D bias (as MultiHeadAttention's) is no kernel in its later update either.
+    two_d = {"m/a/kernel": (10, 10), "m/a/bias": (2, 5), "m/a/kernel@1": (10, 10)}
+    two_d["m/a/bias@1"] = (2, 5)
+    ratio = _const([1e-3, 5.0, 1e-3, 5.0])
+    log = _log_file(
+        tmp_path, two_d, {"norm": _const([1, 1, 1, 1]), "update_ratio": ratio}, name="r.csv"
+    )
+    assert not len(_found(log, "update_ratio_high"))
+    assert _found(log, "update_ratio_high", update_ratio_high=1e-4)["variables"].tolist() == [
+        ["m/a/kernel", "m/a/kernel@1"]
+    ]
+
+
 def test_diagnose_rejects_unknown_or_bad_thresholds(tmp_path):
     log = _log_file(tmp_path, SHAPES, {"norm": _const([1, 1, 1, 1])})
     with pytest.raises(TypeError, match=r"Unknown threshold `vanish`\. Received: vanish=1"):
