@@ -89,3 +89,29 @@ def summary(norm: pd.DataFrame, nonfinite: pd.DataFrame | None) -> pd.DataFrame:
         out["nonfinite"] = pd.array([pd.NA] * len(out), dtype="Int64")
         out["first_nonfinite_step"] = pd.array([pd.NA] * len(out), dtype="Int64")
     return out
+
+
+def global_norms(norms: np.ndarray) -> np.ndarray:
+    """The global gradient norm of each step: `sqrt(sum_v norm_v**2)` over each row.
+
+    NaN norms are left out: a disconnected variable's, and the norm of a gradient
+    with no finite element (a variable's `norm` is over its finite elements). A
+    step whose every norm is NaN gives NaN, not 0: no gradient was seen there.
+    `GradientLog.global_norm` and the doctor's global norm are this function.
+
+    Args:
+        norms: Per-variable gradient norms, shape `(k, n)`.
+
+    Returns:
+        A float64 array of shape `(k,)`.
+
+    Example:
+
+    >>> global_norms(np.array([[3.0, 4.0], [np.nan, 2.0], [np.nan, np.nan]])).tolist()
+    [5.0, 2.0, nan]
+    """
+    norms = np.asarray(norms, np.float64)
+    with np.errstate(invalid="ignore"):
+        squares = np.where(np.isnan(norms), 0.0, norms**2)
+    has_norm = (~np.isnan(norms)).any(axis=1)
+    return np.where(has_norm, np.sqrt(squares.sum(axis=1)), np.nan)

@@ -19,10 +19,13 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from gradwatch._text import name_list, short_number
 from gradwatch._views import layer_of_key
 from gradwatch.log import GradientLog
 
 MAX_ALERT_ROWS = 200
+# Names shown in one fact of the verdict before "and N more".
+_SHOWN = 3
 # The verdict's levels, least severe first.
 LEVELS = ("ok", "note", "warning", "problem")
 
@@ -121,7 +124,7 @@ def verdict(log: GradientLog, findings: pd.DataFrame | None = None) -> Verdict:
             (
                 "problem",
                 f"NaN/Inf gradients reached the weights at {_count(reached, 'step')}"
-                f" ({_steps(reached)}), first at step {first} in {_names(keys)}.",
+                f" ({_steps(reached)}), first at step {first} in {name_list(keys, _SHOWN)}.",
             )
         )
     for kind, word in (("max_norm", "above `max_norm`"), ("min_norm", "below `min_norm`")):
@@ -133,7 +136,7 @@ def verdict(log: GradientLog, findings: pd.DataFrame | None = None) -> Verdict:
                 (
                     "warning",
                     f"Gradient norms {word} at {_count(steps, 'step')} ({_steps(steps)}), "
-                    f"first at step {steps[0]} in {_names(keys)}.",
+                    f"first at step {steps[0]} in {name_list(keys, _SHOWN)}.",
                 )
             )
     if log.disconnected:
@@ -141,7 +144,7 @@ def verdict(log: GradientLog, findings: pd.DataFrame | None = None) -> Verdict:
             (
                 "warning",
                 f"{_count(log.disconnected, 'variable')} got no gradient (not connected to "
-                f"the loss): {_names(log.disconnected)}.",
+                f"the loss): {name_list(log.disconnected, _SHOWN)}.",
             )
         )
     if was_skipped:
@@ -197,13 +200,6 @@ def _steps(steps: Sequence[int], most: int = 6) -> str:
     return ("step " if len(steps) == 1 else "steps ") + text
 
 
-def _names(keys: Sequence[str], most: int = 3) -> str:
-    text = ", ".join(keys[:most])
-    if len(keys) > most:
-        text += f" and {len(keys) - most} more"
-    return text
-
-
 def _in_order(keys: Any, order: dict[str, int]) -> list[str]:
     return sorted(set(keys), key=lambda k: order.get(k, len(order)))
 
@@ -223,17 +219,11 @@ def _extremes_fact(log: GradientLog) -> str | None:
         return None
     what = "layer" if by_layer else "variable"
     top, low = median.idxmax(), median.idxmin()
-    return (
-        f"Largest median gradient norm: {_num(median[top])} in {what} {top}; smallest: "
-        f"{_num(median[low])} in {low} ({_num(median[top] / median[low])} times smaller)."
-        if median[low] > 0
-        else f"Largest median gradient norm: {_num(median[top])} in {what} {top}; smallest: "
-        f"0 in {low}."
-    )
-
-
-def _num(value: float) -> str:
-    return f"{value:.3g}"
+    largest = f"Largest median gradient norm: {short_number(median[top])} in {what} {top}"
+    if median[low] > 0:
+        times = short_number(median[top] / median[low])
+        return f"{largest}; smallest: {short_number(median[low])} in {low} ({times} times smaller)."
+    return f"{largest}; smallest: 0 in {low}."
 
 
 def render_report(log: GradientLog, title: str = "gradwatch report", progress: bool = False) -> str:
@@ -440,7 +430,7 @@ def _leads(findings: pd.DataFrame) -> pd.DataFrame:
     """The doctor's errors and warnings as `verdict` findings: a level and a sentence."""
     rows = findings[findings["severity"].isin(list(_LEVEL_OF))]
     sentences = [
-        f"{finding} in {_names(list(variables))}: {evidence}"
+        f"{finding} in {name_list(list(variables), _SHOWN)}: {evidence}"
         if len(variables)
         else f"{finding}: {evidence}"
         for finding, variables, evidence in zip(
