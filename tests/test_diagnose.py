@@ -432,6 +432,24 @@ def test_clipping_more_than_half_of_the_steps(tmp_path):
     assert not len(_found(half, "clipping"))
 
 
+def test_clipping_leaves_out_the_steps_where_no_gradient_was_finite(tmp_path):
+    # Steps 0-3: every variable has NaN/Inf elements, so the global norm there is NaN (no
+    # norm to sum), not 0. Of the 6 other steps, 4 are clipped: 67% > 50%. Counting the
+    # four as steps with a global norm would make it 4 of 10, 40%.
+    norm = _const([2.0, 1.0, 2.0, 1.0])
+    clipped = norm.copy()
+    clipped[4:8] /= 2
+    bad = np.zeros((10, 4))
+    bad[:4] = 1
+    stats = {"norm": norm, "clipped_norm": clipped, "nonfinite": bad}
+    log = _log_file(tmp_path, SHAPES, stats)
+    (row,) = _found(log, "clipping").itertuples()
+    # Global norms: sqrt(4 + 1 + 4 + 1) = 3.16 unclipped, 1.58 clipped at 4 of the 6 steps.
+    assert "clipped 67% of 6 steps" in row.evidence
+    assert "median global norm 3.16, 1.58 after clipping" in row.evidence
+    assert (row.first_step, row.last_step) == (4, 7)
+
+
 def test_oscillation_below_a_median_cosine_of_minus_one_half(tmp_path):
     # Kernels only: the bias at -0.9 is left out; -0.49 is not below -0.5.
     cos = _const([-0.6, -0.9, -0.49, 0.2])
