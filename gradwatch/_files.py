@@ -16,7 +16,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gradwatch._frames import scalar_frame, stat_frame, values_frame, variables_index
+from gradwatch._frames import (
+    histogram_rows,
+    scalar_frame,
+    stat_frame,
+    values_frame,
+    variables_index,
+)
 from gradwatch._store import SCALARS, Store
 from gradwatch.stats import histogram_bin_count
 
@@ -82,7 +88,7 @@ def _table(store: Store) -> pd.DataFrame:
         ),
     ]
     if store.bins_per_decade is not None:
-        hist = _hist_rows(store)
+        hist = histogram_rows(store)
         frames.append(hist.assign(stat=pd.Categorical([_HIST_STAT] * len(hist), categories=cats)))
     if store.scalar_blocks:
         frames.append(_scalar_rows(store, cats))
@@ -111,30 +117,6 @@ def _scalar_rows(store: Store, cats: list[str]) -> pd.DataFrame:
             "value": scalars[list(SCALARS)].to_numpy(np.float32).reshape(-1),
         }
     )
-
-
-def _hist_rows(store: Store) -> pd.DataFrame:
-    """Histogram counts as rows: the bin number in `index`, the count in `value`."""
-    cols: dict[str, list] = {
-        c: [] for c in ("step", "epoch", "batch", "variable", "index", "value")
-    }
-    for b in store.hist_blocks:
-        i, v, j = np.nonzero(b.data)
-        cols["step"].append(b.steps[i])
-        cols["epoch"].append(b.epochs[i])
-        cols["batch"].append(b.batches[i])
-        cols["variable"].append(b.codes[v])
-        cols["index"].append(j.astype(np.int64))
-        cols["value"].append(b.data[i, v, j].astype(np.float32))
-    data = {
-        k: np.concatenate(v) if v else np.zeros((0,), np.float32 if k == "value" else np.int64)
-        for k, v in cols.items()
-    }
-    data["variable"] = pd.Categorical.from_codes(
-        data["variable"].astype(np.int32), categories=variables_index(store)
-    )
-    data["index"] = pd.array(data["index"], dtype="Int64")
-    return pd.DataFrame(data)
 
 
 def _check_target(path: Any) -> Path:
