@@ -23,6 +23,7 @@ from gradwatch._frames import (
     values_frame,
     variables_index,
 )
+from gradwatch._paths import as_path, writable_file
 from gradwatch._store import SCALARS, Store
 from gradwatch.stats import histogram_bin_count
 
@@ -120,18 +121,7 @@ def _scalar_rows(store: Store, cats: list[str]) -> pd.DataFrame:
 
 
 def _check_target(path: Any) -> Path:
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"`path` must be a str or os.PathLike. Received: path={path!r}")
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise FileNotFoundError(
-            f"Cannot write the gradwatch log to '{path}': the directory '{parent}' does "
-            "not exist. Create it first, or choose another path."
-        )
-    if path.is_dir():
-        raise IsADirectoryError(f"Cannot write the gradwatch log to '{path}': it is a directory.")
-    return path
+    return writable_file(as_path(path), "the gradwatch log")
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -293,9 +283,7 @@ def streamed_last_step(path: Path, worker: int = 0) -> int | None:
 
 def read_store(path: Any, worker: int | None = None) -> Store:
     """Reads a log file, or a streamed log's directory, into a store (see `read_log`)."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"`path` must be a str or os.PathLike. Received: path={path!r}")
-    path = Path(path)
+    path = as_path(path)
     if not path.exists():
         raise FileNotFoundError(f"No gradwatch log at '{path}': the file does not exist.")
     if path.is_dir():

@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from gradwatch._paths import writable_file
+
 TYPE_CHECKING = False  # `typing` is left out at run time, so that `--help` starts at once
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -368,12 +370,7 @@ def _output(path: str, formats: dict[str, str], option: str) -> Path:
             f"Cannot tell the output format of '{path}' from its extension. Use one of "
             f"{', '.join(sorted(formats))}. Received: {name}{path}"
         )
-    if not out.parent.is_dir():
-        raise _UsageError(
-            f"The directory '{out.parent}' of the output '{path}' does not exist. Create it, "
-            "or choose another path."
-        )
-    return out
+    return writable_file(out, "the output")
 
 
 def _image_formats() -> dict[str, str]:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from gradwatch._paths import as_path, writable_file
 from gradwatch._text import name_list, short_number
 from gradwatch._views import layer_of_key
 from gradwatch.log import GradientLog
@@ -321,7 +322,9 @@ def write_report(
         The path written.
 
     Raises:
-        OSError: If the file cannot be written.
+        TypeError: If `path` is not a str or os.PathLike.
+        OSError: If the file cannot be written (its directory does not exist, or it is
+            a directory).
 
     Example:
 
@@ -329,12 +332,7 @@ def write_report(
     write_report(gradwatch.read_log("grads.parquet"), "report.html")
     ```
     """
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(
-            f"Cannot write the report to '{path}': the directory '{path.parent}' does not "
-            "exist. Create it first, or choose another path."
-        )
+    path = writable_file(as_path(path), "the report")
     text = render_report(log, title=title, progress=progress)
     path.write_text(text, encoding="utf-8")
     return path
