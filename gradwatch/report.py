@@ -109,6 +109,40 @@ def verdict(log: GradientLog, findings: pd.DataFrame | None = None) -> Verdict:
     # by the LossScaleOptimizer, and their updates never reached the weights.
     ```
     """
+    found, was_skipped = _recorded_facts(log)
+    found.sort(key=lambda f: -LEVELS.index(f[0]))
+    facts = [fact for _, fact in found]
+    extremes = _extremes_fact(log)
+    if extremes:
+        facts.append(extremes)
+    lead: tuple[str, str] | None = None
+    if findings is not None and len(findings):
+        rows = list(zip(findings["severity"], findings["finding"], strict=True))
+        leveled = [(str(v) if str(v) in LEVELS else "warning", str(f)) for v, f in rows]
+        facts = [f for _, f in leveled] + facts
+        lead = max(leveled, key=lambda f: LEVELS.index(f[0]))
+    if lead is None and found and found[0][0] != "note":
+        lead = found[0]
+    if lead is not None:
+        level, sentence = lead
+        return Verdict(level, sentence, facts)  # type: ignore[arg-type]
+    if was_skipped:
+        sentence = (
+            f"No problem found: the {_count(was_skipped, 'step')} with NaN/Inf gradients "
+            f"({_steps(was_skipped)}) {'was' if len(was_skipped) == 1 else 'were'} skipped by "
+            "the LossScaleOptimizer, and their updates never reached the weights."
+        )
+        return Verdict("note", sentence, facts)
+    sentence = (
+        f"No problem found: every recorded gradient of the {_count(range(len(log)), 'step')} "
+        "was finite, and no alert was raised."
+    )
+    return Verdict("ok", sentence, facts)
+
+
+def _recorded_facts(log: GradientLog) -> tuple[list[tuple[str, str]], list[int]]:
+    """The facts the log records, each with its level (`(level, fact)`), and the steps
+    with NaN/Inf gradients that a `LossScaleOptimizer` skipped."""
     alerts = log.alerts
     variables = log.variables
     order = {k: i for i, k in enumerate(variables)}
@@ -159,34 +193,7 @@ def verdict(log: GradientLog, findings: pd.DataFrame | None = None) -> Verdict:
                 "the weights.",
             )
         )
-    found.sort(key=lambda f: -LEVELS.index(f[0]))
-    facts = [fact for _, fact in found]
-    extremes = _extremes_fact(log)
-    if extremes:
-        facts.append(extremes)
-    lead: tuple[str, str] | None = None
-    if findings is not None and len(findings):
-        rows = list(zip(findings["severity"], findings["finding"], strict=True))
-        leveled = [(str(v) if str(v) in LEVELS else "warning", str(f)) for v, f in rows]
-        facts = [f for _, f in leveled] + facts
-        lead = max(leveled, key=lambda f: LEVELS.index(f[0]))
-    if lead is None and found and found[0][0] != "note":
-        lead = found[0]
-    if lead is not None:
-        level, sentence = lead
-        return Verdict(level, sentence, facts)  # type: ignore[arg-type]
-    if was_skipped:
-        sentence = (
-            f"No problem found: the {_count(was_skipped, 'step')} with NaN/Inf gradients "
-            f"({_steps(was_skipped)}) {'was' if len(was_skipped) == 1 else 'were'} skipped by "
-            "the LossScaleOptimizer, and their updates never reached the weights."
-        )
-        return Verdict("note", sentence, facts)
-    sentence = (
-        f"No problem found: every recorded gradient of the {_count(range(len(log)), 'step')} "
-        "was finite, and no alert was raised."
-    )
-    return Verdict("ok", sentence, facts)
+    return found, was_skipped
 
 
 def _count(items: Sequence[Any], word: str) -> str:
