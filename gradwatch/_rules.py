@@ -22,7 +22,7 @@ from gradwatch._views import global_norms, layer_of_key, leaf_of_key
 _CLIP_TOLERANCE = 1e-3
 # The shortest run on which the global norm's growth is judged, in recorded steps.
 _MIN_GROWTH_STEPS = 10
-# Variable names (the last part of a key) that are not kernels even with 2 dimensions.
+# Kinds of variable (`leaf_of_key`) that are not kernels even with 2 dimensions.
 _NOT_KERNELS = ("bias", "embeddings")
 # Names shown in one evidence text before "and N more".
 _SHOWN = 5
