@@ -5,6 +5,8 @@ from __future__ import annotations
 import html
 from typing import Any
 
+from gradwatch._text import name_list
+
 # Names listed before "and N more" in the notebook view.
 _MOST_NAMES = 6
 
@@ -26,23 +28,36 @@ def describe_html(log: Any) -> str:
     variables = log.variables
     rows = [
         ("steps", _steps_text(log)),
-        ("variables", f"{len(variables)}: {_names(variables)}" if variables else "none"),
+        (
+            "variables",
+            f"{len(variables)}: {name_list(variables, _MOST_NAMES)}" if variables else "none",
+        ),
         ("stats", ", ".join(log.stat_names)),
     ]
     first = log.first_nonfinite()
     if first is not None:
         step, keys = first
-        rows.append(("first non-finite step", f"{step}{_skipped_note(log, step)}: {_names(keys)}"))
+        rows.append(
+            (
+                "first non-finite step",
+                f"{step}{_skipped_note(log, step)}: {name_list(keys, _MOST_NAMES)}",
+            )
+        )
     elif "nonfinite" in log.stat_names:
         rows.append(("first non-finite step", "none"))
     skipped = log.skipped_steps
     if len(skipped):
-        rows.append(("skipped steps", f"{len(skipped)}: {_names([str(s) for s in skipped])}"))
+        rows.append(
+            (
+                "skipped steps",
+                f"{len(skipped)}: {name_list([str(s) for s in skipped], _MOST_NAMES)}",
+            )
+        )
     if log.bins_per_decade is not None:
         rows.append(("histograms", f"{log.bins_per_decade} bins per decade"))
     kept = log.value_variables
     if kept:
-        rows.append(("kept tensors", f"{len(kept)}: {_names(kept)}"))
+        rows.append(("kept tensors", f"{len(kept)}: {name_list(kept, _MOST_NAMES)}"))
     if log.replicas:
         rows.append(("replicas", ", ".join(map(str, log.replicas))))
     alerts = log.alerts
@@ -75,9 +90,3 @@ def _first_nonfinite_text(log: Any) -> str | None:
 def _skipped_note(log: Any, step: int) -> str:
     # A step a LossScaleOptimizer skipped never reached the weights: say so.
     return " (skipped by the LossScaleOptimizer)" if step in set(log.skipped_steps) else ""
-
-
-def _names(names: list[str]) -> str:
-    shown = ", ".join(names[:_MOST_NAMES])
-    more = len(names) - _MOST_NAMES
-    return f"{shown} and {more} more" if more > 0 else shown

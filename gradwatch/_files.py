@@ -19,7 +19,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gradwatch._frames import scalar_table, stat_frame, values_frame, variables_index
+from gradwatch._frames import (
+    histogram_rows,
+    scalar_table,
+    stat_frame,
+    values_frame,
+    variables_index,
+)
+from gradwatch._paths import as_path, writable_file
 from gradwatch._resume import Anchor, add_anchor, cutoffs
 from gradwatch._store import SCALARS, Store
 from gradwatch.stats import histogram_bin_count
@@ -87,7 +94,7 @@ def _table(store: Store) -> pd.DataFrame:
         ),
     ]
     if store.bins_per_decade is not None:
-        hist = _hist_rows(store)
+        hist = histogram_rows(store)
         frames.append(hist.assign(stat=pd.Categorical([_HIST_STAT] * len(hist), categories=cats)))
     if store.scalar_blocks:
         frames.append(_scalar_rows(store, cats))
@@ -118,43 +125,8 @@ def _scalar_rows(store: Store, cats: list[str]) -> pd.DataFrame:
     )
 
 
-def _hist_rows(store: Store) -> pd.DataFrame:
-    """Histogram counts as rows: the bin number in `index`, the count in `value`."""
-    cols: dict[str, list] = {
-        c: [] for c in ("step", "epoch", "batch", "variable", "index", "value")
-    }
-    for b in store.hist_blocks:
-        i, v, j = np.nonzero(b.data)
-        cols["step"].append(b.steps[i])
-        cols["epoch"].append(b.epochs[i])
-        cols["batch"].append(b.batches[i])
-        cols["variable"].append(b.codes[v])
-        cols["index"].append(j.astype(np.int64))
-        cols["value"].append(b.data[i, v, j].astype(np.float32))
-    data = {
-        k: np.concatenate(v) if v else np.zeros((0,), np.float32 if k == "value" else np.int64)
-        for k, v in cols.items()
-    }
-    data["variable"] = pd.Categorical.from_codes(
-        data["variable"].astype(np.int32), categories=variables_index(store)
-    )
-    data["index"] = pd.array(data["index"], dtype="Int64")
-    return pd.DataFrame(data)
-
-
 def _check_target(path: Any) -> Path:
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"`path` must be a str or os.PathLike. Received: path={path!r}")
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise FileNotFoundError(
-            f"Cannot write the gradwatch log to '{path}': the directory '{parent}' does "
-            "not exist. Create it first, or choose another path."
-        )
-    if path.is_dir():
-        raise IsADirectoryError(f"Cannot write the gradwatch log to '{path}': it is a directory.")
-    return path
+    return writable_file(as_path(path), "the gradwatch log")
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -369,9 +341,7 @@ def _last_step(part: Path, cut: float) -> int | None:
 
 def read_store(path: Any, worker: int | None = None) -> Store:
     """Reads a log file, or a streamed log's directory, into a store (see `read_log`)."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"`path` must be a str or os.PathLike. Received: path={path!r}")
-    path = Path(path)
+    path = as_path(path)
     if not path.exists():
         raise FileNotFoundError(f"No gradwatch log at '{path}': the file does not exist.")
     if path.is_dir():

@@ -142,18 +142,55 @@ def histograms_frame(store: Store) -> pd.DataFrame:
 
     def build() -> pd.DataFrame:
         lo, hi, sign = bins(store)
-        cols: dict[str, list[np.ndarray]] = {c: [] for c in HISTOGRAM_COLUMNS}
-        for b in store.hist_blocks:
-            i, v, j = np.nonzero(b.data)
-            cols["step"].append(b.steps[i])
-            cols["variable"].append(b.codes[v])
-            cols["lo"].append(lo[j])
-            cols["hi"].append(hi[j])
-            cols["sign"].append(sign[j])
-            cols["count"].append(b.data[i, v, j].astype(np.int64))
-        return histogram_table(store, cols)
+        cells = _histogram_cells(store)
+        j = cells["bin"]
+        cols = {"step": cells["step"], "variable": cells["variable"], "lo": lo[j], "hi": hi[j]}
+        cols.update(sign=sign[j], count=cells["count"])
+        return histogram_table(store, {name: [values] for name, values in cols.items()})
 
     return store.cached("histograms", build)
+
+
+def histogram_rows(store: Store) -> pd.DataFrame:
+    """The histograms' non-empty bins as rows of the file format: `step`, `epoch`, `batch`,
+    `variable` (Categorical), the bin's number in `index` (Int64) and its count in `value`
+    (float32)."""
+    cells = _histogram_cells(store)
+    return pd.DataFrame(
+        {
+            "step": cells["step"],
+            "epoch": cells["epoch"],
+            "batch": cells["batch"],
+            "variable": pd.Categorical.from_codes(
+                cells["variable"], categories=variables_index(store)
+            ),
+            "index": pd.array(cells["bin"], dtype="Int64"),
+            "value": cells["count"].astype(np.float32),
+        }
+    )
+
+
+def _histogram_cells(store: Store) -> dict[str, np.ndarray]:
+    """The non-empty bins of every histogram block, in block order: `step`, `epoch`,
+    `batch`, `variable` (codes, int32), `bin` and `count` (int64)."""
+    parts: dict[str, list[np.ndarray]] = {
+        c: [] for c in ("step", "epoch", "batch", "variable", "bin", "count")
+    }
+    for b in store.hist_blocks:
+        i, v, j = np.nonzero(b.data)
+        parts["step"].append(b.steps[i])
+        parts["epoch"].append(b.epochs[i])
+        parts["batch"].append(b.batches[i])
+        parts["variable"].append(b.codes[v])
+        parts["bin"].append(j.astype(np.int64))
+        parts["count"].append(b.data[i, v, j].astype(np.int64))
+    dtypes = {"variable": np.int32}
+    return {
+        name: np.concatenate(arrays).astype(dtypes.get(name, np.int64), copy=False)
+        if arrays
+        else np.zeros((0,), dtypes.get(name, np.int64))
+        for name, arrays in parts.items()
+    }
 
 
 def bins(store: Store) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -16,8 +16,24 @@ def layer_of_key(key: str) -> str:
     head, sep, leaf = key.rpartition("/")
     if not sep:
         return key
+    update = _update_of(leaf)
+    return f"{head}@{update}" if update else head
+
+
+def leaf_of_key(key: str) -> str:
+    """The variable's own name in a key: its last `/` part without the `#n` of a repeated
+    path or the `@n` of a later update (`net/d/kernel#1@2` is a `kernel`)."""
+    leaf = key.rpartition("/")[2]
+    update = _update_of(leaf)
+    if update:
+        leaf = leaf[: -len(update) - 1]
+    return leaf.split("#", 1)[0]
+
+
+def _update_of(leaf: str) -> str:
+    """The `n` of a later update's `@n` at the end of a key's last part, or `""`."""
     _, at, update = leaf.rpartition("@")
-    return f"{head}@{update}" if at and update.isdigit() else head
+    return update if at and update.isdigit() else ""
 
 
 def by_layer(
@@ -73,3 +89,29 @@ def summary(norm: pd.DataFrame, nonfinite: pd.DataFrame | None) -> pd.DataFrame:
         out["nonfinite"] = pd.array([pd.NA] * len(out), dtype="Int64")
         out["first_nonfinite_step"] = pd.array([pd.NA] * len(out), dtype="Int64")
     return out
+
+
+def global_norms(norms: np.ndarray) -> np.ndarray:
+    """The global gradient norm of each step: `sqrt(sum_v norm_v**2)` over each row.
+
+    NaN norms are left out: a disconnected variable's, and the norm of a gradient
+    with no finite element (a variable's `norm` is over its finite elements). A
+    step whose every norm is NaN gives NaN, not 0: no gradient was seen there.
+    `GradientLog.global_norm` and the doctor's global norm are this function.
+
+    Args:
+        norms: Per-variable gradient norms, shape `(k, n)`.
+
+    Returns:
+        A float64 array of shape `(k,)`.
+
+    Example:
+
+    >>> global_norms(np.array([[3.0, 4.0], [np.nan, 2.0], [np.nan, np.nan]])).tolist()
+    [5.0, 2.0, nan]
+    """
+    norms = np.asarray(norms, np.float64)
+    with np.errstate(invalid="ignore"):
+        squares = np.where(np.isnan(norms), 0.0, norms**2)
+    has_norm = (~np.isnan(norms)).any(axis=1)
+    return np.where(has_norm, np.sqrt(squares.sum(axis=1)), np.nan)

@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from gradwatch._paths import writable_file
+
 TYPE_CHECKING = False  # `typing` is left out at run time, so that `--help` starts at once
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -95,14 +97,28 @@ def _parser() -> _Parser:
     )
     parser.add_argument("--version", action="version", version=f"gradwatch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_summary, _add_doctor, _add_plot, _add_convert, _add_report, _add_tensorboard):
+        add(sub)
+    return parser
 
-    p = sub.add_parser(
+
+def _command(sub: Any, name: str, run: Any, help: str, description: str) -> argparse.ArgumentParser:
+    """A command's parser: its help, its `LOG` argument, and the function that runs it."""
+    p = sub.add_parser(name, help=help, description=description)
+    p.add_argument("log", metavar="LOG", help=_LOG_HELP)
+    p.set_defaults(run=run)
+    return p
+
+
+def _add_summary(sub: Any) -> None:
+    p = _command(
+        sub,
         "summary",
+        _summary,
         help="per-variable table of gradient norms and non-finite steps",
         description="Print one row per variable: first, last, median and max gradient norm, "
         "the number of NaN/Inf elements, and the first step that had one.",
     )
-    p.add_argument("log", metavar="LOG", help=_LOG_HELP)
     p.add_argument("--csv", action="store_true", help="print CSV instead of a text table")
     p.add_argument(
         "--sort",
@@ -113,16 +129,18 @@ def _parser() -> _Parser:
     p.add_argument(
         "--ascending", action="store_true", help="with --sort: smallest first (vanishing norms)"
     )
-    p.set_defaults(run=_summary)
 
-    p = sub.add_parser(
+
+def _add_doctor(sub: Any) -> None:
+    p = _command(
+        sub,
         "doctor",
+        _doctor,
         help="what looks wrong in the run, where, and what to try",
         description="Run the diagnosis rules (docs/diagnose.md) over the log and print the "
         "findings, most severe first. Exit status: 1 when a finding is an error, 0 "
         "otherwise, 2 for bad input; usable as a gate in CI.",
     )
-    p.add_argument("log", metavar="LOG", help=_LOG_HELP)
     p.add_argument("--json", action="store_true", help="print the findings as a JSON array")
     p.add_argument(
         "--threshold",
@@ -131,15 +149,17 @@ def _parser() -> _Parser:
         metavar="NAME=VALUE",
         help="change a rule's threshold, e.g. --threshold exploding_norm=1e5 (repeatable)",
     )
-    p.set_defaults(run=_doctor)
 
-    p = sub.add_parser(
+
+def _add_plot(sub: Any) -> None:
+    p = _command(
+        sub,
         "plot",
+        _plot,
         help="draw a chart into an image file",
         description="Draw one chart of the log into an image file (png, svg, pdf, ...). "
         "Non-finite steps are marked in red.",
     )
-    p.add_argument("log", metavar="LOG", help=_LOG_HELP)
     p.add_argument(
         "--kind",
         choices=_KINDS,
@@ -157,39 +177,43 @@ def _parser() -> _Parser:
     p.add_argument("--variable", metavar="KEY", help="histogram: the variable (required)")
     p.add_argument("--steps", type=int, nargs="+", metavar="STEP", help="histogram: the steps")
     p.add_argument("--dpi", type=int, default=100, help="image resolution (default: 100)")
-    p.set_defaults(run=_plot)
 
-    p = sub.add_parser(
+
+def _add_convert(sub: Any) -> None:
+    p = _command(
+        sub,
         "convert",
+        _convert,
         help="write the log as CSV or Parquet",
         description="Read a log (CSV, Parquet or a streamed directory) and write it as one "
         "file; the format follows OUTPUT's extension.",
     )
-    p.add_argument("log", metavar="LOG", help=_LOG_HELP)
     p.add_argument("output", metavar="OUTPUT", help="a .csv or .parquet file to write")
-    p.set_defaults(run=_convert)
 
-    p = sub.add_parser(
+
+def _add_report(sub: Any) -> None:
+    p = _command(
+        sub,
         "report",
+        _report,
         help="write a self-contained HTML report",
         description="Write one HTML file with the charts embedded, the summary table and the "
         "alerts. It loads nothing from the network and opens offline.",
     )
-    p.add_argument("log", metavar="LOG", help=_LOG_HELP)
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the .html file")
     p.add_argument("--title", help="the page title (default: gradwatch report: LOG)")
-    p.set_defaults(run=_report)
 
-    p = sub.add_parser(
+
+def _add_tensorboard(sub: Any) -> None:
+    p = _command(
+        sub,
         "tensorboard",
+        _tensorboard,
         help="write TensorBoard summaries",
         description="Write the gradient norms (scalars) and histograms as TensorBoard "
         "summaries at the log's step numbers. View them with: tensorboard --logdir DIR",
     )
-    p.add_argument("log", metavar="LOG", help=_LOG_HELP)
     p.add_argument("--logdir", required=True, metavar="DIR", help="TensorBoard log directory")
-    p.set_defaults(run=_tensorboard)
-    return parser
 
 
 # ------------------------------------------------------------------ commands
@@ -368,12 +392,7 @@ def _output(path: str, formats: dict[str, str], option: str) -> Path:
             f"Cannot tell the output format of '{path}' from its extension. Use one of "
             f"{', '.join(sorted(formats))}. Received: {name}{path}"
         )
-    if not out.parent.is_dir():
-        raise _UsageError(
-            f"The directory '{out.parent}' of the output '{path}' does not exist. Create it, "
-            "or choose another path."
-        )
-    return out
+    return writable_file(out, "the output")
 
 
 def _image_formats() -> dict[str, str]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from gradwatch._text import name_list
 from gradwatch.diagnose import FINDING_COLUMNS, SEVERITIES
 
 __all__ = [
@@ -21,12 +22,8 @@ __all__ = [
     "fit_summary",
 ]
 
+# Names shown on one line of the end-of-`fit` summary before "and N more".
 _SHOWN = 5
-
-
-def _listing(items: Sequence[str]) -> str:
-    shown = ", ".join(items[:_SHOWN])
-    return shown + (f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else "")
 
 
 def count_line(findings: pd.DataFrame) -> str:
@@ -104,7 +101,7 @@ def fit_summary(findings: pd.DataFrame) -> str:
     steps = [_steps_text(row) for _, row in shown.iterrows()]
     swid = max(len(x) for x in steps)
     for (_, row), span in zip(shown.iterrows(), steps, strict=True):
-        where = _listing([str(v) for v in row["variables"]]) if row["variables"] else ""
+        where = name_list([str(v) for v in row["variables"]], _SHOWN) if row["variables"] else ""
         lines.append(f"  {row['severity']:<8} {row['finding']:<{wid}}  {span:<{swid}}  {where}")
     return "\n".join(line.rstrip() for line in lines)
 

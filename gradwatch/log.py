@@ -16,21 +16,16 @@ from gradwatch._frames import (
     REPLICA_STAT_COLUMNS,
     STAT_COLUMNS,
     VALUE_COLUMNS,
-    bins,
-    histogram_table,
-    histograms_frame,
     scalar_frame,
     stat_frame,
-    stat_matrix,
-    stat_steps,
     values_frame,
 )
 from gradwatch._frames import steps as recorded_steps
+from gradwatch._log_views import HistogramViews, StatViews, find_cell
 from gradwatch._store import Store
-from gradwatch._views import by_layer, summary
-from gradwatch.diagnose import Signals, run_rules
+from gradwatch._views import global_norms
 from gradwatch.keys import match_patterns, resolve_key
-from gradwatch.stats import STATS
+from gradwatch.stats import DEFAULT_STATS
 
 __all__ = [
     "HISTOGRAM_COLUMNS",
@@ -42,7 +37,7 @@ __all__ = [
 ]
 
 
-class GradientLog:
+class GradientLog(StatViews, HistogramViews):
     """The gradient history of a training run: per-step stats and kept tensors.
 
     While training, a `GradWatch` appends dense numpy blocks; pandas frames are
@@ -74,7 +69,7 @@ class GradientLog:
 
     def __init__(
         self,
-        stats: Sequence[str] = ("norm", "mean", "std", "min", "max", "nonfinite"),
+        stats: Sequence[str] = DEFAULT_STATS,
         bins_per_decade: int | None = None,
         per_replica: bool = False,
     ):
@@ -296,55 +291,6 @@ class GradientLog:
         """
         return resolve_key(name, self._store.variables)
 
-    def stat(self, name: str, replica: int | None = None) -> pd.DataFrame:
-        """One stat as a wide frame: index `step`, one column per variable in model order.
-
-        Args:
-            name: A recorded stat, e.g. `"norm"`.
-            replica: `None` for the global gradient, or a replica's number for the
-                stats of its local gradient (`GradWatch(per_replica=True)`).
-                Defaults to `None`.
-
-        Raises:
-            KeyError: If the stat, or the replica, was not recorded.
-
-        Example:
-
-        ```python
-        log.stat("norm").tail()
-        log.stat("norm", replica=1)  # with GradWatch(per_replica=True)
-        ```
-        """
-        self._check_stat(name)
-        frame = self.frame
-        mask = (frame["stat"] == name).to_numpy()
-        if replica is not None:
-            if isinstance(replica, bool) or replica not in self.replicas:
-                raise KeyError(
-                    f"No stats of replica {replica!r} were recorded. Recorded replicas: "
-                    f"{self.replicas} (record them with GradWatch(per_replica=True))."
-                )
-            mask = mask & (frame["replica"] == replica).fillna(False).to_numpy(bool)
-        elif self._store.per_replica:
-            mask = mask & frame["replica"].isna().to_numpy()
-        sub = frame[mask]
-        wide = sub.pivot(index="step", columns="variable", values="value")
-        present = set(sub["variable"].astype(object))
-        keys = [k for k in self._store.variables if k in present]
-        wide = wide.reindex(columns=pd.Index(keys, dtype=object, name="variable"))
-        return wide
-
-    def _check_stat(self, name: Any) -> None:
-        if not isinstance(name, str) or name not in self._store.stats:
-            hint = (
-                f" It is a known stat; record it with GradWatch(stats=[..., {name!r}])."
-                if name in STATS
-                else ""
-            )
-            raise KeyError(
-                f"The stat {name!r} was not recorded.{hint} Recorded: {list(self._store.stats)}"
-            )
-
     def select(
         self,
         variables: str | re.Pattern | Sequence[str | re.Pattern] | None = None,
@@ -412,7 +358,7 @@ class GradientLog:
         """
         store = self._store
         key = self.key(variable)
-        found, kept = _find(store.value_blocks, store.codes[key], step)
+        found, kept = find_cell(store.value_blocks, store.codes[key], step)
         if found is not None:
             b, col, row = found
             variables = store.variables
@@ -441,182 +387,6 @@ class GradientLog:
         every = np.unique(np.diff(steps))
         stride = f", every {every[0]} steps" if len(every) == 1 else ""
         return f"Recorded: {len(steps)} steps from {steps[0]} to {steps[-1]}{stride}."
-
-    # --------------------------------------------------------------- histograms
-    @property
-    def histograms(self) -> pd.DataFrame:
-        """The recorded gradient histograms as a long frame, empty bins left out.
-
-        Columns: `step`, `variable` (Categorical), `lo` and `hi` (float64, the
-        bin's bounds on |g|: `lo <= |g| < hi`), `sign` (Categorical: `"-"`,
-        `"0"`, `"+"`, `"nonfinite"`) and `count` (int64). The bins are those of
-        `gradwatch.stats.histogram_bins`; the counts of a variable at a step sum
-        to its number of elements.
-        """
-        return histograms_frame(self._store)
-
-    def histogram(self, variable: str, step: int) -> pd.DataFrame:
-        """The full histogram of one variable's gradient at one step, empty bins included.
-
-        Args:
-            variable: A key or an unambiguous suffix.
-            step: A recorded step number.
-
-        Returns:
-            A frame with the columns `lo`, `hi`, `sign` and `count`, one row per bin.
-
-        Raises:
-            KeyError: If no histograms were recorded, the variable had none, or
-                the step was not recorded.
-
-        Example:
-
-        ```python
-        h = log.histogram("dense/kernel", step=0)
-        h[h["count"] > 0]
-        ```
-        """
-        store = self._store
-        lo, hi, sign = bins(store)
-        key = self.key(variable)
-        found, seen = _find(store.hist_blocks, store.codes[key], step)
-        if found is not None:
-            b, col, row = found
-            counts = b.data[row, col].astype(np.int64)
-            return histogram_table(
-                store, {"lo": [lo], "hi": [hi], "sign": [sign], "count": [counts]}
-            )
-        if not seen:
-            raise KeyError(
-                f"No histogram of {key!r} was recorded: it is not among the variables "
-                "selected with `variables=`."
-            )
-        steps = np.unique(np.concatenate([b.steps for b in store.hist_blocks]))
-        raise KeyError(
-            f"Step {step!r} of {key!r} was not recorded. Recorded: {len(steps)} steps "
-            f"from {steps[0]} to {steps[-1]}."
-        )
-
-    # ------------------------------------------------------------ derived views
-    def global_norm(self) -> pd.Series:
-        """The global gradient norm per step, over the variables that have a `norm`.
-
-        `sqrt(sum_v norm_v**2)`: the norm that `global_clipnorm` clips, when all
-        trainable variables are watched. Disconnected variables (NaN rows) are
-        left out, as the optimizer leaves out their `None` gradients.
-
-        Example:
-
-        ```python
-        log.global_norm().plot()
-        ```
-        """
-        wide = self.stat("norm")
-        return pd.Series(
-            global_norms(wide.to_numpy(np.float64)), index=wide.index, name="global_norm"
-        )
-
-    def by_layer(self, stat: str) -> pd.DataFrame:
-        """One stat aggregated per layer: index `step`, one column per layer.
-
-        A layer is a key without its last `/` part (`net/dense/kernel` belongs
-        to `net/dense`). The aggregate is exact for the layer's variables taken
-        together as one tensor: `norm`, `clipped_norm`, `weight_norm` and `update_norm` combine
-        as `sqrt(sum x**2)`; `min`, `max` and `abs_max` as min/max; `nonfinite`
-        as a sum; `mean` and `zero_frac` as a mean weighted by element count;
-        `std` by pooling with `mean` (which must be recorded too); and
-        `update_ratio` as the layer's `update_norm / weight_norm`. `cos_prev`
-        does not combine from per-variable values and is refused.
-
-        Example:
-
-        ```python
-        log.by_layer("norm")
-        ```
-        """
-        self._check_stat(stat)
-        if stat == "cos_prev":
-            raise ValueError(
-                "`cos_prev` cannot be aggregated per layer from per-variable values; "
-                "query it per variable with log.stat('cos_prev')."
-            )
-        if stat == "update_ratio":
-            up, w = self.by_layer("update_norm"), self.by_layer("weight_norm")
-            return (up / w).mask(up == 0, 0.0)  # no update: 0, also of zero weights
-        wide = self.stat(stat).astype(np.float64)
-        sizes = pd.Series({k: float(self._store.size(k)) for k in wide.columns})
-        mean = None
-        if stat == "std":
-            if "mean" not in self._store.stats:
-                raise KeyError("Pooling `std` per layer needs `mean` recorded too.")
-            mean = self.stat("mean").astype(np.float64)
-        return by_layer(wide, sizes, stat, mean)
-
-    def summary(self) -> pd.DataFrame:
-        """One row per variable: first, last, median and max norm, non-finite count, and
-        the first step with a non-finite gradient element.
-
-        Needs `norm` recorded; `nonfinite` and `first_nonfinite_step` need
-        `nonfinite` (they are NaN / missing without it). `nonfinite` is the total
-        over the recorded steps.
-
-        Example:
-
-        ```python
-        log.summary().sort_values("max_norm")
-        ```
-        """
-        nonfinite = self.stat("nonfinite") if "nonfinite" in self._store.stats else None
-        return summary(self.stat("norm"), nonfinite)
-
-    def diagnose(self, **thresholds: float) -> pd.DataFrame:
-        """What looks wrong in this run, where, and what to try: one row per finding.
-
-        Runs the rules of `docs/diagnose.md` (NaN/Inf gradients, loss-scale
-        skips, exploding, vanishing and dead gradients, disconnected
-        variables, update ratios, clipping, oscillation) over the recorded
-        stats, vectorised over the dense blocks. A rule whose stat was not
-        recorded gives one `info` row that names the stat to record.
-
-        Args:
-            **thresholds: Any of `gradwatch.diagnose.THRESHOLDS` by name, e.g.
-                `exploding_norm=1e5`; the others keep their published defaults.
-
-        Returns:
-            A frame with the columns `severity` (`"error"`, `"warning"` or
-            `"info"`), `finding` (a name from `gradwatch.diagnose.FINDINGS`),
-            `variables` (a list of keys, or layer names where a whole layer is
-            concerned, in model order), `first_step` and `last_step` (nullable
-            Int64), `evidence` and `advice` (text), most severe first.
-
-        Raises:
-            TypeError: For an unknown threshold name or a value that is not a number.
-            ValueError: For a threshold value out of range.
-
-        Example:
-
-        ```python
-        findings = log.diagnose()
-        findings[findings["severity"] == "error"]
-        log.diagnose(update_ratio_high=0.05)
-        ```
-        """
-        store = self._store
-        skipped = set(store.skipped)
-        alerts = [(s, k, v) for (s, k, kind), v in store.alerts.items() if kind == "nonfinite"]
-        scalars = self.scalars
-        not_applied = scalars["step"][scalars["applied"].eq(False).fillna(False)]
-        signals = Signals(
-            steps=stat_steps(store),
-            variables=store.variables,
-            shapes=store.shapes,
-            stat=lambda name: stat_matrix(store, name),
-            skipped=sorted(skipped),
-            accumulated=sorted(set(not_applied.tolist()) - skipped),
-            disconnected=store.disconnected,
-            nonfinite_alerts=alerts,
-        )
-        return run_rules(signals, **thresholds)
 
     # ----------------------------------------------------------------- export
     def to_csv(self, path: Any) -> None:
@@ -663,20 +433,6 @@ class GradientLog:
     __hash__ = None  # type: ignore[assignment]
 
 
-def _find(blocks: Sequence[Any], code: int, step: int) -> tuple[tuple | None, bool]:
-    """((block, column of the variable, row of the step) or None, whether any block has it)."""
-    seen = False
-    for b in blocks:
-        cols = np.nonzero(b.codes == code)[0]
-        if not len(cols):
-            continue
-        seen = True
-        rows = np.nonzero(b.steps == step)[0]
-        if len(rows):
-            return (b, int(cols[0]), int(rows[0])), True
-    return None, seen
-
-
 def _step_mask(step: np.ndarray, steps: Any) -> np.ndarray:
     if isinstance(steps, slice):
         for part in ("start", "stop", "step"):
@@ -716,27 +472,3 @@ def from_store(store: Store) -> GradientLog:
 def store_of(log: GradientLog) -> Store:
     """The store that a `GradientLog` queries (package-internal: what gradwatch writes)."""
     return log._store
-
-
-def global_norms(norms: np.ndarray) -> np.ndarray:
-    """The global gradient norm of each step: `sqrt(sum_v norm_v**2)` over each row.
-
-    NaN norms (disconnected variables) are left out; a row with no norm at all
-    gives NaN.
-
-    Args:
-        norms: Per-variable gradient norms, shape `(k, n)`.
-
-    Returns:
-        A float64 array of shape `(k,)`.
-
-    Example:
-
-    >>> global_norms(np.array([[3.0, 4.0], [np.nan, 2.0], [np.nan, np.nan]])).tolist()
-    [5.0, 2.0, nan]
-    """
-    norms = np.asarray(norms, np.float64)
-    with np.errstate(invalid="ignore"):
-        squares = np.where(np.isnan(norms), 0.0, norms**2)
-    has_norm = (~np.isnan(norms)).any(axis=1)
-    return np.where(has_norm, np.sqrt(squares.sum(axis=1)), np.nan)

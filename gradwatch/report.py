@@ -19,10 +19,14 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from gradwatch._paths import as_path, writable_file
+from gradwatch._text import name_list, short_number
 from gradwatch._views import layer_of_key
 from gradwatch.log import GradientLog
 
 MAX_ALERT_ROWS = 200
+# Names shown in one fact of the verdict before "and N more".
+_SHOWN = 3
 # The verdict's levels, least severe first.
 LEVELS = ("ok", "note", "warning", "problem")
 
@@ -105,56 +109,7 @@ def verdict(log: GradientLog, findings: pd.DataFrame | None = None) -> Verdict:
     # by the LossScaleOptimizer, and their updates never reached the weights.
     ```
     """
-    alerts = log.alerts
-    variables = log.variables
-    order = {k: i for i, k in enumerate(variables)}
-    skipped = {int(s) for s in log.skipped_steps}
-    nonfinite = alerts[alerts["kind"] == "nonfinite"]
-    bad_steps = sorted({int(s) for s in nonfinite["step"]})
-    reached = [s for s in bad_steps if s not in skipped]
-    was_skipped = [s for s in bad_steps if s in skipped]
-    found: list[tuple[str, str]] = []  # (level, fact)
-    if reached:
-        first = reached[0]
-        keys = _in_order(nonfinite.loc[nonfinite["step"] == first, "variable"], order)
-        found.append(
-            (
-                "problem",
-                f"NaN/Inf gradients reached the weights at {_count(reached, 'step')}"
-                f" ({_steps(reached)}), first at step {first} in {_names(keys)}.",
-            )
-        )
-    for kind, word in (("max_norm", "above `max_norm`"), ("min_norm", "below `min_norm`")):
-        rows = alerts[alerts["kind"] == kind]
-        if len(rows):
-            steps = sorted({int(s) for s in rows["step"]})
-            keys = _in_order(rows.loc[rows["step"] == steps[0], "variable"], order)
-            found.append(
-                (
-                    "warning",
-                    f"Gradient norms {word} at {_count(steps, 'step')} ({_steps(steps)}), "
-                    f"first at step {steps[0]} in {_names(keys)}.",
-                )
-            )
-    if log.disconnected:
-        found.append(
-            (
-                "warning",
-                f"{_count(log.disconnected, 'variable')} got no gradient (not connected to "
-                f"the loss): {_names(log.disconnected)}.",
-            )
-        )
-    if was_skipped:
-        hit = nonfinite.loc[nonfinite["step"].isin(was_skipped), "variable"]
-        found.append(
-            (
-                "note",
-                f"Skipped by the LossScaleOptimizer: {_steps(was_skipped)} "
-                f"({len(was_skipped)} of {len(log)} recorded steps), with NaN/Inf gradients "
-                f"in {_count(sorted(set(hit)), 'variable')}; their updates never reached "
-                "the weights.",
-            )
-        )
+    found, was_skipped = _recorded_facts(log)
     found.sort(key=lambda f: -LEVELS.index(f[0]))
     facts = [fact for _, fact in found]
     extremes = _extremes_fact(log)
@@ -185,6 +140,62 @@ def verdict(log: GradientLog, findings: pd.DataFrame | None = None) -> Verdict:
     return Verdict("ok", sentence, facts)
 
 
+def _recorded_facts(log: GradientLog) -> tuple[list[tuple[str, str]], list[int]]:
+    """The facts the log records, each with its level (`(level, fact)`), and the steps
+    with NaN/Inf gradients that a `LossScaleOptimizer` skipped."""
+    alerts = log.alerts
+    variables = log.variables
+    order = {k: i for i, k in enumerate(variables)}
+    skipped = {int(s) for s in log.skipped_steps}
+    nonfinite = alerts[alerts["kind"] == "nonfinite"]
+    bad_steps = sorted({int(s) for s in nonfinite["step"]})
+    reached = [s for s in bad_steps if s not in skipped]
+    was_skipped = [s for s in bad_steps if s in skipped]
+    found: list[tuple[str, str]] = []  # (level, fact)
+    if reached:
+        first = reached[0]
+        keys = _in_order(nonfinite.loc[nonfinite["step"] == first, "variable"], order)
+        found.append(
+            (
+                "problem",
+                f"NaN/Inf gradients reached the weights at {_count(reached, 'step')}"
+                f" ({_steps(reached)}), first at step {first} in {name_list(keys, _SHOWN)}.",
+            )
+        )
+    for kind, word in (("max_norm", "above `max_norm`"), ("min_norm", "below `min_norm`")):
+        rows = alerts[alerts["kind"] == kind]
+        if len(rows):
+            steps = sorted({int(s) for s in rows["step"]})
+            keys = _in_order(rows.loc[rows["step"] == steps[0], "variable"], order)
+            found.append(
+                (
+                    "warning",
+                    f"Gradient norms {word} at {_count(steps, 'step')} ({_steps(steps)}), "
+                    f"first at step {steps[0]} in {name_list(keys, _SHOWN)}.",
+                )
+            )
+    if log.disconnected:
+        found.append(
+            (
+                "warning",
+                f"{_count(log.disconnected, 'variable')} got no gradient (not connected to "
+                f"the loss): {name_list(log.disconnected, _SHOWN)}.",
+            )
+        )
+    if was_skipped:
+        hit = nonfinite.loc[nonfinite["step"].isin(was_skipped), "variable"]
+        found.append(
+            (
+                "note",
+                f"Skipped by the LossScaleOptimizer: {_steps(was_skipped)} "
+                f"({len(was_skipped)} of {len(log)} recorded steps), with NaN/Inf gradients "
+                f"in {_count(sorted(set(hit)), 'variable')}; their updates never reached "
+                "the weights.",
+            )
+        )
+    return found, was_skipped
+
+
 def _count(items: Sequence[Any], word: str) -> str:
     n = len(items)
     return f"{n} {word}" + ("" if n == 1 else "s")
@@ -195,13 +206,6 @@ def _steps(steps: Sequence[int], most: int = 6) -> str:
     if len(steps) > most:
         text += ", ..."
     return ("step " if len(steps) == 1 else "steps ") + text
-
-
-def _names(keys: Sequence[str], most: int = 3) -> str:
-    text = ", ".join(keys[:most])
-    if len(keys) > most:
-        text += f" and {len(keys) - most} more"
-    return text
 
 
 def _in_order(keys: Any, order: dict[str, int]) -> list[str]:
@@ -223,17 +227,11 @@ def _extremes_fact(log: GradientLog) -> str | None:
         return None
     what = "layer" if by_layer else "variable"
     top, low = median.idxmax(), median.idxmin()
-    return (
-        f"Largest median gradient norm: {_num(median[top])} in {what} {top}; smallest: "
-        f"{_num(median[low])} in {low} ({_num(median[top] / median[low])} times smaller)."
-        if median[low] > 0
-        else f"Largest median gradient norm: {_num(median[top])} in {what} {top}; smallest: "
-        f"0 in {low}."
-    )
-
-
-def _num(value: float) -> str:
-    return f"{value:.3g}"
+    largest = f"Largest median gradient norm: {short_number(median[top])} in {what} {top}"
+    if median[low] > 0:
+        times = short_number(median[top] / median[low])
+        return f"{largest}; smallest: {short_number(median[low])} in {low} ({times} times smaller)."
+    return f"{largest}; smallest: 0 in {low}."
 
 
 def render_report(log: GradientLog, title: str = "gradwatch report", progress: bool = False) -> str:
@@ -331,7 +329,9 @@ def write_report(
         The path written.
 
     Raises:
-        OSError: If the file cannot be written.
+        TypeError: If `path` is not a str or os.PathLike.
+        OSError: If the file cannot be written (its directory does not exist, or it is
+            a directory).
 
     Example:
 
@@ -339,12 +339,7 @@ def write_report(
     write_report(gradwatch.read_log("grads.parquet"), "report.html")
     ```
     """
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(
-            f"Cannot write the report to '{path}': the directory '{path.parent}' does not "
-            "exist. Create it first, or choose another path."
-        )
+    path = writable_file(as_path(path), "the report")
     text = render_report(log, title=title, progress=progress)
     path.write_text(text, encoding="utf-8")
     return path
@@ -440,7 +435,7 @@ def _leads(findings: pd.DataFrame) -> pd.DataFrame:
     """The doctor's errors and warnings as `verdict` findings: a level and a sentence."""
     rows = findings[findings["severity"].isin(list(_LEVEL_OF))]
     sentences = [
-        f"{finding} in {_names(list(variables))}: {evidence}"
+        f"{finding} in {name_list(list(variables), _SHOWN)}: {evidence}"
         if len(variables)
         else f"{finding}: {evidence}"
         for finding, variables, evidence in zip(

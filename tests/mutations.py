@@ -181,9 +181,9 @@ MUTATIONS = (
     Mutation(
         "histogram-rows-wrong-epoch",
         "the histogram rows of CSV and Parquet files carry the step as their epoch",
-        "gradwatch/_files.py",
-        'cols["epoch"].append(b.epochs[i])',
-        'cols["epoch"].append(b.steps[i])',
+        "gradwatch/_frames.py",
+        'parts["epoch"].append(b.epochs[i])',
+        'parts["epoch"].append(b.steps[i])',
         ("tests/test_io.py::test_written_files_hold_the_fitted_runs_values_for_plain_readers",),
     ),
     Mutation(

@@ -432,6 +432,24 @@ def test_clipping_more_than_half_of_the_steps(tmp_path):
     assert not len(_found(half, "clipping"))
 
 
+def test_clipping_leaves_out_the_steps_where_no_gradient_was_finite(tmp_path):
+    # Steps 0-3: every variable has NaN/Inf elements, so the global norm there is NaN (no
+    # norm to sum), not 0. Of the 6 other steps, 4 are clipped: 67% > 50%. Counting the
+    # four as steps with a global norm would make it 4 of 10, 40%.
+    norm = _const([2.0, 1.0, 2.0, 1.0])
+    clipped = norm.copy()
+    clipped[4:8] /= 2
+    bad = np.zeros((10, 4))
+    bad[:4] = 1
+    stats = {"norm": norm, "clipped_norm": clipped, "nonfinite": bad}
+    log = _log_file(tmp_path, SHAPES, stats)
+    (row,) = _found(log, "clipping").itertuples()
+    # Global norms: sqrt(4 + 1 + 4 + 1) = 3.16 unclipped, 1.58 clipped at 4 of the 6 steps.
+    assert "clipped 67% of 6 steps" in row.evidence
+    assert "median global norm 3.16, 1.58 after clipping" in row.evidence
+    assert (row.first_step, row.last_step) == (4, 7)
+
+
 def test_oscillation_below_a_median_cosine_of_minus_one_half(tmp_path):
     # Kernels only: the bias at -0.9 is left out; -0.49 is not below -0.5.
     cos = _const([-0.6, -0.9, -0.49, 0.2])
@@ -485,6 +503,49 @@ def test_disconnected_and_missing_stats(tmp_path):
     assert list(findings["severity"]) == sorted(
         findings["severity"], key=["error", "warning", "info"].index
     )
+
+
+def test_diagnose_puts_a_later_update_of_a_layer_in_its_own_layer(tmp_path):
+    # A variable updated twice in a step has the keys `m/a/kernel` and `m/a/kernel@1`;
+    # the second update belongs to the layer `m/a@1`, as in `log.by_layer`.
+    shapes = {
+        "m/a/kernel": (10, 10),
+        "m/a/bias": (10,),
+        "m/a/kernel@1": (10, 10),
+        "m/a/bias@1": (10,),
+        "m/b/kernel": (10, 10),
+        "m/b/bias": (10,),
+    }
+    zero = np.zeros((10, 6))
+    zero[:, 2] = 0.8  # m/a/kernel@1: 80% zeros at every step
+    stats = {"norm": _const([1, 1, 1, 1, np.nan, np.nan]), "zero_frac": zero}
+    log = _log_file(tmp_path, shapes, stats, disconnected=["m/b/kernel", "m/b/bias"])
+    layers = list(log.by_layer("norm").columns)
+    assert layers == ["m/a", "m/a@1", "m/b"]
+    # The layer m/a@1 is 100 + 10 elements: (100 * 0.8) / 110 = 0.727 >= 0.7 at every step;
+    # taken together with m/a (220 elements) it would be 80 / 220 = 0.36.
+    (dead,) = _found(log, "dead").itertuples()
+    assert dead.variables == ["m/a@1"] and "m/a@1 (100% of steps)" in dead.evidence
+    (gone,) = _found(log, "disconnected").itertuples()
+    assert gone.variables == ["m/b"]
+    # The second update of a whole layer that got no gradient is named as that layer.
+    norm = _const([1, 1, np.nan, np.nan, 1, 1])
+    later = _log_file(
+        tmp_path, shapes, {"norm": norm}, disconnected=["m/a/kernel@1", "m/a/bias@1"], name="d.csv"
+    )
+    (gone,) = _found(later, "disconnected").itertuples()
+    assert gone.variables == ["m/a@1"] and set(gone.variables) <= set(layers)
+    # A 2-D bias (as MultiHeadAttention's) is no kernel in its later update either.
+    two_d = {"m/a/kernel": (10, 10), "m/a/bias": (2, 5), "m/a/kernel@1": (10, 10)}
+    two_d["m/a/bias@1"] = (2, 5)
+    ratio = _const([1e-3, 5.0, 1e-3, 5.0])
+    log = _log_file(
+        tmp_path, two_d, {"norm": _const([1, 1, 1, 1]), "update_ratio": ratio}, name="r.csv"
+    )
+    assert not len(_found(log, "update_ratio_high"))
+    assert _found(log, "update_ratio_high", update_ratio_high=1e-4)["variables"].tolist() == [
+        ["m/a/kernel", "m/a/kernel@1"]
+    ]
 
 
 def test_diagnose_rejects_unknown_or_bad_thresholds(tmp_path):

@@ -102,6 +102,30 @@ def test_flow_joins_each_kind_of_variable_apart(fitted):
     np.testing.assert_array_equal(lines["median, bias"].get_ydata(), [1, 3])
 
 
+def test_flow_joins_a_later_update_of_a_variable_with_its_kind():
+    # A variable updated twice in a step has the keys `d/kernel` and `d/kernel@1`: both
+    # are kernels, joined by one line; by layer, the second update is the layer `d@1`.
+    keys = ["net/d/kernel", "net/d/bias", "net/d/kernel@1", "net/d/bias@1"]
+    log = GradientLog(stats=("norm",))
+    store = store_of(log)
+    store.add_variables(keys, [(3,)] * len(keys))
+    store.append(
+        np.arange(2),
+        np.zeros(2, np.int64),
+        np.arange(2),
+        np.arange(len(keys), dtype=np.int32),
+        np.arange(1.0, 9.0, dtype=np.float32).reshape(2, len(keys), 1),
+        np.zeros((0,), np.int32),
+        np.zeros((2, 0), np.float32),
+    )
+    ax = plot.flow(log, by="variable").axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"median, kernel", "median, bias"}
+    np.testing.assert_array_equal(lines["median, kernel"].get_ydata(), [0, 2])
+    np.testing.assert_array_equal(lines["median, bias"].get_ydata(), [1, 3])
+    assert _row_labels(plot.flow(log, by="layer")) == ["d", "d@1"]
+
+
 def test_flow_by_layer_draws_the_layer_norms(fitted):
     log = fitted[0].log
     norm = log.stat("norm").to_numpy(np.float64)

@@ -108,3 +108,74 @@ def test_each_recording_backend_implements_the_whole_protocol():
         missing = members - _module_names(PACKAGE / "_backend" / f"{name}.py")
         # Only TensorFlow makes sparse gradients (`IndexedSlices`).
         assert missing <= {"sparse_stats"}, (name, missing)
+
+
+# The read side: what reads, queries, diagnoses, draws and reports a saved log, and what it
+# stands on (the store, the frames and views, the file format, the keys, the catalogue).
+READ_SIDE = {
+    "gradwatch.__main__",
+    "gradwatch._catalogue",
+    "gradwatch._chart_parts",
+    "gradwatch._describe",
+    "gradwatch._figure",
+    "gradwatch._files",
+    "gradwatch._frames",
+    "gradwatch._log_views",
+    "gradwatch._paths",
+    "gradwatch._rules",
+    "gradwatch._store",
+    "gradwatch._text",
+    "gradwatch._views",
+    "gradwatch.cli",
+    "gradwatch.diagnose",
+    "gradwatch.findings",
+    "gradwatch.io",
+    "gradwatch.keys",
+    "gradwatch.log",
+    "gradwatch.plot",
+    "gradwatch.progress",
+    "gradwatch.report",
+    "gradwatch.stats",
+    "gradwatch.tensorboard",
+}
+_FRAMEWORKS = {"keras", "tensorflow", "jax", "torch"}
+
+
+def _imported(tree: ast.Module, modules: set[str]) -> set[str]:
+    """The modules an `import` statement anywhere in the file names (lazy ones too): the
+    gradwatch module itself where one is named, else the top-level package."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [f"{node.module}.{a.name}" for a in node.names]
+            names = [n if n in modules else node.module for n in names]
+        else:
+            continue
+        out.update(n if n in modules else n.split(".")[0] for n in names)
+    return out
+
+
+def test_the_read_side_never_imports_the_capture_the_backends_or_keras():
+    # Reading a log needs neither Keras nor a backend: every gradwatch module the read
+    # side imports is itself on the read side, so the rule holds at any depth.
+    sources = _sources()
+    modules = set(sources)
+    assert modules >= READ_SIDE, READ_SIDE - modules
+    found = {}
+    for name in sorted(READ_SIDE):
+        imported = _imported(sources[name], modules)
+        outside = {m for m in imported if m.startswith("gradwatch.") and m not in READ_SIDE}
+        if bad := outside | (imported & _FRAMEWORKS):
+            found[name] = sorted(bad)
+    assert found == {}
+    # `gradwatch.stats` reaches its Keras code (`_compute`) through `importlib` on first use
+    # of a computing function only (PEP 562); no other read-side module imports by name.
+    dynamic = {
+        name
+        for name in READ_SIDE
+        for node in ast.walk(sources[name])
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module"
+    }
+    assert dynamic == {"gradwatch.stats"}

@@ -1,0 +1,277 @@
+"""What a `GradientLog` derives from its stats and histograms: one stat as a wide frame,
+per layer, the global norm, the summary, the doctor's findings, and the histograms.
+
+Mixins of `GradientLog` (`gradwatch.log`), over the store it holds in `_store`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gradwatch._frames import bins, histogram_table, histograms_frame, stat_matrix, stat_steps
+from gradwatch._store import Store
+from gradwatch._views import by_layer, global_norms, summary
+from gradwatch.diagnose import Signals, run_rules
+from gradwatch.stats import STATS
+
+
+class StatViews:
+    """The stats as wide frames, and what derives from them (a `GradientLog` mixin)."""
+
+    _store: Store
+
+    # (`GradientLog` defines these.)
+    frame: pd.DataFrame
+    replicas: list[int]
+
+    def stat(self, name: str, replica: int | None = None) -> pd.DataFrame:
+        """One stat as a wide frame: index `step`, one column per variable in model order.
+
+        Args:
+            name: A recorded stat, e.g. `"norm"`.
+            replica: `None` for the global gradient, or a replica's number for the
+                stats of its local gradient (`GradWatch(per_replica=True)`).
+                Defaults to `None`.
+
+        Raises:
+            KeyError: If the stat, or the replica, was not recorded.
+
+        Example:
+
+        ```python
+        log.stat("norm").tail()
+        log.stat("norm", replica=1)  # with GradWatch(per_replica=True)
+        ```
+        """
+        self._check_stat(name)
+        frame = self.frame
+        mask = (frame["stat"] == name).to_numpy()
+        if replica is not None:
+            if isinstance(replica, bool) or replica not in self.replicas:
+                raise KeyError(
+                    f"No stats of replica {replica!r} were recorded. Recorded replicas: "
+                    f"{self.replicas} (record them with GradWatch(per_replica=True))."
+                )
+            mask = mask & (frame["replica"] == replica).fillna(False).to_numpy(bool)
+        elif self._store.per_replica:
+            mask = mask & frame["replica"].isna().to_numpy()
+        sub = frame[mask]
+        wide = sub.pivot(index="step", columns="variable", values="value")
+        present = set(sub["variable"].astype(object))
+        keys = [k for k in self._store.variables if k in present]
+        wide = wide.reindex(columns=pd.Index(keys, dtype=object, name="variable"))
+        return wide
+
+    def _check_stat(self, name: Any) -> None:
+        if not isinstance(name, str) or name not in self._store.stats:
+            hint = (
+                f" It is a known stat; record it with GradWatch(stats=[..., {name!r}])."
+                if name in STATS
+                else ""
+            )
+            raise KeyError(
+                f"The stat {name!r} was not recorded.{hint} Recorded: {list(self._store.stats)}"
+            )
+
+    def global_norm(self) -> pd.Series:
+        """The global gradient norm per step, over the variables that have a `norm`.
+
+        `sqrt(sum_v norm_v**2)`: the norm that `global_clipnorm` clips, when all
+        trainable variables are watched. Disconnected variables (NaN rows) are
+        left out, as the optimizer leaves out their `None` gradients, and so is
+        a variable whose gradient had no finite element at that step (its
+        `norm` is NaN). A step where no variable has a norm gives NaN, not 0.
+
+        Example:
+
+        ```python
+        log.global_norm().plot()
+        ```
+        """
+        wide = self.stat("norm")
+        return pd.Series(
+            global_norms(wide.to_numpy(np.float64)), index=wide.index, name="global_norm"
+        )
+
+    def by_layer(self, stat: str) -> pd.DataFrame:
+        """One stat aggregated per layer: index `step`, one column per layer.
+
+        A layer is a key without its last `/` part (`net/dense/kernel` belongs
+        to `net/dense`; a later update in a step, `net/dense/kernel@1`, to
+        `net/dense@1`). The aggregate is exact for the layer's variables taken
+        together as one tensor: `norm`, `clipped_norm`, `weight_norm` and `update_norm` combine
+        as `sqrt(sum x**2)`; `min`, `max` and `abs_max` as min/max; `nonfinite`
+        as a sum; `mean` and `zero_frac` as a mean weighted by element count;
+        `std` by pooling with `mean` (which must be recorded too); and
+        `update_ratio` as the layer's `update_norm / weight_norm`. `cos_prev`
+        does not combine from per-variable values and is refused.
+
+        Example:
+
+        ```python
+        log.by_layer("norm")
+        ```
+        """
+        self._check_stat(stat)
+        if stat == "cos_prev":
+            raise ValueError(
+                "`cos_prev` cannot be aggregated per layer from per-variable values; "
+                "query it per variable with log.stat('cos_prev')."
+            )
+        if stat == "update_ratio":
+            up, w = self.by_layer("update_norm"), self.by_layer("weight_norm")
+            return (up / w).mask(up == 0, 0.0)  # no update: 0, also of zero weights
+        wide = self.stat(stat).astype(np.float64)
+        sizes = pd.Series({k: float(self._store.size(k)) for k in wide.columns})
+        mean = None
+        if stat == "std":
+            if "mean" not in self._store.stats:
+                raise KeyError("Pooling `std` per layer needs `mean` recorded too.")
+            mean = self.stat("mean").astype(np.float64)
+        return by_layer(wide, sizes, stat, mean)
+
+    def summary(self) -> pd.DataFrame:
+        """One row per variable: first, last, median and max norm, non-finite count, and
+        the first step with a non-finite gradient element.
+
+        Needs `norm` recorded; `nonfinite` and `first_nonfinite_step` need
+        `nonfinite` (they are NaN / missing without it). `nonfinite` is the total
+        over the recorded steps.
+
+        Example:
+
+        ```python
+        log.summary().sort_values("max_norm")
+        ```
+        """
+        nonfinite = self.stat("nonfinite") if "nonfinite" in self._store.stats else None
+        return summary(self.stat("norm"), nonfinite)
+
+    def diagnose(self, **thresholds: float) -> pd.DataFrame:
+        """What looks wrong in this run, where, and what to try: one row per finding.
+
+        Runs the rules of `docs/diagnose.md` (NaN/Inf gradients, loss-scale
+        skips, exploding, vanishing and dead gradients, disconnected
+        variables, update ratios, clipping, oscillation) over the recorded
+        stats, vectorised over the dense blocks. A rule whose stat was not
+        recorded gives one `info` row that names the stat to record.
+
+        Args:
+            **thresholds: Any of `gradwatch.diagnose.THRESHOLDS` by name, e.g.
+                `exploding_norm=1e5`; the others keep their published defaults.
+
+        Returns:
+            A frame with the columns `severity` (`"error"`, `"warning"` or
+            `"info"`), `finding` (a name from `gradwatch.diagnose.FINDINGS`),
+            `variables` (a list of keys, or layer names where a whole layer is
+            concerned, in model order), `first_step` and `last_step` (nullable
+            Int64), `evidence` and `advice` (text), most severe first.
+
+        Raises:
+            TypeError: For an unknown threshold name or a value that is not a number.
+            ValueError: For a threshold value out of range.
+
+        Example:
+
+        ```python
+        findings = log.diagnose()
+        findings[findings["severity"] == "error"]
+        log.diagnose(update_ratio_high=0.05)
+        ```
+        """
+        store = self._store
+        skipped = set(store.skipped)
+        alerts = [(s, k, v) for (s, k, kind), v in store.alerts.items() if kind == "nonfinite"]
+        scalars = self.scalars
+        not_applied = scalars["step"][scalars["applied"].eq(False).fillna(False)]
+        signals = Signals(
+            steps=stat_steps(store),
+            variables=store.variables,
+            shapes=store.shapes,
+            stat=lambda name: stat_matrix(store, name),
+            skipped=sorted(skipped),
+            accumulated=sorted(set(not_applied.tolist()) - skipped),
+            disconnected=store.disconnected,
+            nonfinite_alerts=alerts,
+        )
+        return run_rules(signals, **thresholds)
+
+
+class HistogramViews:
+    """The recorded gradient histograms (a `GradientLog` mixin)."""
+
+    _store: Store
+
+    key: Callable[[str], str]  # (`GradientLog` defines it.)
+
+    @property
+    def histograms(self) -> pd.DataFrame:
+        """The recorded gradient histograms as a long frame, empty bins left out.
+
+        Columns: `step`, `variable` (Categorical), `lo` and `hi` (float64, the
+        bin's bounds on |g|: `lo <= |g| < hi`), `sign` (Categorical: `"-"`,
+        `"0"`, `"+"`, `"nonfinite"`) and `count` (int64). The bins are those of
+        `gradwatch.stats.histogram_bins`; the counts of a variable at a step sum
+        to its number of elements.
+        """
+        return histograms_frame(self._store)
+
+    def histogram(self, variable: str, step: int) -> pd.DataFrame:
+        """The full histogram of one variable's gradient at one step, empty bins included.
+
+        Args:
+            variable: A key or an unambiguous suffix.
+            step: A recorded step number.
+
+        Returns:
+            A frame with the columns `lo`, `hi`, `sign` and `count`, one row per bin.
+
+        Raises:
+            KeyError: If no histograms were recorded, the variable had none, or
+                the step was not recorded.
+
+        Example:
+
+        ```python
+        h = log.histogram("dense/kernel", step=0)
+        h[h["count"] > 0]
+        ```
+        """
+        store = self._store
+        lo, hi, sign = bins(store)
+        key = self.key(variable)
+        found, seen = find_cell(store.hist_blocks, store.codes[key], step)
+        if found is not None:
+            b, col, row = found
+            counts = b.data[row, col].astype(np.int64)
+            return histogram_table(
+                store, {"lo": [lo], "hi": [hi], "sign": [sign], "count": [counts]}
+            )
+        if not seen:
+            raise KeyError(
+                f"No histogram of {key!r} was recorded: it is not among the variables "
+                "selected with `variables=`."
+            )
+        steps = np.unique(np.concatenate([b.steps for b in store.hist_blocks]))
+        raise KeyError(
+            f"Step {step!r} of {key!r} was not recorded. Recorded: {len(steps)} steps "
+            f"from {steps[0]} to {steps[-1]}."
+        )
+
+
+def find_cell(blocks: Sequence[Any], code: int, step: int) -> tuple[tuple | None, bool]:
+    """((block, column of the variable, row of the step) or None, whether any block has it)."""
+    seen = False
+    for b in blocks:
+        cols = np.nonzero(b.codes == code)[0]
+        if not len(cols):
+            continue
+        seen = True
+        rows = np.nonzero(b.steps == step)[0]
+        if len(rows):
+            return (b, int(cols[0]), int(rows[0])), True
+    return None, seen
