@@ -80,7 +80,7 @@ MUTATIONS = (
         "global-clipnorm-over-all-optimizers",
         "`global_clipnorm` of one optimizer is taken over the gradients of all optimizers",
         "gradwatch/_derived.py",
-        "gn = xp.sqrt(total[id(opt)])",
+        "gn = xp.sqrt(total[applies[key]])",
         "gn = xp.sqrt(sum(sq.values()))",
         (
             "tests/test_signals.py::"
