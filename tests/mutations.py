@@ -36,6 +36,26 @@ class Mutation:
     tests: tuple[str, ...]
 
 
+# The tests of issue #26's mutations, named once.
+TWICE = "tests/test_custom_steps.py::test_patterns_select_every_update_of_a_variable_updated_twice"
+RATE = (
+    "tests/test_custom_steps.py::"
+    "test_scalars_learning_rate_of_a_two_optimizer_step_is_the_first_optimizers"
+)
+SPARSE_NAN = (
+    "tests/test_callback.py::"
+    "test_sparse_embedding_gradient_with_nan_rows_has_the_stats_of_the_dense_one"
+)
+GLOBAL_NORM = (
+    "tests/test_diagnose.py::"
+    "test_global_norm_leaves_out_a_step_with_no_finite_element_in_the_log_and_the_doctor"
+)
+RENUMBER = (
+    "tests/test_callback.py::"
+    "test_kept_tensors_and_histograms_stay_with_their_variable_when_the_trainable_set_grows"
+)
+
+
 MUTATIONS = (
     Mutation(
         "zero-frac-over-finite",
@@ -60,7 +80,7 @@ MUTATIONS = (
         "global-clipnorm-over-all-optimizers",
         "`global_clipnorm` of one optimizer is taken over the gradients of all optimizers",
         "gradwatch/_derived.py",
-        "gn = xp.sqrt(total[id(opt)])",
+        "gn = xp.sqrt(total[applies[key]])",
         "gn = xp.sqrt(sum(sq.values()))",
         (
             "tests/test_signals.py::"
@@ -215,6 +235,120 @@ MUTATIONS = (
             "tests/test_accumulation.py::"
             "test_accumulation_with_skipped_updates_applies_at_every_nth_micro_step_kept",
         ),
+    ),
+    # Issue #26: where the suite was thinnest.
+    Mutation(
+        "plan-several-updates-from-three",
+        "a variable updated twice in a step gets one row: only 3 or more updates are kept apart",
+        "gradwatch/_plan.py",
+        "counts = {k: int(n) for k, n in (counts or {}).items() if n > 1}",
+        "counts = {k: int(n) for k, n in (counts or {}).items() if n > 2}",
+        (TWICE,),
+    ),
+    Mutation(
+        "plan-patterns-match-update-keys",
+        "`variables=` patterns are matched against `key@n`, so a later update is not selected",
+        "gradwatch/_plan.py",
+        "stat_index = [i for i, k in enumerate(own_keys) if k in stat_keys and floats[i]]",
+        "stat_index = [i for i, k in enumerate(keys) if k in stat_keys and floats[i]]",
+        (TWICE,),
+    ),
+    Mutation(
+        "update-counts-off-by-one",
+        "a variable's updates in a step are counted one short",
+        "gradwatch/_step.py",
+        "                counts[var] = update + 1",
+        "                counts[var] = update",
+        (TWICE,),
+    ),
+    Mutation(
+        "learning-rate-of-the-last-optimizer",
+        "`log.scalars`' learning rate is that of the step's last optimizer, not its first",
+        "gradwatch/_capture.py",
+        "    if scope.learning_rate is None:\n        scope.learning_rate = learning_rate(",
+        "    if scope.learning_rate is None or optimizer is not None:\n"
+        "        scope.learning_rate = learning_rate(",
+        (RATE,),
+    ),
+    Mutation(
+        "learning-rate-of-the-compiled-optimizer",
+        "`log.scalars`' learning rate is `model.optimizer`'s, not the applying optimizer's",
+        "gradwatch/_capture.py",
+        'learning_rate(optimizer or getattr(model, "optimizer", None))',
+        'learning_rate(getattr(model, "optimizer", None) or optimizer)',
+        (RATE,),
+    ),
+    Mutation(
+        "sparse-min-max-forget-untouched-zeros",
+        "`min`/`max`/`abs_max` of a sparse gradient whose touched rows are all NaN are NaN, "
+        "though the untouched rows are zeros",
+        "gradwatch/_backend/tensorflow.py",
+        'none_left = ops.sum(ops.cast(notnan, "float32")) + zeros == 0',
+        'none_left = ops.sum(ops.cast(notnan, "float32")) == 0',
+        (SPARSE_NAN,),
+    ),
+    Mutation(
+        "sparse-norm-nan-without-finite-touched-rows",
+        "the `norm` of a sparse gradient whose touched rows are all NaN is NaN, not 0",
+        "gradwatch/_backend/tensorflow.py",
+        '"norm": ops.where(n_finite == 0, nan, ops.sqrt(ops.sum(ops.square(xf)))),',
+        '"norm": ops.where(n_finite == zeros, nan, ops.sqrt(ops.sum(ops.square(xf)))),',
+        (SPARSE_NAN,),
+    ),
+    Mutation(
+        "log-global-norm-of-no-norm-is-zero",
+        "`log.global_norm()` and the doctor's global norm (one function) are 0, not NaN, "
+        "at a step where no variable has a norm",
+        "gradwatch/_views.py",
+        "return np.where(has_norm, np.sqrt(squares.sum(axis=1)), np.nan)",
+        "return np.sqrt(squares.sum(axis=1))",
+        (GLOBAL_NORM,),
+    ),
+    Mutation(
+        "chart-alert-layer-ignores-update",
+        "the charts by layer mark an alert of `d/kernel@1` on the layer `d`, not `d@1`",
+        "gradwatch/_chart_parts.py",
+        '{"step": alerts["step"], "name": [layer_of_key(k) for k in alerts["variable"]]}',
+        '{"step": alerts["step"], "name": [k.rsplit("/", 1)[0] for k in alerts["variable"]]}',
+        ("tests/test_plot.py::test_charts_by_layer_mark_the_nonfinite_layer_of_each_alert",),
+    ),
+    Mutation(
+        "random-streams-shared-across-signatures",
+        "the traced functions of two input signatures draw on one stream per op",
+        "gradwatch/_backend/tensorflow.py",
+        'key = (seed, seed2, repr(getattr(graph, "structured_input_signature", None)))',
+        "key = (seed, seed2)",
+        (
+            "tests/test_any_model.py::"
+            "test_stateful_random_streams_of_each_input_signature_go_on_as_without_the_watch",
+        ),
+    ),
+    Mutation(
+        "drain-one-execution-late",
+        "the ring buffer is drained one execution too late, overwriting steps",
+        "gradwatch/_drain.py",
+        "return (since_drain + 1) * steps_per_execution > limit",
+        "return since_drain * steps_per_execution > limit",
+        (
+            "tests/test_callback.py::"
+            "test_a_ring_buffer_of_two_executions_is_drained_before_it_overflows",
+        ),
+    ),
+    Mutation(
+        "renumber-forgets-kept-tensors",
+        "when the trainable set grows, the kept tensors' blocks keep their old codes",
+        "gradwatch/_store.py",
+        "            *self._value_blocks,\n",
+        "",
+        (RENUMBER,),
+    ),
+    Mutation(
+        "renumber-forgets-histograms",
+        "when the trainable set grows, the histograms' blocks keep their old codes",
+        "gradwatch/_store.py",
+        "            *self._hist_blocks,\n",
+        "",
+        (RENUMBER,),
     ),
 )
 

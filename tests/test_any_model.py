@@ -594,3 +594,72 @@ def test_stateful_random_ops_in_the_step_draw_as_without_the_watch(kind):
     for fit, (a, b) in enumerate(zip(weights[id(alone)], weights[id(watched)], strict=True)):
         for wa, wb in zip(a, b, strict=True):
             np.testing.assert_array_equal(wa, wb, err_msg=f"after fit {fit}")
+
+
+class SeededNoisy(keras.Model):
+    """Noisy's step with op seeds of its own (`seed=`): every trace of the step then has
+    ops of the same seeds, and plain Keras still gives each traced input signature its
+    own kernels, so its own streams."""
+
+    def train_step(self, data):
+        import tensorflow as tf
+
+        x, y = data
+        noise = tf.random.normal(tf.shape(x), seed=5)
+        keep = tf.cast(tf.random.uniform(tf.shape(x)[:1], seed=6) < 0.8, x.dtype)[:, None]
+        with tf.GradientTape() as tape:
+            y_pred = self(x + 0.5 * noise * keep, training=True)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred)
+        grads = tape.gradient(loss, self.trainable_weights)
+        self.optimizer.apply_gradients(zip(grads, self.trainable_weights, strict=True))
+        return {"loss": loss}
+
+
+def _fits_with_and_without_watches(cls, batches, watches):
+    """The weights after each fit of a model of `cls` without a watch and of its twin
+    with `watches[i]` at fit i, on 16 samples in `batches[i]`-sized batches."""
+    alone, watched = _noisy(cls), _noisy(cls)
+    watched.set_weights(alone.get_weights())
+    x, y = data(n=16)
+    weights = {}
+    for model, callbacks in ((alone, [[]] * len(batches)), (watched, watches)):
+        model.compile(keras.optimizers.SGD(0.05), "mse")
+        weights[id(model)] = []
+        for batch, w in zip(batches, callbacks, strict=True):
+            model.fit(x, y, batch_size=batch, shuffle=False, callbacks=w, verbose=0)
+            weights[id(model)].append(model.get_weights())
+    return zip(weights[id(alone)], weights[id(watched)], strict=True)
+
+
+@tf_only  # stateful random ops are TensorFlow's
+def test_stateful_random_streams_of_each_input_signature_go_on_as_without_the_watch():
+    # Fits in batches of 8 and of 4 in turn: plain Keras traces its train function for
+    # each input signature (the second with a batch of None), each with kernels, so
+    # streams, of their own, which go on across fits. With a watch per fit (and none at
+    # the last) each signature's streams must start afresh and go on likewise; the ops'
+    # own seeds are the same in every trace.
+    watches = [
+        [gradwatch.GradWatch(stats="norm", every=2)],
+        [gradwatch.GradWatch(stats="norm")],
+        [gradwatch.GradWatch(stats="norm", every=3)],
+        [],
+    ]
+    weights = _fits_with_and_without_watches(SeededNoisy, [8, 4, 8, 4], watches)
+    for fit, (a, b) in enumerate(weights):
+        for wa, wb in zip(a, b, strict=True):
+            np.testing.assert_array_equal(wa, wb, err_msg=f"after fit {fit}")
+    assert [len(w[0].log) for w in watches[:3]] == [1, 4, 1]  # steps 0 | 2..5 | 6
+
+
+@tf_only
+@pytest.mark.xfail(
+    strict=True,
+    raises=ValueError,
+    reason="a later fit of the same traced step on a new input signature makes a stream "
+    "variable there, which tf.function refuses (found writing issue #26's tests)",
+)
+def test_stateful_random_ops_with_one_watch_over_fits_of_two_batch_sizes():
+    watch = gradwatch.GradWatch(stats="norm")
+    for a, b in _fits_with_and_without_watches(Noisy, [8, 4], [[watch], [watch]]):
+        for wa, wb in zip(a, b, strict=True):
+            np.testing.assert_array_equal(wa, wb)

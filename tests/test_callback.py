@@ -294,6 +294,36 @@ def test_sparse_embedding_gradient_equals_dense_equivalent(jit):
         previous = dense
 
 
+def test_sparse_embedding_gradient_with_nan_rows_has_the_stats_of_the_dense_one():
+    # mean((y - w[ids])**2): a NaN target puts NaN in the gradient of the row it looks up.
+    # Step 0 touches rows 0, 1, 3 with NaN targets only: every touched row is NaN, and the
+    # untouched rows 2 and 4 are finite zeros (docs/reference.md: `norm` over the finite
+    # elements is 0 there, NaN only where no element is finite). Step 1 touches rows 2
+    # and 4, one NaN target on row 2: row 2 is NaN, row 4 finite.
+    ids = np.array([[1, 1, 3], [0, 1, 3], [2, 4, 4], [2, 2, 4]], dtype="int32")
+    y = np.linspace(-1, 1, 4 * 3 * 2).reshape(4, 3, 2).astype("float32")
+    y[:2] = np.nan
+    y[2, 0] = np.nan
+    model = Sequential([keras.Input((3,), dtype="int32"), keras.layers.Embedding(5, 2, name="emb")])
+    model.compile(keras.optimizers.SGD(0.1), "mse", jit_compile=False)
+    w = model.get_weights()[0].astype(np.float64)
+    watch = gradwatch.GradWatch(stats=GRADIENT_STATS, on_nonfinite="ignore", verbose=0)
+    model.fit(ids, y, batch_size=2, shuffle=False, callbacks=[watch], verbose=0)
+    log = watch.log
+    key = log.key("emb/embeddings")
+    for step, rows in enumerate((slice(0, 2), slice(2, 4))):
+        residual = y[rows] - w[ids[rows]]
+        dense = np.zeros_like(w)
+        np.add.at(dense, ids[rows], -2.0 * residual / residual.size)
+        w = w - 0.1 * dense  # (the NaN rows turn NaN; step 1 does not look them up)
+        expected = np_stats(dense)
+        for name, value in expected.items():
+            got = log.stat(name).loc[step, key]
+            assert got == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), (step, name)
+    assert log.stat("norm").loc[0, key] == 0.0  # the untouched rows' zeros
+    assert log.stat("nonfinite")[key].tolist() == [6.0, 2.0]
+
+
 @mixin_only
 @pytest.mark.backends
 @pytest.mark.plain_models
@@ -586,3 +616,65 @@ def test_variables_keep_model_order_when_the_trainable_set_grows():
     assert list(norms.columns) == order
     assert norms.iloc[:2, :2].isna().all().all() and norms.notna().iloc[2:].all().all()
     assert list(watch.log.frame["variable"].cat.categories) == order
+
+
+def test_kept_tensors_and_histograms_stay_with_their_variable_when_the_trainable_set_grows():
+    # The head's variables join the log first; unfrozen, the base's come before them in
+    # model order, so every recorded block is renumbered. A linear model, by hand.
+    x, y = data(n=16)
+    inputs = keras.Input((5,))
+    base = Sequential([keras.Input((5,)), keras.layers.Dense(4, name="hidden")], name="base")
+    head = keras.layers.Dense(2, name="out")
+    model = Model(inputs, head(base(inputs)), name="net")
+    hk, hb = (w.numpy().astype(np.float64) for w in base.layers[0].weights)
+    ok, ob = (w.numpy().astype(np.float64) for w in head.weights)
+    watch = gradwatch.GradWatch(stats="norm", values="*", histogram=True)
+    expected = []  # per step: {key: gradient}
+    for trainable in (False, True):
+        base.trainable = trainable
+        model.compile(keras.optimizers.SGD(0.1), "mse")
+        model.fit(x, y, batch_size=8, shuffle=False, callbacks=[watch], verbose=0)
+        for rows in (slice(0, 8), slice(8, 16)):
+            h = x[rows] @ hk + hb
+            d_out = 2.0 * (h @ ok + ob - y[rows]) / y[rows].size
+            d_h = d_out @ ok.T
+            grads = {"out/kernel": h.T @ d_out, "out/bias": d_out.sum(0)}
+            ok, ob = ok - 0.1 * grads["out/kernel"], ob - 0.1 * grads["out/bias"]
+            if trainable:
+                grads |= {"hidden/kernel": x[rows].T @ d_h, "hidden/bias": d_h.sum(0)}
+                hk, hb = hk - 0.1 * grads["hidden/kernel"], hb - 0.1 * grads["hidden/bias"]
+            expected.append(grads)
+    log = watch.log
+    assert log.variables == [
+        "net/base/hidden/kernel",
+        "net/base/hidden/bias",
+        "net/out/kernel",
+        "net/out/bias",
+    ]
+    assert len(log.steps) == 4
+    for step, grads in zip(log.steps, expected, strict=True):
+        for key, g in grads.items():
+            np.testing.assert_allclose(log.gradient(key, step), g, rtol=1e-5, atol=1e-7)
+            counts = log.histogram(key, step)["count"].to_numpy()
+            np.testing.assert_array_equal(counts, reference_bins(g, 4), err_msg=f"{key} {step}")
+
+
+def test_a_ring_buffer_of_two_executions_is_drained_before_it_overflows(monkeypatch):
+    from gradwatch import _plan
+
+    # One slot asked for: the buffer gets its least capacity, two executions, so a
+    # drain one execution late would overwrite steps not yet copied out.
+    monkeypatch.setattr(_plan, "SLOTS", 1)
+    x, y = data(n=48)
+    model, plain = pair()
+    model.compile(keras.optimizers.SGD(0.1), "mse", steps_per_execution=spe(3))
+    watch = gradwatch.GradWatch(stats="norm", values="out/kernel")
+    model.fit(x, y, batch_size=4, shuffle=False, callbacks=[watch], verbose=0)
+    reference = tape_gradients(plain, keras.optimizers.SGD(0.1), batches_of(x, y, 4), mse)
+    log = watch.log
+    np.testing.assert_array_equal(log.steps, np.arange(12))
+    norms = log.stat("norm")
+    for step, grads in enumerate(reference):
+        np.testing.assert_allclose(log.gradient("out/kernel", step), grads[2], rtol=1e-5, atol=1e-7)
+        expected = [np.linalg.norm(g) for g in grads]
+        np.testing.assert_allclose(norms.loc[step].to_numpy(), expected, rtol=1e-5)

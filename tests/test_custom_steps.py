@@ -210,10 +210,11 @@ def critic_loss(model, x, y):
     return ops.mean(model.d(fake, training=True)) - ops.mean(model.d(y, training=True))
 
 
-def _critic_reference(model, x, y, steps, lr_d, lr_g, global_clipnorm):
+def _critic_reference(model, x, y, steps, lr_d, lr_g, global_clipnorm, n_critic=3):
     """The same critic loop by hand, on a twin from `model`'s weights: per step, the
-    generator's gradients and the critic's gradients of each update, in NumPy."""
-    twin = CriticLoop(name=model.name)
+    generator's gradients and the critic's gradients of each of `n_critic` updates, in
+    NumPy. `lr_d` may be a schedule."""
+    twin = CriticLoop(n_critic=n_critic, name=model.name)
     twin(x[:1])
     twin.set_weights(model.get_weights())
     d_opt = keras.optimizers.SGD(lr_d, global_clipnorm=global_clipnorm)
@@ -223,7 +224,7 @@ def _critic_reference(model, x, y, steps, lr_d, lr_g, global_clipnorm):
         xb, yb = x[8 * step : 8 * step + 8], y[8 * step : 8 * step + 8]
         d_vars, g_vars = twin.d.trainable_weights, twin.g.trainable_weights
         critic = []
-        for _ in range(3):
+        for _ in range(n_critic):
             _, gd = grads_of(lambda xb=xb, yb=yb: critic_loss(twin, xb, yb), d_vars)
             critic.append([np.asarray(ops.convert_to_numpy(g), np.float64) for g in gd])
             with no_grad():
@@ -315,6 +316,81 @@ def test_a_critic_loop_keeps_every_update_apart_as_the_tape_computes_it(tmp_path
         read = gradwatch.read_log(path)
         assert read.variables == CRITIC_KEYS
         assert read == log
+
+
+# ExponentialDecay(0.1, decay_steps=4, decay_rate=0.5), written out.
+def _critic_rate(iteration):
+    return 0.1 * 0.5 ** (iteration / 4)
+
+
+@pytest.fixture(scope="module")
+def two_critic_updates():
+    """A critic updated twice a step by its own scheduled optimizer, then the generator
+    by another; watched with patterns that select some variables: the critic's kernel
+    and the generator's bias get stats, the critic's bias is kept whole. 3 steps, with
+    the reference's gradients."""
+    if BACKEND == "jax":
+        return None
+    keras.utils.set_random_seed(11)
+    x, y = data(n=24, features=3, outputs=2)
+    model = CriticLoop(n_critic=2, name="gan")
+    model(x[:1])
+
+    def d_rate():
+        return keras.optimizers.schedules.ExponentialDecay(0.1, 4, 0.5)
+
+    reference = _critic_reference(model, x, y, 3, d_rate(), 0.05, None, n_critic=2)
+    model.compile(keras.optimizers.SGD(d_rate()), keras.optimizers.SGD(0.05))
+    watch = gradwatch.GradWatch(stats="norm", variables=["d/kernel", "g/bias"], values="d/bias")
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, callbacks=[watch], verbose=0)
+    return watch.log, reference
+
+
+def test_patterns_select_every_update_of_a_variable_updated_twice(two_critic_updates):
+    _skip_stateful_steps_on_jax()
+    log, reference = two_critic_updates
+    # Each selected variable in model order, followed by its later update.
+    assert log.variables == [
+        "gan/g/bias",
+        "gan/d/kernel",
+        "gan/d/kernel@1",
+        "gan/d/bias",
+        "gan/d/bias@1",
+    ]
+    assert log.value_variables == ["gan/d/bias", "gan/d/bias@1"]
+    norms = log.stat("norm")
+    for step, (gen, critic) in enumerate(reference):
+        expected = {
+            "gan/g/bias": gen[1],
+            "gan/d/kernel": critic[0][0],
+            "gan/d/kernel@1": critic[1][0],
+        }
+        for key, g in expected.items():
+            assert norms.loc[step, key] == pytest.approx(np.linalg.norm(g), rel=1e-4, abs=1e-7)
+        for key, g in (("gan/d/bias", critic[0][1]), ("gan/d/bias@1", critic[1][1])):
+            np.testing.assert_allclose(log.gradient(key, step), g, rtol=1e-5, atol=1e-7)
+        # The second update saw the weights the first left.
+        assert not np.allclose(critic[0][0], critic[1][0])
+    with pytest.raises(KeyError, match="values="):
+        log.gradient("d/kernel@1", 0)
+
+
+def test_scalars_learning_rate_of_a_two_optimizer_step_is_the_first_optimizers(
+    two_critic_updates,
+):
+    # docs/reference.md: with several optimizers, the rate of the first optimizer the step
+    # applies gradients with, read before its update: the critic's scheduled rate at its
+    # `iterations` before the step's first critic update, 2 per step (not the generator's
+    # 0.05, nor the rate of the `optimizer` that `compile` makes, nor the second update's).
+    _skip_stateful_steps_on_jax()
+    log, _ = two_critic_updates
+    scalars = log.scalars
+    np.testing.assert_array_equal(scalars["step"], [0, 1, 2])
+    np.testing.assert_allclose(
+        scalars["learning_rate"], [_critic_rate(2 * s) for s in range(3)], rtol=1e-6
+    )
+    # The step hands Keras' `loss` metric nothing: no loss (NaN), as documented.
+    assert scalars["loss"].isna().all()
 
 
 class StatelessCriticLoop(keras.Model):

@@ -18,6 +18,7 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+from logfiles import write_log
 from models import Sequential
 
 import gradwatch
@@ -657,3 +658,88 @@ def test_fit_prints_the_errors_and_warnings_unless_silenced(capsys):
     assert "GradWatch" not in fit(2, 0)
     with pytest.raises(ValueError, match=r"`verbose` must be 0.*Received: verbose=2"):
         gradwatch.GradWatch(verbose=2)
+
+
+# --------------------------------------- the global norm of a step with no finite element
+def test_global_norm_leaves_out_a_step_with_no_finite_element_in_the_log_and_the_doctor(
+    tmp_path,
+):
+    # Step 2: every element NaN in every variable (norm NaN, every element counted in
+    # `nonfinite`). Step 4: a norm that overflowed float32 (Inf). A global_clipnorm of 1
+    # clips steps 0, 1 and 3; step 5 is below it.
+    nan, inf = np.nan, np.inf
+    norm = np.array([[3, 4], [6, 8], [nan, nan], [5, 12], [inf, 1], [0.3, 0.4]])
+    clipped = np.array([[0.6, 0.8], [0.6, 0.8], [nan, nan], [5 / 13, 12 / 13], [inf, 1], norm[5]])
+    nonfinite = np.zeros((6, 2))
+    nonfinite[2] = [100, 10]
+    log = write_log(
+        tmp_path / "log.csv",
+        {"m/a/kernel": (10, 10), "m/a/bias": (10,)},
+        {"norm": norm, "clipped_norm": clipped, "nonfinite": nonfinite},
+        alerts=[(2, "m/a/kernel", "nonfinite", 100.0), (2, "m/a/bias", "nonfinite", 10.0)],
+    )
+    # log.global_norm: sqrt(sum norm**2), NaN where no variable has a norm (not 0, which
+    # would read as a vanishing gradient), Inf where a norm is.
+    np.testing.assert_allclose(log.global_norm(), [5, 10, nan, 13, inf, 0.5], rtol=1e-6)
+    # The doctor judges clipping over the steps with a finite global norm: 0, 1, 3 and 5.
+    (row,) = _rows(log.diagnose(), "clipping").itertuples()
+    finite = np.array([5, 10, 13, 0.5])
+    assert row.first_step == 0 and row.last_step == 3
+    assert row.evidence == (
+        "The optimizer clipped 75% of 4 steps (more than 50%): median global norm "
+        f"{np.median(finite):.3g}, {np.median([1, 1, 1, 0.5]):.3g} after clipping."
+    )
+    assert f"global_clipnorm={np.percentile(finite, 90):.3g})" in row.advice
+
+
+# ------------------------------------------ keys of several updates of a variable (`@n`)
+def test_diagnose_names_each_update_of_a_layer_as_by_layer_does(tmp_path):
+    # A critic updated twice a step: `m/d/kernel@1` and `m/d/bias@1` are the layer
+    # `m/d@1`, as `log.by_layer` and the guide name it. That update is dead (90% of its
+    # elements zero at every step) and has NaN elements at step 4; the first is healthy.
+    shapes = {
+        "m/d/kernel": (4, 3),
+        "m/d/bias": (3,),
+        "m/d/kernel@1": (4, 3),
+        "m/d/bias@1": (3,),
+        "m/o/kernel": (3, 1),
+        "m/o/bias": (1,),
+    }
+    later = np.array([False, False, True, True, False, False])
+    nonfinite = np.zeros((10, 6))
+    nonfinite[4, later] = [2, 1]
+    log = write_log(
+        tmp_path / "log.csv",
+        shapes,
+        {
+            "norm": np.ones((10, 6)),
+            "nonfinite": nonfinite,
+            "zero_frac": np.tile(np.where(later, 0.9, 0.0), (10, 1)),
+        },
+        alerts=[(4, "m/d/kernel@1", "nonfinite", 2.0), (4, "m/d/bias@1", "nonfinite", 1.0)],
+    )
+    assert list(log.by_layer("norm").columns) == ["m/d", "m/d@1", "m/o"]
+    findings = log.diagnose()
+    (nan,) = _rows(findings, "nonfinite").itertuples()
+    assert nan.variables == ["m/d@1"] and nan.first_step == 4 == nan.last_step
+    (dead,) = _rows(findings, "dead").itertuples()
+    assert dead.variables == ["m/d@1"]
+    assert (dead.first_step, dead.last_step) == (0, 9)  # (step 4 is NaN: not judged)
+
+
+def test_diagnose_judges_each_update_of_an_embedding_table_as_a_table(tmp_path):
+    # An embedding table updated twice a step, with the same small gradient each time:
+    # a table is not a kernel (docs/diagnose.md), whichever update it is.
+    shapes = {
+        "m/emb/embeddings": (10, 4),
+        "m/emb/embeddings@1": (10, 4),
+        "m/o/kernel": (4, 1),
+        "m/o/bias": (1,),
+    }
+    log = write_log(
+        tmp_path / "log.csv",
+        shapes,
+        {"norm": _const([1e-7, 1e-7, 1.0, 1.0]), "zero_frac": _const([0.0] * 4)},
+    )
+    named = [v for vs in _not_info(log.diagnose())["variables"] for v in vs]
+    assert not [v for v in named if "emb" in v]

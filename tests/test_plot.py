@@ -6,6 +6,7 @@ import itertools
 import matplotlib
 import numpy as np
 import pytest
+from logfiles import write_log
 from PIL import Image
 
 matplotlib.use("Agg")
@@ -213,6 +214,61 @@ def _synthetic(layers, per_layer, steps=5, nonfinite=(), seed=0, huge_at=None, s
     )
     store.add_alerts([(s, k, "nonfinite", 1.0) for s, k in nonfinite])
     return log, keys, norms.astype(np.float32).astype(np.float64)
+
+
+def _two_update_log(tmp_path):
+    """A hand-written log of layer `a` updated twice a step (`a/kernel@1`, `a/bias@1`: the
+    layer `a@1`) and layer `b`; NaN/Inf alerts on `b/kernel` at step 1 and on
+    `a/kernel@1` at step 3. Returns the log and its layers' norms by hand."""
+    shapes = {
+        "net/a/kernel": (3, 2),
+        "net/a/bias": (2,),
+        "net/a/kernel@1": (3, 2),
+        "net/a/bias@1": (2,),
+        "net/b/kernel": (2, 1),
+        "net/b/bias": (1,),
+    }
+    norms = 10.0 ** np.random.default_rng(3).uniform(-2, 1, size=(5, 6))
+    log = write_log(
+        tmp_path / "two.csv",
+        shapes,
+        {"norm": norms},
+        alerts=[(1, "net/b/kernel", "nonfinite", 1.0), (3, "net/a/kernel@1", "nonfinite", 2.0)],
+    )
+    norms = norms.astype(np.float32).astype(np.float64)
+    layers = np.sqrt(norms[:, 0::2] ** 2 + norms[:, 1::2] ** 2)  # a, a@1, b
+    return log, layers
+
+
+def test_charts_by_layer_mark_the_nonfinite_layer_of_each_alert(tmp_path):
+    log, layers = _two_update_log(tmp_path)
+    # flow: a red triangle and a red label on the rows of a@1 and b, and only there.
+    fig = plot.flow(log, by="layer")
+    (ax,) = fig.axes
+    assert _row_labels(fig) == ["a", "a@1", "b"]
+    (marks,) = [
+        c for c in ax.collections if len(c.get_facecolor()) and _is_red(c.get_facecolor()[0])
+    ]
+    np.testing.assert_array_equal(marks.get_offsets()[:, 1], [1, 2])
+    assert [_is_red(t.get_color()) for t in ax.get_yticklabels()] == [False, True, True]
+    # At step 3 only a@1's alert counts.
+    ax = plot.flow(log, by="layer", step=3).axes[0]
+    (marks,) = [
+        c for c in ax.collections if len(c.get_facecolor()) and _is_red(c.get_facecolor()[0])
+    ]
+    np.testing.assert_array_equal(marks.get_offsets()[:, 1], [1])
+    # heatmap: the red cells are (a@1, step 3) and (b, step 1); triangles above steps 1, 3.
+    ax = plot.heatmap(log, by="layer").axes[0]
+    mesh, overlay, triangles = ax.collections
+    np.testing.assert_allclose(mesh.get_array().reshape(3, 5), np.log10(layers.T), rtol=1e-6)
+    red = ~np.ma.getmaskarray(overlay.get_array()).reshape(3, 5)
+    assert sorted(zip(*np.nonzero(red), strict=True)) == [(1, 3), (2, 1)]
+    np.testing.assert_array_equal(triangles.get_offsets()[:, 0], [1, 3])
+    # norms: a red cross on each layer's own alert step, at that layer's norm.
+    ax = plot.norms(log, by="layer").axes[0]
+    assert [line.get_label() for line in ax.get_lines()] == ["a", "a@1", "b"]
+    crosses = sorted(tuple(xy) for c in ax.collections for xy in c.get_offsets())
+    np.testing.assert_allclose(crosses, [(1, layers[1, 2]), (3, layers[3, 1])], rtol=1e-6)
 
 
 def test_charts_group_by_layer_above_30_variables():

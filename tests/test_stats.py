@@ -214,16 +214,34 @@ def _sparse_case(case, rng):
         "repeats": np.array([4, 1, 4, 7, 1, 4], "int32"),
         "every row": np.array([*range(9), 2, 0], "int32")[::-1].copy(),
         "nonfinite": np.array([5, 2, 5], "int32"),
+        "a row nan": np.array([5, 2, 5, 7], "int32"),
+        "touched rows nan": np.array([5, 2, 5], "int32"),
+        "every row nan": np.array([*range(9), 4], "int32"),
     }[case]
     values = rng.normal(size=(len(indices), 3)).astype("float32")
     if case == "nonfinite":
         values[0, 1], values[2, 2] = np.nan, -np.inf
+    if case == "a row nan":  # row 2 wholly NaN, row 5 NaN in one repeat: NaN where summed
+        values[1], values[2, 0] = np.nan, np.nan
+    if case in ("touched rows nan", "every row nan"):
+        values[:] = np.nan
     return values, indices, shape
 
 
 @tf_only  # sparse gradients (IndexedSlices) are TensorFlow's
 @pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
-@pytest.mark.parametrize("case", ["repeats", "every row", "nonfinite", "empty"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "repeats",
+        "every row",
+        "nonfinite",
+        "empty",
+        "a row nan",
+        "touched rows nan",  # the untouched rows' zeros are finite: norm 0, not NaN
+        "every row nan",  # no finite element: norm, mean, min, ... NaN
+    ],
+)
 @pytest.mark.backends
 def test_sparse_gradient_stats_equal_those_of_the_dense_gradient(case, mode):
     import tensorflow as tf
