@@ -122,6 +122,7 @@ READ_SIDE = {
     "gradwatch._frames",
     "gradwatch._log_views",
     "gradwatch._paths",
+    "gradwatch._resume",
     "gradwatch._rules",
     "gradwatch._store",
     "gradwatch._text",
