@@ -451,10 +451,11 @@ class GradWatch(keras.callbacks.Callback):
         model = None if self._model_ref is None else self._model_ref()
         self._since_drain = 0
         block = drain(model, buffer, plan, self._store, self._epoch, self._epoch_start)
+        if anchored and model is not None:
+            # Also where nothing was drained: at each epoch's end (see `_resume`).
+            self._note_anchor(model)
         if block is None:
             return
-        if anchored and model is not None:
-            self._note_anchor(model)
         keys = plan.stat_keys
         self._alarms.from_block(block, keys, self._store)
         for sink in (self._tensorboard_sink, self._parquet):

@@ -163,3 +163,40 @@ def test_unknown_cardinality_python_generator_records_each_batch(kind):
     twin.fit((b for b in BATCHES), epochs=1, verbose=0, shuffle=False)
     check_steps(watch.log, epochs=1)
     check_weights(model, twin)
+
+
+class CrashBefore(keras.callbacks.Callback):
+    """Raises before the step at optimizer iteration `at`."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if int(ops.convert_to_numpy(self.model.optimizer.iterations)) == self.at:
+            raise RuntimeError(f"crash before iteration {self.at}")
+
+
+@tf_only
+def test_unknown_cardinality_backup_mid_epoch_resumes_at_its_step(tmp_path):
+    # Keras' optimizer counts an iteration, but no step, at the end of each epoch of
+    # unknown length (its graph starts the step before `get_next` fails): steps 0-3 are
+    # iterations 0-3, steps 4-7 iterations 5-8, steps 8-11 iterations 10-13. The backup
+    # after the 6th batch (step 5) holds iteration 7; the crash comes before step 11.
+    # Keras restores the epoch: the resumed run trains epoch 1 again from step 6.
+    path = tmp_path / "log"
+    backup = keras.callbacks.BackupAndRestore(tmp_path / "backup", save_freq=6)
+    model, _ = models("mixin", 1)
+    fit = functools.partial(model.fit, epochs=3, verbose=0, shuffle=False)
+    with pytest.raises(RuntimeError, match="crash before iteration 13"):
+        fit(
+            generator_dataset(), callbacks=[backup, gradwatch.GradWatch(path=path), CrashBefore(13)]
+        )
+    assert int(model.optimizer.iterations.numpy()) == 13  # iterations 5 and 10 ran no step
+    fit(generator_dataset(), callbacks=[gradwatch.GradWatch(path=path), backup])
+    log = gradwatch.read_log(path)
+    rows = log.frame.drop_duplicates("step")
+    assert rows["step"].tolist() == list(range(14))
+    assert rows["epoch"].tolist() == [0] * 4 + [1] * 2 + [1] * 4 + [2] * 4
+    assert rows["batch"].tolist() == [0, 1, 2, 3, 0, 1, 0, 1, 2, 3, 0, 1, 2, 3]
+    assert [old.steps.tolist() for old in log.superseded] == [[6, 7, 8, 9, 10]]
