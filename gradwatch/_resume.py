@@ -61,23 +61,28 @@ def restored_step(
     4
     >>> restored_step(11, [(0, 0), (11, 11)], ()) is None  # where the history ends
     True
+    >>> restored_step(2, [(0, 0), (4, 5)], ())  # iteration 5 had no step (an epoch's end)
+    2
     """
     line = timeline(anchors)
     if iteration <= 0 or not line or iteration >= line[-1][1]:
         return None
     after = next(j for j, (_, it) in enumerate(line) if it > iteration)
     step_b, it_b = line[after]
-    # Each step advances the iteration by at most one: the step at `iteration` is at
-    # most this many before the first anchor past it.
-    latest = step_b - (it_b - iteration)
     if after == 0:
-        return max(latest, 0)
+        # Each step advances the iteration by at most one: the step at `iteration` is
+        # at most this many before the first anchor past it.
+        return max(step_b - (it_b - iteration), 0)
+    # On from the anchor before it, one iteration a step but for the skipped ones. (Not
+    # back from the anchor past it: on TensorFlow Keras' optimizer counts an iteration
+    # without a step at the end of each epoch of unknown length, where its `get_next`
+    # found no data; an anchor is noted after each epoch, past that iteration.)
     step, it = line[after - 1]
-    while it < iteration and step < latest:
+    while it < iteration and step < step_b:
         if step not in skipped:
             it += 1
         step += 1
-    return min(step, latest)
+    return step
 
 
 def cutoffs(resumes: Sequence[int | None]) -> list[float]:

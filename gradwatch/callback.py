@@ -31,7 +31,13 @@ from gradwatch.buffer import GradientBuffer
 from gradwatch.findings import fit_summary
 from gradwatch.keys import check_patterns
 from gradwatch.log import GradientLog, store_of
-from gradwatch.mixin import gate_next_step, model_state, setup_gate, step_counter
+from gradwatch.mixin import (
+    gate_next_step,
+    model_state,
+    resync_gate,
+    setup_gate,
+    step_counter,
+)
 from gradwatch.stats import DEFAULT_STATS, UPDATE_STATS, check_stats
 
 Policy = PolicyName
@@ -328,6 +334,8 @@ class GradWatch(keras.callbacks.Callback):
         self._align()
         self._epoch = int(epoch)
         self._epoch_start = next_step(self.model)
+        if model_state(self.model).watches[0] is self:
+            resync_gate(self.model, self._epoch_start)
 
     def _align(self) -> None:
         """Before the first step of a `fit`, after every callback's `on_train_begin` (a
@@ -443,10 +451,11 @@ class GradWatch(keras.callbacks.Callback):
         model = None if self._model_ref is None else self._model_ref()
         self._since_drain = 0
         block = drain(model, buffer, plan, self._store, self._epoch, self._epoch_start)
+        if anchored and model is not None:
+            # Also where nothing was drained: at each epoch's end (see `_resume`).
+            self._note_anchor(model)
         if block is None:
             return
-        if anchored and model is not None:
-            self._note_anchor(model)
         keys = plan.stat_keys
         self._alarms.from_block(block, keys, self._store)
         for sink in (self._tensorboard_sink, self._parquet):

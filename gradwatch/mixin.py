@@ -485,6 +485,17 @@ def gate_next_step(model: Any) -> None:
     model.train_function = state.gate[0] if wanted else state.gate[1]
 
 
+def resync_gate(model: Any, step: int) -> None:
+    """At the start of an epoch: the host's count of the next step is the model's own.
+
+    The host counts an execution at each `on_train_batch_begin`, but at the end of a
+    dataset of unknown cardinality Keras calls it once more for the call that finds no
+    data, which runs no step."""
+    state = model_state(model)
+    if state.gate is not None:
+        state.next_step = step
+
+
 def _anchor(model: Any, state: Any) -> None:
     """Where the model's step count stands after a `fit`, for the next one's resume rules."""
     if state.counter is not None:

@@ -405,11 +405,32 @@ def check_strategy(model: Any) -> None:
 def run_step(fn: Callable, model: Any, commit: Callable, *args: Any, **kwargs: Any) -> Any:
     """Runs (traces) one counted step, and commits its records into it. The step's
     unseeded stateful random ops continue one stream per op across the model's traced
-    train functions (see `continued_random_streams`)."""
+    train functions (see `continued_random_streams`).
+
+    The count and the writes wait for the step's data: see `after_data`."""
     with continued_random_streams(model):
         outputs, scope = run_in_scope(fn, model, *args, **kwargs)
-    commit(model, scope)
+    with after_data(args, kwargs):
+        commit(model, scope)
     return outputs
+
+
+def after_data(*data: Any) -> Any:
+    """A scope whose ops run only once the step's input tensors are there.
+
+    Keras' TensorFlow trainer calls the step on `iterator.get_next()` with
+    `steps_per_execution=1`, and at the end of a dataset of unknown cardinality (a
+    generator, a `filter`) that raises `OutOfRangeError`. The step's function is inlined
+    into the caller's graph, so an op of the step that reads no data (the step
+    counter's increment, the write of the step number) may run before the failed fetch
+    stops the graph: a step that never ran would be counted and written. (Under XLA the
+    step is one op, which waits for its inputs; with `steps_per_execution > 1` Keras
+    runs it in a branch taken only once data was fetched.)
+    """
+    tensors = [t for t in tf.nest.flatten(data, expand_composites=True) if isinstance(t, tf.Tensor)]
+    if not tensors or tf.executing_eagerly():
+        return contextlib.nullcontext()
+    return tf.control_dependencies(tensors)
 
 
 # ------------------------------------------- stateful random ops in the traced step
