@@ -16,6 +16,7 @@ from typing import Any
 from gradwatch import _files, io
 from gradwatch._backend import current as _backend
 from gradwatch._resume import Anchor, add_anchor
+from gradwatch._signals import deferred_interrupt
 from gradwatch._store import Store
 from gradwatch.buffer import Drained
 
@@ -128,16 +129,18 @@ class ParquetSink:
         extra: dict[str, Any] = {"anchors": [list(a) for a in self.anchors]}
         if self.resumed is not None:
             extra["resumed"] = self.resumed
-        try:
-            _files.append_part(
-                self.store, io.run_directory(self.path, self.worker, self.run), extra
-            )
-        except OSError as e:
-            self._failed(e)
-            return
-        self.store.clear_blocks()
-        self.pending = 0
-        self.anchors = []
+        # Ctrl-C waits until the part is written and its steps counted as written.
+        with deferred_interrupt():
+            try:
+                _files.append_part(
+                    self.store, io.run_directory(self.path, self.worker, self.run), extra
+                )
+            except OSError as e:
+                self._failed(e)
+                return
+            self.store.clear_blocks()
+            self.pending = 0
+            self.anchors = []
 
     def _failed(self, e: OSError) -> None:
         # Training goes on; the in-memory log keeps every step from here on.

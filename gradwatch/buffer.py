@@ -162,8 +162,7 @@ class GradientBuffer(StateMetric):
         new = count - self.drained
         lost = max(0, new - self.capacity)
         idx = np.arange(self.drained + lost, count) % self.capacity
-        self.drained = count
-        return Drained(
+        block = Drained(
             steps=read(self.steps.value)[idx].astype(np.int64),
             stats=read(self.stats.value)[idx],
             values=[_backend.read_rows(v, idx) for v in self.values],
@@ -177,3 +176,5 @@ class GradientBuffer(StateMetric):
             lost=lost,
             scalars=read(self.scalars.value)[idx],
         )
+        self.drained = count  # only once every slot is on the host
+        return block

@@ -25,6 +25,7 @@ from gradwatch._capture import align, anchor, first_step, next_step
 from gradwatch._compute import traced_for_xla
 from gradwatch._drain import drain, drain_due
 from gradwatch._plan import Plan, make_buffer, make_plan, signature_of
+from gradwatch._signals import deferred_interrupt
 from gradwatch._sinks import ParquetSink, TensorBoardSink
 from gradwatch._step import Records, restore_class, update_counts
 from gradwatch.buffer import GradientBuffer
@@ -428,11 +429,12 @@ class GradWatch(keras.callbacks.Callback):
         """Drains what is left and detaches from the model; safe to call twice."""
         state = model_state(model)
         try:
-            self._drain()
-            if self in state.watches:  # where this fit left the model's step count
-                self._note_anchor(model)
-            if self._parquet is not None:
-                self._parquet.close()
+            with deferred_interrupt():  # Ctrl-C waits until every step is written
+                self._drain()
+                if self in state.watches:  # where this fit left the model's step count
+                    self._note_anchor(model)
+                if self._parquet is not None:
+                    self._parquet.close()
         finally:
             if self in state.watches:
                 state.watches.remove(self)
@@ -450,17 +452,19 @@ class GradWatch(keras.callbacks.Callback):
             return
         model = None if self._model_ref is None else self._model_ref()
         self._since_drain = 0
-        block = drain(model, buffer, plan, self._store, self._epoch, self._epoch_start)
-        if anchored and model is not None:
-            # Also where nothing was drained: at each epoch's end (see `_resume`).
-            self._note_anchor(model)
-        if block is None:
-            return
-        keys = plan.stat_keys
-        self._alarms.from_block(block, keys, self._store)
-        for sink in (self._tensorboard_sink, self._parquet):
-            if sink is not None:
-                sink.write(block, keys)
+        # Ctrl-C waits until the block is in the store and the sinks (`_signals`).
+        with deferred_interrupt():
+            block = drain(model, buffer, plan, self._store, self._epoch, self._epoch_start)
+            if anchored and model is not None:
+                # Also where nothing was drained: at each epoch's end (see `_resume`).
+                self._note_anchor(model)
+            if block is None:
+                return
+            keys = plan.stat_keys
+            self._alarms.from_block(block, keys, self._store)
+            for sink in (self._tensorboard_sink, self._parquet):
+                if sink is not None:
+                    sink.write(block, keys)
 
     def _note_anchor(self, model: Any) -> None:
         pair = anchor(model)

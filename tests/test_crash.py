@@ -23,6 +23,8 @@ from models import data, layers
 from reference import batches_of, mse, tape_gradients
 
 import gradwatch
+import gradwatch._files
+import gradwatch.buffer
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = ROOT / "tests" / "crash_run.py"
@@ -187,3 +189,46 @@ def test_crash_plain_model_is_plain_keras_again_after_fit_raises(tmp_path):
         m.fit(x, y, **fit)
     for a, b in zip(model.get_weights(), twin.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("where", ["after_copy", "in_part"])
+def test_crash_ctrl_c_in_a_drain_loses_no_step(tmp_path, monkeypatch, where):
+    """A real SIGINT delivered at the worst moment: right after the ring buffer's slots
+    were copied to the host (before the store has them), or while a part is written.
+    The KeyboardInterrupt still ends `fit`, and the log on disk holds every step run."""
+    original = {
+        "after_copy": gradwatch.buffer.GradientBuffer.drain,
+        "in_part": gradwatch._files.append_part,
+    }[where]
+    sent = []
+
+    def interrupted(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if not sent:
+            sent.append(True)
+            signal.raise_signal(signal.SIGINT)  # Python runs the handler at once
+        return out
+
+    if where == "after_copy":
+        monkeypatch.setattr(gradwatch.buffer.GradientBuffer, "drain", interrupted)
+    else:
+        monkeypatch.setattr(gradwatch._files, "append_part", interrupted)
+    x, y = data(n=40)
+    model = keras.Sequential(layers(), name="net")
+    ref = keras.Sequential(layers(), name="net")
+    ref.set_weights(model.get_weights())
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    # A part every 4 steps: the first part is written (and interrupted) at step 4.
+    watch = gradwatch.GradWatch(stats="norm", path=tmp_path / "run", flush_every=4, verbose=0)
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(x, y, batch_size=4, epochs=2, shuffle=False, callbacks=[watch], verbose=0)
+    assert sent
+    ran = int(model.optimizer.iterations.numpy())
+    assert ran >= 1
+    disk = gradwatch.read_log(tmp_path / "run")
+    np.testing.assert_array_equal(disk.steps, np.arange(ran))
+    grads = tape_gradients(ref, keras.optimizers.SGD(0.1), (batches_of(x, y, 4) * 2)[:ran], mse)
+    for j, key in enumerate(disk.variables):
+        expected = [np.linalg.norm(g[j]) for g in grads]
+        np.testing.assert_allclose(disk.stat("norm")[key], expected, rtol=1e-5)
+    assert type(model) is keras.Sequential
