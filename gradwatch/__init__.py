@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # for type checkers; imported on first use, below
     from gradwatch.io import read_log
     from gradwatch.log import GradientLog
     from gradwatch.mixin import GradWatchMixin, Model, Sequential, record_gradients
+    from gradwatch.sinks import Sink, SinkBlock
     from gradwatch.stats import DEFAULT_STATS, STATS
 
 __version__ = "0.1.0"
@@ -26,6 +27,8 @@ __all__ = [
     "GradientLog",
     "Model",
     "Sequential",
+    "Sink",
+    "SinkBlock",
     "__version__",
     "read_log",
     "record_gradients",
@@ -46,11 +49,24 @@ _LAZY_NAMES = {
     "Model": "gradwatch.mixin",
     "Sequential": "gradwatch.mixin",
     "record_gradients": "gradwatch.mixin",
+    "Sink": "gradwatch.sinks",
+    "SinkBlock": "gradwatch.sinks",
 }
 # Imported on first use: `gradwatch.plot` needs matplotlib, `callback`, `mixin`,
-# `buffer` and `sparse` Keras, the others pandas. (The command line, report and
+# `buffer` and `sparse` Keras, `sinks` NumPy, the others pandas. (The command line, report and
 # TensorBoard modules are imported by name.)
-_LAZY_MODULES = ("plot", "callback", "mixin", "buffer", "sparse", "io", "log", "stats", "keys")
+_LAZY_MODULES = (
+    "plot",
+    "callback",
+    "mixin",
+    "buffer",
+    "sparse",
+    "sinks",
+    "io",
+    "log",
+    "stats",
+    "keys",
+)
 
 register_when_keras_loads()
 

@@ -21,7 +21,7 @@ import keras
 from gradwatch._backend import current as _backend
 from gradwatch._capture import counted
 from gradwatch._step import model_state, release_watches
-from gradwatch.mixin import ApplyInterceptor, GradWatchMixin, optimizers_of
+from gradwatch.mixin import ApplyInterceptor, GradWatchMixin, optimizers_of, setup_gate
 
 _CLASSES: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
 
@@ -41,6 +41,27 @@ def adopt(model: Any) -> bool:
         state.captured, state.gate = {}, None
     state.stock_function = _backend.stock_train_function(model, model.train_function)
     return True
+
+
+def join(model: Any, watch: Any) -> None:
+    """Attaches `watch` to the model's watches where the model's own `fit` did not (a
+    plain model, or `fit` of a class that overrides it), with the train function traced
+    for the watches now attached (the one traced before for them, on an adopted model);
+    and sets up the gating of `every` for them all."""
+    state = model_state(model)
+    joined = watch not in state.watches
+    if joined:
+        state.watches.append(watch)
+        state.traced_with = tuple(state.watches)
+        adopted = state.adopted_from is not None
+        if adopted and state.traced_with in state.captured:
+            model.train_function = state.captured[state.traced_with]  # traced before
+        else:
+            model.make_train_function(force=True)
+            if adopted:
+                state.captured[state.traced_with] = model.train_function
+    if state.watches[0] is watch or joined:
+        setup_gate(model)  # again when a watch joins: the gate serves them all
 
 
 def guard_fit() -> None:

@@ -4,8 +4,9 @@ fix it."""
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,38 @@ import numpy as np
 
 from gradwatch._alarms import POLICIES
 from gradwatch.stats import DEFAULT_BINS_PER_DECADE
+
+
+def call_repr(
+    name: str,
+    parameters: Mapping[str, inspect.Parameter],
+    given: Mapping[str, Any],
+    always: Sequence[str],
+) -> str:
+    """`name(arg=value, ...)`, as a call reads: the `always` arguments, and each other
+    one of `given` that differs from its default in `parameters`."""
+    shown = []
+    for arg, parameter in parameters.items():
+        value = given.get(arg, parameter.default)
+        if arg in always or not _same(value, parameter.default):
+            shown.append(f"{arg}={_show(value)}")
+    return f"{name}({', '.join(shown)})"
+
+
+def _same(value: Any, default: Any) -> bool:
+    if value is default:
+        return True
+    try:
+        return bool(type(value) is type(default) and value == default)
+    except Exception:  # an array-like compares elementwise: not the default
+        return False
+
+
+def _show(value: Any) -> str:
+    """An argument as it reads in a call (a path as its string)."""
+    if isinstance(value, os.PathLike):
+        return repr(os.fspath(value))
+    return repr(value)
 
 
 def check_flag(value: Any, arg: str) -> bool:
@@ -126,3 +159,53 @@ def unsupported_settings(watch: Any, backend: Any, backend_name: str) -> None:
             f"{backend_name} backend of Keras. Drop these settings, or train "
             "with KERAS_BACKEND=tensorflow, where they work."
         )
+
+
+def check_sinks(value: Any) -> list[Any]:
+    """`GradWatch(sinks=...)`: a list of objects with `write(block)` and `close()`."""
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(
+            "`sinks` must be a list of sinks (objects with `write(block)` and `close()`; "
+            f"see `gradwatch.Sink`), or None. Received: sinks={value!r}. "
+            "For one sink, pass sinks=[sink]."
+        )
+    seen: set[int] = set()
+    for i, sink in enumerate(value):
+        received = f"Received: sinks[{i}]={sink!r}"
+        if isinstance(sink, type):
+            raise TypeError(
+                f"`sinks` takes sink objects, not classes. {received}. "
+                f"Pass an instance: sinks=[{sink.__name__}()]."
+            )
+        missing = [m for m in ("write", "close") if not callable(getattr(sink, m, None))]
+        if missing:
+            raise TypeError(
+                "Each of `sinks` must have the methods `write(block)` and `close()` "
+                f"(see `gradwatch.Sink`); {type(sink).__name__} lacks "
+                f"{' and '.join(f'`{m}`' for m in missing)}. {received}"
+            )
+        if not _takes_one_argument(sink.write):
+            raise TypeError(
+                "A sink's `write` is called with one argument, the `gradwatch.SinkBlock` "
+                f"of the drained steps; {type(sink).__name__}.write cannot take it. "
+                f"Define it as `def write(self, block): ...`. {received}"
+            )
+        if id(sink) in seen:
+            raise ValueError(
+                f"`sinks` lists the same sink twice, which would get every block twice. "
+                f"{received}. List each sink once."
+            )
+        seen.add(id(sink))
+    return list(value)
+
+
+def _takes_one_argument(method: Any) -> bool:
+    try:
+        inspect.signature(method).bind(None)
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (a builtin): called as given
+        return True
+    return True

@@ -1,17 +1,19 @@
 """Draining: the ring buffer's new slots, copied to the host as one block and added to
-the store; and when a drain is due."""
+the store; the block as the sinks get it; and when a drain is due."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from gradwatch._backend import current as _backend
 from gradwatch._plan import Plan
-from gradwatch._store import Store
+from gradwatch._store import SCALARS, Store
 from gradwatch.buffer import Drained, GradientBuffer
+from gradwatch.sinks import SinkBlock
 
 
 def drain(
@@ -49,6 +51,39 @@ def drain(
     )
     store.add_skipped(block.steps[block.skipped])
     return block
+
+
+def sink_block(
+    block: Drained,
+    plan: Plan,
+    epoch: int,
+    epoch_start: int,
+    stats: Sequence[str],
+    bins_per_decade: int | None,
+) -> SinkBlock:
+    """The drained block as the sinks get it: each stat, scalar and kept gradient by
+    name, in views of the drained arrays (no copy)."""
+    kept = [(plan.keys[i], tuple(plan.variables[i].shape)) for i in plan.value_index]
+    k = len(block.steps)
+    replica = block.replica_stats
+    scalars = block.scalars
+    return SinkBlock(
+        steps=block.steps.view(),  # views: the sinks see read-only ones, the store not
+        epoch=int(epoch),
+        batches=block.steps - epoch_start,
+        keys=tuple(plan.stat_keys),
+        stats={name: block.stats[:, :, j] for j, name in enumerate(stats)},
+        scalars=None if scalars is None else {n: scalars[:, j] for j, n in enumerate(SCALARS)},
+        skipped=block.skipped.view(),
+        values={
+            key: v.reshape((k, *shape)) for (key, shape), v in zip(kept, block.values, strict=True)
+        },
+        histograms=None if block.hist is None else block.hist.view(),
+        bins_per_decade=bins_per_decade if block.hist is not None else None,
+        replica_stats=(
+            None if replica is None else {name: replica[:, :, :, j] for j, name in enumerate(stats)}
+        ),
+    )
 
 
 def drain_due(since_drain: int, steps_per_execution: int, capacity: int, room: int | None) -> bool:

@@ -1,5 +1,5 @@
 """The plan of a watch: which of the model's trainable variables get stats and kept
-tensors, and the ring buffer sized for them."""
+tensors, and the ring buffer sized for them; `Planner` keeps both up to date."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 
 from gradwatch._backend import current as _backend
+from gradwatch._capture import step_counter
 from gradwatch._catalogue import histogram_bin_count
-from gradwatch._step import record_key
+from gradwatch._step import Records, record_key, update_counts
 from gradwatch._store import SCALARS, Store
 from gradwatch.buffer import GradientBuffer
 from gradwatch.keys import match_patterns, model_paths, variable_keys
@@ -165,6 +166,110 @@ def make_buffer(model: Any, plan: Plan, watch: Any) -> GradientBuffer:
             prev_size=prev_size,
             n_replicas=n_replicas,
         )
+
+
+class Planner:
+    """A watch's plan and ring buffer: made from the model's variables (at the start of
+    training, or inside the first traced step of a model built there), and made again
+    when the variables change or the step updates a variable more often."""
+
+    def __init__(self, watch: Any, store: Store):
+        self.watch, self.store = watch, store
+        self.plan: Plan | None = None
+        self.buffer: GradientBuffer | None = None
+        # id(variable) -> its updates in one step, where a step updates it more than once.
+        self.counts: dict[int, int] = {}
+        # An argument that the model's variables refuse (a `variables` pattern matching
+        # none), found inside the traced step: raised on the host, after the step.
+        self.error: ValueError | None = None
+
+    def prepare(self, model: Any) -> Plan | None:
+        """At the start of training: the checks of the arguments against the model's
+        variables, made before any step where they can be; and on JAX the plan, the ring
+        buffer and the step counter, which travel in the stateless step's state and so
+        must exist before Keras gathers it. Returns the plan where it is made now."""
+        if _backend.STATE_IN_STEP:
+            plan = self.plan_for(model)
+            self.buffer_for(model, plan)
+            step_counter(model)
+            return plan
+        if _backend.EAGER and self.stale(model):
+            # The step runs eagerly and applies the update before it records: match
+            # the patterns now, so that one matching nothing fails before any step; and
+            # make the counter, which starts at `iterations` before any update. (The plan
+            # itself is made at the first step, which shows how many times it updates
+            # each variable.)
+            make_plan(model, self.watch, None)
+            step_counter(model)
+        elif model.trainable_weights:
+            # Built before training: match the patterns now too, so that one matching
+            # nothing fails before any step. (A model built in its first step is matched
+            # in that trace; see `in_step`.)
+            make_plan(model, self.watch, None)
+        return None
+
+    def in_step(self, model: Any, records: Records) -> Plan | None:
+        """The plan, made inside the step being traced; None if the model's variables
+        refuse the arguments. A model built in its first step (a `Sequential` without
+        an `Input`) creates its variables in that trace, and they are initialized only
+        once the trace completes: an error raised there would leave them so for the
+        session. The trace therefore completes without this watch's capture, and the
+        error is raised on the host after that step (`take_error`)."""
+        if self.error is not None:
+            return None
+        try:
+            return self.plan_for(model, records)
+        except ValueError as e:
+            self.error = e
+            return None
+
+    def take_error(self) -> ValueError | None:
+        error, self.error = self.error, None
+        return error
+
+    def plan_for(self, model: Any, records: Records | None = None) -> Plan:
+        """The plan for the model's trainable variables and, from the step's `records`,
+        the number of times the step updates each (the counts only grow: an update
+        that a later step lacks is NaN there)."""
+        counts = self.counts
+        grown = {
+            k: n for k, n in update_counts(records or {}).items() if n > max(counts.get(k, 1), 1)
+        }
+        if grown:
+            counts = self.counts = {**counts, **grown}
+        plan = self.plan
+        current = plan is not None and plan.signature == signature_of(model)
+        if current and plan.counts == counts:
+            return plan
+        if _backend.STATE_IN_STEP and records is not None and current and self.buffer is not None:
+            # JAX: the ring buffer travels in the step's state, which Keras gathered
+            # before this trace; the next `fit` makes the plan with every update.
+            if grown:
+                _warn_updates_next_fit(plan, grown)
+            return plan
+        self.plan = make_plan(model, self.watch, self.store, counts)
+        self.buffer = None  # a new plan needs a buffer of its own shape
+        return self.plan
+
+    def buffer_for(self, model: Any, plan: Plan) -> GradientBuffer:
+        if self.buffer is None:
+            self.buffer = make_buffer(model, plan, self.watch)
+        return self.buffer
+
+    def stale(self, model: Any) -> bool:
+        """Whether there is no plan yet for the model's current variables."""
+        return self.plan is None or self.plan.signature != signature_of(model)
+
+
+def _warn_updates_next_fit(plan: Plan, grown: dict[int, int]) -> None:
+    keys = [k for v, k in zip(plan.variables, plan.keys, strict=True) if id(v) in grown]
+    warnings.warn(
+        f"GradWatch: the train step updates {keys} more than once. This `fit` records "
+        "their first update only, as the log's layout travels in the step's state, which "
+        "was made before the step was traced; a later `fit` with this GradWatch records "
+        "every update (`key`, `key@1`, ...).",
+        stacklevel=4,
+    )
 
 
 def _is_float(variable: Any) -> bool:

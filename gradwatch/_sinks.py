@@ -1,9 +1,10 @@
 """Where a watch's drained blocks go besides memory: the streamed Parquet dataset
-(`path=`) and TensorBoard summaries (`tensorboard_dir=`).
+(`path=`), TensorBoard summaries (`tensorboard_dir=`) and the user's own sinks
+(`sinks=`), all behind one `Sinks` fan-out.
 
-A sink takes each drained block (`write(block, keys)`) and is closed at the end
-(`close()`). A failed write warns once; training goes on, and the in-memory log
-keeps every step.
+Each is a `gradwatch.Sink`: it takes each drained `SinkBlock` (`write(block)`) and is
+closed at the end of each `fit` (`close()`). A failed write warns once and stops that
+sink; training goes on, and the in-memory log keeps every step.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from gradwatch import _files, io
 from gradwatch._backend import current as _backend
+from gradwatch._capture import align, anchor, first_step, next_step
 from gradwatch._resume import Anchor, add_anchor
 from gradwatch._signals import deferred_interrupt
 from gradwatch._store import Store
-from gradwatch.buffer import Drained
+from gradwatch.sinks import Sink, SinkBlock
 
 
 class ParquetSink:
@@ -43,6 +47,7 @@ class ParquetSink:
         # `[step, iteration]` where this run went on from a model restored to an earlier
         # iteration: the earlier runs' rows from `step` on are superseded.
         self.resumed: list[int] | None = None
+        self.read: tuple[int, Any] | None = None  # (parts, the log read from them)
 
     def open(self, model: Any, stats: list[str], bins_per_decade: int | None, per_replica: bool):
         """Prepares `path` at the start of training; refuses a log it cannot continue."""
@@ -84,6 +89,19 @@ class ParquetSink:
         except OSError as e:
             raise OSError(f"Cannot create the log directory '{target}': {e.strerror or e}.") from e
 
+    def read_back(self) -> Any:
+        """The log this worker wrote to `path` (after writing what memory holds as a
+        part), or None where memory holds it all (no part, or the writes failed)."""
+        if not self.active:
+            return None
+        self.close()
+        parts = io.dataset_parts(self.path).get(self.worker, []) if self.path.is_dir() else []
+        if self.failed or not parts:
+            return None
+        if self.read is None or self.read[0] != len(parts):
+            self.read = (len(parts), io.read_log(self.path, worker=self.worker))
+        return self.read[1]
+
     @property
     def active(self) -> bool:
         """Whether this process writes parts (not failed, and the chief or all workers)."""
@@ -116,9 +134,9 @@ class ParquetSink:
         """Recorded steps that may still be drained before a part is due."""
         return self.flush_every - self.pending
 
-    def write(self, block: Drained, keys: list[str]) -> None:
+    def write(self, block: SinkBlock) -> None:
         """Counts the block (already in the store); writes a part once `flush_every` are held."""
-        self.pending += len(block.steps)
+        self.pending += len(block)
         if self.active and self.pending >= self.flush_every:
             self.close()
 
@@ -152,27 +170,48 @@ class ParquetSink:
         )
 
 
+def align_fit(model: Any, store: Store, steps: np.ndarray, sink: ParquetSink | None) -> None:
+    """Before the first step of a `fit`, after every callback's `on_train_begin` (a
+    `keras.callbacks.BackupAndRestore` restores the model there): numbers the steps as
+    the optimizer counts them, and supersedes the recorded `steps` that a model restored
+    to an earlier iteration trains again (see `gradwatch._resume`): in the streamed
+    run's parts where `sink` writes them, else in the store."""
+    active = sink is not None and sink.active
+    history = sink.history if active else None
+    superseded = align(model, history, None if sink is None else sink.path)
+    step, iteration = next_step(model), first_step(model)
+    mine = len(steps) > 0 and steps[-1] >= step  # this watch's, not yet written
+    if active:
+        if mine:
+            superseded = step if superseded is None else min(superseded, step)
+        if superseded is not None:
+            sink.resume(superseded, iteration)
+        sink.note((step, iteration))
+    elif mine:
+        store.add_superseded(store.split_from(step))
+
+
 class TensorBoardSink:
     """Writes each drained block as TensorBoard summaries, at its step numbers: the
-    `norm` stat (where recorded) and the histograms (with `histogram`)."""
+    `norm` stat (where recorded) and the histograms (where recorded)."""
 
-    def __init__(self, logdir: Path, stats: list[str], bins_per_decade: int | None):
+    def __init__(self, logdir: Path):
         self.logdir = logdir
-        self.stats = list(stats)
-        self.bins_per_decade = bins_per_decade
         self.writer: Any = None  # a gradwatch.tensorboard.TensorBoardWriter once used
         self.failed = False
 
-    def write(self, block: Drained, keys: list[str]) -> None:
+    def write(self, block: SinkBlock) -> None:
         if self.failed:
             return
         if self.writer is None:
             from gradwatch.tensorboard import TensorBoardWriter
 
             self.writer = TensorBoardWriter(self.logdir)
-        norms = block.stats[:, :, self.stats.index("norm")] if "norm" in self.stats else None
+        norms = block.stats.get("norm")
         try:
-            self.writer.write(block.steps, keys, norms, block.hist, self.bins_per_decade)
+            self.writer.write(
+                block.steps, block.keys, norms, block.histograms, block.bins_per_decade
+            )
         except OSError as e:
             # As with `path`: training goes on, and the log keeps every step.
             self.failed = True
@@ -186,3 +225,113 @@ class TensorBoardSink:
         if self.writer is not None:
             with contextlib.suppress(OSError):
                 self.writer.close()
+
+
+class UserSink:
+    """A sink from `GradWatch(sinks=...)`, guarded: its first error (in `write` or
+    `close`) warns and stops it, and training goes on. Its `close` is called all the same."""
+
+    def __init__(self, sink: Sink):
+        self.sink = sink
+        self.failed = False
+
+    def write(self, block: SinkBlock) -> None:
+        if self.failed:
+            return
+        try:
+            self.sink.write(block)
+        except Exception as e:  # the user's code: training goes on without it
+            self._failed("write", e)
+
+    def close(self) -> None:
+        try:
+            self.sink.close()
+        except Exception as e:
+            self._failed("close", e)
+
+    def _failed(self, method: str, e: Exception) -> None:
+        if self.failed:  # warned once already: this error likely follows from that one
+            return
+        self.failed = True
+        warnings.warn(
+            f"GradWatch's sink {self.sink!r} raised {type(e).__name__} in `{method}`: {e}. "
+            "It gets no further blocks; training goes on, and `watch.log` keeps every step.",
+            stacklevel=3,
+        )
+
+
+class Sinks:
+    """A watch's sinks, in order: TensorBoard and the streamed Parquet log where asked
+    for, then the user's own. Each drained block goes to each sink, and each is closed
+    once at the end of a `fit`. Also the streamed run's bookkeeping: its anchors and
+    the alignment of the step count at the start of a `fit` (`align`)."""
+
+    def __init__(self, watch: Any, log: Any, store: Store):
+        self.store = store
+        self.parquet = (
+            None
+            if watch.path is None
+            else ParquetSink(watch.path, watch.flush_every, watch.all_workers, log, store)
+        )
+        tensorboard = (
+            None if watch.tensorboard_dir is None else TensorBoardSink(watch.tensorboard_dir)
+        )
+        builtin = [s for s in (tensorboard, self.parquet) if s is not None]
+        self.sinks: list[Sink] = [*builtin, *(UserSink(s) for s in watch.sinks)]
+        self.open = False  # between the start of a `fit` and the sinks' `close`
+        self.aligned = True  # the step count, once a `fit` has begun (`align`)
+
+    def __bool__(self) -> bool:
+        return bool(self.sinks)
+
+    def begin(self, model: Any, watch: Any) -> None:
+        """At the start of a `fit`: prepares `path` (refusing a log it cannot continue)."""
+        if self.parquet is not None:
+            self.parquet.open(model, watch.stats, watch.histogram or None, watch.per_replica)
+        self.open, self.aligned = True, False
+
+    def align(self, model: Any, steps: np.ndarray) -> None:
+        """Once per `fit`, before its first step: see `align_fit`."""
+        if not self.aligned:
+            self.aligned = True
+            align_fit(model, self.store, steps, self.parquet)
+
+    def room(self) -> int | None:
+        """Recorded steps that may still be drained before a part is due (None: no parts)."""
+        sink = self.parquet
+        return sink.room() if sink is not None and sink.writes else None
+
+    def note_anchor(self, model: Any) -> None:
+        """Notes where the model's step count stands against its optimizer's, for the
+        next part (see `gradwatch._resume`)."""
+        pair = anchor(model)
+        if pair is not None and self.parquet is not None:
+            self.parquet.note(pair)
+
+    def write_part(self) -> None:
+        """Writes what memory holds to `path`, where streaming."""
+        if self.parquet is not None:
+            self.parquet.close()
+
+    def read_back(self) -> Any:
+        """The log written to `path`, or None where memory holds it (`ParquetSink.read_back`)."""
+        return None if self.parquet is None else self.parquet.read_back()
+
+    def write(self, block: SinkBlock) -> None:
+        for sink in self.sinks:
+            sink.write(block)
+
+    def close(self) -> None:
+        """Closes every sink once per `fit` (a second call does nothing); an error of
+        one is raised after the others are closed."""
+        if not self.open:
+            return
+        self.open = False
+        error: Exception | None = None
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as e:
+                error = error or e
+        if error is not None:
+            raise error

@@ -16,29 +16,23 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradwatch import _args, _derived, _in_step, io
-from gradwatch._adopt import adopt, guard_fit
+from gradwatch import _args, _derived, _in_step
+from gradwatch._adopt import adopt, guard_fit, join
 from gradwatch._alarms import Alarms, PolicyName
 from gradwatch._backend import NAME as _BACKEND_NAME
 from gradwatch._backend import current as _backend
-from gradwatch._capture import align, anchor, first_step, next_step
+from gradwatch._capture import next_step
 from gradwatch._compute import traced_for_xla
-from gradwatch._drain import drain, drain_due
-from gradwatch._plan import Plan, make_buffer, make_plan, signature_of
+from gradwatch._drain import drain, drain_due, sink_block
+from gradwatch._plan import Planner
 from gradwatch._signals import deferred_interrupt
-from gradwatch._sinks import ParquetSink, TensorBoardSink
-from gradwatch._step import Records, restore_class, update_counts
-from gradwatch.buffer import GradientBuffer
+from gradwatch._sinks import Sinks
+from gradwatch._step import Records, restore_class
 from gradwatch.findings import fit_summary
 from gradwatch.keys import check_patterns
 from gradwatch.log import GradientLog, store_of
-from gradwatch.mixin import (
-    gate_next_step,
-    model_state,
-    resync_gate,
-    setup_gate,
-    step_counter,
-)
+from gradwatch.mixin import gate_next_step, model_state, resync_gate
+from gradwatch.sinks import Sink
 from gradwatch.stats import DEFAULT_STATS, UPDATE_STATS, check_stats
 
 Policy = PolicyName
@@ -102,6 +96,11 @@ class GradWatch(keras.callbacks.Callback):
             log's step numbers, each time the buffer is drained; see
             `gradwatch.tensorboard`. Needs the `norm` stat or `histogram`.
             Defaults to `None`.
+        sinks: Your own sinks (`gradwatch.Sink`: objects with `write(block)` and
+            `close()`), in a list: each gets every drained block of recorded
+            steps (a `gradwatch.SinkBlock`), in step order, and `close()` at the
+            end of each `fit`, also when it raises. A sink that raises is warned
+            about and gets no more blocks; training goes on. Defaults to `None`.
         per_replica: Under `tf.distribute`, also record the stats of each
             replica's local gradient (as Keras hands it to the optimizer),
             in rows with a `replica` number; the other rows hold the global
@@ -159,6 +158,7 @@ class GradWatch(keras.callbacks.Callback):
         min_norm: float | None = None,
         on_threshold: Policy = "warn",
         tensorboard_dir: str | os.PathLike | None = None,
+        sinks: Sequence[Sink] | None = None,
         per_replica: bool = False,
         all_workers: bool = False,
         verbose: int | str = "auto",
@@ -202,29 +202,13 @@ class GradWatch(keras.callbacks.Callback):
         )
         self.checks_every_step = self._alarms.checks_every_step
         self.needs_weights = any(s in UPDATE_STATS for s in self.stats)
-        self._parquet = (
-            None
-            if self.path is None
-            else ParquetSink(self.path, self.flush_every, self.all_workers, self._log, self._store)
-        )
-        self._tensorboard_sink = (
-            None
-            if self.tensorboard_dir is None
-            else TensorBoardSink(self.tensorboard_dir, self.stats, self.histogram or None)
-        )
-        self._read_cache: tuple[int, GradientLog] | None = None
+        self.sinks = _args.check_sinks(sinks)
+        self._sinks = Sinks(self, self._log, self._store)  # built-in ones, then `sinks`
         self._model_ref: weakref.ref | None = None
-        self._plan: Plan | None = None
-        # An argument that the model's variables refuse (a `variables` pattern matching
-        # none), found inside the traced step: raised on the host, after the step.
-        self._plan_error: ValueError | None = None
-        self._buffer: GradientBuffer | None = None
-        # id(variable) -> its updates in one step, where a step updates it more than once.
-        self._update_counts: dict[int, int] = {}
+        self._planner = Planner(self, self._store)  # the plan and ring buffer
         self._epoch = 0
         self._epoch_start = 0
         self._since_drain = 0
-        self._aligned = True  # until a `fit` begins
 
     def __repr__(self) -> str:
         """The settings, as a call: what is recorded (`variables`, `stats`, `every`)
@@ -241,33 +225,15 @@ class GradWatch(keras.callbacks.Callback):
 
         ```
         """  # noqa: E501 (a repr is one line)
-        shown = []
-        for name, parameter in _PARAMETERS.items():
-            value = self._arguments.get(name, parameter.default)
-            if name in _ALWAYS_SHOWN or not _same(value, parameter.default):
-                shown.append(f"{name}={_show(value)}")
-        return f"{type(self).__name__}({', '.join(shown)})"
+        return _args.call_repr(type(self).__name__, _PARAMETERS, self._arguments, _ALWAYS_SHOWN)
 
     @property
     def log(self) -> GradientLog:
         """The recorded history. With `path`, what was written there plus what was not yet."""
         # Steps still on the device, when read while training runs.
         self._drain()
-        sink = self._parquet
-        if sink is None or not sink.active:
-            return self._log
-        sink.close()
-        parts = io.dataset_parts(self.path).get(sink.worker, []) if self.path.is_dir() else []
-        if sink.failed or not parts:
-            return self._log
-        if self._read_cache is None or self._read_cache[0] != len(parts):
-            self._read_cache = (len(parts), io.read_log(self.path, worker=sink.worker))
-        return self._read_cache[1]
-
-    @property
-    def _tensorboard(self) -> Any:
-        """The TensorBoard writer, once used."""
-        return None if self._tensorboard_sink is None else self._tensorboard_sink.writer
+        written = self._sinks.read_back()
+        return self._log if written is None else written
 
     # ------------------------------------------------------------- host side
     def on_train_begin(self, logs: dict | None = None) -> None:
@@ -288,93 +254,35 @@ class GradWatch(keras.callbacks.Callback):
     def _attach(self, model: Any) -> None:
         _args.check_model(model, _backend, _BACKEND_NAME)
         _args.unsupported_settings(self, _backend, _BACKEND_NAME)
-        if _backend.STATE_IN_STEP:
-            # The ring buffer, the step counter and the alarm travel in the stateless
-            # step's state: they must exist before Keras gathers it.
-            plan = self._plan_for(model)
-            self._buffer_for(model, plan)
-            step_counter(model)
-            if self.checks_every_step:
-                self._alarms.alarm_for(len(plan.stat_index))
-        elif _backend.EAGER and (self._plan is None or self._plan.signature != signature_of(model)):
-            # The step runs eagerly and applies the update before it records: match
-            # the patterns now, so that one matching nothing fails before any step; and
-            # make the counter, which starts at `iterations` before any update. (The plan
-            # itself is made at the first step, which shows how many times it updates
-            # each variable.)
-            make_plan(model, self, None)
-            step_counter(model)
-        elif model.trainable_weights:
-            # Built before training: match the patterns now too, so that one matching
-            # nothing fails before any step. (A model built in its first step is matched
-            # in that trace; see `_plan_in_step`.)
-            make_plan(model, self, None)
-        if self._parquet is not None:
-            self._parquet.open(model, self.stats, self.histogram or None, self.per_replica)
-        self._aligned = False  # the step count is aligned once every callback has begun
+        plan = self._planner.prepare(model)  # JAX: made now, for the step's state
+        if plan is not None and self.checks_every_step:
+            self._alarms.alarm_for(len(plan.stat_index))  # in the step's state too
+        # Opens the sinks for this fit, and aligns the step count once every callback
+        # has begun (`_sinks.align_fit`).
+        self._sinks.begin(model, self)
         self._model_ref = weakref.ref(model)
-        state = model_state(model)
-        joined = self not in state.watches
-        if joined:
-            # Reached when the model's own `fit` did not attach this watch (a plain
-            # model, or `fit` of a class that overrides it).
-            state.watches.append(self)
-            state.traced_with = tuple(state.watches)
-            adopted = state.adopted_from is not None
-            if adopted and state.traced_with in state.captured:
-                model.train_function = state.captured[state.traced_with]  # traced before
-            else:
-                model.make_train_function(force=True)
-                if adopted:
-                    state.captured[state.traced_with] = model.train_function
-        if state.watches[0] is self or joined:
-            setup_gate(model)  # again when a watch joins: the gate serves them all
+        join(model, self)
         self._since_drain = 0
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._align()
+        self._sinks.align(self.model, self._log.steps)
         self._epoch = int(epoch)
         self._epoch_start = next_step(self.model)
         if model_state(self.model).watches[0] is self:
             resync_gate(self.model, self._epoch_start)
 
-    def _align(self) -> None:
-        """Before the first step of a `fit`, after every callback's `on_train_begin` (a
-        `keras.callbacks.BackupAndRestore` restores the model there): numbers the steps
-        as the optimizer counts them, and supersedes the recorded steps that a model
-        restored to an earlier iteration trains again (see `gradwatch._resume`)."""
-        if self._aligned:
-            return
-        self._aligned = True
-        model, sink = self.model, self._parquet
-        active = sink is not None and sink.active
-        history = sink.history if active else None
-        superseded = align(model, history, self.path)
-        step, iteration = next_step(model), first_step(model)
-        steps = self._log.steps
-        mine = len(steps) > 0 and steps[-1] >= step  # this watch's, not yet written
-        if active:
-            if mine:
-                superseded = step if superseded is None else min(superseded, step)
-            if superseded is not None:
-                sink.resume(superseded, iteration)
-            sink.note((step, iteration))
-        elif mine:
-            self._store.add_superseded(self._store.split_from(step))
-
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
-        self._align()
+        self._sinks.align(self.model, self._log.steps)
         self._handle_alarms()
         self._raise_if_alarmed()
         # Called once per execution of `steps_per_execution` steps, on the main
         # thread, before it runs: drain now if the coming execution could
         # overwrite slots not yet copied out. (Not `on_train_batch_end`: Keras
         # runs training asynchronously only while no callback overrides it.)
-        if self._buffer is not None:
-            sink = self._parquet
-            room = sink.room() if sink is not None and sink.writes else None
+        buffer = self._planner.buffer
+        if buffer is not None:
             spe = int(self.model.steps_per_execution)
-            if drain_due(self._since_drain, spe, self._buffer.capacity, room):
+            if drain_due(self._since_drain, spe, buffer.capacity, self._sinks.room()):
                 self._drain(anchored=True)
         self._since_drain += 1
         if model_state(self.model).watches[0] is self:
@@ -423,31 +331,31 @@ class GradWatch(keras.callbacks.Callback):
 
     def state_metrics(self) -> list[Any]:
         """The metrics carrying this watch's device state (ring buffer, JAX alarm)."""
-        return [m for m in (self._buffer, self._alarms.alarm) if isinstance(m, keras.Metric)]
+        metrics = (self._planner.buffer, self._alarms.alarm)
+        return [m for m in metrics if isinstance(m, keras.Metric)]
 
     def release(self, model: Any) -> None:
         """Drains what is left and detaches from the model; safe to call twice."""
         state = model_state(model)
         try:
             with deferred_interrupt():  # Ctrl-C waits until every step is written
-                self._drain()
-                if self in state.watches:  # where this fit left the model's step count
-                    self._note_anchor(model)
-                if self._parquet is not None:
-                    self._parquet.close()
+                try:
+                    self._drain()
+                    if self in state.watches:  # where this fit left the model's step count
+                        self._sinks.note_anchor(model)
+                finally:
+                    self._sinks.close()  # each sink once per fit, also after an error
         finally:
             if self in state.watches:
                 state.watches.remove(self)
             if not state.watches:
                 restore_class(model)  # an adopted plain model gets its class back
-            if self._tensorboard_sink is not None:
-                self._tensorboard_sink.close()
 
     def _drain(self, anchored: bool = False) -> None:
         """Copies the recorded steps out of the device buffer into the log and the sinks;
         `anchored` (between the steps of a `fit`) also notes where the model's step
         count stands against its optimizer's, for the next part."""
-        buffer, plan = self._buffer, self._plan
+        buffer, plan = self._planner.buffer, self._planner.plan
         if buffer is None or plan is None:
             return
         model = None if self._model_ref is None else self._model_ref()
@@ -457,23 +365,18 @@ class GradWatch(keras.callbacks.Callback):
             block = drain(model, buffer, plan, self._store, self._epoch, self._epoch_start)
             if anchored and model is not None:
                 # Also where nothing was drained: at each epoch's end (see `_resume`).
-                self._note_anchor(model)
+                self._sinks.note_anchor(model)
             if block is None:
                 return
-            keys = plan.stat_keys
-            self._alarms.from_block(block, keys, self._store)
-            for sink in (self._tensorboard_sink, self._parquet):
-                if sink is not None:
-                    sink.write(block, keys)
-
-    def _note_anchor(self, model: Any) -> None:
-        pair = anchor(model)
-        if pair is not None and self._parquet is not None:
-            self._parquet.note(pair)
+            self._alarms.from_block(block, plan.stat_keys, self._store)
+            if self._sinks:
+                bins = self.histogram or None
+                epoch, start = self._epoch, self._epoch_start
+                self._sinks.write(sink_block(block, plan, epoch, start, self.stats, bins))
 
     def _handle_alarms(self) -> None:
-        if self._plan is not None:
-            self._alarms.handle(self._plan.stat_keys, self._store, self._nonfinite_counts)
+        if self._planner.plan is not None:
+            self._alarms.handle(self._planner.plan.stat_keys, self._store, self._nonfinite_counts)
 
     def _nonfinite_counts(self, step: int, keys: list[str]) -> dict[str, int]:
         """The NaN/Inf counts of a step, from the recorded `nonfinite` stat where there is one."""
@@ -488,15 +391,14 @@ class GradWatch(keras.callbacks.Callback):
 
     def _raise_if_alarmed(self) -> None:
         """On the main thread: write the log out, then raise a pending alarm."""
-        if self._plan_error is not None:
-            error, self._plan_error = self._plan_error, None
+        error = self._planner.take_error()
+        if error is not None:
             self.release(self.model)  # detaches: the next `fit` starts clean
             raise error
         error = self._alarms.take_error()
         if error is not None:
             self._drain()
-            if self._parquet is not None:
-                self._parquet.close()
+            self._sinks.write_part()
             raise error
 
     # ----------------------------------------------------- inside the step
@@ -517,10 +419,10 @@ class GradWatch(keras.callbacks.Callback):
         `scalars` are the step's `(loss, learning_rate, applies)` (None: not seen).
         """
         with traced_for_xla(model.jit_compile):
-            plan = self._plan_in_step(model, records)
+            plan = self._planner.in_step(model, records)
             if plan is None:
                 return
-            buffer = self._buffer_for(model, plan)
+            buffer = self._planner.buffer_for(model, plan)
             local = records if local is None else local
             _in_step.capture(
                 self, model, plan, buffer, self._store, step, records, skipped, local, scalars
@@ -535,60 +437,11 @@ class GradWatch(keras.callbacks.Callback):
         if not self.checks_every_step:
             return
         with traced_for_xla(model.jit_compile):
-            plan = self._plan_in_step(model, records)
+            plan = self._planner.in_step(model, records)
             if plan is None:
                 return
             alarm = self._alarms.alarm_for(len(plan.stat_index))
             _derived.every_step_check(plan, records, step, skipped, alarm, self._alarms)
-
-    def _plan_in_step(self, model: Any, records: Records) -> Plan | None:
-        """The plan, made inside the step being traced; None if the model's variables
-        refuse the arguments. A model built in its first step (a `Sequential` without
-        an `Input`) creates its variables in that trace, and they are initialized only
-        once the trace completes: an error raised there would leave them so for the
-        session. The trace therefore completes without this watch's capture, and the
-        error is raised on the host after that step (`_raise_if_alarmed`)."""
-        if self._plan_error is not None:
-            return None
-        try:
-            return self._plan_for(model, records)
-        except ValueError as e:
-            self._plan_error = e
-            return None
-
-    def _plan_for(self, model: Any, records: Records | None = None) -> Plan:
-        """The plan for the model's trainable variables and, from the step's `records`,
-        the number of times the step updates each (the counts only grow: an update
-        that a later step lacks is NaN there)."""
-        counts = self._update_counts
-        grown = {
-            k: n for k, n in update_counts(records or {}).items() if n > max(counts.get(k, 1), 1)
-        }
-        if grown:
-            counts = self._update_counts = {**counts, **grown}
-        plan = self._plan
-        if plan is not None and plan.signature == signature_of(model) and plan.counts == counts:
-            return plan
-        if (
-            _backend.STATE_IN_STEP
-            and records is not None
-            and plan is not None
-            and plan.signature == signature_of(model)
-            and self._buffer is not None
-        ):
-            # JAX: the ring buffer travels in the step's state, which Keras gathered
-            # before this trace; the next `fit` makes the plan with every update.
-            if grown:
-                _warn_updates_next_fit(plan, grown)
-            return plan
-        self._plan = make_plan(model, self, self._store, counts)
-        self._buffer = None  # a new plan needs a buffer of its own shape
-        return self._plan
-
-    def _buffer_for(self, model: Any, plan: Plan) -> GradientBuffer:
-        if self._buffer is None:
-            self._buffer = make_buffer(model, plan, self)
-        return self._buffer
 
 
 _PARAMETERS = {
@@ -598,30 +451,3 @@ _PARAMETERS = {
 }
 # What is recorded and when: shown in the repr also at their defaults.
 _ALWAYS_SHOWN = ("variables", "stats", "every")
-
-
-def _same(value: Any, default: Any) -> bool:
-    if value is default:
-        return True
-    try:
-        return bool(type(value) is type(default) and value == default)
-    except Exception:  # an array-like compares elementwise: not the default
-        return False
-
-
-def _show(value: Any) -> str:
-    """An argument as it reads in a call (a path as its string)."""
-    if isinstance(value, os.PathLike):
-        return repr(os.fspath(value))
-    return repr(value)
-
-
-def _warn_updates_next_fit(plan: Plan, grown: dict[int, int]) -> None:
-    keys = [k for v, k in zip(plan.variables, plan.keys, strict=True) if id(v) in grown]
-    warnings.warn(
-        f"GradWatch: the train step updates {keys} more than once. This `fit` records "
-        "their first update only, as the log's layout travels in the step's state, which "
-        "was made before the step was traced; a later `fit` with this GradWatch records "
-        "every update (`key`, `key@1`, ...).",
-        stacklevel=4,
-    )

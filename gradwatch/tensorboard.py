@@ -18,9 +18,7 @@ TensorFlow is never imported: the same files come from every Keras backend.
 
 from __future__ import annotations
 
-import itertools
 import os
-import socket
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,16 +26,18 @@ from typing import Any
 
 import numpy as np
 
-from gradwatch.log import GradientLog, global_norms, store_of
-from gradwatch.stats import HIST_MIN_EXP, histogram_bin_count
-
-NORM_TAG = "norm/"
-GLOBAL_NORM_TAG = "global_norm"
-HISTOGRAM_TAG = "log10_abs_grad/"
-_HISTOGRAM_DESCRIPTION = (
-    "gradwatch: histogram of log10 |g| over the finite, non-zero gradient elements; "
-    "the end buckets also hold |g| < 1e-12 and |g| >= 1e4."
+from gradwatch._event_file import EventFile
+from gradwatch._tb_summary import (
+    GLOBAL_NORM_TAG,
+    HISTOGRAM_TAG,
+    NORM_TAG,
+    step_summaries,
+    summary_event,
 )
+from gradwatch.log import GradientLog, store_of
+from gradwatch.stats import histogram_bin_count
+
+__all__ = ["GLOBAL_NORM_TAG", "HISTOGRAM_TAG", "NORM_TAG", "TensorBoardWriter", "write_tensorboard"]
 
 
 class TensorBoardWriter:
@@ -65,8 +65,8 @@ class TensorBoardWriter:
                 f"Received: logdir={logdir!r}"
             )
         self.logdir = Path(logdir)
-        self._writer: Any = None
-        self._tagged: set[str] = set()  # tags whose metadata this writer has written
+        self._writer = EventFile(self.logdir)
+        self._tagged: set[str] = set()  # tags whose metadata this file has
 
     def write(
         self,
@@ -88,115 +88,22 @@ class TensorBoardWriter:
             bins_per_decade: The histograms' resolution; needed with
                 `histograms`. Defaults to `None`.
         """
-        writer = self._open()  # first: it says how to install tensorboard if it is missing
-        from tensorboard.compat.proto import event_pb2, summary_pb2
-
-        steps = np.asarray(steps, np.int64)
-        magnitudes = None
-        if histograms is not None:
-            if bins_per_decade is None:
-                raise ValueError("`histograms` need `bins_per_decade`.")
-            histograms = np.asarray(histograms)
-            magnitudes, edges = _magnitude_counts(histograms, bins_per_decade)
-            totals = histograms.sum(axis=2)
-        if norms is not None:
-            norms = np.asarray(norms, np.float64)
-            global_norm = global_norms(norms)
-        for row, step in enumerate(steps):
-            summary = summary_pb2.Summary()
-            # NaN norms (disconnected variables) and histograms with no element
-            # (not recorded for that variable) are left out.
-            if norms is not None:
-                for key, value in zip(keys, norms[row], strict=True):
-                    if not np.isnan(value):
-                        self._scalar(summary, NORM_TAG + key, value)
-                if not np.isnan(global_norm[row]):
-                    self._scalar(summary, GLOBAL_NORM_TAG, global_norm[row])
-            if magnitudes is not None:
-                for key, counts, total in zip(keys, magnitudes[row], totals[row], strict=True):
-                    if total:
-                        self._histogram(summary, HISTOGRAM_TAG + key, edges, counts)
-            event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
-            writer.write(event.SerializeToString())
-        writer.flush()
-
-    def _open(self) -> Any:
-        if self._writer is None:
-            try:
-                from tensorboard.compat.proto import event_pb2
-                from tensorboard.summary.writer.record_writer import RecordWriter
-            except ImportError as e:
-                raise ImportError(
-                    "gradwatch.tensorboard writes event files with the tensorboard package, "
-                    "which is not installed. Install it with: pip install tensorboard"
-                ) from e
-
-            self.logdir.mkdir(parents=True, exist_ok=True)
-            # TensorBoard's naming: `events.out.tfevents.<time>.<host>.<pid>.<n>`; the
-            # counter keeps two writers of one process apart within a second.
-            name = "events.out.tfevents.%010d.%s.%s.%s" % (  # noqa: UP031
-                time.time(),
-                socket.gethostname(),
-                os.getpid(),
-                next(_file_numbers),
-            )
-            self._writer = RecordWriter(open(self.logdir / name, "wb"))  # noqa: SIM115
-            start = event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
-            self._writer.write(start.SerializeToString())
-        return self._writer
-
-    def _metadata(self, value: Any, tag: str, plugin: str, description: str = "") -> None:
-        if tag in self._tagged:  # TensorBoard reads a tag's metadata from its first value
-            return
-        self._tagged.add(tag)
-        value.metadata.plugin_data.plugin_name = plugin
-        if description:
-            value.metadata.summary_description = description
-
-    def _scalar(self, summary: Any, tag: str, number: float) -> None:
-        from tensorboard.compat.proto import types_pb2
-
-        value = summary.value.add(tag=tag)
-        self._metadata(value, tag, "scalars")
-        value.tensor.dtype = types_pb2.DT_FLOAT
-        value.tensor.float_val.append(float(number))
-
-    def _histogram(self, summary: Any, tag: str, edges: np.ndarray, counts: np.ndarray) -> None:
-        from tensorboard.compat.proto import types_pb2
-
-        value = summary.value.add(tag=tag)
-        self._metadata(value, tag, "histograms", _HISTOGRAM_DESCRIPTION)
-        buckets = np.stack([edges[:-1], edges[1:], counts.astype(np.float64)], axis=1)
-        value.tensor.dtype = types_pb2.DT_DOUBLE
-        value.tensor.tensor_shape.dim.add(size=buckets.shape[0])
-        value.tensor.tensor_shape.dim.add(size=3)
-        value.tensor.tensor_content = buckets.astype("<f8").tobytes()
+        summaries = step_summaries(steps, keys, norms, histograms, bins_per_decade, self._tagged)
+        now = time.time()
+        self._writer.write(summary_event(step, summary, now) for step, summary in summaries)
+        for _, summary in summaries:
+            self._tagged.update(v.tag for v in summary.value)
 
     def close(self) -> None:
         """Flushes and closes the event file; a later `write` opens a new one."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-            self._tagged.clear()
+        self._writer.close()
+        self._tagged.clear()
 
     def __enter__(self) -> TensorBoardWriter:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-_file_numbers = itertools.count()
-
-
-def _magnitude_counts(hist: np.ndarray, bins_per_decade: int) -> tuple[np.ndarray, np.ndarray]:
-    """`(k, n, n_bins)` signed counts -> `(k, n, K)` counts by magnitude, and the K + 1
-    edges in log10 |g|."""
-    k = histogram_bin_count(bins_per_decade) // 2 - 1  # bins per sign
-    negative = hist[..., :k][..., ::-1]  # "-" bins run from the most negative value up
-    positive = hist[..., k + 1 : 2 * k + 1]
-    edges = HIST_MIN_EXP + np.arange(k + 1) / bins_per_decade
-    return negative + positive, edges
 
 
 def write_tensorboard(log: GradientLog, logdir: str | os.PathLike, progress: bool = False) -> Path:

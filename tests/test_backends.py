@@ -47,7 +47,8 @@ def _run(backend: str, code: str, timeout: float = 300) -> subprocess.CompletedP
 #   test_custom_steps), plain models of every kind (test_any_model), resuming into one
 #   path (test_resume), the per-step loss and learning rate (test_scalars), gradient
 #   accumulation (test_accumulation, with PyTorch's mixed_float16 case), a table sliced to
-#   the batch's sequence length (test_dynamic_shapes) and JAX's stateless steps
+#   the batch's sequence length (test_dynamic_shapes), the blocks a user's sink gets and
+#   its close when `fit` raises (test_sinks) and JAX's stateless steps
 #   (test_jax_steps, skipped elsewhere). Left unmarked in those files, as
 #   no backend code runs in them: the argument checks of `check_stats`, of `GradWatch`'s
 #   constructor and of the alarms, and the reading of old and newer file versions.

@@ -117,6 +117,7 @@ READ_SIDE = {
     "gradwatch._catalogue",
     "gradwatch._chart_parts",
     "gradwatch._describe",
+    "gradwatch._event_file",
     "gradwatch._figure",
     "gradwatch._files",
     "gradwatch._frames",
@@ -125,6 +126,7 @@ READ_SIDE = {
     "gradwatch._resume",
     "gradwatch._rules",
     "gradwatch._store",
+    "gradwatch._tb_summary",
     "gradwatch._text",
     "gradwatch._views",
     "gradwatch.cli",
@@ -136,6 +138,7 @@ READ_SIDE = {
     "gradwatch.plot",
     "gradwatch.progress",
     "gradwatch.report",
+    "gradwatch.sinks",
     "gradwatch.stats",
     "gradwatch.tensorboard",
 }

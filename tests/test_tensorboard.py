@@ -10,6 +10,7 @@ from tensorboard.util import tensor_util
 
 import gradwatch
 from gradwatch import tensorboard as tb
+from gradwatch._tb_summary import step_summaries
 
 
 def _read(logdir):
@@ -65,14 +66,19 @@ def test_write_tensorboard_needs_norm_or_histograms(tmp_path):
 
 
 def test_gradwatch_tensorboard_dir_writes_blocks_at_the_logs_steps(tmp_path, monkeypatch):
-    calls = []
-    write = tb.TensorBoardWriter.write
+    calls, closes = [], []
+    write, close = tb.TensorBoardWriter.write, tb.TensorBoardWriter.close
 
     def counting(self, steps, *args, **kwargs):
         calls.append(len(steps))
         return write(self, steps, *args, **kwargs)
 
+    def counting_close(self):
+        closes.append(len(calls))
+        return close(self)
+
     monkeypatch.setattr(tb.TensorBoardWriter, "write", counting)
+    monkeypatch.setattr(tb.TensorBoardWriter, "close", counting_close)
     x, y = data(n=48)
     model, _ = pair()
     model.compile(keras.optimizers.Adam(0.01), "mse", steps_per_execution=2)
@@ -81,7 +87,7 @@ def test_gradwatch_tensorboard_dir_writes_blocks_at_the_logs_steps(tmp_path, mon
     log = watch.log
     # Fed the drained blocks (one per epoch here), never one step at a time.
     assert calls == [6, 6]
-    assert watch._tensorboard._writer is None  # closed at train end
+    assert closes == [2]  # closed once, at train end, after both blocks
     live = _read(tmp_path / "live")
     for key in log.variables:
         norms = live["norm/" + key]
@@ -121,3 +127,62 @@ def test_gradwatch_tensorboard_write_failure_warns_and_training_goes_on(tmp_path
     with pytest.warns(UserWarning, match=r"could not write TensorBoard summaries to '.*a-file"):
         model.fit(x, y, batch_size=8, epochs=2, callbacks=[watch], verbose=0)
     np.testing.assert_array_equal(watch.log.steps, np.arange(8))
+
+
+def _values(summary):
+    """{tag: (plugin name, value proto)} of a Summary."""
+    return {v.tag: (v.metadata.plugin_data.plugin_name, v) for v in summary.value}
+
+
+def test_step_summaries_hold_hand_computed_norms_and_global_norm():
+    norms = np.array([[3.0, 4.0], [np.nan, 1.0]])  # "a" had no gradient at step 8
+    (s7, first), (s8, second) = step_summaries([7, 8], ["a", "b"], norms)
+    assert (s7, s8) == (7, 8)
+    first, second = _values(first), _values(second)
+    # 5 = sqrt(3**2 + 4**2); at step 8 over the variables with a norm alone.
+    assert {t: v.tensor.float_val[0] for t, (_, v) in first.items()} == {
+        "norm/a": 3.0,
+        "norm/b": 4.0,
+        "global_norm": 5.0,
+    }
+    assert {t: v.tensor.float_val[0] for t, (_, v) in second.items()} == {
+        "norm/b": 1.0,
+        "global_norm": 1.0,
+    }
+    # The plugin rides on each tag's first value only, and not at all where described.
+    assert {t: p for t, (p, _) in first.items()} == dict.fromkeys(first, "scalars")
+    assert {t: p for t, (p, _) in second.items()} == dict.fromkeys(second, "")
+    ((_, again),) = step_summaries([9], ["a", "b"], norms[:1], described={"norm/a"})
+    assert {t: p for t, (p, _) in _values(again).items()} == {
+        "norm/a": "",
+        "norm/b": "scalars",
+        "global_norm": "scalars",
+    }
+
+
+def test_step_summaries_histograms_fold_signs_into_log10_magnitude_buckets():
+    # 1 bin per decade: bins 0-15 negative (most negative first), 16 zeros, 17-32
+    # positive (smallest first), 33 NaN/Inf.
+    hist = np.zeros((1, 3, 34), np.int64)
+    hist[0, 0, [15, 17, 32, 16, 33]] = [2, 1, 3, 4, 1]  # |g| in [1e-12, 1e-11) x3, [1e3, 1e4) x3
+    hist[0, 1, 16] = 6  # only zeros: empty buckets
+    # "u": no element at all (no histogram recorded for it at that step): left out.
+    ((_, summary),) = step_summaries([0], ["w", "z", "u"], histograms=hist, bins_per_decade=1)
+    values = _values(summary)
+    assert list(values) == ["log10_abs_grad/w", "log10_abs_grad/z"]
+    zeros = np.frombuffer(values["log10_abs_grad/z"][1].tensor.tensor_content, "<f8")
+    np.testing.assert_array_equal(zeros.reshape(16, 3)[:, 2], 0)
+    plugin, value = values["log10_abs_grad/w"]
+    assert plugin == "histograms" and "log10 |g|" in value.metadata.summary_description
+    buckets = np.frombuffer(value.tensor.tensor_content, "<f8").reshape(16, 3)
+    assert [d.size for d in value.tensor.tensor_shape.dim] == [16, 3]
+    np.testing.assert_array_equal(buckets[:, 0], np.arange(-12, 4))
+    np.testing.assert_array_equal(buckets[:, 1], np.arange(-11, 5))
+    np.testing.assert_array_equal(buckets[:, 2], [3] + [0] * 14 + [3])
+
+
+def test_step_summaries_refuse_rows_that_do_not_match_the_steps():
+    with pytest.raises(ValueError, match=r"`norms` needs one row per step: 2 steps.*\(1, 1\)"):
+        step_summaries([0, 1], ["a"], norms=np.ones((1, 1)))
+    with pytest.raises(ValueError, match="`histograms` need `bins_per_decade`"):
+        step_summaries([0], ["a"], histograms=np.ones((1, 1, 34)))
