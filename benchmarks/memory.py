@@ -127,6 +127,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=100_000, help="steps of the streamed run")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    bench_models.SMOKE = args.smoke
     log, results = in_memory(20 if args.smoke else 2000)
     results.update(frame_rate(log, 10_000 if args.smoke else 5_000_000))
     results.update(disk(log))

@@ -6,10 +6,16 @@ import keras
 import numpy as np
 
 
+#: Set by a benchmark's `--smoke`: the models are cut down (the MLP to 2 hidden layers), so
+#: that CI's smoke run checks every code path of the harness without the full models'
+#: tracing time. Its numbers are not the benchmark's.
+SMOKE = False
+
+
 def mlp(cls):
-    """MLP 10x256, batch 64: short steps, where per-op overhead dominates."""
+    """MLP 10x256, batch 64: short steps, where per-op overhead dominates (2x256 in smoke)."""
     layers = [keras.Input((256,))]
-    layers += [keras.layers.Dense(256, activation="relu") for _ in range(10)]
+    layers += [keras.layers.Dense(256, activation="relu") for _ in range(2 if SMOKE else 10)]
     layers += [keras.layers.Dense(10)]
     return cls(layers)
 

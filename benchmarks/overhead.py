@@ -40,7 +40,7 @@ STEPS = {"mlp": 120, "cnn": 16, "transformer": 40, "many": 120, "embedding": 60}
 
 def configs(name: str) -> list[tuple[str, dict, dict]]:
     small = {
-        "mlp": "dense_10/bias",
+        "mlp": f"dense_{2 if bench_models.SMOKE else 10}/bias",  # the output layer's
         "cnn": "dense/bias",
         "transformer": "dense_8/bias",
         "embedding": "dense/bias",
@@ -104,7 +104,7 @@ def compare(
     plain_model: bool = False,
     later: bool = False,
 ):
-    keras.backend.clear_session()
+    keras.backend.clear_session(free_memory=False)
     keras.utils.set_random_seed(0)
     build = bench_models.MODELS[name]
     watched = build(keras.Sequential if plain_model else gradwatch.Sequential)
@@ -140,6 +140,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default=",".join(bench_models.MODELS))
     parser.add_argument("--out", default=None, help="also write the table (markdown) here")
     args = parser.parse_args(argv)
+    bench_models.SMOKE = args.smoke
     rounds = 1 if args.smoke else args.rounds
     rows = []
     header = "| model | variables | configuration | plain ms/step | ratio (gradwatch / plain) |"

@@ -62,6 +62,16 @@ def skip_unless_supported(spe: int = 1, jit: bool = False) -> None:
         pytest.skip("torch jit_compile is tested in test_backends.py (compiling is slow)")
 
 
+def skip_unjitted_jax_duplicate(jit: bool) -> None:
+    """Skips, on JAX, a `jit_compile=False` case whose jitted twin runs beside it.
+
+    Unjitted, Keras runs JAX's step op by op: gradwatch's code is the same as in the
+    jitted step, at tens of seconds a test. `test_every_step_matches_a_plain_tape_loop`
+    (`spe=1`) keeps JAX's unjitted step; the cases that call this run jitted only."""
+    if BACKEND == "jax" and not jit:
+        pytest.skip("JAX's unjitted step runs in test_every_step_matches_a_plain_tape_loop")
+
+
 def grads_of(loss_fn, variables):
     """`(loss, gradients of loss_fn() with respect to variables)`, with the backend's
     own autodiff; `None` for a variable the loss does not depend on. `variables` may be

@@ -70,7 +70,7 @@ def accumulated():
     """One seeded fit with `Adam(schedule, gradient_accumulation_steps=4)` and a watch,
     its plain-Keras twin, and the hand-written loop over the same data from the same
     weights: (watch, model, plain, histories, loop steps)."""
-    keras.backend.clear_session()
+    keras.backend.clear_session(free_memory=False)
     keras.utils.set_random_seed(11)
     x, y = data(n=24)
     model, plain = pair()
@@ -291,7 +291,7 @@ def test_accumulation_resumed_after_load_model_continues_at_the_micro_step(tmp_p
     model.fit(x, y, callbacks=[gradwatch.GradWatch(stats=STATS, path=path)], **fit)
     model.save(tmp_path / "model.keras")
     del model
-    keras.backend.clear_session()  # as in a new process
+    keras.backend.clear_session(free_memory=False)  # as in a new process
     loaded = keras.saving.load_model(tmp_path / "model.keras")
     assert int(ops.convert_to_numpy(loaded.optimizer.iterations)) == 1  # 6 // 4 updates
     # Steps 6-11, the model's own count of micro-steps: the log does not renumber them

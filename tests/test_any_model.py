@@ -85,7 +85,8 @@ def _fit(model, callbacks, steps_per_execution=1, jit=False, epochs=2):
 
 
 @pytest.mark.parametrize("kind", list(BUILDS))
-@pytest.mark.parametrize(("steps", "jit"), [(1, False), (3, True)])
+# On JAX both cases are jitted (its unjitted step: see `skip_unjitted_jax_duplicate`).
+@pytest.mark.parametrize(("steps", "jit"), [(1, BACKEND == "jax"), (3, True)])
 def test_a_plain_model_records_the_log_of_the_mixin_and_trains_bitwise_as_without(kind, steps, jit):
     skip_unless_supported(spe=steps, jit=jit)
     build_plain, build_mixin = BUILDS[kind]

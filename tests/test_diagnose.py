@@ -30,7 +30,7 @@ L = keras.layers
 
 
 def _fit(build, optimizer, loss, x, y, epochs=2, batch=8, **watch):
-    keras.backend.clear_session()
+    keras.backend.clear_session(free_memory=False)
     keras.utils.set_random_seed(0)
     model = build()
     # No XLA: compiling the step costs more than these few steps run.
@@ -86,7 +86,7 @@ def test_diagnose_names_vanishing_gradients_of_a_deep_sigmoid_net_from_the_input
     assert rms < THRESHOLDS["vanishing_rms"]
     # An independent reference: backpropagation by hand in NumPy, from the same starting
     # weights (the same seed) over the first batch.
-    keras.backend.clear_session()
+    keras.backend.clear_session(free_memory=False)
     keras.utils.set_random_seed(0)
     weights = [np.asarray(w, np.float64) for w in _sigmoid_net().get_weights()]
     hs = [x[:8].astype(np.float64)]
@@ -596,7 +596,7 @@ def test_doctor_exit_codes_json_and_a_streamed_log(deep_linear, clipped, tmp_pat
 
     # A streamed directory: the same findings as the log in memory.
     x, y = _data()
-    keras.backend.clear_session()
+    keras.backend.clear_session(free_memory=False)
     keras.utils.set_random_seed(0)
     model = Sequential([keras.Input((8,)), L.Dense(4), L.Dense(1)])
     model.compile(keras.optimizers.SGD(0.01), "mse")
@@ -632,7 +632,7 @@ def test_report_opens_with_the_findings(clipped):
 
 
 def test_fit_prints_the_errors_and_warnings_unless_silenced(capsys):
-    keras.backend.clear_session()
+    keras.backend.clear_session(free_memory=False)
     keras.utils.set_random_seed(0)
     model = Sequential([keras.Input((2,)), L.Dense(1, name="d")])
     model.compile(keras.optimizers.SGD(0.01), "mse")

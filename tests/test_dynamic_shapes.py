@@ -118,10 +118,12 @@ def check_against_tape(log, reference, batches, optimizer, loss_fn, stats=("norm
     return grads
 
 
-@pytest.mark.parametrize("jit", [False, True])
-def test_dynamic_shapes_keras_hub_causal_lm_records_and_trains_bitwise(jit):
-    skip_unless_supported(jit=jit)
-    skip_unjitted_on_jax(jit)
+def test_dynamic_shapes_keras_hub_causal_lm_records_and_trains_bitwise():
+    # Jitted on JAX (its only traced step), not on TensorFlow and PyTorch: XLA's compile
+    # of the model for each sequence length, twice, took minutes on 2 cores, and what XLA
+    # does with a gradient of run-time shape is pinned by the sliced table below
+    # (`jit=True`), whose `ops.slice` gives the same `Pad` gradient.
+    jit = BACKEND == "jax"
     dataset = text_dataset()
     batches = list(dataset.as_numpy_iterator())
     assert [x["token_ids"].shape[1] for x, _ in batches] == list(LENGTHS)

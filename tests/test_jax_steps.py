@@ -175,7 +175,7 @@ PATTERNS = {"A": _pattern_a, "B": _pattern_b, "C": _pattern_c}
 
 def _run(pattern, base, watch):
     """Builds the guide's model (same seed, same weights), fits it, and evaluates it."""
-    keras.backend.clear_session()
+    keras.backend.clear_session(free_memory=False)
     keras.utils.set_random_seed(3)
     cls, compile_args = PATTERNS[pattern](BASES[base])
     inputs = keras.Input(shape=(FEATURES,))

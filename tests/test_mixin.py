@@ -10,6 +10,7 @@ from reference import (
     mse,
     no_grad,
     skip_on_jax,
+    skip_unjitted_jax_duplicate,
     spe,
     tape_gradients,
 )
@@ -42,6 +43,7 @@ def _fit_both(watched, plain, callbacks, spe=3, jit=False, **opt):
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.plain_models
 def test_mixin_with_watch_is_bitwise_neutral_to_training(jit):
+    skip_unjitted_jax_duplicate(jit)
     if jit and BACKEND == "torch":
         pytest.skip("torch jit_compile is tested in test_backends.py (compiling is slow)")
     watched, plain = pair(regularize=True)

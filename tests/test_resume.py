@@ -59,14 +59,14 @@ def test_a_run_resumed_after_load_model_reads_as_the_uninterrupted_run(tmp_path,
     whole = gradwatch.GradWatch()
     _fit(reference, whole, epochs=2)
 
-    keras.backend.clear_session()
+    keras.backend.clear_session(free_memory=False)
     keras.utils.set_random_seed(1234)  # the reference's starting weights again
     model = _model(kind)
     model.compile(keras.optimizers.Adam(0.01), "mse")
     _fit(model, gradwatch.GradWatch(path=tmp_path / "log"), epochs=1)
     model.save(tmp_path / "model.keras")
     del model
-    keras.backend.clear_session()  # as in a new process
+    keras.backend.clear_session(free_memory=False)  # as in a new process
     loaded = keras.saving.load_model(tmp_path / "model.keras")
     assert int(loaded.optimizer.iterations.numpy()) == 2
     second = gradwatch.GradWatch(path=tmp_path / "log")
