@@ -18,7 +18,7 @@ import numpy as np
 
 from gradwatch import _args, _derived, _in_step, io
 from gradwatch._adopt import adopt, guard_fit
-from gradwatch._alarms import Alarms, PolicyName
+from gradwatch._alarms import AlarmPolicy, Alarms
 from gradwatch._backend import NAME as _BACKEND_NAME
 from gradwatch._backend import current as _backend
 from gradwatch._capture import align, anchor, first_step, next_step
@@ -40,8 +40,6 @@ from gradwatch.mixin import (
     step_counter,
 )
 from gradwatch.stats import DEFAULT_STATS, UPDATE_STATS, check_stats
-
-Policy = PolicyName
 
 
 class GradWatch(keras.callbacks.Callback):
@@ -154,10 +152,10 @@ class GradWatch(keras.callbacks.Callback):
         path: str | os.PathLike | None = None,
         flush_every: int = 1000,
         max_value_elements: int = 1_000_000,
-        on_nonfinite: Policy = "warn",
+        on_nonfinite: AlarmPolicy = "warn",
         max_norm: float | None = None,
         min_norm: float | None = None,
-        on_threshold: Policy = "warn",
+        on_threshold: AlarmPolicy = "warn",
         tensorboard_dir: str | os.PathLike | None = None,
         per_replica: bool = False,
         all_workers: bool = False,
