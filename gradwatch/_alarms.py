@@ -19,7 +19,8 @@ from gradwatch._state import StateMetric
 from gradwatch._store import Store
 from gradwatch.buffer import Drained
 
-PolicyName = Literal["ignore", "warn", "stop", "raise"]
+#: What a watch does when an alarm trips (`on_nonfinite`, `on_threshold`).
+AlarmPolicy = Literal["ignore", "warn", "stop", "raise"]
 POLICIES = ("ignore", "warn", "stop", "raise")
 
 

@@ -15,6 +15,7 @@ import matplotlib as mpl
 import numpy as np
 import pandas as pd
 
+from gradwatch._catalogue import SPECS
 from gradwatch._figure import Figure  # matplotlib's, displayed as PNG in notebooks
 from gradwatch._views import layer_of_key, leaf_of_key
 from gradwatch.log import GradientLog
@@ -116,10 +117,10 @@ def chart_rows(log: GradientLog, stat: str, by: Any, keys: Sequence[str] | None 
 
 def _aggregates(log: GradientLog, stat: str) -> bool:
     """Whether `GradientLog.by_layer` can aggregate `stat` from what the log recorded."""
-    needs = {"cos_prev": None, "std": ("mean",), "update_ratio": ("update_norm", "weight_norm")}
-    if stat not in needs:
-        return True
-    return needs[stat] is not None and all(n in log.stat_names for n in needs[stat])
+    spec = SPECS.get(stat)
+    if spec is None or spec.pool is None:
+        return False
+    return all(name in log.stat_names for name in spec.pool_reads)
 
 
 def _common_prefix(names: Sequence[str]) -> str:

@@ -10,8 +10,8 @@ import numpy as np
 from keras import ops
 
 from gradwatch._backend import current as _backend
-from gradwatch._catalogue import GRADIENT_STATS, histogram_bin_count
-from gradwatch._kernels import EMPTY, STACK_BELOW, exact_group
+from gradwatch._catalogue import SPECS, gradient_stats, histogram_bin_count
+from gradwatch._kernels import STACK_BELOW, exact_columns, exact_sums
 from gradwatch.sparse import SparseGradient
 
 
@@ -20,18 +20,19 @@ def compute_stats(tensors: Sequence[Any], stats: Sequence[str]) -> Any:
 
     Small tensors of equal size are stacked so that one reduction serves them
     all; large ones are reduced in place. The stats come from one pass each of
-    sum of squares, sum, min and max (as the stats need them). Where an element
-    is NaN or Inf (any makes the sum of squares non-finite), or where the mean
-    so dominates the spread that the one-pass variance would lose digits, one
-    branch per step takes an exact path that masks non-finite elements and
-    computes `std` in two passes. Works inside a compiled (and XLA-compiled)
-    step. A `None` entry (a disconnected variable) gives a row of NaN. A tensor
-    whose size the traced graph does not know is reduced on its own, at its
-    run-time size.
+    the reductions their kernels read (sum of squares, sum, min, max, ...; see
+    `gradwatch._catalogue.SPECS`). Where an element is NaN or Inf (any makes the
+    sum of squares non-finite), or where a kernel does not trust its one-pass
+    formula (the mean so dominates the spread that the one-pass variance would
+    lose digits), one branch per step takes an exact path that masks non-finite
+    elements and computes `std` in two passes. Works inside a compiled (and
+    XLA-compiled) step. A `None` entry (a disconnected variable) gives a row of
+    NaN. A tensor whose size the traced graph does not know is reduced on its
+    own, at its run-time size.
 
     Args:
         tensors: Gradients (any float dtype; computed in float32) or `None`.
-        stats: Names from `GRADIENT_STATS`.
+        stats: Names of stats of the gradient alone (`GRADIENT_STATS`).
 
     Returns:
         A float32 tensor of shape `(len(tensors), len(stats))`.
@@ -44,12 +45,7 @@ def compute_stats(tensors: Sequence[Any], stats: Sequence[str]) -> Any:
     [[5.0, 0.0, 0.0], [1.0, 1.0, 0.333]]
     """
     stats = tuple(stats)
-    for name in stats:
-        if name not in GRADIENT_STATS:
-            raise ValueError(
-                f"`compute_stats` computes stats of a gradient alone: {list(GRADIENT_STATS)}. "
-                f"Received: {name!r}"
-            )
+    _check_gradient_stats(stats)
     # A backend with a kernel of its own (PyTorch) computes the table there.
     table = _backend.stats_table(tensors, stats)
     if table is not None:
@@ -60,25 +56,42 @@ def compute_stats(tensors: Sequence[Any], stats: Sequence[str]) -> Any:
     for i in sparse:
         del constant_rows[i]
     n_rows = len(tensors)
+    order: list[int] = []
+    table = None
+    if groups:
+        order = [i for rows, _ in groups for i in rows]
+        table = _dense_table(tensors, groups, order, stats)
     if sparse:
-        parts = [_backend.sparse_stats(tensors[i]) for i in sparse]
-        sparse_table = ops.stack(
-            [ops.stack([p[name] for p in parts], axis=0) for name in stats], axis=1
-        )
-    if not groups:
-        table = sparse_table if sparse else None
-        return ops.reshape(
-            _assemble(table, sparse, constant_rows, stats, n_rows), (n_rows, len(stats))
-        )
-    order = [i for rows, _ in groups for i in rows]
+        sums = [_backend.sparse_sums(tensors[i]) for i in sparse]
+        sparse_table = exact_columns(sums, stats)
+        table = sparse_table if table is None else ops.concatenate([table, sparse_table], axis=0)
+        order = order + sparse
+    return ops.reshape(_assemble(table, order, constant_rows, stats, n_rows), (n_rows, len(stats)))
+
+
+def _check_gradient_stats(stats: tuple[str, ...]) -> None:
+    for name in stats:
+        if name not in SPECS or SPECS[name].kernel is None:
+            raise ValueError(
+                "`compute_stats` computes stats of a gradient alone: "
+                f"{gradient_stats(SPECS)}. Received: {name!r}"
+            )
+
+
+def _dense_table(
+    tensors: Sequence[Any], groups: list[tuple[list[int], Any]], order: list[int], stats: tuple
+) -> Any:
+    """The table of the grouped rows (in `order`): the one-pass formulas, or the exact
+    path where an element is not finite or a kernel does not trust its formula."""
+    kernels = [SPECS[name].kernel for name in stats]
     sources = {rows[0]: tensors[rows[0]] for rows, x in groups if x.shape[0] == 1}
-    raw = _one_pass([(x, sources.get(rows[0])) for rows, x in groups], stats)
+    reads = {read for kernel in kernels for read in kernel.reads}
+    raw = _one_pass([(x, sources.get(rows[0])) for rows, x in groups], reads)
     sizes = [_size(tensors[i]) for i in order]
-    sq = raw["sq"]
     # One branch per step: the one-pass results stand unless an element is NaN or
-    # Inf (then its sum of squares is non-finite) or the mean so dominates the
-    # spread that the one-pass variance would lose digits; then the exact path.
-    fine = ops.all(ops.isfinite(sq))
+    # Inf (then its sum of squares is non-finite) or a kernel's formula would lose
+    # digits; then the exact path.
+    fine = ops.all(ops.isfinite(raw["sq"]))
     if None in sizes:
         # Sizes known at run time only: each such group is a single row.
         size = ops.concatenate(
@@ -94,36 +107,12 @@ def compute_stats(tensors: Sequence[Any], stats: Sequence[str]) -> Any:
         fine = ops.logical_and(fine, ops.all(size > 0))
     else:
         size = ops.convert_to_tensor(np.asarray(sizes, "float32"))
-    cols: dict[str, Any] = {"norm": ops.sqrt(sq)}
-    if "sum" in raw:
-        cols["mean"] = raw["sum"] / size
-    if "std" in stats:
-        var = ops.maximum(sq / size - ops.square(cols["mean"]), 0.0)
-        cols["std"] = ops.sqrt(var)
-        fine = ops.logical_and(fine, ops.all(ops.square(cols["mean"]) <= 16.0 * var))
-    for name in ("min", "max"):
-        if name in raw:
-            cols[name] = raw[name]
-    if "abs_max" in stats:
-        cols["abs_max"] = ops.maximum(ops.abs(raw["min"]), ops.abs(raw["max"]))
-    if "nonfinite" in stats:
-        cols["nonfinite"] = ops.zeros_like(sq)
-    if "zero_frac" in stats:
-        cols["zero_frac"] = raw["zeros"] / size
-
-    fast = ops.stack([cols[name] for name in stats], axis=1)
-
-    def exact():
-        parts = [exact_group(x) for _, x in groups]
-        return ops.stack(
-            [ops.concatenate([p[name] for p in parts], axis=0) for name in stats], axis=1
-        )
-
-    table = branch(fine, lambda: fast, exact)
-    if sparse:
-        table = ops.concatenate([table, sparse_table], axis=0)
-        order = order + sparse
-    return ops.reshape(_assemble(table, order, constant_rows, stats, n_rows), (n_rows, len(stats)))
+    for kernel in dict.fromkeys(kernel for kernel in kernels if kernel.trust is not None):
+        fine = ops.logical_and(fine, ops.all(kernel.trust(raw, size, ops)))
+    fast = ops.stack([kernel.fast(raw, size, ops) for kernel in kernels], axis=1)
+    return branch(
+        fine, lambda: fast, lambda: exact_columns([exact_sums(x) for _, x in groups], stats)
+    )
 
 
 def branch(pred: Any, true_fn: Any, false_fn: Any) -> Any:
@@ -173,24 +162,27 @@ def _groups(tensors: Sequence[Any]) -> tuple[list[tuple[list[int], Any]], dict[i
     return groups, constant
 
 
-def _one_pass(xs: list[tuple[Any, Any]], stats: tuple[str, ...]) -> dict[str, Any]:
-    """One pass per reduction over each group's rows, joined into one vector per reduction."""
-    wanted = set(stats)
+def _one_pass(xs: list[tuple[Any, Any]], reads: set[str]) -> dict[str, Any]:
+    """One pass per reduction (`REDUCTIONS`: the sum of squares always, the others as
+    `reads` asks) over each group's rows, joined into one vector per reduction."""
     parts: dict[str, list[Any]] = {"sq": []}
     for x, source in xs:
         # `source`: the tensor a single row was made from (TensorFlow's L2Loss reads it).
         parts["sq"].append(_backend.row_sums_of_squares(x, source))
-        if wanted & {"mean", "std"}:
+        if "sum" in reads:
             parts.setdefault("sum", []).append(ops.sum(x, axis=1))
-        if wanted & {"min", "abs_max"}:
+        if "min" in reads:
             parts.setdefault("min", []).append(ops.min(x, axis=1))
-        if wanted & {"max", "abs_max"}:
+        if "max" in reads:
             parts.setdefault("max", []).append(ops.max(x, axis=1))
-        if "zero_frac" in wanted:
+        if "zeros" in reads:
             parts.setdefault("zeros", []).append(
                 ops.sum(ops.cast(ops.equal(x, 0.0), "float32"), axis=1)
             )
-    return {k: v[0] if len(v) == 1 else ops.concatenate(v, axis=0) for k, v in parts.items()}
+    raw = {k: v[0] if len(v) == 1 else ops.concatenate(v, axis=0) for k, v in parts.items()}
+    if "l2" in reads:
+        raw["l2"] = ops.sqrt(raw["sq"])
+    return raw
 
 
 def sum_of_squares(g: Any) -> Any:
@@ -211,7 +203,7 @@ def _assemble(
     blocks = [] if table is None else [table]
     order = list(order)
     for i, kind in constant_rows.items():
-        values = [math.nan if kind == "none" else EMPTY.get(n, math.nan) for n in stats]
+        values = [math.nan if kind == "none" else SPECS[n].empty for n in stats]
         blocks.append(ops.convert_to_tensor(np.asarray([values], dtype="float32")))
         order.append(i)
     table = blocks[0] if len(blocks) == 1 else ops.concatenate(blocks, axis=0)

@@ -10,14 +10,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from gradwatch._backend import current as _backend
+from gradwatch._catalogue import gradient_stats
 from gradwatch._compute import compute_stats, sum_of_squares
 from gradwatch._plan import Plan
 from gradwatch._step import Records
 from gradwatch.buffer import GradientBuffer
 from gradwatch.sparse import dense, elements
-from gradwatch.stats import GRADIENT_STATS
 
-xp = _backend.OPS
+# The backend's array functions in the step (`stack`, `sqrt`, `where`, `read`, ...).
+array_ops = _backend.OPS
 
 
 def clipping(records: Records, view: Callable[[Any], Any]) -> tuple[dict, dict, Any]:
@@ -51,10 +52,11 @@ def clipping(records: Records, view: Callable[[Any], Any]) -> tuple[dict, dict, 
         global_clipnorm = getattr(opt, "global_clipnorm", None)
         clipvalue = getattr(opt, "clipvalue", None)
         if clipnorm and clipnorm > 0:  # g * c / max(|g|, c)
-            return clipnorm / xp.maximum(xp.sqrt(sq[key]), clipnorm), None
+            return clipnorm / array_ops.maximum(array_ops.sqrt(sq[key]), clipnorm), None
         if global_clipnorm and global_clipnorm > 0:  # all g * c * min(1/|G|, 1/c)
-            gn = xp.sqrt(total[applies[key]])
-            return global_clipnorm * xp.minimum(1.0 / gn, 1.0 / global_clipnorm) + (gn - gn), None
+            gn = array_ops.sqrt(total[applies[key]])
+            factor = global_clipnorm * array_ops.minimum(1.0 / gn, 1.0 / global_clipnorm)
+            return factor + (gn - gn), None
         if clipvalue and clipvalue > 0:
             return None, clipvalue
         return None, None
@@ -65,7 +67,7 @@ def clipping(records: Records, view: Callable[[Any], Any]) -> tuple[dict, dict, 
 def clipped_norms(plan: Plan, records: Records) -> Any:
     """The norms of the selected gradients after the clipping of the optimizer applying them."""
     grads, sq, rule = clipping(records, elements)
-    nan = xp.nan()
+    nan = array_ops.nan()
     out = []
     for i in plan.stat_index:
         key = plan.ids[i]
@@ -74,12 +76,12 @@ def clipped_norms(plan: Plan, records: Records) -> Any:
             continue
         factor, clipvalue = rule(key)
         if clipvalue is not None:
-            clipped = xp.clip(grads[key], -clipvalue, clipvalue)
-            out.append(xp.sqrt(sum_of_squares(clipped)))
+            clipped = array_ops.clip(grads[key], -clipvalue, clipvalue)
+            out.append(array_ops.sqrt(sum_of_squares(clipped)))
         else:
-            norm = xp.sqrt(sq[key])
+            norm = array_ops.sqrt(sq[key])
             out.append(norm if factor is None else norm * factor)
-    return xp.stack(out)
+    return array_ops.stack(out)
 
 
 def clipped_norms_across_replicas(plan: Plan, local: Records) -> Any:
@@ -91,21 +93,21 @@ def clipped_norms_across_replicas(plan: Plan, local: Records) -> Any:
     """
     grads, _, rule = clipping(local, dense)
     keys = [plan.ids[i] for i in plan.stat_index if plan.ids[i] in grads]
-    nan = xp.nan()
+    nan = array_ops.nan()
     if not keys:
-        return xp.full((len(plan.stat_index),), math.nan)
+        return array_ops.full((len(plan.stat_index),), math.nan)
     clipped = []
     for key in keys:
         factor, clipvalue = rule(key)
         g = grads[key]
         if clipvalue is not None:
-            g = xp.clip(g, -clipvalue, clipvalue)
+            g = array_ops.clip(g, -clipvalue, clipvalue)
         elif factor is not None:
             g = g * factor
         clipped.append(g)
     summed = _backend.all_reduce_sum(clipped)
-    norms = dict(zip(keys, (xp.sqrt(sum_of_squares(c)) for c in summed), strict=True))
-    return xp.stack([norms.get(plan.ids[i], nan) for i in plan.stat_index])
+    norms = dict(zip(keys, (array_ops.sqrt(sum_of_squares(c)) for c in summed), strict=True))
+    return array_ops.stack([norms.get(plan.ids[i], nan) for i in plan.stat_index])
 
 
 def replica_stats(plan: Plan, local: Records, stats: Sequence[str]) -> Any:
@@ -119,12 +121,12 @@ def replica_stats(plan: Plan, local: Records, stats: Sequence[str]) -> Any:
             grads.append(None)
             continue
         grads.append(_backend.unscaled_float32(entry.grad, entry.scale))
-    names = [s for s in stats if s in GRADIENT_STATS]
+    names = gradient_stats(stats)
     n = len(plan.stat_index)
-    table = compute_stats(grads, names) if names and n else xp.zeros((n, 0))
-    nan = xp.full((n,), math.nan)
+    table = compute_stats(grads, names) if names and n else array_ops.zeros((n, 0))
+    nan = array_ops.full((n,), math.nan)
     cols = [table[:, names.index(s)] if s in names else nan for s in stats]
-    mine = xp.stack(cols, axis=1)[None] if cols else xp.zeros((1, n, 0))
+    mine = array_ops.stack(cols, axis=1)[None] if cols else array_ops.zeros((1, n, 0))
     return _backend.all_gather(mine)
 
 
@@ -135,14 +137,14 @@ def update_stats(plan: Plan, befores: list[Any], afters: list[Any] | None = None
     `apply_gradients`, as this runs after the stock step returns."""
     afters = afters or [None] * len(befores)
     delta = [
-        None if b is None else (xp.read(plan.variables[i]) if a is None else a) - b
+        None if b is None else (array_ops.read(plan.variables[i]) if a is None else a) - b
         for i, b, a in zip(plan.stat_index, befores, afters, strict=True)
     ]
     weight = compute_stats(befores, ["norm"])[:, 0]
     update = compute_stats(delta, ["norm"])[:, 0]
     # No update is a ratio of 0, also of zero weights (a step that only accumulates a
     # gradient leaves a zero bias at 0): not 0 / 0.
-    ratio = xp.where(xp.equal(update, 0), update, update / weight)
+    ratio = array_ops.where(array_ops.equal(update, 0), update, update / weight)
     return {"weight_norm": weight, "update_norm": update, "update_ratio": ratio}
 
 
@@ -151,20 +153,22 @@ def cosines_with_previous(plan: Plan, buffer: GradientBuffer, flat: Any, step: A
     NaN unless that one is from step `step - 1`. Per-variable reductions: segment ops
     over the flat vector are far slower on the CPU."""
     sizes = plan.stat_sizes
-    gs = xp.split(flat, sizes)
-    ps = xp.split(xp.read(buffer.prev), sizes)
-    dot = xp.stack([xp.sum(g * p) for g, p in zip(gs, ps, strict=True)])
-    gg = xp.stack([sum_of_squares(g) for g in gs])
-    pp = xp.stack([sum_of_squares(p) for p in ps])
-    cos = dot / (xp.sqrt(gg) * xp.sqrt(pp))
-    follows = xp.equal(xp.read(buffer.prev_step), xp.cast(step, buffer.prev_step.dtype) - 1)
-    return xp.where(follows, cos, xp.nan())
+    gs = array_ops.split(flat, sizes)
+    ps = array_ops.split(array_ops.read(buffer.prev), sizes)
+    dot = array_ops.stack([array_ops.sum(g * p) for g, p in zip(gs, ps, strict=True)])
+    gg = array_ops.stack([sum_of_squares(g) for g in gs])
+    pp = array_ops.stack([sum_of_squares(p) for p in ps])
+    cos = dot / (array_ops.sqrt(gg) * array_ops.sqrt(pp))
+    follows = array_ops.equal(
+        array_ops.read(buffer.prev_step), array_ops.cast(step, buffer.prev_step.dtype) - 1
+    )
+    return array_ops.where(follows, cos, array_ops.nan())
 
 
 def keep_previous(buffer: GradientBuffer, flat: Any, step: Any) -> None:
     """Keeps this step's flat gradient for the next step's `cos_prev`."""
-    xp.assign(buffer.prev, flat)
-    xp.assign(buffer.prev_step, xp.cast(step, buffer.prev_step.dtype))
+    array_ops.assign(buffer.prev, flat)
+    array_ops.assign(buffer.prev_step, array_ops.cast(step, buffer.prev_step.dtype))
 
 
 def checked_gradients(plan: Plan, records: Records) -> tuple[list[int], list[Any]]:
@@ -184,8 +188,8 @@ def every_step_check(
 ) -> None:
     """Checks one step's gradients for NaN/Inf and against the norm thresholds, and
     notes in `alarm` how many steps tripped each check, and the first such step with
-    each variable's sum of squares there (`policy`: the watch's `on_nonfinite`,
-    `on_threshold`, `max_norm` and `min_norm`).
+    each variable's sum of squares there (`policy`: the watch's `Alarms`, with its
+    `on_nonfinite`, `on_threshold`, `max_norm` and `min_norm`).
 
     Non-finite gradients that a loss-scale optimizer skipped (`skipped`) never reached
     the weights, so they do not trip `on_nonfinite`.
@@ -193,23 +197,23 @@ def every_step_check(
     rows, grads = checked_gradients(plan, records)
     if not grads:
         return
-    ck = _backend.CHECK_OPS
+    check_ops = _backend.CHECK_OPS
     sq = _backend.squares_by_row(grads, rows, len(plan.stat_index))
-    bad = over = ck.false()
+    bad = over = check_ops.false()
     if policy.on_nonfinite != "ignore":
-        bad = ck.any(ck.logical_not(ck.isfinite(sq)))
+        bad = check_ops.any(check_ops.logical_not(check_ops.isfinite(sq)))
         if skipped is not None:
-            bad = ck.logical_and(bad, ck.logical_not(skipped))
-        ck.note_first(bad, alarm.nonfinite_step, alarm.nonfinite_sq, step, sq)
+            bad = check_ops.logical_and(bad, check_ops.logical_not(skipped))
+        check_ops.note_first(bad, alarm.nonfinite_step, alarm.nonfinite_sq, step, sq)
     if policy.thresholds and policy.on_threshold != "ignore":
-        norm = ck.sqrt(sq)
-        out = ck.false_like(norm)
+        norm = check_ops.sqrt(sq)
+        out = check_ops.false_like(norm)
         if policy.max_norm is not None:
-            out = ck.logical_or(out, norm > policy.max_norm)
+            out = check_ops.logical_or(out, norm > policy.max_norm)
         if policy.min_norm is not None:
-            out = ck.logical_or(out, norm < policy.min_norm)
+            out = check_ops.logical_or(out, norm < policy.min_norm)
         # A non-finite gradient is `on_nonfinite`'s to report, not beyond a threshold.
-        out = ck.logical_and(out, ck.isfinite(norm))
-        over = ck.any(out)
-        ck.note_first(over, alarm.threshold_step, alarm.threshold_sq, step, sq)
-    ck.count_tripped(alarm.tripped, [bad, over])
+        out = check_ops.logical_and(out, check_ops.isfinite(norm))
+        over = check_ops.any(out)
+        check_ops.note_first(over, alarm.threshold_step, alarm.threshold_sq, step, sq)
+    check_ops.count_tripped(alarm.tripped, [bad, over])

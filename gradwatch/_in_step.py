@@ -14,15 +14,16 @@ from keras import ops
 
 from gradwatch import _derived
 from gradwatch._backend import current as _backend
+from gradwatch._catalogue import gradient_stats, needs_of
 from gradwatch._compute import compute_histograms, compute_stats
 from gradwatch._plan import Plan
 from gradwatch._step import Records, record_key
 from gradwatch._store import Store
 from gradwatch.buffer import GradientBuffer
 from gradwatch.sparse import dense
-from gradwatch.stats import GRADIENT_STATS
 
-xp = _backend.OPS
+# The backend's array functions in the step (`stack`, `full`, `nan`, ...).
+array_ops = _backend.OPS
 
 
 def capture(
@@ -49,7 +50,8 @@ def capture(
     _check_known(model, plan, records)
     entries = [records.get(k) for k in plan.ids]
     _note_disconnected(plan, entries, store)
-    if "clipped_norm" in watch.stats:
+    needs = needs_of(watch.stats)
+    if "optimizer" in needs:
         _note_unknown_clipping(watch, plan, entries)
 
     def gradient(i: int) -> Any:
@@ -63,7 +65,7 @@ def capture(
     # call inside a conditional branch fails to trace.
     clipped = (
         _derived.clipped_norms_across_replicas(plan, local)
-        if local is not records and "clipped_norm" in watch.stats
+        if local is not records and "optimizer" in needs
         else None
     )
     replica_stats = _derived.replica_stats(plan, local, watch.stats) if watch.per_replica else None
@@ -77,22 +79,27 @@ def capture(
     def record() -> None:
         grads = {i: gradient(i) for i in dict.fromkeys(plan.stat_index + plan.value_index)}
         stat_grads = [grads[i] for i in plan.stat_index]
-        if plan.stat_index and not xp.restack and set(watch.stats) <= set(GRADIENT_STATS):
+        only_kernels = len(gradient_stats(watch.stats)) == len(watch.stats)
+        if plan.stat_index and not array_ops.restack and only_kernels:
             # The table as computed, without slicing and restacking.
             stats = compute_stats(stat_grads, watch.stats)
         elif plan.stat_index:
             cols = stat_columns(
                 watch, plan, entries, stat_grads, step, buffer, flat_gradients, records, clipped
             )
-            stats = xp.stack([cols[name] for name in watch.stats], axis=1)
+            stats = array_ops.stack([cols[name] for name in watch.stats], axis=1)
         else:
-            stats = xp.zeros((0, len(watch.stats)))
+            stats = array_ops.zeros((0, len(watch.stats)))
         values = [
-            dense(grads[i]) if grads[i] is not None else xp.full(plan.variables[i].shape, math.nan)
+            dense(grads[i])
+            if grads[i] is not None
+            else array_ops.full(plan.variables[i].shape, math.nan)
             for i in plan.value_index
         ]
         hist = compute_histograms(stat_grads, watch.histogram) if watch.histogram else None
-        row = xp.stack([xp.nan() if x is None else x for x in (loss, learning_rate, applied)])
+        row = array_ops.stack(
+            [array_ops.nan() if x is None else x for x in (loss, learning_rate, applied)]
+        )
         buffer.write(step, stats, values, hist, skipped, replica_stats, row)
 
     def keep_previous() -> None:
@@ -121,15 +128,17 @@ def _scalar(x: Any) -> Any:
 def stat_columns(
     watch, plan, entries, stat_grads, step, buffer, flat_gradients, records, clipped=None
 ) -> dict[str, Any]:
-    """The stats of the selected variables, one float32 column per stat name."""
+    """The stats of the selected variables, one float32 column per stat name: those of
+    the gradient alone from their kernels, the others from what they need (`needs`)."""
     cols = {}
-    if "clipped_norm" in watch.stats:
+    needs = needs_of(watch.stats)
+    if "optimizer" in needs:  # the optimizer's clipping
         cols["clipped_norm"] = _derived.clipped_norms(plan, records) if clipped is None else clipped
-    grad_stats = [s for s in watch.stats if s in GRADIENT_STATS]
+    grad_stats = gradient_stats(watch.stats)
     if grad_stats:
         table = compute_stats(stat_grads, grad_stats)
         cols.update({name: table[:, j] for j, name in enumerate(grad_stats)})
-    if watch.needs_weights:
+    if "weights" in needs:
         before = [
             None
             if entries[i] is None
@@ -140,7 +149,7 @@ def stat_columns(
         # (A stateless step reads every update's weights from the step's input state,
         # so the update stats of a variable updated more than once are NaN there.)
         cols.update(_derived.update_stats(plan, before, _afters(plan, records)))
-    if "cos_prev" in watch.stats:
+    if "previous" in needs:
         cols["cos_prev"] = _derived.cosines_with_previous(plan, buffer, flat_gradients(), step)
     return cols
 
@@ -225,9 +234,9 @@ def _flat_gradients(plan: Plan, gradient: Callable[[int], Any]) -> Callable[[], 
         for i in plan.stat_index:
             g = gradient(i)
             if g is None:
-                g = xp.full(plan.variables[i].shape, math.nan)
-            parts.append(xp.flat(dense(g)))
-        flat = xp.concat(parts)
+                g = array_ops.full(plan.variables[i].shape, math.nan)
+            parts.append(array_ops.flat(dense(g)))
+        flat = array_ops.concat(parts)
         if _backend.EAGER:
             cache.append(flat)
         return flat

@@ -1,6 +1,7 @@
 """The stats' building blocks in `keras.ops` that `gradwatch._compute` and the backend
-modules share: the exact path, the bin index, and the casts and sums of squares of the
-backends that have no fast path of their own.
+modules share: the exact path's sums and table (each stat's own formula is its spec's
+kernel, `gradwatch._catalogue.SPECS`), the bin index, and the casts and sums of squares
+of the backends that have no fast path of their own.
 
 A leaf: it imports no module that imports `gradwatch._backend`, so that the backend
 modules (imported by `gradwatch._backend` when it loads) can import it.
@@ -9,13 +10,14 @@ modules (imported by `gradwatch._backend` when it loads) can import it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import keras
 import numpy as np
 from keras import ops
 
-from gradwatch._catalogue import HIST_MIN_EXP, histogram_bin_count
+from gradwatch._catalogue import HIST_MIN_EXP, SPECS, histogram_bin_count
 from gradwatch.sparse import SparseGradient
 
 # Tensors below this many elements are stacked with others of their size, so that
@@ -23,47 +25,47 @@ from gradwatch.sparse import SparseGradient
 STACK_BELOW = 16384
 
 
-# A disconnected variable's row is all NaN; an empty tensor has norm 0, no
-# non-finite elements, and no mean, std, min, max or zero fraction.
-EMPTY = {"norm": 0.0, "nonfinite": 0.0}
-
-
 #: The smallest normal float32; smaller non-zero magnitudes are subnormal.
 SMALLEST_NORMAL = float(np.finfo(np.float32).tiny)
 
 
-def exact_group(x: Any) -> dict[str, Any]:
-    """Every stat of each row of a 2-D float32 tensor, with NaN and Inf treated as the
-    catalogue defines (the exact path of `compute_stats`)."""
-    nan = math.nan
+def exact_sums(x: Any) -> dict[str, Any]:
+    """The exact path's masked counts and sums (`EXACT_SUMS`) of each row of a 2-D
+    float32 tensor, from which each stat's kernel computes its exact value."""
     finite = ops.isfinite(x)
     notnan = ops.logical_not(ops.isnan(x))
     n_finite = ops.sum(ops.cast(finite, "float32"), axis=1)
-    no_finite = n_finite == 0
-    if x.shape[1] is None:  # a size known at run time only (it may be 0)
-        n = ops.cast(ops.shape(x)[1], "float32")
-        norm_nan = ops.logical_and(no_finite, n > 0)  # an empty tensor's norm is 0
-    else:
-        n = float(x.shape[1])
-        norm_nan = no_finite
-    none_left = ops.sum(ops.cast(notnan, "float32"), axis=1) == 0
+    # A size known at run time only may be 0.
+    n = ops.cast(ops.shape(x)[1], "float32") if x.shape[1] is None else float(x.shape[1])
     xf = ops.where(finite, x, 0.0)
-    safe_n = ops.maximum(n_finite, 1.0)
-    mean = ops.where(n_finite == 0, nan, ops.sum(xf, axis=1) / safe_n)
-    centred = ops.where(finite, x - ops.nan_to_num(mean)[:, None], 0.0)
+    total = ops.sum(xf, axis=1)
+    # The mean of the finite elements, 0 where there are none.
+    mean = total / ops.maximum(n_finite, 1.0)
+    centred = ops.where(finite, x - mean[:, None], 0.0)
     return {
-        # No finite element: NaN, not a norm of 0 that would read as a vanishing gradient.
-        "norm": ops.where(norm_nan, nan, ops.sqrt(ops.sum(ops.square(xf), axis=1))),
-        "mean": mean,
-        "std": ops.where(
-            n_finite == 0, nan, ops.sqrt(ops.sum(ops.square(centred), axis=1) / safe_n)
-        ),
-        "min": ops.where(none_left, nan, ops.min(ops.where(notnan, x, math.inf), axis=1)),
-        "max": ops.where(none_left, nan, ops.max(ops.where(notnan, x, -math.inf), axis=1)),
-        "abs_max": ops.where(none_left, nan, ops.max(ops.where(notnan, ops.abs(x), -1.0), axis=1)),
-        "nonfinite": n - n_finite,
-        "zero_frac": ops.sum(ops.cast(ops.equal(x, 0.0), "float32"), axis=1) / n,
+        "n": n,
+        "n_finite": n_finite,
+        "n_nonfinite": n - n_finite,
+        "n_notnan": ops.sum(ops.cast(notnan, "float32"), axis=1),
+        "n_zero": ops.sum(ops.cast(ops.equal(x, 0.0), "float32"), axis=1),
+        "sum": total,
+        "sum_sq": ops.sum(ops.square(xf), axis=1),
+        "spread": ops.sum(ops.square(centred), axis=1),
+        "min": ops.min(ops.where(notnan, x, math.inf), axis=1),
+        "max": ops.max(ops.where(notnan, x, -math.inf), axis=1),
+        "abs_max": ops.max(ops.where(notnan, ops.abs(x), -1.0), axis=1),
     }
+
+
+def exact_columns(parts: list[dict[str, Any]], stats: Sequence[str]) -> Any:
+    """The exact path's table: each stat's kernel over each part's `exact_sums` (rows
+    in order), one column per stat, in `keras.ops`."""
+    columns = []
+    for name in stats:
+        exact = SPECS[name].kernel.exact
+        values = [ops.reshape(exact(sums, ops), (-1,)) for sums in parts]
+        columns.append(values[0] if len(values) == 1 else ops.concatenate(values, axis=0))
+    return ops.stack(columns, axis=1)
 
 
 def bin_index(x: Any, bins_per_decade: int) -> Any:

@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gradwatch._catalogue import SPECS
 from gradwatch._frames import bins, histogram_table, histograms_frame, stat_matrix, stat_steps
 from gradwatch._store import Store
 from gradwatch._views import by_layer, global_norms, summary
 from gradwatch.diagnose import Signals, run_rules
-from gradwatch.stats import STATS
 
 
 class StatViews:
@@ -70,7 +70,7 @@ class StatViews:
         if not isinstance(name, str) or name not in self._store.stats:
             hint = (
                 f" It is a known stat; record it with GradWatch(stats=[..., {name!r}])."
-                if name in STATS
+                if name in SPECS
                 else ""
             )
             raise KeyError(
@@ -108,7 +108,14 @@ class StatViews:
         as a sum; `mean` and `zero_frac` as a mean weighted by element count;
         `std` by pooling with `mean` (which must be recorded too); and
         `update_ratio` as the layer's `update_norm / weight_norm`. `cos_prev`
-        does not combine from per-variable values and is refused.
+        does not combine from per-variable values and is refused. (Each stat's
+        pooling is its spec's, `gradwatch._catalogue.SPECS`.)
+
+        Raises:
+            KeyError: If `stat` was not recorded, or a stat its pooling reads was
+                not (`std` needs `mean`; `update_ratio` needs `update_norm` and
+                `weight_norm`).
+            ValueError: If `stat` does not combine per layer (`cos_prev`).
 
         Example:
 
@@ -117,22 +124,26 @@ class StatViews:
         ```
         """
         self._check_stat(stat)
-        if stat == "cos_prev":
+        spec = SPECS.get(stat)
+        if spec is None or spec.pool is None:
             raise ValueError(
-                "`cos_prev` cannot be aggregated per layer from per-variable values; "
-                "query it per variable with log.stat('cos_prev')."
+                f"`{stat}` cannot be aggregated per layer from per-variable values; "
+                f"query it per variable with log.stat({stat!r})."
             )
-        if stat == "update_ratio":
-            up, w = self.by_layer("update_norm"), self.by_layer("weight_norm")
-            return (up / w).mask(up == 0, 0.0)  # no update: 0, also of zero weights
+        missing = [name for name in spec.pool_reads if name not in self._store.stats]
+        if missing:
+            names = ", ".join(f"`{name}`" for name in missing)
+            raise KeyError(f"Pooling `{stat}` per layer needs {names} recorded too.")
         wide = self.stat(stat).astype(np.float64)
         sizes = pd.Series({k: float(self._store.size(k)) for k in wide.columns})
-        mean = None
-        if stat == "std":
-            if "mean" not in self._store.stats:
-                raise KeyError("Pooling `std` per layer needs `mean` recorded too.")
-            mean = self.stat("mean").astype(np.float64)
-        return by_layer(wide, sizes, stat, mean)
+        frames: dict[str, pd.DataFrame] = {}
+
+        def other(name: str) -> pd.DataFrame:  # each once, not once per layer
+            if name not in frames:
+                frames[name] = self.stat(name).astype(np.float64)
+            return frames[name]
+
+        return by_layer(wide, sizes, stat, other)
 
     def summary(self) -> pd.DataFrame:
         """One row per variable: first, last, median and max norm, non-finite count, and

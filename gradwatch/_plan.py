@@ -12,7 +12,7 @@ import numpy as np
 
 from gradwatch._backend import current as _backend
 from gradwatch._capture import step_counter
-from gradwatch._catalogue import histogram_bin_count
+from gradwatch._catalogue import histogram_bin_count, needs_of
 from gradwatch._step import Records, record_key, update_counts
 from gradwatch._store import SCALARS, Store
 from gradwatch.buffer import GradientBuffer
@@ -155,7 +155,8 @@ def make_buffer(model: Any, plan: Plan, watch: Any) -> GradientBuffer:
     n_replicas = _backend.num_replicas(model) if watch.per_replica else 0
     slot_bytes += 4 * n_replicas * len(plan.stat_index) * n_stats
     capacity = max(2 * spe, min(SLOTS, BUFFER_BYTES // slot_bytes))
-    prev_size = sum(plan.stat_sizes) if "cos_prev" in watch.stats else 0
+    # The previous step's gradient, kept for the stats that need it (`cos_prev`).
+    prev_size = sum(plan.stat_sizes) if "previous" in needs_of(watch.stats) else 0
     with _backend.lift():
         return GradientBuffer(
             len(plan.stat_index),

@@ -702,6 +702,34 @@ RULES: tuple[Callable[[Diagnosis], list[dict]], ...] = (
     _oscillation,
 )
 
+#: The stats that each rule reads; without one, the rule says what it could not check.
+READS: dict[Callable[[Diagnosis], list[dict]], tuple[str, ...]] = {
+    _nonfinite: ("nonfinite",),
+    _loss_scale: (),
+    _dead: ("norm", "zero_frac"),
+    _exploding: ("norm",),
+    _vanishing: ("norm", "zero_frac"),
+    _disconnected: (),
+    _update_ratio: ("update_ratio",),
+    _clipping: ("clipped_norm", "norm"),
+    _oscillation: ("cos_prev",),
+}
+#: What `Diagnosis` itself reads: `norm` (which variables are live) and `nonfinite` (the
+#: rows whose other stats say nothing).
+DIAGNOSIS_READS = ("norm", "nonfinite")
+
+
+def stats_read() -> set[str]:
+    """Every stat that the doctor reads: the union of the rules' `READS`
+    (`gradwatch.stats.DOCTOR_STATS`, in catalogue order).
+
+    Example:
+
+    >>> sorted(stats_read())
+    ['clipped_norm', 'cos_prev', 'nonfinite', 'norm', 'update_ratio', 'zero_frac']
+    """
+    return {*DIAGNOSIS_READS, *(name for rule in RULES for name in READS[rule])}
+
 
 def find(signals: Signals, thresholds: dict[str, float]) -> list[dict[str, Any]]:
     """Every rule's findings over `signals`, as rows of `FINDING_COLUMNS`, rule by rule.

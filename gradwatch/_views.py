@@ -3,10 +3,12 @@ aggregate and the per-variable summary (`GradientLog.by_layer`, `GradientLog.sum
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pandas as pd
 
-_ROOT_SUM_SQUARES = ("norm", "clipped_norm", "weight_norm", "update_norm")
+from gradwatch._catalogue import SPECS
 
 
 def layer_of_key(key: str) -> str:
@@ -37,34 +39,31 @@ def _update_of(leaf: str) -> str:
 
 
 def by_layer(
-    wide: pd.DataFrame, sizes: pd.Series, stat: str, mean: pd.DataFrame | None = None
+    wide: pd.DataFrame,
+    sizes: pd.Series,
+    stat: str,
+    other: Callable[[str], pd.DataFrame] | None = None,
 ) -> pd.DataFrame:
     """`stat` per layer from its per-variable frame `wide` (float64, one column per
-    key), exact for the layer's variables taken together as one tensor. `sizes` are
-    the element counts by key; `std` pools with `mean` (the per-variable means)."""
+    key), pooled as its spec says (`SPECS[stat].pool`): exact for the layer's
+    variables taken together as one tensor. `sizes` are the element counts by key;
+    `other(name)` is the per-variable frame of another recorded stat that the pooling
+    reads (`pool_reads`: `std` pools with `mean`)."""
+    pool = SPECS[stat].pool
+    if pool is None:
+        raise ValueError(f"`{stat}` has no per-layer pooling.")
     layer_of = {k: layer_of_key(k) for k in wide.columns}
     layers = list(dict.fromkeys(layer_of.values()))
     out = {}
     for layer in layers:
         cols = [k for k in wide.columns if layer_of[k] == layer]
-        part = wide[cols]
-        if stat in _ROOT_SUM_SQUARES:
-            out[layer] = np.sqrt((part**2).sum(axis=1, min_count=1))
-        elif stat in ("min",):
-            out[layer] = part.min(axis=1)
-        elif stat in ("max", "abs_max"):
-            out[layer] = part.max(axis=1)
-        elif stat == "nonfinite":
-            out[layer] = part.sum(axis=1, min_count=1)
-        elif stat in ("mean", "zero_frac"):
-            out[layer] = (part * sizes[cols]).sum(axis=1, min_count=1) / sizes[cols].sum()
-        elif stat == "std":
-            m_part = mean[cols]
-            n = sizes[cols]
-            total = n.sum()
-            m = (m_part * n).sum(axis=1) / total
-            second = ((part**2 + m_part**2) * n).sum(axis=1) / total
-            out[layer] = np.sqrt(np.maximum(second - m**2, 0.0))
+
+        def layer_part(name: str, cols: list[str] = cols) -> pd.DataFrame:
+            if other is None:
+                raise KeyError(f"Pooling `{stat}` per layer needs `{name}`.")
+            return other(name)[cols]
+
+        out[layer] = pool(wide[cols], sizes[cols], layer_part)
     frame = pd.DataFrame(out)
     frame.columns = pd.Index(layers, dtype=object, name="layer")
     return frame

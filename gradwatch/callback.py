@@ -18,7 +18,7 @@ import numpy as np
 
 from gradwatch import _args, _derived, _in_step
 from gradwatch._adopt import adopt, guard_fit, join
-from gradwatch._alarms import Alarms, PolicyName
+from gradwatch._alarms import AlarmPolicy, Alarms
 from gradwatch._backend import NAME as _BACKEND_NAME
 from gradwatch._backend import current as _backend
 from gradwatch._capture import next_step
@@ -34,8 +34,6 @@ from gradwatch.log import GradientLog, store_of
 from gradwatch.mixin import gate_next_step, model_state, resync_gate
 from gradwatch.sinks import Sink
 from gradwatch.stats import DEFAULT_STATS, UPDATE_STATS, check_stats
-
-Policy = PolicyName
 
 
 class GradWatch(keras.callbacks.Callback):
@@ -153,10 +151,10 @@ class GradWatch(keras.callbacks.Callback):
         path: str | os.PathLike | None = None,
         flush_every: int = 1000,
         max_value_elements: int = 1_000_000,
-        on_nonfinite: Policy = "warn",
+        on_nonfinite: AlarmPolicy = "warn",
         max_norm: float | None = None,
         min_norm: float | None = None,
-        on_threshold: Policy = "warn",
+        on_threshold: AlarmPolicy = "warn",
         tensorboard_dir: str | os.PathLike | None = None,
         sinks: Sequence[Sink] | None = None,
         per_replica: bool = False,

@@ -40,6 +40,7 @@ except ImportError as e:  # pragma: no cover - exercised in a subprocess test
         "pip install 'gradwatch[plot]'"
     ) from e
 
+from gradwatch._catalogue import SPECS
 from gradwatch._chart_parts import (
     LAYER_THRESHOLD,
     NONFINITE_COLOR,
@@ -85,8 +86,6 @@ _OTHER_COLOR = "#b0b0b0"
 # The most lines `norms` draws in colour, each named in the legend; with the count of the
 # grey others and the non-finite entry the legend stays within 12 entries.
 _MAX_LINES = 10
-# Stats that may be negative: the heatmap shows log10 of their magnitude.
-_SIGNED_STATS = ("mean", "min", "max", "cos_prev")
 
 
 def flow(log: GradientLog, step: int | None = None, by: By = "auto") -> Figure:
@@ -422,7 +421,9 @@ def heatmap(log: GradientLog, stat: str = "norm", by: By = "auto") -> Figure:
         ax.set_ylim(len(part) - 0.5, -0.5)  # model order, top down
         ax.set_xlabel("step")
     axes[0].set_ylabel(rows.axis_label)
-    label = f"log10 |{stat}|" if stat in _SIGNED_STATS else f"log10 {stat}"
+    # A stat that may be negative: the heatmap shows log10 of its magnitude.
+    signed = stat not in SPECS or SPECS[stat].signed
+    label = f"log10 |{stat}|" if signed else f"log10 {stat}"
     height = fig.get_size_inches()[1]
     # On a tall chart a full-height bar would be as wide as a panel: keep it about 5 in.
     fig.colorbar(

@@ -1,10 +1,12 @@
 """The statistics catalogue: the per-variable gradient stats, their definitions, and the
 histogram bins.
 
-The stats are computed with `keras.ops` inside the training step, by
-`gradwatch._compute`; its functions (`compute_stats`, `compute_histograms`, `norm`,
-...) are reachable here too, and importing them imports Keras. The catalogue itself
-needs no Keras, so reading a saved log never imports it.
+Every name here derives from one registry of stat specs (`gradwatch._catalogue.SPECS`:
+each stat's definition, kernel, pooling over a layer, empty value and needs). The stats
+are computed with `keras.ops` inside the training step, by `gradwatch._compute`; its
+functions (`compute_stats`, `compute_histograms`, `norm`, ...) are reachable here too,
+and importing them imports Keras. The catalogue itself needs no Keras, so reading a
+saved log never imports it.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from gradwatch._catalogue import (
     GRADIENT_STATS,
     HIST_MAX_EXP,
     HIST_MIN_EXP,
+    SPECS,
     histogram_bin_count,
 )
 
 __all__ = [
     "DEFAULT_BINS_PER_DECADE",
     "DEFAULT_STATS",
+    "DOCTOR_STATS",
     "GRADIENT_STATS",
     "HIST_MAX_EXP",
     "HIST_MIN_EXP",
@@ -37,30 +41,18 @@ __all__ = [
 ]
 
 #: Every stat gradwatch computes, with its one-line definition, in catalogue order.
-STATS: dict[str, str] = {
-    "norm": "L2 norm over the finite elements: sqrt(sum(g_i**2)); NaN where none is finite.",
-    "mean": "Mean of the finite elements: sum(g_i) / n_finite.",
-    "std": "Population standard deviation of the finite elements (ddof=0).",
-    "min": "Smallest element, NaN ignored, -Inf counted.",
-    "max": "Largest element, NaN ignored, +Inf counted.",
-    "abs_max": "Largest absolute value, NaN ignored, Inf counted.",
-    "nonfinite": "Number of NaN and +/-Inf elements.",
-    "zero_frac": "Fraction of elements that are exactly zero: n_zero / n.",
-    "weight_norm": "L2 norm of the variable before the update (opt-in: keeps a copy of w).",
-    "update_norm": "L2 norm of w_after - w_before, the update the optimizer applied (opt-in).",
-    "update_ratio": "update_norm / weight_norm (opt-in).",
-    "cos_prev": "Cosine similarity with the previous step's gradient (opt-in: keeps it).",
-    "clipped_norm": (
-        "L2 norm of the gradient after the optimizer's clipping (clipnorm, clipvalue or "
-        "global_clipnorm); equal to norm without clipping, for finite gradients (opt-in)."
-    ),
-}
+STATS: dict[str, str] = {name: spec.doc for name, spec in SPECS.items()}
 
 #: Stats that need the weights before and after the update.
-UPDATE_STATS: tuple[str, ...] = ("weight_norm", "update_norm", "update_ratio")
+UPDATE_STATS: tuple[str, ...] = tuple(n for n, spec in SPECS.items() if "weights" in spec.needs)
 
 #: The stats that `GradWatch` records unless told otherwise.
 DEFAULT_STATS: tuple[str, ...] = ("norm", "mean", "std", "min", "max", "nonfinite")
+
+#: The stats that the doctor's rules read (`GradientLog.diagnose`), in catalogue order:
+#: recorded together, no rule is left unchecked for want of a stat. Derived from the
+#: rules, which import pandas: made on first use (see `__getattr__` below).
+DOCTOR_STATS: tuple[str, ...]
 
 
 def check_stats(stats: Any) -> tuple[str, ...]:
@@ -89,16 +81,24 @@ def check_stats(stats: Any) -> tuple[str, ...]:
         )
     if not items:
         raise ValueError(
-            f"`stats` must name at least one stat. Available: {list(STATS)}. "
+            f"`stats` must name at least one stat. Available: {list(SPECS)}. "
             f"Received: stats={stats!r}"
         )
     for s in items:
-        if s not in STATS:
+        if s not in SPECS:
             raise ValueError(
-                f"Unknown stat {s!r} in `stats`. Available: {list(STATS)}. "
+                f"Unknown stat {s!r} in `stats`. Available: {list(SPECS)}. "
                 f"Received: stats={list(items)!r}"
             )
     return tuple(dict.fromkeys(items))
+
+
+def _doctor_stats() -> tuple[str, ...]:
+    """`DOCTOR_STATS`: the stats the doctor's rules read, in catalogue order."""
+    from gradwatch._rules import stats_read
+
+    read = stats_read()
+    return tuple(name for name in SPECS if name in read)
 
 
 # --------------------------------------------------------------------- histograms
@@ -165,10 +165,12 @@ _COMPUTED = (
 
 
 def __getattr__(name: str) -> Any:
+    if name == "DOCTOR_STATS":
+        return _doctor_stats()
     if name in _COMPUTED:
         return getattr(importlib.import_module("gradwatch._compute"), name)
     raise AttributeError(f"module 'gradwatch.stats' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_COMPUTED})
+    return sorted({*globals(), *_COMPUTED, "DOCTOR_STATS"})

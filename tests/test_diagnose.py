@@ -22,7 +22,8 @@ from logfiles import write_log
 from models import Sequential
 
 import gradwatch
-from gradwatch.diagnose import FINDING_COLUMNS, FINDINGS, THRESHOLDS
+from gradwatch._rules import DIAGNOSIS_READS, READS, RULES, Diagnosis, find
+from gradwatch.diagnose import FINDING_COLUMNS, FINDINGS, THRESHOLDS, Signals
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL = list(gradwatch.STATS)
@@ -743,3 +744,47 @@ def test_diagnose_judges_each_update_of_an_embedding_table_as_a_table(tmp_path):
     )
     named = [v for vs in _not_info(log.diagnose())["variables"] for v in vs]
     assert not [v for v in named if "emb" in v]
+
+
+def _signals(recorded, asked):
+    """Signals of a healthy-looking run of three variables over 12 steps, with the stats
+    `recorded`; each stat the rules ask for is noted in `asked`."""
+    rng = np.random.default_rng(0)
+    keys = ["m/d/kernel", "m/d/bias", "m/o/kernel"]
+    shapes = {"m/d/kernel": (4, 3), "m/d/bias": (3,), "m/o/kernel": (3, 1)}
+    values = {name: rng.uniform(0.1, 1.0, size=(12, 3)) for name in gradwatch.STATS}
+    values["nonfinite"] = np.zeros((12, 3))
+
+    def stat(name):
+        asked.append(name)
+        return values[name] if name in recorded else None
+
+    return Signals(np.arange(12), keys, shapes, stat)
+
+
+def test_doctor_stats_are_the_stats_the_rules_read():
+    # Each rule asks for exactly the stats it declares (READS), beyond what the
+    # diagnosis itself reads; DOCTOR_STATS is their union, in catalogue order.
+    for rule in RULES:
+        asked = []
+        diagnosis = Diagnosis(_signals(set(gradwatch.STATS), asked), dict(THRESHOLDS))
+        assert set(asked) == set(DIAGNOSIS_READS)
+        rule(diagnosis)
+        assert set(asked) == {*DIAGNOSIS_READS, *READS[rule]}, rule.__name__
+    union = {*DIAGNOSIS_READS, *(name for reads in READS.values() for name in reads)}
+    assert set(gradwatch.stats.DOCTOR_STATS) == union
+    assert list(gradwatch.stats.DOCTOR_STATS) == [s for s in gradwatch.STATS if s in union]
+
+
+def _not_checked(rows):
+    return {(row["finding"], row["evidence"]) for row in rows if row["severity"] == "info"}
+
+
+def test_doctor_stats_leave_no_rule_unchecked_and_each_is_needed():
+    preset = gradwatch.stats.DOCTOR_STATS
+    assert _not_checked(find(_signals(set(preset), []), dict(THRESHOLDS))) == set()
+    for name in preset:
+        rows = find(_signals(set(preset) - {name}, []), dict(THRESHOLDS))
+        unchecked = _not_checked(rows)
+        assert unchecked, name
+        assert all(f"no `{name}` stat" in evidence for _, evidence in unchecked), name

@@ -1,11 +1,25 @@
 import math
 
+import keras
 import numpy as np
+import pandas as pd
 import pytest
 from keras import ops
-from reference import BACKEND, np_stats, reference_bins, tf_only
+from models import data, pair
+from reference import (
+    BACKEND,
+    batches_of,
+    mse,
+    np_stats,
+    reference_bins,
+    tape_gradients,
+    tf_only,
+)
 
+import gradwatch
 from gradwatch import stats as S
+from gradwatch._catalogue import REDUCTIONS, SPECS, Kernel, StatSpec
+from gradwatch._views import by_layer
 
 
 @pytest.mark.backends
@@ -273,3 +287,168 @@ def test_sparse_gradient_stats_equal_those_of_the_dense_gradient(case, mode):
     # are zeros, in the "0" bin).
     np.testing.assert_array_equal(hist[0], reference_bins(dense, 2))
     np.testing.assert_allclose(back, dense, rtol=1e-6)
+
+
+# ------------------------------------------------------------------ the stat specs
+def test_specs_are_the_one_source_of_the_public_catalogue():
+    assert list(S.STATS) == list(SPECS)
+    assert {name: spec.doc for name, spec in SPECS.items()} == S.STATS
+    assert tuple(n for n, spec in SPECS.items() if spec.kernel is not None) == S.GRADIENT_STATS
+    assert tuple(n for n, spec in SPECS.items() if "weights" in spec.needs) == S.UPDATE_STATS
+    for name, spec in SPECS.items():
+        assert spec.name == name
+        # A stat is computed from the gradient alone (a kernel) or from what it needs.
+        assert (spec.kernel is None) == bool(spec.needs), name
+        assert spec.needs <= {"weights", "optimizer", "previous"}, name
+        assert set(spec.pool_reads) <= set(SPECS), name
+        if spec.kernel is not None:
+            assert set(spec.kernel.reads) <= set(REDUCTIONS), name
+
+
+def _layer_by_numpy(name, tensors, weights=None, updates=None):
+    """`name` of the layer's tensors taken together as one, in NumPy."""
+    joined = np.concatenate([t.ravel() for t in tensors]).astype(np.float64)
+    if name in np_stats(joined):
+        return np_stats(joined)[name]
+    if name in ("weight_norm", "update_norm", "update_ratio"):
+        w = np.linalg.norm(np.concatenate([t.ravel() for t in weights]))
+        up = np.linalg.norm(np.concatenate([t.ravel() for t in updates]))
+        return {"weight_norm": w, "update_norm": up, "update_ratio": up / w}[name]
+    return float(np.linalg.norm(joined))  # clipped_norm: the norm of the clipped tensors
+
+
+def test_spec_pools_equal_numpy_on_the_layer_as_one_tensor():
+    # Two layers of variables of several sizes, with exact zeros, over three steps.
+    rng = np.random.default_rng(3)
+    keys = ["m/a/kernel", "m/a/bias", "m/b/kernel", "m/b/gamma", "m/b/bias"]
+    shapes = [(4, 3), (3,), (3, 5), (5,), (5,)]
+    steps = []
+    for _ in range(3):
+        step = {}
+        for kind in ("grad", "weight", "update"):
+            step[kind] = [rng.normal(size=s) * 10.0 ** rng.integers(-3, 3) for s in shapes]
+        step["grad"][1][:2] = 0.0
+        steps.append(step)
+    sizes = pd.Series({k: float(np.prod(s)) for k, s in zip(keys, shapes, strict=True)})
+
+    def per_variable(name):
+        rows = []
+        for step in steps:
+            row = []
+            for j in range(len(keys)):
+                one = _layer_by_numpy(
+                    name, [step["grad"][j]], [step["weight"][j]], [step["update"][j]]
+                )
+                row.append(one)
+            rows.append(row)
+        return pd.DataFrame(rows, columns=keys, dtype=np.float64)
+
+    layers = {"m/a": [0, 1], "m/b": [2, 3, 4]}
+    for name, spec in SPECS.items():
+        if spec.pool is None:
+            assert name == "cos_prev"  # no pooling from per-variable values
+            continue
+        table = by_layer(per_variable(name), sizes, name, per_variable)
+        assert list(table.columns) == list(layers), name
+        for i, step in enumerate(steps):
+            for layer, idx in layers.items():
+                expected = _layer_by_numpy(
+                    name,
+                    [step["grad"][j] for j in idx],
+                    [step["weight"][j] for j in idx],
+                    [step["update"][j] for j in idx],
+                )
+                assert table.loc[i, layer] == pytest.approx(expected, rel=1e-9), (name, layer)
+
+
+class _WithEmpty(keras.layers.Layer):
+    """A layer whose one variable has no elements: its gradient is an empty tensor."""
+
+    def build(self, shape):
+        self.nothing = self.add_weight(shape=(0, 2), initializer="zeros", name="nothing")
+
+    def call(self, x):
+        return x + ops.sum(self.nothing)
+
+
+# Each stat of an empty tensor, written out in NumPy from its definition.
+_EMPTY = np.zeros((0, 2))
+with np.errstate(invalid="ignore"):
+    NUMPY_EMPTY = {
+        **np_stats(_EMPTY),
+        "weight_norm": float(np.linalg.norm(_EMPTY)),
+        "update_norm": float(np.linalg.norm(_EMPTY - _EMPTY)),
+        "update_ratio": 0.0,  # no update is a ratio of 0 (docs/reference.md), not 0 / 0
+        "cos_prev": float(np.sum(_EMPTY * _EMPTY) / (np.linalg.norm(_EMPTY) ** 2)),
+        "clipped_norm": float(np.linalg.norm(np.clip(_EMPTY, -1.0, 1.0))),
+    }
+
+
+@pytest.mark.backends
+def test_spec_empty_values_are_what_an_empty_variable_records_and_numpy_says():
+    assert set(NUMPY_EMPTY) == set(SPECS)
+    inputs = keras.Input((3,))
+    outputs = keras.layers.Dense(1, name="out")(_WithEmpty(name="e")(inputs))
+    model = keras.Model(inputs, outputs)
+    model.compile(keras.optimizers.SGD(0.1, clipnorm=1.0), "mse")
+    watch = gradwatch.GradWatch(stats=list(SPECS), verbose=0)
+    x, y = data(n=8, features=3, outputs=1)
+    model.fit(x, y, batch_size=4, epochs=1, shuffle=False, callbacks=[watch], verbose=0)
+    (key,) = [k for k in watch.log.variables if k.endswith("e/nothing")]
+    for name, spec in SPECS.items():
+        np.testing.assert_equal(spec.empty, NUMPY_EMPTY[name], err_msg=name)
+        recorded = watch.log.stat(name)[key].to_numpy(np.float64)
+        np.testing.assert_equal(recorded, np.full(2, spec.empty), err_msg=name)
+
+
+@pytest.fixture
+def rms_registered(monkeypatch):
+    """A stat that gradwatch does not have, added as one entry of the registry: the root
+    mean square of the finite elements, pooled over a layer as that of its elements."""
+
+    def pool(values, sizes, other):
+        return np.sqrt((values**2 * sizes).sum(axis=1, min_count=1) / sizes.sum())
+
+    def exact(q, m):
+        mean_square = q["sum_sq"] / m.maximum(q["n_finite"], 1.0)
+        return m.where(q["n_finite"] == 0, math.nan, m.sqrt(mean_square))
+
+    spec = StatSpec(
+        "rms",
+        "Root mean square of the finite elements: sqrt(sum(g_i**2) / n_finite).",
+        Kernel(("sq",), lambda r, size, m: m.sqrt(r["sq"] / size), exact),
+        pool,
+    )
+    monkeypatch.setitem(SPECS, "rms", spec)
+    return spec
+
+
+def _rms(g):
+    g = np.asarray(g, np.float64).ravel()
+    finite = g[np.isfinite(g)]
+    return float(np.sqrt(np.mean(finite**2))) if finite.size else math.nan
+
+
+@pytest.mark.backends
+def test_a_stat_added_to_the_registry_alone_is_recorded_pooled_and_computed(rms_registered):
+    x, y = data(n=16)
+    model, plain = pair()
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    watch = gradwatch.GradWatch(stats=["norm", "rms"], verbose=0)
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, callbacks=[watch], verbose=0)
+    grads = tape_gradients(plain, keras.optimizers.SGD(0.1), batches_of(x, y, 8), mse)
+    log = watch.log
+    rms, layers = log.stat("rms"), log.by_layer("rms")
+    assert list(rms.index) == [0, 1]
+    assert list(layers.columns) == ["net/hidden", "net/out"]
+    for step, g in enumerate(grads):
+        for j, key in enumerate(log.variables):
+            assert rms.loc[step, key] == pytest.approx(_rms(g[j]), rel=1e-5), key
+        for layer, idx in (("net/hidden", [0, 1]), ("net/out", [2, 3])):
+            joined = np.concatenate([g[i].ravel() for i in idx])
+            assert layers.loc[step, layer] == pytest.approx(_rms(joined), rel=1e-5), layer
+    # The exact path (a NaN in the step) and the empty value, computed directly.
+    tensors = [np.array([3.0, np.nan, -4.0], "float32"), np.array([1.0, 2.0], "float32")]
+    out = np.asarray(S.compute_stats([*tensors, np.zeros(0, "float32")], ["rms", "nonfinite"]))
+    np.testing.assert_allclose(out[:2, 0], [_rms(tensors[0]), _rms(tensors[1])], rtol=1e-6)
+    assert math.isnan(out[2, 0]) and out[:, 1].tolist() == [1.0, 0.0, 0.0]

@@ -131,8 +131,9 @@ class Backend(Protocol):
     def bincount(self, idx: Any, length: int) -> Any:
         """How often each of `0 .. length - 1` occurs in the int32 tensor `idx` (int32)."""
 
-    def sparse_stats(self, g: Any) -> dict[str, Any]:
-        """Every stat of a `SparseGradient`, from its rows (TensorFlow, which makes them)."""
+    def sparse_sums(self, g: Any) -> dict[str, Any]:
+        """The exact path's sums (`EXACT_SUMS`) of a `SparseGradient`, from its rows
+        (TensorFlow, which makes them)."""
 
     # Control flow in the step.
     def cond(self, pred: Any, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:

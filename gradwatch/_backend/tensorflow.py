@@ -656,39 +656,36 @@ def bincount(idx: Any, length: int) -> Any:
 bin_index = _kernels.bin_index
 
 
-def sparse_stats(g: SparseGradient) -> dict[str, Any]:
-    """Every stat of a sparse gradient's dense equivalent, from its touched rows alone:
-    the untouched elements are zeros that count in `n` but add nothing to the sums."""
-    nan = math.nan
+def sparse_sums(g: SparseGradient) -> dict[str, Any]:
+    """The exact path's sums (`EXACT_SUMS`) of a sparse gradient's dense equivalent, from
+    its touched rows alone: the untouched elements are zeros that count in `n` but add
+    nothing to the sums."""
     x = tf.reshape(tf.cast(g.rows, tf.float32), (-1,))
     valid = tf.reshape(g.valid(), (-1,))
     zeros = g.implicit_zeros()
-    n = float(g.size)
     finite = ops.isfinite(x) & valid
     notnan = ops.logical_not(ops.isnan(x)) & valid
     n_finite = ops.sum(ops.cast(finite, "float32")) + zeros
-    none_left = ops.sum(ops.cast(notnan, "float32")) + zeros == 0
     xf = ops.where(finite, x, 0.0)
-    safe_n = ops.maximum(n_finite, 1.0)
-    mean = ops.where(n_finite == 0, nan, ops.sum(xf) / safe_n)
-    m0 = ops.nan_to_num(mean)
-    spread = ops.sum(ops.square(ops.where(finite, x - m0, 0.0))) + zeros * ops.square(m0)
+    total = ops.sum(xf)
+    mean = total / ops.maximum(n_finite, 1.0)  # 0 where no element is finite
+    spread = ops.sum(ops.square(ops.where(finite, x - mean, 0.0))) + zeros * ops.square(mean)
     # tf's reductions: Keras' refuse an empty tensor (a step that touched no row).
     lo = tf.reduce_min(ops.where(notnan, x, math.inf))
     hi = tf.reduce_max(ops.where(notnan, x, -math.inf))
     some_zero = zeros > 0
-    lo = ops.where(some_zero, ops.minimum(lo, 0.0), lo)
-    hi = ops.where(some_zero, ops.maximum(hi, 0.0), hi)
     abs_max = tf.reduce_max(ops.where(notnan, ops.abs(x), -1.0))
-    abs_max = ops.where(some_zero, ops.maximum(abs_max, 0.0), abs_max)
     n_valid = ops.sum(ops.cast(valid, "float32"))
     return {
-        "norm": ops.where(n_finite == 0, nan, ops.sqrt(ops.sum(ops.square(xf)))),
-        "mean": mean,
-        "std": ops.where(n_finite == 0, nan, ops.sqrt(spread / safe_n)),
-        "min": ops.where(none_left, nan, lo),
-        "max": ops.where(none_left, nan, hi),
-        "abs_max": ops.where(none_left, nan, abs_max),
-        "nonfinite": n_valid - (n_finite - zeros),
-        "zero_frac": (ops.sum(ops.cast(ops.equal(x, 0.0) & valid, "float32")) + zeros) / n,
+        "n": float(g.size),
+        "n_finite": n_finite,
+        "n_nonfinite": n_valid - (n_finite - zeros),
+        "n_notnan": ops.sum(ops.cast(notnan, "float32")) + zeros,
+        "n_zero": ops.sum(ops.cast(ops.equal(x, 0.0) & valid, "float32")) + zeros,
+        "sum": total,
+        "sum_sq": ops.sum(ops.square(xf)),
+        "spread": spread,
+        "min": ops.where(some_zero, ops.minimum(lo, 0.0), lo),
+        "max": ops.where(some_zero, ops.maximum(hi, 0.0), hi),
+        "abs_max": ops.where(some_zero, ops.maximum(abs_max, 0.0), abs_max),
     }

@@ -16,8 +16,8 @@ from keras import ops
 from gradwatch import _kernels
 from gradwatch._backend import generic
 from gradwatch._backend.generic import Ops
-from gradwatch._catalogue import HIST_MIN_EXP, histogram_bin_count
-from gradwatch._kernels import EMPTY, SMALLEST_NORMAL, STACK_BELOW, exact_group
+from gradwatch._catalogue import HIST_MIN_EXP, SPECS, histogram_bin_count
+from gradwatch._kernels import SMALLEST_NORMAL, STACK_BELOW, exact_columns, exact_sums
 from gradwatch._step import Capture, Records, StepScope, model_state, run_in_scope, scopes
 
 RECORDS = True  # GradWatch records on this backend
@@ -351,13 +351,11 @@ def stats_table(tensors: Sequence[Any], stats: tuple[str, ...]) -> Any:
     """`compute_stats` on PyTorch, in few torch calls: the step runs eagerly there, so
     each op costs a dispatch (and a `keras.ops` call its Python layer on top).
 
-    The same groups, one-pass formulas and exact path as the other backends, with
-    raw torch reductions: a norm (not a square and a sum), a sum, and `aminmax`
-    (min and max in one pass) per group, and one host read of a flag to choose the
+    The same groups, kernels (`SPECS`) and exact path as the other backends, with
+    raw torch reductions (`_reductions`) and one host read of a flag to choose the
     path. (Measured on the CPU: `torch._foreach_norm` was slower than one norm per
     tensor, and `torch.cat` of the gradients with segment reductions far slower.)
     """
-    wanted = set(stats)
     present: list[int] = []
     flat: list[Any] = []
     constant_rows: dict[int, str] = {}
@@ -390,15 +388,37 @@ def stats_table(tensors: Sequence[Any], stats: tuple[str, ...]) -> Any:
         x = flat[rows[0]] if len(rows) == 1 else torch.stack([flat[j] for j in rows])
         groups.append((rows, x))
     order = [j for rows, _ in groups for j in rows]
-    # Each group's reductions one after the other, while its data is still in cache.
-    want_sum = bool(wanted & {"mean", "std"})
-    want_range = bool(wanted & {"min", "max", "abs_max"})
-    want_zeros = "zero_frac" in wanted
-    parts: dict[str, list[Any]] = {"norm": [], "sum": [], "min": [], "max": [], "zeros": []}
+    kernels = [SPECS[name].kernel for name in stats]
+    raw = _reductions(groups, {read for kernel in kernels for read in kernel.reads})
+    size = torch.tensor([float(flat[j].numel()) for j in order], device=raw["sq"].device)
+    # One host read per step (as `ops.cond` does eagerly; Keras' loop copies each step's
+    # logs to the host for the callbacks anyway): the one-pass results stand unless an
+    # element is NaN or Inf, or a kernel's formula would lose digits.
+    ok = torch.isfinite(raw["sq"])
+    for kernel in dict.fromkeys(kernel for kernel in kernels if kernel.trust is not None):
+        ok = ok & kernel.trust(raw, size, TORCH_MATH)
+    if bool(ok.all()):
+        table = torch.stack([kernel.fast(raw, size, TORCH_MATH) for kernel in kernels], dim=1)
+    else:
+        table = exact_columns(
+            [exact_sums(x if x.dim() == 2 else x[None]) for _, x in groups], stats
+        )
+    rows = [present[j] for j in order]
+    return _assemble(table.to(torch.float32), rows, constant_rows, stats, n_rows, k)
+
+
+def _reductions(groups: list[tuple[list[int], Any]], reads: set[str]) -> dict[str, Any]:
+    """The fast path's per-row reductions (`REDUCTIONS`) in raw torch: a norm (not a
+    square and a sum), a sum, and `aminmax` (min and max in one pass) per group, each
+    group's one after the other while its data is still in cache."""
+    want_sum = "sum" in reads
+    want_range = bool(reads & {"min", "max"})
+    want_zeros = "zeros" in reads
+    parts: dict[str, list[Any]] = {"l2": [], "sum": [], "min": [], "max": [], "zeros": []}
     for _, x in groups:
         flat_group = x.dim() == 1
         dim = None if flat_group else 1
-        out = {"norm": torch.linalg.vector_norm(x, dim=dim)}
+        out = {"l2": torch.linalg.vector_norm(x, dim=dim)}
         if want_sum:
             out["sum"] = x.sum() if flat_group else x.sum(dim=1)
         if want_range:
@@ -410,42 +430,40 @@ def stats_table(tensors: Sequence[Any], stats: tuple[str, ...]) -> Any:
             out["zeros"] = (x == 0).sum() if flat_group else (x == 0).sum(dim=1)
         for name, value in out.items():
             parts[name].append(value[None] if flat_group else value)
-
-    def joined(name: str) -> Any:
-        return parts[name][0] if len(parts[name]) == 1 else torch.cat(parts[name])
-
-    norm = joined("norm")
-    sq = norm * norm
-    size = torch.tensor([float(flat[j].numel()) for j in order], device=norm.device)
-    cols: dict[str, Any] = {"norm": norm}
-    ok = torch.isfinite(sq)
-    if want_sum:
-        cols["mean"] = joined("sum") / size
-    if "std" in wanted:
-        var = torch.clamp(sq / size - cols["mean"] * cols["mean"], min=0.0)
-        cols["std"] = torch.sqrt(var)
-        ok = ok & (cols["mean"] * cols["mean"] <= 16.0 * var)
-    if want_range:
-        cols["min"], cols["max"] = joined("min"), joined("max")
-        if "abs_max" in wanted:
-            cols["abs_max"] = torch.maximum(cols["min"].abs(), cols["max"].abs())
-    if "nonfinite" in wanted:
-        cols["nonfinite"] = torch.zeros_like(norm)
+    raw = {
+        name: values[0] if len(values) == 1 else torch.cat(values)
+        for name, values in parts.items()
+        if values
+    }
+    raw["sq"] = raw["l2"] * raw["l2"]
     if want_zeros:
-        cols["zero_frac"] = joined("zeros").float() / size
-    # One host read per step (as `ops.cond` does eagerly; Keras' loop copies each step's
-    # logs to the host for the callbacks anyway): the one-pass results stand unless an
-    # element is NaN or Inf, or the mean so dominates the spread that the one-pass
-    # variance loses digits.
-    if bool(ok.all()):
-        table = torch.stack([cols[name] for name in stats], dim=1)
-    else:
-        parts = [exact_group(x if x.dim() == 2 else x[None]) for _, x in groups]
-        table = torch.stack(
-            [torch.cat([torch.reshape(p[name], (-1,)) for p in parts]) for name in stats], dim=1
-        )
-    rows = [present[j] for j in order]
-    return _assemble(table.to(torch.float32), rows, constant_rows, stats, n_rows, k)
+        raw["zeros"] = raw["zeros"].float()
+    return raw
+
+
+class _TorchMath:
+    """The array module that the stats' kernels (`SPECS`) finish their fast path with:
+    raw torch for the functions the catalogue's kernels call (they run once per step on
+    short vectors, where a `keras.ops` call's Python layer costs more than the op), and
+    `keras.ops` for any other."""
+
+    sqrt = staticmethod(torch.sqrt)
+    abs = staticmethod(torch.abs)
+    zeros_like = staticmethod(torch.zeros_like)
+
+    @staticmethod
+    def square(x: Any) -> Any:
+        return x * x
+
+    @staticmethod
+    def maximum(a: Any, b: Any) -> Any:
+        return torch.clamp(a, min=b) if isinstance(b, float) else torch.maximum(a, b)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(ops, name)
+
+
+TORCH_MATH = _TorchMath()
 
 
 def _assemble(
@@ -468,8 +486,8 @@ def _assemble(
     for i, kind in constant_rows.items():
         if kind == "empty":
             for j, name in enumerate(stats):
-                if name in EMPTY:
-                    out[i, j] = EMPTY[name]
+                if not math.isnan(SPECS[name].empty):
+                    out[i, j] = SPECS[name].empty
     return out
 
 
