@@ -5,7 +5,6 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-
 #: Set by a benchmark's `--smoke`: the models are cut down (the MLP to 2 hidden layers), so
 #: that CI's smoke run checks every code path of the harness without the full models'
 #: tracing time. Its numbers are not the benchmark's.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from gradwatch._keras_hook import register_when_keras_loads
+from gradwatch._capture.keras_hook import register_when_keras_loads
 
 TYPE_CHECKING = False  # not `typing`'s: `import gradwatch` imports nothing it can leave out
 if TYPE_CHECKING:  # for type checkers; imported on first use, below

@@ -9,8 +9,8 @@ import keras
 import numpy as np
 
 from gradwatch._backend import current as _backend
-from gradwatch._state import StateMetric
-from gradwatch._store import SCALARS
+from gradwatch._capture.state_metric import StateMetric
+from gradwatch._logdata.store import SCALARS
 
 
 @dataclass

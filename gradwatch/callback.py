@@ -16,18 +16,20 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradwatch import _args, _derived, _in_step
-from gradwatch._adopt import adopt, guard_fit, join
-from gradwatch._alarms import AlarmPolicy, Alarms
 from gradwatch._backend import NAME as _BACKEND_NAME
 from gradwatch._backend import current as _backend
-from gradwatch._capture import next_step
-from gradwatch._compute import traced_for_xla
-from gradwatch._drain import drain, drain_due, sink_block
-from gradwatch._plan import Planner
-from gradwatch._signals import deferred_interrupt
-from gradwatch._sinks import Sinks
-from gradwatch._step import Records, restore_class
+from gradwatch._capture import args as _args
+from gradwatch._capture import in_step as _in_step
+from gradwatch._capture.adopt import adopt, guard_fit, join
+from gradwatch._capture.alarms import AlarmPolicy, Alarms
+from gradwatch._capture.counting import next_step
+from gradwatch._capture.drain import drain, drain_due, sink_block
+from gradwatch._capture.interrupts import deferred_interrupt
+from gradwatch._capture.plan import Planner
+from gradwatch._capture.sinks import Sinks
+from gradwatch._capture.step import Records, restore_class
+from gradwatch._stats import derived as _derived
+from gradwatch._stats.compute import traced_for_xla
 from gradwatch.findings import fit_summary
 from gradwatch.keys import check_patterns
 from gradwatch.log import GradientLog, store_of
@@ -165,7 +167,7 @@ class GradWatch(keras.callbacks.Callback):
         arguments = locals()
         super().__init__()
         # A plain model is adopted inside Keras' `fit`, which calls no callback when it
-        # raises: `fit` itself must release it (see `gradwatch._adopt`).
+        # raises: `fit` itself must release it (see `gradwatch._capture.adopt`).
         guard_fit()
         self._arguments = {n: arguments[n] for n in _PARAMETERS if n in arguments}
         self.verbose = _args.check_verbose(verbose)

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from gradwatch._paths import writable_file
+from gradwatch._ui.paths import writable_file
 
 TYPE_CHECKING = False  # `typing` is left out at run time, so that `--help` starts at once
 if TYPE_CHECKING:

@@ -3,7 +3,7 @@
 `GradientLog.diagnose` runs them; `gradwatch doctor`, `gradwatch summary`, the HTML
 report and `GradWatch` at the end of `fit` show what they find (`gradwatch.findings`).
 Each rule, its formula, its default thresholds and the published rule it comes from
-are documented in `docs/diagnose.md`; the rules themselves are in `gradwatch._rules`.
+are documented in `docs/diagnose.md`; the rules themselves are in `gradwatch._doctor.rules`.
 Pandas and NumPy only: no Keras.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gradwatch._rules import Signals, find
+from gradwatch._doctor.rules import Signals, find
 
 __all__ = [
     "FINDINGS",

@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from gradwatch._text import name_list
+from gradwatch._ui.text import name_list
 from gradwatch.diagnose import FINDING_COLUMNS, SEVERITIES
 
 __all__ = [

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from gradwatch import _files
-from gradwatch._files import (
+from gradwatch._logdata import files as _files
+from gradwatch._logdata.files import (
     COLUMNS,
     FORMAT,
     PART_PREFIX,

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gradwatch._describe import describe, describe_html
-from gradwatch._files import write_csv, write_parquet
-from gradwatch._frames import (
+from gradwatch._logdata.describe import describe, describe_html
+from gradwatch._logdata.files import write_csv, write_parquet
+from gradwatch._logdata.frames import (
     HISTOGRAM_COLUMNS,
     REPLICA_STAT_COLUMNS,
     STAT_COLUMNS,
@@ -20,10 +20,10 @@ from gradwatch._frames import (
     stat_frame,
     values_frame,
 )
-from gradwatch._frames import steps as recorded_steps
-from gradwatch._log_views import HistogramViews, StatViews, find_cell
-from gradwatch._store import Store
-from gradwatch._views import global_norms
+from gradwatch._logdata.frames import steps as recorded_steps
+from gradwatch._logdata.log_views import HistogramViews, StatViews, find_cell
+from gradwatch._logdata.store import Store
+from gradwatch._logdata.views import global_norms
 from gradwatch.keys import match_patterns, resolve_key
 from gradwatch.stats import DEFAULT_STATS
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import keras
 
-from gradwatch import _capture
 from gradwatch._backend import current as _backend
-from gradwatch._capture import add_records, before_update, counted, next_step, step_counter
-from gradwatch._step import (
+from gradwatch._capture import counting as _capture
+from gradwatch._capture.counting import add_records, before_update, counted, next_step, step_counter
+from gradwatch._capture.step import (
     ModelState,
     Watcher,
     model_state,

@@ -33,15 +33,15 @@ try:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    from gradwatch._figure import Figure  # matplotlib's, displayed as PNG in notebooks
+    from gradwatch._ui.figure import Figure  # matplotlib's, displayed as PNG in notebooks
 except ImportError as e:  # pragma: no cover - exercised in a subprocess test
     raise ImportError(
         "gradwatch.plot needs matplotlib, which is not installed. Install it with: "
         "pip install 'gradwatch[plot]'"
     ) from e
 
-from gradwatch._catalogue import SPECS
-from gradwatch._chart_parts import (
+from gradwatch._stats.specs import SPECS
+from gradwatch._ui.chart_parts import (
     LAYER_THRESHOLD,
     NONFINITE_COLOR,
     NONFINITE_LABEL,

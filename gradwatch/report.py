@@ -19,9 +19,9 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from gradwatch._paths import as_path, writable_file
-from gradwatch._text import name_list, short_number
-from gradwatch._views import layer_of_key
+from gradwatch._logdata.views import layer_of_key
+from gradwatch._ui.paths import as_path, writable_file
+from gradwatch._ui.text import name_list, short_number
 from gradwatch.log import GradientLog
 
 MAX_ALERT_ROWS = 200

@@ -1,9 +1,9 @@
 """The statistics catalogue: the per-variable gradient stats, their definitions, and the
 histogram bins.
 
-Every name here derives from one registry of stat specs (`gradwatch._catalogue.SPECS`:
+Every name here derives from one registry of stat specs (`gradwatch._stats.specs.SPECS`:
 each stat's definition, kernel, pooling over a layer, empty value and needs). The stats
-are computed with `keras.ops` inside the training step, by `gradwatch._compute`; its
+are computed with `keras.ops` inside the training step, by `gradwatch._stats.compute`; its
 functions (`compute_stats`, `compute_histograms`, `norm`, ...) are reachable here too,
 and importing them imports Keras. The catalogue itself needs no Keras, so reading a
 saved log never imports it.
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from gradwatch._catalogue import (
+from gradwatch._stats.specs import (
     GRADIENT_STATS,
     HIST_MAX_EXP,
     HIST_MIN_EXP,
@@ -95,7 +95,7 @@ def check_stats(stats: Any) -> tuple[str, ...]:
 
 def _doctor_stats() -> tuple[str, ...]:
     """`DOCTOR_STATS`: the stats the doctor's rules read, in catalogue order."""
-    from gradwatch._rules import stats_read
+    from gradwatch._doctor.rules import stats_read
 
     read = stats_read()
     return tuple(name for name in SPECS if name in read)
@@ -168,7 +168,7 @@ def __getattr__(name: str) -> Any:
     if name == "DOCTOR_STATS":
         return _doctor_stats()
     if name in _COMPUTED:
-        return getattr(importlib.import_module("gradwatch._compute"), name)
+        return getattr(importlib.import_module("gradwatch._stats.compute"), name)
     raise AttributeError(f"module 'gradwatch.stats' has no attribute {name!r}")
 
 

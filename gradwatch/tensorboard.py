@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from gradwatch._event_file import EventFile
-from gradwatch._tb_summary import (
+from gradwatch._logdata.event_file import EventFile
+from gradwatch._logdata.tb_summary import (
     GLOBAL_NORM_TAG,
     HISTOGRAM_TAG,
     NORM_TAG,

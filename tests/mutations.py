@@ -60,7 +60,7 @@ MUTATIONS = (
     Mutation(
         "zero-frac-over-finite",
         "`zero_frac` divides by the finite elements instead of all elements",
-        "gradwatch/_catalogue.py",
+        "gradwatch/_stats/specs.py",
         'lambda q, m: q["n_zero"] / q["n"],',
         'lambda q, m: q["n_zero"] / _safe_n(q, m),',
         ("tests/test_stats.py",),
@@ -68,7 +68,7 @@ MUTATIONS = (
     Mutation(
         "per-replica-not-unscaled",
         "`per_replica` stats are not divided by the loss scale",
-        "gradwatch/_derived.py",
+        "gradwatch/_stats/derived.py",
         "grads.append(_backend.unscaled_float32(entry.grad, entry.scale))",
         "grads.append(_backend.unscaled_float32(entry.grad))",
         (
@@ -79,7 +79,7 @@ MUTATIONS = (
     Mutation(
         "global-clipnorm-over-all-optimizers",
         "`global_clipnorm` of one optimizer is taken over the gradients of all optimizers",
-        "gradwatch/_derived.py",
+        "gradwatch/_stats/derived.py",
         "gn = array_ops.sqrt(total[applies[key]])",
         "gn = array_ops.sqrt(sum(sq.values()))",
         (
@@ -90,7 +90,7 @@ MUTATIONS = (
     Mutation(
         "one-optimizers-clipping-for-all",
         "the first optimizer's clipping is used for every variable",
-        "gradwatch/_derived.py",
+        "gradwatch/_stats/derived.py",
         "        opt = optimizers[key]\n",
         "        opt = next(iter(optimizers.values()))\n",
         (
@@ -101,7 +101,7 @@ MUTATIONS = (
     Mutation(
         "loss-scale-inner-clipping-ignored",
         "the clipping of a LossScaleOptimizer's inner optimizer is ignored",
-        "gradwatch/_derived.py",
+        "gradwatch/_stats/derived.py",
         'optimizers[key] = getattr(optimizer, "inner_optimizer", optimizer)',
         "optimizers[key] = optimizer",
         ("tests/test_signals.py::test_clipped_norm_under_a_loss_scale_is_clipped_after_unscaling",),
@@ -136,7 +136,7 @@ MUTATIONS = (
     Mutation(
         "one-pass-guard-too-loose",
         "the one-pass variance stands where the mean dominates the spread",
-        "gradwatch/_catalogue.py",
+        "gradwatch/_stats/specs.py",
         'm.square(r["sum"] / size) <= 16.0 * _fast_variance(r, size, m)',
         'm.square(r["sum"] / size) <= 1e12 * _fast_variance(r, size, m)',
         ("tests/test_stats.py",),
@@ -144,7 +144,7 @@ MUTATIONS = (
     Mutation(
         "std-with-bessel-correction",
         "`std` divides by n - 1 instead of n on the exact path",
-        "gradwatch/_catalogue.py",
+        "gradwatch/_stats/specs.py",
         'm.sqrt(q["spread"] / _safe_n(q, m))',
         'm.sqrt(q["spread"] / m.maximum(q["n_finite"] - 1.0, 1.0))',
         ("tests/test_stats.py",),
@@ -152,7 +152,7 @@ MUTATIONS = (
     Mutation(
         "min-ignores-minus-inf",
         "`min` leaves out -Inf instead of only NaN",
-        "gradwatch/_kernels.py",
+        "gradwatch/_stats/kernels.py",
         '"min": ops.min(ops.where(notnan, x, math.inf), axis=1),',
         '"min": ops.min(ops.where(finite, x, math.inf), axis=1),',
         ("tests/test_stats.py",),
@@ -160,7 +160,7 @@ MUTATIONS = (
     Mutation(
         "histogram-edge-to-lower-bin",
         "a magnitude exactly on a bin edge falls in the bin below (`lo < |g| <= hi`)",
-        "gradwatch/_kernels.py",
+        "gradwatch/_stats/kernels.py",
         'j = g - 1 + ops.cast(safe >= ops.take(edges, g), "int32")',
         'j = g - 1 + ops.cast(safe > ops.take(edges, g), "int32")',
         ("tests/test_callback.py::test_histogram_bins_edges_zeros_nonfinite_and_extremes_exactly",),
@@ -168,7 +168,7 @@ MUTATIONS = (
     Mutation(
         "every-off-by-one",
         "with `every=N` the steps N*k + 1 are recorded instead of N*k",
-        "gradwatch/_in_step.py",
+        "gradwatch/_capture/in_step.py",
         "_backend.when(step % watch.every == 0, record, buffer.variables)",
         "_backend.when(step % watch.every == 1, record, buffer.variables)",
         ("tests/test_callback.py::test_every_records_only_multiples_and_matches_reference",),
@@ -176,7 +176,7 @@ MUTATIONS = (
     Mutation(
         "half-precision-computed-in-half",
         "float16 gradients are reduced in float16, which overflows and underflows",
-        "gradwatch/_compute.py",
+        "gradwatch/_stats/compute.py",
         'flat = [ops.reshape(ops.cast(tensors[i], "float32"), (size,)) for i in rows]',
         "flat = [ops.reshape(ops.cast(tensors[i], "
         '"float16" if "16" in str(tensors[i].dtype) else "float32"), (size,)) for i in rows]',
@@ -193,7 +193,7 @@ MUTATIONS = (
     Mutation(
         "histogram-100-refused",
         "`GradWatch(histogram=100)`, the documented maximum, is refused",
-        "gradwatch/_args.py",
+        "gradwatch/_capture/args.py",
         "if 1 <= histogram <= 100:",
         "if 1 <= histogram < 100:",
         ("tests/test_fuzz.py::test_fuzz_gradwatch_constructor",),
@@ -201,7 +201,7 @@ MUTATIONS = (
     Mutation(
         "histogram-rows-wrong-epoch",
         "the histogram rows of CSV and Parquet files carry the step as their epoch",
-        "gradwatch/_frames.py",
+        "gradwatch/_logdata/frames.py",
         'parts["epoch"].append(b.epochs[i])',
         'parts["epoch"].append(b.steps[i])',
         ("tests/test_io.py::test_written_files_hold_the_fitted_runs_values_for_plain_readers",),
@@ -209,7 +209,7 @@ MUTATIONS = (
     Mutation(
         "skipped-steps-not-saved",
         "the steps a loss-scale optimizer skipped are lost in CSV and Parquet files",
-        "gradwatch/_files.py",
+        "gradwatch/_logdata/files.py",
         '"skipped": sorted(store.skipped),',
         '"skipped": [],',
         ("tests/test_alarms.py::test_skipped_steps_round_trip_through_files",),
@@ -217,7 +217,7 @@ MUTATIONS = (
     Mutation(
         "step-count-from-updates",
         "with gradient accumulation the step count starts at `iterations`, the updates",
-        "gradwatch/_capture.py",
+        "gradwatch/_capture/counting.py",
         'counter = getattr(optimizer, "_iterations", None)',
         "counter = None",
         (
@@ -228,7 +228,7 @@ MUTATIONS = (
     Mutation(
         "applied-ignores-skipped",
         "a step whose update a loss-scale optimizer skipped counts as applied",
-        "gradwatch/_in_step.py",
+        "gradwatch/_capture/in_step.py",
         "applied = applied * (1 - _backend.float32(skipped))",
         "applied = applied * 1",
         (
@@ -240,7 +240,7 @@ MUTATIONS = (
     Mutation(
         "plan-several-updates-from-three",
         "a variable updated twice in a step gets one row: only 3 or more updates are kept apart",
-        "gradwatch/_plan.py",
+        "gradwatch/_capture/plan.py",
         "counts = {k: int(n) for k, n in (counts or {}).items() if n > 1}",
         "counts = {k: int(n) for k, n in (counts or {}).items() if n > 2}",
         (TWICE,),
@@ -248,7 +248,7 @@ MUTATIONS = (
     Mutation(
         "plan-patterns-match-update-keys",
         "`variables=` patterns are matched against `key@n`, so a later update is not selected",
-        "gradwatch/_plan.py",
+        "gradwatch/_capture/plan.py",
         "stat_index = [i for i, k in enumerate(own_keys) if k in stat_keys and floats[i]]",
         "stat_index = [i for i, k in enumerate(keys) if k in stat_keys and floats[i]]",
         (TWICE,),
@@ -256,7 +256,7 @@ MUTATIONS = (
     Mutation(
         "update-counts-off-by-one",
         "a variable's updates in a step are counted one short",
-        "gradwatch/_step.py",
+        "gradwatch/_capture/step.py",
         "                counts[var] = update + 1",
         "                counts[var] = update",
         (TWICE,),
@@ -264,18 +264,18 @@ MUTATIONS = (
     Mutation(
         "learning-rate-of-the-last-optimizer",
         "`log.scalars`' learning rate is that of the step's last optimizer, not its first",
-        "gradwatch/_capture.py",
-        "    if scope.learning_rate is None:\n        scope.learning_rate = learning_rate(",
+        "gradwatch/_capture/counting.py",
+        "    if scope.learning_rate is None:\n        first = optimizer or",
         "    if scope.learning_rate is None or optimizer is not None:\n"
-        "        scope.learning_rate = learning_rate(",
+        "        first = optimizer or",
         (RATE,),
     ),
     Mutation(
         "learning-rate-of-the-compiled-optimizer",
         "`log.scalars`' learning rate is `model.optimizer`'s, not the applying optimizer's",
-        "gradwatch/_capture.py",
-        'learning_rate(optimizer or getattr(model, "optimizer", None))',
-        'learning_rate(getattr(model, "optimizer", None) or optimizer)',
+        "gradwatch/_capture/counting.py",
+        'first = optimizer or getattr(model, "optimizer", None)',
+        'first = getattr(model, "optimizer", None) or optimizer',
         (RATE,),
     ),
     Mutation(
@@ -299,7 +299,7 @@ MUTATIONS = (
         "log-global-norm-of-no-norm-is-zero",
         "`log.global_norm()` and the doctor's global norm (one function) are 0, not NaN, "
         "at a step where no variable has a norm",
-        "gradwatch/_views.py",
+        "gradwatch/_logdata/views.py",
         "return np.where(has_norm, np.sqrt(squares.sum(axis=1)), np.nan)",
         "return np.sqrt(squares.sum(axis=1))",
         (GLOBAL_NORM,),
@@ -307,7 +307,7 @@ MUTATIONS = (
     Mutation(
         "chart-alert-layer-ignores-update",
         "the charts by layer mark an alert of `d/kernel@1` on the layer `d`, not `d@1`",
-        "gradwatch/_chart_parts.py",
+        "gradwatch/_ui/chart_parts.py",
         '{"step": alerts["step"], "name": [layer_of_key(k) for k in alerts["variable"]]}',
         '{"step": alerts["step"], "name": [k.rsplit("/", 1)[0] for k in alerts["variable"]]}',
         ("tests/test_plot.py::test_charts_by_layer_mark_the_nonfinite_layer_of_each_alert",),
@@ -326,7 +326,7 @@ MUTATIONS = (
     Mutation(
         "drain-one-execution-late",
         "the ring buffer is drained one execution too late, overwriting steps",
-        "gradwatch/_drain.py",
+        "gradwatch/_capture/drain.py",
         "return (since_drain + 1) * steps_per_execution > limit",
         "return since_drain * steps_per_execution > limit",
         (
@@ -337,7 +337,7 @@ MUTATIONS = (
     Mutation(
         "renumber-forgets-kept-tensors",
         "when the trainable set grows, the kept tensors' blocks keep their old codes",
-        "gradwatch/_store.py",
+        "gradwatch/_logdata/store.py",
         "            *self._value_blocks,\n",
         "",
         (RENUMBER,),
@@ -345,7 +345,7 @@ MUTATIONS = (
     Mutation(
         "renumber-forgets-histograms",
         "when the trainable set grows, the histograms' blocks keep their old codes",
-        "gradwatch/_store.py",
+        "gradwatch/_logdata/store.py",
         "            *self._hist_blocks,\n",
         "",
         (RENUMBER,),

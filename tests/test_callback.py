@@ -663,7 +663,7 @@ def test_kept_tensors_and_histograms_stay_with_their_variable_when_the_trainable
 
 
 def test_a_ring_buffer_of_two_executions_is_drained_before_it_overflows(monkeypatch):
-    from gradwatch import _plan
+    from gradwatch._capture import plan as _plan
 
     # One slot asked for: the buffer gets its least capacity, two executions, so a
     # drain one execution late would overwrite steps not yet copied out.

@@ -23,7 +23,7 @@ from models import data, layers
 from reference import batches_of, mse, tape_gradients
 
 import gradwatch
-import gradwatch._files
+import gradwatch._logdata.files
 import gradwatch.buffer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -198,7 +198,7 @@ def test_crash_ctrl_c_in_a_drain_loses_no_step(tmp_path, monkeypatch, where):
     The KeyboardInterrupt still ends `fit`, and the log on disk holds every step run."""
     original = {
         "after_copy": gradwatch.buffer.GradientBuffer.drain,
-        "in_part": gradwatch._files.append_part,
+        "in_part": gradwatch._logdata.files.append_part,
     }[where]
     sent = []
 
@@ -212,7 +212,7 @@ def test_crash_ctrl_c_in_a_drain_loses_no_step(tmp_path, monkeypatch, where):
     if where == "after_copy":
         monkeypatch.setattr(gradwatch.buffer.GradientBuffer, "drain", interrupted)
     else:
-        monkeypatch.setattr(gradwatch._files, "append_part", interrupted)
+        monkeypatch.setattr(gradwatch._logdata.files, "append_part", interrupted)
     x, y = data(n=40)
     model = keras.Sequential(layers(), name="net")
     ref = keras.Sequential(layers(), name="net")

@@ -22,7 +22,7 @@ from logfiles import write_log
 from models import Sequential
 
 import gradwatch
-from gradwatch._rules import DIAGNOSIS_READS, READS, RULES, Diagnosis, find
+from gradwatch._doctor.rules import DIAGNOSIS_READS, READS, RULES, Diagnosis, find
 from gradwatch.diagnose import FINDING_COLUMNS, FINDINGS, THRESHOLDS, Signals
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,8 +18,8 @@ from reference import (
 
 import gradwatch
 from gradwatch import stats as S
-from gradwatch._catalogue import REDUCTIONS, SPECS, Kernel, StatSpec
-from gradwatch._views import by_layer
+from gradwatch._logdata.views import by_layer
+from gradwatch._stats.specs import REDUCTIONS, SPECS, Kernel, StatSpec
 
 
 @pytest.mark.backends

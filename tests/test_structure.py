@@ -111,24 +111,12 @@ def test_each_recording_backend_implements_the_whole_protocol():
 
 
 # The read side: what reads, queries, diagnoses, draws and reports a saved log, and what it
-# stands on (the store, the frames and views, the file format, the keys, the catalogue).
-READ_SIDE = {
+# stands on: every module of the read side's subpackages (the log's data and files, the
+# doctor, what the charts, report and CLI share), the stat specs, and these public modules.
+READ_PACKAGES = ("gradwatch._logdata", "gradwatch._doctor", "gradwatch._ui")
+READ_PUBLIC = {
     "gradwatch.__main__",
-    "gradwatch._catalogue",
-    "gradwatch._chart_parts",
-    "gradwatch._describe",
-    "gradwatch._event_file",
-    "gradwatch._figure",
-    "gradwatch._files",
-    "gradwatch._frames",
-    "gradwatch._log_views",
-    "gradwatch._paths",
-    "gradwatch._resume",
-    "gradwatch._rules",
-    "gradwatch._store",
-    "gradwatch._tb_summary",
-    "gradwatch._text",
-    "gradwatch._views",
+    "gradwatch._stats.specs",
     "gradwatch.cli",
     "gradwatch.diagnose",
     "gradwatch.findings",
@@ -141,6 +129,11 @@ READ_SIDE = {
     "gradwatch.sinks",
     "gradwatch.stats",
     "gradwatch.tensorboard",
+}
+#: The private subpackages, by domain; a private module sits in one of them.
+SUBPACKAGES = {"_backend", "_capture", "_doctor", "_logdata", "_stats", "_ui"}
+READ_SIDE = READ_PUBLIC | {
+    name for name in _sources() if name.startswith(tuple(p + "." for p in READ_PACKAGES))
 }
 _FRAMEWORKS = {"keras", "tensorflow", "jax", "torch"}
 
@@ -183,3 +176,17 @@ def test_the_read_side_never_imports_the_capture_the_backends_or_keras():
         if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module"
     }
     assert dynamic == {"gradwatch.stats"}
+
+
+def test_private_modules_live_in_domain_subpackages_with_empty_inits():
+    # The tree shows the architecture: at the top, the public modules (and `_lazy`, the
+    # lazy loader `__init__` uses); every private module in a domain's subpackage, whose
+    # `__init__.py` stays empty, so that importing one module loads no other.
+    top = {p.stem for p in PACKAGE.glob("_*.py")} - {"__init__", "__main__"}
+    assert top == {"_lazy"}
+    packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    assert packages == SUBPACKAGES
+    for name in SUBPACKAGES - {"_backend"}:
+        assert (PACKAGE / name / "__init__.py").read_text() == "", name
+    for package in READ_PACKAGES:
+        assert any(m.startswith(package + ".") for m in READ_SIDE), package

@@ -10,7 +10,7 @@ from tensorboard.util import tensor_util
 
 import gradwatch
 from gradwatch import tensorboard as tb
-from gradwatch._tb_summary import step_summaries
+from gradwatch._logdata.tb_summary import step_summaries
 
 
 def _read(logdir):

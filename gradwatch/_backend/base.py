@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from gradwatch._step import Capture, StepScope
+from gradwatch._capture.step import Capture, StepScope
 
 
 class Backend(Protocol):
@@ -105,7 +105,7 @@ class Backend(Protocol):
         watched fit (TensorFlow: its step's random ops go on where the watched steps'
         left off)."""
 
-    # The stats (`gradwatch._compute`): the fast paths each backend has of its own.
+    # The stats (`gradwatch._stats.compute`): the fast paths each backend has of its own.
 
     def stats_table(self, tensors: Sequence[Any], stats: tuple[str, ...]) -> Any | None:
         """`compute_stats`' table from a kernel of the backend's own (PyTorch), else None."""
@@ -142,7 +142,7 @@ class Backend(Protocol):
     def when(self, predicate: Any, fn: Callable[[], None], variables: Sequence[Any]) -> None:
         """Runs `fn`, which assigns some of `variables`, only where `predicate` holds."""
 
-    # What a watch computes in the step beyond one gradient's stats (`gradwatch._derived`).
+    # What a watch computes in the step beyond one gradient's stats (`gradwatch._stats.derived`).
     OPS: Any  # the array functions of the derived stats (stack, sqrt, where, read, assign, ...)
     CHECK_OPS: Any  # the same for the every-step check (PyTorch: NumPy, on the host)
     EAGER: bool  # the capture runs on host values, outside any traced step (PyTorch)

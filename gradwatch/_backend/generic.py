@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from keras import ops
 
-from gradwatch import _kernels
+from gradwatch._stats import kernels as _kernels
 
 RECORDS = False  # GradWatch records on this backend
 INDEX_DTYPE = "int64"
@@ -35,7 +35,7 @@ def cond(pred: Any, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> 
 # ------------------------------------------------- the array functions of the step
 class Ops:
     """The array functions that shared code computes its derived stats and checks
-    with (`gradwatch._derived`), in `keras.ops`."""
+    with (`gradwatch._stats.derived`), in `keras.ops`."""
 
     # The stats table is handed on as computed (no slicing into columns and restacking).
     restack = False

@@ -14,11 +14,11 @@ import keras
 import numpy as np
 from keras import ops
 
-from gradwatch import _kernels
 from gradwatch._backend import generic
 from gradwatch._backend.generic import Ops
-from gradwatch._state import StateMetric
-from gradwatch._step import Records, StepScope, model_state, own_state_hidden, scopes
+from gradwatch._capture.state_metric import StateMetric
+from gradwatch._capture.step import Records, StepScope, model_state, own_state_hidden, scopes
+from gradwatch._stats import kernels as _kernels
 
 RECORDS = True  # GradWatch records on this backend
 

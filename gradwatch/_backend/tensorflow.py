@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 from keras import ops
 
-from gradwatch import _kernels
 from gradwatch._backend import generic
+from gradwatch._capture.step import Records, model_state, run_in_scope
 from gradwatch._lazy import tf
-from gradwatch._step import Records, model_state, run_in_scope
+from gradwatch._stats import kernels as _kernels
 from gradwatch.sparse import SparseGradient, dense
 
 RECORDS = True  # GradWatch records on this backend
@@ -180,7 +180,7 @@ def when(predicate: Any, fn: Callable[[], None], variables: Sequence[Any]) -> No
 # ------------------------------------------------- the array functions of the step
 class Ops:
     """The array functions that shared code computes its derived stats and checks
-    with (`gradwatch._derived`), in TF's own ops: the graph the TensorFlow tests pin."""
+    with (`gradwatch._stats.derived`), in TF's own ops: the graph the TensorFlow tests pin."""
 
     # The stats table is sliced into columns and restacked in the stats' order.
     restack = True

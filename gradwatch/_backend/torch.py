@@ -13,12 +13,12 @@ import numpy as np
 import torch
 from keras import ops
 
-from gradwatch import _kernels
 from gradwatch._backend import generic
 from gradwatch._backend.generic import Ops
-from gradwatch._catalogue import HIST_MIN_EXP, SPECS, histogram_bin_count
-from gradwatch._kernels import SMALLEST_NORMAL, STACK_BELOW, exact_columns, exact_sums
-from gradwatch._step import Capture, Records, StepScope, model_state, run_in_scope, scopes
+from gradwatch._capture.step import Capture, Records, StepScope, model_state, run_in_scope, scopes
+from gradwatch._stats import kernels as _kernels
+from gradwatch._stats.kernels import SMALLEST_NORMAL, STACK_BELOW, exact_columns, exact_sums
+from gradwatch._stats.specs import HIST_MIN_EXP, SPECS, histogram_bin_count
 
 RECORDS = True  # GradWatch records on this backend
 

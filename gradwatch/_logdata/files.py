@@ -19,16 +19,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gradwatch._frames import (
+from gradwatch._logdata.frames import (
     histogram_rows,
     scalar_table,
     stat_frame,
     values_frame,
     variables_index,
 )
-from gradwatch._paths import as_path, writable_file
-from gradwatch._resume import Anchor, add_anchor, cutoffs
-from gradwatch._store import SCALARS, Store
+from gradwatch._logdata.resume import Anchor, add_anchor, cutoffs
+from gradwatch._logdata.store import SCALARS, Store
+from gradwatch._ui.paths import as_path, writable_file
 from gradwatch.stats import histogram_bin_count
 
 FORMAT = "gradwatch-log"

@@ -10,8 +10,8 @@ import numpy as np
 from keras import ops
 
 from gradwatch._backend import current as _backend
-from gradwatch._catalogue import SPECS, gradient_stats, histogram_bin_count
-from gradwatch._kernels import STACK_BELOW, exact_columns, exact_sums
+from gradwatch._stats.kernels import STACK_BELOW, exact_columns, exact_sums
+from gradwatch._stats.specs import SPECS, gradient_stats, histogram_bin_count
 from gradwatch.sparse import SparseGradient
 
 
@@ -21,7 +21,7 @@ def compute_stats(tensors: Sequence[Any], stats: Sequence[str]) -> Any:
     Small tensors of equal size are stacked so that one reduction serves them
     all; large ones are reduced in place. The stats come from one pass each of
     the reductions their kernels read (sum of squares, sum, min, max, ...; see
-    `gradwatch._catalogue.SPECS`). Where an element is NaN or Inf (any makes the
+    `gradwatch._stats.specs.SPECS`). Where an element is NaN or Inf (any makes the
     sum of squares non-finite), or where a kernel does not trust its one-pass
     formula (the mean so dominates the spread that the one-pass variance would
     lose digits), one branch per step takes an exact path that masks non-finite

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gradwatch._store import SCALARS, Store
+from gradwatch._logdata.store import SCALARS, Store
 from gradwatch.stats import HIST_SIGNS, histogram_bins
 
 STAT_COLUMNS = ("step", "epoch", "batch", "variable", "stat", "value")

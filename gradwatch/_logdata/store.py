@@ -110,7 +110,7 @@ class Store:
         self._skipped: set[int] = set()
         self._disconnected: list[str] = []
         # The steps that a run resumed from an earlier iteration superseded, one store
-        # per run they were recorded in (see `gradwatch._resume`).
+        # per run they were recorded in (see `gradwatch._logdata.resume`).
         self._superseded: list[Store] = []
         self._cache: dict[str, Any] = {}
 

@@ -1,7 +1,7 @@
 """The alarms of a watch: NaN/Inf gradients and norms beyond `max_norm`/`min_norm`.
 
 Two sources feed them: the recorded stats of each drained block (free, where every
-step is recorded), and the every-step check in the step (`gradwatch._derived`),
+step is recorded), and the every-step check in the step (`gradwatch._stats.derived`),
 whose device values (`Alarm`) are polled after each execution. What trips becomes
 alerts in the store, and a warning, a stop or an error, by policy.
 """
@@ -15,8 +15,8 @@ from typing import Any, Literal
 import numpy as np
 
 from gradwatch._backend import current as _backend
-from gradwatch._state import StateMetric
-from gradwatch._store import Store
+from gradwatch._capture.state_metric import StateMetric
+from gradwatch._logdata.store import Store
 from gradwatch.buffer import Drained
 
 #: What a watch does when an alarm trips (`on_nonfinite`, `on_threshold`).

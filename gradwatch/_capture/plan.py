@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 
 from gradwatch._backend import current as _backend
-from gradwatch._capture import step_counter
-from gradwatch._catalogue import histogram_bin_count, needs_of
-from gradwatch._step import Records, record_key, update_counts
-from gradwatch._store import SCALARS, Store
+from gradwatch._capture.counting import step_counter
+from gradwatch._capture.step import Records, record_key, update_counts
+from gradwatch._logdata.store import SCALARS, Store
+from gradwatch._stats.specs import histogram_bin_count, needs_of
 from gradwatch.buffer import GradientBuffer
 from gradwatch.keys import match_patterns, model_paths, variable_keys
 

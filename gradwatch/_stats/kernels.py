@@ -1,6 +1,6 @@
-"""The stats' building blocks in `keras.ops` that `gradwatch._compute` and the backend
+"""The stats' building blocks in `keras.ops` that `gradwatch._stats.compute` and the backend
 modules share: the exact path's sums and table (each stat's own formula is its spec's
-kernel, `gradwatch._catalogue.SPECS`), the bin index, and the casts and sums of squares
+kernel, `gradwatch._stats.specs.SPECS`), the bin index, and the casts and sums of squares
 of the backends that have no fast path of their own.
 
 A leaf: it imports no module that imports `gradwatch._backend`, so that the backend
@@ -17,7 +17,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from gradwatch._catalogue import HIST_MIN_EXP, SPECS, histogram_bin_count
+from gradwatch._stats.specs import HIST_MIN_EXP, SPECS, histogram_bin_count
 from gradwatch.sparse import SparseGradient
 
 # Tensors below this many elements are stacked with others of their size, so that

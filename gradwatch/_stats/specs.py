@@ -4,7 +4,7 @@ A `StatSpec` holds a stat's name and definition, its kernel (for a stat of the
 gradient alone), how it pools over a layer's variables, its value for an empty
 tensor, and what it needs beyond the gradient. The public catalogue
 (`gradwatch.stats`), the code that computes the stats in the step
-(`gradwatch._compute`, the backends' fast paths), the per-layer views
+(`gradwatch._stats.compute`, the backends' fast paths), the per-layer views
 (`GradientLog.by_layer`) and the charts all read `SPECS`. Adding a stat is one
 entry here (and its tests).
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from gradwatch._text import name_list
+from gradwatch._ui.text import name_list
 
 # Names listed before "and N more" in the notebook view.
 _MOST_NAMES = 6

@@ -15,8 +15,8 @@ from typing import Any
 import keras
 
 from gradwatch._backend import current as _backend
-from gradwatch._resume import add_anchor, restored_step
-from gradwatch._step import Record, StepScope, model_state, record_key, scopes
+from gradwatch._capture.step import Record, StepScope, model_state, record_key, scopes
+from gradwatch._logdata.resume import add_anchor, restored_step
 
 
 def counted(fn: Callable) -> Callable:
@@ -95,7 +95,7 @@ def accumulation_steps(optimizer: Any) -> int:
 
 def anchor(model: Any) -> tuple[int, int] | None:
     """On the host, between steps: `(the model's next step, its optimizer's iterations)`,
-    noted among the model's anchors (see `gradwatch._resume`); None where the device
+    noted among the model's anchors (see `gradwatch._logdata.resume`); None where the device
     state cannot be read now (JAX, after a step that failed)."""
     optimizer = getattr(model, "optimizer", None)
     counter = None if optimizer is None else micro_steps(optimizer)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from gradwatch._alarms import POLICIES
+from gradwatch._capture.alarms import POLICIES
 from gradwatch.stats import DEFAULT_BINS_PER_DECADE
 
 

@@ -60,7 +60,7 @@ def update_counts(records: Records) -> dict[int, int]:
 
 @runtime_checkable
 class Watcher(Protocol):
-    """What the capture (`gradwatch._capture`, `gradwatch.mixin`) asks of each attached
+    """What the capture (`gradwatch._capture.counting`, `gradwatch.mixin`) asks of each attached
     watch; `GradWatch` is the one implementation. Package-internal: not part of the
     public API."""
 
@@ -102,7 +102,7 @@ class ModelState:
         # the model's steps are appended to already holds those).
         self.start_at: int | None = None
         # (next step, optimizer iterations) pairs read on the host: where the counter
-        # stood against `iterations` (see `gradwatch._resume`).
+        # stood against `iterations` (see `gradwatch._logdata.resume`).
         self.anchors: list[tuple[int, int]] = []
         self.watches: list[Any] = []  # attached GradWatch callbacks
         # The watches that the current train function was (or will be) traced with.
@@ -112,7 +112,7 @@ class ModelState:
         # Host-side gating for `every > 1`: (with capture, without, traced_with).
         self.gate: tuple[Any, Any, tuple[Any, ...]] | None = None
         self.next_step = 0  # host's count of the next step, while gating
-        # A plain model's own class while a GradWatch records it (see `gradwatch._adopt`).
+        # A plain model's own class while a GradWatch records it (see `gradwatch._capture.adopt`).
         self.adopted_from: type | None = None
         # A plain model's train functions across its fits: Keras' stock one of the current
         # compile, and those traced with the capture, by the watches they record for.
@@ -207,7 +207,7 @@ def run_in_scope(fn: Callable, model: Any, *args: Any, **kwargs: Any) -> tuple[A
 
 
 class Capture(Protocol):
-    """What a backend's step code asks of the capture (`gradwatch._capture`, which it
+    """What a backend's step code asks of the capture (`gradwatch._capture.counting`, which it
     cannot import: the capture imports the backend). Package-internal."""
 
     def commit(self, model: Any, scope: StepScope) -> None:

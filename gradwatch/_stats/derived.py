@@ -1,5 +1,5 @@
 """The stats that are more than a function of one gradient, computed in the step
-beside the others (`gradwatch._compute`): the clipped norm (the optimizer's
+beside the others (`gradwatch._stats.compute`): the clipped norm (the optimizer's
 clipping), `cos_prev`, the update stats, each replica's stats, and the every-step
 check. Written once, on the backend's array functions (`current.OPS`)."""
 
@@ -10,10 +10,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from gradwatch._backend import current as _backend
-from gradwatch._catalogue import gradient_stats
-from gradwatch._compute import compute_stats, sum_of_squares
-from gradwatch._plan import Plan
-from gradwatch._step import Records
+from gradwatch._capture.plan import Plan
+from gradwatch._capture.step import Records
+from gradwatch._stats.compute import compute_stats, sum_of_squares
+from gradwatch._stats.specs import gradient_stats
 from gradwatch.buffer import GradientBuffer
 from gradwatch.sparse import dense, elements
 

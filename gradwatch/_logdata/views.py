@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
-from gradwatch._catalogue import SPECS
+from gradwatch._stats.specs import SPECS
 
 
 def layer_of_key(key: str) -> str:

@@ -12,13 +12,13 @@ from typing import Any
 
 from keras import ops
 
-from gradwatch import _derived
 from gradwatch._backend import current as _backend
-from gradwatch._catalogue import gradient_stats, needs_of
-from gradwatch._compute import compute_histograms, compute_stats
-from gradwatch._plan import Plan
-from gradwatch._step import Records, record_key
-from gradwatch._store import Store
+from gradwatch._capture.plan import Plan
+from gradwatch._capture.step import Records, record_key
+from gradwatch._logdata.store import Store
+from gradwatch._stats import derived as _derived
+from gradwatch._stats.compute import compute_histograms, compute_stats
+from gradwatch._stats.specs import gradient_stats, needs_of
 from gradwatch.buffer import GradientBuffer
 from gradwatch.sparse import dense
 

@@ -12,10 +12,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gradwatch._catalogue import SPECS
-from gradwatch._frames import bins, histogram_table, histograms_frame, stat_matrix, stat_steps
-from gradwatch._store import Store
-from gradwatch._views import by_layer, global_norms, summary
+from gradwatch._logdata.frames import (
+    bins,
+    histogram_table,
+    histograms_frame,
+    stat_matrix,
+    stat_steps,
+)
+from gradwatch._logdata.store import Store
+from gradwatch._logdata.views import by_layer, global_norms, summary
+from gradwatch._stats.specs import SPECS
 from gradwatch.diagnose import Signals, run_rules
 
 
@@ -109,7 +115,7 @@ class StatViews:
         `std` by pooling with `mean` (which must be recorded too); and
         `update_ratio` as the layer's `update_norm / weight_norm`. `cos_prev`
         does not combine from per-variable values and is refused. (Each stat's
-        pooling is its spec's, `gradwatch._catalogue.SPECS`.)
+        pooling is its spec's, `gradwatch._stats.specs.SPECS`.)
 
         Raises:
             KeyError: If `stat` was not recorded, or a stat its pooling reads was

@@ -16,12 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from gradwatch import _files, io
+from gradwatch import io
 from gradwatch._backend import current as _backend
-from gradwatch._capture import align, anchor, first_step, next_step
-from gradwatch._resume import Anchor, add_anchor
-from gradwatch._signals import deferred_interrupt
-from gradwatch._store import Store
+from gradwatch._capture.counting import align, anchor, first_step, next_step
+from gradwatch._capture.interrupts import deferred_interrupt
+from gradwatch._logdata import files as _files
+from gradwatch._logdata.resume import Anchor, add_anchor
+from gradwatch._logdata.store import Store
 from gradwatch.sinks import Sink, SinkBlock
 
 
@@ -108,7 +109,7 @@ class ParquetSink:
         return self.writes and not self.failed
 
     def note(self, anchor: Anchor) -> None:
-        """Keeps an anchor (see `gradwatch._resume`) for the next part's metadata."""
+        """Keeps an anchor (see `gradwatch._logdata.resume`) for the next part's metadata."""
         add_anchor(self.anchors, anchor)
 
     def resume(self, step: int, iteration: int) -> None:
@@ -174,7 +175,7 @@ def align_fit(model: Any, store: Store, steps: np.ndarray, sink: ParquetSink | N
     """Before the first step of a `fit`, after every callback's `on_train_begin` (a
     `keras.callbacks.BackupAndRestore` restores the model there): numbers the steps as
     the optimizer counts them, and supersedes the recorded `steps` that a model restored
-    to an earlier iteration trains again (see `gradwatch._resume`): in the streamed
+    to an earlier iteration trains again (see `gradwatch._logdata.resume`): in the streamed
     run's parts where `sink` writes them, else in the store."""
     active = sink is not None and sink.active
     history = sink.history if active else None
@@ -303,7 +304,7 @@ class Sinks:
 
     def note_anchor(self, model: Any) -> None:
         """Notes where the model's step count stands against its optimizer's, for the
-        next part (see `gradwatch._resume`)."""
+        next part (see `gradwatch._logdata.resume`)."""
         pair = anchor(model)
         if pair is not None and self.parquet is not None:
             self.parquet.note(pair)

@@ -15,9 +15,9 @@ import matplotlib as mpl
 import numpy as np
 import pandas as pd
 
-from gradwatch._catalogue import SPECS
-from gradwatch._figure import Figure  # matplotlib's, displayed as PNG in notebooks
-from gradwatch._views import layer_of_key, leaf_of_key
+from gradwatch._logdata.views import layer_of_key, leaf_of_key
+from gradwatch._stats.specs import SPECS
+from gradwatch._ui.figure import Figure  # matplotlib's, displayed as PNG in notebooks
 from gradwatch.log import GradientLog
 
 By = Literal["auto", "variable", "layer"]

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gradwatch._text import name_list, short_number
-from gradwatch._views import global_norms, layer_of_key, leaf_of_key
+from gradwatch._logdata.views import global_norms, layer_of_key, leaf_of_key
+from gradwatch._ui.text import name_list, short_number
 
 # Relative drop of a norm that counts as clipped (float32 rounding stays far below it).
 _CLIP_TOLERANCE = 1e-3

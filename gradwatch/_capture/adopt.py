@@ -19,8 +19,8 @@ from typing import Any
 import keras
 
 from gradwatch._backend import current as _backend
-from gradwatch._capture import counted
-from gradwatch._step import model_state, release_watches
+from gradwatch._capture.counting import counted
+from gradwatch._capture.step import model_state, release_watches
 from gradwatch.mixin import ApplyInterceptor, GradWatchMixin, optimizers_of, setup_gate
 
 _CLASSES: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()

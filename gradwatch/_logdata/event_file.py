@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from gradwatch._tb_summary import file_version_event
+from gradwatch._logdata.tb_summary import file_version_event
 
 _file_numbers = itertools.count()
 

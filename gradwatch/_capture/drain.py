@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from gradwatch._backend import current as _backend
-from gradwatch._plan import Plan
-from gradwatch._store import SCALARS, Store
+from gradwatch._capture.plan import Plan
+from gradwatch._logdata.store import SCALARS, Store
 from gradwatch.buffer import Drained, GradientBuffer
 from gradwatch.sinks import SinkBlock
 
