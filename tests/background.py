@@ -7,11 +7,14 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import IO
 
@@ -19,6 +22,9 @@ from typing import IO
 # and "waiting:key pid" once a test waits for it), so that they can check from outside that
 # the process is gone.
 LOG_ENV = "GRADWATCH_TEST_BACKGROUND_LOG"
+#: In a pytest-xdist worker: the folder where the controller publishes the long runs it
+#: started (`Runs.publish`); None in a pytest without workers, which starts its own.
+SHARED: str | None = None
 _PR_SET_PDEATHSIG = 1
 
 try:  # loaded before any fork: the child only calls into it
@@ -63,6 +69,21 @@ class Runs:
         self._running[key] = (process, out, err)
         _log(key, process.pid)
 
+    def publish(self, key: str, path: str) -> None:
+        """When the run of `key` ends, writes its exit status and output to `path` (JSON,
+        written whole by a rename): how a pytest-xdist worker's test gets a run that the
+        controller started (`collect`)."""
+
+        def report() -> None:
+            with contextlib.suppress(KeyError, ValueError):  # stopped by `stop_all`
+                done = self.wait(key, timeout=None)
+                partial = path + ".partial"
+                with open(partial, "w") as f:
+                    json.dump([done.returncode, done.stdout, done.stderr], f)
+                os.replace(partial, path)
+
+        threading.Thread(target=report, name=f"report {key}", daemon=True).start()
+
     def poll(self, key: str) -> int | None:
         """The exit status of the run of `key`, or None while it runs."""
         return self._running[key][0].poll()
@@ -73,7 +94,7 @@ class Runs:
         if process.poll() is None:
             process.send_signal(signum)
 
-    def wait(self, key: str, timeout: float) -> subprocess.CompletedProcess:
+    def wait(self, key: str, timeout: float | None) -> subprocess.CompletedProcess:
         """Waits for the run of `key` (killed after `timeout` seconds) and returns it."""
         process, out, err = self._running[key]
         _log(f"waiting:{key}", process.pid)
@@ -96,6 +117,19 @@ class Runs:
             _kill_group(process)
             out.close()
             err.close()
+
+
+def collect(path: str, timeout: float) -> subprocess.CompletedProcess | None:
+    """The run that another process published to `path` (`Runs.publish`), once it ended;
+    None if it did not within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.5)  # polls a file the run's end writes; not a guess at its length
+    with open(path) as f:
+        returncode, stdout, stderr = json.load(f)
+    return subprocess.CompletedProcess([path], returncode, stdout, stderr)
 
 
 def _log(event: str, pid: int) -> None:

@@ -1,6 +1,8 @@
 """Shared set-up: quiet TensorFlow, the TensorFlow backend, and seeded runs."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -19,8 +21,7 @@ def pytest_collection_modifyitems(config, items):
 def pytest_collection_finish(session):
     """Starts the long runs that the selected tests wait for, once `-k`, `-m` and the
     rest have deselected what they deselect; none for `--collect-only`. Under pytest-xdist
-    every worker collects every test, so there each run is started by the test that waits
-    for it instead, in the one worker that runs that test."""
+    the controller starts them instead (`pytest_xdist_node_collection_finished`)."""
     if session.config.option.collectonly or hasattr(session.config, "workerinput"):
         return
     backends = [item for item in session.items if item.path.name == "test_backends.py"]
@@ -28,11 +29,50 @@ def pytest_collection_finish(session):
         backends[0].module.start_in_background([item.name for item in backends])
 
 
+def _distributing(config) -> bool:
+    """Whether this process is pytest-xdist's controller of workers (`-n 2`)."""
+    return bool(getattr(config.option, "numprocesses", 0)) and not hasattr(config, "workerinput")
+
+
+def pytest_configure(config):
+    import background
+
+    if _distributing(config):
+        # The long runs' results, published by the controller, read by the workers' tests.
+        config._gradwatch_runs = tempfile.mkdtemp(prefix="gradwatch-runs-")
+    elif hasattr(config, "workerinput"):
+        background.SHARED = config.workerinput.get("gradwatch_runs")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    node.workerinput["gradwatch_runs"] = node.config._gradwatch_runs
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    """Under pytest-xdist: the controller starts the long runs once, as soon as the first
+    worker has collected (and deselected), so that they overlap the workers' tests; each
+    run's end is published to a file that the test waiting for it reads, in its worker."""
+    config = node.config
+    if getattr(config, "_gradwatch_started", False) or config.option.collectonly:
+        return
+    config._gradwatch_started = True
+    names = [i.split("::", 1)[1] for i in ids if i.startswith("tests/test_backends.py::")]
+    if names:
+        import test_backends
+
+        test_backends.start_in_background(names, publish_to=config._gradwatch_runs)
+
+
 def pytest_sessionfinish(session, exitstatus):
     # However the session ends (`-x`, Ctrl-C, an error): no run outlives it.
     from background import RUNS
 
     RUNS.stop_all()
+    shared = getattr(session.config, "_gradwatch_runs", None)
+    if shared is not None:
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -365,7 +365,8 @@ def _pytest(where: Path, tests: tuple[str, ...]) -> subprocess.CompletedProcess:
     # The copy first on the path, ahead of an installed (or editable) gradwatch.
     env = dict(os.environ, PYTHONPATH=str(where))
     env.pop("CI", None)  # a missing optional backend is a skip here, not the bug caught
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-n", "0"]
+    command += tests
     return subprocess.run(command, cwd=where, env=env, capture_output=True, text=True)
 
 

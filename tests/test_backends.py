@@ -9,8 +9,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+import background
 import pytest
-from background import RUNS
+from background import RUNS, collect
 from components import require
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,10 +66,11 @@ def _run(backend: str, code: str, timeout: float = 300) -> subprocess.CompletedP
 # The long runs, each in its own interpreter: started together when the tests are
 # collected (tests/conftest.py runs this module's tests last), so that they use the
 # CPU the TensorFlow tests leave idle, at a lower priority and one thread each. Under
-# pytest-xdist (`-n`) each is started by the test that waits for it, in its worker.
+# pytest-xdist (`-n 2`, the default) the controller starts them and publishes each one's
+# end to a file (`background.SHARED`) that the test waiting for it reads, in its worker.
 def _background_commands() -> dict[str, tuple[str, list[str]]]:
-    # `-p no:xdist`: each run is one interpreter, whatever the caller's options.
-    pytest_args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "tests"]
+    # `-n 0`: each run is one interpreter, whatever the caller's options.
+    pytest_args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", "tests"]
     return {
         "core-jax": ("jax", [*pytest_args, "-m", "backends"]),
         "core-torch": ("torch", [*pytest_args, "-m", "backends"]),
@@ -77,7 +79,7 @@ def _background_commands() -> dict[str, tuple[str, list[str]]]:
     }
 
 
-def _spawn(key: str) -> None:
+def _spawn(key: str, publish_to: str | None = None) -> None:
     backend, args = _background_commands()[key]
     if importlib.util.find_spec(_PACKAGES[backend]) is None:
         return  # the test that waits for it skips (or fails in CI)
@@ -87,20 +89,27 @@ def _spawn(key: str) -> None:
     if key.startswith("plain-"):
         env["GRADWATCH_TEST_MODELS"] = "plain"
     RUNS.start(key, [sys.executable, *args], env, cwd=str(ROOT))
+    if publish_to is not None:
+        RUNS.publish(key, os.path.join(publish_to, f"{key}.json"))
 
 
-def start_in_background(test_names: list[str]) -> None:
-    """Starts the long runs that the selected tests (by name) will wait for."""
+def start_in_background(test_names: list[str], publish_to: str | None = None) -> None:
+    """Starts the long runs that the selected tests (by name) will wait for; with
+    `publish_to` (pytest-xdist's controller), each one's end is written there."""
     for name in test_names:
         if name.startswith("test_backends_core_suite_passes["):
-            _spawn("core-" + name.split("[")[1].rstrip("]"))
+            _spawn("core-" + name.split("[")[1].rstrip("]"), publish_to)
         elif name == "test_core_suite_passes_on_plain_keras_models":
-            _spawn("plain-tensorflow")
+            _spawn("plain-tensorflow", publish_to)
         elif name == "test_backends_torch_jit_compile_records_the_compiled_step":
-            _spawn("torch-jit")
+            _spawn("torch-jit", publish_to)
 
 
 def _wait(key: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    if background.SHARED is not None:  # a pytest-xdist worker: the controller runs it
+        done = collect(os.path.join(background.SHARED, f"{key}.json"), timeout)
+        assert done is not None, f"the background run {key!r} did not end in {timeout} s"
+        return done
     _spawn(key)  # a no-op when it was started at collection
     return RUNS.wait(key, timeout)
 

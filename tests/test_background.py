@@ -27,8 +27,8 @@ CORE_TORCH = ["tests/test_backends.py", "-k", "core_suite and torch or fails_fir
 def _pytest(args, log, **kwargs) -> subprocess.Popen:
     env = dict(os.environ, **{LOG_ENV: str(log)})
     return subprocess.Popen(
-        # One interpreter (`-p no:xdist`): the runs it starts are the ones looked at.
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", *args],
+        # One interpreter (`-n 0`): the runs it starts are the ones looked at.
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", *args],
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,
