@@ -1,6 +1,7 @@
 """Capture overhead: plain Keras fit against gradwatch fit, side by side in one process.
 
-Usage: python benchmarks/overhead.py [--smoke] [--rounds N] [--only mlp,cnn] [--out FILE]
+Usage: python benchmarks/overhead.py [--smoke] [--rounds N] [--only mlp,cnn] [--configs A,B]
+    [--out FILE]
 
 For each model and configuration, a plain `keras.Sequential`/`keras.Model` and a gradwatch
 model with the same weights are fitted on the same data, alternately (A B A B ...) after a
@@ -139,6 +140,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--only", default=",".join(bench_models.MODELS))
     parser.add_argument("--out", default=None, help="also write the table (markdown) here")
+    parser.add_argument(
+        "--configs", default=None, help="only these configurations (labels, comma-separated)"
+    )
     args = parser.parse_args(argv)
     bench_models.SMOKE = args.smoke
     rounds = 1 if args.smoke else args.rounds
@@ -152,6 +156,8 @@ def main(argv=None) -> int:
         if args.smoke and len(chosen) == 8:
             # every code path once: default, spe + jit, histogram + values, gating, plain model
             chosen = [chosen[0], chosen[3], chosen[4], chosen[5], chosen[6], chosen[7]]
+        if args.configs:
+            chosen = [c for c in chosen if c[0] in args.configs.split(",")]
         for label, watch_kwargs, compile_kwargs in chosen:
             later = label.endswith(LATER)
             plain = later or label.endswith(PLAIN)

@@ -69,10 +69,12 @@ def _run(backend: str, code: str, timeout: float = 300) -> subprocess.CompletedP
 # pytest-xdist (`-n 2`, the default) the controller starts them and publishes each one's
 # end to a file (`background.SHARED`) that the test waiting for it reads, in its worker.
 def _background_commands() -> dict[str, tuple[str, list[str]]]:
-    # `-n 0`: each run is one interpreter, whatever the caller's options.
+    # `-n 0`: each run is one interpreter, whatever the caller's options; but JAX's, the
+    # longest (its compiles), on two workers, so that it ends on both cores once the
+    # TensorFlow tests are done (at a lower priority, it runs mostly after them).
     pytest_args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", "tests"]
     return {
-        "core-jax": ("jax", [*pytest_args, "-m", "backends"]),
+        "core-jax": ("jax", [*pytest_args, "-n", "2", "-m", "backends"]),
         "core-torch": ("torch", [*pytest_args, "-m", "backends"]),
         "torch-jit": ("torch", ["-c", textwrap.dedent(_TORCH_JIT)]),
         "plain-tensorflow": ("tensorflow", [*pytest_args, "-m", "plain_models"]),
