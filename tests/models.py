@@ -49,3 +49,17 @@ def pair(regularize=True):
     plain = keras.Sequential(layers(regularize), name="net")
     plain.set_weights(watched.get_weights())
     return watched, plain
+
+
+class FailAt(keras.callbacks.Callback):
+    """Raises RuntimeError from `on_train_batch_end` of the step numbered `step` (counted
+    from 0 across the fit's epochs): a `fit` that ends early."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.at, self.step = step, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        step, self.step = self.step, self.step + 1
+        if step == self.at:
+            raise RuntimeError(f"a callback failed at step {step}")

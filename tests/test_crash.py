@@ -19,7 +19,7 @@ import pytest
 from background import RUNS
 from components import require
 from crash_run import END, FLUSH_EVERY, PER_EPOCH
-from models import data, layers
+from models import FailAt, data, layers
 from reference import batches_of, mse, tape_gradients
 
 import gradwatch
@@ -148,17 +148,6 @@ def test_crash_sigkill_keeps_every_part_written(children, backend, kind):
     pd.testing.assert_frame_equal(
         disk.frame, memory[memory["step"] < written].reset_index(drop=True)
     )
-
-
-class FailAt(keras.callbacks.Callback):
-    def __init__(self, step):
-        super().__init__()
-        self.at, self.step = step, 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        step, self.step = self.step, self.step + 1
-        if step == self.at:
-            raise RuntimeError(f"a callback failed at step {step}")
 
 
 def test_crash_plain_model_is_plain_keras_again_after_fit_raises(tmp_path):

@@ -4,7 +4,7 @@ once per `fit`, also when it raises."""
 import keras
 import numpy as np
 import pytest
-from models import data, layers, pair
+from models import FailAt, data, layers, pair
 from reference import batches_of, mse, skip_unless_supported, tape_gradients
 
 import gradwatch
@@ -87,17 +87,6 @@ def test_sinks_get_every_recorded_step_in_order_as_the_log_has_it(spe, every):
     with pytest.raises(TypeError):
         block.stats["norm"] = np.zeros(1)
     assert log.stat("norm").iloc[0, 0] == block.stats["norm"][0, 0] > 0
-
-
-class FailAt(keras.callbacks.Callback):
-    def __init__(self, step):
-        super().__init__()
-        self.at, self.step = step, 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        step, self.step = self.step, self.step + 1
-        if step == self.at:
-            raise RuntimeError(f"a callback failed at step {step}")
 
 
 @pytest.mark.backends
