@@ -8,6 +8,12 @@ import os
 
 import pytest
 
+#: Seconds after which a test gives up on a child process, a page or a run that never ends.
+#: It bounds a hang only, never the work: under a loaded machine a training subprocess takes
+#: minutes, and a test must not fail because the machine is slow. CI's own time limit is
+#: the outer bound.
+HANG = 1200
+
 
 def in_ci() -> bool:
     """Whether the tests run in CI: the `CI` variable that CI services set, e.g. `CI=true`."""

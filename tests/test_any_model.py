@@ -84,9 +84,13 @@ def _fit(model, callbacks, steps_per_execution=1, jit=False, epochs=2):
     return history.history
 
 
-@pytest.mark.parametrize("kind", list(BUILDS))
-# On JAX both cases are jitted (its unjitted step: see `skip_unjitted_jax_duplicate`).
-@pytest.mark.parametrize(("steps", "jit"), [(1, BACKEND == "jax"), (3, True)])
+# Each kind of model one step at a time (jitted on JAX: its unjitted step is covered by
+# `skip_unjitted_jax_duplicate`'s test), and the compiled loop of three steps under XLA on
+# one kind: adoption depends on the kind of model, the loop and XLA on the step alone.
+@pytest.mark.parametrize(
+    ("kind", "steps", "jit"),
+    [(kind, 1, BACKEND == "jax") for kind in BUILDS] + [("sequential", 3, True)],
+)
 def test_a_plain_model_records_the_log_of_the_mixin_and_trains_bitwise_as_without(kind, steps, jit):
     skip_unless_supported(spe=steps, jit=jit)
     build_plain, build_mixin = BUILDS[kind]
@@ -580,7 +584,7 @@ def test_stateful_random_ops_in_the_step_draw_as_without_the_watch(kind):
         (
             watched,
             [
-                [gradwatch.GradWatch(every=2)],
+                [gradwatch.GradWatch(stats="norm", every=2)],
                 [gradwatch.GradWatch(stats="norm")],
                 [gradwatch.GradWatch(stats="norm", every=3)],
                 [],

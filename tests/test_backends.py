@@ -12,7 +12,7 @@ from pathlib import Path
 import background
 import pytest
 from background import RUNS, collect
-from components import require
+from components import HANG, require
 
 ROOT = Path(__file__).resolve().parent.parent
 _PACKAGES = {"jax": "jax", "torch": "torch", "tensorflow": "tensorflow"}
@@ -26,7 +26,7 @@ def _needs(backend: str) -> None:
     )
 
 
-def _run(backend: str, code: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def _run(backend: str, code: str, timeout: float = HANG) -> subprocess.CompletedProcess:
     env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=str(ROOT))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     return subprocess.run(
@@ -55,13 +55,15 @@ def _run(backend: str, code: str, timeout: float = 300) -> subprocess.CompletedP
 #   constructor and of the alarms, and the reading of old and newer file versions.
 # - `@pytest.mark.plain_models`: run again on TensorFlow with plain Keras models
 #   (`keras.Sequential`, `keras.Model`) and nothing but a `GradWatch` (tests/models.py's
-#   KIND): the seed's examples, the per-step references, the alarms, bitwise neutrality,
-#   and streaming (whose tests use `per_replica`, TensorFlow's). Not on JAX and PyTorch:
-#   there tests/test_any_model.py (marked `backends`) checks that a plain Sequential,
-#   functional and subclassed model records the mixin's log bit for bit and trains bitwise
-#   as without the watch, with every stat, histograms and kept values, with and without
-#   `steps_per_execution` and XLA, and `every` on a plain model; the mixin's recording
-#   itself is checked on each backend by the `backends` run.
+#   KIND): what a watch does around the step, where the adopted model's class and
+#   `stop_training` take part: the alarms (test_alarms), streaming (test_streaming, whose
+#   tests use `per_replica`, TensorFlow's) and a user's sinks (test_sinks). The recording
+#   itself is not run again: tests/test_any_model.py (marked `backends`, so on every
+#   backend) checks that a plain Sequential, functional and subclassed model records the
+#   mixin's log bit for bit and trains bitwise as without the watch, with every stat,
+#   histograms and kept values, with `steps_per_execution` and XLA, `every`, several
+#   watches, sparse gradients, custom and GAN steps; and the `backends` run checks the
+#   mixin's log against plain gradient loops (test_callback, test_seed, test_mixin).
 #
 # The long runs, each in its own interpreter: started together when the tests are
 # collected (tests/conftest.py runs this module's tests last), so that they use the
@@ -107,7 +109,7 @@ def start_in_background(test_names: list[str], publish_to: str | None = None) ->
             _spawn("torch-jit", publish_to)
 
 
-def _wait(key: str, timeout: float = 900) -> subprocess.CompletedProcess:
+def _wait(key: str, timeout: float = HANG) -> subprocess.CompletedProcess:
     if background.SHARED is not None:  # a pytest-xdist worker: the controller runs it
         done = collect(os.path.join(background.SHARED, f"{key}.json"), timeout)
         assert done is not None, f"the background run {key!r} did not end in {timeout} s"

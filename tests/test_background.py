@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 from background import LOG_ENV
-from components import require
+from components import HANG, require
 
 ROOT = Path(__file__).resolve().parent.parent
 # Bounds on hangs only, never on speed: a loaded machine may take minutes to start pytest
 # and TensorFlow, and the tests wait for what they wait for, not for a fixed time.
-HANG = 600
 # One of the long runs: the core tests under PyTorch (minutes when left alone).
 CORE_TORCH = ["tests/test_backends.py", "-k", "core_suite and torch or fails_first"]
 
@@ -81,7 +80,7 @@ def _living(group: int) -> list[int]:
     return pids
 
 
-def _assert_gone(group: int, timeout: float = 60) -> None:
+def _assert_gone(group: int, timeout: float = HANG) -> None:
     deadline = time.monotonic() + timeout
     while _living(group) and time.monotonic() < deadline:
         time.sleep(0.1)

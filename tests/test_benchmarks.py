@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from components import HANG
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,7 +60,7 @@ def tables(outlier, tmp_path_factory):
         capture_output=True,
         text=True,
         env=env,
-        timeout=3600,  # bounds a hang only: under load the four take many minutes
+        timeout=HANG,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp / "report.json").read_text())

@@ -27,7 +27,6 @@ KEYS = ["net/hidden/kernel", "net/hidden/bias", "net/out/kernel", "net/out/bias"
 @pytest.mark.parametrize("spe", [1, 4])
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.backends
-@pytest.mark.plain_models
 def test_every_step_matches_a_plain_tape_loop(spe, jit):
     skip_unless_supported(spe, jit)
     if spe > 1:
@@ -57,7 +56,6 @@ def test_every_step_matches_a_plain_tape_loop(spe, jit):
 
 
 @pytest.mark.backends
-@pytest.mark.plain_models
 def test_epoch_and_batch_are_what_keras_reports_with_spe():
     skip_unless_supported(spe=4)
     x, y = data(n=36)  # 5 batches of 8 and one of 4 per epoch
@@ -85,7 +83,6 @@ def test_epoch_and_batch_are_what_keras_reports_with_spe():
 
 
 @pytest.mark.backends
-@pytest.mark.plain_models
 def test_step_continues_across_fits_and_epoch_honours_initial_epoch():
     x, y = data(n=16)
     model, _ = pair()
@@ -101,7 +98,6 @@ def test_step_continues_across_fits_and_epoch_honours_initial_epoch():
 
 @mixin_only
 @pytest.mark.backends
-@pytest.mark.plain_models
 def test_steps_without_a_watch_still_count():
     x, y = data(n=16)
     model, plain = pair()
@@ -121,7 +117,6 @@ def test_steps_without_a_watch_still_count():
 
 @pytest.mark.parametrize("spe", [1, 3])
 @pytest.mark.backends
-@pytest.mark.plain_models
 def test_every_records_only_multiples_and_matches_reference(spe):
     skip_unless_supported(spe)
     x, y = data()
@@ -140,7 +135,6 @@ def test_every_records_only_multiples_and_matches_reference(spe):
 
 
 @pytest.mark.backends
-@pytest.mark.plain_models
 def test_variables_selects_stats_rows_and_values_are_independent():
     x, y = data(n=16)
     model, _ = pair()
@@ -157,7 +151,6 @@ def test_variables_selects_stats_rows_and_values_are_independent():
 
 
 @pytest.mark.backends
-@pytest.mark.plain_models
 def test_duplicate_paths_get_numbered_keys():
     class Block(keras.layers.Layer):
         def __init__(self, **kw):
@@ -184,7 +177,6 @@ def test_duplicate_paths_get_numbered_keys():
 
 
 @pytest.mark.backends
-@pytest.mark.plain_models
 def test_pattern_matching_nothing_is_a_value_error_listing_keys():
     x, y = data(n=8)
     model, plain = pair()
@@ -207,7 +199,6 @@ def test_pattern_matching_nothing_is_a_value_error_listing_keys():
 
 
 @pytest.mark.backends
-@pytest.mark.plain_models
 def test_mixin_listed_after_keras_model_is_a_type_error():
     class Late(keras.Model, gradwatch.GradWatchMixin):
         def __init__(self):
@@ -224,7 +215,6 @@ def test_mixin_listed_after_keras_model_is_a_type_error():
 
 
 @pytest.mark.backends
-@pytest.mark.plain_models
 def test_one_watch_on_two_models_is_an_error():
     x, y = data(n=8)
     a, _ = pair()
@@ -261,7 +251,6 @@ def test_constructor_rejects_bad_arguments(kwargs, error, match):
 
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.backends
-@pytest.mark.plain_models
 def test_sparse_embedding_gradient_equals_dense_equivalent(jit):
     skip_unless_supported(jit=jit)
     # Row 1 repeats within a batch; rows 2 and 4 are never touched.
@@ -329,7 +318,6 @@ def test_sparse_embedding_gradient_with_nan_rows_has_the_stats_of_the_dense_one(
 
 @mixin_only
 @pytest.mark.backends
-@pytest.mark.plain_models
 def test_refit_with_the_same_watch_reuses_the_traced_step():
     x, y = data(n=16)
     model, _ = pair()
@@ -348,7 +336,6 @@ def test_refit_with_the_same_watch_reuses_the_traced_step():
 
 
 @pytest.mark.backends
-@pytest.mark.plain_models
 def test_two_watches_in_one_fit_both_record():
     x, y = data(n=16)
     model, _ = pair()
@@ -362,7 +349,6 @@ def test_two_watches_in_one_fit_both_record():
 
 
 @pytest.mark.backends
-@pytest.mark.plain_models
 def test_update_stats_of_an_sgd_step_match_the_weights_by_hand():
     # With momentum the applied update is not lr * gradient after the first step: the
     # stats must come from the weights themselves.
@@ -414,7 +400,6 @@ class WithSpare(gradwatch.GradWatchMixin, keras.Model):
 
 
 @pytest.mark.backends
-@pytest.mark.plain_models
 def test_disconnected_variables_are_nan_rows_listed_once(tmp_path):
     model = WithSpare(name="m")
     model.compile("sgd", "mse")
@@ -443,7 +428,6 @@ def test_disconnected_variables_are_nan_rows_listed_once(tmp_path):
 
 
 @pytest.mark.backends
-@pytest.mark.plain_models
 def test_histogram_bins_edges_zeros_nonfinite_and_extremes_exactly():
     # Compiled where the backend compiles the step (jax.jit on JAX; TensorFlow's
     # counter is always XLA-compiled); eager on PyTorch.
@@ -475,7 +459,6 @@ def test_histogram_bins_edges_zeros_nonfinite_and_extremes_exactly():
 
 @pytest.mark.parametrize("clip", [{"clipnorm": 0.7}, {"global_clipnorm": 2.0}, {"clipvalue": 0.5}])
 @pytest.mark.backends
-@pytest.mark.plain_models
 def test_histogram_clipped_norm_and_cos_prev_match_a_plain_gradient_loop(clip):
     x, y = data(n=32)
     model, plain = pair()
@@ -506,7 +489,6 @@ def test_histogram_clipped_norm_and_cos_prev_match_a_plain_gradient_loop(clip):
 
 
 @pytest.mark.backends
-@pytest.mark.plain_models
 def test_cos_prev_with_every_compares_with_the_step_before_each_recorded_one():
     x, y = data(n=48)
     model, plain = pair()
@@ -524,7 +506,6 @@ def test_cos_prev_with_every_compares_with_the_step_before_each_recorded_one():
 
 
 @pytest.mark.backends
-@pytest.mark.plain_models
 def test_streaming_drains_mid_epoch_and_keeps_every_step(tmp_path):
     # flush_every=2 drains the ring buffer twice an epoch, between executions: on JAX
     # the step's state is then off the model's variables (purged) and the buffer's
@@ -545,7 +526,6 @@ def test_streaming_drains_mid_epoch_and_keeps_every_step(tmp_path):
 
 
 @pytest.mark.backends
-@pytest.mark.plain_models
 def test_a_pattern_typo_on_a_model_built_in_its_first_step_leaves_it_trainable():
     x, y = data(n=16)
     # No Input: the model builds its variables inside the first traced step.
@@ -575,7 +555,6 @@ def test_a_pattern_typo_on_a_model_built_in_its_first_step_leaves_it_trainable()
 # Keras' own warning, where its trainer gives one (TensorFlow's).
 @pytest.mark.filterwarnings("ignore:The model does not have any trainable weights")
 @pytest.mark.backends
-@pytest.mark.plain_models
 def test_a_model_without_trainable_weights_warns_and_trains_on():
     x, y = data(n=16)
     model, _ = pair()
@@ -599,7 +578,6 @@ def test_a_model_without_trainable_weights_warns_and_trains_on():
 
 
 @pytest.mark.backends
-@pytest.mark.plain_models
 def test_variables_keep_model_order_when_the_trainable_set_grows():
     x, y = data(n=16)
     inputs = keras.Input((5,))

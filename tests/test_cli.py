@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from components import require
+from components import HANG, require
 from PIL import Image
 
 import gradwatch
@@ -194,7 +194,7 @@ def test_cli_is_a_console_script_and_runs_as_a_subprocess(logfile):
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=HANG,
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[0].startswith("variable,first_norm,")
@@ -204,7 +204,7 @@ def test_cli_is_a_console_script_and_runs_as_a_subprocess(logfile):
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=HANG,
     )
     assert bad.returncode == 2
     assert bad.stderr.strip().endswith("Received: out.txt")
@@ -227,7 +227,7 @@ def test_installed_console_script_summarises_a_saved_log(outlier, logfile):
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=HANG,
     )
     assert run.returncode == 0, run.stderr
     table, _, _ = _summary_matches_numpy(run.stdout, outlier.log)
@@ -309,7 +309,7 @@ def _imported_modules(*argv):
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=HANG,
     )
     names = {
         line.rsplit("|", 1)[1].strip().split(".")[0]
@@ -370,7 +370,7 @@ def test_cli_works_without_tqdm(logfile, tmp_path):
         [sys.executable, "-c", _WITHOUT_TQDM, str(logfile), str(tmp_path / "out")],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.splitlines()[-2:] == ["0 0 0", "False"]

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from background import RUNS
-from components import require
+from components import HANG, require
 from crash_run import END, FLUSH_EVERY, PER_EPOCH
 from models import FailAt, data, layers
 from reference import batches_of, mse, tape_gradients
@@ -28,7 +28,6 @@ import gradwatch.buffer
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = ROOT / "tests" / "crash_run.py"
-TIMEOUT = 300  # seconds for all the children; one that hangs fails the tests instead of CI
 ALL = ("callback", "data", "data_spe2", "keyboard", "exit", "nonfinite", "sigint", "sigkill")
 # (backend, model kind) -> the endings its child runs, in this order (`sigkill` ends it).
 CHILDREN = {
@@ -65,7 +64,7 @@ def children(tmp_path_factory):
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         RUNS.start(key, [sys.executable, str(CHILD), kind, str(out), *endings], env, str(ROOT))
     sent: set[tuple[str, int]] = set()
-    deadline = time.monotonic() + TIMEOUT
+    deadline = time.monotonic() + HANG
     running = {f"crash-{b}-{k}": out for (b, k), out in outs.items()}
     while running and time.monotonic() < deadline:
         for key, out in list(running.items()):

@@ -21,6 +21,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from components import HANG
 from models import data, layers
 from reference import batches_of, mse, np_stats
 
@@ -29,7 +30,6 @@ import gradwatch
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "distributed_run.py"
 N, BATCH, EPOCHS, REPLICAS = 32, 8, 2, 2
-TIMEOUT = 180  # seconds per run; a run that hangs fails the test instead of CI
 RTOL, ATOL = 1e-5, 1e-6  # float32, summed in another order over two replicas
 
 
@@ -44,7 +44,7 @@ def _run_all(commands, envs, out):
         subprocess.Popen(c, env=e, stdout=f, stderr=subprocess.STDOUT)
         for c, e, f in zip(commands, envs, logs, strict=True)
     ]
-    deadline = time.monotonic() + TIMEOUT
+    deadline = time.monotonic() + HANG
     try:
         while any(p.poll() is None for p in procs):
             failed = [p for p in procs if p.poll() not in (None, 0)]

@@ -41,7 +41,6 @@ def _fit_both(watched, plain, callbacks, spe=3, jit=False, **opt):
 
 
 @pytest.mark.parametrize("jit", [False, True])
-@pytest.mark.plain_models
 def test_mixin_with_watch_is_bitwise_neutral_to_training(jit):
     skip_unjitted_jax_duplicate(jit)
     if jit and BACKEND == "torch":
@@ -58,7 +57,6 @@ def test_mixin_with_watch_is_bitwise_neutral_to_training(jit):
     np.testing.assert_array_equal(sparse.log.steps, np.arange(0, 18, 2))
 
 
-@pytest.mark.plain_models
 def test_mixin_without_watch_trains_as_usual():
     watched, plain = pair(regularize=True)
     ha, hb = _fit_both(watched, plain, [], spe=spe(3), clipnorm=0.1)

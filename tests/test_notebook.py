@@ -11,7 +11,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
-from components import require
+from components import HANG, require
 from PIL import Image
 
 import gradwatch
@@ -182,8 +182,8 @@ def test_notebook_executed_with_nbconvert_shows_charts_as_images(outlier, tmp_pa
     env.pop("MPLBACKEND", None)  # the kernel's own default, as a user's Jupyter has it
     run = subprocess.run(
         [sys.executable, "-m", "nbconvert", "--to", "notebook", "--execute", str(source),
-         "--output", "executed.ipynb", "--ExecutePreprocessor.timeout=240"],
-        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
+         "--output", "executed.ipynb", f"--ExecutePreprocessor.timeout={HANG}"],
+        capture_output=True, text=True, env=env, timeout=HANG, cwd=tmp_path,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     executed = nbformat.read(tmp_path / "executed.ipynb", as_version=4)

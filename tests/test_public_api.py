@@ -9,7 +9,7 @@ from pathlib import Path
 
 import keras
 import pytest
-from components import require
+from components import HANG, require
 from reference import README_STATS
 
 import gradwatch
@@ -240,7 +240,7 @@ _ON_DEMAND = (
 
 def _python(code, *args):
     out = subprocess.run(
-        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=HANG
     )
     assert out.returncode == 0, out.stderr
     return out
@@ -389,7 +389,7 @@ def test_the_command_line_imports_neither_keras_nor_tensorflow(fitted, tmp_path,
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=HANG,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     imported = {

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from components import HANG
 
 import gradwatch
 
@@ -93,7 +94,7 @@ def _run(tmp_path, blocks, commands=()):
     run = subprocess.run(
         [sys.executable, "-c", _RUNNER, json.dumps(blocks), json.dumps(list(commands)),
          str(ROOT / "examples" / "quickstart.py")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=HANG,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     line = next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))

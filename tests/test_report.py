@@ -9,7 +9,7 @@ import tempfile
 import numpy as np
 import pandas as pd
 import pytest
-from components import require
+from components import HANG, require
 from PIL import Image
 
 from gradwatch.log import GradientLog, store_of
@@ -223,7 +223,7 @@ def test_report_renders_its_charts_in_headless_chromium(outlier, tmp_path):
     options.add_argument("--window-size=1400,900")
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
-        driver.set_page_load_timeout(60)
+        driver.set_page_load_timeout(HANG)
         driver.get(path.as_uri())
         assert driver.title == "gradwatch report"
         images = driver.execute_script(

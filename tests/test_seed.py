@@ -9,7 +9,7 @@ from models import Sequential
 import gradwatch
 
 # Run again under JAX and PyTorch, and on plain models (tests/test_backends.py).
-pytestmark = [pytest.mark.backends, pytest.mark.plain_models]
+pytestmark = pytest.mark.backends
 
 
 class Scalar(keras.layers.Layer):
