@@ -21,11 +21,11 @@ from gradwatch._backend import current as _backend
 from gradwatch._capture import args as _args
 from gradwatch._capture import in_step as _in_step
 from gradwatch._capture.adopt import adopt, guard_fit, join
-from gradwatch._capture.alarms import AlarmPolicy, Alarms
+from gradwatch._capture.alarms import KEEPS_MODEL, AlarmPolicy, Alarms, NonfinitePolicy
 from gradwatch._capture.counting import next_step
 from gradwatch._capture.drain import drain, drain_due, sink_block
 from gradwatch._capture.interrupts import deferred_interrupt
-from gradwatch._capture.plan import Planner
+from gradwatch._capture.plan import Planner, make_plan, signature_of
 from gradwatch._capture.sinks import Sinks
 from gradwatch._capture.step import Records, restore_class
 from gradwatch._stats import derived as _derived
@@ -153,7 +153,7 @@ class GradWatch(keras.callbacks.Callback):
         path: str | os.PathLike | None = None,
         flush_every: int = 1000,
         max_value_elements: int = 1_000_000,
-        on_nonfinite: AlarmPolicy = "warn",
+        on_nonfinite: NonfinitePolicy = "warn",
         max_norm: float | None = None,
         min_norm: float | None = None,
         on_threshold: AlarmPolicy = "warn",
@@ -201,6 +201,12 @@ class GradWatch(keras.callbacks.Callback):
             self.stats,
         )
         self.checks_every_step = self._alarms.checks_every_step
+        # "skip", "stop" and "raise" keep a non-finite step's update from the model.
+        self.keeps_model = self.on_nonfinite in KEEPS_MODEL
+        # The first step whose update was kept from the model: (step, x, y,
+        # sample_weight) of its batch on the host, for a replay (see `keep_skipped_batch`).
+        self.skipped_batch: tuple[int, Any, Any, Any] | None = None
+        self._watched: tuple[tuple[int, ...], frozenset[int]] | None = None
         self.needs_weights = any(s in UPDATE_STATS for s in self.stats)
         self.sinks = _args.check_sinks(sinks)
         self._sinks = Sinks(self, self._log, self._store)  # built-in ones, then `sinks`
@@ -427,6 +433,28 @@ class GradWatch(keras.callbacks.Callback):
             _in_step.capture(
                 self, model, plan, buffer, self._store, step, records, skipped, local, scalars
             )
+
+    def watched_ids(self, model: Any) -> frozenset[int]:
+        """The ids of the model's variables whose gradients this watch checks (its
+        `variables`), made once per set of trainable variables."""
+        signature = signature_of(model)
+        if self._watched is None or self._watched[0] != signature:
+            try:
+                plan = make_plan(model, self, None)
+            except ValueError:  # the planner reports a pattern that matches nothing
+                return frozenset()
+            ids = frozenset(id(plan.variables[i]) for i in plan.stat_index)
+            self._watched = (signature, ids)
+        return self._watched[1]
+
+    def keep_skipped_batch(self, step: int, x: Any, y: Any, sample_weight: Any) -> None:
+        """On the host: keeps the batch of the first step whose update this watch kept
+        from the model (`on_nonfinite` "skip", "stop" or "raise") in `skipped_batch`, as
+        `(step, x, y, sample_weight)` in NumPy, for a replay of that step. Where the
+        backend cannot hand it over (TensorFlow with `jit_compile=True` or under
+        `tf.distribute`), `skipped_batch` stays None."""
+        if self.skipped_batch is None:
+            self.skipped_batch = (int(step), x, y, sample_weight)
 
     def check_step(self, model: Any, step: Any, records: Records, skipped: Any) -> None:
         """Adds the every-step checks (non-finite, thresholds) to the step being traced.
