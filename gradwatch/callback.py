@@ -24,6 +24,7 @@ from gradwatch._capture.adopt import adopt, guard_fit, join
 from gradwatch._capture.alarms import KEEPS_MODEL, AlarmPolicy, Alarms, NonfinitePolicy
 from gradwatch._capture.counting import next_step
 from gradwatch._capture.drain import drain, drain_due, sink_block
+from gradwatch._capture.guard import clear_halt
 from gradwatch._capture.interrupts import deferred_interrupt
 from gradwatch._capture.plan import Planner, make_plan, signature_of
 from gradwatch._capture.sinks import Sinks
@@ -79,11 +80,19 @@ class GradWatch(keras.callbacks.Callback):
             start of training. Defaults to `1_000_000`.
         on_nonfinite: What to do when a watched gradient has a NaN or Inf:
             `"ignore"`, `"warn"` (one warning naming the first step and the
-            variables, with counts), `"stop"` (set `model.stop_training` and
-            print why, naming the step and the variables, as Keras'
-            `TerminateOnNaN` does; the log is kept) or `"raise"` (a
-            `FloatingPointError`, after the log is written out). Checked at
-            every step, also with `every > 1`. Defaults to `"warn"`.
+            variables, with counts; the update is applied, as Keras applies
+            it), `"skip"` (that step's update is kept from the model, as a
+            `LossScaleOptimizer` skips an overflowed step: the weights and
+            the optimizer's state, `iterations` included, stay as they were;
+            the step is recorded and listed in `log.skipped_steps`, one
+            warning names it, and training goes on), `"stop"` (skip the
+            update, then set `model.stop_training` and print why, naming the
+            step and the variables, as Keras' `TerminateOnNaN` does; the log
+            is kept) or `"raise"` (skip the update, then a
+            `FloatingPointError`, after the log is written out). With
+            `"skip"`, `"stop"` and `"raise"` the model keeps the weights of
+            its last finite step. Checked at every step, also with
+            `every > 1`. Defaults to `"warn"`.
         max_norm: Alert when a watched variable's gradient norm exceeds this.
             A non-finite gradient is never a threshold alert (`on_nonfinite`
             reports it). Defaults to `None` (no check).
@@ -128,6 +137,15 @@ class GradWatch(keras.callbacks.Callback):
     model.fit(x, y, epochs=2, callbacks=[watch])
     watch.log.stat("norm")
     watch.log.gradient("dense/kernel", step=0)
+    ```
+
+    Keep the model intact through a batch that makes the gradients NaN: that
+    step's update is skipped, and training goes on:
+
+    ```python
+    watch = gradwatch.GradWatch(on_nonfinite="skip")
+    model.fit(x, y, callbacks=[watch])
+    watch.log.skipped_steps  # the steps whose update was skipped
     ```
 
     Under `tf.distribute` the log holds the global gradient; ask for each
@@ -226,6 +244,8 @@ class GradWatch(keras.callbacks.Callback):
         >>> import gradwatch
         >>> gradwatch.GradWatch(stats=["norm", "nonfinite"], on_nonfinite="raise")
         GradWatch(variables='*', stats=['norm', 'nonfinite'], every=1, on_nonfinite='raise')
+        >>> gradwatch.GradWatch(stats=["norm"], on_nonfinite="skip")
+        GradWatch(variables='*', stats=['norm'], every=1, on_nonfinite='skip')
         >>> gradwatch.GradWatch(path="runs/grads", every=10)
         GradWatch(variables='*', stats=('norm', 'mean', 'std', 'min', 'max', 'nonfinite'), every=10, path='runs/grads')
 
@@ -268,6 +288,7 @@ class GradWatch(keras.callbacks.Callback):
         self._sinks.begin(model, self)
         self._model_ref = weakref.ref(model)
         join(model, self)
+        clear_halt(model)  # a `fit` after one that "stop" ended trains again
         self._since_drain = 0
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:

@@ -284,3 +284,9 @@ def to_host(model: Any, keep: Callable[..., None], step: Any, leaves: Sequence[A
 
 def undo_step(model: Any, scope: Any, finite: Any, skip: Callable[[], None]) -> None:
     """Not used: gradwatch does not record on this backend."""
+
+
+def new_flag() -> None:
+    """None: the step's state is stateless, and `fit` polls the alarms after each
+    execution on the main thread, so no flag carries a stop into the next step."""
+    return None

@@ -470,3 +470,9 @@ def undo_step(model: Any, scope: StepScope, finite: Any, skip: Callable[[], None
     chosen = jax.lax.cond(finite, lambda after, before: after, undone, after, before)
     for variable, value in zip(variables, chosen, strict=True):
         variable.assign(value)
+
+
+def new_flag() -> None:
+    """None: the step's state is stateless, and `fit` polls the alarms after each
+    execution on the main thread, so no flag carries a stop into the next step."""
+    return None

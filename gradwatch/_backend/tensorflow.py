@@ -790,3 +790,9 @@ def to_host(model: Any, keep: Callable[..., None], step: Any, leaves: Sequence[A
 
 def undo_step(model: Any, scope: StepScope, finite: Any, skip: Callable[[], None]) -> None:
     """Not used: each `apply` is gated in the step (`gated_apply`)."""
+
+
+def new_flag() -> Any:
+    """A bool variable of the step (`read_value()`, `assign`), made out of the graph."""
+    with tf.init_scope():
+        return tf.Variable(False, trainable=False, name="gradwatch_halted")

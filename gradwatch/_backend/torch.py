@@ -574,3 +574,20 @@ def to_host(model: Any, keep: Callable[..., None], step: Any, leaves: Sequence[A
 def undo_step(model: Any, scope: StepScope, finite: Any, skip: Callable[[], None]) -> None:
     """Not used: each `apply` is gated (`gated_apply`), and the compiled step is undone
     from copies (`_capture.counting.undo_point`)."""
+
+
+class HostFlag:
+    """A bool of the step, kept on the host: the step runs eagerly."""
+
+    def __init__(self) -> None:
+        self.value = False
+
+    def read_value(self) -> bool:
+        return self.value
+
+    def assign(self, value: Any) -> None:
+        self.value = bool(value)
+
+
+def new_flag() -> HostFlag:
+    return HostFlag()

@@ -15,7 +15,15 @@ from typing import Any
 import keras
 
 from gradwatch._backend import current as _backend
-from gradwatch._capture.guard import ApplyGuard, guarding, keep_batch, skipped_here, step_finite
+from gradwatch._capture.guard import (
+    ApplyGuard,
+    guarding,
+    halt_flag,
+    keep_batch,
+    skipped,
+    skipped_here,
+    step_finite,
+)
 from gradwatch._capture.step import Record, StepScope, model_state, record_key, scopes
 from gradwatch._logdata.resume import add_anchor, restored_step
 from gradwatch.buffer import SKIPPED_BY
@@ -252,11 +260,15 @@ def undo_if_nonfinite(model: Any, scope: StepScope, saved: list[tuple[Any, Any]]
     """After a compiled PyTorch step: where its watched gradients are not finite, puts
     back the variables `undo_point` copied, and hands the batch to the host."""
     finite = step_finite(model, scope)
+    halt = halt_flag(model)
+    if halt is not None:
+        finite = not halt.read_value() if finite is None else finite and not halt.read_value()
+        scope.finite = finite
     if finite is None or finite:
         return
     for variable, value in saved:
         variable.assign(value)
-    keep_batch(model, scope)
+    skipped(model, scope)
 
 
 def _optimizers(model: Any) -> list[Any]:

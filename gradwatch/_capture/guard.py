@@ -71,6 +71,34 @@ def keep_batch(model: Any, scope: StepScope) -> None:
     _backend.to_host(model, keep, counter.read_value(), keras.tree.flatten(structure))
 
 
+def halt_flag(model: Any) -> Any:
+    """Where a watch stops training at a non-finite step ("stop", "raise"): the flag that
+    keeps the later steps of the `fit` from the model once one was kept (made on first
+    use, cleared by `clear_halt`); None otherwise, or where the backend has none."""
+    if not any(w.on_nonfinite in ("stop", "raise") for w in guarding(model)):
+        return None
+    state = model_state(model)
+    if state.halt is None:
+        state.halt = _backend.new_flag()
+    return state.halt
+
+
+def clear_halt(model: Any) -> None:
+    """At the start of a `fit`: the steps run again."""
+    halt = model_state(model).halt
+    if halt is not None:
+        halt.assign(False)
+
+
+def skipped(model: Any, scope: StepScope) -> None:
+    """In the branch taken where the step's update is kept from the model: the later
+    steps stop too where a watch stops training, and the batch goes to the host."""
+    halt = halt_flag(model)
+    if halt is not None:
+        halt.assign(True)
+    keep_batch(model, scope)
+
+
 class ApplyGuard:
     """Gates each optimizer's `apply` on the finiteness of the step's watched gradients
     so far, while a step of `model` runs (or is traced) and a watch keeps the model.
@@ -118,6 +146,13 @@ class ApplyGuard:
         )
         if checked:
             note_finite(scope, _backend.all_finite(checked))
+        halt = halt_flag(model)
+        if halt is not None and not scope.halt_read:
+            # "stop", "raise": no update after the first non-finite step of the fit, also
+            # before `fit` sees `stop_training` (the next step of an execution, or one
+            # begun while Keras ran the batch-end callbacks on another thread).
+            scope.halt_read = True
+            note_finite(scope, _backend.logical_not(halt.read_value()))
         if scope.finite is None:  # nothing watched is non-finite so far: as it is
             return original(grads, variables, *args, **kw)
         if optimizer is not None and not optimizer.built and variables is not None:
@@ -134,7 +169,7 @@ class ApplyGuard:
                 scope.finite,
                 lambda g, v: original(g, v, *args, **kw),
                 (grads, variables),
-                lambda: keep_batch(model, scope),
+                lambda: skipped(model, scope),
             )
         finally:
             scope.guarding = False

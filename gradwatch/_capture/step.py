@@ -132,6 +132,9 @@ class ModelState:
         # TensorFlow: where the step's stateful random ops are in their streams, shared by
         # every train function traced for the model (see `_backend.tensorflow`).
         self.random_streams: dict[Any, Any] = {}
+        # Where a watch stops training at a non-finite step: set once a step's update
+        # was kept from the model, so that no later step of the `fit` applies.
+        self.halt: Any = None
 
     @property
     def active(self) -> list[Any]:
@@ -193,6 +196,7 @@ class StepScope:
         # an `apply` is being gated now, and the step's data (its batch, for a replay).
         self.finite: Any = None
         self.guarding = False
+        self.halt_read = False  # the stop flag (`_capture.guard.halt_flag`) was read
         self.data: Any = None
 
 
