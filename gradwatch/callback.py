@@ -21,11 +21,12 @@ from gradwatch._backend import current as _backend
 from gradwatch._capture import args as _args
 from gradwatch._capture import in_step as _in_step
 from gradwatch._capture.adopt import adopt, guard_fit, join
-from gradwatch._capture.alarms import AlarmPolicy, Alarms
+from gradwatch._capture.alarms import KEEPS_MODEL, AlarmPolicy, Alarms, NonfinitePolicy
 from gradwatch._capture.counting import next_step
 from gradwatch._capture.drain import drain, drain_due, sink_block
+from gradwatch._capture.guard import clear_halt
 from gradwatch._capture.interrupts import deferred_interrupt
-from gradwatch._capture.plan import Planner
+from gradwatch._capture.plan import Planner, make_plan, signature_of
 from gradwatch._capture.sinks import Sinks
 from gradwatch._capture.step import Records, restore_class
 from gradwatch._stats import derived as _derived
@@ -79,11 +80,19 @@ class GradWatch(keras.callbacks.Callback):
             start of training. Defaults to `1_000_000`.
         on_nonfinite: What to do when a watched gradient has a NaN or Inf:
             `"ignore"`, `"warn"` (one warning naming the first step and the
-            variables, with counts), `"stop"` (set `model.stop_training` and
-            print why, naming the step and the variables, as Keras'
-            `TerminateOnNaN` does; the log is kept) or `"raise"` (a
-            `FloatingPointError`, after the log is written out). Checked at
-            every step, also with `every > 1`. Defaults to `"warn"`.
+            variables, with counts; the update is applied, as Keras applies
+            it), `"skip"` (that step's update is kept from the model, as a
+            `LossScaleOptimizer` skips an overflowed step: the weights and
+            the optimizer's state, `iterations` included, stay as they were;
+            the step is recorded and listed in `log.skipped_steps`, one
+            warning names it, and training goes on), `"stop"` (skip the
+            update, then set `model.stop_training` and print why, naming the
+            step and the variables, as Keras' `TerminateOnNaN` does; the log
+            is kept) or `"raise"` (skip the update, then a
+            `FloatingPointError`, after the log is written out). With
+            `"skip"`, `"stop"` and `"raise"` the model keeps the weights of
+            its last finite step. Checked at every step, also with
+            `every > 1`. Defaults to `"warn"`.
         max_norm: Alert when a watched variable's gradient norm exceeds this.
             A non-finite gradient is never a threshold alert (`on_nonfinite`
             reports it). Defaults to `None` (no check).
@@ -130,6 +139,15 @@ class GradWatch(keras.callbacks.Callback):
     watch.log.gradient("dense/kernel", step=0)
     ```
 
+    Keep the model intact through a batch that makes the gradients NaN: that
+    step's update is skipped, and training goes on:
+
+    ```python
+    watch = gradwatch.GradWatch(on_nonfinite="skip")
+    model.fit(x, y, callbacks=[watch])
+    watch.log.skipped_steps  # the steps whose update was skipped
+    ```
+
     Under `tf.distribute` the log holds the global gradient; ask for each
     replica's local one too:
 
@@ -153,7 +171,7 @@ class GradWatch(keras.callbacks.Callback):
         path: str | os.PathLike | None = None,
         flush_every: int = 1000,
         max_value_elements: int = 1_000_000,
-        on_nonfinite: AlarmPolicy = "warn",
+        on_nonfinite: NonfinitePolicy = "warn",
         max_norm: float | None = None,
         min_norm: float | None = None,
         on_threshold: AlarmPolicy = "warn",
@@ -201,6 +219,12 @@ class GradWatch(keras.callbacks.Callback):
             self.stats,
         )
         self.checks_every_step = self._alarms.checks_every_step
+        # "skip", "stop" and "raise" keep a non-finite step's update from the model.
+        self.keeps_model = self.on_nonfinite in KEEPS_MODEL
+        # The first step whose update was kept from the model: (step, x, y,
+        # sample_weight) of its batch on the host, for a replay (see `keep_skipped_batch`).
+        self.skipped_batch: tuple[int, Any, Any, Any] | None = None
+        self._watched: tuple[tuple[int, ...], frozenset[int]] | None = None
         self.needs_weights = any(s in UPDATE_STATS for s in self.stats)
         self.sinks = _args.check_sinks(sinks)
         self._sinks = Sinks(self, self._log, self._store)  # built-in ones, then `sinks`
@@ -220,6 +244,8 @@ class GradWatch(keras.callbacks.Callback):
         >>> import gradwatch
         >>> gradwatch.GradWatch(stats=["norm", "nonfinite"], on_nonfinite="raise")
         GradWatch(variables='*', stats=['norm', 'nonfinite'], every=1, on_nonfinite='raise')
+        >>> gradwatch.GradWatch(stats=["norm"], on_nonfinite="skip")
+        GradWatch(variables='*', stats=['norm'], every=1, on_nonfinite='skip')
         >>> gradwatch.GradWatch(path="runs/grads", every=10)
         GradWatch(variables='*', stats=('norm', 'mean', 'std', 'min', 'max', 'nonfinite'), every=10, path='runs/grads')
 
@@ -262,6 +288,7 @@ class GradWatch(keras.callbacks.Callback):
         self._sinks.begin(model, self)
         self._model_ref = weakref.ref(model)
         join(model, self)
+        clear_halt(model)  # a `fit` after one that "stop" ended trains again
         self._since_drain = 0
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
@@ -427,6 +454,28 @@ class GradWatch(keras.callbacks.Callback):
             _in_step.capture(
                 self, model, plan, buffer, self._store, step, records, skipped, local, scalars
             )
+
+    def watched_ids(self, model: Any) -> frozenset[int]:
+        """The ids of the model's variables whose gradients this watch checks (its
+        `variables`), made once per set of trainable variables."""
+        signature = signature_of(model)
+        if self._watched is None or self._watched[0] != signature:
+            try:
+                plan = make_plan(model, self, None)
+            except ValueError:  # the planner reports a pattern that matches nothing
+                return frozenset()
+            ids = frozenset(id(plan.variables[i]) for i in plan.stat_index)
+            self._watched = (signature, ids)
+        return self._watched[1]
+
+    def keep_skipped_batch(self, step: int, x: Any, y: Any, sample_weight: Any) -> None:
+        """On the host: keeps the batch of the first step whose update this watch kept
+        from the model (`on_nonfinite` "skip", "stop" or "raise") in `skipped_batch`, as
+        `(step, x, y, sample_weight)` in NumPy, for a replay of that step. Where the
+        backend cannot hand it over (TensorFlow with `jit_compile=True` or under
+        `tf.distribute`), `skipped_batch` stays None."""
+        if self.skipped_batch is None:
+            self.skipped_batch = (int(step), x, y, sample_weight)
 
     def check_step(self, model: Any, step: Any, records: Records, skipped: Any) -> None:
         """Adds the every-step checks (non-finite, thresholds) to the step being traced.

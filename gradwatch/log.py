@@ -134,12 +134,17 @@ class GradientLog(StatViews, HistogramViews):
 
     @property
     def skipped_steps(self) -> np.ndarray:
-        """The recorded steps whose update a `LossScaleOptimizer` skipped, sorted.
+        """The recorded steps whose update was skipped, sorted: by a
+        `LossScaleOptimizer`, or by `GradWatch(on_nonfinite="skip")` (or
+        `"stop"`, `"raise"`).
 
         Under mixed precision the optimizer skips a step whose scaled
         gradients overflowed, and lowers its loss scale. The step's gradients
         are recorded as they were (with their NaN/Inf counts in `alerts`), but
         they never reached the weights, so `on_nonfinite` does not act on them.
+        A step that `on_nonfinite` kept from the model is recorded the same
+        way, and `on_nonfinite` acts on it (its NaN came from the data or the
+        model, not from a loss scale).
 
         Example:
 

@@ -105,6 +105,39 @@ class Backend(Protocol):
         watched fit (TensorFlow: its step's random ops go on where the watched steps'
         left off)."""
 
+    # Keeping a non-finite step's update from the model (`gradwatch._capture.guard`).
+    def all_finite(self, grads: Sequence[Any]) -> Any:
+        """Whether every element of every gradient is finite (PyTorch: a host bool)."""
+
+    def logical_and(self, a: Any, b: Any) -> Any:
+        """`a and b`, on bools of the step."""
+
+    def logical_not(self, a: Any) -> Any:
+        """`not a`, on a bool of the step."""
+
+    def agree_across_replicas(self, finite: Any) -> Any:
+        """`finite` on every replica (TensorFlow under `tf.distribute`: all-reduced)."""
+
+    def gated_apply(
+        self, model: Any, finite: Any, apply: Callable, args: tuple, skip: Callable[[], None]
+    ) -> None:
+        """Runs `apply(*args)` (an optimizer's `apply`) where `finite` holds, else `skip()`."""
+
+    def to_host(
+        self, model: Any, keep: Callable[..., None], step: Any, leaves: Sequence[Any]
+    ) -> None:
+        """Calls `keep(step, *leaves)` on the host with NumPy arrays, from the step (where
+        it can: not from TensorFlow's XLA-compiled step, nor under `tf.distribute`)."""
+
+    def undo_step(
+        self, model: Any, scope: StepScope, finite: Any, skip: Callable[[], None]
+    ) -> None:
+        """Where `finite` is false, undoes the update of a step that has no `apply` to gate
+        (JAX's stateless step), and calls `skip()`."""
+
+    def new_flag(self) -> Any:
+        """A bool of the step (`read_value()`, `assign`), or None where none is needed."""
+
     # The stats (`gradwatch._stats.compute`): the fast paths each backend has of its own.
 
     def stats_table(self, tensors: Sequence[Any], stats: tuple[str, ...]) -> Any | None:

@@ -19,9 +19,15 @@ from gradwatch._capture.state_metric import StateMetric
 from gradwatch._logdata.store import Store
 from gradwatch.buffer import Drained
 
-#: What a watch does when an alarm trips (`on_nonfinite`, `on_threshold`).
+#: What a watch does when an alarm trips (`on_threshold`).
 AlarmPolicy = Literal["ignore", "warn", "stop", "raise"]
 POLICIES = ("ignore", "warn", "stop", "raise")
+#: What a watch does with a step whose gradients hold NaN/Inf (`on_nonfinite`): also
+#: `"skip"`, which keeps the step's update from the model and trains on.
+NonfinitePolicy = Literal["ignore", "warn", "skip", "stop", "raise"]
+NONFINITE_POLICIES = ("ignore", "warn", "skip", "stop", "raise")
+#: The `on_nonfinite` policies that keep a non-finite step's update from the model.
+KEEPS_MODEL = ("skip", "stop", "raise")
 
 
 class Alarm(StateMetric):
@@ -69,7 +75,7 @@ class Alarms:
         self.stats = tuple(stats)
         self.checks_every_step = (
             on_nonfinite in ("stop", "raise")
-            or (on_nonfinite == "warn" and not self.nonfinite_from_stats)
+            or (on_nonfinite in ("warn", "skip") and not self.nonfinite_from_stats)
             or (
                 self.thresholds
                 and (
@@ -97,13 +103,15 @@ class Alarms:
         """Alerts for each drained (step, variable) whose recorded stats trip a check,
         and a warning where the stats see every step."""
         if "nonfinite" in self.stats:  # every recorded step with NaN/Inf is an alert
-            # ...but one that a loss-scale optimizer skipped never reached the weights.
+            # ...but one that a loss-scale optimizer skipped never reached the weights
+            # (one that `on_nonfinite="skip"` kept back is acted on: it was the data's).
             first, found = self._stat_alerts(
-                block, keys, store, "nonfinite", lambda v: v > 0, "nonfinite", ~block.skipped
+                block, keys, store, "nonfinite", lambda v: v > 0, "nonfinite", ~block.loss_scaled
             )
-            if found and self.on_nonfinite == "warn" and self.nonfinite_from_stats:
+            policy = self.on_nonfinite
+            if found and policy in ("warn", "skip") and self.nonfinite_from_stats:
                 counts = {k: int(v) for k, v in found.items()}
-                self.act("warn", nonfinite_message(first, counts))
+                self.act(policy, nonfinite_message(first, counts, policy))
         if self.thresholds and "norm" in self.stats:
             beyond = np.vectorize(self.beyond, otypes=[bool])
             if "nonfinite" in self.stats:
@@ -171,7 +179,8 @@ class Alarms:
                 bad = [k for k, v in zip(keys, sq, strict=True) if not np.isfinite(v)]
                 found = counts(step, bad)
                 store.add_alerts([(step, k, "nonfinite", found.get(k, np.nan)) for k in bad])
-                self.act(self.on_nonfinite, nonfinite_message(step, found or bad))
+                policy = self.on_nonfinite
+                self.act(policy, nonfinite_message(step, found or bad, policy))
             else:
                 step = int(alarm.threshold_step.numpy())
                 norms = np.sqrt(alarm.threshold_sq.numpy().astype(np.float64))
@@ -199,7 +208,7 @@ class Alarms:
         )
 
     def act(self, policy: str, message: str) -> None:
-        if policy == "warn":
+        if policy in ("warn", "skip"):
             kind = message.split(" ", 1)[0]  # one warning per kind of alert
             if kind not in self._warned:
                 self._warned.add(kind)
@@ -224,10 +233,27 @@ def _print_msg(message: str) -> None:
     io_utils.print_msg(message)
 
 
-def nonfinite_message(step: int, found: dict | list) -> str:
+def nonfinite_message(step: int, found: dict | list, policy: str = "warn") -> str:
+    """The one line that names a non-finite step, says what became of its update under
+    `policy`, and how to keep the model and find the source."""
     what = (
         f"{found} (NaN/Inf element counts)"
         if isinstance(found, dict)
         else f"{found} (record the `nonfinite` stat at that step for element counts)"
     )
-    return f"Non-finite gradients at step {step}: {what}."
+    source = (
+        "To find the source, replay that step's batch: `gradwatch.trace_nonfinite(model, x, y)`."
+    )
+    if policy == "skip":
+        then = (
+            "Its update was skipped (on_nonfinite='skip'): the weights and the "
+            "optimizer's state are those from before it, and training goes on."
+        )
+    elif policy in ("stop", "raise"):
+        then = "Its update was skipped: the model keeps the weights of its last finite step."
+    else:
+        then = (
+            "The update was applied, so the weights may hold NaN/Inf now. To keep the "
+            "model, pass on_nonfinite='skip' (or 'stop')."
+        )
+    return f"Non-finite gradients at step {step}: {what}. {then} {source}"
