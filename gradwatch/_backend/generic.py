@@ -245,3 +245,14 @@ def note_stock_step(model: Any) -> None:
 def stock_train_function(model: Any, fn: Any) -> Any:
     """Keras' train function, as it is."""
     return fn
+
+
+# ------------------------------------------------- the replay of a batch (`_forensics`)
+def gradients_of(
+    fn: Callable[[list[Any], list[Any]], Any], probes: Sequence[Any], values: Sequence[Any]
+) -> None:
+    return None  # no autodiff in `keras.ops` alone
+
+
+def first_nonfinite_op(fn: Callable[[], Any]) -> None:
+    return None  # op types are TensorFlow's

@@ -412,3 +412,16 @@ sum_of_squares = _kernels.sum_of_squares
 row_sums_of_squares = _kernels.row_sums_of_squares
 unscaled_float32 = _kernels.unscaled_float32
 bin_index = _kernels.bin_index
+
+
+# ------------------------------------------------- the replay of a batch (`_forensics`)
+first_nonfinite_op = generic.first_nonfinite_op
+
+
+def gradients_of(
+    fn: Callable[[list[Any], list[Any]], Any], probes: Sequence[Any], values: Sequence[Any]
+) -> tuple[list[Any], list[Any]]:
+    import jax
+
+    by_value, by_probe = jax.grad(lambda v, p: fn(p, v), argnums=(0, 1))(list(values), list(probes))
+    return list(by_probe), list(by_value)
