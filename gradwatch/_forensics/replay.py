@@ -201,8 +201,8 @@ def _rows_text(rows: Sequence[int]) -> str:
     return f"rows {', '.join(shown[:-1])} and {shown[-1]}"
 
 
-def _range_text(arrays: Sequence[Any], rows: Sequence[int], n: int) -> str:
-    """What the arrays hold on `rows`: "is all zeros", "ranges from -1 to 2"."""
+def _values_text(arrays: Sequence[Any], rows: Sequence[int], n: int) -> str:
+    """What the arrays hold on `rows`: "all zeros", "from -1 to 2", "no finite value"."""
     values = []
     for x in arrays:
         a = _numpy(x)
@@ -212,10 +212,18 @@ def _range_text(arrays: Sequence[Any], rows: Sequence[int], n: int) -> str:
     flat = np.concatenate(values) if values else np.zeros(0)
     flat = flat[np.isfinite(flat)]
     if flat.size == 0:
-        return "holds no finite value"
+        return "no finite value"
     if not flat.any():
+        return "all zeros"
+    return f"from {float(flat.min()):.4g} to {float(flat.max()):.4g}"
+
+
+def _input_text(arrays: Sequence[Any], rows: Sequence[int], n: int) -> str:
+    """`its input there ...`: "is all zeros", "ranges from -1 to 2", "holds no finite value"."""
+    text = _values_text(arrays, rows, n)
+    if text == "all zeros":
         return "is all zeros"
-    return f"ranges from {float(flat.min()):.4g} to {float(flat.max()):.4g}"
+    return f"ranges {text}" if text.startswith("from") else f"holds {text}"
 
 
 def _row(structure: Any, i: int) -> Any:
@@ -363,7 +371,7 @@ def _forward_origin(calls: list[_Call], n: int) -> NonfiniteOrigin | None:
         bad_weights = [v for v in weights if not _scan([v.value], 0).finite]
         detail = (
             f"The output of `{call.key}` holds {out.counts()}, in {_rows_text(out.rows)}, "
-            f"from finite inputs; its input there {_range_text(inputs, out.rows, n)}"
+            f"from finite inputs; its input there {_input_text(inputs, out.rows, n)}"
         )
         op = None
         if bad_weights:
@@ -410,8 +418,8 @@ def _loss_origin(model: Any, batch: Batch, y_pred: Any, loss: Any) -> NonfiniteO
             "overflows only together.",
         )
     op = _backend.first_nonfinite_op(lambda: _loss(model, batch, y_pred, rows[0]))
-    preds = _range_text(_floats(y_pred), rows, batch.n)
-    targets = _range_text(_floats(batch.y), rows, batch.n)
+    preds = _values_text(_floats(y_pred), rows, batch.n)
+    targets = _values_text(_floats(batch.y), rows, batch.n)
     return NonfiniteOrigin(
         "loss",
         None,
@@ -419,7 +427,7 @@ def _loss_origin(model: Any, batch: Batch, y_pred: Any, loss: Any) -> NonfiniteO
         rows,
         None,
         f"The loss is {value}: the loss of {_rows_text(rows)} alone is not finite, from "
-        f"finite predictions; the predictions there {preds}, the targets {targets}.",
+        f"finite predictions (there: {preds}; the targets there: {targets}).",
     )
 
 
@@ -518,7 +526,7 @@ def _backward_origin(
     rows = passed.rows
     detail = (
         f"Forward and loss are finite; in `{call.key}`, {' and '.join(parts)}, while the "
-        f"gradient it received is finite; its input there {_range_text(inputs, rows, n)}."
+        f"gradient it received is finite; its input there {_input_text(inputs, rows, n)}."
     )
     op = _layer_gradient_op(call, by_probe[spans[call.index][1] : spans[call.index][2]])
     return NonfiniteOrigin("backward", call.key, op, rows, None, detail)
@@ -568,8 +576,8 @@ def _loss_gradient_origin(model: Any, batch: Batch, call: _Call, got: _Scan) -> 
         got.rows,
         None,
         f"Forward and loss are finite; the loss's gradient with respect to the predictions "
-        f"holds {got.counts()}, in {_rows_text(got.rows)}; the predictions there "
-        f"{_range_text(_floats(y_pred), got.rows, batch.n)}.",
+        f"holds {got.counts()}, in {_rows_text(got.rows)} (the predictions there: "
+        f"{_values_text(_floats(y_pred), got.rows, batch.n)}).",
     )
 
 
@@ -678,7 +686,7 @@ def _batch_part(value: Any, name: str, required: bool = False) -> Any:
         hint = " (a dataset or generator: pass one batch of it, e.g. `next(iter(data))`)"
     leaves = []
     for leaf in keras.tree.flatten(value):
-        if isinstance(leaf, np.ndarray) or ops.is_tensor(leaf):
+        if isinstance(leaf, (np.ndarray, np.generic)) or ops.is_tensor(leaf):
             leaf = ops.convert_to_tensor(leaf)
         else:
             raise TypeError(
