@@ -294,6 +294,34 @@ def test_trace_names_the_innermost_layer_of_a_subclassed_model():
     assert "net/encoder/proj/kernel" in model_paths(model)
 
 
+class RawOp(keras.Model):
+    """Takes `log` in its own `call`, between two layers."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.proj = _ones_dense(3, name="proj")
+        self.head = keras.layers.Dense(1, name="head")
+
+    def call(self, x):
+        return self.head(ops.log(self.proj(x)))
+
+
+def test_trace_names_the_model_where_its_own_call_makes_the_nan():
+    # `head` is the first layer to return an Inf, but from an input that was not finite.
+    x = _positive(6, 3)
+    x[4] = 0.0
+    model = RawOp(name="net")
+    model(x[:1])
+    model.compile("sgd", "mse")
+    origin = gradwatch.trace_nonfinite(model, x, np.ones((6, 1), "float32"))
+    assert (origin.stage, origin.layer, origin.op, origin.rows) == (
+        "forward",
+        "net",
+        _op("Log"),
+        (4,),
+    )
+
+
 class OwnStep(keras.Model):
     """A custom `train_step` that computes its own loss (the replay cannot)."""
 
