@@ -207,6 +207,36 @@ def test_trace_names_a_float16_overflow_in_a_dense_layer():
     assert origin.detail.startswith("The output of `net/half` holds 0 NaN and 1 Inf, in row 2")
 
 
+def test_trace_names_the_cast_into_a_mixed_float16_layer():
+    # The layer casts its float32 input to float16 in its `__call__`: 1e5 is Inf there.
+    x = np.ones((4, 3), "float32")
+    x[2, 0] = 1e5
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(2, name="wide"),
+            keras.layers.Dense(1, dtype="mixed_float16", name="half"),
+        ],
+        name="net",
+    )
+    model.get_layer("wide").set_weights([np.eye(3, 2, dtype="float32"), np.zeros(2, "float32")])
+    model.compile("sgd", "mse")
+    origin = gradwatch.trace_nonfinite(model, x, np.ones((4, 1), "float32"))
+    with np.errstate(over="ignore"):
+        by_numpy = (x @ np.eye(3, 2, dtype="float32")).astype(np.float16)
+    assert tuple(np.flatnonzero(~np.isfinite(by_numpy).all(axis=1))) == (2,)
+    assert (origin.stage, origin.layer, origin.op, origin.rows) == (
+        "forward",
+        "net/half",
+        _op("Cast"),
+        (2,),
+    )
+    assert origin.detail == (
+        "The output of `net/half` holds 0 NaN and 1 Inf, in row 2, from finite inputs; "
+        "its input there ranges from 1 to 1e+05."
+    )
+
+
 def _numpy_forward(model, x):
     """Each Dense layer's output (name, array) in float32 NumPy, from the model's weights."""
     outs, h = [], x
