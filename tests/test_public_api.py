@@ -26,12 +26,14 @@ def test_public_api_is_pinned():
             "GradWatchMixin",
             "GradientLog",
             "Model",
+            "NonfiniteOrigin",
             "Sequential",
             "Sink",
             "SinkBlock",
             "__version__",
             "read_log",
             "record_gradients",
+            "trace_nonfinite",
         ]
     )
     for name in gradwatch.__all__:

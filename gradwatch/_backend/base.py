@@ -206,3 +206,18 @@ class Backend(Protocol):
 
     def check_strategy(self, model: Any) -> None:
         """Refuses a distribution strategy gradwatch cannot record under."""
+
+    # The replay of one batch that finds where a NaN or Inf is born (`gradwatch._forensics`).
+    def gradients_of(
+        self,
+        fn: Callable[[list[Any], list[Any]], Any],
+        probes: Sequence[Any],
+        values: Sequence[Any],
+    ) -> tuple[list[Any], list[Any]] | None:
+        """The gradients of the scalar `fn(probes, values)` with respect to each of `probes`
+        and `values` (tensors), run eagerly (a gradient is None where nothing flows); None
+        where the backend cannot differentiate."""
+
+    def first_nonfinite_op(self, fn: Callable[[], Any]) -> str | None:
+        """The type of the first op that makes a NaN or Inf while `fn()` runs eagerly
+        (TensorFlow: `enable_check_numerics`), else None."""

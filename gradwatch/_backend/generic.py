@@ -290,3 +290,14 @@ def new_flag() -> None:
     """None: the step's state is stateless, and `fit` polls the alarms after each
     execution on the main thread, so no flag carries a stop into the next step."""
     return None
+
+
+# ------------------------------------------------- the replay of a batch (`_forensics`)
+def gradients_of(
+    fn: Callable[[list[Any], list[Any]], Any], probes: Sequence[Any], values: Sequence[Any]
+) -> None:
+    return None  # no autodiff in `keras.ops` alone
+
+
+def first_nonfinite_op(fn: Callable[[], Any]) -> None:
+    return None  # op types are TensorFlow's

@@ -476,3 +476,16 @@ def new_flag() -> None:
     """None: the step's state is stateless, and `fit` polls the alarms after each
     execution on the main thread, so no flag carries a stop into the next step."""
     return None
+
+
+# ------------------------------------------------- the replay of a batch (`_forensics`)
+first_nonfinite_op = generic.first_nonfinite_op
+
+
+def gradients_of(
+    fn: Callable[[list[Any], list[Any]], Any], probes: Sequence[Any], values: Sequence[Any]
+) -> tuple[list[Any], list[Any]]:
+    import jax
+
+    by_value, by_probe = jax.grad(lambda v, p: fn(p, v), argnums=(0, 1))(list(values), list(probes))
+    return list(by_probe), list(by_value)

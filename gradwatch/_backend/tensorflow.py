@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -796,3 +797,35 @@ def new_flag() -> Any:
     """A bool variable of the step (`read_value()`, `assign`), made out of the graph."""
     with tf.init_scope():
         return tf.Variable(False, trainable=False, name="gradwatch_halted")
+
+
+# ------------------------------------------------- the replay of a batch (`_forensics`)
+def gradients_of(
+    fn: Callable[[list[Any], list[Any]], Any], probes: Sequence[Any], values: Sequence[Any]
+) -> tuple[list[Any], list[Any]]:
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+        probes = [tf.identity(p) for p in probes]
+        values = [tf.identity(v) for v in values]
+        tape.watch([*probes, *values])
+        loss = fn(probes, values)
+    grads = tape.gradient(loss, [*probes, *values])
+    grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
+    return grads[: len(probes)], grads[len(probes) :]
+
+
+# What `enable_check_numerics` raises with: `... in output 0 of eagerly-executing op "Log" ...`.
+_CHECK_NUMERICS_OP = re.compile(r'Detected Infinity or NaN in output \d+ of [\w-]+ op "([^"]+)"')
+
+
+def first_nonfinite_op(fn: Callable[[], Any]) -> str | None:
+    # Per thread, and only for the length of `fn`: every eager op's float outputs are
+    # checked, and the first one holding a NaN or Inf raises with the op's type.
+    tf.debugging.enable_check_numerics()
+    try:
+        fn()
+    except tf.errors.InvalidArgumentError as e:
+        found = _CHECK_NUMERICS_OP.search(e.message)
+        return found.group(1) if found else None
+    finally:
+        tf.debugging.disable_check_numerics()
+    return None

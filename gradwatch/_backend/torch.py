@@ -591,3 +591,17 @@ class HostFlag:
 
 def new_flag() -> HostFlag:
     return HostFlag()
+
+
+# ------------------------------------------------- the replay of a batch (`_forensics`)
+first_nonfinite_op = generic.first_nonfinite_op
+
+
+def gradients_of(
+    fn: Callable[[list[Any], list[Any]], Any], probes: Sequence[Any], values: Sequence[Any]
+) -> tuple[list[Any], list[Any]]:
+    probes = [p.detach().requires_grad_(True) for p in probes]
+    values = [v.detach().requires_grad_(True) for v in values]
+    loss = fn(probes, values)
+    grads = torch.autograd.grad(loss, [*probes, *values], allow_unused=True)
+    return list(grads[: len(probes)]), list(grads[len(probes) :])
