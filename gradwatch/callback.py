@@ -20,7 +20,7 @@ from gradwatch._backend import NAME as _BACKEND_NAME
 from gradwatch._backend import current as _backend
 from gradwatch._capture import args as _args
 from gradwatch._capture import in_step as _in_step
-from gradwatch._capture.adopt import adopt, guard_fit, join
+from gradwatch._capture.adopt import FIT_BATCH_SIZE, adopt, guard_fit, join
 from gradwatch._capture.alarms import KEEPS_MODEL, AlarmPolicy, Alarms, NonfinitePolicy
 from gradwatch._capture.counting import next_step
 from gradwatch._capture.drain import drain, drain_due, sink_block
@@ -224,6 +224,8 @@ class GradWatch(keras.callbacks.Callback):
         # The first step whose update was kept from the model: (step, x, y,
         # sample_weight) of its batch on the host, for a replay (see `keep_skipped_batch`).
         self.skipped_batch: tuple[int, Any, Any, Any] | None = None
+        self._traced = False  # `log.origins` has the first kept step's row
+        self._fit_batch_size: int | None = None  # see `FIT_BATCH_SIZE`
         self._watched: tuple[tuple[int, ...], frozenset[int]] | None = None
         self.needs_weights = any(s in UPDATE_STATS for s in self.stats)
         self.sinks = _args.check_sinks(sinks)
@@ -233,6 +235,7 @@ class GradWatch(keras.callbacks.Callback):
         self._epoch = 0
         self._epoch_start = 0
         self._since_drain = 0
+        self._alarms.origin_of = self._origin_of
 
     def __repr__(self) -> str:
         """The settings, as a call: what is recorded (`variables`, `stats`, `every`)
@@ -290,6 +293,7 @@ class GradWatch(keras.callbacks.Callback):
         join(model, self)
         clear_halt(model)  # a `fit` after one that "stop" ended trains again
         self._since_drain = 0
+        self._fit_batch_size = model.__dict__.get(FIT_BATCH_SIZE)
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._sinks.align(self.model, self._log.steps)
@@ -300,6 +304,7 @@ class GradWatch(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         self._sinks.align(self.model, self._log.steps)
+        self._trace_kept()  # on the main thread, before the next execution
         self._handle_alarms()
         self._raise_if_alarmed()
         # Called once per execution of `steps_per_execution` steps, on the main
@@ -322,12 +327,14 @@ class GradWatch(keras.callbacks.Callback):
         return "cos_prev" in self.stats and (step + 1) % self.every == 0
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self._trace_kept()
         self._drain(anchored=True)
         self._alarms.poll(self.model)
         self._handle_alarms()
         self._raise_if_alarmed()
 
     def on_train_end(self, logs: dict | None = None) -> None:
+        self._trace_kept()
         self._alarms.poll(self.model)
         self._handle_alarms()
         self.release(self.model)
@@ -476,6 +483,58 @@ class GradWatch(keras.callbacks.Callback):
         `tf.distribute`), `skipped_batch` stays None."""
         if self.skipped_batch is None:
             self.skipped_batch = (int(step), x, y, sample_weight)
+
+    def _trace_kept(self) -> None:
+        """On the main thread, after the execution that holds the first step kept from
+        the model and before the next one: replays that step's batch and notes where
+        its first NaN/Inf was born (`log.origins`). Where later steps of the execution
+        updated the weights, only its input and targets are replayed."""
+        kept = self.skipped_batch
+        model = None if self._model_ref is None else self._model_ref()
+        if kept is None or self._traced or model is None:
+            return
+        self._traced = True
+        from gradwatch._forensics.skipped import trace_kept
+
+        step = kept[0]
+        halt = model_state(model).halt
+        halted = halt is not None and bool(halt.read_value())
+        intact = halted or step == next_step(model) - 1
+        if model.trainable_variables:
+            _backend.sync_state(model, model.trainable_variables[0])  # JAX: mid-epoch
+        try:
+            origin = trace_kept(model, kept, intact, self._fit_batch_size, self._epoch_start)
+        except Exception as e:  # the training goes on; the row says what failed
+            from gradwatch._forensics.origin import NonfiniteOrigin
+
+            origin = NonfiniteOrigin(
+                None,
+                None,
+                None,
+                (),
+                None,
+                f"The replay of step {step} failed: {type(e).__name__}: {e}",
+            )
+        self._add_origin(step, origin)
+
+    def _add_origin(self, step: int, origin: Any) -> None:
+        self._store.add_origin(
+            step, origin.stage, origin.layer, origin.op, origin.rows, origin.samples, origin.detail
+        )
+
+    def _origin_of(self, step: int) -> Any:
+        """For the message of a step kept from the model: where its first NaN/Inf was
+        born (replayed now if it was not yet), or a row saying that it could not be
+        replayed. None for other steps than the first kept one."""
+        self._trace_kept()
+        row = self._store.origins.get(step)
+        if row is None and not self._traced and self.keeps_model:
+            from gradwatch._forensics.skipped import untraced
+
+            self._traced = True
+            self._add_origin(step, untraced(step))
+            row = self._store.origins.get(step)
+        return row
 
     def check_step(self, model: Any, step: Any, records: Records, skipped: Any) -> None:
         """Adds the every-step checks (non-finite, thresholds) to the step being traced.

@@ -17,6 +17,7 @@ import numpy as np
 from gradwatch._backend import current as _backend
 from gradwatch._capture.state_metric import StateMetric
 from gradwatch._logdata.store import Store
+from gradwatch._ui.text import origin_text
 from gradwatch.buffer import Drained
 
 #: What a watch does when an alarm trips (`on_threshold`).
@@ -85,6 +86,9 @@ class Alarms:
             )
         )
         self.alarm: Alarm | None = None
+        # `step -> (stage, layer, op, rows, samples, detail)` of a replayed kept step,
+        # or None (set by the watch).
+        self.origin_of: Callable[[int], tuple | None] = lambda step: None
         self._warned: set[str] = set()
         self._seen = {"nonfinite": 0, "threshold": 0}
         self._pending: list[str] = []
@@ -111,7 +115,7 @@ class Alarms:
             policy = self.on_nonfinite
             if found and policy in ("warn", "skip") and self.nonfinite_from_stats:
                 counts = {k: int(v) for k, v in found.items()}
-                self.act(policy, nonfinite_message(first, counts, policy))
+                self.act(policy, nonfinite_message(first, counts, policy, self.origin_of(first)))
         if self.thresholds and "norm" in self.stats:
             beyond = np.vectorize(self.beyond, otypes=[bool])
             if "nonfinite" in self.stats:
@@ -180,7 +184,9 @@ class Alarms:
                 found = counts(step, bad)
                 store.add_alerts([(step, k, "nonfinite", found.get(k, np.nan)) for k in bad])
                 policy = self.on_nonfinite
-                self.act(policy, nonfinite_message(step, found or bad, policy))
+                self.act(
+                    policy, nonfinite_message(step, found or bad, policy, self.origin_of(step))
+                )
             else:
                 step = int(alarm.threshold_step.numpy())
                 norms = np.sqrt(alarm.threshold_sq.numpy().astype(np.float64))
@@ -233,9 +239,13 @@ def _print_msg(message: str) -> None:
     io_utils.print_msg(message)
 
 
-def nonfinite_message(step: int, found: dict | list, policy: str = "warn") -> str:
-    """The one line that names a non-finite step, says what became of its update under
-    `policy`, and how to keep the model and find the source."""
+def nonfinite_message(
+    step: int, found: dict | list, policy: str = "warn", origin: tuple | None = None
+) -> str:
+    """The one line that names a non-finite step, where its first NaN/Inf was born
+    (`origin`, a `log.origins` row without its step, where it was replayed), says what
+    became of its update under `policy`, and how to keep the model and find the
+    source."""
     what = (
         f"{found} (NaN/Inf element counts)"
         if isinstance(found, dict)
@@ -256,4 +266,8 @@ def nonfinite_message(step: int, found: dict | list, policy: str = "warn") -> st
             "The update was applied, so the weights may hold NaN/Inf now. To keep the "
             "model, pass on_nonfinite='skip' (or 'stop')."
         )
+    if origin is not None:
+        source = "Details: `log.origins`."
+        where = origin_text(origin)
+        return f"Non-finite gradients at step {step}, {where}: {what}. {then} {source}"
     return f"Non-finite gradients at step {step}: {what}. {then} {source}"
