@@ -114,7 +114,9 @@ def test_origins_in_the_doctor_and_the_report(zero_row_fit):
     # The step `on_nonfinite` kept is not a loss-scale optimizer's skip.
     assert "loss_scale" not in set(findings["finding"])
     assert list(watch.log.kept_steps) == [5]
-    verdict = gradwatch.report.verdict(watch.log)
+    from gradwatch.report import verdict as verdict_of
+
+    verdict = verdict_of(watch.log)
     assert verdict.level == "problem"
     assert any(born in fact for fact in verdict.facts)
     assert "LossScaleOptimizer" not in " ".join(verdict.facts)
