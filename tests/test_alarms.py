@@ -277,7 +277,11 @@ def test_nonfinite_stop_says_why_naming_the_step_and_variables(capfd):
     lines = out.splitlines()
     said = [line for line in lines if line.startswith("GradWatch:")]
     assert len(said) == 1, out
-    assert said[0].startswith("GradWatch: Non-finite gradients at step 3: {")
+    # The step was kept from the model and replayed: its NaN is row 2's input (sample 26).
+    assert said[0].startswith(
+        "GradWatch: Non-finite gradients at step 3, born in the input `x`, rows [2] "
+        "(samples [26]): {"
+    )
     assert "'net/hidden/kernel': 20" in said[0]  # 5 x 4 elements, all NaN
     assert "'net/out/bias': 2" in said[0]
     assert said[0].endswith("Terminating training.")
