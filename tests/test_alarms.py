@@ -80,12 +80,16 @@ def test_nonfinite_stop_keeps_the_log(tmp_path):
 def test_nonfinite_raise_writes_the_log_first(tmp_path):
     watch = gradwatch.GradWatch(stats="norm", on_nonfinite="raise", path=tmp_path / "run")
     with pytest.raises(
-        FloatingPointError, match=r"step 3: \['net/hidden/kernel'.*record the `nonfinite` stat"
+        FloatingPointError,
+        match=r"step 3, born in the input `x`, rows \[2\] \(samples \[26\]\): "
+        r"\['net/hidden/kernel'.*record the `nonfinite` stat",
     ):
         _fit(watch, epochs=3)
     log = gradwatch.read_log(tmp_path / "run")
     assert 3 in log.steps
     assert log.first_nonfinite()[0] == 3
+    # The replayed source is written out before the error too.
+    assert log.origins[["step", "stage", "rows"]].values.tolist() == [[3, "input", (2,)]]
 
 
 @pytest.mark.backends

@@ -295,7 +295,7 @@ def replay(model: Any, batch: Batch) -> NonfiniteOrigin | None:
         ("input", {"x": batch.x}),
         ("target", {"y": batch.y, "sample_weight": batch.sample_weight}),
     ):
-        if origin := _data_origin(stage, parts, batch.n):
+        if origin := data_origin(stage, parts, batch.n):
             return origin
     keys = layer_keys(model)
     with keras.StatelessScope(collect_losses=True):
@@ -342,7 +342,7 @@ def _loss(model: Any, batch: Batch, y_pred: Any, row: int | None = None) -> Any:
     return model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sw, training=True)
 
 
-def _data_origin(stage: str, parts: dict[str, Any], n: int) -> NonfiniteOrigin | None:
+def data_origin(stage: str, parts: dict[str, Any], n: int) -> NonfiniteOrigin | None:
     for name, part in parts.items():
         found = _scan(_floats(part), n)
         if not found.finite:

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 
 from gradwatch._forensics.origin import NonfiniteOrigin
-from gradwatch._forensics.replay import Batch, _data_origin, replay
+from gradwatch._forensics.replay import Batch, data_origin, replay
 
 _TRACE_HINT = (
     "replay a batch with `gradwatch.trace_nonfinite(model, x, y)` on weights from "
@@ -81,7 +81,7 @@ def trace_kept(
                 "dropout, drew otherwise in the step).",
             )
     else:
-        origin = _data_origin("input", {"x": x}, n) or _data_origin(
+        origin = data_origin("input", {"x": x}, n) or data_origin(
             "target", {"y": y, "sample_weight": sample_weight}, n
         )
         if origin is None:
