@@ -251,3 +251,22 @@ def test_origins_of_an_xla_step_say_it_could_not_be_replayed():
     assert (row["step"], row["stage"], row["layer"], row["rows"]) == (5, None, None, ())
     assert "jit_compile=True" in row["detail"]
     assert "gradwatch.trace_nonfinite" in row["detail"]
+
+
+def test_origins_of_a_log_written_before_them_read_empty(zero_row_fit, tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    log = zero_row_fit[0].log
+    log.to_parquet(tmp_path / "new.parquet")
+    table = pq.read_table(tmp_path / "new.parquet")
+    meta = json.loads(table.schema.metadata[b"gradwatch"])
+    del meta["origins"], meta["skipped_by_gradwatch"]  # as gradwatch wrote them before
+    old = {**table.schema.metadata, b"gradwatch": json.dumps(meta).encode()}
+    pq.write_table(table.replace_schema_metadata(old), tmp_path / "old.parquet")
+    back = gradwatch.read_log(tmp_path / "old.parquet")
+    assert list(back.origins.columns) == COLUMNS and back.origins.empty
+    # Who skipped step 5 is unknown: read as before, a loss-scale optimizer's skip.
+    assert list(back.skipped_steps) == [5] and list(back.kept_steps) == []
+    assert "loss_scale" in set(back.diagnose()["finding"])
