@@ -91,8 +91,10 @@ class GradWatch(keras.callbacks.Callback):
             is kept) or `"raise"` (skip the update, then a
             `FloatingPointError`, after the log is written out). With
             `"skip"`, `"stop"` and `"raise"` the model keeps the weights of
-            its last finite step. Checked at every step, also with
-            `every > 1`. Defaults to `"warn"`.
+            its last finite step, and the first such step's batch is replayed
+            on them, after the step, to name where its first NaN or Inf was
+            born (`log.origins`; the message names it too). Checked at every
+            step, also with `every > 1`. Defaults to `"warn"`.
         max_norm: Alert when a watched variable's gradient norm exceeds this.
             A non-finite gradient is never a threshold alert (`on_nonfinite`
             reports it). Defaults to `None` (no check).
