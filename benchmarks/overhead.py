@@ -75,6 +75,8 @@ def configs(name: str) -> list[tuple[str, dict, dict]]:
         ("default, jit, spe=8", {}, {"jit_compile": True, "steps_per_execution": 8}),
         ("histogram + 1 kept tensor", {"histogram": True, "values": value}, {}),
         ("every=10", {"every": 10}, {}),
+        # Keeps a non-finite step's update from the model: a branch around `apply`.
+        ("on_nonfinite=skip", {"on_nonfinite": "skip"}, {}),
         ("default" + PLAIN, {}, {}),
         (LATER, {}, {}),
     ]
@@ -153,9 +155,9 @@ def main(argv=None) -> int:
     for name in args.only.split(","):
         steps = 4 if args.smoke else STEPS[name]
         chosen = configs(name)
-        if args.smoke and len(chosen) == 8:
+        if args.smoke and len(chosen) == 9:
             # every code path once: default, spe + jit, histogram + values, gating, plain model
-            chosen = [chosen[0], chosen[3], chosen[4], chosen[5], chosen[6], chosen[7]]
+            chosen = [chosen[i] for i in (0, 3, 4, 5, 7, 8)]
         if args.configs:
             chosen = [c for c in chosen if c[0] in args.configs.split(",")]
         for label, watch_kwargs, compile_kwargs in chosen:

@@ -10,6 +10,8 @@ TYPE_CHECKING = False  # not `typing`'s: `import gradwatch` imports nothing it c
 if TYPE_CHECKING:  # for type checkers; imported on first use, below
     from typing import Any
 
+    from gradwatch._forensics.origin import NonfiniteOrigin
+    from gradwatch._forensics.replay import trace_nonfinite
     from gradwatch.callback import GradWatch
     from gradwatch.io import read_log
     from gradwatch.log import GradientLog
@@ -26,12 +28,14 @@ __all__ = [
     "GradWatchMixin",
     "GradientLog",
     "Model",
+    "NonfiniteOrigin",
     "Sequential",
     "Sink",
     "SinkBlock",
     "__version__",
     "read_log",
     "record_gradients",
+    "trace_nonfinite",
 ]
 
 # Every public name is imported on first use, so that `import gradwatch` costs about
@@ -51,6 +55,8 @@ _LAZY_NAMES = {
     "record_gradients": "gradwatch.mixin",
     "Sink": "gradwatch.sinks",
     "SinkBlock": "gradwatch.sinks",
+    "NonfiniteOrigin": "gradwatch._forensics.origin",
+    "trace_nonfinite": "gradwatch._forensics.replay",
 }
 # Imported on first use: `gradwatch.plot` needs matplotlib, `callback`, `mixin`,
 # `buffer` and `sparse` Keras, `sinks` NumPy, the others pandas. (The command line, report and

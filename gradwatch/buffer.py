@@ -22,9 +22,19 @@ class Drained:
     values: list[np.ndarray]  # float32, (k, size) for each kept variable
     hist: np.ndarray | None  # int32, (k, n_variables, n_bins)
     replica_stats: np.ndarray | None  # float32, (k, n_replicas, n_variables, n_stats)
-    skipped: np.ndarray  # bool, (k,): a loss-scale optimizer skipped the update
+    skipped: np.ndarray  # bool, (k,): the update was skipped (see `SKIPPED_BY`)
     lost: int  # slots overwritten before they were drained
     scalars: np.ndarray | None = None  # float32, (k, len(SCALARS)): loss, learning rate, applied
+    # bool, (k,): of those, the ones a loss-scale optimizer skipped (None: `skipped`)
+    loss_scaled: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.loss_scaled is None:
+            self.loss_scaled = self.skipped
+
+
+#: The bits of a step's `skipped` code in the buffer: who kept its update from the model.
+SKIPPED_BY = {"loss_scale": 1, "on_nonfinite": 2}
 
 
 class GradientBuffer(StateMetric):
@@ -162,6 +172,7 @@ class GradientBuffer(StateMetric):
         new = count - self.drained
         lost = max(0, new - self.capacity)
         idx = np.arange(self.drained + lost, count) % self.capacity
+        code = read(self.skipped.value)[idx] if self.flagged else np.zeros(len(idx), np.int32)
         block = Drained(
             steps=read(self.steps.value)[idx].astype(np.int64),
             stats=read(self.stats.value)[idx],
@@ -170,11 +181,10 @@ class GradientBuffer(StateMetric):
             replica_stats=(
                 None if self.replica_stats is None else read(self.replica_stats.value)[idx]
             ),
-            skipped=read(self.skipped.value)[idx] != 0
-            if self.flagged
-            else np.zeros(len(idx), bool),
+            skipped=code != 0,
             lost=lost,
             scalars=read(self.scalars.value)[idx],
+            loss_scaled=(code & SKIPPED_BY["loss_scale"]) != 0,
         )
         self.drained = count  # only once every slot is on the host
         return block

@@ -20,12 +20,13 @@ from gradwatch._backend import NAME as _BACKEND_NAME
 from gradwatch._backend import current as _backend
 from gradwatch._capture import args as _args
 from gradwatch._capture import in_step as _in_step
-from gradwatch._capture.adopt import adopt, guard_fit, join
-from gradwatch._capture.alarms import AlarmPolicy, Alarms
+from gradwatch._capture.adopt import FIT_BATCH_SIZE, adopt, guard_fit, join
+from gradwatch._capture.alarms import KEEPS_MODEL, AlarmPolicy, Alarms, NonfinitePolicy
 from gradwatch._capture.counting import next_step
 from gradwatch._capture.drain import drain, drain_due, sink_block
+from gradwatch._capture.guard import clear_halt
 from gradwatch._capture.interrupts import deferred_interrupt
-from gradwatch._capture.plan import Planner
+from gradwatch._capture.plan import Planner, make_plan, signature_of
 from gradwatch._capture.sinks import Sinks
 from gradwatch._capture.step import Records, restore_class
 from gradwatch._stats import derived as _derived
@@ -79,11 +80,21 @@ class GradWatch(keras.callbacks.Callback):
             start of training. Defaults to `1_000_000`.
         on_nonfinite: What to do when a watched gradient has a NaN or Inf:
             `"ignore"`, `"warn"` (one warning naming the first step and the
-            variables, with counts), `"stop"` (set `model.stop_training` and
-            print why, naming the step and the variables, as Keras'
-            `TerminateOnNaN` does; the log is kept) or `"raise"` (a
-            `FloatingPointError`, after the log is written out). Checked at
-            every step, also with `every > 1`. Defaults to `"warn"`.
+            variables, with counts; the update is applied, as Keras applies
+            it), `"skip"` (that step's update is kept from the model, as a
+            `LossScaleOptimizer` skips an overflowed step: the weights and
+            the optimizer's state, `iterations` included, stay as they were;
+            the step is recorded and listed in `log.skipped_steps`, one
+            warning names it, and training goes on), `"stop"` (skip the
+            update, then set `model.stop_training` and print why, naming the
+            step and the variables, as Keras' `TerminateOnNaN` does; the log
+            is kept) or `"raise"` (skip the update, then a
+            `FloatingPointError`, after the log is written out). With
+            `"skip"`, `"stop"` and `"raise"` the model keeps the weights of
+            its last finite step, and the first such step's batch is replayed
+            on them, after the step, to name where its first NaN or Inf was
+            born (`log.origins`; the message names it too). Checked at every
+            step, also with `every > 1`. Defaults to `"warn"`.
         max_norm: Alert when a watched variable's gradient norm exceeds this.
             A non-finite gradient is never a threshold alert (`on_nonfinite`
             reports it). Defaults to `None` (no check).
@@ -130,6 +141,15 @@ class GradWatch(keras.callbacks.Callback):
     watch.log.gradient("dense/kernel", step=0)
     ```
 
+    Keep the model intact through a batch that makes the gradients NaN: that
+    step's update is skipped, and training goes on:
+
+    ```python
+    watch = gradwatch.GradWatch(on_nonfinite="skip")
+    model.fit(x, y, callbacks=[watch])
+    watch.log.skipped_steps  # the steps whose update was skipped
+    ```
+
     Under `tf.distribute` the log holds the global gradient; ask for each
     replica's local one too:
 
@@ -153,7 +173,7 @@ class GradWatch(keras.callbacks.Callback):
         path: str | os.PathLike | None = None,
         flush_every: int = 1000,
         max_value_elements: int = 1_000_000,
-        on_nonfinite: AlarmPolicy = "warn",
+        on_nonfinite: NonfinitePolicy = "warn",
         max_norm: float | None = None,
         min_norm: float | None = None,
         on_threshold: AlarmPolicy = "warn",
@@ -201,6 +221,14 @@ class GradWatch(keras.callbacks.Callback):
             self.stats,
         )
         self.checks_every_step = self._alarms.checks_every_step
+        # "skip", "stop" and "raise" keep a non-finite step's update from the model.
+        self.keeps_model = self.on_nonfinite in KEEPS_MODEL
+        # The first step whose update was kept from the model: (step, x, y,
+        # sample_weight) of its batch on the host, for a replay (see `keep_skipped_batch`).
+        self.skipped_batch: tuple[int, Any, Any, Any] | None = None
+        self._traced = False  # `log.origins` has the first kept step's row
+        self._fit_batch_size: int | None = None  # see `FIT_BATCH_SIZE`
+        self._watched: tuple[tuple[int, ...], frozenset[int]] | None = None
         self.needs_weights = any(s in UPDATE_STATS for s in self.stats)
         self.sinks = _args.check_sinks(sinks)
         self._sinks = Sinks(self, self._log, self._store)  # built-in ones, then `sinks`
@@ -209,6 +237,7 @@ class GradWatch(keras.callbacks.Callback):
         self._epoch = 0
         self._epoch_start = 0
         self._since_drain = 0
+        self._alarms.origin_of = self._origin_of
 
     def __repr__(self) -> str:
         """The settings, as a call: what is recorded (`variables`, `stats`, `every`)
@@ -220,6 +249,8 @@ class GradWatch(keras.callbacks.Callback):
         >>> import gradwatch
         >>> gradwatch.GradWatch(stats=["norm", "nonfinite"], on_nonfinite="raise")
         GradWatch(variables='*', stats=['norm', 'nonfinite'], every=1, on_nonfinite='raise')
+        >>> gradwatch.GradWatch(stats=["norm"], on_nonfinite="skip")
+        GradWatch(variables='*', stats=['norm'], every=1, on_nonfinite='skip')
         >>> gradwatch.GradWatch(path="runs/grads", every=10)
         GradWatch(variables='*', stats=('norm', 'mean', 'std', 'min', 'max', 'nonfinite'), every=10, path='runs/grads')
 
@@ -262,7 +293,9 @@ class GradWatch(keras.callbacks.Callback):
         self._sinks.begin(model, self)
         self._model_ref = weakref.ref(model)
         join(model, self)
+        clear_halt(model)  # a `fit` after one that "stop" ended trains again
         self._since_drain = 0
+        self._fit_batch_size = model.__dict__.get(FIT_BATCH_SIZE)
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._sinks.align(self.model, self._log.steps)
@@ -273,6 +306,7 @@ class GradWatch(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         self._sinks.align(self.model, self._log.steps)
+        self._trace_kept()  # on the main thread, before the next execution
         self._handle_alarms()
         self._raise_if_alarmed()
         # Called once per execution of `steps_per_execution` steps, on the main
@@ -295,12 +329,14 @@ class GradWatch(keras.callbacks.Callback):
         return "cos_prev" in self.stats and (step + 1) % self.every == 0
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self._trace_kept()
         self._drain(anchored=True)
         self._alarms.poll(self.model)
         self._handle_alarms()
         self._raise_if_alarmed()
 
     def on_train_end(self, logs: dict | None = None) -> None:
+        self._trace_kept()
         self._alarms.poll(self.model)
         self._handle_alarms()
         self.release(self.model)
@@ -427,6 +463,80 @@ class GradWatch(keras.callbacks.Callback):
             _in_step.capture(
                 self, model, plan, buffer, self._store, step, records, skipped, local, scalars
             )
+
+    def watched_ids(self, model: Any) -> frozenset[int]:
+        """The ids of the model's variables whose gradients this watch checks (its
+        `variables`), made once per set of trainable variables."""
+        signature = signature_of(model)
+        if self._watched is None or self._watched[0] != signature:
+            try:
+                plan = make_plan(model, self, None)
+            except ValueError:  # the planner reports a pattern that matches nothing
+                return frozenset()
+            ids = frozenset(id(plan.variables[i]) for i in plan.stat_index)
+            self._watched = (signature, ids)
+        return self._watched[1]
+
+    def keep_skipped_batch(self, step: int, x: Any, y: Any, sample_weight: Any) -> None:
+        """On the host: keeps the batch of the first step whose update this watch kept
+        from the model (`on_nonfinite` "skip", "stop" or "raise") in `skipped_batch`, as
+        `(step, x, y, sample_weight)` in NumPy, for a replay of that step. Where the
+        backend cannot hand it over (TensorFlow with `jit_compile=True` or under
+        `tf.distribute`), `skipped_batch` stays None."""
+        if self.skipped_batch is None:
+            self.skipped_batch = (int(step), x, y, sample_weight)
+
+    def _trace_kept(self) -> None:
+        """On the main thread, after the execution that holds the first step kept from
+        the model and before the next one: replays that step's batch and notes where
+        its first NaN/Inf was born (`log.origins`). Where later steps of the execution
+        updated the weights, only its input and targets are replayed."""
+        kept = self.skipped_batch
+        model = None if self._model_ref is None else self._model_ref()
+        if kept is None or self._traced or model is None:
+            return
+        self._traced = True
+        from gradwatch._forensics.skipped import trace_kept
+
+        step = kept[0]
+        halt = model_state(model).halt
+        halted = halt is not None and bool(halt.read_value())
+        intact = halted or step == next_step(model) - 1
+        if model.trainable_variables:
+            _backend.sync_state(model, model.trainable_variables[0])  # JAX: mid-epoch
+        try:
+            origin = trace_kept(model, kept, intact, self._fit_batch_size, self._epoch_start)
+        except Exception as e:  # the training goes on; the row says what failed
+            from gradwatch._forensics.origin import NonfiniteOrigin
+
+            origin = NonfiniteOrigin(
+                None,
+                None,
+                None,
+                (),
+                None,
+                f"The replay of step {step} failed: {type(e).__name__}: {e}",
+            )
+        self._add_origin(step, origin)
+
+    def _add_origin(self, step: int, origin: Any) -> None:
+        self._store.add_origin(
+            step, origin.stage, origin.layer, origin.op, origin.rows, origin.samples, origin.detail
+        )
+
+    def _origin_of(self, step: int) -> Any:
+        """For the message of a step kept from the model: where its first NaN/Inf was
+        born (replayed now if it was not yet), or a row saying that it could not be
+        replayed. None for other steps than the first kept one."""
+        self._trace_kept()
+        row = self._store.origins.get(step)
+        if row is None and not self._traced and self.keeps_model:
+            from gradwatch._forensics.skipped import untraced
+
+            self._traced = True
+            self._add_origin(step, untraced(step))
+            row = self._store.origins.get(step)
+        return row
 
     def check_step(self, model: Any, step: Any, records: Records, skipped: Any) -> None:
         """Adds the every-step checks (non-finite, thresholds) to the step being traced.

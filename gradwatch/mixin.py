@@ -108,6 +108,8 @@ class ApplyInterceptor:
 
                 patched = apply_gradients if self.method == "apply_gradients" else apply
                 object.__setattr__(opt, self.hooks_name, hooks)
+                # An `apply` already patched (`_capture.guard.ApplyGuard`) comes back on exit.
+                object.__setattr__(opt, f"{self.hooks_name}_prior", opt.__dict__.get(self.method))
                 object.__setattr__(opt, self.method, patched)
             hooks[threading.get_ident()] = self._record
 
@@ -135,8 +137,13 @@ class ApplyInterceptor:
             hooks = opt.__dict__[self.hooks_name]
             hooks.pop(threading.get_ident(), None)
             if not hooks:
-                object.__delattr__(opt, self.method)
+                prior = opt.__dict__[f"{self.hooks_name}_prior"]
+                if prior is None:
+                    object.__delattr__(opt, self.method)
+                else:
+                    object.__setattr__(opt, self.method, prior)
                 object.__delattr__(opt, self.hooks_name)
+                object.__delattr__(opt, f"{self.hooks_name}_prior")
 
 
 class GradWatchMixin:

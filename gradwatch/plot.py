@@ -161,7 +161,7 @@ def flow(log: GradientLog, step: int | None = None, by: By = "auto") -> Figure:
         labels[labels.index("range")] = "range over the finite steps"
     if bad_names:
         handles.append(Line2D([], [], marker="<", ls="", color=NONFINITE_COLOR, markersize=7))
-        labels.append(f"{NONFINITE_LABEL} at {steps_text(bad['step'], skipped=log.skipped_steps)}")
+        labels.append(f"{NONFINITE_LABEL} at {_bad_steps(log, bad)}")
     fig.legend(
         handles, labels, loc="outside lower center", ncols=min(3, len(axes)), fontsize="small"
     )
@@ -337,9 +337,7 @@ def norms(
         handles.append(
             Patch(facecolor=mpl.colors.to_rgba(NONFINITE_COLOR, 0.25), edgecolor=NONFINITE_COLOR)
         )
-        labels.append(
-            f"{NONFINITE_LABEL} at {steps_text(all_bad['step'], skipped=log.skipped_steps)}"
-        )
+        labels.append(f"{NONFINITE_LABEL} at {_bad_steps(log, all_bad)}")
     fig.legend(handles, labels, fontsize="small", loc="outside lower center", ncols=3)
     ax.grid(True, which="major", alpha=0.3)
     return fig
@@ -611,3 +609,8 @@ def loss(log: GradientLog) -> Figure:
     top.legend(handles, labels, fontsize="small", loc="upper right")
     top.set_title(f"Loss and global gradient norm, {span_text(log)}")
     return fig
+
+
+def _bad_steps(log: GradientLog, bad: pd.DataFrame) -> str:
+    """The steps of the non-finite alerts `bad`, with who skipped them."""
+    return steps_text(bad["step"], skipped=log.skipped_steps, kept=log.kept_steps)

@@ -19,9 +19,10 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from gradwatch._logdata.store import ORIGIN_COLUMNS
 from gradwatch._logdata.views import layer_of_key
 from gradwatch._ui.paths import as_path, writable_file
-from gradwatch._ui.text import name_list, short_number
+from gradwatch._ui.text import name_list, origin_text, short_number
 from gradwatch.log import GradientLog
 
 MAX_ALERT_ROWS = 200
@@ -146,12 +147,33 @@ def _recorded_facts(log: GradientLog) -> tuple[list[tuple[str, str]], list[int]]
     alerts = log.alerts
     variables = log.variables
     order = {k: i for i, k in enumerate(variables)}
-    skipped = {int(s) for s in log.skipped_steps}
+    kept = {int(s) for s in log.kept_steps}  # by `on_nonfinite`: the model's fault
+    skipped = {int(s) for s in log.skipped_steps} - kept  # by a LossScaleOptimizer
     nonfinite = alerts[alerts["kind"] == "nonfinite"]
     bad_steps = sorted({int(s) for s in nonfinite["step"]})
-    reached = [s for s in bad_steps if s not in skipped]
+    reached = [s for s in bad_steps if s not in skipped and s not in kept]
+    was_kept = [s for s in bad_steps if s in kept]
     was_skipped = [s for s in bad_steps if s in skipped]
     found: list[tuple[str, str]] = []  # (level, fact)
+    if was_kept:
+        first = was_kept[0]
+        keys = _in_order(nonfinite.loc[nonfinite["step"] == first, "variable"], order)
+        origins = log.origins
+        source = ""
+        traced = origins[origins["stage"].notna()]
+        if len(traced):
+            row = traced.iloc[0]
+            where = origin_text(tuple(row[c] for c in ORIGIN_COLUMNS[1:]))
+            source = f" Step {int(row['step'])}'s first NaN/Inf was {where}."
+        found.append(
+            (
+                "problem",
+                f"NaN/Inf gradients at {_count(was_kept, 'step')} ({_steps(was_kept)}), "
+                f"first at step {first} in {name_list(keys, _SHOWN)}; on_nonfinite kept "
+                f"{'its update' if len(was_kept) == 1 else 'their updates'} from the "
+                f"model.{source}",
+            )
+        )
     if reached:
         first = reached[0]
         keys = _in_order(nonfinite.loc[nonfinite["step"] == first, "variable"], order)

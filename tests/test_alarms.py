@@ -80,12 +80,16 @@ def test_nonfinite_stop_keeps_the_log(tmp_path):
 def test_nonfinite_raise_writes_the_log_first(tmp_path):
     watch = gradwatch.GradWatch(stats="norm", on_nonfinite="raise", path=tmp_path / "run")
     with pytest.raises(
-        FloatingPointError, match=r"step 3: \['net/hidden/kernel'.*record the `nonfinite` stat"
+        FloatingPointError,
+        match=r"step 3, born in the input `x`, rows \[2\] \(samples \[26\]\): "
+        r"\['net/hidden/kernel'.*record the `nonfinite` stat",
     ):
         _fit(watch, epochs=3)
     log = gradwatch.read_log(tmp_path / "run")
     assert 3 in log.steps
     assert log.first_nonfinite()[0] == 3
+    # The replayed source is written out before the error too.
+    assert log.origins[["step", "stage", "rows"]].values.tolist() == [[3, "input", (2,)]]
 
 
 @pytest.mark.backends
@@ -277,7 +281,11 @@ def test_nonfinite_stop_says_why_naming_the_step_and_variables(capfd):
     lines = out.splitlines()
     said = [line for line in lines if line.startswith("GradWatch:")]
     assert len(said) == 1, out
-    assert said[0].startswith("GradWatch: Non-finite gradients at step 3: {")
+    # The step was kept from the model and replayed: its NaN is row 2's input (sample 26).
+    assert said[0].startswith(
+        "GradWatch: Non-finite gradients at step 3, born in the input `x`, rows [2] "
+        "(samples [26]): {"
+    )
     assert "'net/hidden/kernel': 20" in said[0]  # 5 x 4 elements, all NaN
     assert "'net/out/bias': 2" in said[0]
     assert said[0].endswith("Terminating training.")

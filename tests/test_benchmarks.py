@@ -1,6 +1,6 @@
 """The benchmarks' smoke mode: the harness runs end to end (timings are not checked here).
 
-The four benchmarks run one after another in one subprocess (a benchmark is a script,
+The benchmarks run one after another in one subprocess (a benchmark is a script,
 and `benchmarks/models.py` would shadow the tests' own `models` in this process), so
 TensorFlow is imported once for all of them; each test reads its benchmark's table."""
 
@@ -41,7 +41,7 @@ _DRIVER = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def tables(outlier, tmp_path_factory):
-    """Each benchmark's table (or what stopped it), from one `--smoke` run of all four."""
+    """Each benchmark's table (or what stopped it), from one `--smoke` run of them all."""
     tmp = tmp_path_factory.mktemp("benchmarks")
     outlier.log.to_parquet(tmp / "grads.parquet")
     extra = {
@@ -49,6 +49,7 @@ def tables(outlier, tmp_path_factory):
         "memory": [],
         "cli_start": ["--log", str(tmp / "grads.parquet")],
         "diagnose": [],
+        "replay": [],
     }
     jobs = {
         name: [str(ROOT / "benchmarks" / f"{name}.py"), "--smoke", "--out", str(tmp / name), *args]
@@ -109,3 +110,10 @@ def test_diagnose_benchmark_smoke(tables):
     # The planted problems are found: a NaN burst, a dead layer, an oscillating kernel.
     assert row.endswith("| error nonfinite, warning dead, warning oscillation |")
     assert float(row.split(" | ")[4]) > 0
+
+
+def test_replay_benchmark_smoke(tables):
+    table = _table(tables, "replay")
+    (row,) = [line for line in table.splitlines() if line.startswith("| mlp | 8 |")]
+    cells = row.strip("|").split(" | ")
+    assert float(cells[2]) > 0 and float(cells[3]) > 0

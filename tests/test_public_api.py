@@ -26,12 +26,14 @@ def test_public_api_is_pinned():
             "GradWatchMixin",
             "GradientLog",
             "Model",
+            "NonfiniteOrigin",
             "Sequential",
             "Sink",
             "SinkBlock",
             "__version__",
             "read_log",
             "record_gradients",
+            "trace_nonfinite",
         ]
     )
     for name in gradwatch.__all__:
@@ -116,6 +118,8 @@ LOG_PROPERTIES = [
     "alerts",
     "disconnected",
     "skipped_steps",
+    "kept_steps",
+    "origins",
     "superseded",
     "replicas",
     "stat_names",
@@ -352,6 +356,7 @@ key, step = log.value_variables[0], int(log.steps[1])
 log.frame, log.values_frame, log.histograms, log.alerts, log.stat("norm"), log.global_norm()
 log.select(stats="norm", steps=slice(0, 4)), log.by_layer("norm"), log.summary()
 log.gradient(key, step), log.histogram(key, step), log.first_nonfinite(), log.skipped_steps
+log.origins, log.kept_steps
 log.to_csv(out + ".csv")
 log.to_parquet(out + ".parquet")
 assert gradwatch.read_log(out + ".csv") == log == gradwatch.read_log(out + ".parquet")

@@ -104,6 +104,7 @@ def _module_names(path: Path) -> set[str]:
 def test_each_recording_backend_implements_the_whole_protocol():
     members = _protocol_members()
     assert {"run_step", "write_slot", "OPS", "sum_of_squares", "bincount"} <= members
+    assert {"gradients_of", "first_nonfinite_op"} <= members  # the replay (`_forensics`)
     for name in ("tensorflow", "jax", "torch"):
         missing = members - _module_names(PACKAGE / "_backend" / f"{name}.py")
         # Only TensorFlow makes sparse gradients (`IndexedSlices`).
@@ -131,7 +132,7 @@ READ_PUBLIC = {
     "gradwatch.tensorboard",
 }
 #: The private subpackages, by domain; a private module sits in one of them.
-SUBPACKAGES = {"_backend", "_capture", "_doctor", "_logdata", "_stats", "_ui"}
+SUBPACKAGES = {"_backend", "_capture", "_doctor", "_forensics", "_logdata", "_stats", "_ui"}
 READ_SIDE = READ_PUBLIC | {
     name for name in _sources() if name.startswith(tuple(p + "." for p in READ_PACKAGES))
 }

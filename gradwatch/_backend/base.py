@@ -105,6 +105,39 @@ class Backend(Protocol):
         watched fit (TensorFlow: its step's random ops go on where the watched steps'
         left off)."""
 
+    # Keeping a non-finite step's update from the model (`gradwatch._capture.guard`).
+    def all_finite(self, grads: Sequence[Any]) -> Any:
+        """Whether every element of every gradient is finite (PyTorch: a host bool)."""
+
+    def logical_and(self, a: Any, b: Any) -> Any:
+        """`a and b`, on bools of the step."""
+
+    def logical_not(self, a: Any) -> Any:
+        """`not a`, on a bool of the step."""
+
+    def agree_across_replicas(self, finite: Any) -> Any:
+        """`finite` on every replica (TensorFlow under `tf.distribute`: all-reduced)."""
+
+    def gated_apply(
+        self, model: Any, finite: Any, apply: Callable, args: tuple, skip: Callable[[], None]
+    ) -> None:
+        """Runs `apply(*args)` (an optimizer's `apply`) where `finite` holds, else `skip()`."""
+
+    def to_host(
+        self, model: Any, keep: Callable[..., None], step: Any, leaves: Sequence[Any]
+    ) -> None:
+        """Calls `keep(step, *leaves)` on the host with NumPy arrays, from the step (where
+        it can: not from TensorFlow's XLA-compiled step, nor under `tf.distribute`)."""
+
+    def undo_step(
+        self, model: Any, scope: StepScope, finite: Any, skip: Callable[[], None]
+    ) -> None:
+        """Where `finite` is false, undoes the update of a step that has no `apply` to gate
+        (JAX's stateless step), and calls `skip()`."""
+
+    def new_flag(self) -> Any:
+        """A bool of the step (`read_value()`, `assign`), or None where none is needed."""
+
     # The stats (`gradwatch._stats.compute`): the fast paths each backend has of its own.
 
     def stats_table(self, tensors: Sequence[Any], stats: tuple[str, ...]) -> Any | None:
@@ -173,3 +206,18 @@ class Backend(Protocol):
 
     def check_strategy(self, model: Any) -> None:
         """Refuses a distribution strategy gradwatch cannot record under."""
+
+    # The replay of one batch that finds where a NaN or Inf is born (`gradwatch._forensics`).
+    def gradients_of(
+        self,
+        fn: Callable[[list[Any], list[Any]], Any],
+        probes: Sequence[Any],
+        values: Sequence[Any],
+    ) -> tuple[list[Any], list[Any]] | None:
+        """The gradients of the scalar `fn(probes, values)` with respect to each of `probes`
+        and `values` (tensors), run eagerly (a gradient is None where nothing flows); None
+        where the backend cannot differentiate."""
+
+    def first_nonfinite_op(self, fn: Callable[[], Any]) -> str | None:
+        """The type of the first op that makes a NaN or Inf while `fn()` runs eagerly
+        (TensorFlow: `enable_check_numerics`), else None."""

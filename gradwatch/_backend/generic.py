@@ -245,3 +245,59 @@ def note_stock_step(model: Any) -> None:
 def stock_train_function(model: Any, fn: Any) -> Any:
     """Keras' train function, as it is."""
     return fn
+
+
+# ------------------------------------- keeping a non-finite update from the model
+def all_finite(grads: Sequence[Any]) -> Any:
+    """Whether every element of every gradient is finite (a bool tensor)."""
+    return ops.all(ops.stack([ops.all(ops.isfinite(g)) for g in grads]))
+
+
+def logical_and(a: Any, b: Any) -> Any:
+    return ops.logical_and(a, b)
+
+
+def logical_not(a: Any) -> Any:
+    return ops.logical_not(a)
+
+
+def agree_across_replicas(finite: Any) -> Any:
+    """The same on every replica: there is one."""
+    return finite
+
+
+def gated_apply(
+    model: Any, finite: Any, apply: Callable, args: tuple, skip: Callable[[], None]
+) -> None:
+    """Runs `apply(*args)` where `finite` holds, else `skip()` (`ops.cond`)."""
+
+    def taken() -> None:
+        apply(*args)
+
+    ops.cond(finite, taken, skip)
+
+
+def to_host(model: Any, keep: Callable[..., None], step: Any, leaves: Sequence[Any]) -> None:
+    """Calls `keep(step, *leaves)` with NumPy copies."""
+    keep(int(host_copy(step)), *(x if x is None else host_copy(x) for x in leaves))
+
+
+def undo_step(model: Any, scope: Any, finite: Any, skip: Callable[[], None]) -> None:
+    """Not used: gradwatch does not record on this backend."""
+
+
+def new_flag() -> None:
+    """None: the step's state is stateless, and `fit` polls the alarms after each
+    execution on the main thread, so no flag carries a stop into the next step."""
+    return None
+
+
+# ------------------------------------------------- the replay of a batch (`_forensics`)
+def gradients_of(
+    fn: Callable[[list[Any], list[Any]], Any], probes: Sequence[Any], values: Sequence[Any]
+) -> None:
+    return None  # no autodiff in `keras.ops` alone
+
+
+def first_nonfinite_op(fn: Callable[[], Any]) -> None:
+    return None  # op types are TensorFlow's

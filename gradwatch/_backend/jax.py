@@ -265,6 +265,7 @@ def run_step(
     all_scopes = scopes()
     scope = all_scopes[id(model)] = StepScope()
     scope.state = (trainable, non_trainable, optimizer_vars, metrics_in[:n_user])
+    scope.data = data
     try:
         with own_state_hidden(model):
             logs, new_state = fn(model, scope.state, data, **kwargs)
@@ -289,11 +290,18 @@ def run_step(
     if optimizer is not None and optimizer_vars:
         mapping += list(zip(optimizer.variables, optimizer_vars, strict=True))
     with keras.StatelessScope(state_mapping=mapping) as written:
-        commit(model, scope)
-    metrics_vars = [
-        value if (new := written.get_current_value(ref)) is None else new
-        for ref, value in zip(refs, metrics_vars, strict=True)
-    ]
+        commit(model, scope)  # (a non-finite step's update is undone there: `undo_step`)
+
+    def current(refs: Sequence[Any], values: Sequence[Any]) -> list[Any]:
+        return [
+            value if (new := written.get_current_value(ref)) is None else new
+            for ref, value in zip(refs, values, strict=True)
+        ]
+
+    metrics_vars = current(refs, metrics_vars)
+    trainable = current(model.trainable_variables, trainable)
+    if optimizer is not None and optimizer_vars:
+        optimizer_vars = current(optimizer.variables, optimizer_vars)
     return logs, (trainable, non_trainable, optimizer_vars, metrics_vars)
 
 
@@ -412,3 +420,72 @@ sum_of_squares = _kernels.sum_of_squares
 row_sums_of_squares = _kernels.row_sums_of_squares
 unscaled_float32 = _kernels.unscaled_float32
 bin_index = _kernels.bin_index
+
+
+# ------------------------------------- keeping a non-finite update from the model
+def all_finite(grads: Sequence[Any]) -> Any:
+    """A bool scalar: every element of every gradient is finite."""
+    return ops.all(ops.stack([ops.all(ops.isfinite(g)) for g in grads]))
+
+
+def logical_and(a: Any, b: Any) -> Any:
+    return ops.logical_and(a, b)
+
+
+def logical_not(a: Any) -> Any:
+    return ops.logical_not(a)
+
+
+agree_across_replicas = generic.agree_across_replicas
+gated_apply = generic.gated_apply
+
+
+def to_host(model: Any, keep: Callable[..., None], step: Any, leaves: Sequence[Any]) -> None:
+    """Calls `keep(step, *leaves)` on the host with NumPy arrays, from the branch of the
+    step taken where the update is skipped (a `jax.debug.callback`)."""
+    import jax
+
+    jax.debug.callback(keep, step, *leaves)
+
+
+def undo_step(model: Any, scope: StepScope, finite: Any, skip: Callable[[], None]) -> None:
+    """Where `finite` is false, gives the trainable and the optimizer's variables the
+    values of the step's input state (a stateless step's updates, all of them, are in the
+    state it returns), and calls `skip()` in that branch. Runs in `commit`'s scope over
+    the step's returned state, whose values it assigns."""
+    import jax
+
+    trainable, _, optimizer_vars, _ = scope.state
+    variables, before = list(model.trainable_variables), list(trainable)
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and optimizer_vars:
+        variables += list(optimizer.variables)
+        before += list(optimizer_vars)
+    after = [v.value for v in variables]
+
+    def undone(after: list, before: list) -> list:
+        skip()
+        return before
+
+    chosen = jax.lax.cond(finite, lambda after, before: after, undone, after, before)
+    for variable, value in zip(variables, chosen, strict=True):
+        variable.assign(value)
+
+
+def new_flag() -> None:
+    """None: the step's state is stateless, and `fit` polls the alarms after each
+    execution on the main thread, so no flag carries a stop into the next step."""
+    return None
+
+
+# ------------------------------------------------- the replay of a batch (`_forensics`)
+first_nonfinite_op = generic.first_nonfinite_op
+
+
+def gradients_of(
+    fn: Callable[[list[Any], list[Any]], Any], probes: Sequence[Any], values: Sequence[Any]
+) -> tuple[list[Any], list[Any]]:
+    import jax
+
+    by_value, by_probe = jax.grad(lambda v, p: fn(p, v), argnums=(0, 1))(list(values), list(probes))
+    return list(by_probe), list(by_value)

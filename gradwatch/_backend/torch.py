@@ -305,6 +305,7 @@ def _compiled_step(model: Any, compiled: Callable, custom: bool, capture: Captur
                         model, before, variables, model.optimizer, watches
                     )
             sums = _tracker_sums(model) if watches else None
+            saved = capture.undo_point(model)  # None unless a watch keeps the model
             outputs = compiled(data)
             if sums is not None:
                 scope.loss = _step_loss(model, sums)
@@ -315,6 +316,10 @@ def _compiled_step(model: Any, compiled: Callable, custom: bool, capture: Captur
                     scope.loss_scaled.setdefault(key, entry)
                 grads = [v.value.grad for v in variables]
                 capture.add_records(scope, grads, variables, *pending)
+            if saved is not None:
+                scope.data = data
+                with torch.no_grad():
+                    capture.undo_if_nonfinite(model, scope, saved)
         finally:
             del all_scopes[id(model)]
         with torch.no_grad():
@@ -530,3 +535,73 @@ def traced_for_xla(flag: bool) -> Any:
 sum_of_squares = _kernels.sum_of_squares
 row_sums_of_squares = _kernels.row_sums_of_squares
 unscaled_float32 = _kernels.unscaled_float32
+
+
+# ------------------------------------- keeping a non-finite update from the model
+def all_finite(grads: Sequence[Any]) -> bool:
+    """Every element of every gradient is finite: a host bool (the step runs eagerly,
+    and whether to apply is decided on the host, as a `LossScaleOptimizer` does here)."""
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
+def logical_and(a: Any, b: Any) -> bool:
+    return bool(a) and bool(b)
+
+
+def logical_not(a: Any) -> bool:
+    return not a
+
+
+def agree_across_replicas(finite: Any) -> Any:
+    return finite  # no strategy on PyTorch
+
+
+def gated_apply(
+    model: Any, finite: Any, apply: Callable, args: tuple, skip: Callable[[], None]
+) -> None:
+    """Runs `apply(*args)` where `finite` holds, else `skip()`."""
+    if finite:
+        apply(*args)
+    else:
+        skip()
+
+
+def to_host(model: Any, keep: Callable[..., None], step: Any, leaves: Sequence[Any]) -> None:
+    """Calls `keep(step, *leaves)` with NumPy copies (the step runs on the host)."""
+    keep(int(step), *(x if x is None else host_copy(x) for x in leaves))
+
+
+def undo_step(model: Any, scope: StepScope, finite: Any, skip: Callable[[], None]) -> None:
+    """Not used: each `apply` is gated (`gated_apply`), and the compiled step is undone
+    from copies (`_capture.counting.undo_point`)."""
+
+
+class HostFlag:
+    """A bool of the step, kept on the host: the step runs eagerly."""
+
+    def __init__(self) -> None:
+        self.value = False
+
+    def read_value(self) -> bool:
+        return self.value
+
+    def assign(self, value: Any) -> None:
+        self.value = bool(value)
+
+
+def new_flag() -> HostFlag:
+    return HostFlag()
+
+
+# ------------------------------------------------- the replay of a batch (`_forensics`)
+first_nonfinite_op = generic.first_nonfinite_op
+
+
+def gradients_of(
+    fn: Callable[[list[Any], list[Any]], Any], probes: Sequence[Any], values: Sequence[Any]
+) -> tuple[list[Any], list[Any]]:
+    probes = [p.detach().requires_grad_(True) for p in probes]
+    values = [v.detach().requires_grad_(True) for v in values]
+    loss = fn(probes, values)
+    grads = torch.autograd.grad(loss, [*probes, *values], allow_unused=True)
+    return list(grads[: len(probes)]), list(grads[len(probes) :])

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 import keras
+import numpy as np
 
 from gradwatch._backend import current as _backend
 from gradwatch._capture.counting import counted
@@ -85,8 +87,11 @@ def guard_fit() -> None:
 def _guarded(fit: Callable) -> Callable:
     """`fit`, and then the release of the watches that adopted the model in it."""
 
+    signature = inspect.signature(fit)
+
     @functools.wraps(fit)
     def guarded_fit(self: Any, *args: Any, **kwargs: Any) -> Any:
+        self.__dict__[FIT_BATCH_SIZE] = _ordered_batch_size(signature, self, args, kwargs)
         if isinstance(self, GradWatchMixin):
             # The mixin's own `fit` releases its watches around this call (also those
             # of a plain model adopted before it).
@@ -105,6 +110,31 @@ def _guarded(fit: Callable) -> Callable:
 
     guarded_fit._gradwatch_guard = True  # type: ignore[attr-defined]
     return guarded_fit
+
+
+#: The model's attribute holding, during `fit`, the batch size of arrays that `fit`
+#: batches in order (`shuffle=False`), or None: a replayed row's index in the data.
+FIT_BATCH_SIZE = "_gradwatch_fit_batch_size"
+
+
+def _ordered_batch_size(signature: Any, model: Any, args: tuple, kwargs: dict) -> int | None:
+    """The batch size where `fit` was given arrays (NumPy arrays or tensors, or lists or
+    dicts of them) with `shuffle=False` and every epoch starting at their first row (no
+    `steps_per_epoch`), so that step `s` of an epoch holds its rows `s * batch_size` on;
+    else None."""
+    try:
+        bound = signature.bind(model, *args, **kwargs).arguments
+    except TypeError:
+        return None
+    x = bound.get("x")
+    shuffle = bound.get("shuffle", True)
+    if x is None or shuffle is not False or bound.get("steps_per_epoch") is not None:
+        return None
+    leaves = keras.tree.flatten(x)
+    if not leaves or not all(isinstance(t, np.ndarray) or keras.ops.is_tensor(t) for t in leaves):
+        return None
+    batch_size = bound.get("batch_size")
+    return 32 if batch_size is None else int(batch_size)  # `fit`'s default
 
 
 def _adopted(model: Any) -> bool:

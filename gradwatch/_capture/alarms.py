@@ -17,11 +17,18 @@ import numpy as np
 from gradwatch._backend import current as _backend
 from gradwatch._capture.state_metric import StateMetric
 from gradwatch._logdata.store import Store
+from gradwatch._ui.text import origin_text
 from gradwatch.buffer import Drained
 
-#: What a watch does when an alarm trips (`on_nonfinite`, `on_threshold`).
+#: What a watch does when an alarm trips (`on_threshold`).
 AlarmPolicy = Literal["ignore", "warn", "stop", "raise"]
 POLICIES = ("ignore", "warn", "stop", "raise")
+#: What a watch does with a step whose gradients hold NaN/Inf (`on_nonfinite`): also
+#: `"skip"`, which keeps the step's update from the model and trains on.
+NonfinitePolicy = Literal["ignore", "warn", "skip", "stop", "raise"]
+NONFINITE_POLICIES = ("ignore", "warn", "skip", "stop", "raise")
+#: The `on_nonfinite` policies that keep a non-finite step's update from the model.
+KEEPS_MODEL = ("skip", "stop", "raise")
 
 
 class Alarm(StateMetric):
@@ -69,7 +76,7 @@ class Alarms:
         self.stats = tuple(stats)
         self.checks_every_step = (
             on_nonfinite in ("stop", "raise")
-            or (on_nonfinite == "warn" and not self.nonfinite_from_stats)
+            or (on_nonfinite in ("warn", "skip") and not self.nonfinite_from_stats)
             or (
                 self.thresholds
                 and (
@@ -79,6 +86,9 @@ class Alarms:
             )
         )
         self.alarm: Alarm | None = None
+        # `step -> (stage, layer, op, rows, samples, detail)` of a replayed kept step,
+        # or None (set by the watch).
+        self.origin_of: Callable[[int], tuple | None] = lambda step: None
         self._warned: set[str] = set()
         self._seen = {"nonfinite": 0, "threshold": 0}
         self._pending: list[str] = []
@@ -97,13 +107,15 @@ class Alarms:
         """Alerts for each drained (step, variable) whose recorded stats trip a check,
         and a warning where the stats see every step."""
         if "nonfinite" in self.stats:  # every recorded step with NaN/Inf is an alert
-            # ...but one that a loss-scale optimizer skipped never reached the weights.
+            # ...but one that a loss-scale optimizer skipped never reached the weights
+            # (one that `on_nonfinite="skip"` kept back is acted on: it was the data's).
             first, found = self._stat_alerts(
-                block, keys, store, "nonfinite", lambda v: v > 0, "nonfinite", ~block.skipped
+                block, keys, store, "nonfinite", lambda v: v > 0, "nonfinite", ~block.loss_scaled
             )
-            if found and self.on_nonfinite == "warn" and self.nonfinite_from_stats:
+            policy = self.on_nonfinite
+            if found and policy in ("warn", "skip") and self.nonfinite_from_stats:
                 counts = {k: int(v) for k, v in found.items()}
-                self.act("warn", nonfinite_message(first, counts))
+                self.act(policy, nonfinite_message(first, counts, policy, self.origin_of(first)))
         if self.thresholds and "norm" in self.stats:
             beyond = np.vectorize(self.beyond, otypes=[bool])
             if "nonfinite" in self.stats:
@@ -171,7 +183,10 @@ class Alarms:
                 bad = [k for k, v in zip(keys, sq, strict=True) if not np.isfinite(v)]
                 found = counts(step, bad)
                 store.add_alerts([(step, k, "nonfinite", found.get(k, np.nan)) for k in bad])
-                self.act(self.on_nonfinite, nonfinite_message(step, found or bad))
+                policy = self.on_nonfinite
+                self.act(
+                    policy, nonfinite_message(step, found or bad, policy, self.origin_of(step))
+                )
             else:
                 step = int(alarm.threshold_step.numpy())
                 norms = np.sqrt(alarm.threshold_sq.numpy().astype(np.float64))
@@ -199,7 +214,7 @@ class Alarms:
         )
 
     def act(self, policy: str, message: str) -> None:
-        if policy == "warn":
+        if policy in ("warn", "skip"):
             kind = message.split(" ", 1)[0]  # one warning per kind of alert
             if kind not in self._warned:
                 self._warned.add(kind)
@@ -224,10 +239,35 @@ def _print_msg(message: str) -> None:
     io_utils.print_msg(message)
 
 
-def nonfinite_message(step: int, found: dict | list) -> str:
+def nonfinite_message(
+    step: int, found: dict | list, policy: str = "warn", origin: tuple | None = None
+) -> str:
+    """The one line that names a non-finite step, where its first NaN/Inf was born
+    (`origin`, a `log.origins` row without its step, where it was replayed), says what
+    became of its update under `policy`, and how to keep the model and find the
+    source."""
     what = (
         f"{found} (NaN/Inf element counts)"
         if isinstance(found, dict)
         else f"{found} (record the `nonfinite` stat at that step for element counts)"
     )
-    return f"Non-finite gradients at step {step}: {what}."
+    source = (
+        "To find the source, replay that step's batch: `gradwatch.trace_nonfinite(model, x, y)`."
+    )
+    if policy == "skip":
+        then = (
+            "Its update was skipped (on_nonfinite='skip'): the weights and the "
+            "optimizer's state are those from before it, and training goes on."
+        )
+    elif policy in ("stop", "raise"):
+        then = "Its update was skipped: the model keeps the weights of its last finite step."
+    else:
+        then = (
+            "The update was applied, so the weights may hold NaN/Inf now. To keep the "
+            "model, pass on_nonfinite='skip' (or 'stop')."
+        )
+    if origin is not None:
+        source = "Details: `log.origins`."
+        where = origin_text(origin)
+        return f"Non-finite gradients at step {step}, {where}: {what}. {then} {source}"
+    return f"Non-finite gradients at step {step}: {what}. {then} {source}"

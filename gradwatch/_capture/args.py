@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from gradwatch._capture.alarms import POLICIES
+from gradwatch._capture.alarms import NONFINITE_POLICIES, POLICIES
 from gradwatch.stats import DEFAULT_BINS_PER_DECADE
 
 
@@ -81,8 +81,9 @@ def check_threshold(value: Any, arg: str) -> float | None:
 
 
 def check_policy(value: Any, arg: str) -> str:
-    if value not in POLICIES:
-        raise ValueError(f"`{arg}` must be one of {list(POLICIES)}. Received: {arg}={value!r}")
+    allowed = NONFINITE_POLICIES if arg == "on_nonfinite" else POLICIES
+    if value not in allowed:
+        raise ValueError(f"`{arg}` must be one of {list(allowed)}. Received: {arg}={value!r}")
     return value
 
 

@@ -15,8 +15,18 @@ from typing import Any
 import keras
 
 from gradwatch._backend import current as _backend
+from gradwatch._capture.guard import (
+    ApplyGuard,
+    guarding,
+    halt_flag,
+    keep_batch,
+    skipped,
+    skipped_here,
+    step_finite,
+)
 from gradwatch._capture.step import Record, StepScope, model_state, record_key, scopes
 from gradwatch._logdata.resume import add_anchor, restored_step
+from gradwatch.buffer import SKIPPED_BY
 
 
 def counted(fn: Callable) -> Callable:
@@ -33,9 +43,13 @@ def counted(fn: Callable) -> Callable:
         # Made before the step's update, so that a new counter starts at the optimizer's
         # step count before it (an eager step counts in `commit`, after the update).
         step_counter(self)
-        if not model_state(self).active:
-            return _backend.run_step(fn, self, commit, *args, **kwargs)
-        with noting_loss(self):
+        with contextlib.ExitStack() as stack:
+            if _backend.APPLY_METHOD and guarding(self):
+                # Each optimizer's `apply` runs only where the watched gradients are
+                # finite (a stateless JAX step is gated on its returned state).
+                stack.enter_context(ApplyGuard(self))
+            if model_state(self).active:
+                stack.enter_context(noting_loss(self))
             return _backend.run_step(fn, self, commit, *args, **kwargs)
 
     train_step._gradwatch_counted = True
@@ -199,15 +213,70 @@ def commit(model: Any, scope: StepScope) -> None:
             stacklevel=2,
         )
     listening = state.listening
+    if not _backend.APPLY_METHOD and scope.finite is None:
+        # A stateless step (JAX) has no `apply` to gate: its update is undone here.
+        finite = step_finite(model, scope)
+        if finite is not None:
+            _backend.undo_step(model, scope, finite, lambda: keep_batch(model, scope))
     skipped = skipped_update(scope) if listening and scope.grads else None
     local = scope.grads
     records = _backend.global_records(local) if listening and local else local
+    # A step kept from the model is still checked: its gradients were the data's.
     for watch in listening:
         watch.check_step(model, step, records, skipped)
     scalars = (scope.loss, scope.learning_rate, scope.applies)
+    code = skip_code(skipped, skipped_here(scope))
     for watch in watches:
-        watch.capture_step(model, step, records, skipped, local, scalars)
+        watch.capture_step(model, step, records, code, local, scalars)
     counter.assign_add(1)
+
+
+def skip_code(loss_scaled: Any, kept_back: Any) -> Any:
+    """The step's `skipped` code as the ring buffer keeps it (`buffer.SKIPPED_BY`): a
+    loss-scale optimizer skipped the update, and/or a watch kept it from the model.
+    None when neither could happen in the step."""
+    code = None
+    for flag, bit in ((loss_scaled, "loss_scale"), (kept_back, "on_nonfinite")):
+        if flag is not None:
+            part = keras.ops.cast(flag, "int32") * SKIPPED_BY[bit]
+            code = part if code is None else code + part
+    return code
+
+
+def undo_point(model: Any) -> list[tuple[Any, Any]] | None:
+    """PyTorch `jit_compile=True`, where the update runs inside the compiled step: copies
+    of the trainable and optimizer variables before it, restored where the step's
+    watched gradients are not finite (`undo_if_nonfinite`); None where no watch keeps
+    the model (then nothing is copied)."""
+    if not guarding(model):
+        return None
+    variables = list(model.trainable_variables)
+    for optimizer in _optimizers(model):
+        variables += list(optimizer.variables)
+    return [(v, _backend.weights_before(v)) for v in variables]
+
+
+def undo_if_nonfinite(model: Any, scope: StepScope, saved: list[tuple[Any, Any]]) -> None:
+    """After a compiled PyTorch step: where its watched gradients are not finite, puts
+    back the variables `undo_point` copied, and hands the batch to the host."""
+    finite = step_finite(model, scope)
+    halt = halt_flag(model)
+    if halt is not None:
+        finite = not halt.read_value() if finite is None else finite and not halt.read_value()
+        scope.finite = finite
+    if finite is None or finite:
+        return
+    for variable, value in saved:
+        variable.assign(value)
+    skipped(model, scope)
+
+
+def _optimizers(model: Any) -> list[Any]:
+    found: dict[int, Any] = {}
+    for value in [getattr(model, "optimizer", None), *vars(model).values()]:
+        if isinstance(value, keras.optimizers.Optimizer):
+            found.setdefault(id(value), value)
+    return list(found.values())
 
 
 _tracker_lock = threading.Lock()

@@ -50,6 +50,7 @@ def drain(
         scalars=block.scalars,
     )
     store.add_skipped(block.steps[block.skipped])
+    store.add_guarded(block.steps[block.skipped & ~block.loss_scaled])
     return block
 
 

@@ -71,7 +71,8 @@ def capture(
     replica_stats = _derived.replica_stats(plan, local, watch.stats) if watch.per_replica else None
     loss, learning_rate, applied = (_scalar(x) for x in scalars)
     if applied is not None and skipped is not None:
-        applied = applied * (1 - _backend.float32(skipped))
+        # `skipped` is a code (`buffer.SKIPPED_BY`): any bit set kept the update back.
+        applied = applied * (1 - _backend.float32(ops.not_equal(skipped, 0)))
     if loss is not None and local is not records:
         # Each replica's loss is its own batch's mean: the global batch's is their mean.
         loss = _backend.all_reduce_sum([loss])[0] / _backend.num_replicas(model)

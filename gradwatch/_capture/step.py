@@ -67,6 +67,13 @@ class Watcher(Protocol):
     every: int  # records the steps that are multiples of it
     checks_every_step: bool  # runs checks at every step, also at unrecorded ones
     needs_weights: bool  # needs the weights before the update (the update stats)
+    keeps_model: bool  # keeps a step's update from the model where its gradients are not finite
+
+    def watched_ids(self, model: Any) -> frozenset[int]:
+        """The ids of the model's variables whose gradients this watch checks."""
+
+    def keep_skipped_batch(self, step: int, x: Any, y: Any, sample_weight: Any) -> None:
+        """On the host: the batch of a step whose update was kept from the model."""
 
     def wants_step(self, step: int) -> bool:
         """Whether the step needs capture (host-side gating, `steps_per_execution=1`)."""
@@ -125,6 +132,9 @@ class ModelState:
         # TensorFlow: where the step's stateful random ops are in their streams, shared by
         # every train function traced for the model (see `_backend.tensorflow`).
         self.random_streams: dict[Any, Any] = {}
+        # Where a watch stops training at a non-finite step: set once a step's update
+        # was kept from the model, so that no later step of the `fit` applies.
+        self.halt: Any = None
 
     @property
     def active(self) -> list[Any]:
@@ -181,6 +191,13 @@ class StepScope:
         self.loss: Any = None
         self.learning_rate: Any = None
         self.applies: Any = None
+        # Where a watch keeps non-finite updates from the model (`_capture.guard`): the
+        # finiteness of the step's watched gradients so far (None: not checked), whether
+        # an `apply` is being gated now, and the step's data (its batch, for a replay).
+        self.finite: Any = None
+        self.guarding = False
+        self.halt_read = False  # the stop flag (`_capture.guard.halt_flag`) was read
+        self.data: Any = None
 
 
 _local = threading.local()
@@ -199,6 +216,7 @@ def run_in_scope(fn: Callable, model: Any, *args: Any, **kwargs: Any) -> tuple[A
     outputs and the scope, with what `record_gradients` added to it."""
     all_scopes = scopes()
     scope = all_scopes[id(model)] = StepScope()
+    scope.data = args[-1] if args else kwargs.get("data")
     try:
         outputs = fn(model, *args, **kwargs)
     finally:
@@ -229,6 +247,14 @@ class Capture(Protocol):
         optimizer: Any,
     ) -> None:
         """Adds one step's gradients to `scope`, with what `before_update` read."""
+
+    def undo_point(self, model: Any) -> list[tuple[Any, Any]] | None:
+        """Copies of the variables a compiled step updates, where a watch keeps the
+        model (None: nothing copied)."""
+
+    def undo_if_nonfinite(self, model: Any, scope: StepScope, saved: list) -> None:
+        """After a compiled step: puts `saved` back where its watched gradients are not
+        finite."""
 
 
 def restore_class(model: Any) -> None:

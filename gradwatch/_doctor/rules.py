@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from gradwatch._logdata.views import global_norms, layer_of_key, leaf_of_key
-from gradwatch._ui.text import name_list, short_number
+from gradwatch._ui.text import name_list, origin_text, short_number
 
 # Relative drop of a norm that counts as clipped (float32 rounding stays far below it).
 _CLIP_TOLERANCE = 1e-3
@@ -38,7 +38,11 @@ class Signals:
         shapes: The shape of each key.
         stat: A function from a stat name to its `(k, len(variables))` matrix
             (NaN where not recorded), or `None` when the stat was not recorded.
-        skipped: The steps whose update a loss-scale optimizer skipped.
+        skipped: The steps whose update was skipped: by a loss-scale optimizer, or by
+            `on_nonfinite` (those also in `guarded`).
+        guarded: Of `skipped`, the steps that `on_nonfinite` kept from the model.
+        origins: `(step, stage, layer, op, rows, samples, detail)` of the replayed
+            steps (`log.origins`).
         accumulated: The steps that only accumulated a gradient, without an update
             (`gradient_accumulation_steps`): left out of the `update_ratio` rules.
         disconnected: The keys that had no gradient.
@@ -58,6 +62,8 @@ class Signals:
     shapes: Mapping[str, tuple[int, ...]]
     stat: Callable[[str], np.ndarray | None]
     skipped: Sequence[int] = ()
+    guarded: Sequence[int] = ()
+    origins: Sequence[tuple] = ()
     accumulated: Sequence[int] = ()
     disconnected: Sequence[str] = ()
     nonfinite_alerts: Sequence[tuple[int, str, float]] = ()
@@ -198,7 +204,10 @@ def _not_checked(finding: str, stat: str, what: str = "") -> dict[str, Any]:
 def _nonfinite(diagnosis: Diagnosis) -> list[dict]:
     counts = diagnosis.signals.get("nonfinite")
     code = {k: i for i, k in enumerate(diagnosis.keys)}
-    skipped = set(int(x) for x in diagnosis.signals.skipped)
+    # A step a loss-scale optimizer skipped is no fault of the model's; one that
+    # `on_nonfinite` kept from the model is (its NaN came from the data or the model).
+    guarded = set(int(x) for x in diagnosis.signals.guarded)
+    skipped = set(int(x) for x in diagnosis.signals.skipped) - guarded
     recorded = set(diagnosis.steps.tolist()) if counts is not None else set()
     # Alerts cover the steps that `every` did not record; the recorded ones are in `counts`.
     extra = [
@@ -212,7 +221,8 @@ def _nonfinite(diagnosis: Diagnosis) -> list[dict]:
     at: dict[int, dict[int, float]] = {}
     if counts is not None:
         with np.errstate(invalid="ignore"):
-            bad = (counts > 0) & diagnosis.applied[:, None]
+            acted = diagnosis.applied | np.isin(diagnosis.steps, sorted(guarded))
+            bad = (counts > 0) & acted[:, None]
         rows = np.nonzero(bad.any(axis=1))[0]
         if len(rows):
             mask |= bad.any(axis=0)
@@ -234,23 +244,53 @@ def _nonfinite(diagnosis: Diagnosis) -> list[dict]:
     steps = np.unique(np.concatenate(steps_bad))
     first = int(steps[0])
     shown = [f"{diagnosis.keys[v]} ({n:.0f})" for v, n in sorted(at[first].items())]
+    kept = len(guarded & set(steps.tolist()))
+    what = "applied step(s)" if not kept else f"step(s) ({kept} kept from the model)"
     evidence = (
-        f"NaN/Inf gradient elements at {len(steps)} applied step(s), the first at step {first}: "
+        f"NaN/Inf gradient elements at {len(steps)} {what}, the first at step {first}: "
         f"{name_list(shown, _SHOWN)}; {total:.0f} elements in all."
     )
-    advice = (
-        "Look at the first step's batch and at what runs before these variables. Lower the "
-        "learning rate, clip gradients (global_clipnorm), check inputs and targets for "
-        "NaN/Inf and the loss for log(0) or a division by zero; under float16 use a "
-        "LossScaleOptimizer. GradWatch(on_nonfinite='raise') stops at the first one."
-    )
+    origin = next(iter(o for o in diagnosis.signals.origins if o[1] is not None), None)
+    if origin is not None:
+        evidence += f" Replayed, step {origin[0]}'s first NaN/Inf was {origin_text(origin[1:])}."
+        advice = _SOURCE_ADVICE[origin[1]].format(
+            layer=origin[2] or "the loss function", op=origin[3] or "its ops"
+        )
+        advice += " Details: log.origins."
+    else:
+        advice = (
+            "Look at the first step's batch and at what runs before these variables. Lower "
+            "the learning rate, clip gradients (global_clipnorm), check inputs and targets "
+            "for NaN/Inf and the loss for log(0) or a division by zero; under float16 use a "
+            "LossScaleOptimizer. GradWatch(on_nonfinite='skip') keeps the model and "
+            "replays that step's batch to name the layer (log.origins)."
+        )
     return [
         _row("error", "nonfinite", diagnosis.group(mask), first, int(steps[-1]), evidence, advice)
     ]
 
 
+# What to do about a NaN born at each stage (`log.origins`).
+_SOURCE_ADVICE = {
+    "input": "Clean the input: drop or impute the rows with NaN/Inf (their samples are in "
+    "log.origins) before fit.",
+    "target": "Clean the targets and sample weights: drop or fix the rows with NaN/Inf.",
+    "forward": "Guard {op} in layer {layer}: its input makes it non-finite on those rows "
+    "(clip or add an epsilon before log, sqrt or a division; check the rows' data). If "
+    "the layer's weights hold NaN/Inf, an earlier update put it there.",
+    "loss": "Guard the loss: it is non-finite on those rows though the predictions are "
+    "finite (log(0) or a division by zero; clip, or add an epsilon).",
+    "backward": "Guard the gradient of {op} in layer {layer}: its output is finite but its "
+    "gradient is not (sqrt or a power at 0; add an epsilon).",
+}
+
+
 def _loss_scale(diagnosis: Diagnosis) -> list[dict]:
-    skipped = np.asarray(sorted(int(x) for x in diagnosis.signals.skipped), np.int64)
+    # Only the loss-scale optimizer's skips: those `on_nonfinite` kept are `nonfinite`'s.
+    guarded = set(int(x) for x in diagnosis.signals.guarded)
+    skipped = np.asarray(
+        sorted(int(x) for x in diagnosis.signals.skipped if int(x) not in guarded), np.int64
+    )
     if not len(skipped):
         return []
     applied = diagnosis.steps[diagnosis.applied]

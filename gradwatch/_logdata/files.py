@@ -52,6 +52,8 @@ def _metadata(store: Store) -> dict[str, Any]:
         "disconnected": list(store.disconnected),
         "alerts": [[step, key, kind, value] for (step, key, kind), value in store.alerts.items()],
         "skipped": sorted(store.skipped),
+        "skipped_by_gradwatch": sorted(store.guarded),
+        "origins": [[step, *origin] for step, origin in store.origins.items()],
         "per_replica": store.per_replica,
         "scalars": list(SCALARS),
     }
@@ -412,6 +414,8 @@ def _rows_before(meta: dict, table: Any, cut: float, before: bool) -> tuple[dict
         **meta,
         "alerts": [a for a in meta.get("alerts", []) if keep(a[0])],
         "skipped": [s for s in meta.get("skipped", []) if keep(s)],
+        "skipped_by_gradwatch": [s for s in meta.get("skipped_by_gradwatch", []) if keep(s)],
+        "origins": [o for o in meta.get("origins", []) if keep(o[0])],
     }
     return meta, table[keep(table["step"].to_numpy())]
 
@@ -437,6 +441,10 @@ def _joined(directory: Path, parts: Sequence[tuple[Path, dict, Any]]) -> Store:
     # A resumed log's newest part knows only its own run's alerts: merge them all.
     meta["alerts"] = [a for m in metas for a in m.get("alerts", [])]
     meta["skipped"] = sorted({s for m in metas for s in m.get("skipped", [])})
+    meta["skipped_by_gradwatch"] = sorted(
+        {s for m in metas for s in m.get("skipped_by_gradwatch", [])}
+    )
+    meta["origins"] = [o for m in metas for o in m.get("origins", [])]
     meta["disconnected"] = list(dict.fromkeys(k for m in metas for k in m.get("disconnected", [])))
     meta["scalars"] = list(dict.fromkeys(k for m in metas for k in m.get("scalars", [])))
     table = pd.concat(
@@ -536,6 +544,13 @@ def _from_table(path: Path, meta: dict, table: pd.DataFrame) -> Store:
         store.add_skipped(meta.get("skipped", []))
     except (TypeError, ValueError) as e:
         raise ValueError(f"'{path}' has malformed skipped steps in its metadata: {e}") from e
+    try:
+        # Older files do not say who skipped a step: a loss-scale optimizer, as then.
+        store.add_guarded(meta.get("skipped_by_gradwatch", []))
+        for step, stage, layer, op, rows, samples, detail in meta.get("origins", []):
+            store.add_origin(step, stage, layer, op, rows, samples, detail)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"'{path}' has malformed origins in its metadata: {e}") from e
     names = [n for n in meta.get("scalars", []) if n not in stats]
     if names:
         is_scalar = table["stat"].astype(object).isin(names).to_numpy()

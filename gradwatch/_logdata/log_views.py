@@ -211,6 +211,8 @@ class StatViews:
             shapes=store.shapes,
             stat=lambda name: stat_matrix(store, name),
             skipped=sorted(skipped),
+            guarded=sorted(store.guarded),
+            origins=[(step, *o) for step, o in store.origins.items()],
             accumulated=sorted(set(not_applied.tolist()) - skipped),
             disconnected=store.disconnected,
             nonfinite_alerts=alerts,

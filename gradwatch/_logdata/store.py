@@ -66,6 +66,10 @@ class ValueBlock:
     data: np.ndarray
 
 
+#: The columns of `GradientLog.origins`: where a replayed step's first NaN/Inf was born.
+ORIGIN_COLUMNS = ("step", "stage", "layer", "op", "rows", "samples", "detail")
+
+
 class Store:
     """The recorded history of one run, and its description.
 
@@ -108,6 +112,11 @@ class Store:
         self._scalar_blocks: list[ScalarBlock] = []
         self._alerts: dict[tuple[int, str, str], float] = {}
         self._skipped: set[int] = set()
+        # Of `_skipped`, the steps that gradwatch's `on_nonfinite` kept from the model
+        # (the others a loss-scale optimizer skipped).
+        self._guarded: set[int] = set()
+        # Where a replay found a skipped step's first NaN/Inf: step -> ORIGIN_FIELDS.
+        self._origins: dict[int, tuple] = {}
         self._disconnected: list[str] = []
         # The steps that a run resumed from an earlier iteration superseded, one store
         # per run they were recorded in (see `gradwatch._logdata.resume`).
@@ -161,6 +170,16 @@ class Store:
     def skipped(self) -> frozenset[int]:
         """The steps whose update a loss-scale optimizer skipped."""
         return frozenset(self._skipped)
+
+    @property
+    def guarded(self) -> frozenset[int]:
+        """Of `skipped`, the steps whose update `on_nonfinite` kept from the model."""
+        return frozenset(self._guarded)
+
+    @property
+    def origins(self) -> Mapping[int, tuple]:
+        """`step -> (stage, layer, op, rows, samples, detail)`, by step."""
+        return MappingProxyType(dict(sorted(self._origins.items())))
 
     @property
     def disconnected(self) -> tuple[str, ...]:
@@ -339,6 +358,33 @@ class Store:
         """Marks steps whose update a loss-scale optimizer skipped."""
         self._skipped.update(int(s) for s in steps)
 
+    def add_guarded(self, steps: Sequence[int] | np.ndarray) -> None:
+        """Marks skipped steps whose update `on_nonfinite` kept from the model."""
+        steps = [int(s) for s in steps]
+        self._skipped.update(steps)
+        self._guarded.update(steps)
+
+    def add_origin(
+        self,
+        step: int,
+        stage: str | None,
+        layer: str | None,
+        op: str | None,
+        rows: Sequence[int],
+        samples: Sequence[int] | None,
+        detail: str,
+    ) -> None:
+        """Notes where a replay of `step` found its first NaN/Inf (`stage` None: it could
+        not be replayed; `detail` says why)."""
+        self._origins[int(step)] = (
+            None if stage is None else str(stage),
+            None if layer is None else str(layer),
+            None if op is None else str(op),
+            tuple(int(r) for r in rows),
+            None if samples is None else tuple(int(r) for r in samples),
+            str(detail),
+        )
+
     def add_disconnected(self, keys: Sequence[str]) -> list[str]:
         """Marks variables as disconnected; returns those not marked before, in order."""
         new = [k for k in dict.fromkeys(keys) if k not in self._disconnected]
@@ -375,6 +421,10 @@ class Store:
         self._alerts = {k: v for k, v in self._alerts.items() if k[0] < step}
         later._skipped = {s for s in self._skipped if s >= step}
         self._skipped -= later._skipped
+        later._guarded = {s for s in self._guarded if s >= step}
+        self._guarded -= later._guarded
+        later._origins = {k: v for k, v in self._origins.items() if k >= step}
+        self._origins = {k: v for k, v in self._origins.items() if k < step}
         self._cache.clear()
         return later
 

@@ -258,19 +258,25 @@ def check_step(log: GradientLog, step: Any, index: pd.Index) -> int:
     return int(step)
 
 
-def steps_text(steps: Any, most: int = 6, skipped: Any = ()) -> str:
+def steps_text(steps: Any, most: int = 6, skipped: Any = (), kept: Any = ()) -> str:
     """`step 3`, `steps 3, 9`, or `steps 3, 9, ... (12 in all)`; with `skipped` (the
-    steps a LossScaleOptimizer skipped), how many of them were skipped."""
+    skipped steps) and `kept` (those of them that `on_nonfinite` kept from the model;
+    the others a LossScaleOptimizer skipped), who skipped how many of them."""
     steps = sorted({int(s) for s in steps})
     text = ", ".join(str(s) for s in steps[:most])
     if len(steps) > most:
         text += f", ... ({len(steps)} in all)"
     text = ("step " if len(steps) == 1 else "steps ") + text
-    n = len(set(steps) & {int(s) for s in skipped})
-    if n and n == len(steps):
-        text += ", skipped by the LossScaleOptimizer"
-    elif n:
-        text += f" ({n} skipped by the LossScaleOptimizer)"
+    kept = {int(s) for s in kept}
+    for who, among in (
+        ("the LossScaleOptimizer", {int(s) for s in skipped} - kept),
+        ("on_nonfinite", kept),
+    ):
+        n = len(set(steps) & among)
+        if n and n == len(steps):
+            text += f", skipped by {who}"
+        elif n:
+            text += f" ({n} skipped by {who})"
     return text
 
 

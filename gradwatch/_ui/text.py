@@ -30,3 +30,40 @@ def short_number(value: float) -> str:
     ('0.000123', '2', '1.5e+07')
     """
     return f"{value:.3g}"
+
+
+_STAGE_WORDS = {
+    "input": "in the input `x`",
+    "target": "in the targets (`y` or the sample weights)",
+    "forward": "in the forward pass of layer {layer}",
+    "loss": "in the loss",
+    "backward": "in the backward pass of layer {layer}",
+}
+
+
+def origin_text(origin: tuple | None) -> str:
+    """Where a step's first NaN/Inf was born, from a `log.origins` row's `(stage, layer,
+    op, rows, samples, detail)`: "born in the forward pass of layer net/log (op Log),
+    rows [3]"; "" without a row.
+
+    >>> origin_text(("forward", "net/log", "Log", (3,), None, "..."))
+    'born in the forward pass of layer net/log (op Log), rows [3]'
+    >>> origin_text(("input", None, None, (0, 2), (64, 66), "..."))
+    'born in the input `x`, rows [0, 2] (samples [64, 66])'
+    >>> origin_text((None, None, None, (), None, "Step 4 could not be replayed: ..."))
+    'not replayed (Step 4 could not be replayed: ...)'
+    """
+    if origin is None:
+        return ""
+    stage, layer, op, rows, samples, detail = origin
+    if stage is None:
+        return f"not replayed ({detail.rstrip('.')})"
+    where = _STAGE_WORDS[stage].format(layer=layer)
+    if stage == "backward" and layer is None:
+        where = "in the backward pass of the loss"
+    text = "born " + where + ("" if op is None else f" (op {op})")
+    if rows:
+        text += f", rows {list(rows)}"
+        if samples is not None:
+            text += f" (samples {list(samples)})"
+    return text
