@@ -423,19 +423,9 @@ bin_index = _kernels.bin_index
 
 
 # ------------------------------------- keeping a non-finite update from the model
-def all_finite(grads: Sequence[Any]) -> Any:
-    """A bool scalar: every element of every gradient is finite."""
-    return ops.all(ops.stack([ops.all(ops.isfinite(g)) for g in grads]))
-
-
-def logical_and(a: Any, b: Any) -> Any:
-    return ops.logical_and(a, b)
-
-
-def logical_not(a: Any) -> Any:
-    return ops.logical_not(a)
-
-
+all_finite = generic.all_finite
+logical_and = generic.logical_and
+logical_not = generic.logical_not
 agree_across_replicas = generic.agree_across_replicas
 gated_apply = generic.gated_apply
 
