@@ -17,9 +17,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
+
+# The `sigint` ending needs Ctrl-C's KeyboardInterrupt, also where the test runner was
+# started with SIGINT ignored (a shell's `cmd &`), which a child inherits.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")

@@ -23,6 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 CORE_TORCH = ["tests/test_backends.py", "-k", "core_suite and torch or fails_first"]
 
 
+def _default_sigint() -> None:
+    # In the child before exec: Ctrl-C raises KeyboardInterrupt there even where pytest
+    # itself was started with SIGINT ignored (a shell's `cmd &` does that).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _pytest(args, log, **kwargs) -> subprocess.Popen:
     env = dict(os.environ, **{LOG_ENV: str(log)})
     return subprocess.Popen(
@@ -33,6 +39,7 @@ def _pytest(args, log, **kwargs) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=_default_sigint,
         **kwargs,
     )
 
