@@ -22,10 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-# The `sigint` ending needs Ctrl-C's KeyboardInterrupt, also where the test runner was
-# started with SIGINT ignored (a shell's `cmd &`), which a child inherits.
-signal.signal(signal.SIGINT, signal.default_int_handler)
-
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
@@ -33,6 +29,10 @@ import keras
 import numpy as np
 
 import gradwatch
+
+# The `sigint` ending needs Ctrl-C's KeyboardInterrupt, also where the test runner was
+# started with SIGINT ignored (a shell's `cmd &`), which a child inherits.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 BATCH, PER_EPOCH = 8, 10
 END = 13  # the ending comes in the step numbered 13: epoch 1, batch 3

@@ -193,9 +193,7 @@ def test_raise_keeps_the_weights_of_the_last_finite_step():
 
 
 @pytest.mark.parametrize("policy", ["stop", "raise"])
-def test_stop_and_raise_end_fit_at_the_tripped_step_however_late_callbacks_run(
-    monkeypatch, policy
-):
+def test_stop_and_raise_end_fit_at_the_tripped_step_however_late_callbacks_run(monkeypatch, policy):
     # Keras may run a callback's `on_train_batch_end` on a worker thread while the next
     # step starts. Such a thread made late on purpose: `fit` must still end at step 2.
     poll = gradwatch._capture.alarms.Alarms.poll
