@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -92,6 +95,17 @@ def _spawn(key: str, publish_to: str | None = None) -> None:
     env.update(OMP_NUM_THREADS="1", XLA_FLAGS="--xla_cpu_multi_thread_eigen=false")
     if key.startswith("plain-"):
         env["GRADWATCH_TEST_MODELS"] = "plain"
+    if backend == "jax":
+        # Tests that build the same model compile the same programs: XLA compiles each once
+        # per run (about a fifth of the run's CPU time), into a folder of this run alone
+        # (removed when pytest exits), so that every run starts from nothing.
+        cache = tempfile.mkdtemp(prefix="gradwatch-jax-cache-")
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+        env.update(
+            JAX_COMPILATION_CACHE_DIR=cache,
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+        )
     RUNS.start(key, [sys.executable, *args], env, cwd=str(ROOT))
     if publish_to is not None:
         RUNS.publish(key, os.path.join(publish_to, f"{key}.json"))
