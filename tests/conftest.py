@@ -1,14 +1,20 @@
 """Shared set-up: quiet TensorFlow, the TensorFlow backend, and seeded runs."""
 
 import os
+import random
 import shutil
+import sys
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import keras
+import numpy as np
 import pytest
+
+# Keras (and with it TensorFlow, ten CPU-seconds to import) is imported by the test files
+# that use it, not here: pytest-xdist's controller and the pytest runs that
+# tests/test_background.py starts collect only tests/test_backends.py, which needs neither.
 
 
 def pytest_collection_modifyitems(config, items):
@@ -80,6 +86,11 @@ def _fresh_keras():
     # Auto-generated layer names (dense, dense_1, ...) come from a global counter. Without
     # its `gc.collect()` (a quarter of the suite's time): Python's own collector frees the
     # models of earlier tests, and no test depends on when.
+    keras = sys.modules.get("keras")
+    if keras is None:  # no test of this process has imported Keras: seed what there is
+        random.seed(1234)
+        np.random.seed(1234)
+        return
     keras.backend.clear_session(free_memory=False)
     keras.utils.set_random_seed(1234)
 
@@ -87,6 +98,7 @@ def _fresh_keras():
 @pytest.fixture(scope="session")
 def fitted():
     """One real, seeded fit shared by the read-only log and io tests: (watch, model, x, y)."""
+    import keras
     from models import data, pair
 
     import gradwatch
@@ -109,6 +121,7 @@ def outlier():
     halves the scale, and training goes on. Steps 0-5 are epoch 0, 6-11 epoch 1,
     and the outlier batch comes round again at step 9. Returns the `GradWatch`.
     """
+    import keras
     from models import data, pair
 
     import gradwatch
