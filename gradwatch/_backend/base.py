@@ -6,7 +6,7 @@ lets a type checker hold each module to them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -174,6 +174,11 @@ class Backend(Protocol):
 
     def when(self, predicate: Any, fn: Callable[[], None], variables: Sequence[Any]) -> None:
         """Runs `fn`, which assigns some of `variables`, only where `predicate` holds."""
+
+    def traced_once(self, key: Hashable, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """`fn` of one 2-D float32 tensor, as the backend best reuses it: on TensorFlow a
+        function traced once per process for every shape (`key` names it), so that each
+        call adds one op to a traced step; elsewhere `fn` itself."""
 
     # What a watch computes in the step beyond one gradient's stats (`gradwatch._stats.derived`).
     OPS: Any  # the array functions of the derived stats (stack, sqrt, where, read, assign, ...)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,10 @@ def compiling() -> bool:
 
 def cond(pred: Any, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:
     return ops.cond(pred, true_fn, false_fn)
+
+
+def traced_once(key: Hashable, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return fn
 
 
 # ------------------------------------------------- the array functions of the step

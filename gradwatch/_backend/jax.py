@@ -35,6 +35,7 @@ num_replicas = generic.num_replicas
 outside_compile = generic.outside_compile
 stats_table = generic.stats_table
 traced_for_xla = generic.traced_for_xla
+traced_once = generic.traced_once
 worker_of = generic.worker_of
 
 INDEX_DTYPE = "int32"  # JAX runs without 64-bit types unless asked

@@ -7,7 +7,7 @@ import contextlib
 import math
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -165,6 +165,21 @@ def cond(pred: Any, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> 
             tf.cast(pred, tf.int32), [false_fn, true_fn], lower_using_switch_merge=False
         )
     return ops.cond(pred, true_fn, false_fn)
+
+
+_TRACED_ONCE: dict[Hashable, Any] = {}
+
+
+def traced_once(key: Hashable, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`fn` as one `tf.function` per process, traced once for any 2-D float32 input:
+    called in a traced step it is one op, however many tensors it serves and however
+    often the step is traced (the exact path of every group of every step's stats)."""
+    function = _TRACED_ONCE.get(key)
+    if function is None:
+        function = _TRACED_ONCE[key] = tf.function(
+            fn, input_signature=[tf.TensorSpec([None, None], tf.float32)], autograph=False
+        )
+    return function
 
 
 def when(predicate: Any, fn: Callable[[], None], variables: Sequence[Any]) -> None:

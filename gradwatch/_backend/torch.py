@@ -29,6 +29,7 @@ all_reduce_sum = generic.all_reduce_sum
 check_strategy = generic.check_strategy
 input_scope = generic.input_scope
 num_replicas = generic.num_replicas
+traced_once = generic.traced_once
 readable_in_step = generic.readable_in_step
 worker_of = generic.worker_of
 

@@ -110,9 +110,17 @@ def _dense_table(
     for kernel in dict.fromkeys(kernel for kernel in kernels if kernel.trust is not None):
         fine = ops.logical_and(fine, ops.all(kernel.trust(raw, size, ops)))
     fast = ops.stack([kernel.fast(raw, size, ops) for kernel in kernels], axis=1)
-    return branch(
-        fine, lambda: fast, lambda: exact_columns([exact_sums(x) for _, x in groups], stats)
+    # The exact path of one group: on TensorFlow one function, traced once for all
+    # groups, steps and traces (a few ops each, where the ops of its sums were dozens).
+    exact = _backend.traced_once(
+        ("exact_columns", stats), lambda x: exact_columns([exact_sums(x)], stats)
     )
+
+    def exact_path() -> Any:
+        tables = [exact(x) for _, x in groups]
+        return tables[0] if len(tables) == 1 else ops.concatenate(tables, axis=0)
+
+    return branch(fine, lambda: fast, exact_path)
 
 
 def branch(pred: Any, true_fn: Any, false_fn: Any) -> Any:
