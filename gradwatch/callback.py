@@ -224,10 +224,7 @@ class GradWatch(keras.callbacks.Callback):
         # A "stop" or "raise" ends `fit` at the step that tripped it: Keras then runs
         # `on_train_batch_end` on the main thread, before it checks `stop_training`
         # (asynchronously, one more step could start first).
-        ends_fit = on_nonfinite in ("stop", "raise") or (
-            self._alarms.thresholds and on_threshold in ("stop", "raise")
-        )
-        self.async_safe = type(self).async_safe and not ends_fit
+        self.async_safe = type(self).async_safe and not self._alarms.ends_fit
         # "skip", "stop" and "raise" keep a non-finite step's update from the model.
         self.keeps_model = self.on_nonfinite in KEEPS_MODEL
         # The first step whose update was kept from the model: (step, x, y,

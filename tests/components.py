@@ -5,6 +5,7 @@ where `.ci/run` installs them all, so that a green CI never stands for a skipped
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
@@ -27,3 +28,10 @@ def require(installed: bool, reason: str) -> None:
     if in_ci():
         pytest.fail(f"{reason} (CI=true: every declared component must be installed)")
     pytest.skip(reason)
+
+
+def ctrl_c_raises() -> None:
+    """Makes SIGINT raise KeyboardInterrupt, also where the test runner was started with
+    SIGINT ignored (a shell's `cmd &` does that, and a child inherits it). Also as a
+    `preexec_fn`: the child's new program then starts with SIGINT's default action."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -27,12 +26,11 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras
 import numpy as np
+from components import ctrl_c_raises
 
 import gradwatch
 
-# The `sigint` ending needs Ctrl-C's KeyboardInterrupt, also where the test runner was
-# started with SIGINT ignored (a shell's `cmd &`), which a child inherits.
-signal.signal(signal.SIGINT, signal.default_int_handler)
+ctrl_c_raises()  # the `sigint` ending needs Ctrl-C's KeyboardInterrupt
 
 BATCH, PER_EPOCH = 8, 10
 END = 13  # the ending comes in the step numbered 13: epoch 1, batch 3

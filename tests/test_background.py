@@ -14,19 +14,13 @@ from pathlib import Path
 
 import pytest
 from background import LOG_ENV
-from components import HANG, require
+from components import HANG, ctrl_c_raises, require
 
 ROOT = Path(__file__).resolve().parent.parent
 # Bounds on hangs only, never on speed: a loaded machine may take minutes to start pytest
 # and TensorFlow, and the tests wait for what they wait for, not for a fixed time.
 # One of the long runs: the core tests under PyTorch (minutes when left alone).
 CORE_TORCH = ["tests/test_backends.py", "-k", "core_suite and torch or fails_first"]
-
-
-def _default_sigint() -> None:
-    # In the child before exec: Ctrl-C raises KeyboardInterrupt there even where pytest
-    # itself was started with SIGINT ignored (a shell's `cmd &` does that).
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _pytest(args, log, **kwargs) -> subprocess.Popen:
@@ -39,7 +33,7 @@ def _pytest(args, log, **kwargs) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        preexec_fn=_default_sigint,
+        preexec_fn=ctrl_c_raises,
         **kwargs,
     )
 

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from background import RUNS
-from components import HANG, require
+from components import HANG, ctrl_c_raises, require
 from crash_run import END, FLUSH_EVERY, PER_EPOCH
 from models import FailAt, data, layers
 from reference import batches_of, mse, tape_gradients
@@ -186,16 +186,17 @@ def test_crash_plain_model_is_plain_keras_again_after_fit_raises(tmp_path):
 
 
 @pytest.fixture
-def ctrl_c_raises():
-    """SIGINT raises KeyboardInterrupt for the test, also where pytest was started with
-    SIGINT ignored (a shell's `cmd &` does that); the handler is put back after."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+def ctrl_c():
+    """SIGINT raises KeyboardInterrupt for the test (`components.ctrl_c_raises`); the
+    handler is put back after."""
+    previous = signal.getsignal(signal.SIGINT)
+    ctrl_c_raises()
     yield
     signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize("where", ["after_copy", "in_part"])
-def test_crash_ctrl_c_in_a_drain_loses_no_step(ctrl_c_raises, tmp_path, monkeypatch, where):
+def test_crash_ctrl_c_in_a_drain_loses_no_step(ctrl_c, tmp_path, monkeypatch, where):
     """A real SIGINT delivered at the worst moment: right after the ring buffer's slots
     were copied to the host (before the store has them), or while a part is written.
     The KeyboardInterrupt still ends `fit`, and the log on disk holds every step run."""

@@ -74,16 +74,14 @@ class Alarms:
         self.nonfinite_from_stats = every == 1 and "nonfinite" in stats
         self.threshold_from_stats = every == 1 and "norm" in stats
         self.stats = tuple(stats)
+        # A policy that ends `fit` when its check trips.
+        self.ends_fit = on_nonfinite in ("stop", "raise") or (
+            self.thresholds and on_threshold in ("stop", "raise")
+        )
         self.checks_every_step = (
-            on_nonfinite in ("stop", "raise")
+            self.ends_fit
             or (on_nonfinite in ("warn", "skip") and not self.nonfinite_from_stats)
-            or (
-                self.thresholds
-                and (
-                    on_threshold in ("stop", "raise")
-                    or (on_threshold == "warn" and not self.threshold_from_stats)
-                )
-            )
+            or (self.thresholds and on_threshold == "warn" and not self.threshold_from_stats)
         )
         self.alarm: Alarm | None = None
         # `step -> (stage, layer, op, rows, samples, detail)` of a replayed kept step,
