@@ -152,6 +152,45 @@ def _sparse(strategy, out: Path) -> None:
     watch.log.to_parquet(out / "sparse.parquet")
 
 
+def _skip(strategy) -> dict:
+    """`on_nonfinite="skip"` under the strategy: a NaN target in one replica's half of the
+    batch of step 2; every replica skips that update, as a plain run without the batch."""
+    import warnings
+
+    import keras
+    import numpy as np
+    from models import data, layers
+
+    import gradwatch
+
+    x, y = data(n=40)
+    y[17, 0] = np.nan  # the batch of step 2
+    models = []
+    for _ in range(2):
+        with strategy.scope():
+            m = keras.Sequential(layers(), name="net")
+            m.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+        models.append(m)
+    watched, plain = models
+    plain.set_weights(watched.get_weights())
+    watch = gradwatch.GradWatch(on_nonfinite="skip", verbose=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        watched.fit(x, y, batch_size=8, shuffle=False, verbose=0, callbacks=[watch])
+    keep = np.ones(40, bool)
+    keep[16:24] = False
+    plain.fit(x[keep], y[keep], batch_size=8, shuffle=False, verbose=0)
+    pairs = list(zip(watched.get_weights(), plain.get_weights(), strict=True))
+    optimizers = zip(watched.optimizer.variables, plain.optimizer.variables, strict=True)
+    pairs += [(np.asarray(a), np.asarray(b)) for a, b in optimizers]
+    return {
+        "equal": all(np.array_equal(a, b) for a, b in pairs),
+        "finite": all(np.isfinite(a).all() for a, _ in pairs),
+        "skipped": [int(s) for s in watch.log.skipped_steps],
+        "batch": watch.skipped_batch is None,
+    }
+
+
 def mirrored(out: Path) -> None:
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
@@ -192,6 +231,7 @@ def mirrored(out: Path) -> None:
         loss_scale=2.0**10,
     )
     _sparse(strategy, out)
+    results["skip"] = _skip(strategy)
     (out / "mirrored.json").write_text(json.dumps(results))
 
 

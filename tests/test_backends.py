@@ -101,6 +101,10 @@ def _spawn(key: str, publish_to: str | None = None) -> None:
         # (removed when pytest exits), so that every run starts from nothing.
         cache = tempfile.mkdtemp(prefix="gradwatch-jax-cache-")
         atexit.register(shutil.rmtree, cache, ignore_errors=True)
+        # And LLVM's optimizations off (a sixth of the run's CPU): they change how fast
+        # XLA's machine code runs, not what the compiled program computes; every
+        # comparison of the run is made between programs compiled the same way.
+        env["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
         env.update(
             JAX_COMPILATION_CACHE_DIR=cache,
             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -135,7 +139,7 @@ def _wait(key: str, timeout: float = HANG) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_backends_import_and_fit_never_import_tensorflow(backend):
     # Every setting that has a TensorFlow-free path, TensorBoard included; the event
-    # files are then read back with TensorBoard's own reader (which may import it).
+    # files are then read back with TensorBoard's own reader (its TensorFlow-free one).
     _needs(backend)
     result = _run(
         backend,
@@ -163,6 +167,9 @@ def test_backends_import_and_fit_never_import_tensorflow(backend):
         model.fit(x, y, batch_size=8, callbacks=[watch], verbose=0)
         print(keras.backend.backend(), after_import, "tensorflow" in sys.modules, len(watch.log))
 
+        # TensorBoard's reader falls back to its own stub of TensorFlow when the import
+        # fails: blocked here, so that this child never spends ten seconds importing it.
+        sys.modules["tensorflow"] = None
         from tensorboard.backend.event_processing import event_accumulator
         from tensorboard.util import tensor_util
 
@@ -202,35 +209,6 @@ def test_core_suite_passes_on_plain_keras_models():
     result = _wait("plain-tensorflow")
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert " passed" in result.stdout.splitlines()[-1]
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "named"),
-    [({"per_replica": True}, "per_replica=True")],
-)
-@pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_backends_refuse_what_they_do_not_record_yet(backend, kwargs, named):
-    _needs(backend)
-    result = _run(
-        backend,
-        f"""
-        import keras
-        import numpy as np
-        import gradwatch
-
-        model = gradwatch.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-        model.compile("sgd", "mse")
-        watch = gradwatch.GradWatch(**{kwargs!r})
-        try:
-            model.fit(np.ones((8, 3)), np.ones((8, 2)), callbacks=[watch], verbose=0)
-        except NotImplementedError as e:
-            print(e)
-        print("recorded", len(watch.log))
-        """,
-    )
-    assert result.returncode == 0, result.stderr
-    assert f"does not yet record {named} on the {backend} backend" in result.stdout
-    assert "recorded 0" in result.stdout
 
 
 def test_backends_torch_jit_compile_records_the_compiled_step():

@@ -56,6 +56,24 @@ def test_every_step_matches_a_plain_tape_loop(spe, jit):
 
 
 @pytest.mark.backends
+def test_settings_not_recorded_yet_on_this_backend_are_refused_before_training():
+    # `per_replica=True` is TensorFlow's (tf.distribute: tests/test_distributed.py).
+    if BACKEND == "tensorflow":
+        pytest.skip("TensorFlow records per_replica=True (tests/test_distributed.py)")
+    model = Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile("sgd", "mse")
+    before = model.get_weights()
+    watch = gradwatch.GradWatch(per_replica=True)
+    with pytest.raises(
+        NotImplementedError, match=f"does not yet record per_replica=True on the {BACKEND} backend"
+    ):
+        model.fit(np.ones((8, 3)), np.ones((8, 2)), callbacks=[watch], verbose=0)
+    assert len(watch.log) == 0
+    for a, b in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(a, b)  # refused before any step ran
+
+
+@pytest.mark.backends
 def test_epoch_and_batch_are_what_keras_reports_with_spe():
     skip_unless_supported(spe=4)
     x, y = data(n=36)  # 5 batches of 8 and one of 4 per epoch

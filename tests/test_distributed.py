@@ -20,12 +20,16 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from components import HANG
 from models import data, layers
 from reference import batches_of, mse, np_stats
 
 import gradwatch
+
+if keras.backend.backend() != "tensorflow":  # a rerun under JAX or PyTorch: not imported
+    pytest.skip("tf.distribute is TensorFlow's", allow_module_level=True)
+
+import tensorflow as tf
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "distributed_run.py"
@@ -165,6 +169,13 @@ def _reference(start, clipnorm=None):
 
 
 KEYS = ["net/hidden/kernel", "net/hidden/bias", "net/out/kernel", "net/out/bias"]
+
+
+def test_skip_under_mirrored_strategy_skips_every_replicas_update(mirrored):
+    # on_nonfinite="skip": the NaN row is in one replica's half-batch, and both replicas
+    # skip the update (weights and Adam's state end as a plain run without the batch).
+    _, results = mirrored
+    assert results["skip"] == {"equal": True, "finite": True, "skipped": [2], "batch": True}
 
 
 def test_mirrored_records_the_global_gradient_of_a_single_device_run(mirrored):

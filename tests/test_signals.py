@@ -5,7 +5,6 @@ import math
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from models import data, layers, pair
 from reference import batches_of, clipped_by_hand, mse, reference_bins, tape_gradients
 
@@ -19,6 +18,8 @@ KEYS = ["net/hidden/kernel", "net/hidden/bias", "net/out/kernel", "net/out/bias"
 @pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
 @pytest.mark.parametrize("bins_per_decade", [1, 4, 7])
 def test_histogram_counts_match_reference_binning(bins_per_decade, mode):
+    import tensorflow as tf
+
     rng = np.random.default_rng(bins_per_decade)
     edges = (10.0 ** (-12 + np.arange(16 * bins_per_decade + 1) / bins_per_decade)).astype(
         np.float32
@@ -174,6 +175,8 @@ def test_cos_prev_matches_reference_consecutive_gradients(every):
 
 
 def test_global_norm_equals_tape_reference(fitted):
+    import tensorflow as tf
+
     x, y = fitted[2], fitted[3]
     model, plain = pair()
     model.compile(keras.optimizers.Adam(0.01), "mse")
@@ -302,6 +305,8 @@ class TwoClippedGroups(gradwatch.Sequential):
         self.opt_hidden, self.opt_out = opt_hidden, opt_out
 
     def train_step(self, data):
+        import tensorflow as tf
+
         x, y = data
         with tf.GradientTape() as tape:
             loss = mse(y, self(x, training=True))
@@ -314,6 +319,8 @@ class TwoClippedGroups(gradwatch.Sequential):
 
 
 def test_clipped_norm_with_two_optimizers_clips_each_group_by_its_own_global_norm():
+    import tensorflow as tf
+
     # global_clipnorm scales by the norm over the gradients of that optimizer alone. The
     # bounds are set so that each group is clipped on some steps, and so that a norm
     # taken over both groups (or the other optimizer's bound) gives other numbers.

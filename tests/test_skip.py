@@ -11,11 +11,6 @@ ops on the same values at every applied step.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 import warnings
@@ -314,64 +309,6 @@ def test_a_custom_step_skips_each_update_from_its_first_non_finite_gradient_on(c
         for a, b in zip(_numpy(mine.variables), _numpy(theirs.variables), strict=True):
             np.testing.assert_array_equal(a, b)
     assert watch.log.skipped_steps.tolist() == [BAD]
-
-
-_MIRRORED = """
-import json, sys, warnings
-import tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import keras, numpy as np
-sys.path.insert(0, "tests")
-import gradwatch
-from models import data, layers
-
-x, y = data(n=40)
-y[17, 0] = np.nan  # the batch of step 2
-strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-models = []
-for _ in range(2):
-    with strategy.scope():
-        m = keras.Sequential(layers(), name="net")
-        m.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
-    models.append(m)
-watched, plain = models
-plain.set_weights(watched.get_weights())
-watch = gradwatch.GradWatch(on_nonfinite="skip", verbose=0)
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    watched.fit(x, y, batch_size=8, shuffle=False, verbose=0, callbacks=[watch])
-keep = np.ones(40, bool)
-keep[16:24] = False
-plain.fit(x[keep], y[keep], batch_size=8, shuffle=False, verbose=0)
-pairs = list(zip(watched.get_weights(), plain.get_weights()))
-optimizers = zip(watched.optimizer.variables, plain.optimizer.variables)
-pairs += [(np.asarray(a), np.asarray(b)) for a, b in optimizers]
-print(json.dumps({
-    "equal": all(np.array_equal(a, b) for a, b in pairs),
-    "finite": all(np.isfinite(a).all() for a, _ in pairs),
-    "skipped": [int(s) for s in watch.log.skipped_steps],
-    "batch": watch.skipped_batch is None,
-}))
-"""
-
-
-@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute is TensorFlow's")
-def test_skip_under_mirrored_strategy_skips_every_replicas_update():
-    # Two logical CPUs must be set before TensorFlow uses its devices: a fresh process.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(_MIRRORED)],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    # Each replica's half-batch: the NaN row is in one replica's, and both skip.
-    assert result == {"equal": True, "finite": True, "skipped": [2], "batch": True}
 
 
 def test_on_nonfinite_skip_is_refused_for_on_threshold():
