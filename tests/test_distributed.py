@@ -176,6 +176,9 @@ def test_skip_under_mirrored_strategy_skips_every_replicas_update(mirrored):
     # skip the update (weights and Adam's state end as a plain run without the batch).
     _, results = mirrored
     assert results["skip"] == {"equal": True, "finite": True, "skipped": [2], "batch": True}
+    # Two optimizers in a custom step, the first one's gradient finite: its update is put
+    # back on every replica, and both end as the plain run without the batch.
+    assert results["skip_two_optimizers"] == {"equal": True, "finite": True, "skipped": [2]}
 
 
 def test_mirrored_records_the_global_gradient_of_a_single_device_run(mirrored):

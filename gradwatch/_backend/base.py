@@ -129,6 +129,14 @@ class Backend(Protocol):
         """Calls `keep(step, *leaves)` on the host with NumPy arrays, from the step (where
         it can: not from TensorFlow's XLA-compiled step, nor under `tf.distribute`)."""
 
+    def snapshots_free(self) -> bool:
+        """Whether a snapshot of variables in the step costs nothing unless it is restored
+        (a traced TensorFlow step prunes a read that nothing uses)."""
+
+    def restore_where(self, model: Any, predicate: Any, saved: Sequence[tuple[Any, Any]]) -> None:
+        """Where `predicate` holds, puts each variable of `saved` back to its value there
+        (the earlier updates of a step that several optimizers apply)."""
+
     def undo_step(
         self, model: Any, scope: StepScope, finite: Any, skip: Callable[[], None]
     ) -> None:

@@ -281,6 +281,19 @@ def gated_apply(
     ops.cond(finite, taken, skip)
 
 
+def snapshots_free() -> bool:
+    """Whether a snapshot of variables costs nothing unless restored: no, it is a copy."""
+    return False
+
+
+def restore_where(model: Any, predicate: Any, saved: Sequence[tuple[Any, Any]]) -> None:
+    """Where `predicate` holds (the step runs eagerly), puts each variable of `saved`
+    back to its value there."""
+    if bool(predicate):
+        for variable, value in saved:
+            variable.assign(value)
+
+
 def to_host(model: Any, keep: Callable[..., None], step: Any, leaves: Sequence[Any]) -> None:
     """Calls `keep(step, *leaves)` with NumPy copies."""
     keep(int(host_copy(step)), *(x if x is None else host_copy(x) for x in leaves))

@@ -429,6 +429,9 @@ logical_and = generic.logical_and
 logical_not = generic.logical_not
 agree_across_replicas = generic.agree_across_replicas
 gated_apply = generic.gated_apply
+# Not used: the stateless step is gated as a whole (`undo_step`), not each `apply`.
+restore_where = generic.restore_where
+snapshots_free = generic.snapshots_free
 
 
 def to_host(model: Any, keep: Callable[..., None], step: Any, leaves: Sequence[Any]) -> None:

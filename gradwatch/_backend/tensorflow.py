@@ -784,6 +784,47 @@ def gated_apply(
     cond(finite, taken, skipped)
 
 
+def snapshots_free() -> bool:
+    """Whether a snapshot of variables costs nothing unless it is restored: in a traced
+    step (a read nothing uses is pruned), not eagerly (`run_eagerly=True`)."""
+    return not tf.executing_eagerly()
+
+
+def restore_where(model: Any, predicate: Any, saved: Sequence[tuple[Any, Any]]) -> None:
+    """Where `predicate` holds, puts each variable of `saved` back to its value there:
+    a branch of the step; under `tf.distribute` taken in the cross-replica context, each
+    replica's variable from its own value, as `gated_apply` applies."""
+    if tf.executing_eagerly():
+        if bool(predicate):
+            for variable, value in saved:
+                variable.assign(value)
+        return
+    context = _replicas()
+    if context is not None:
+
+        def cross(distribution: Any, predicate: Any, *values: Any) -> None:
+            first = distribution.experimental_local_results(predicate)[0]
+
+            def taken() -> Any:
+                for (variable, _), value in zip(saved, values, strict=True):
+                    distribution.extended.update(
+                        variable.value, lambda v, x: v.assign(x), args=(value,), group=False
+                    )
+                return tf.constant(True)
+
+            tf.cond(first, taken, lambda: tf.constant(False))
+
+        context.merge_call(cross, args=(predicate, *[value for _, value in saved]))
+        return
+
+    def taken() -> Any:
+        for variable, value in saved:
+            variable.assign(value)
+        return tf.constant(True)
+
+    cond(predicate, taken, lambda: tf.constant(False))
+
+
 def to_host(model: Any, keep: Callable[..., None], step: Any, leaves: Sequence[Any]) -> None:
     """Calls `keep(step, *leaves)` on the host with NumPy arrays, from the branch of the
     step being traced (a `numpy_function`, run only where the branch is taken). Not in an

@@ -20,6 +20,7 @@ from gradwatch._capture.guard import (
     guarding,
     halt_flag,
     keep_batch,
+    restore_earlier_updates,
     skipped,
     skipped_here,
     step_finite,
@@ -213,6 +214,7 @@ def commit(model: Any, scope: StepScope) -> None:
             stacklevel=2,
         )
     listening = state.listening
+    restore_earlier_updates(model, scope)
     if not _backend.APPLY_METHOD and scope.finite is None:
         # A stateless step (JAX) has no `apply` to gate: its update is undone here.
         finite = step_finite(model, scope)

@@ -105,8 +105,9 @@ class ApplyGuard:
 
     `apply` is what every path reaches: `apply_gradients` calls it, the stock PyTorch
     step and custom steps call it. A later non-finite gradient (a generator's, after the
-    critic's update) skips its own update and every later one in the step; an update
-    applied before it stays applied.
+    critic's update) skips its own update and every later one in the step, and the
+    updates applied before it are put back at the step's end (`restore_earlier_updates`,
+    from the snapshot each `apply` but the last takes): all of them are skipped together.
     """
 
     def __init__(self, model: Any):
@@ -161,6 +162,7 @@ class ApplyGuard:
             with keras.name_scope(optimizer.name, caller=optimizer):
                 optimizer.build(variables)
             optimizer.built = True
+        scope.snapshots.append(self._snapshot(optimizer, known, len(scope.snapshots)))
         scope.finite = _backend.agree_across_replicas(scope.finite)
         scope.guarding = True
         try:
@@ -175,6 +177,20 @@ class ApplyGuard:
             scope.guarding = False
         return None
 
+    def _snapshot(self, optimizer: Any, variables: Any, index: int) -> list[tuple[Any, Any]] | None:
+        """The values before the `index`-th gated `apply` of the step of what it updates
+        (its variables and its optimizer's), for `restore_earlier_updates` to put back
+        where a later gradient of the step is not finite. In a traced TensorFlow step it
+        is free unless a later `apply` needs it; an eager step takes it where its earlier
+        steps had a later `apply` (and, on its first step, at every `apply`)."""
+        learned = model_state(self.model).applies_per_step
+        if not _backend.snapshots_free() and learned is not None and index >= learned - 1:
+            return None
+        touched = list(variables or ())
+        if optimizer is not None:
+            touched += list(optimizer.variables)
+        return [(v, _backend.weights_before(v)) for v in touched]
+
     def __exit__(self, *exc: Any) -> None:
         with _patch_lock:
             for opt in self.optimizers:
@@ -188,6 +204,21 @@ class ApplyGuard:
                         object.__delattr__(opt, "apply")
                     else:
                         object.__setattr__(opt, "apply", prior)
+
+
+def restore_earlier_updates(model: Any, scope: StepScope) -> None:
+    """At the end of a step that several optimizers' `apply` calls update (a custom
+    step, a GAN's): where the step's watched gradients are not all finite, the updates
+    applied before the first non-finite gradient are put back too, so that all of a
+    step's updates are skipped together. Learns how many `apply` calls the step makes."""
+    count = len(scope.snapshots)
+    if count:
+        model_state(model).applies_per_step = count
+    if count < 2 or scope.finite is None:
+        return
+    saved = [pair for snapshot in scope.snapshots[:-1] if snapshot for pair in snapshot]
+    if saved:
+        _backend.restore_where(model, _backend.logical_not(scope.finite), saved)
 
 
 def _optimizers_of(model: Any) -> list[Any]:

@@ -135,6 +135,9 @@ class ModelState:
         # Where a watch stops training at a non-finite step: set once a step's update
         # was kept from the model, so that no later step of the `fit` applies.
         self.halt: Any = None
+        # The gated `apply` calls of the model's last step (None: no step seen yet): an
+        # eager step snapshots the variables of all but the last of them.
+        self.applies_per_step: int | None = None
 
     @property
     def active(self) -> list[Any]:
@@ -197,6 +200,9 @@ class StepScope:
         self.finite: Any = None
         self.guarding = False
         self.halt_read = False  # the stop flag (`_capture.guard.halt_flag`) was read
+        # Each gated `apply` of the step, in order: the (variable, value before) pairs
+        # of what it updates, or None where no snapshot was taken (see `_capture.guard`).
+        self.snapshots: list[list[tuple[Any, Any]] | None] = []
         self.data: Any = None
 
 
