@@ -8,11 +8,6 @@ import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-# TensorFlow's oneDNN kernels are built for each new shape: the suite's hundreds of tiny
-# models of other shapes pay that build again and again (about an eighth of a TensorFlow
-# test file's CPU time). Eigen's kernels compute the same gradients; every comparison is
-# made within one process (children inherit this). TensorFlow's own default stays for users.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import numpy as np
 import pytest
