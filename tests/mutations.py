@@ -343,6 +343,29 @@ MUTATIONS = (
         (RENUMBER,),
     ),
     Mutation(
+        "skip-keeps-earlier-updates",
+        "with several optimizers in a step, an update applied before a later non-finite "
+        "gradient stays applied",
+        "gradwatch/_capture/guard.py",
+        "for snapshot in scope.snapshots[:-1] if snapshot",
+        "for snapshot in scope.snapshots[:0] if snapshot",
+        (
+            "tests/test_skip.py::"
+            "test_a_custom_step_skips_all_its_updates_together_whichever_applies_first",
+        ),
+    ),
+    Mutation(
+        "skip-snapshot-after-learning",
+        "an eager step snapshots none of its applies once it learned their count",
+        "gradwatch/_capture/guard.py",
+        "and index >= learned - 1:",
+        "and index >= 0:",
+        (
+            "tests/test_skip.py::"
+            "test_a_custom_step_skips_all_its_updates_together_whichever_applies_first",
+        ),
+    ),
+    Mutation(
         "renumber-forgets-histograms",
         "when the trainable set grows, the histograms' blocks keep their old codes",
         "gradwatch/_logdata/store.py",
