@@ -188,6 +188,11 @@ def _skip(strategy) -> dict:
         "finite": all(np.isfinite(a).all() for a, _ in pairs),
         "skipped": [int(s) for s in watch.log.skipped_steps],
         "batch": watch.skipped_batch is None,
+        # The step's batch stays on the devices: its row of `log.origins` says so.
+        "origins": [
+            {"step": int(row.step), "stage": row.stage, "layer": row.layer, "detail": row.detail}
+            for row in watch.log.origins.itertuples()
+        ],
     }
 
 

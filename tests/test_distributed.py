@@ -175,7 +175,14 @@ def test_skip_under_mirrored_strategy_skips_every_replicas_update(mirrored):
     # on_nonfinite="skip": the NaN row is in one replica's half-batch, and both replicas
     # skip the update (weights and Adam's state end as a plain run without the batch).
     _, results = mirrored
-    assert results["skip"] == {"equal": True, "finite": True, "skipped": [2], "batch": True}
+    skip = dict(results["skip"])
+    (origin,) = skip.pop("origins")
+    assert skip == {"equal": True, "finite": True, "skipped": [2], "batch": True}
+    # No batch reached the host, so nothing was replayed; the row says why and what to do.
+    assert (origin["step"], origin["stage"], origin["layer"]) == (2, None, None)
+    assert origin["detail"].startswith("Step 2 could not be replayed: its batch did not reach")
+    assert "`tf.distribute`" in origin["detail"]
+    assert "gradwatch.trace_nonfinite(model, x, y)" in origin["detail"]
     # Two optimizers in a custom step, the first one's gradient finite: its update is put
     # back on every replica, and both end as the plain run without the batch.
     assert results["skip_two_optimizers"] == {"equal": True, "finite": True, "skipped": [2]}
