@@ -274,21 +274,24 @@ class MixedTwoParts(gradwatch.GradWatchMixin, TwoParts):
 
 
 @pytest.mark.parametrize(
-    ("first", "eagerly"),
-    [("a", False), ("b", False), ("a", True)],
-    ids=["finite-first", "nan-first", "finite-first-eagerly"],
+    ("first", "eagerly", "watched"),
+    [("a", False, "*"), ("b", False, "*"), ("a", True, "*"), ("a", False, "two/b/*")],
+    ids=["finite-first", "nan-first", "finite-first-eagerly", "finite-first-unwatched"],
 )
 @pytest.mark.parametrize("cls", [TwoParts, MixedTwoParts], ids=["plain", "mixin"])
-def test_a_custom_step_skips_all_its_updates_together_whichever_applies_first(cls, first, eagerly):
+def test_a_custom_step_skips_all_its_updates_together_whichever_applies_first(
+    cls, first, eagerly, watched
+):
     # Eagerly (PyTorch's way, and `run_eagerly=True`), the snapshots are taken where the
-    # earlier steps had a later `apply`: the bad step is not the first.
+    # earlier steps had a later `apply`: the bad step is not the first. With `a` not
+    # watched, its update is not gated, and is put back all the same.
     skip_on_jax("a stateful custom train_step")
     x, y = _bad_data()
     model = cls(first=first, name="two")
     model(x[:1])
     start = model.get_weights()
     model.compile(keras.optimizers.Adam(0.01), keras.optimizers.SGD(0.1), run_eagerly=eagerly)
-    watch = gradwatch.GradWatch(on_nonfinite="skip", verbose=0)
+    watch = gradwatch.GradWatch(variables=watched, on_nonfinite="skip", verbose=0)
     with pytest.warns(UserWarning, match="update was skipped"):
         _fit(model, x, y, watch)
     # The reference: the same step without the watch on every batch but the bad one. At

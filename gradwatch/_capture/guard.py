@@ -154,15 +154,15 @@ class ApplyGuard:
             # begun while Keras ran the batch-end callbacks on another thread).
             scope.halt_read = True
             note_finite(scope, _backend.logical_not(halt.read_value()))
-        if scope.finite is None:  # nothing watched is non-finite so far: as it is
-            return original(grads, variables, *args, **kw)
         if optimizer is not None and not optimizer.built and variables is not None:
             # As `apply` builds it, but outside the branch: a traced branch cannot make
-            # the optimizer's variables.
+            # the optimizer's variables (and the snapshot reads them).
             with keras.name_scope(optimizer.name, caller=optimizer):
                 optimizer.build(variables)
             optimizer.built = True
         scope.snapshots.append(self._snapshot(optimizer, known, len(scope.snapshots)))
+        if scope.finite is None:  # nothing watched so far: applied, and put back if need be
+            return original(grads, variables, *args, **kw)
         scope.finite = _backend.agree_across_replicas(scope.finite)
         scope.guarding = True
         try:
