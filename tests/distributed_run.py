@@ -152,16 +152,34 @@ def _sparse(strategy, out: Path) -> None:
     watch.log.to_parquet(out / "sparse.parquet")
 
 
+def _fit_skipping(watched, plain, x, y):
+    """Fits `watched` with `GradWatch(on_nonfinite="skip")` on `x, y` (40 rows, a NaN in
+    the batch of step 2), and `plain`, from the same weights, on the other batches alone;
+    returns the watch."""
+    import warnings
+
+    import numpy as np
+
+    import gradwatch
+
+    plain.set_weights(watched.get_weights())
+    watch = gradwatch.GradWatch(on_nonfinite="skip", verbose=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        watched.fit(x, y, batch_size=8, shuffle=False, verbose=0, callbacks=[watch])
+    keep = np.ones(40, bool)
+    keep[16:24] = False
+    plain.fit(x[keep], y[keep], batch_size=8, shuffle=False, verbose=0)
+    return watch
+
+
 def _skip(strategy) -> dict:
     """`on_nonfinite="skip"` under the strategy: a NaN target in one replica's half of the
     batch of step 2; every replica skips that update, as a plain run without the batch."""
-    import warnings
 
     import keras
     import numpy as np
     from models import data, layers
-
-    import gradwatch
 
     x, y = data(n=40)
     y[17, 0] = np.nan  # the batch of step 2
@@ -172,14 +190,7 @@ def _skip(strategy) -> dict:
             m.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
         models.append(m)
     watched, plain = models
-    plain.set_weights(watched.get_weights())
-    watch = gradwatch.GradWatch(on_nonfinite="skip", verbose=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        watched.fit(x, y, batch_size=8, shuffle=False, verbose=0, callbacks=[watch])
-    keep = np.ones(40, bool)
-    keep[16:24] = False
-    plain.fit(x[keep], y[keep], batch_size=8, shuffle=False, verbose=0)
+    watch = _fit_skipping(watched, plain, x, y)
     pairs = list(zip(watched.get_weights(), plain.get_weights(), strict=True))
     optimizers = zip(watched.optimizer.variables, plain.optimizer.variables, strict=True)
     pairs += [(np.asarray(a), np.asarray(b)) for a, b in optimizers]
@@ -199,13 +210,10 @@ def _skip(strategy) -> dict:
 def _skip_two_optimizers(strategy) -> dict:
     """The same with two optimizers in a custom step: `a` (its loss never sees `y`) is
     applied first, then `b`, whose gradient alone is NaN at step 2; both skip the step."""
-    import warnings
 
     import keras
     import numpy as np
     from models import data
-
-    import gradwatch
 
     class TwoParts(keras.Model):
         def __init__(self):
@@ -246,14 +254,7 @@ def _skip_two_optimizers(strategy) -> dict:
             m.opt_b.build(m.b.trainable_weights)
         models.append(m)
     watched, plain = models
-    plain.set_weights(watched.get_weights())
-    watch = gradwatch.GradWatch(on_nonfinite="skip", verbose=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        watched.fit(x, y, batch_size=8, shuffle=False, verbose=0, callbacks=[watch])
-    keep = np.ones(40, bool)
-    keep[16:24] = False
-    plain.fit(x[keep], y[keep], batch_size=8, shuffle=False, verbose=0)
+    watch = _fit_skipping(watched, plain, x, y)
     pairs = list(zip(watched.get_weights(), plain.get_weights(), strict=True))
     for mine, theirs in ((watched.opt_a, plain.opt_a), (watched.opt_b, plain.opt_b)):
         pairs += [
