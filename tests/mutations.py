@@ -229,7 +229,7 @@ MUTATIONS = (
         "applied-ignores-skipped",
         "a step whose update a loss-scale optimizer skipped counts as applied",
         "gradwatch/_capture/in_step.py",
-        "applied = applied * (1 - _backend.float32(skipped))",
+        "applied = applied * (1 - _backend.float32(ops.not_equal(skipped, 0)))",
         "applied = applied * 1",
         (
             "tests/test_accumulation.py::"
