@@ -1,14 +1,14 @@
 """The `GradWatch` callback: wires the capture into `model.fit` and the drained blocks
-into a `GradientLog`. The work lives beside it: the argument checks (`_args`), the
-plan (`_plan`), the step's capture (`_in_step`, `_derived`), draining (`_drain`),
-the alarms (`_alarms`) and the sinks (`_sinks`)."""
+into a `GradientLog`. The work lives beside it, in `gradwatch._capture`: the argument
+checks (`args`), the plan and ring buffer (`plan`), the step's capture (`in_step`),
+draining (`drain`), the alarms (`alarms`) and the sinks (`sinks`); and the replay of a
+step kept from the model in `gradwatch._forensics.skipped`."""
 
 from __future__ import annotations
 
 import inspect
 import os
 import re
-import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -26,12 +26,11 @@ from gradwatch._capture.counting import next_step
 from gradwatch._capture.drain import drain, drain_due, sink_block
 from gradwatch._capture.guard import clear_halt
 from gradwatch._capture.interrupts import deferred_interrupt
-from gradwatch._capture.plan import Planner, make_plan, signature_of
+from gradwatch._capture.plan import Planner
 from gradwatch._capture.sinks import Sinks
 from gradwatch._capture.step import Records, restore_class
-from gradwatch._stats import derived as _derived
-from gradwatch._stats.compute import traced_for_xla
-from gradwatch.findings import fit_summary
+from gradwatch._forensics.skipped import KeptStep
+from gradwatch.findings import print_fit_findings
 from gradwatch.keys import check_patterns
 from gradwatch.log import GradientLog, store_of
 from gradwatch.mixin import gate_next_step, model_state, resync_gate
@@ -227,12 +226,8 @@ class GradWatch(keras.callbacks.Callback):
         self.async_safe = type(self).async_safe and not self._alarms.ends_fit
         # "skip", "stop" and "raise" keep a non-finite step's update from the model.
         self.keeps_model = self.on_nonfinite in KEEPS_MODEL
-        # The first step whose update was kept from the model: (step, x, y,
-        # sample_weight) of its batch on the host, for a replay (see `keep_skipped_batch`).
-        self.skipped_batch: tuple[int, Any, Any, Any] | None = None
-        self._traced = False  # `log.origins` has the first kept step's row
-        self._fit_batch_size: int | None = None  # see `FIT_BATCH_SIZE`
-        self._watched: tuple[tuple[int, ...], frozenset[int]] | None = None
+        # The first step whose update was kept from the model, and its replay.
+        self._kept = KeptStep(self._store, self.keeps_model)
         self.needs_weights = any(s in UPDATE_STATS for s in self.stats)
         self.sinks = _args.check_sinks(sinks)
         self._sinks = Sinks(self, self._log, self._store)  # built-in ones, then `sinks`
@@ -241,7 +236,9 @@ class GradWatch(keras.callbacks.Callback):
         self._epoch = 0
         self._epoch_start = 0
         self._since_drain = 0
-        self._alarms.origin_of = self._origin_of
+        self._alarms.origin_of = lambda step: self._kept.origin_of(
+            step, self._recorded_model(), self._epoch_start
+        )
 
     def __repr__(self) -> str:
         """The settings, as a call: what is recorded (`variables`, `stats`, `every`)
@@ -299,7 +296,7 @@ class GradWatch(keras.callbacks.Callback):
         join(model, self)
         clear_halt(model)  # a `fit` after one that "stop" ended trains again
         self._since_drain = 0
-        self._fit_batch_size = model.__dict__.get(FIT_BATCH_SIZE)
+        self._kept.fit_batch_size = model.__dict__.get(FIT_BATCH_SIZE)
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._sinks.align(self.model, self._log.steps)
@@ -310,7 +307,7 @@ class GradWatch(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         self._sinks.align(self.model, self._log.steps)
-        self._trace_kept()  # on the main thread, before the next execution
+        self._kept.trace(self._recorded_model(), self._epoch_start)  # before the next execution
         self._handle_alarms()
         self._raise_if_alarmed()
         # Called once per execution of `steps_per_execution` steps, on the main
@@ -333,33 +330,19 @@ class GradWatch(keras.callbacks.Callback):
         return "cos_prev" in self.stats and (step + 1) % self.every == 0
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self._trace_kept()
+        self._kept.trace(self._recorded_model(), self._epoch_start)
         self._drain(anchored=True)
         self._alarms.poll(self.model)
         self._handle_alarms()
         self._raise_if_alarmed()
 
     def on_train_end(self, logs: dict | None = None) -> None:
-        self._trace_kept()
+        self._kept.trace(self._recorded_model(), self._epoch_start)
         self._alarms.poll(self.model)
         self._handle_alarms()
         self.release(self.model)
         self._raise_if_alarmed()
-        self._print_findings()
-
-    def _print_findings(self) -> None:
-        verbose = self.verbose
-        if verbose == "auto":
-            verbose = 0 if (self.params or {}).get("verbose", 1) == 0 else 1
-        if not verbose:
-            return
-        try:
-            text = fit_summary(self.log.diagnose())
-        except Exception as e:  # a diagnosis never costs the training its end
-            warnings.warn(f"GradWatch could not diagnose the run: {e!r}", stacklevel=2)
-            return
-        if text:
-            print(text, flush=True)
+        print_fit_findings(lambda: self.log.diagnose(), self.verbose, self.params)
 
     # Keras may run `on_train_batch_end` on a worker thread; it only reads one small
     # counter there and sets flags, so training stays asynchronous. Where the device
@@ -391,6 +374,10 @@ class GradWatch(keras.callbacks.Callback):
             if not state.watches:
                 restore_class(model)  # an adopted plain model gets its class back
 
+    def _recorded_model(self) -> Any:
+        """The model this watch records, or None before its first `fit` (or once freed)."""
+        return None if self._model_ref is None else self._model_ref()
+
     def _drain(self, anchored: bool = False) -> None:
         """Copies the recorded steps out of the device buffer into the log and the sinks;
         `anchored` (between the steps of a `fit`) also notes where the model's step
@@ -398,7 +385,7 @@ class GradWatch(keras.callbacks.Callback):
         buffer, plan = self._planner.buffer, self._planner.plan
         if buffer is None or plan is None:
             return
-        model = None if self._model_ref is None else self._model_ref()
+        model = self._recorded_model()
         self._since_drain = 0
         # Ctrl-C waits until the block is in the store and the sinks (`_signals`).
         with deferred_interrupt():
@@ -458,89 +445,25 @@ class GradWatch(keras.callbacks.Callback):
         `skipped` is a bool tensor (a loss-scale optimizer skipped the update) or None.
         `scalars` are the step's `(loss, learning_rate, applies)` (None: not seen).
         """
-        with traced_for_xla(model.jit_compile):
-            plan = self._planner.in_step(model, records)
-            if plan is None:
-                return
-            buffer = self._planner.buffer_for(model, plan)
-            local = records if local is None else local
-            _in_step.capture(
-                self, model, plan, buffer, self._store, step, records, skipped, local, scalars
-            )
+        _in_step.capture_step(self._planner, model, step, records, skipped, local, scalars)
 
     def watched_ids(self, model: Any) -> frozenset[int]:
         """The ids of the model's variables whose gradients this watch checks (its
         `variables`), made once per set of trainable variables."""
-        signature = signature_of(model)
-        if self._watched is None or self._watched[0] != signature:
-            try:
-                plan = make_plan(model, self, None)
-            except ValueError:  # the planner reports a pattern that matches nothing
-                return frozenset()
-            ids = frozenset(id(plan.variables[i]) for i in plan.stat_index)
-            self._watched = (signature, ids)
-        return self._watched[1]
+        return self._planner.watched_ids(model)
+
+    @property
+    def skipped_batch(self) -> tuple[int, Any, Any, Any] | None:
+        """`(step, x, y, sample_weight)` in NumPy of the first step whose update this
+        watch kept from the model, for a replay; None where there was none, or where the
+        backend cannot hand it over (TensorFlow with `jit_compile=True` or under
+        `tf.distribute`)."""
+        return self._kept.batch
 
     def keep_skipped_batch(self, step: int, x: Any, y: Any, sample_weight: Any) -> None:
-        """On the host: keeps the batch of the first step whose update this watch kept
-        from the model (`on_nonfinite` "skip", "stop" or "raise") in `skipped_batch`, as
-        `(step, x, y, sample_weight)` in NumPy, for a replay of that step. Where the
-        backend cannot hand it over (TensorFlow with `jit_compile=True` or under
-        `tf.distribute`), `skipped_batch` stays None."""
-        if self.skipped_batch is None:
-            self.skipped_batch = (int(step), x, y, sample_weight)
-
-    def _trace_kept(self) -> None:
-        """On the main thread, after the execution that holds the first step kept from
-        the model and before the next one: replays that step's batch and notes where
-        its first NaN/Inf was born (`log.origins`). Where later steps of the execution
-        updated the weights, only its input and targets are replayed."""
-        kept = self.skipped_batch
-        model = None if self._model_ref is None else self._model_ref()
-        if kept is None or self._traced or model is None:
-            return
-        self._traced = True
-        from gradwatch._forensics.skipped import trace_kept
-
-        step = kept[0]
-        halt = model_state(model).halt
-        halted = halt is not None and bool(halt.read_value())
-        intact = halted or step == next_step(model) - 1
-        if model.trainable_variables:
-            _backend.sync_state(model, model.trainable_variables[0])  # JAX: mid-epoch
-        try:
-            origin = trace_kept(model, kept, intact, self._fit_batch_size, self._epoch_start)
-        except Exception as e:  # the training goes on; the row says what failed
-            from gradwatch._forensics.origin import NonfiniteOrigin
-
-            origin = NonfiniteOrigin(
-                None,
-                None,
-                None,
-                (),
-                None,
-                f"The replay of step {step} failed: {type(e).__name__}: {e}",
-            )
-        self._add_origin(step, origin)
-
-    def _add_origin(self, step: int, origin: Any) -> None:
-        self._store.add_origin(
-            step, origin.stage, origin.layer, origin.op, origin.rows, origin.samples, origin.detail
-        )
-
-    def _origin_of(self, step: int) -> Any:
-        """For the message of a step kept from the model: where its first NaN/Inf was
-        born (replayed now if it was not yet), or a row saying that it could not be
-        replayed. None for other steps than the first kept one."""
-        self._trace_kept()
-        row = self._store.origins.get(step)
-        if row is None and not self._traced and self.keeps_model:
-            from gradwatch._forensics.skipped import untraced
-
-            self._traced = True
-            self._add_origin(step, untraced(step))
-            row = self._store.origins.get(step)
-        return row
+        """On the host, from the step: keeps the batch of the first step whose update
+        this watch kept from the model (`skipped_batch`)."""
+        self._kept.keep(step, x, y, sample_weight)
 
     def check_step(self, model: Any, step: Any, records: Records, skipped: Any) -> None:
         """Adds the every-step checks (non-finite, thresholds) to the step being traced.
@@ -548,14 +471,8 @@ class GradWatch(keras.callbacks.Callback):
         Non-finite gradients that a loss-scale optimizer skipped (`skipped`) never
         reached the weights, so they do not trip `on_nonfinite`.
         """
-        if not self.checks_every_step:
-            return
-        with traced_for_xla(model.jit_compile):
-            plan = self._planner.in_step(model, records)
-            if plan is None:
-                return
-            alarm = self._alarms.alarm_for(len(plan.stat_index))
-            _derived.every_step_check(plan, records, step, skipped, alarm, self._alarms)
+        if self.checks_every_step:
+            _in_step.check_step(self._planner, self._alarms, model, step, records, skipped)
 
 
 _PARAMETERS = {

@@ -7,7 +7,8 @@ report and `GradWatch` show them with these. Pandas only: no Keras.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -72,6 +73,25 @@ def findings_text(findings: pd.DataFrame, severities: Sequence[str] = SEVERITIES
         lines.append(f"{'':8}{row['evidence']}")
         lines.append(f"{'':8}Try: {row['advice']}")
     return "\n".join(lines)
+
+
+def print_fit_findings(
+    diagnose: Callable[[], pd.DataFrame], verbose: int | str, fit_params: Mapping | None
+) -> None:
+    """What `GradWatch(verbose=...)` prints at the end of `fit`: `fit_summary` of what
+    `diagnose()` finds. `"auto"` prints unless `fit(verbose=0)` asked for silence. A
+    diagnosis that fails is a warning: it never costs the training its end."""
+    if verbose == "auto":
+        verbose = 0 if (fit_params or {}).get("verbose", 1) == 0 else 1
+    if not verbose:
+        return
+    try:
+        text = fit_summary(diagnose())
+    except Exception as e:
+        warnings.warn(f"GradWatch could not diagnose the run: {e!r}", stacklevel=2)
+        return
+    if text:
+        print(text, flush=True)
 
 
 def fit_summary(findings: pd.DataFrame) -> str:

@@ -13,17 +13,61 @@ from typing import Any
 from keras import ops
 
 from gradwatch._backend import current as _backend
-from gradwatch._capture.plan import Plan
+from gradwatch._capture.plan import Plan, Planner
 from gradwatch._capture.step import Records, record_key
 from gradwatch._logdata.store import Store
 from gradwatch._stats import derived as _derived
-from gradwatch._stats.compute import compute_histograms, compute_stats
+from gradwatch._stats.compute import compute_histograms, compute_stats, traced_for_xla
 from gradwatch._stats.specs import gradient_stats, needs_of
 from gradwatch.buffer import GradientBuffer
 from gradwatch.sparse import dense
 
 # The backend's array functions in the step (`stack`, `full`, `nan`, ...).
 array_ops = _backend.OPS
+
+
+def capture_step(
+    planner: Planner,
+    model: Any,
+    step: Any,
+    records: Records,
+    skipped: Any,
+    local: Records | None,
+    scalars: tuple[Any, Any, Any],
+) -> None:
+    """Adds the capture of the planner's watch to the step being traced
+    (`GradWatch.capture_step`): its plan, made in the step, and its ring buffer."""
+    with traced_for_xla(model.jit_compile):
+        plan = planner.in_step(model, records)
+        if plan is None:
+            return
+        buffer = planner.buffer_for(model, plan)
+        local = records if local is None else local
+        capture(
+            planner.watch,
+            model,
+            plan,
+            buffer,
+            planner.store,
+            step,
+            records,
+            skipped,
+            local,
+            scalars,
+        )
+
+
+def check_step(
+    planner: Planner, alarms: Any, model: Any, step: Any, records: Records, skipped: Any
+) -> None:
+    """Adds the every-step checks (non-finite, thresholds) to the step being traced
+    (`GradWatch.check_step`)."""
+    with traced_for_xla(model.jit_compile):
+        plan = planner.in_step(model, records)
+        if plan is None:
+            return
+        alarm = alarms.alarm_for(len(plan.stat_index))
+        _derived.every_step_check(plan, records, step, skipped, alarm, alarms)
 
 
 def capture(

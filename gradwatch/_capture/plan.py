@@ -183,6 +183,21 @@ class Planner:
         # An argument that the model's variables refuse (a `variables` pattern matching
         # none), found inside the traced step: raised on the host, after the step.
         self.error: ValueError | None = None
+        # (signature_of(model), the ids of the watched variables): see `watched_ids`.
+        self._watched: tuple[tuple[int, ...], frozenset[int]] | None = None
+
+    def watched_ids(self, model: Any) -> frozenset[int]:
+        """The ids of the model's variables whose gradients the watch checks (its
+        `variables`), made once per set of trainable variables; none where a pattern
+        matches nothing (the plan reports that)."""
+        signature = signature_of(model)
+        if self._watched is None or self._watched[0] != signature:
+            try:
+                plan = make_plan(model, self.watch, None)
+            except ValueError:
+                return frozenset()
+            self._watched = (signature, frozenset(id(plan.variables[i]) for i in plan.stat_index))
+        return self._watched[1]
 
     def prepare(self, model: Any) -> Plan | None:
         """At the start of training: the checks of the arguments against the model's

@@ -90,3 +90,64 @@ def trace_kept(
         first = (step - epoch_start) * batch_size
         origin = dataclasses.replace(origin, samples=tuple(first + r for r in origin.rows))
     return origin
+
+
+class KeptStep:
+    """A watch's first step kept from the model (`on_nonfinite` "skip", "stop" or
+    "raise"): its batch, handed over on the host by the step, and its replay into the
+    store's origins (`log.origins`), made once, on the main thread."""
+
+    def __init__(self, store: Any, keeps_model: bool) -> None:
+        self.store = store
+        self.keeps_model = keeps_model
+        #: `(step, x, y, sample_weight)` in NumPy, or None (see `GradWatch.keep_skipped_batch`).
+        self.batch: tuple[int, Any, Any, Any] | None = None
+        self.traced = False  # the store has the first kept step's row
+        self.fit_batch_size: int | None = None  # see `adopt.FIT_BATCH_SIZE`
+
+    def keep(self, step: int, x: Any, y: Any, sample_weight: Any) -> None:
+        """Keeps the first batch handed over; later ones are dropped."""
+        if self.batch is None:
+            self.batch = (int(step), x, y, sample_weight)
+
+    def trace(self, model: Any, epoch_start: int) -> None:
+        """After the execution that holds the kept step and before the next one: replays
+        its batch and adds where its first NaN/Inf was born to the store. Where later
+        steps of the execution updated the weights, only its input and targets are
+        replayed. A replay that fails is a row that says so: training goes on."""
+        if self.batch is None or self.traced or model is None:
+            return
+        from gradwatch._backend import current as backend
+        from gradwatch._capture.counting import next_step
+        from gradwatch.mixin import model_state
+
+        self.traced = True
+        step = self.batch[0]
+        halt = model_state(model).halt
+        halted = halt is not None and bool(halt.read_value())
+        intact = halted or step == next_step(model) - 1
+        if model.trainable_variables:
+            backend.sync_state(model, model.trainable_variables[0])  # JAX: mid-epoch
+        try:
+            origin = trace_kept(model, self.batch, intact, self.fit_batch_size, epoch_start)
+        except Exception as e:  # the training goes on; the row says what failed
+            detail = f"The replay of step {step} failed: {type(e).__name__}: {e}"
+            origin = NonfiniteOrigin(None, None, None, (), None, detail)
+        self._add(step, origin)
+
+    def origin_of(self, step: int, model: Any, epoch_start: int) -> Any:
+        """For the message of a step kept from the model: where its first NaN/Inf was
+        born (replayed now if it was not yet), or a row saying that it could not be
+        replayed. None for other steps than the first kept one."""
+        self.trace(model, epoch_start)
+        row = self.store.origins.get(step)
+        if row is None and not self.traced and self.keeps_model:
+            self.traced = True
+            self._add(step, untraced(step))
+            row = self.store.origins.get(step)
+        return row
+
+    def _add(self, step: int, origin: NonfiniteOrigin) -> None:
+        self.store.add_origin(
+            step, origin.stage, origin.layer, origin.op, origin.rows, origin.samples, origin.detail
+        )

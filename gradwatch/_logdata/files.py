@@ -518,13 +518,9 @@ def _parse_meta(path: Path, text: str) -> dict:
     return meta
 
 
-def _from_table(path: Path, meta: dict, table: pd.DataFrame) -> Store:
-    missing = [c for c in COLUMNS if c not in table.columns]
-    if missing:
-        raise ValueError(
-            f"'{path}' is not a complete gradwatch log: it lacks the columns {missing}. "
-            f"Expected: {list(COLUMNS)}"
-        )
+def _store_from_meta(path: Path, meta: dict, table: pd.DataFrame) -> Store:
+    """An empty store with the variables, stats and events (alerts, skipped steps,
+    origins) that the metadata of the log at `path` lists."""
     variables, stats = list(meta["variables"]), list(meta["stats"])
     bins = meta.get("bins_per_decade")
     per_replica = bool(meta.get("per_replica", False))
@@ -551,6 +547,19 @@ def _from_table(path: Path, meta: dict, table: pd.DataFrame) -> Store:
             store.add_origin(step, stage, layer, op, rows, samples, detail)
     except (TypeError, ValueError) as e:
         raise ValueError(f"'{path}' has malformed origins in its metadata: {e}") from e
+    return store
+
+
+def _from_table(path: Path, meta: dict, table: pd.DataFrame) -> Store:
+    missing = [c for c in COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(
+            f"'{path}' is not a complete gradwatch log: it lacks the columns {missing}. "
+            f"Expected: {list(COLUMNS)}"
+        )
+    store = _store_from_meta(path, meta, table)
+    variables, stats = store.variables, store.stats
+    bins, per_replica = store.bins_per_decade, store.per_replica
     names = [n for n in meta.get("scalars", []) if n not in stats]
     if names:
         is_scalar = table["stat"].astype(object).isin(names).to_numpy()

@@ -1,5 +1,6 @@
-"""What a `GradientLog` derives from its stats and histograms: one stat as a wide frame,
-per layer, the global norm, the summary, the doctor's findings, and the histograms.
+"""What a `GradientLog` derives from its stats and histograms (one stat as a wide frame,
+per layer, the global norm, the summary, the doctor's findings, and the histograms) and
+from its events (the alerts, the skipped steps and their origins).
 
 Mixins of `GradientLog` (`gradwatch.log`), over the store it holds in `_store`.
 """
@@ -19,7 +20,7 @@ from gradwatch._logdata.frames import (
     stat_matrix,
     stat_steps,
 )
-from gradwatch._logdata.store import Store
+from gradwatch._logdata.store import ORIGIN_COLUMNS, Store
 from gradwatch._logdata.views import by_layer, global_norms, summary
 from gradwatch._stats.specs import SPECS
 from gradwatch.diagnose import Signals, run_rules
@@ -294,3 +295,112 @@ def find_cell(blocks: Sequence[Any], code: int, step: int) -> tuple[tuple | None
         if len(rows):
             return (b, int(cols[0]), int(rows[0])), True
     return None, seen
+
+
+class EventViews:
+    """The alerts, the skipped steps and where their NaN/Inf was born (a `GradientLog`
+    mixin)."""
+
+    _store: Store
+
+    @property
+    def alerts(self) -> pd.DataFrame:
+        """Every alert: columns `step`, `variable`, `kind` and `value`, sorted by step.
+
+        `kind` is `"nonfinite"` (value: the number of NaN/Inf elements),
+        `"max_norm"` or `"min_norm"` (value: the norm). Recorded steps give every
+        alert; steps that `every` skips give the first alert of each kind.
+        """
+        rows = sorted(self._store.alerts.items(), key=lambda kv: kv[0])
+        return pd.DataFrame(
+            {
+                "step": np.asarray([k[0] for k, _ in rows], np.int64),
+                "variable": [k[1] for k, _ in rows],
+                "kind": [k[2] for k, _ in rows],
+                "value": np.asarray([v for _, v in rows], np.float64),
+            }
+        )
+
+    def first_nonfinite(self) -> tuple[int, list[str]] | None:
+        """The first step with a NaN or Inf gradient element and the variables that had one,
+        or `None`.
+
+        Example:
+
+        ```python
+        log.first_nonfinite()  # (1234, ['net/dense/kernel'])
+        ```
+        """
+        alerts = self._store.alerts
+        steps = [k[0] for k in alerts if k[2] == "nonfinite"]
+        if not steps:
+            return None
+        first = min(steps)
+        keys = {k[1] for k in alerts if k[2] == "nonfinite" and k[0] == first}
+        return first, [k for k in self._store.variables if k in keys]
+
+    @property
+    def skipped_steps(self) -> np.ndarray:
+        """The recorded steps whose update was skipped, sorted: by a
+        `LossScaleOptimizer`, or by `GradWatch(on_nonfinite="skip")` (or
+        `"stop"`, `"raise"`).
+
+        Under mixed precision the optimizer skips a step whose scaled
+        gradients overflowed, and lowers its loss scale. The step's gradients
+        are recorded as they were (with their NaN/Inf counts in `alerts`), but
+        they never reached the weights, so `on_nonfinite` does not act on them.
+        A step that `on_nonfinite` kept from the model is recorded the same
+        way, and `on_nonfinite` acts on it (its NaN came from the data or the
+        model, not from a loss scale).
+
+        Example:
+
+        ```python
+        log.skipped_steps  # array([0, 1])
+        ```
+        """
+        return np.asarray(sorted(self._store.skipped), np.int64)
+
+    @property
+    def kept_steps(self) -> np.ndarray:
+        """Of `skipped_steps`, the steps whose update `GradWatch(on_nonfinite=...)`
+        kept from the model (`"skip"`, `"stop"`, `"raise"`); the others a
+        `LossScaleOptimizer` skipped. Logs saved before gradwatch recorded this read
+        with none (every skipped step counted as the optimizer's).
+
+        Example:
+
+        ```python
+        log.skipped_steps, log.kept_steps  # (array([0, 1, 9]), array([9]))
+        ```
+        """
+        return np.asarray(sorted(self._store.guarded), np.int64)
+
+    @property
+    def origins(self) -> pd.DataFrame:
+        """Where the first NaN or Inf of a step that `on_nonfinite` kept from the model
+        was born: one row per traced step (the first such step of a run), found by
+        replaying its batch on the weights from before it.
+
+        Columns: `step`; `stage` (`"input"`, `"target"`, `"forward"`, `"loss"`,
+        `"backward"`, or `None` where the step could not be replayed: `detail` says
+        why); `layer` (the layer's key prefix, as in variable keys, or `None`); `op`
+        (on TensorFlow, the op type, or `None`); `rows` (the batch rows, a tuple);
+        `samples` (their indices in the training data where `fit` was given arrays
+        with `shuffle=False`, a tuple, else `None`); `detail` (one sentence). Empty,
+        with these columns, when nothing was traced.
+
+        Example:
+
+        ```python
+        log.origins
+        #    step    stage           layer   op  rows samples                  detail
+        # 0     9  forward  net/log_sum_1  Log  (3,)   (291,)  The output of `net/...
+        ```
+        """
+        items = list(self._store.origins.items())
+        columns = list(zip(*[v for _, v in items], strict=True)) or [()] * 6
+        frame = {"step": np.asarray([k for k, _ in items], np.int64)}
+        for name, column in zip(ORIGIN_COLUMNS[1:], columns, strict=True):
+            frame[name] = pd.Series(list(column), dtype=object)
+        return pd.DataFrame(frame, columns=list(ORIGIN_COLUMNS))
