@@ -36,6 +36,7 @@ PLAIN = ", plain model"
 # ...and this one times the plain model's later fits without the watch, after one fit
 # with it: Keras' stock train function again, at no cost.
 LATER = "plain model, later fit without the watch"
+SMOKE_CONFIGS = ("default, jit, spe=8", "histogram + 1 kept tensor", LATER)
 STEPS = {"mlp": 120, "cnn": 16, "transformer": 40, "many": 120, "embedding": 60}
 
 
@@ -77,6 +78,9 @@ def configs(name: str) -> list[tuple[str, dict, dict]]:
         ("every=10", {"every": 10}, {}),
         # Keeps a non-finite step's update from the model: a branch around `apply`.
         ("on_nonfinite=skip", {"on_nonfinite": "skip"}, {}),
+        # The presets: the norm alone, and every stat the doctor reads.
+        ('stats="lean"', {"stats": "lean"}, {}),
+        ('stats="doctor"', {"stats": "doctor"}, {}),
         ("default" + PLAIN, {}, {}),
         (LATER, {}, {}),
     ]
@@ -155,10 +159,10 @@ def main(argv=None) -> int:
     for name in args.only.split(","):
         steps = 4 if args.smoke else STEPS[name]
         chosen = configs(name)
-        if args.smoke and len(chosen) == 9:
+        if args.smoke and keras.backend.backend() == "tensorflow":
             # the harness's every path once: a watched gradwatch model (spe + jit; histogram
             # + values) and a plain model watched once, then fitted without the watch
-            chosen = [chosen[i] for i in (3, 4, 8)]
+            chosen = [c for c in chosen if c[0] in SMOKE_CONFIGS]
         if args.configs:
             chosen = [c for c in chosen if c[0] in args.configs.split(",")]
         for label, watch_kwargs, compile_kwargs in chosen:

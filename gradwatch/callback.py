@@ -55,7 +55,8 @@ class GradWatch(keras.callbacks.Callback):
             list of them, matched against variable keys (`net/hidden/kernel`:
             the model's name, the layer names down to the variable and its
             name), or any suffix of one on `/` boundaries. Defaults to `"*"` (all).
-        stats: Names from `gradwatch.STATS`. Defaults to
+        stats: Names from `gradwatch.STATS`, or a preset by name: `"doctor"`
+            (every stat the doctor reads) or `"lean"` (the norm alone). Defaults to
             `("norm", "mean", "std", "min", "max", "nonfinite")`.
         values: Also keep the full gradient tensor of these variables (same
             pattern forms as `variables`). Defaults to `None` (none).

@@ -33,6 +33,7 @@ __all__ = [
     "HIST_MAX_EXP",
     "HIST_MIN_EXP",
     "HIST_SIGNS",
+    "PRESETS",
     "STATS",
     "UPDATE_STATS",
     "check_stats",
@@ -55,11 +56,19 @@ DEFAULT_STATS: tuple[str, ...] = ("norm", "mean", "std", "min", "max", "nonfinit
 DOCTOR_STATS: tuple[str, ...]
 
 
+#: The sets of stats that `GradWatch(stats=...)` takes by name: `"doctor"`, every stat the
+#: doctor's rules read (`DOCTOR_STATS`: no rule is left unchecked); `"lean"`, the norm
+#: alone (one read of each gradient, the cheapest record that the doctor's `exploding`,
+#: `vanishing` and global-norm views can use).
+PRESETS: tuple[str, ...] = ("doctor", "lean")
+
+
 def check_stats(stats: Any) -> tuple[str, ...]:
     """Checks a `stats` argument and returns it as a tuple in the order given.
 
     Args:
-        stats: A stat name or a sequence of stat names from `STATS`.
+        stats: A stat name or a sequence of stat names from `STATS`, or the name of a
+            preset (`PRESETS`): `"doctor"` or `"lean"`.
 
     Returns:
         The stat names, duplicates removed.
@@ -72,7 +81,11 @@ def check_stats(stats: Any) -> tuple[str, ...]:
 
     >>> check_stats(["norm", "max"])
     ('norm', 'max')
+    >>> check_stats("lean")
+    ('norm',)
     """
+    if isinstance(stats, str) and stats in PRESETS:
+        return _doctor_stats() if stats == "doctor" else ("norm",)
     items = [stats] if isinstance(stats, str) else stats
     if not isinstance(items, Sequence) or not all(isinstance(s, str) for s in items):
         raise TypeError(
@@ -87,8 +100,8 @@ def check_stats(stats: Any) -> tuple[str, ...]:
     for s in items:
         if s not in SPECS:
             raise ValueError(
-                f"Unknown stat {s!r} in `stats`. Available: {list(SPECS)}. "
-                f"Received: stats={list(items)!r}"
+                f"Unknown stat {s!r} in `stats`. Available: {list(SPECS)}, or a preset "
+                f"by name: {' or '.join(map(repr, PRESETS))}. Received: stats={list(items)!r}"
             )
     return tuple(dict.fromkeys(items))
 

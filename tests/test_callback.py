@@ -1,3 +1,5 @@
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -677,3 +679,43 @@ def test_a_ring_buffer_of_two_executions_is_drained_before_it_overflows(monkeypa
         np.testing.assert_allclose(log.gradient("out/kernel", step), grads[2], rtol=1e-5, atol=1e-7)
         expected = [np.linalg.norm(g) for g in grads]
         np.testing.assert_allclose(norms.loc[step].to_numpy(), expected, rtol=1e-5)
+
+
+@pytest.mark.backends
+def test_stats_presets_record_what_the_doctor_reads_and_the_norm_alone():
+    # "lean": the norm alone, equal to the plain tape loop's gradient norm at every step.
+    x, y = data(n=24)
+    model, plain = pair()
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    lean = gradwatch.GradWatch(stats="lean")
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, callbacks=[lean], verbose=0)
+    assert lean.stats == ("norm",)
+    assert list(lean.log.frame["stat"].unique()) == ["norm"]
+    reference = tape_gradients(plain, keras.optimizers.SGD(0.1), batches_of(x, y, 8), mse)
+    norm = lean.log.stat("norm")
+    for step, grads in enumerate(reference):
+        for key, g in zip(lean.log.variables, grads, strict=True):
+            np.testing.assert_allclose(norm.loc[step, key], np.linalg.norm(g), rtol=1e-5)
+    # "doctor": every stat a rule reads, so that no rule says it was not checked (each
+    # stat a rule lacks is a finding of its own, naming the stat: see the lean log's).
+    doctor_model, _ = pair()
+    doctor_model.compile(keras.optimizers.SGD(0.1, clipnorm=1.0), "mse")
+    doctor = gradwatch.GradWatch(stats="doctor")
+    doctor_model.fit(x, y, batch_size=8, epochs=1, callbacks=[doctor], verbose=0)
+    unchecked = lambda log: [  # noqa: E731
+        e for e in log.diagnose()["evidence"] if "the log has no" in e
+    ]
+    assert unchecked(lean.log), "the lean log lacks stats that rules read"
+    assert unchecked(doctor.log) == []
+    assert set(doctor.stats) == {
+        s for e in unchecked(lean.log) for s in re.findall("`(\\w+)` stat", e)
+    } | {"norm"}
+    assert tuple(doctor.log.stat_names) == doctor.stats
+
+
+def test_stats_preset_names_are_no_stat_names_and_a_typo_lists_them():
+    assert not set(gradwatch.stats.PRESETS) & set(gradwatch.STATS)
+    with pytest.raises(
+        ValueError, match=r"Unknown stat 'doktor'.*a preset by name: 'doctor' or 'lean'"
+    ):
+        gradwatch.GradWatch(stats="doktor")

@@ -197,7 +197,8 @@ def _not_checked(finding: str, stat: str, what: str = "") -> dict[str, Any]:
         pd.NA,
         pd.NA,
         f"`{finding}` was {what or 'not checked'}: the log has no `{stat}` stat.",
-        f"Record it to check: GradWatch(stats=[*gradwatch.DEFAULT_STATS, {stat!r}]).",
+        f"Record it to check: GradWatch(stats=[*gradwatch.DEFAULT_STATS, {stat!r}]), or "
+        'GradWatch(stats="doctor") for every stat the doctor reads.',
     )
 
 
