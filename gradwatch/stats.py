@@ -12,7 +12,7 @@ saved log never imports it.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -56,11 +56,16 @@ DEFAULT_STATS: tuple[str, ...] = ("norm", "mean", "std", "min", "max", "nonfinit
 DOCTOR_STATS: tuple[str, ...]
 
 
-#: The sets of stats that `GradWatch(stats=...)` takes by name: `"doctor"`, every stat the
-#: doctor's rules read (`DOCTOR_STATS`: no rule is left unchecked); `"lean"`, the norm
-#: alone (one read of each gradient, the cheapest record that the doctor's `exploding`,
-#: `vanishing` and global-norm views can use).
-PRESETS: tuple[str, ...] = ("doctor", "lean")
+# The sets of stats that `GradWatch(stats=...)` takes by name: `"doctor"`, every stat the
+# doctor's rules read (`DOCTOR_STATS`: no rule is left unchecked, made on first use);
+# `"lean"`, the norm alone (one read of each gradient, the cheapest record that the
+# doctor's `exploding`, `vanishing` and global-norm views can use).
+_PRESETS: dict[str, Callable[[], tuple[str, ...]]] = {
+    "doctor": lambda: _doctor_stats(),
+    "lean": lambda: ("norm",),
+}
+#: The names of the presets that `GradWatch(stats=...)` takes (see `check_stats`).
+PRESETS: tuple[str, ...] = tuple(_PRESETS)
 
 
 def check_stats(stats: Any) -> tuple[str, ...]:
@@ -84,8 +89,8 @@ def check_stats(stats: Any) -> tuple[str, ...]:
     >>> check_stats("lean")
     ('norm',)
     """
-    if isinstance(stats, str) and stats in PRESETS:
-        return _doctor_stats() if stats == "doctor" else ("norm",)
+    if isinstance(stats, str) and stats in _PRESETS:
+        return _PRESETS[stats]()
     items = [stats] if isinstance(stats, str) else stats
     if not isinstance(items, Sequence) or not all(isinstance(s, str) for s in items):
         raise TypeError(

@@ -31,8 +31,8 @@ stats_table = generic.stats_table
 
 # Keeping a step's update from the model, and the gradients of a replay; and `cond`.
 agree_across_replicas = _skip.agree_across_replicas
-cond = _skip.cond
 all_finite = _skip.all_finite
+cond = _skip.cond
 first_nonfinite_op = _skip.first_nonfinite_op
 gated_apply = _skip.gated_apply
 gradients_of = _skip.gradients_of

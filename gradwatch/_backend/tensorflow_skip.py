@@ -71,6 +71,25 @@ def agree_across_replicas(finite: Any) -> Any:
     return tf.equal(bad, 0)
 
 
+def _cross_replica_branch(
+    context: Any, predicate: Any, fn: Callable[..., None], args: Sequence[Any]
+) -> None:
+    """Under `tf.distribute`: `fn(distribution, *args)` in the cross-replica context
+    (`merge_call`), in a branch taken where `predicate` holds. Every replica holds the
+    same `predicate` (`agree_across_replicas`), so the first one's decides."""
+
+    def cross(distribution: Any, predicate: Any, *args: Any) -> None:
+        first = distribution.experimental_local_results(predicate)[0]
+
+        def taken() -> Any:
+            fn(distribution, *args)
+            return tf.constant(True)
+
+        tf.cond(first, taken, lambda: tf.constant(False))
+
+    context.merge_call(cross, args=(predicate, *args))
+
+
 def gated_apply(
     model: Any, finite: Any, apply: Callable, args: tuple, skip: Callable[[], None]
 ) -> None:
@@ -88,16 +107,10 @@ def gated_apply(
     context = _replicas()
     if context is not None:
 
-        def cross(distribution: Any, finite: Any, *args: Any) -> None:
-            first = distribution.experimental_local_results(finite)[0]
+        def each_replica(distribution: Any, *args: Any) -> None:
+            distribution.extended.call_for_each_replica(apply, args=args)
 
-            def taken() -> Any:
-                distribution.extended.call_for_each_replica(apply, args=args)
-                return tf.constant(True)
-
-            tf.cond(first, taken, lambda: tf.constant(False))
-
-        context.merge_call(cross, args=(finite, *args))
+        _cross_replica_branch(context, finite, each_replica, args)
         return
 
     def taken() -> Any:
@@ -129,19 +142,13 @@ def restore_where(model: Any, predicate: Any, saved: Sequence[tuple[Any, Any]]) 
     context = _replicas()
     if context is not None:
 
-        def cross(distribution: Any, predicate: Any, *values: Any) -> None:
-            first = distribution.experimental_local_results(predicate)[0]
+        def each_replica(distribution: Any, *values: Any) -> None:
+            for (variable, _), value in zip(saved, values, strict=True):
+                distribution.extended.update(
+                    variable.value, lambda v, x: v.assign(x), args=(value,), group=False
+                )
 
-            def taken() -> Any:
-                for (variable, _), value in zip(saved, values, strict=True):
-                    distribution.extended.update(
-                        variable.value, lambda v, x: v.assign(x), args=(value,), group=False
-                    )
-                return tf.constant(True)
-
-            tf.cond(first, taken, lambda: tf.constant(False))
-
-        context.merge_call(cross, args=(predicate, *[value for _, value in saved]))
+        _cross_replica_branch(context, predicate, each_replica, [v for _, v in saved])
         return
 
     def taken() -> Any:
