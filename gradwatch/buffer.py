@@ -34,7 +34,7 @@ class Drained:
 
 
 #: The bits of a step's `skipped` code in the buffer: who kept its update from the model.
-SKIPPED_BY = {"loss_scale": 1, "on_nonfinite": 2}
+SKIPPED_BY = {"loss_scale": 1, "on_nonfinite": 2, "on_spike": 4}
 
 
 class GradientBuffer(StateMetric):

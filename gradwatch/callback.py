@@ -28,7 +28,9 @@ from gradwatch._capture.guard import clear_halt
 from gradwatch._capture.interrupts import deferred_interrupt
 from gradwatch._capture.plan import Planner
 from gradwatch._capture.sinks import Sinks
+from gradwatch._capture.spikes import SpikeJudge
 from gradwatch._capture.step import Records, restore_class
+from gradwatch._doctor.spikes import SPIKE_SIGMA, SPIKE_WINDOW
 from gradwatch._forensics.skipped import KeptStep
 from gradwatch.findings import print_fit_findings
 from gradwatch.keys import check_patterns
@@ -102,6 +104,19 @@ class GradWatch(keras.callbacks.Callback):
             this (vanishing). Defaults to `None` (no check).
         on_threshold: The policy for `max_norm` and `min_norm`, as
             `on_nonfinite`. Defaults to `"warn"`.
+        on_spike: What to do at a spike: a recorded step whose global gradient
+            norm (over the watched variables) or loss lies above the mean +
+            `spike_sigma` standard deviations of its previous `spike_window`
+            finite values (none is judged before 16 were seen). Each spike is in
+            `log.alerts` (kinds `"spike"`, `"loss_spike"`). The policies of
+            `on_nonfinite`: `"ignore"` (nothing is judged), `"warn"` (one warning
+            per kind), `"skip"` (the spike's update is kept from the model, as
+            `on_nonfinite="skip"` keeps it), `"stop"`, `"raise"`. Not
+            `"skip"`/`"stop"`/`"raise"` under `tf.distribute`. Defaults to `"warn"`.
+        spike_window: How many previous finite values a spike is judged
+            against. Defaults to `128`.
+        spike_sigma: How many standard deviations above their mean a spike
+            lies. Defaults to `6.0`.
         tensorboard_dir: Also write the gradient norms (and histograms, with
             `histogram`) to this directory as TensorBoard summaries, at the
             log's step numbers, each time the buffer is drained; see
@@ -177,6 +192,9 @@ class GradWatch(keras.callbacks.Callback):
         max_norm: float | None = None,
         min_norm: float | None = None,
         on_threshold: AlarmPolicy = "warn",
+        on_spike: NonfinitePolicy = "warn",
+        spike_window: int = SPIKE_WINDOW,
+        spike_sigma: float = SPIKE_SIGMA,
         tensorboard_dir: str | os.PathLike | None = None,
         sinks: Sequence[Sink] | None = None,
         per_replica: bool = False,
@@ -207,6 +225,10 @@ class GradWatch(keras.callbacks.Callback):
         self.max_value_elements = _args.check_count(max_value_elements, "max_value_elements")
         self.on_nonfinite = _args.check_policy(on_nonfinite, "on_nonfinite")
         self.on_threshold = _args.check_policy(on_threshold, "on_threshold")
+        self.on_spike = _args.check_policy(on_spike, "on_spike")
+        self.spike_window = _args.check_count(spike_window, "spike_window")
+        self.spike_sigma = _args.check_positive(spike_sigma, "spike_sigma")
+        self._spikes = SpikeJudge(self.on_spike, self.spike_window, self.spike_sigma)
         self.max_norm = _args.check_threshold(max_norm, "max_norm")
         self.min_norm = _args.check_threshold(min_norm, "min_norm")
         self.tensorboard_dir = _args.check_tensorboard_dir(
@@ -219,14 +241,15 @@ class GradWatch(keras.callbacks.Callback):
             self.min_norm,
             self.every,
             self.stats,
+            self._spikes,
         )
         self.checks_every_step = self._alarms.checks_every_step
         # A "stop" or "raise" ends `fit` at the step that tripped it: Keras then runs
         # `on_train_batch_end` on the main thread, before it checks `stop_training`
         # (asynchronously, one more step could start first).
         self.async_safe = type(self).async_safe and not self._alarms.ends_fit
-        # "skip", "stop" and "raise" keep a non-finite step's update from the model.
-        self.keeps_model = self.on_nonfinite in KEEPS_MODEL
+        # "skip", "stop" and "raise" keep a non-finite step's (a spike's) update from the model.
+        self.keeps_model = self.on_nonfinite in KEEPS_MODEL or self.on_spike in KEEPS_MODEL
         # The first step whose update was kept from the model, and its replay.
         self._kept = KeptStep(self._store, self.keeps_model)
         self.needs_weights = any(s in UPDATE_STATS for s in self.stats)
@@ -287,9 +310,17 @@ class GradWatch(keras.callbacks.Callback):
     def _attach(self, model: Any) -> None:
         _args.check_model(model, _backend, _BACKEND_NAME)
         _args.unsupported_settings(self, _backend, _BACKEND_NAME)
+        if self.on_spike in KEEPS_MODEL and _backend.num_replicas(model) > 1:
+            raise NotImplementedError(
+                f"GradWatch does not yet keep a spike's update from the model under "
+                f"`tf.distribute`. Received: on_spike={self.on_spike!r} with "
+                f"{_backend.num_replicas(model)} replicas. Use on_spike='warn' there."
+            )
         plan = self._planner.prepare(model)  # JAX: made now, for the step's state
         if plan is not None and self.checks_every_step:
             self._alarms.alarm_for(len(plan.stat_index))  # in the step's state too
+        if plan is not None and self._spikes.active:
+            self._spikes.state_for()  # in the step's state too
         # Opens the sinks for this fit, and aligns the step count once every callback
         # has begun (`_sinks.align_fit`).
         self._sinks.begin(model, self)
@@ -355,7 +386,7 @@ class GradWatch(keras.callbacks.Callback):
 
     def state_metrics(self) -> list[Any]:
         """The metrics carrying this watch's device state (ring buffer, JAX alarm)."""
-        metrics = (self._planner.buffer, self._alarms.alarm)
+        metrics = (self._planner.buffer, self._alarms.alarm, self._spikes.state)
         return [m for m in metrics if isinstance(m, keras.Metric)]
 
     def release(self, model: Any) -> None:
@@ -403,6 +434,9 @@ class GradWatch(keras.callbacks.Callback):
                 self._sinks.write(sink_block(block, plan, epoch, start, self.stats, bins))
 
     def _handle_alarms(self) -> None:
+        if self._alarms.spike_pending:  # its alert and message come with its block
+            self._alarms.spike_pending = False
+            self._drain()
         if self._planner.plan is not None:
             self._alarms.handle(self._planner.plan.stat_keys, self._store, self._nonfinite_counts)
 
@@ -437,16 +471,23 @@ class GradWatch(keras.callbacks.Callback):
         records: Records,
         skipped: Any,
         local: Records | None = None,
-        scalars: tuple[Any, Any, Any] = (None, None, None),
+        scalars: tuple = (None, None, None),
     ) -> None:
         """Adds this watch's capture to the step being traced.
 
         `records` hold the global gradients, `local` (under `tf.distribute`) what
         this replica handed the optimizer; without a strategy they are the same.
         `skipped` is a bool tensor (a loss-scale optimizer skipped the update) or None.
-        `scalars` are the step's `(loss, learning_rate, applies)` (None: not seen).
+        `scalars` are the step's `(loss, learning_rate, applies)` (None: not seen) and
+        its spike verdicts by watch (`StepScope.spikes`).
         """
         _in_step.capture_step(self._planner, model, step, records, skipped, local, scalars)
+
+    def judge_spikes(self, model: Any, scope: Any, records: Records, local: Any) -> None:
+        """Adds this watch's spike verdict of the step to `scope.spikes`, once per step
+        (`local`: this replica's records under `tf.distribute`, else None)."""
+        if self._spikes.active and id(self) not in scope.spikes:
+            _in_step.judge_spikes(self._planner, self._spikes, model, scope, records, local)
 
     def watched_ids(self, model: Any) -> frozenset[int]:
         """The ids of the model's variables whose gradients this watch checks (its

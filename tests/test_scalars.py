@@ -36,8 +36,9 @@ def rate_by_hand(iteration):
 
 def tape_losses(model, optimizer, batches):
     """Trains `model` with a plain gradient loop; returns each step's loss (the mse plus
-    the model's regularization losses, as Keras adds them)."""
-    losses = []
+    the model's regularization losses, as Keras adds them), and sets `tape_losses.norms`
+    to each step's global gradient norm."""
+    losses, norms = [], []
     for x, y, _ in batches:
 
         def loss_of(x=x, y=y):
@@ -46,8 +47,11 @@ def tape_losses(model, optimizer, batches):
 
         loss, grads = grads_of(loss_of, model.trainable_weights)
         losses.append(float(ops.convert_to_numpy(loss)))
+        squares = [np.sum(np.square(ops.convert_to_numpy(g).astype(np.float64))) for g in grads]
+        norms.append(np.sqrt(np.sum(squares)))
         with no_grad():
             optimizer.apply_gradients(zip(grads, model.trainable_weights, strict=True))
+    tape_losses.norms = np.asarray(norms)
     return np.asarray(losses)
 
 
@@ -71,7 +75,9 @@ def test_scalars_are_each_steps_loss_and_scheduled_rate_of_a_tape_loop(
 
     reference = tape_losses(plain, keras.optimizers.SGD(schedule()), batches_of(x, y, 4) * 2)
     scalars = watch.log.scalars
-    assert list(scalars.columns) == ["step", "epoch", "batch", "loss", "learning_rate", "applied"]
+    assert list(scalars.columns) == [
+        *("step", "epoch", "batch", "loss", "learning_rate", "applied", "global_norm", "spike")
+    ]
     assert scalars["loss"].dtype == np.float32 and scalars["learning_rate"].dtype == np.float32
     # Without gradient accumulation every step applies (none overflowed here).
     assert scalars["applied"].dtype == "boolean" and scalars["applied"].all()
@@ -79,6 +85,10 @@ def test_scalars_are_each_steps_loss_and_scheduled_rate_of_a_tape_loop(
     np.testing.assert_array_equal(scalars["epoch"], np.arange(12) // 6)
     np.testing.assert_array_equal(scalars["batch"], np.arange(12) % 6)
     np.testing.assert_allclose(scalars["loss"], reference, rtol=1e-5)
+    # The spike judge's global norm (over every watched gradient, unscaled); 12 steps
+    # are fewer than the 16 it needs before it judges one.
+    np.testing.assert_allclose(scalars["global_norm"], tape_losses.norms, rtol=1e-5)
+    np.testing.assert_array_equal(scalars["spike"], np.zeros(12))
     np.testing.assert_allclose(
         scalars["learning_rate"], [rate_by_hand(i) for i in range(12)], rtol=1e-6
     )
@@ -179,6 +189,8 @@ def test_scalars_of_a_version_1_file_are_empty_and_its_stats_read(tmp_path):
         "loss",
         "learning_rate",
         "applied",
+        "global_norm",
+        "spike",
     ]
     assert log.scalars.empty
     # Written again, it is a current file that reads back the same.

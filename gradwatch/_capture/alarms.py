@@ -16,7 +16,7 @@ import numpy as np
 
 from gradwatch._backend import current as _backend
 from gradwatch._capture.state_metric import StateMetric
-from gradwatch._logdata.store import Store
+from gradwatch._logdata.store import SCALARS, Store
 from gradwatch._ui.text import origin_text
 from gradwatch.buffer import Drained
 
@@ -62,8 +62,10 @@ class Alarms:
         stats: The watch's stats.
     """
 
-    def __init__(self, on_nonfinite, on_threshold, max_norm, min_norm, every, stats):
+    def __init__(self, on_nonfinite, on_threshold, max_norm, min_norm, every, stats, spikes=None):
         self.on_nonfinite = on_nonfinite
+        # The spike judge (`_capture.spikes.SpikeJudge`), or None.
+        self.spikes = spikes
         self.on_threshold = on_threshold
         self.max_norm = max_norm
         self.min_norm = min_norm
@@ -75,8 +77,10 @@ class Alarms:
         self.threshold_from_stats = every == 1 and "norm" in stats
         self.stats = tuple(stats)
         # A policy that ends `fit` when its check trips.
-        self.ends_fit = on_nonfinite in ("stop", "raise") or (
-            self.thresholds and on_threshold in ("stop", "raise")
+        self.ends_fit = (
+            on_nonfinite in ("stop", "raise")
+            or (self.thresholds and on_threshold in ("stop", "raise"))
+            or (spikes is not None and spikes.policy in ("stop", "raise"))
         )
         self.checks_every_step = (
             self.ends_fit
@@ -88,6 +92,8 @@ class Alarms:
         # or None (set by the watch).
         self.origin_of: Callable[[int], tuple | None] = lambda step: None
         self._warned: set[str] = set()
+        # A spike that stops training was polled: the watch drains, for its alert.
+        self.spike_pending = False
         self._seen = {"nonfinite": 0, "threshold": 0}
         self._pending: list[str] = []
         self._error: FloatingPointError | None = None
@@ -126,6 +132,20 @@ class Alarms:
             if found and self.on_threshold == "warn" and self.threshold_from_stats:
                 self.act("warn", self.threshold_message(first, found))
 
+        self._spike_alerts(block, store)
+
+    def _spike_alerts(self, block: Drained, store: Store) -> None:
+        """Alerts for the drained steps that the spike judge found spiking, and the
+        first of each kind acted on by `on_spike`."""
+        if self.spikes is None or not self.spikes.active:
+            return
+        rows = self.spikes.alerts(block.steps, block.scalars, list(SCALARS))
+        store.add_alerts(rows)
+        for kind in ("spike", "loss_spike"):
+            first = next((r for r in rows if r[2] == kind), None)
+            if first is not None:
+                self.act(self.spikes.policy, self.spikes.message(first[0], kind, first[3]))
+
     def _stat_alerts(
         self, block, keys, store, stat, tripped, kind, acted=None
     ) -> tuple[int, dict[str, float]]:
@@ -151,6 +171,10 @@ class Alarms:
     def poll(self, model: Any) -> None:
         """Reads the check counters (one small read). May run on Keras' worker thread, so
         it only notes what tripped and sets `stop_training`; `handle` does the rest."""
+        spikes = self.spikes
+        if spikes is not None and spikes.policy in ("stop", "raise") and spikes.poll(model):
+            model.stop_training = True
+            self.spike_pending = True
         alarm = self.alarm
         if alarm is None or not _backend.sync_state(model, alarm.tripped):
             return

@@ -80,8 +80,16 @@ def check_threshold(value: Any, arg: str) -> float | None:
     return None if value is None else float(value)
 
 
+def check_positive(value: Any, arg: str) -> float:
+    """A finite number > 0 (not a bool)."""
+    number = isinstance(value, (int, float, np.integer, np.floating))
+    if isinstance(value, bool) or not number or not 0 < value < float("inf"):
+        raise ValueError(f"`{arg}` must be a finite number > 0. Received: {arg}={value!r}")
+    return float(value)
+
+
 def check_policy(value: Any, arg: str) -> str:
-    allowed = NONFINITE_POLICIES if arg == "on_nonfinite" else POLICIES
+    allowed = NONFINITE_POLICIES if arg in ("on_nonfinite", "on_spike") else POLICIES
     if value not in allowed:
         raise ValueError(f"`{arg}` must be one of {list(allowed)}. Received: {arg}={value!r}")
     return value

@@ -19,6 +19,8 @@ from gradwatch._capture.guard import (
     ApplyGuard,
     guarding,
     halt_flag,
+    judge_spikes,
+    judging,
     keep_batch,
     restore_earlier_updates,
     skipped,
@@ -45,7 +47,7 @@ def counted(fn: Callable) -> Callable:
         # step count before it (an eager step counts in `commit`, after the update).
         step_counter(self)
         with contextlib.ExitStack() as stack:
-            if _backend.APPLY_METHOD and guarding(self):
+            if _backend.APPLY_METHOD and (guarding(self) or judging(self)):
                 # Each optimizer's `apply` runs only where the watched gradients are
                 # finite (a stateless JAX step is gated on its returned state).
                 stack.enter_context(ApplyGuard(self))
@@ -223,22 +225,29 @@ def commit(model: Any, scope: StepScope) -> None:
     skipped = skipped_update(scope) if listening and scope.grads else None
     local = scope.grads
     records = _backend.global_records(local) if listening and local else local
+    if listening and local:  # the spikes not judged before the update
+        judge_spikes(model, scope, records, None if records is local else local)
     # A step kept from the model is still checked: its gradients were the data's.
     for watch in listening:
         watch.check_step(model, step, records, skipped)
-    scalars = (scope.loss, scope.learning_rate, scope.applies)
-    code = skip_code(skipped, skipped_here(scope))
+    scalars = (scope.loss, scope.learning_rate, scope.applies, scope.spikes)
+    code = skip_code(skipped, skipped_here(scope), scope.spiked)
     for watch in watches:
         watch.capture_step(model, step, records, code, local, scalars)
     counter.assign_add(1)
 
 
-def skip_code(loss_scaled: Any, kept_back: Any) -> Any:
+def skip_code(loss_scaled: Any, kept_back: Any, spiked: Any = None) -> Any:
     """The step's `skipped` code as the ring buffer keeps it (`buffer.SKIPPED_BY`): a
-    loss-scale optimizer skipped the update, and/or a watch kept it from the model.
-    None when neither could happen in the step."""
+    loss-scale optimizer skipped the update, and/or a watch kept it from the model, for
+    its non-finite gradients or for a spike (`spiked`: a spike's gradients are finite, so
+    the two do not meet). None when none could happen in the step."""
     code = None
-    for flag, bit in ((loss_scaled, "loss_scale"), (kept_back, "on_nonfinite")):
+    nonfinite = kept_back
+    if kept_back is not None and spiked is not None:
+        nonfinite = keras.ops.logical_and(kept_back, keras.ops.logical_not(spiked))
+    flags = ((loss_scaled, "loss_scale"), (nonfinite, "on_nonfinite"), (spiked, "on_spike"))
+    for flag, bit in flags:
         if flag is not None:
             part = keras.ops.cast(flag, "int32") * SKIPPED_BY[bit]
             code = part if code is None else code + part

@@ -18,6 +18,7 @@ from typing import Any
 import keras
 
 from gradwatch._backend import current as _backend
+from gradwatch._capture.alarms import KEEPS_MODEL
 from gradwatch._capture.step import StepScope, model_state, scopes
 
 _patch_lock = threading.Lock()
@@ -25,8 +26,47 @@ _HOOKS = "_gradwatch_guard_hooks"
 
 
 def guarding(model: Any) -> list[Any]:
-    """The watches of `model`'s step that keep a non-finite step's update from it."""
+    """The watches of `model`'s step that keep a step's update from it (a non-finite
+    step's, or a spike's)."""
     return [w for w in model_state(model).listening if getattr(w, "keeps_model", False)]
+
+
+def _nan_guarding(model: Any) -> list[Any]:
+    """Of `guarding`, the watches that keep a non-finite step's update from the model."""
+    return [w for w in guarding(model) if w.on_nonfinite in KEEPS_MODEL]
+
+
+def judging(model: Any) -> list[Any]:
+    """The watches of `model`'s step that judge its global norm and loss for spikes."""
+    return [w for w in model_state(model).listening if getattr(w, "on_spike", "ignore") != "ignore"]
+
+
+def _either(a: Any, b: Any) -> Any:
+    """`a or b`, on bools of the step (from the backend's `and` and `not`)."""
+    return _backend.logical_not(
+        _backend.logical_and(_backend.logical_not(a), _backend.logical_not(b))
+    )
+
+
+def judge_spikes(model: Any, scope: StepScope, records: Any, local: Any = None) -> None:
+    """Judges the step for spikes, once per watch and step (before the first update
+    where the step hands its gradients to `apply`); where a watch keeps a spike's update
+    from the model, a spike makes the step's update skipped (`scope.finite`), noted in
+    `scope.spiked`."""
+    spiked = None
+    for watch in judging(model):
+        if id(watch) in scope.spikes:
+            continue
+        watch.judge_spikes(model, scope, records, local)
+        verdict = scope.spikes.get(id(watch))
+        if verdict is None or watch.on_spike not in KEEPS_MODEL:
+            continue
+        flags = verdict[2]
+        hit = _either(flags[0], flags[1])
+        spiked = hit if spiked is None else _either(spiked, hit)
+    if spiked is not None:
+        scope.spiked = spiked if scope.spiked is None else _either(scope.spiked, spiked)
+        note_finite(scope, _backend.logical_not(spiked))
 
 
 def _left_to_itself(optimizer: Any) -> bool:
@@ -62,20 +102,28 @@ def keep_batch(model: Any, scope: StepScope) -> None:
         return
     structure = scope.data
 
-    def keep(step: Any, *leaves: Any) -> None:
-        data = keras.tree.pack_sequence_as(structure, list(leaves))
+    leaves = keras.tree.flatten(structure)
+    spiked = scope.spiked
+
+    def keep(step: Any, *arrays: Any) -> None:
+        data = keras.tree.pack_sequence_as(structure, list(arrays[: len(leaves)]))
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        # A step kept back for a spike has no NaN to trace (`spiked`, the last leaf).
+        if spiked is not None and bool(arrays[-1]):
+            return
         for watch in watches:
             watch.keep_skipped_batch(int(step), x, y, sample_weight)
 
-    _backend.to_host(model, keep, counter.read_value(), keras.tree.flatten(structure))
+    extra = [] if spiked is None else [spiked]
+    _backend.to_host(model, keep, counter.read_value(), [*leaves, *extra])
 
 
 def halt_flag(model: Any) -> Any:
     """Where a watch stops training at a non-finite step ("stop", "raise"): the flag that
     keeps the later steps of the `fit` from the model once one was kept (made on first
     use, cleared by `clear_halt`); None otherwise, or where the backend has none."""
-    if not any(w.on_nonfinite in ("stop", "raise") for w in guarding(model)):
+    ends = ("stop", "raise")
+    if not any(w.on_nonfinite in ends or w.on_spike in ends for w in guarding(model)):
         return None
     state = model_state(model)
     if state.halt is None:
@@ -95,7 +143,14 @@ def skipped(model: Any, scope: StepScope) -> None:
     steps stop too where a watch stops training, and the batch goes to the host."""
     halt = halt_flag(model)
     if halt is not None:
-        halt.assign(True)
+        ends = ("stop", "raise")
+        by_nan = any(w.on_nonfinite in ends for w in _nan_guarding(model))
+        by_spike = any(w.on_spike in ends for w in guarding(model))
+        spiked = scope.spiked
+        if spiked is None or (by_nan and by_spike):
+            halt.assign(by_nan or by_spike)
+        else:  # only the policy of what kept this step back stops the fit
+            halt.assign(spiked if by_spike else _backend.logical_not(spiked))
     keep_batch(model, scope)
 
 
@@ -140,10 +195,19 @@ class ApplyGuard:
         scope = scopes().get(id(model))
         if scope is None or scope.guarding:
             return original(grads, variables, *args, **kw)
+        # Once per step, before its first update: the spike verdicts (of the gradients
+        # recorded so far: a stock step's, all of them). Under `tf.distribute` the
+        # records are each replica's own: the step judges the global ones in `commit`.
+        if _backend.num_replicas(model) == 1:
+            judge_spikes(model, scope, scope.grads)
+        if not guarding(model):  # the watches judge spikes only
+            return original(grads, variables, *args, **kw)
         optimizer = getattr(original, "__self__", None)
         known = variables if variables is not None else _known_variables(optimizer)
         checked = (
-            checked_gradients(model, guarding(model), grads, known) if known is not None else []
+            checked_gradients(model, _nan_guarding(model), grads, known)
+            if known is not None
+            else []
         )
         if checked:
             note_finite(scope, _backend.all_finite(checked))
@@ -243,13 +307,14 @@ def step_finite(model: Any, scope: StepScope) -> Any:
     watches = guarding(model)
     if not watches:
         return None
+    judge_spikes(model, scope, scope.grads)
     records = [r for r in scope.grads.values() if not _left_to_itself(r.optimizer)]
     checked = checked_gradients(
-        model, watches, [r.grad for r in records], [r.variable for r in records]
+        model, _nan_guarding(model), [r.grad for r in records], [r.variable for r in records]
     )
-    if not checked:
-        return None
-    return note_finite(scope, _backend.all_finite(checked))
+    if checked:
+        note_finite(scope, _backend.all_finite(checked))
+    return scope.finite
 
 
 def skipped_here(scope: StepScope) -> Any:

@@ -13,7 +13,9 @@ from typing import Any
 from keras import ops
 
 from gradwatch._backend import current as _backend
+from gradwatch._capture.counting import step_counter
 from gradwatch._capture.plan import Plan, Planner
+from gradwatch._capture.spikes import spike_code
 from gradwatch._capture.step import Records, record_key
 from gradwatch._logdata.store import Store
 from gradwatch._stats import derived as _derived
@@ -33,7 +35,7 @@ def capture_step(
     records: Records,
     skipped: Any,
     local: Records | None,
-    scalars: tuple[Any, Any, Any],
+    scalars: tuple,
 ) -> None:
     """Adds the capture of the planner's watch to the step being traced
     (`GradWatch.capture_step`): its plan, made in the step, and its ring buffer."""
@@ -55,6 +57,26 @@ def capture_step(
             local,
             scalars,
         )
+
+
+def judge_spikes(
+    planner: Planner, judge: Any, model: Any, scope: Any, records: Records, local: Any
+) -> None:
+    """Adds the watch's spike verdict of the step to `scope.spikes` (`GradWatch.judge_spikes`):
+    its global norm over the watched gradients in `records` and the step's loss (the
+    global batch's, under `tf.distribute`) against its judge's window, at recorded steps."""
+    with traced_for_xla(model.jit_compile):
+        plan = planner.in_step(model, records)
+        if plan is None:
+            return
+        loss = _scalar(scope.loss)
+        if loss is not None and local is not None:
+            loss = _backend.all_reduce_sum([loss])[0] / _backend.num_replicas(model)
+        every = planner.watch.every
+        recorded = True
+        if every > 1:
+            recorded = ops.equal(step_counter(model).read_value() % every, 0)
+        scope.spikes[id(planner.watch)] = judge.in_step(plan, records, loss, recorded)
 
 
 def check_step(
@@ -80,14 +102,15 @@ def capture(
     records: Records,
     skipped: Any,
     local: Records,
-    scalars: tuple[Any, Any, Any] = (None, None, None),
+    scalars: tuple = (None, None, None),
 ) -> None:
     """Adds the capture of `watch` (its `stats`, `every`, `histogram`, `per_replica`) to
     the step being traced or run.
 
     `records` hold the global gradients, `local` (under `tf.distribute`) what this
     replica handed the optimizer; without a strategy they are the same object.
-    `scalars` are the step's `(loss, learning_rate, applies)`, written into the same
+    `scalars` are the step's `(loss, learning_rate, applies)` and its spike verdicts by
+    watch (`StepScope.spikes`, where given), written into the same
     slot (`SCALARS`); the step applied where its optimizer applies and no loss-scale
     optimizer skipped the update.
     """
@@ -113,13 +136,18 @@ def capture(
         else None
     )
     replica_stats = _derived.replica_stats(plan, local, watch.stats) if watch.per_replica else None
-    loss, learning_rate, applied = (_scalar(x) for x in scalars)
+    loss, learning_rate, applied = (_scalar(x) for x in scalars[:3])
     if applied is not None and skipped is not None:
         # `skipped` is a code (`buffer.SKIPPED_BY`): any bit set kept the update back.
         applied = applied * (1 - _backend.float32(ops.not_equal(skipped, 0)))
     if loss is not None and local is not records:
         # Each replica's loss is its own batch's mean: the global batch's is their mean.
         loss = _backend.all_reduce_sum([loss])[0] / _backend.num_replicas(model)
+    # The spike judge's verdict (`judge_spikes`), where the watch judged the step.
+    global_norm = spike = None
+    verdict = scalars[3].get(id(watch)) if len(scalars) > 3 else None
+    if verdict is not None:
+        global_norm, spike = _backend.float32(verdict[0]), spike_code(verdict[2])
 
     def record() -> None:
         grads = {i: gradient(i) for i in dict.fromkeys(plan.stat_index + plan.value_index)}
@@ -143,7 +171,10 @@ def capture(
         ]
         hist = compute_histograms(stat_grads, watch.histogram) if watch.histogram else None
         row = array_ops.stack(
-            [array_ops.nan() if x is None else x for x in (loss, learning_rate, applied)]
+            [
+                array_ops.nan() if x is None else x
+                for x in (loss, learning_rate, applied, global_norm, spike)
+            ]
         )
         buffer.write(step, stats, values, hist, skipped, replica_stats, row)
 

@@ -67,7 +67,9 @@ class Watcher(Protocol):
     every: int  # records the steps that are multiples of it
     checks_every_step: bool  # runs checks at every step, also at unrecorded ones
     needs_weights: bool  # needs the weights before the update (the update stats)
-    keeps_model: bool  # keeps a step's update from the model where its gradients are not finite
+    keeps_model: bool  # keeps a step's update from the model (non-finite gradients, spikes)
+    on_nonfinite: str  # its policy for non-finite gradients
+    on_spike: str  # its policy for spikes ("ignore": it judges none)
 
     def watched_ids(self, model: Any) -> frozenset[int]:
         """The ids of the model's variables whose gradients this watch checks."""
@@ -92,6 +94,10 @@ class Watcher(Protocol):
     ) -> None:
         """Adds the capture of the step being traced or run: stats into the ring buffer.
         `scalars` are the step's `(loss, learning_rate, applies)` tensors (None: not seen)."""
+
+    def judge_spikes(self, model: Any, scope: StepScope, records: Records, local: Any) -> None:
+        """Judges the step's global norm and loss for spikes, once per step, into
+        `scope.spikes` (`local`: this replica's records under `tf.distribute`, or None)."""
 
     def state_metrics(self) -> list[Any]:
         """The metrics that carry this watch's device state (JAX: in the step's state)."""
@@ -204,6 +210,11 @@ class StepScope:
         # of what it updates, or None where no snapshot was taken (see `_capture.guard`).
         self.snapshots: list[list[tuple[Any, Any]] | None] = []
         self.data: Any = None
+        # Each judging watch's spike verdict of the step, by `id(watch)`: `(global norm,
+        # loss, flags)` (`_capture.spikes`); and whether a watch kept the update back
+        # for a spike (a bool tensor; None: no watch does).
+        self.spikes: dict[int, tuple[Any, Any, Any]] = {}
+        self.spiked: Any = None
 
 
 _local = threading.local()

@@ -29,9 +29,10 @@ def spike_flags(
     """Which of `values` (in step order) are spikes.
 
     A finite value `x` is a spike where at least `warmup` finite values came before it
-    and `x > mean + sigma * std` of the last `window` of them (the population standard
-    deviation, ddof=0). A NaN or Inf is never a spike (the non-finite checks report it)
-    and never enters the window; every finite value does, spikes included.
+    and `x > mean + sigma * std` of the last `window` of them (all of them while fewer;
+    the population standard deviation, ddof=0). A NaN or Inf is never a spike (the
+    non-finite checks report it) and never enters the window; every finite value does,
+    spikes included.
 
     Args:
         values: The series, one value per recorded step.
@@ -48,15 +49,19 @@ def spike_flags(
     >>> x = np.r_[np.ones(16), 1.0, 50.0, np.nan, 1.0]
     >>> np.flatnonzero(spike_flags(x, warmup=16))
     array([17])
+    >>> np.flatnonzero(spike_flags(np.r_[np.arange(20.0) % 2, 9.0], window=4))
+    array([20])
     """
     values = np.asarray(values, np.float64)
     flags = np.zeros(values.shape, bool)
-    seen: deque[float] = deque(maxlen=int(window))
+    last: deque[float] = deque(maxlen=int(window))
+    seen = 0  # finite values so far (the window keeps the last `window` of them)
     for i, x in enumerate(values):
         if not np.isfinite(x):
             continue
-        if len(seen) >= warmup:
-            past = np.fromiter(seen, np.float64, len(seen))
+        if seen >= warmup:
+            past = np.fromiter(last, np.float64, len(last))
             flags[i] = x > past.mean() + sigma * past.std()
-        seen.append(float(x))
+        last.append(float(x))
+        seen += 1
     return flags

@@ -18,7 +18,7 @@ T = TypeVar("T")
 # The per-step scalars recorded beside the gradients, in column order. `applied` is
 # held as 1.0 (the optimizer updated the weights at that step), 0.0 (it did not: a
 # step that only accumulates a gradient, or one a loss-scale optimizer skipped).
-SCALARS = ("loss", "learning_rate", "applied")
+SCALARS = ("loss", "learning_rate", "applied", "global_norm", "spike")
 
 
 @dataclass
