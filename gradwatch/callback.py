@@ -31,6 +31,7 @@ from gradwatch._capture.sinks import Sinks
 from gradwatch._capture.spikes import SpikeJudge
 from gradwatch._capture.step import Records, restore_class
 from gradwatch._doctor.spikes import SPIKE_SIGMA, SPIKE_WINDOW
+from gradwatch._forensics.replays import Replays
 from gradwatch._forensics.skipped import KeptStep
 from gradwatch.findings import print_fit_findings
 from gradwatch.keys import check_patterns
@@ -117,6 +118,15 @@ class GradWatch(keras.callbacks.Callback):
             against. Defaults to `128`.
         spike_sigma: How many standard deviations above their mean a spike
             lies. Defaults to `6.0`.
+        examples_every: Also replay every n-th step (steps whose number is
+            divisible by it) for `log.examples`: each example's loss and the
+            norm of its own gradient over the watched variables, on the weights
+            from before the step. Spikes and the steps kept from the model are
+            replayed so without it. Defaults to `None` (those alone).
+        noise_scale_every: Every n-th step, compute the gradients of the batch's
+            two halves on the weights from before the step, for the gradient
+            noise scale (`log.noise_scale`). Defaults to `None` (only where it
+            is free: under `tf.distribute`, with `gradient_accumulation_steps`).
         tensorboard_dir: Also write the gradient norms (and histograms, with
             `histogram`) to this directory as TensorBoard summaries, at the
             log's step numbers, each time the buffer is drained; see
@@ -195,6 +205,8 @@ class GradWatch(keras.callbacks.Callback):
         on_spike: NonfinitePolicy = "warn",
         spike_window: int = SPIKE_WINDOW,
         spike_sigma: float = SPIKE_SIGMA,
+        examples_every: int | None = None,
+        noise_scale_every: int | None = None,
         tensorboard_dir: str | os.PathLike | None = None,
         sinks: Sequence[Sink] | None = None,
         per_replica: bool = False,
@@ -229,6 +241,8 @@ class GradWatch(keras.callbacks.Callback):
         self.spike_window = _args.check_count(spike_window, "spike_window")
         self.spike_sigma = _args.check_positive(spike_sigma, "spike_sigma")
         self._spikes = SpikeJudge(self.on_spike, self.spike_window, self.spike_sigma)
+        self.examples_every = _args.check_optional_count(examples_every, "examples_every")
+        self.noise_scale_every = _args.check_optional_count(noise_scale_every, "noise_scale_every")
         self.max_norm = _args.check_threshold(max_norm, "max_norm")
         self.min_norm = _args.check_threshold(min_norm, "min_norm")
         self.tensorboard_dir = _args.check_tensorboard_dir(
@@ -252,6 +266,11 @@ class GradWatch(keras.callbacks.Callback):
         self.keeps_model = self.on_nonfinite in KEEPS_MODEL or self.on_spike in KEEPS_MODEL
         # The first step whose update was kept from the model, and its replay.
         self._kept = KeptStep(self._store, self.keeps_model)
+        # The steps handed to the host for a replay (`_capture.handoff`), and theirs.
+        self.replays = bool(
+            self.keeps_model or self._spikes.active or self.examples_every or self.noise_scale_every
+        )
+        self._replays = Replays(self._store)
         self.needs_weights = any(s in UPDATE_STATS for s in self.stats)
         self.sinks = _args.check_sinks(sinks)
         self._sinks = Sinks(self, self._log, self._store)  # built-in ones, then `sinks`
@@ -329,6 +348,7 @@ class GradWatch(keras.callbacks.Callback):
         clear_halt(model)  # a `fit` after one that "stop" ended trains again
         self._since_drain = 0
         self._kept.fit_batch_size = model.__dict__.get(FIT_BATCH_SIZE)
+        self._replays.fit_batch_size = self._kept.fit_batch_size
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._sinks.align(self.model, self._log.steps)
@@ -340,6 +360,7 @@ class GradWatch(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         self._sinks.align(self.model, self._log.steps)
         self._kept.trace(self._recorded_model(), self._epoch_start)  # before the next execution
+        self._replay()
         self._handle_alarms()
         self._raise_if_alarmed()
         # Called once per execution of `steps_per_execution` steps, on the main
@@ -363,6 +384,7 @@ class GradWatch(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self._kept.trace(self._recorded_model(), self._epoch_start)
+        self._replay()
         self._drain(anchored=True)
         self._alarms.poll(self.model)
         self._handle_alarms()
@@ -370,6 +392,7 @@ class GradWatch(keras.callbacks.Callback):
 
     def on_train_end(self, logs: dict | None = None) -> None:
         self._kept.trace(self._recorded_model(), self._epoch_start)
+        self._replay()
         self._alarms.poll(self.model)
         self._handle_alarms()
         self.release(self.model)
@@ -501,6 +524,18 @@ class GradWatch(keras.callbacks.Callback):
         backend cannot hand it over (TensorFlow with `jit_compile=True` or under
         `tf.distribute`)."""
         return self._kept.batch
+
+    def queue_replay(self, replay: Any) -> None:
+        """On the host, from the step: a step handed over for a replay."""
+        self._replays.add(replay)
+
+    def _replay(self) -> None:
+        """Between executions: replays the steps handed over (`log.examples`,
+        `log.noise_scale`), on the weights from before each."""
+        plan, model = self._planner.plan, self._recorded_model()
+        if self._replays.queue and plan is not None and model is not None:
+            watched = [plan.variables[i] for i in plan.stat_index]
+            self._replays.run(model, watched, self._epoch_start)
 
     def keep_skipped_batch(self, step: int, x: Any, y: Any, sample_weight: Any) -> None:
         """On the host, from the step: keeps the batch of the first step whose update

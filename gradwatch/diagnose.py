@@ -58,6 +58,8 @@ FINDINGS: dict[str, str] = {
     "WeightUpdateRatio, DLCheck).",
     "clipping": "The optimizer clips most steps (Google deep learning tuning playbook).",
     "oscillation": "Consecutive gradients point in opposite directions (the step overshoots).",
+    "spikes": "Steps whose global gradient norm or loss jumps above the mean + 6 sigma of "
+    "the previous 128 (OLMo-core's stability monitor, OLMo 2).",
 }
 
 #: Every threshold that `GradientLog.diagnose` takes by keyword, with its default.

@@ -206,3 +206,40 @@ def test_on_spike_ignore_judges_nothing():
     _fit(watched, watch)
     assert watch.log.alerts.empty
     assert watch.log.scalars.spike.isna().all() and watch.log.scalars.global_norm.isna().all()
+
+
+@pytest.mark.parametrize("policy", ["warn", "ignore"])
+def test_the_doctor_names_the_spikes_and_the_layers_that_rose(policy):
+    watched, plain = pair()
+    watch = gradwatch.GradWatch(on_spike=policy, spike_window=WINDOW)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        _fit(watched, watch)
+    x, y = _data()
+    losses, norms = _reference(plain, x, y, keras.optimizers.SGD(0.05))
+    found = watch.log.diagnose()
+    row = found[found.finding == "spikes"]
+    assert len(row) == 1 and row.severity.iloc[0] == "warning"
+    if policy == "warn":  # the step's own verdicts, over the window it was given
+        grad, loss = _expected(losses, norms)
+    else:  # judged by the doctor over the recorded series, at the default window
+        grad = np.flatnonzero(spike_flags(norms))
+        loss = np.flatnonzero(spike_flags(losses))
+    spiking = sorted(set(grad) | set(loss))
+    assert row.first_step.iloc[0] == spiking[0] and row.last_step.iloc[0] == spiking[-1]
+    evidence = row.evidence.iloc[0]
+    assert f"{len(spiking)} of " in evidence and f"steps {grad[0]}" in evidence
+    # The scaled targets reach the output layer first: its norm rises with the global one.
+    assert "net/out" in row.variables.iloc[0]
+
+
+def test_the_doctor_finds_no_spike_in_a_smooth_training():
+    watched, _ = pair()
+    watch = gradwatch.GradWatch(spike_window=WINDOW)
+    watched.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(BATCH * STEPS, 5)).astype("float32")
+    y = (x[:, :2] * 0.5).astype("float32")
+    watched.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0, callbacks=[watch])
+    assert watch.log.alerts.empty
+    assert "spikes" not in watch.log.diagnose().finding.tolist()

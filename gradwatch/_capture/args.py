@@ -73,6 +73,15 @@ def check_count(value: Any, arg: str) -> int:
     return int(value)
 
 
+def check_optional_count(value: Any, arg: str) -> int | None:
+    """None, or an integer >= 1 (not a bool)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{arg}` must be an integer >= 1, or None. Received: {arg}={value!r}")
+    return int(value)
+
+
 def check_threshold(value: Any, arg: str) -> float | None:
     number = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool)
     if value is not None and (not number or not value >= 0):

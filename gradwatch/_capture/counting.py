@@ -22,11 +22,13 @@ from gradwatch._capture.guard import (
     judge_spikes,
     judging,
     keep_batch,
+    replaying,
     restore_earlier_updates,
     skipped,
     skipped_here,
     step_finite,
 )
+from gradwatch._capture.handoff import hand_off
 from gradwatch._capture.step import Record, StepScope, model_state, record_key, scopes
 from gradwatch._logdata.resume import add_anchor, restored_step
 from gradwatch.buffer import SKIPPED_BY
@@ -47,7 +49,7 @@ def counted(fn: Callable) -> Callable:
         # step count before it (an eager step counts in `commit`, after the update).
         step_counter(self)
         with contextlib.ExitStack() as stack:
-            if _backend.APPLY_METHOD and (guarding(self) or judging(self)):
+            if _backend.APPLY_METHOD and (guarding(self) or judging(self) or replaying(self)):
                 # Each optimizer's `apply` runs only where the watched gradients are
                 # finite (a stateless JAX step is gated on its returned state).
                 stack.enter_context(ApplyGuard(self))
@@ -217,11 +219,16 @@ def commit(model: Any, scope: StepScope) -> None:
         )
     listening = state.listening
     restore_earlier_updates(model, scope)
-    if not _backend.APPLY_METHOD and scope.finite is None:
-        # A stateless step (JAX) has no `apply` to gate: its update is undone here.
-        finite = step_finite(model, scope)
-        if finite is not None:
-            _backend.undo_step(model, scope, finite, lambda: keep_batch(model, scope))
+    if not _backend.APPLY_METHOD:
+        if listening and scope.grads:  # a stateless step's records are the global ones
+            judge_spikes(model, scope, scope.grads)
+        if scope.finite is None:
+            # A stateless step (JAX) has no `apply` to gate: its update is undone here.
+            finite = step_finite(model, scope)
+            if finite is not None:
+                _backend.undo_step(model, scope, finite, lambda: keep_batch(model, scope))
+        if scope.state is not None:  # the weights from before the update: its input state
+            hand_off(model, scope, list(scope.state[0]))
     skipped = skipped_update(scope) if listening and scope.grads else None
     local = scope.grads
     records = _backend.global_records(local) if listening and local else local

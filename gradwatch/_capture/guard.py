@@ -19,6 +19,7 @@ import keras
 
 from gradwatch._backend import current as _backend
 from gradwatch._capture.alarms import KEEPS_MODEL
+from gradwatch._capture.handoff import hand_off
 from gradwatch._capture.step import StepScope, model_state, scopes
 
 _patch_lock = threading.Lock()
@@ -46,6 +47,11 @@ def _either(a: Any, b: Any) -> Any:
     return _backend.logical_not(
         _backend.logical_and(_backend.logical_not(a), _backend.logical_not(b))
     )
+
+
+def replaying(model: Any) -> list[Any]:
+    """The watches of `model`'s step that replay some of its steps on the host."""
+    return [w for w in model_state(model).listening if getattr(w, "replays", False)]
 
 
 def judge_spikes(model: Any, scope: StepScope, records: Any, local: Any = None) -> None:
@@ -200,7 +206,8 @@ class ApplyGuard:
         # records are each replica's own: the step judges the global ones in `commit`.
         if _backend.num_replicas(model) == 1:
             judge_spikes(model, scope, scope.grads)
-        if not guarding(model):  # the watches judge spikes only
+        if not guarding(model):  # the watches judge spikes (and replay) only
+            hand_off(model, scope)
             return original(grads, variables, *args, **kw)
         optimizer = getattr(original, "__self__", None)
         known = variables if variables is not None else _known_variables(optimizer)
@@ -225,6 +232,7 @@ class ApplyGuard:
                 optimizer.build(variables)
             optimizer.built = True
         scope.snapshots.append(self._snapshot(optimizer, known, len(scope.snapshots)))
+        hand_off(model, scope)  # before the step's first update
         if scope.finite is None:  # nothing watched so far: applied, and put back if need be
             return original(grads, variables, *args, **kw)
         scope.finite = _backend.agree_across_replicas(scope.finite)

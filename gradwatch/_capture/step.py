@@ -70,6 +70,9 @@ class Watcher(Protocol):
     keeps_model: bool  # keeps a step's update from the model (non-finite gradients, spikes)
     on_nonfinite: str  # its policy for non-finite gradients
     on_spike: str  # its policy for spikes ("ignore": it judges none)
+    replays: bool  # replays some steps on the host (`_capture.handoff`)
+    examples_every: int | None  # also replays every n-th step for its examples
+    noise_scale_every: int | None  # also replays every n-th step for the noise scale
 
     def watched_ids(self, model: Any) -> frozenset[int]:
         """The ids of the model's variables whose gradients this watch checks."""
@@ -94,6 +97,9 @@ class Watcher(Protocol):
     ) -> None:
         """Adds the capture of the step being traced or run: stats into the ring buffer.
         `scalars` are the step's `(loss, learning_rate, applies)` tensors (None: not seen)."""
+
+    def queue_replay(self, replay: Any) -> None:
+        """On the host: a step handed over for a replay (`_capture.handoff.Replay`)."""
 
     def judge_spikes(self, model: Any, scope: StepScope, records: Records, local: Any) -> None:
         """Judges the step's global norm and loss for spikes, once per step, into
@@ -215,6 +221,7 @@ class StepScope:
         # for a spike (a bool tensor; None: no watch does).
         self.spikes: dict[int, tuple[Any, Any, Any]] = {}
         self.spiked: Any = None
+        self.handed = False  # the step went to the host for a replay (`_capture.handoff`)
 
 
 _local = threading.local()

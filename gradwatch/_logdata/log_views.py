@@ -204,6 +204,11 @@ class StatViews:
         store = self._store
         skipped = set(store.skipped)
         alerts = [(s, k, v) for (s, k, kind), v in store.alerts.items() if kind == "nonfinite"]
+        spikes = [
+            (s, kind, v)
+            for (s, _, kind), v in store.alerts.items()
+            if kind in ("spike", "loss_spike")
+        ]
         scalars = self.scalars
         not_applied = scalars["step"][scalars["applied"].eq(False).fillna(False)]
         signals = Signals(
@@ -217,8 +222,19 @@ class StatViews:
             accumulated=sorted(set(not_applied.tolist()) - skipped),
             disconnected=store.disconnected,
             nonfinite_alerts=alerts,
+            spike_alerts=spikes,
+            series=lambda name: _series_at(scalars, name, stat_steps(store)),
         )
         return run_rules(signals, **thresholds)
+
+
+def _series_at(scalars: pd.DataFrame, name: str, steps: np.ndarray) -> np.ndarray | None:
+    """A per-step scalar at `steps` (NaN where a step has none); None where the log has
+    no value of it at all."""
+    if name not in scalars or not scalars[name].notna().any():
+        return None
+    values = pd.Series(scalars[name].to_numpy(np.float64, na_value=np.nan), index=scalars["step"])
+    return values.reindex(steps).to_numpy(np.float64)
 
 
 class HistogramViews:

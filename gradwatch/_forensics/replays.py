@@ -1,0 +1,89 @@
+"""The replays of the steps a watch handed to the host (`gradwatch._capture.handoff`):
+the examples behind a spike, a kept step or every `examples_every`-th step
+(`log.examples`), and the gradient noise scale from the batch's two halves every
+`noise_scale_every`-th step (`log.noise_scale`), each on the weights from before the
+step's update. Made between executions, on the main thread; a replay that fails is
+warned about once, and training goes on."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import keras
+import numpy as np
+
+from gradwatch._forensics.replay import Batch
+
+
+def _batch(replay: Any) -> Batch:
+    def tensor(part: Any) -> Any:
+        if part is None:
+            return None
+        return keras.tree.map_structure(
+            lambda t: t if t is None else keras.ops.convert_to_tensor(t), part
+        )
+
+    x = tensor(replay.x)
+    n = int(np.shape(keras.tree.flatten(replay.x)[0])[0])
+    return Batch(x, tensor(replay.y), tensor(replay.sample_weight), n)
+
+
+class Replays:
+    """A watch's queue of handed-over steps and their replays into its store.
+
+    Args:
+        store: The watch's store (`gradwatch._logdata.store.Store`).
+    """
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.queue: list[Any] = []
+        self.fit_batch_size: int | None = None  # see `adopt.FIT_BATCH_SIZE`
+        self._failed: set[str] = set()
+
+    def add(self, replay: Any) -> None:
+        """On the host, from the step: one more step to replay."""
+        self.queue.append(replay)
+
+    def run(self, model: Any, watched: list[Any], epoch_start: int) -> None:
+        """Replays every queued step (`watched`: the watched variables, whose gradient
+        norms count); empties the queue."""
+        queue, self.queue = self.queue, []
+        if model is None:
+            return
+        for replay in queue:
+            if replay.reasons & {"spike", "kept", "examples"}:
+                self._guarded("examples", self._examples, model, watched, replay, epoch_start)
+            if "noise_scale" in replay.reasons:
+                self._guarded("noise_scale", self._noise, model, watched, replay)
+
+    def _guarded(self, what: str, fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as e:  # the user's model on the user's batch: training goes on
+            if what not in self._failed:
+                self._failed.add(what)
+                warnings.warn(
+                    f"GradWatch could not replay step {args[2].step} for `log.{what}`: "
+                    f"{type(e).__name__}: {e}. Training goes on; later steps are tried too.",
+                    stacklevel=2,
+                )
+
+    def _examples(self, model: Any, watched: list[Any], replay: Any, epoch_start: int) -> None:
+        from gradwatch._forensics.examples import example_gradients
+
+        batch = _batch(replay)
+        losses, norms = example_gradients(model, batch, watched, replay.weights)
+        rows = np.arange(batch.n)
+        samples = None
+        if self.fit_batch_size is not None:
+            samples = (replay.step - epoch_start) * self.fit_batch_size + rows
+        self.store.add_examples(replay.step, rows, samples, losses, norms)
+
+    def _noise(self, model: Any, watched: list[Any], replay: Any) -> None:
+        from gradwatch._forensics.noise import halves_sq_norms
+
+        row = halves_sq_norms(model, _batch(replay), watched, replay.weights)
+        if row is not None:
+            self.store.add_noise_rows([(replay.step, *row)])
