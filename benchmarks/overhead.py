@@ -55,6 +55,7 @@ def configs(name: str) -> list[tuple[str, dict, dict]]:
             ("torch: 1 kept tensor", {"values": value}, {}),
             ("torch: every=10", {"every": 10}, {}),
             ("torch: histogram", {"histogram": True}, {}),
+            ("torch: on_spike=ignore", {"on_spike": "ignore"}, {}),
             ("torch: default" + PLAIN, {}, {}),
             ("torch: " + LATER, {}, {}),
         ]
@@ -66,6 +67,7 @@ def configs(name: str) -> list[tuple[str, dict, dict]]:
             ("jax: 1 kept tensor", {"values": value}, {}),
             ("jax: histogram", {"histogram": True}, {}),
             ("jax: every=10", {"every": 10}, {}),
+            ("jax: on_spike=ignore", {"on_spike": "ignore"}, {}),
             ("jax: default" + PLAIN, {}, {}),
             ("jax: " + LATER, {}, {}),
         ]
@@ -78,6 +80,9 @@ def configs(name: str) -> list[tuple[str, dict, dict]]:
         ("every=10", {"every": 10}, {}),
         # Keeps a non-finite step's update from the model: a branch around `apply`.
         ("on_nonfinite=skip", {"on_nonfinite": "skip"}, {}),
+        # The spike judge (on by default, "warn"): off, and keeping a spike's update back.
+        ("on_spike=ignore", {"on_spike": "ignore"}, {}),
+        ("on_spike=skip", {"on_spike": "skip"}, {}),
         # The presets: the norm alone, and every stat the doctor reads.
         ('stats="lean"', {"stats": "lean"}, {}),
         ('stats="doctor"', {"stats": "doctor"}, {}),
