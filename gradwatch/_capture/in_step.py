@@ -15,7 +15,7 @@ from keras import ops
 from gradwatch._backend import current as _backend
 from gradwatch._capture.plan import Plan, Planner
 from gradwatch._capture.step import Records, record_key
-from gradwatch._logdata.store import Store
+from gradwatch._logdata.store import NOISE_RAW, Store
 from gradwatch._stats import derived as _derived
 from gradwatch._stats.compute import compute_histograms, compute_stats, traced_for_xla
 from gradwatch._stats.specs import gradient_stats, needs_of
@@ -33,7 +33,7 @@ def capture_step(
     records: Records,
     skipped: Any,
     local: Records | None,
-    scalars: tuple[Any, Any, Any],
+    scalars: tuple[Any, ...],
 ) -> None:
     """Adds the capture of the planner's watch to the step being traced
     (`GradWatch.capture_step`): its plan, made in the step, and its ring buffer."""
@@ -80,16 +80,17 @@ def capture(
     records: Records,
     skipped: Any,
     local: Records,
-    scalars: tuple[Any, Any, Any] = (None, None, None),
+    scalars: tuple[Any, ...] = (None, None, None, None),
 ) -> None:
     """Adds the capture of `watch` (its `stats`, `every`, `histogram`, `per_replica`) to
     the step being traced or run.
 
     `records` hold the global gradients, `local` (under `tf.distribute`) what this
     replica handed the optimizer; without a strategy they are the same object.
-    `scalars` are the step's `(loss, learning_rate, applies)`, written into the same
-    slot (`SCALARS`); the step applied where its optimizer applies and no loss-scale
-    optimizer skipped the update.
+    `scalars` are the step's `(loss, learning_rate, applies, batch_size)`: the first
+    three written into the same slot (`SCALARS`; the step applied where its optimizer
+    applies and no loss-scale optimizer skipped the update), then the step's raw
+    noise-scale estimate (`NOISE_RAW`, `_derived.noise_estimate`), NaN without one.
     """
     _check_known(model, plan, records)
     entries = [records.get(k) for k in plan.ids]
@@ -113,7 +114,9 @@ def capture(
         else None
     )
     replica_stats = _derived.replica_stats(plan, local, watch.stats) if watch.per_replica else None
-    loss, learning_rate, applied = (_scalar(x) for x in scalars)
+    loss, learning_rate, applied, batch = (*scalars, None)[:4]
+    noise = _derived.noise_estimate(model, plan, records, local, buffer, batch, applied)
+    loss, learning_rate, applied = (_scalar(x) for x in (loss, learning_rate, applied))
     if applied is not None and skipped is not None:
         # `skipped` is a code (`buffer.SKIPPED_BY`): any bit set kept the update back.
         applied = applied * (1 - _backend.float32(ops.not_equal(skipped, 0)))
@@ -143,7 +146,10 @@ def capture(
         ]
         hist = compute_histograms(stat_grads, watch.histogram) if watch.histogram else None
         row = array_ops.stack(
-            [array_ops.nan() if x is None else x for x in (loss, learning_rate, applied)]
+            [
+                array_ops.nan() if x is None else x
+                for x in (loss, learning_rate, applied, *(noise or [None] * len(NOISE_RAW)))
+            ]
         )
         buffer.write(step, stats, values, hist, skipped, replica_stats, row)
 
