@@ -58,6 +58,8 @@ FINDINGS: dict[str, str] = {
     "WeightUpdateRatio, DLCheck).",
     "clipping": "The optimizer clips most steps (Google deep learning tuning playbook).",
     "oscillation": "Consecutive gradients point in opposite directions (the step overshoots).",
+    "noise_scale": "The batch size against the gradient noise scale B_simple (McCandlish et "
+    "al. 2018): small batches train with noisy steps, large ones waste compute.",
 }
 
 #: Every threshold that `GradientLog.diagnose` takes by keyword, with its default.

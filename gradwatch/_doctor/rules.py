@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gradwatch._doctor.noise import noise_scale_findings
 from gradwatch._logdata.views import global_norms, layer_of_key, leaf_of_key
 from gradwatch._ui.text import name_list, origin_text, short_number
 
@@ -48,6 +49,7 @@ class Signals:
         disconnected: The keys that had no gradient.
         nonfinite_alerts: `(step, key, count)` of the recorded NaN/Inf alerts
             (these also cover steps that `every` did not record).
+        noise_scale: The gradient noise scale by step (`log.noise_scale`), or `None`.
 
     Example:
 
@@ -67,6 +69,7 @@ class Signals:
     accumulated: Sequence[int] = ()
     disconnected: Sequence[str] = ()
     nonfinite_alerts: Sequence[tuple[int, str, float]] = ()
+    noise_scale: pd.DataFrame | None = None
     _cache: dict[str, np.ndarray | None] = field(default_factory=dict, repr=False)
 
     def get(self, name: str) -> np.ndarray | None:
@@ -730,6 +733,10 @@ def _oscillation(diagnosis: Diagnosis) -> list[dict]:
     ]
 
 
+def _noise_scale(diagnosis: Diagnosis) -> list[dict]:
+    return noise_scale_findings(diagnosis.signals.noise_scale)
+
+
 # Dead first: the later rules leave out the variables it finds.
 RULES: tuple[Callable[[Diagnosis], list[dict]], ...] = (
     _nonfinite,
@@ -741,6 +748,7 @@ RULES: tuple[Callable[[Diagnosis], list[dict]], ...] = (
     _update_ratio,
     _clipping,
     _oscillation,
+    _noise_scale,
 )
 
 #: The stats that each rule reads; without one, the rule says what it could not check.
@@ -754,6 +762,7 @@ READS: dict[Callable[[Diagnosis], list[dict]], tuple[str, ...]] = {
     _update_ratio: ("update_ratio",),
     _clipping: ("clipped_norm", "norm"),
     _oscillation: ("cos_prev",),
+    _noise_scale: (),
 }
 #: What `Diagnosis` itself reads: `norm` (which variables are live) and `nonfinite` (the
 #: rows whose other stats say nothing).
