@@ -58,7 +58,8 @@ def _metadata(store: Store) -> dict[str, Any]:
         "skipped_by_gradwatch": sorted(store.guarded),
         "origins": [[step, *origin] for step, origin in store.origins.items()],
         "per_replica": store.per_replica,
-        "scalars": [*SCALARS, *NOISE_STATS],
+        # The noise rows' names only where there are some: a log without stays as before.
+        "scalars": [*SCALARS, *(NOISE_STATS if store.noise_blocks else ())],
     }
 
 
