@@ -10,7 +10,7 @@ import numpy as np
 
 from gradwatch._backend import current as _backend
 from gradwatch._capture.state_metric import StateMetric
-from gradwatch._logdata.store import SCALARS
+from gradwatch._logdata.store import NOISE_RAW, SCALARS
 
 
 @dataclass
@@ -27,6 +27,8 @@ class Drained:
     scalars: np.ndarray | None = None  # float32, (k, len(SCALARS)): loss, learning rate, applied
     # bool, (k,): of those, the ones a loss-scale optimizer skipped (None: `skipped`)
     loss_scaled: np.ndarray | None = None
+    # float32, (k, len(NOISE_RAW)): the step's raw noise-scale estimate, NaN without one
+    noise: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.loss_scaled is None:
@@ -123,10 +125,18 @@ class GradientBuffer(StateMetric):
             if n_replicas
             else None
         )
-        # Each step's loss, learning rate and applied flag (`SCALARS`), NaN where the step
-        # had none.
+        # Each step's loss, learning rate and applied flag (`SCALARS`), then its raw
+        # noise-scale estimate (`NOISE_RAW`), NaN where the step had none.
         self.scalars = self.add_variable(
-            shape=(capacity, len(SCALARS)), initializer="zeros", dtype="float32", name="scalars"
+            shape=(capacity, len(SCALARS) + len(NOISE_RAW)),
+            initializer="zeros",
+            dtype="float32",
+            name="scalars",
+        )
+        # With `gradient_accumulation_steps`: the micro-steps' sum of squared norms, their
+        # count and their batch sizes' sum since the last update (`_stats.derived`).
+        self.noise_state = self.add_variable(
+            shape=(3,), initializer="zeros", dtype="float32", name="noise_state"
         )
         self.drained = 0  # host side: slots already copied out
         self.flagged = False  # a traced step has written `skipped`
@@ -148,7 +158,7 @@ class GradientBuffer(StateMetric):
         scalars=None,
     ) -> None:
         """Writes one step into the next slot, inside the compiled step. `scalars` is a
-        float32 vector in `SCALARS` order."""
+        float32 vector in `SCALARS` order, then `NOISE_RAW`'s."""
         slot = _backend.slot_of(self.count, self.capacity)
         _backend.write_slot(self.stats, slot, stats)
         if scalars is not None:
@@ -173,6 +183,7 @@ class GradientBuffer(StateMetric):
         lost = max(0, new - self.capacity)
         idx = np.arange(self.drained + lost, count) % self.capacity
         code = read(self.skipped.value)[idx] if self.flagged else np.zeros(len(idx), np.int32)
+        scalars = read(self.scalars.value)[idx]
         block = Drained(
             steps=read(self.steps.value)[idx].astype(np.int64),
             stats=read(self.stats.value)[idx],
@@ -183,8 +194,9 @@ class GradientBuffer(StateMetric):
             ),
             skipped=code != 0,
             lost=lost,
-            scalars=read(self.scalars.value)[idx],
+            scalars=scalars[:, : len(SCALARS)],
             loss_scaled=(code & SKIPPED_BY["loss_scale"]) != 0,
+            noise=scalars[:, len(SCALARS) :],
         )
         self.drained = count  # only once every slot is on the host
         return block

@@ -60,6 +60,8 @@ FINDINGS: dict[str, str] = {
     "oscillation": "Consecutive gradients point in opposite directions (the step overshoots).",
     "spikes": "Steps whose global gradient norm or loss jumps above the mean + 6 sigma of "
     "the previous 128 (OLMo-core's stability monitor, OLMo 2).",
+    "noise_scale": "The batch size against the gradient noise scale B_simple (McCandlish et "
+    "al. 2018): small batches train with noisy steps, large ones waste compute.",
 }
 
 #: Every threshold that `GradientLog.diagnose` takes by keyword, with its default.

@@ -376,6 +376,7 @@ class GradientLog(StatViews, HistogramViews, EventViews):
             and self.frame.equals(other.frame)
             and self.values_frame.equals(other.values_frame)
             and self.scalars.equals(other.scalars)
+            and self.noise_scale.equals(other.noise_scale)
             and (a.bins_per_decade is None or self.histograms.equals(other.histograms))
         )
 

@@ -313,6 +313,30 @@ def mirrored(out: Path) -> None:
     (out / "mirrored.json").write_text(json.dumps(results))
 
 
+def noise(out: Path) -> None:
+    """A watched fit at a learning rate of 0 (the weights stay the initial ones, saved)
+    under MirroredStrategy: its gradient noise scale, in memory and streamed. 29 rows in
+    global batches of 8: the last one, 5 rows, is split 3 + 2 over the replicas."""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    import numpy as np
+    from models import data, layers
+
+    import gradwatch
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    keras.utils.set_random_seed(5)
+    with strategy.scope():
+        model = gradwatch.Sequential(layers(regularize=True), name="net")
+        model.compile(keras.optimizers.SGD(0.0), "mse")
+    np.savez(out / "noise_weights.npz", *model.get_weights())
+    x, y = data(n=29)
+    watch = gradwatch.GradWatch(stats=("norm",), per_replica=True, path=out / "noise_log")
+    model.fit(x, y, batch_size=BATCH, shuffle=False, callbacks=[watch], verbose=0)
+    watch.log.to_csv(out / "noise.csv")
+
+
 def worker(index: int, out: Path) -> None:
     import numpy as np
     from models import data
@@ -342,5 +366,7 @@ def worker(index: int, out: Path) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "mirrored":
         mirrored(Path(sys.argv[2]))
+    elif sys.argv[1] == "noise":
+        noise(Path(sys.argv[2]))
     else:
         worker(int(sys.argv[2]), Path(sys.argv[3]))

@@ -297,6 +297,7 @@ def _compiled_step(model: Any, compiled: Callable, custom: bool, capture: Captur
         all_scopes = scopes()
         scope = all_scopes[id(model)] = StepScope()
         scope.stock = not custom
+        scope.data = data
         try:
             watches = model_state(model).listening
             variables = list(model.trainable_weights)
@@ -317,10 +318,10 @@ def _compiled_step(model: Any, compiled: Callable, custom: bool, capture: Captur
             if pending is not None and scope.stock:
                 for key, entry in before.loss_scaled.items():
                     scope.loss_scaled.setdefault(key, entry)
+                scope.accumulated.update(before.accumulated)
                 grads = [v.value.grad for v in variables]
                 capture.add_records(scope, grads, variables, *pending)
             if saved is not None:
-                scope.data = data
                 with torch.no_grad():
                     capture.undo_if_nonfinite(model, scope, saved)
         finally:

@@ -237,7 +237,7 @@ def commit(model: Any, scope: StepScope) -> None:
     # A step kept from the model is still checked: its gradients were the data's.
     for watch in listening:
         watch.check_step(model, step, records, skipped)
-    scalars = (scope.loss, scope.learning_rate, scope.applies, scope.spikes)
+    scalars = (scope.loss, scope.learning_rate, scope.applies, batch_size(scope.data), scope.spikes)
     code = skip_code(skipped, skipped_here(scope), scope.spiked)
     for watch in watches:
         watch.capture_step(model, step, records, code, local, scalars)
@@ -392,6 +392,40 @@ def applies(model: Any, scope: StepScope, optimizer: Any) -> Any:
     return keras.ops.equal((_backend.counter_now(counter) + 1) % n, 0)
 
 
+def batch_size(data: Any) -> Any:
+    """The number of rows of the step's batch: the first axis of its first array (a
+    tensor where the traced step does not know it); None where the batch has none."""
+    for leaf in keras.tree.flatten(data):
+        shape = getattr(leaf, "shape", None)
+        if shape is not None and len(shape):
+            return shape[0] if shape[0] is not None else keras.ops.shape(leaf)[0]
+    return None
+
+
+def accumulated(model: Any, scope: StepScope, variables: list, optimizer: Any) -> dict[int, Any]:
+    """With `gradient_accumulation_steps`, the optimizer's sum of the earlier micro-steps'
+    gradients of each of `variables`, read before the update (Keras keeps the sum and
+    applies `(g + sum) / n` at every n-th micro-step, then zeroes it); by `id(variable)`.
+    Empty without accumulation, where the optimizer is not built, and (eager) at a
+    micro-step that only accumulates."""
+    optimizer = optimizer or getattr(model, "optimizer", None)
+    inner = None if optimizer is None else _innermost(optimizer)
+    sums = getattr(inner, "_accumulated_gradients", None)
+    if inner is None or accumulation_steps(inner) == 1 or not sums:
+        return {}
+    if _backend.EAGER and not bool(applies(model, scope, inner)):
+        return {}  # read where the step applies only: a copy on this backend
+    out = {}
+    for variable in variables:
+        try:
+            acc = sums[inner._get_variable_index(variable)]
+        except KeyError:  # not among the variables the optimizer was built with
+            continue
+        if acc is not None and _backend.readable_in_step(model, scope, acc):
+            out[id(variable)] = _backend.float32(_backend.weights_before(acc))
+    return out
+
+
 def before_update(
     model: Any, scope: StepScope, variables: list, optimizer: Any, watches: list
 ) -> tuple:
@@ -414,6 +448,7 @@ def before_update(
     befores: list[Any] = [None] * len(variables)
     if any(w.needs_weights for w in watches):
         befores = [_backend.weights_before(v) for v in variables]
+    scope.accumulated.update(accumulated(model, scope, variables, optimizer))
     return scale, befores, optimizer
 
 
@@ -427,4 +462,6 @@ def add_records(
         update = scope.updates.get(id(var), 0)
         scope.updates[id(var)] = update + 1
         grad = _backend.as_recorded(grad, var)
-        scope.grads[record_key(var, update)] = Record(var, grad, scale, before, optimizer, update)
+        scope.grads[record_key(var, update)] = Record(
+            var, grad, scale, before, optimizer, update, scope.accumulated.get(id(var))
+        )

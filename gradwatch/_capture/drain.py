@@ -49,6 +49,14 @@ def drain(
         replica_stats=block.replica_stats,
         scalars=block.scalars,
     )
+    if block.noise is not None:
+        # A step with an estimate has its small batch: not NaN.
+        has = ~np.isnan(block.noise[:, 0])
+        if has.any():
+            steps = block.steps[has]
+            store.add_noise_rows(
+                steps, np.full(len(steps), epoch, np.int64), steps - epoch_start, block.noise[has]
+            )
     store.add_skipped(block.steps[block.skipped])
     store.add_guarded(block.steps[block.skipped & ~block.loss_scaled])
     return block

@@ -17,7 +17,7 @@ from gradwatch._capture.counting import step_counter
 from gradwatch._capture.plan import Plan, Planner
 from gradwatch._capture.spikes import spike_code
 from gradwatch._capture.step import Records, record_key
-from gradwatch._logdata.store import Store
+from gradwatch._logdata.store import NOISE_RAW, Store
 from gradwatch._stats import derived as _derived
 from gradwatch._stats.compute import compute_histograms, compute_stats, traced_for_xla
 from gradwatch._stats.specs import gradient_stats, needs_of
@@ -35,7 +35,7 @@ def capture_step(
     records: Records,
     skipped: Any,
     local: Records | None,
-    scalars: tuple,
+    scalars: tuple[Any, ...],
 ) -> None:
     """Adds the capture of the planner's watch to the step being traced
     (`GradWatch.capture_step`): its plan, made in the step, and its ring buffer."""
@@ -102,17 +102,18 @@ def capture(
     records: Records,
     skipped: Any,
     local: Records,
-    scalars: tuple = (None, None, None),
+    scalars: tuple[Any, ...] = (None, None, None, None, None),
 ) -> None:
     """Adds the capture of `watch` (its `stats`, `every`, `histogram`, `per_replica`) to
     the step being traced or run.
 
     `records` hold the global gradients, `local` (under `tf.distribute`) what this
     replica handed the optimizer; without a strategy they are the same object.
-    `scalars` are the step's `(loss, learning_rate, applies)` and its spike verdicts by
-    watch (`StepScope.spikes`, where given), written into the same
-    slot (`SCALARS`); the step applied where its optimizer applies and no loss-scale
-    optimizer skipped the update.
+    `scalars` are the step's `(loss, learning_rate, applies, batch_size, spikes)`: the
+    first three written into the same slot (`SCALARS`; the step applied where its optimizer
+    applies and no loss-scale optimizer skipped the update), with the watch's spike
+    verdict from `spikes` (`StepScope.spikes`, by watch: its global norm and code), then the
+    step's raw noise-scale estimate (`NOISE_RAW`, `_derived.noise_estimate`), NaN without one.
     """
     _check_known(model, plan, records)
     entries = [records.get(k) for k in plan.ids]
@@ -136,7 +137,9 @@ def capture(
         else None
     )
     replica_stats = _derived.replica_stats(plan, local, watch.stats) if watch.per_replica else None
-    loss, learning_rate, applied = (_scalar(x) for x in scalars[:3])
+    loss, learning_rate, applied, batch, spikes = (*scalars, None, None)[:5]
+    noise = _derived.noise_estimate(model, plan, records, local, buffer, batch, applied)
+    loss, learning_rate, applied = (_scalar(x) for x in (loss, learning_rate, applied))
     if applied is not None and skipped is not None:
         # `skipped` is a code (`buffer.SKIPPED_BY`): any bit set kept the update back.
         applied = applied * (1 - _backend.float32(ops.not_equal(skipped, 0)))
@@ -145,7 +148,7 @@ def capture(
         loss = _backend.all_reduce_sum([loss])[0] / _backend.num_replicas(model)
     # The spike judge's verdict (`judge_spikes`), where the watch judged the step.
     global_norm = spike = None
-    verdict = scalars[3].get(id(watch)) if len(scalars) > 3 else None
+    verdict = (spikes or {}).get(id(watch))
     if verdict is not None:
         global_norm, spike = _backend.float32(verdict[0]), spike_code(verdict[2])
 
@@ -173,7 +176,10 @@ def capture(
         row = array_ops.stack(
             [
                 array_ops.nan() if x is None else x
-                for x in (loss, learning_rate, applied, global_norm, spike)
+                for x in (
+                    *(loss, learning_rate, applied, global_norm, spike),
+                    *(noise or [None] * len(NOISE_RAW)),
+                )
             ]
         )
         buffer.write(step, stats, values, hist, skipped, replica_stats, row)

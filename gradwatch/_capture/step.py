@@ -22,6 +22,8 @@ class Record:
     before the update (None unless a watch needs them), and `optimizer` the one
     that applies the gradient (None: unknown). `update` counts the variable's
     earlier updates in the same step (a critic updated 3 times: 0, 1, 2).
+    `accumulated` is, with `gradient_accumulation_steps`, the optimizer's sum of the
+    earlier micro-steps' gradients (unscaled), read before the update (None: none).
     """
 
     variable: Any
@@ -30,6 +32,7 @@ class Record:
     before: Any = None
     optimizer: Any = None
     update: int = 0
+    accumulated: Any = None
 
     def with_grad(self, grad: Any) -> Record:
         """The same record with another gradient (the global one, under a strategy)."""
@@ -93,10 +96,11 @@ class Watcher(Protocol):
         records: Records,
         skipped: Any,
         local: Records | None,
-        scalars: tuple[Any, Any, Any] = (None, None, None),
+        scalars: tuple[Any, ...] = (None, None, None, None),
     ) -> None:
         """Adds the capture of the step being traced or run: stats into the ring buffer.
-        `scalars` are the step's `(loss, learning_rate, applies)` tensors (None: not seen)."""
+        `scalars` are the step's `(loss, learning_rate, applies, batch_size)` tensors
+        (None: not seen)."""
 
     def queue_replay(self, replay: Any) -> None:
         """On the host: a step handed over for a replay (`_capture.handoff.Replay`)."""
@@ -206,6 +210,9 @@ class StepScope:
         self.loss: Any = None
         self.learning_rate: Any = None
         self.applies: Any = None
+        # id(variable) -> the optimizer's accumulated gradient before the update
+        # (`gradient_accumulation_steps`), read at the steps that may apply.
+        self.accumulated: dict[int, Any] = {}
         # Where a watch keeps non-finite updates from the model (`_capture.guard`): the
         # finiteness of the step's watched gradients so far (None: not checked), whether
         # an `apply` is being gated now, and the step's data (its batch, for a replay).

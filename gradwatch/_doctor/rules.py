@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gradwatch._doctor.noise import noise_scale_findings
 from gradwatch._doctor.spikes import SPIKE_WARMUP, spike_flags
 from gradwatch._logdata.views import global_norms, layer_of_key, leaf_of_key
 from gradwatch._ui.text import name_list, origin_text, short_number
@@ -53,6 +54,7 @@ class Signals:
             `"spike"` or `"loss_spike"`).
         series: A function from a per-step scalar's name (`"loss"`, `"spike"`, ...)
             to its values at `steps` (NaN where a step has none), or None.
+        noise_scale: The gradient noise scale by step (`log.noise_scale`), or `None`.
 
     Example:
 
@@ -74,6 +76,7 @@ class Signals:
     nonfinite_alerts: Sequence[tuple[int, str, float]] = ()
     spike_alerts: Sequence[tuple[int, str, float]] = ()
     series: Callable[[str], np.ndarray | None] = lambda name: None
+    noise_scale: pd.DataFrame | None = None
     _cache: dict[str, np.ndarray | None] = field(default_factory=dict, repr=False)
 
     def get(self, name: str) -> np.ndarray | None:
@@ -819,6 +822,10 @@ def _spiking_layers(diagnosis: Diagnosis, spike_steps: Sequence[int]) -> list[st
     return [n for _, n in sorted(picked, key=lambda rn: -rn[0])]
 
 
+def _noise_scale(diagnosis: Diagnosis) -> list[dict]:
+    return noise_scale_findings(diagnosis.signals.noise_scale)
+
+
 # Dead first: the later rules leave out the variables it finds.
 RULES: tuple[Callable[[Diagnosis], list[dict]], ...] = (
     _nonfinite,
@@ -831,6 +838,7 @@ RULES: tuple[Callable[[Diagnosis], list[dict]], ...] = (
     _clipping,
     _oscillation,
     _spikes,
+    _noise_scale,
 )
 
 #: The stats that each rule reads; without one, the rule says what it could not check.
@@ -845,6 +853,7 @@ READS: dict[Callable[[Diagnosis], list[dict]], tuple[str, ...]] = {
     _clipping: ("clipped_norm", "norm"),
     _oscillation: ("cos_prev",),
     _spikes: (),
+    _noise_scale: (),
 }
 #: What `Diagnosis` itself reads: `norm` (which variables are live) and `nonfinite` (the
 #: rows whose other stats say nothing).

@@ -27,7 +27,7 @@ from gradwatch._logdata.frames import (
     variables_index,
 )
 from gradwatch._logdata.resume import Anchor, add_anchor, cutoffs
-from gradwatch._logdata.store import SCALARS, Store
+from gradwatch._logdata.store import NOISE_RAW, SCALARS, Store
 from gradwatch._ui.paths import as_path, writable_file
 from gradwatch.stats import histogram_bin_count
 
@@ -39,6 +39,9 @@ COLUMNS = ("step", "epoch", "batch", "variable", "stat", "index", "value")
 REPLICA_COLUMNS = ("step", "epoch", "batch", "replica", "variable", "stat", "index", "value")
 _VALUE_STAT = "grad"  # the `stat` of rows that hold kept tensor elements
 _HIST_STAT = "hist"  # the `stat` of histogram rows: `index` is the bin, `value` the count
+# The `stat` of a step's raw noise-scale estimate rows (`NOISE_RAW`), no variable. They are
+# listed among the metadata's `scalars`, which a gradwatch that does not know them skips.
+NOISE_STATS = tuple(f"noise_{name}" for name in NOISE_RAW)
 
 
 def _metadata(store: Store) -> dict[str, Any]:
@@ -55,7 +58,8 @@ def _metadata(store: Store) -> dict[str, Any]:
         "skipped_by_gradwatch": sorted(store.guarded),
         "origins": [[step, *origin] for step, origin in store.origins.items()],
         "per_replica": store.per_replica,
-        "scalars": list(SCALARS),
+        # The noise rows' names only where there are some: a log without stays as before.
+        "scalars": [*SCALARS, *(NOISE_STATS if store.noise_blocks else ())],
     }
 
 
@@ -70,7 +74,7 @@ def _table(store: Store) -> pd.DataFrame:
     """
     stats = stat_frame(store)
     values = values_frame(store)
-    cats = [*store.stats, _VALUE_STAT, _HIST_STAT, *SCALARS]
+    cats = [*store.stats, _VALUE_STAT, _HIST_STAT, *SCALARS, *NOISE_STATS]
     frames = [
         pd.DataFrame(
             {
@@ -100,6 +104,8 @@ def _table(store: Store) -> pd.DataFrame:
         frames.append(hist.assign(stat=pd.Categorical([_HIST_STAT] * len(hist), categories=cats)))
     if store.scalar_blocks:
         frames.append(_scalar_rows(store, cats))
+    if store.noise_blocks:
+        frames.append(_noise_rows(store, cats))
     if not store.per_replica:
         return pd.concat(frames, ignore_index=True)[list(COLUMNS)]
     frames[0]["replica"] = stats["replica"].array
@@ -123,6 +129,27 @@ def _scalar_rows(store: Store, cats: list[str]) -> pd.DataFrame:
             "stat": pd.Categorical(list(SCALARS) * n, categories=cats),
             "index": pd.array([pd.NA] * (n * m), dtype="Int64"),
             "value": data.reshape(-1),
+        }
+    )
+
+
+def _noise_rows(store: Store, cats: list[str]) -> pd.DataFrame:
+    """The raw noise-scale estimates as rows, as written (`NOISE_STATS`, no variable)."""
+    blocks = store.noise_blocks
+    m = len(NOISE_STATS)
+    steps = np.concatenate([b.steps for b in blocks])
+    n = len(steps)
+    return pd.DataFrame(
+        {
+            "step": np.repeat(steps, m),
+            "epoch": np.repeat(np.concatenate([b.epochs for b in blocks]), m),
+            "batch": np.repeat(np.concatenate([b.batches for b in blocks]), m),
+            "variable": pd.Categorical.from_codes(
+                np.full(n * m, -1, np.int32), categories=variables_index(store)
+            ),
+            "stat": pd.Categorical(list(NOISE_STATS) * n, categories=cats),
+            "index": pd.array([pd.NA] * (n * m), dtype="Int64"),
+            "value": np.concatenate([b.data for b in blocks]).reshape(-1),
         }
     )
 
@@ -563,7 +590,10 @@ def _from_table(path: Path, meta: dict, table: pd.DataFrame) -> Store:
     names = [n for n in meta.get("scalars", []) if n not in stats]
     if names:
         is_scalar = table["stat"].astype(object).isin(names).to_numpy()
-        _scalar_blocks_from_rows(path, store, table[is_scalar])
+        scalar_rows = table[is_scalar]
+        is_noise = scalar_rows["stat"].astype(object).isin(NOISE_STATS).to_numpy()
+        _scalar_blocks_from_rows(path, store, scalar_rows[~is_noise])
+        _noise_blocks_from_rows(path, store, scalar_rows[is_noise])
         table = table[~is_scalar]
     codes = {k: i for i, k in enumerate(variables)}
     stat_codes = {s: i for i, s in enumerate(stats)}
@@ -650,6 +680,28 @@ def _scalar_blocks_from_rows(path: Path, store: Store, rows: pd.DataFrame) -> No
         mine = name == scalar
         data[np.searchsorted(steps, step[mine]), j] = value[mine]
     store.append_scalars(steps, epoch[first], batch[first], data)
+
+
+def _noise_blocks_from_rows(path: Path, store: Store, rows: pd.DataFrame) -> None:
+    """Rebuilds the raw noise-scale estimates, in the order written (each a run of
+    `NOISE_STATS` rows of one step)."""
+    if not len(rows):
+        return
+    step, epoch, batch, value = _columns(
+        rows, f"'{path}' has a noise-scale row whose step or value is not a number."
+    )
+    name = rows["stat"].astype(object).to_numpy()
+    m = len(NOISE_STATS)
+    whole = len(step) % m == 0 and all(
+        (name[j::m] == stat).all() and (step[j::m] == step[::m]).all()
+        for j, stat in enumerate(NOISE_STATS)
+    )
+    if not whole:
+        raise ValueError(
+            f"'{path}' has noise-scale rows that do not come in whole estimates: each "
+            f"step's {', '.join(NOISE_STATS)}, in that order."
+        )
+    store.add_noise_rows(step[::m], epoch[::m], batch[::m], value.reshape(-1, m))
 
 
 def _blocks_from_rows(store, step, epoch, batch, var, inner, value, kind) -> None:

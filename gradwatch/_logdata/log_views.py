@@ -20,6 +20,7 @@ from gradwatch._logdata.frames import (
     stat_matrix,
     stat_steps,
 )
+from gradwatch._logdata.noise import noise_frame
 from gradwatch._logdata.store import ORIGIN_COLUMNS, Store
 from gradwatch._logdata.views import by_layer, global_norms, summary
 from gradwatch._stats.specs import SPECS
@@ -169,6 +170,36 @@ class StatViews:
         nonfinite = self.stat("nonfinite") if "nonfinite" in self._store.stats else None
         return summary(self.stat("norm"), nonfinite)
 
+    @property
+    def noise_scale(self) -> pd.DataFrame:
+        """The gradient noise scale B_simple (McCandlish et al. 2018, appendix A.1) at
+        each step that has an estimate, as a frame.
+
+        Columns: `step`, `small_batch`, `big_batch` (int64), and float64
+        `g_small_sq` and `g_big_sq` (the squared norms of a gradient over
+        `small_batch` samples, or the mean of several such, and of one over
+        `big_batch`, over the watched variables), `g_sq` (the estimate of
+        |G|^2 they give), `s` (of tr(Sigma), the per-example gradient
+        noise) and `b_simple` (the moving average of `s` over that of `g_sq`,
+        decay 0.995 per estimate). One row per step with an estimate, sorted
+        by step; empty without one.
+
+        The estimates come from each replica's gradient against the global one
+        under `tf.distribute`, from the micro-batch gradients against their mean
+        with `gradient_accumulation_steps` (at the steps that apply), and from
+        the batch's two halves against the whole with
+        `GradWatch(noise_scale_every=N)`. See `docs/guide.md`.
+
+        Example:
+
+        ```python
+        watch = gradwatch.GradWatch()
+        model.fit(x, y, batch_size=32, callbacks=[watch])  # under a MirroredStrategy
+        watch.log.noise_scale[["step", "big_batch", "b_simple"]].tail()
+        ```
+        """
+        return noise_frame(self._store)
+
     def diagnose(self, **thresholds: float) -> pd.DataFrame:
         """What looks wrong in this run, where, and what to try: one row per finding.
 
@@ -224,6 +255,7 @@ class StatViews:
             nonfinite_alerts=alerts,
             spike_alerts=spikes,
             series=lambda name: _series_at(scalars, name, stat_steps(store)),
+            noise_scale=self.noise_scale,
         )
         return run_rules(signals, **thresholds)
 

@@ -19,6 +19,9 @@ T = TypeVar("T")
 # held as 1.0 (the optimizer updated the weights at that step), 0.0 (it did not: a
 # step that only accumulates a gradient, or one a loss-scale optimizer skipped).
 SCALARS = ("loss", "learning_rate", "applied", "global_norm", "spike")
+# The raw columns of a gradient-noise-scale estimate at a step (`gradwatch._logdata.noise`):
+# the two batch sizes and the squared norms of their gradients.
+NOISE_RAW = ("small_batch", "big_batch", "g_small_sq", "g_big_sq")
 
 
 @dataclass
@@ -52,6 +55,16 @@ class ScalarBlock:
     epochs: np.ndarray
     batches: np.ndarray
     data: np.ndarray  # float32 (k, len(SCALARS)); NaN where a step had none
+
+
+@dataclass
+class NoiseBlock:
+    """k steps' raw noise-scale estimates (`NOISE_RAW`), from the step or the host."""
+
+    steps: np.ndarray
+    epochs: np.ndarray
+    batches: np.ndarray
+    data: np.ndarray  # float32 (k, len(NOISE_RAW))
 
 
 @dataclass
@@ -110,6 +123,7 @@ class Store:
         self._value_blocks: list[ValueBlock] = []
         self._replica_blocks: list[ReplicaBlock] = []
         self._scalar_blocks: list[ScalarBlock] = []
+        self._noise_blocks: list[NoiseBlock] = []
         self._alerts: dict[tuple[int, str, str], float] = {}
         self._skipped: set[int] = set()
         # Of `_skipped`, the steps that gradwatch's `on_nonfinite` kept from the model
@@ -160,6 +174,11 @@ class Store:
     def scalar_blocks(self) -> tuple[ScalarBlock, ...]:
         """The loss and learning rate of the recorded steps, in `SCALARS` order."""
         return tuple(self._scalar_blocks)
+
+    @property
+    def noise_blocks(self) -> tuple[NoiseBlock, ...]:
+        """The raw noise-scale estimates, in writing order (a step may have several)."""
+        return tuple(self._noise_blocks)
 
     @property
     def alerts(self) -> Mapping[tuple[int, str, str], float]:
@@ -349,6 +368,29 @@ class Store:
         )
         self._cache.clear()
 
+    def add_noise_rows(
+        self, steps: np.ndarray, epochs: np.ndarray, batches: np.ndarray, data: np.ndarray
+    ) -> None:
+        """Appends k steps' raw noise-scale estimates `(k, len(NOISE_RAW))`; a later row
+        for the same step wins (see `gradwatch._logdata.noise.noise_rows`)."""
+        data = np.asarray(data, np.float32)
+        if not len(steps):
+            return
+        if data.shape != (len(steps), len(NOISE_RAW)):
+            raise ValueError(
+                f"The noise-scale rows of {len(steps)} steps must have the shape "
+                f"({len(steps)}, {len(NOISE_RAW)}). Received: shape={data.shape}"
+            )
+        self._noise_blocks.append(
+            NoiseBlock(
+                np.asarray(steps, np.int64),
+                np.asarray(epochs, np.int64),
+                np.asarray(batches, np.int64),
+                data,
+            )
+        )
+        self._cache.clear()
+
     def add_alerts(self, rows: Sequence[tuple[int, str, str, float]]) -> None:
         """Adds `(step, key, kind, value)` alerts; a later one for the same key wins."""
         for step, key, kind, value in rows:
@@ -417,6 +459,7 @@ class Store:
             setattr(self, name, kept)
             setattr(later, name, moved)
         self._scalar_blocks, later._scalar_blocks = _split(self._scalar_blocks, step)
+        self._noise_blocks, later._noise_blocks = _split(self._noise_blocks, step)
         later._alerts = {k: v for k, v in self._alerts.items() if k[0] >= step}
         self._alerts = {k: v for k, v in self._alerts.items() if k[0] < step}
         later._skipped = {s for s in self._skipped if s >= step}
@@ -432,6 +475,7 @@ class Store:
         """Forgets the recorded steps (after they were written out); keeps the rest."""
         self._stat_blocks, self._hist_blocks, self._value_blocks = [], [], []
         self._replica_blocks, self._scalar_blocks = [], []
+        self._noise_blocks = []
         self._cache.clear()
 
 

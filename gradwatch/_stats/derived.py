@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from gradwatch._backend import current as _backend
+from gradwatch._capture.counting import accumulation_steps
 from gradwatch._capture.plan import Plan
 from gradwatch._capture.step import Records
 from gradwatch._stats.compute import compute_stats, sum_of_squares
@@ -217,3 +218,108 @@ def every_step_check(
         over = check_ops.any(out)
         check_ops.note_first(over, alarm.threshold_step, alarm.threshold_sq, step, sq)
     check_ops.count_tripped(alarm.tripped, [bad, over])
+
+
+def noise_estimate(
+    model: Any,
+    plan: Plan,
+    records: Records,
+    local: Records,
+    buffer: GradientBuffer,
+    batch: Any,
+    applies: Any,
+) -> list[Any] | None:
+    """The step's raw gradient-noise-scale estimate, `NOISE_RAW`'s four float32 scalars
+    (NaN where the step has none), over the watched variables (`plan.stat_index`, first
+    updates), from what the step has at no extra pass: each replica's gradient against
+    the global one under `tf.distribute`, else the micro-batch gradients against their
+    mean with `gradient_accumulation_steps`. None where neither exists.
+
+    Collectives run here, outside any branch (see `capture`).
+    """
+    if batch is None:
+        return None
+    rows = [
+        i
+        for i in plan.stat_index
+        if (e := records.get(plan.ids[i])) is not None and e.grad is not None and not e.update
+    ]
+    if not rows:
+        return None
+    if local is not records:
+        return _noise_across_replicas(model, plan, rows, records, local, batch)
+    steps = {accumulation_steps(records[plan.ids[i]].optimizer) for i in rows}
+    if len(steps) != 1 or applies is None or next(iter(steps)) == 1:
+        return None
+    return _noise_of_accumulation(plan, rows, records, buffer, batch, applies, steps.pop())
+
+
+def _unscaled(record: Any) -> Any:
+    return _backend.unscaled_float32(record.grad, record.scale)
+
+
+def _noise_across_replicas(
+    model: Any, plan: Plan, rows: list[int], records: Records, local: Records, batch: Any
+) -> list[Any]:
+    """Small: one replica's batch and its local gradient; big: the global batch and
+    gradient. Each replica's local gradient is its batch's mean-loss gradient divided
+    by the number of replicas R (the optimizer sums them), so `g_small_sq`, the mean
+    over the replicas of |R g_r|^2, is R times the sum of the |g_r|^2. A step whose
+    replicas had batches of different sizes (a last, partial batch) has no estimate."""
+    local_sq = array_ops.stack(
+        [
+            sum_of_squares(elements(_unscaled(local[plan.ids[i]])))
+            for i in rows
+            if plan.ids[i] in local and local[plan.ids[i]].grad is not None
+        ]
+    )
+    b = _backend.float32(batch)
+    summed = _backend.all_reduce_sum([array_ops.stack([array_ops.sum(local_sq), b, b * b])])[0]
+    r = float(_backend.num_replicas(model))
+    total_b = summed[1]
+    same = array_ops.equal(r * summed[2], total_b * total_b)
+    small = array_ops.where(same, total_b / r, array_ops.nan())
+    big_sq = array_ops.sum(
+        array_ops.stack([sum_of_squares(elements(_unscaled(records[plan.ids[i]]))) for i in rows])
+    )
+    return [small, total_b, r * summed[0], big_sq]
+
+
+def _noise_of_accumulation(
+    plan: Plan,
+    rows: list[int],
+    records: Records,
+    buffer: GradientBuffer,
+    batch: Any,
+    applies: Any,
+    n: int,
+) -> list[Any]:
+    """At a micro-step that applies: small, the micro-batch and the mean of the squared
+    norms of the micro-batch gradients; big, the n micro-batches and the squared norm
+    of the mean that the optimizer applies, `(g + sum) / n` from Keras' running sum.
+
+    The squared norms of the earlier micro-steps are summed in the buffer's
+    `noise_state` (with their count and batch sizes) at each micro-step that runs the
+    capture; one that did not (`every > 1` gated on the host) is left out of the mean,
+    which stays an unbiased estimate. A window whose micro-batches differ in size (a
+    partial batch) has no estimate."""
+    grads = [_unscaled(records[plan.ids[i]]) for i in rows]
+    sq = array_ops.sum(array_ops.stack([sum_of_squares(elements(g)) for g in grads]))
+    b = _backend.float32(batch)
+    total = array_ops.read(buffer.noise_state) + array_ops.stack([sq, 1.0, b])
+    sums = [records[plan.ids[i]].accumulated for i in rows]
+    nan = array_ops.nan()
+    if all(s is not None for s in sums):
+
+        def big_sq() -> Any:
+            means = [(dense(g) + s) / n for g, s in zip(grads, sums, strict=True)]
+            return array_ops.sum(array_ops.stack([sum_of_squares(m) for m in means]))
+
+        big = _backend.cond(applies, big_sq, lambda: nan)
+    else:  # (eager: read only where the step applies)
+        big = nan
+    same = array_ops.equal(total[2], total[1] * b)
+    estimate = [array_ops.where(same, b, nan), b * n, total[0] / total[1], big]
+    applies = array_ops.cast(applies, "bool")
+    array_ops.assign(buffer.noise_state, array_ops.where(applies, array_ops.zeros((3,)), total))
+    return [array_ops.where(applies, x, nan) for x in estimate]
