@@ -535,7 +535,7 @@ class GradWatch(keras.callbacks.Callback):
         plan, model = self._planner.plan, self._recorded_model()
         if self._replays.queue and plan is not None and model is not None:
             watched = [plan.variables[i] for i in plan.stat_index]
-            self._replays.run(model, watched, self._epoch_start)
+            self._replays.run(model, watched, self._epoch, self._epoch_start)
 
     def keep_skipped_batch(self, step: int, x: Any, y: Any, sample_weight: Any) -> None:
         """On the host, from the step: keeps the batch of the first step whose update

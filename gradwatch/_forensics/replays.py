@@ -13,6 +13,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from gradwatch._forensics.halves import halves_sq_norms
 from gradwatch._forensics.replay import Batch
 
 
@@ -46,17 +47,23 @@ class Replays:
         """On the host, from the step: one more step to replay."""
         self.queue.append(replay)
 
-    def run(self, model: Any, watched: list[Any], epoch_start: int) -> None:
+    def run(self, model: Any, watched: list[Any], epoch: int, epoch_start: int) -> None:
         """Replays every queued step (`watched`: the watched variables, whose gradient
-        norms count); empties the queue."""
+        norms count; `epoch` and its first step: where the queued steps were run);
+        empties the queue."""
         queue, self.queue = self.queue, []
         if model is None:
             return
         for replay in queue:
+            weights = dict(zip(map(id, model.trainable_variables), replay.weights, strict=True))
             if replay.reasons & {"spike", "kept", "examples"}:
-                self._guarded("examples", self._examples, model, watched, replay, epoch_start)
+                self._guarded(
+                    "examples", self._examples, model, watched, replay, weights, epoch_start
+                )
             if "noise_scale" in replay.reasons:
-                self._guarded("noise_scale", self._noise, model, watched, replay)
+                self._guarded(
+                    "noise_scale", self._noise, model, watched, replay, weights, epoch, epoch_start
+                )
 
     def _guarded(self, what: str, fn: Any, *args: Any) -> None:
         try:
@@ -70,20 +77,29 @@ class Replays:
                     stacklevel=2,
                 )
 
-    def _examples(self, model: Any, watched: list[Any], replay: Any, epoch_start: int) -> None:
+    def _examples(
+        self, model: Any, watched: list[Any], replay: Any, weights: dict, epoch_start: int
+    ) -> None:
         from gradwatch._forensics.examples import example_gradients
 
         batch = _batch(replay)
-        losses, norms = example_gradients(model, batch, watched, replay.weights)
+        losses, norms = example_gradients(model, batch, watched, weights)
         rows = np.arange(batch.n)
         samples = None
         if self.fit_batch_size is not None:
             samples = (replay.step - epoch_start) * self.fit_batch_size + rows
         self.store.add_examples(replay.step, rows, samples, losses, norms)
 
-    def _noise(self, model: Any, watched: list[Any], replay: Any) -> None:
-        from gradwatch._forensics.noise import halves_sq_norms
-
-        row = halves_sq_norms(model, _batch(replay), watched, replay.weights)
+    def _noise(
+        self,
+        model: Any,
+        watched: list[Any],
+        replay: Any,
+        weights: dict,
+        epoch: int,
+        epoch_start: int,
+    ) -> None:
+        row = halves_sq_norms(model, _batch(replay), watched, weights)
         if row is not None:
-            self.store.add_noise_rows([(replay.step, *row)])
+            step = replay.step
+            self.store.add_noise_rows([step], [epoch], [step - epoch_start], [list(row)])
