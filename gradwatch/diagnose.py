@@ -58,6 +58,8 @@ FINDINGS: dict[str, str] = {
     "WeightUpdateRatio, DLCheck).",
     "clipping": "The optimizer clips most steps (Google deep learning tuning playbook).",
     "oscillation": "Consecutive gradients point in opposite directions (the step overshoots).",
+    "examples": "Examples whose gradient norm is far above their batch's median in a replayed "
+    "step (likely mislabelled or corrupt data).",
 }
 
 #: Every threshold that `GradientLog.diagnose` takes by keyword, with its default.
@@ -76,6 +78,7 @@ THRESHOLDS: dict[str, float] = {
     "clipping_steps": 0.5,
     "oscillation_cos": -0.5,
     "loss_scale_steps": 0.05,
+    "examples_ratio": 10.0,
 }
 
 # Thresholds that are fractions (of steps or of elements) and cosines.

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gradwatch._doctor.examples import examples_findings
 from gradwatch._logdata.views import global_norms, layer_of_key, leaf_of_key
 from gradwatch._ui.text import name_list, origin_text, short_number
 
@@ -48,6 +49,8 @@ class Signals:
         disconnected: The keys that had no gradient.
         nonfinite_alerts: `(step, key, count)` of the recorded NaN/Inf alerts
             (these also cover steps that `every` did not record).
+        examples: Each example's loss and gradient norm in the replayed steps
+            (`log.examples`), or `None`.
 
     Example:
 
@@ -67,6 +70,7 @@ class Signals:
     accumulated: Sequence[int] = ()
     disconnected: Sequence[str] = ()
     nonfinite_alerts: Sequence[tuple[int, str, float]] = ()
+    examples: pd.DataFrame | None = None
     _cache: dict[str, np.ndarray | None] = field(default_factory=dict, repr=False)
 
     def get(self, name: str) -> np.ndarray | None:
@@ -730,6 +734,13 @@ def _oscillation(diagnosis: Diagnosis) -> list[dict]:
     ]
 
 
+def _examples(diagnosis: Diagnosis) -> list[dict]:
+    examples = diagnosis.signals.examples
+    if examples is None or not len(examples):
+        return []
+    return examples_findings(examples, diagnosis.thresholds["examples_ratio"])
+
+
 # Dead first: the later rules leave out the variables it finds.
 RULES: tuple[Callable[[Diagnosis], list[dict]], ...] = (
     _nonfinite,
@@ -741,6 +752,7 @@ RULES: tuple[Callable[[Diagnosis], list[dict]], ...] = (
     _update_ratio,
     _clipping,
     _oscillation,
+    _examples,
 )
 
 #: The stats that each rule reads; without one, the rule says what it could not check.
@@ -754,6 +766,7 @@ READS: dict[Callable[[Diagnosis], list[dict]], tuple[str, ...]] = {
     _update_ratio: ("update_ratio",),
     _clipping: ("clipped_norm", "norm"),
     _oscillation: ("cos_prev",),
+    _examples: (),
 }
 #: What `Diagnosis` itself reads: `norm` (which variables are live) and `nonfinite` (the
 #: rows whose other stats say nothing).
@@ -786,9 +799,8 @@ def find(signals: Signals, thresholds: dict[str, float]) -> list[dict[str, Any]]
     >>> [(row["severity"], row["finding"]) for row in find(s, {})]
     [('warning', 'disconnected')]
     """
+    diagnosis = Diagnosis(signals, thresholds)
     if len(signals.steps):
-        diagnosis = Diagnosis(signals, thresholds)
         return [row for rule in RULES for row in rule(diagnosis)]
-    if signals.disconnected:
-        return _disconnected(Diagnosis(signals, thresholds))
-    return []
+    # No recorded step: what needs none (a replayed step's examples need no stats).
+    return [*(_disconnected(diagnosis) if signals.disconnected else []), *_examples(diagnosis)]
