@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from keras import ops
-from reference import grads_of
+from reference import BACKEND, grads_of
 
 import gradwatch
 from gradwatch._forensics.examples import PATHS, example_gradients, unsupported
@@ -112,10 +112,8 @@ def _reference(model, loss_fn, x, y, sw, weights, watched):
     clone.set_weights(model.get_weights())
     for mine, theirs in zip(model.trainable_variables, clone.trainable_variables, strict=True):
         theirs.assign(weights[id(mine)])
-    index = [
-        i for i, v in enumerate(model.trainable_variables) if id(v) in {id(w) for w in watched}
-    ]
-    variables = [clone.trainable_variables[i] for i in index]
+    wanted = {id(w) for w in watched}
+    index = [i for i, v in enumerate(model.trainable_variables) if id(v) in wanted]
     losses, norms = [], []
     for i in range(len(y)):
 
@@ -127,8 +125,11 @@ def _reference(model, loss_fn, x, y, sw, weights, watched):
                 value = value + ops.sum(extra)
             return value
 
-        value, grads = grads_of(loss, variables)
-        total = sum(np.sum(np.asarray(ops.convert_to_numpy(g), np.float64) ** 2) for g in grads)
+        # All of them (JAX maps each one the loss reads), the watched ones summed.
+        value, grads = grads_of(loss, clone.trainable_variables)
+        total = sum(
+            np.sum(np.asarray(ops.convert_to_numpy(grads[j]), np.float64) ** 2) for j in index
+        )
         losses.append(float(ops.convert_to_numpy(value)))
         norms.append(float(np.sqrt(total)))
     return np.asarray(losses), np.asarray(norms)
@@ -150,7 +151,9 @@ def test_example_gradients_match_a_per_example_tape_loop(name):
     weights = _moved(model)
     watched = model.trainable_variables[1:]  # not the first: the norm is over these alone
     before = _state(model)
-    losses, norms = example_gradients(model, Batch(x, y, sw, len(y)), watched, weights)
+    batch = Batch(x, y, sw, len(y))
+    # Vectorised alone (by default, a path that fails gives way to the next in silence).
+    losses, norms = example_gradients(model, batch, watched, weights, path="vectorized")
     ref_losses, ref_norms = _reference(model, loss_fn, x, y, sw, weights, watched)
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, atol=1e-6)
     np.testing.assert_allclose(norms, ref_norms, rtol=2e-5, atol=1e-6)
@@ -172,10 +175,22 @@ def test_example_gradients_paths_agree_with_the_tape_loop():
         np.testing.assert_allclose(norms, expected[1], rtol=2e-5, atol=1e-6, err_msg=path)
 
 
-class ReadsItsInput(keras.layers.Layer):
-    """Reads a value of its input in Python: no trace (jit, tf.function, vmap) runs it."""
+class Untraceable(keras.layers.Layer):
+    """Doubles its input, by a factor that the vectorised path cannot trace: read in
+    Python from the input's value (TensorFlow, PyTorch: no `tf.function`, no `vmap`),
+    or from a host callback that has no batching rule (JAX, where every gradient is
+    traced: `jit` and a loop run it, `vmap` does not)."""
 
     def call(self, x):
+        if BACKEND == "jax":
+            import jax
+
+            factor = jax.pure_callback(
+                lambda s: np.float32(2.0),
+                jax.ShapeDtypeStruct((), "float32"),
+                jax.lax.stop_gradient(ops.sum(x)),
+            )
+            return x * factor
         total = float(np.asarray(ops.convert_to_numpy(ops.sum(x))))
         return x * 2.0 if total > -1e30 else x
 
@@ -184,10 +199,10 @@ class ReadsItsInput(keras.layers.Layer):
 
 
 @backends
-def test_example_gradients_fall_back_to_a_loop_for_a_model_that_cannot_be_traced():
+def test_example_gradients_fall_back_to_a_loop_for_a_model_vectorisation_rejects():
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
-        [keras.Input((4,)), keras.layers.Dense(3, name="d"), ReadsItsInput(), keras.layers.Dense(2)]
+        [keras.Input((4,)), keras.layers.Dense(3, name="d"), Untraceable(), keras.layers.Dense(2)]
     )
     model.compile("sgd", keras.losses.MeanSquaredError())
     rng = np.random.default_rng(0)
