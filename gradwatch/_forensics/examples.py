@@ -9,7 +9,6 @@ random state, a BatchNormalization's moving statistics).
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -66,7 +65,9 @@ class _Compiled:
     path: str = PATHS[0]  # the first path not known to fail for this model
 
 
-_COMPILED: weakref.WeakKeyDictionary[Any, _Compiled] = weakref.WeakKeyDictionary()
+# Where a model keeps its `_Compiled` (in its `__dict__`, out of Keras' tracking: the
+# compiled functions refer to the model, so a weak mapping from it would keep it alive).
+_ATTRIBUTE = "_gradwatch_examples"
 
 
 def example_gradients(
@@ -161,12 +162,15 @@ def example_gradients(
     leaves = keras.tree.flatten(structure)
     present = [i for i, leaf in enumerate(leaves) if leaf is not None]
     host = [np.asarray(ops.convert_to_numpy(leaves[i])) for i in present]
+    # The batch's layout alone (a compiled function is kept: not the batch's arrays).
+    skeleton = keras.tree.map_structure(lambda _: None, structure)
+    n_leaves = len(leaves)
 
     def loss_of(values: list[Any], others: list[Any], row: Sequence[Any]) -> Any:
-        full: list[Any] = [None] * len(leaves)
+        full: list[Any] = [None] * n_leaves
         for i, part in zip(present, row, strict=True):
             full[i] = ops.expand_dims(part, 0)
-        x, y, sample_weight = keras.tree.pack_sequence_as(structure, full)
+        x, y, sample_weight = keras.tree.pack_sequence_as(skeleton, full)
         mapping = [*zip(watched, values, strict=True), *zip(rest, others, strict=True)]
         with keras.StatelessScope(state_mapping=mapping, collect_losses=True):
             y_pred = model(x, training=True)
@@ -216,9 +220,9 @@ def _compiled(model: Any, watched: list[Any], rest: list[Any], layout: str) -> _
         id(getattr(model, "_compile_loss", None)),
         layout,
     )
-    entry = _COMPILED.get(model)
+    entry = model.__dict__.get(_ATTRIBUTE)
     if entry is None or entry.key != key:
-        entry = _COMPILED[model] = _Compiled(key)
+        entry = model.__dict__[_ATTRIBUTE] = _Compiled(key)
     return entry
 
 
