@@ -270,7 +270,7 @@ class GradWatch(keras.callbacks.Callback):
         self.replays = bool(
             self.keeps_model or self._spikes.active or self.examples_every or self.noise_scale_every
         )
-        self._replays = Replays(self._store)
+        self._replays = Replays(self._store, bool(self.examples_every or self.noise_scale_every))
         self.needs_weights = any(s in UPDATE_STATS for s in self.stats)
         self.sinks = _args.check_sinks(sinks)
         self._sinks = Sinks(self, self._log, self._store)  # built-in ones, then `sinks`

@@ -62,6 +62,8 @@ FINDINGS: dict[str, str] = {
     "the previous 128 (OLMo-core's stability monitor, OLMo 2).",
     "noise_scale": "The batch size against the gradient noise scale B_simple (McCandlish et "
     "al. 2018): small batches train with noisy steps, large ones waste compute.",
+    "examples": "Examples whose gradient norm is far above their batch's median in a replayed "
+    "step (likely mislabelled or corrupt data).",
 }
 
 #: Every threshold that `GradientLog.diagnose` takes by keyword, with its default.
@@ -80,6 +82,7 @@ THRESHOLDS: dict[str, float] = {
     "clipping_steps": 0.5,
     "oscillation_cos": -0.5,
     "loss_scale_steps": 0.05,
+    "examples_ratio": 10.0,
 }
 
 # Thresholds that are fractions (of steps or of elements) and cosines.

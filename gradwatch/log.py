@@ -371,6 +371,7 @@ class GradientLog(StatViews, HistogramViews, EventViews):
             and a.skipped == b.skipped
             and a.guarded == b.guarded
             and dict(a.origins) == dict(b.origins)
+            and self.examples.equals(other.examples)
             and a.variables == b.variables
             and dict(a.shapes) == dict(b.shapes)
             and self.frame.equals(other.frame)

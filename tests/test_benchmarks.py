@@ -50,6 +50,7 @@ def tables(outlier, tmp_path_factory):
         "cli_start": ["--log", str(tmp / "grads.parquet")],
         "diagnose": [],
         "replay": [],
+        "examples": [],
     }
     jobs = {
         name: [str(ROOT / "benchmarks" / f"{name}.py"), "--smoke", "--out", str(tmp / name), *args]
@@ -117,3 +118,13 @@ def test_replay_benchmark_smoke(tables):
     (row,) = [line for line in table.splitlines() if line.startswith("| mlp | 8 |")]
     cells = row.strip("|").split(" | ")
     assert float(cells[2]) > 0 and float(cells[3]) > 0
+
+
+def test_examples_benchmark_smoke(tables):
+    table = _table(tables, "examples")
+    rows = [line for line in table.splitlines() if line.startswith("| mlp | 8 |")]
+    assert [r.split(" | ")[2] for r in rows] == ["vectorized", "loop"]
+    for row in rows:
+        cells = row.strip("|").split(" | ")
+        assert float(cells[3]) > 0 and float(cells[5]) > 0
+        assert float(cells[6].rstrip("x |")) > 0

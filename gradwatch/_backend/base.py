@@ -234,3 +234,19 @@ class Backend(Protocol):
     def first_nonfinite_op(self, fn: Callable[[], Any]) -> str | None:
         """The type of the first op that makes a NaN or Inf while `fn()` runs eagerly
         (TensorFlow: `enable_check_numerics`), else None."""
+
+    # Each example's gradient in one batch (`gradwatch._forensics.examples`).
+    def row_gradients(
+        self,
+        loss_of: Callable[[list[Any], list[Any], Any], Any],
+        reduce: Callable[[Any, list[Any]], Any],
+        vectorized: bool,
+    ) -> Callable[[list[Any], list[Any], Any], Any] | None:
+        """A compiled function of `(values, others, rows)` that, for each row of `rows`
+        (a tuple of tensors, the rows on their first axis), takes the scalar
+        `loss_of(values, others, row)` and its gradients with respect to `values` (zeros
+        where nothing flows), and returns `reduce(loss, grads)` (a tuple of tensors),
+        stacked over the rows. `vectorized`: mapped over the rows in one vectorised call
+        (JAX `vmap`, `torch.func.vmap`, TensorFlow's `vectorized_map` under XLA); else a
+        loop over the rows (compiled where the backend compiles). None where the backend
+        cannot differentiate."""

@@ -318,3 +318,11 @@ def gradients_of(
 
 def first_nonfinite_op(fn: Callable[[], Any]) -> None:
     return None  # op types are TensorFlow's
+
+
+def row_gradients(
+    loss_of: Callable[[list[Any], list[Any], Any], Any],
+    reduce: Callable[[Any, list[Any]], Any],
+    vectorized: bool,
+) -> None:
+    return None  # no autodiff in `keras.ops` alone

@@ -483,3 +483,20 @@ def gradients_of(
 
     by_value, by_probe = jax.grad(lambda v, p: fn(p, v), argnums=(0, 1))(list(values), list(probes))
     return list(by_probe), list(by_value)
+
+
+def row_gradients(
+    loss_of: Callable[[list[Any], list[Any], Any], Any],
+    reduce: Callable[[Any, list[Any]], Any],
+    vectorized: bool,
+) -> Callable[[list[Any], list[Any], Any], Any]:
+    import jax
+
+    def one(values: list[Any], others: list[Any], row: Any) -> Any:
+        loss, grads = jax.value_and_grad(loss_of)(values, others, row)
+        return reduce(loss, grads)
+
+    if vectorized:
+        return jax.jit(jax.vmap(one, in_axes=(None, None, 0)))
+    # A compiled loop (a scan over the rows): for a model that `vmap` rejects.
+    return jax.jit(lambda values, others, rows: jax.lax.map(lambda r: one(values, others, r), rows))

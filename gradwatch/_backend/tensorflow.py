@@ -29,7 +29,8 @@ outside_compile = generic.outside_compile
 readable_in_step = generic.readable_in_step
 stats_table = generic.stats_table
 
-# Keeping a step's update from the model, and the gradients of a replay; and `cond`.
+# Keeping a step's update from the model, the gradients of a replay and of each example
+# in a batch; and `cond`.
 agree_across_replicas = _skip.agree_across_replicas
 all_finite = _skip.all_finite
 cond = _skip.cond
@@ -40,6 +41,7 @@ logical_and = _skip.logical_and
 logical_not = _skip.logical_not
 new_flag = _skip.new_flag
 restore_where = _skip.restore_where
+row_gradients = _skip.row_gradients
 snapshots_free = _skip.snapshots_free
 to_host = _skip.to_host
 undo_step = _skip.undo_step

@@ -1,8 +1,9 @@
 """TensorFlow: keeping a non-finite step's update from the model (the gate of each
 `apply`, the snapshots that a step's later non-finite gradient puts back, the host
-copy of the kept batch), and the gradients and first non-finite op of a replay; and
-`cond`, a branch that costs nothing where it is not taken. Re-exported by
-`gradwatch._backend.tensorflow`, the backend's one module."""
+copy of the kept batch), the gradients and first non-finite op of a replay, each
+example's gradient in a batch (`row_gradients`); and `cond`, a branch that costs nothing
+where it is not taken. Re-exported by `gradwatch._backend.tensorflow`, the backend's one
+module."""
 
 from __future__ import annotations
 
@@ -219,3 +220,52 @@ def first_nonfinite_op(fn: Callable[[], Any]) -> str | None:
     finally:
         tf.debugging.disable_check_numerics()
     return None
+
+
+def row_gradients(
+    loss_of: Callable[[list[Any], list[Any], Any], Any],
+    reduce: Callable[[Any, list[Any]], Any],
+    vectorized: bool,
+) -> Callable[[list[Any], list[Any], Any], Any]:
+    def one(values: list[Any], others: list[Any], row: Any) -> Any:
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            values = [tf.identity(v) for v in values]
+            tape.watch(values)
+            loss = loss_of(values, others, row)
+        grads = tape.gradient(loss, values)
+        grads = [
+            tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)  # IndexedSlices
+            for v, g in zip(values, grads, strict=True)
+        ]
+        return reduce(loss, grads)
+
+    if vectorized:
+        # Under XLA only: TF 2.21's own kernels for what `pfor` makes of Keras'
+        # `EinsumDense` (so `MultiHeadAttention`) corrupt memory (`free(): invalid
+        # pointer`, wrong values, a crash), on the CPU; XLA compiles the same graph right.
+        @tf.function(jit_compile=True)
+        def mapped(values: list[Any], others: list[Any], rows: Any) -> Any:
+            return tf.vectorized_map(lambda row: one(values, others, row), rows)
+
+    else:
+
+        @tf.function
+        def mapped(values: list[Any], others: list[Any], rows: Any) -> Any:
+            first = one(values, others, tuple(part[0] for part in rows))
+            signature = tuple(tf.TensorSpec(t.shape, t.dtype) for t in first)
+            return tf.map_fn(
+                lambda row: one(values, others, row), rows, fn_output_signature=signature
+            )
+
+    def run(values: list[Any], others: list[Any], rows: Any) -> Any:
+        # pfor falls back to a loop for an op it cannot vectorise (the filter gradient
+        # of a convolution) and logs a warning for each: the result is the same.
+        logger = tf.get_logger()
+        level = logger.level
+        logger.setLevel("ERROR")
+        try:
+            return mapped(list(values), list(others), tuple(rows))
+        finally:
+            logger.setLevel(level)
+
+    return run

@@ -609,3 +609,48 @@ def gradients_of(
     loss = fn(probes, values)
     grads = torch.autograd.grad(loss, [*probes, *values], allow_unused=True)
     return list(grads[: len(probes)]), list(grads[len(probes) :])
+
+
+# `torch.func.vmap` runs an op without a batching rule (the CPU's fused attention) row by
+# row, and warns that it does: the result is the same.
+_NO_BATCHING_RULE = "There is a performance drop because we have not yet implemented the batching"
+
+
+def row_gradients(
+    loss_of: Callable[[list[Any], list[Any], Any], Any],
+    reduce: Callable[[Any, list[Any]], Any],
+    vectorized: bool,
+) -> Callable[[list[Any], list[Any], Any], Any]:
+    if vectorized:
+        from torch.func import grad_and_value, vmap
+
+        def one(values: list[Any], others: list[Any], row: Any) -> Any:
+            grads, loss = grad_and_value(loss_of)(values, others, row)
+            return reduce(loss, grads)
+
+        # Each row draws its own dropout mask, as rows of a batch do.
+        mapped = vmap(one, in_dims=(None, None, 0), randomness="different")
+
+        def run(values: list[Any], others: list[Any], rows: Any) -> Any:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)
+                return mapped(values, others, rows)
+
+        return run
+
+    def loop(values: list[Any], others: list[Any], rows: Any) -> Any:
+        outputs = []
+        for i in range(int(rows[0].shape[0])):
+            leaves = [v.detach().requires_grad_(True) for v in values]
+            loss = loss_of(leaves, others, tuple(part[i] for part in rows))
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            grads = [
+                torch.zeros_like(v) if g is None else g for v, g in zip(leaves, grads, strict=True)
+            ]
+            with torch.no_grad():
+                outputs.append(reduce(loss.detach(), grads))
+        return tuple(torch.stack(parts) for parts in zip(*outputs, strict=True))
+
+    return loop

@@ -142,8 +142,9 @@ class ParquetSink:
             self.close()
 
     def close(self) -> None:
-        """Writes the steps held in memory as the next part, then forgets them."""
-        if not self.active or not len(self.log):
+        """Writes the steps (and examples) held in memory as the next part, then forgets
+        them."""
+        if not self.active or not (len(self.log) or self.store.examples):
             return
         extra: dict[str, Any] = {"anchors": [list(a) for a in self.anchors]}
         if self.resumed is not None:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gradwatch._doctor.examples import examples_findings
 from gradwatch._doctor.noise import noise_scale_findings
 from gradwatch._doctor.spikes import SPIKE_WARMUP, spike_flags
 from gradwatch._logdata.views import global_norms, layer_of_key, leaf_of_key
@@ -55,6 +56,8 @@ class Signals:
         series: A function from a per-step scalar's name (`"loss"`, `"spike"`, ...)
             to its values at `steps` (NaN where a step has none), or None.
         noise_scale: The gradient noise scale by step (`log.noise_scale`), or `None`.
+        examples: Each example's loss and gradient norm in the replayed steps
+            (`log.examples`), or `None`.
 
     Example:
 
@@ -77,6 +80,7 @@ class Signals:
     spike_alerts: Sequence[tuple[int, str, float]] = ()
     series: Callable[[str], np.ndarray | None] = lambda name: None
     noise_scale: pd.DataFrame | None = None
+    examples: pd.DataFrame | None = None
     _cache: dict[str, np.ndarray | None] = field(default_factory=dict, repr=False)
 
     def get(self, name: str) -> np.ndarray | None:
@@ -826,6 +830,13 @@ def _noise_scale(diagnosis: Diagnosis) -> list[dict]:
     return noise_scale_findings(diagnosis.signals.noise_scale)
 
 
+def _examples(diagnosis: Diagnosis) -> list[dict]:
+    examples = diagnosis.signals.examples
+    if examples is None or not len(examples):
+        return []
+    return examples_findings(examples, diagnosis.thresholds["examples_ratio"])
+
+
 # Dead first: the later rules leave out the variables it finds.
 RULES: tuple[Callable[[Diagnosis], list[dict]], ...] = (
     _nonfinite,
@@ -839,6 +850,7 @@ RULES: tuple[Callable[[Diagnosis], list[dict]], ...] = (
     _oscillation,
     _spikes,
     _noise_scale,
+    _examples,
 )
 
 #: The stats that each rule reads; without one, the rule says what it could not check.
@@ -854,6 +866,7 @@ READS: dict[Callable[[Diagnosis], list[dict]], tuple[str, ...]] = {
     _oscillation: ("cos_prev",),
     _spikes: (),
     _noise_scale: (),
+    _examples: (),
 }
 #: What `Diagnosis` itself reads: `norm` (which variables are live) and `nonfinite` (the
 #: rows whose other stats say nothing).
@@ -886,9 +899,8 @@ def find(signals: Signals, thresholds: dict[str, float]) -> list[dict[str, Any]]
     >>> [(row["severity"], row["finding"]) for row in find(s, {})]
     [('warning', 'disconnected')]
     """
+    diagnosis = Diagnosis(signals, thresholds)
     if len(signals.steps):
-        diagnosis = Diagnosis(signals, thresholds)
         return [row for rule in RULES for row in rule(diagnosis)]
-    if signals.disconnected:
-        return _disconnected(Diagnosis(signals, thresholds))
-    return []
+    # No recorded step: what needs none (a replayed step's examples need no stats).
+    return [*(_disconnected(diagnosis) if signals.disconnected else []), *_examples(diagnosis)]

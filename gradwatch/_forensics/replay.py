@@ -317,7 +317,7 @@ def replay(model: Any, batch: Batch) -> NonfiniteOrigin | None:
             )
         if batch.y is None and getattr(model, "_compile_loss", None) is not None:
             return None  # without targets, the compiled loss cannot be computed
-        loss = _loss(model, batch, y_pred)
+        loss = batch_loss(model, batch, y_pred)
         if not _scan([loss], batch.n).finite:
             return _loss_origin(model, batch, y_pred, loss)
     return _backward_origin(model, batch, recorder.calls, keys)
@@ -335,7 +335,9 @@ def _call_model(model: Any, batch: Batch) -> Any:
         ) from e
 
 
-def _loss(model: Any, batch: Batch, y_pred: Any, row: int | None = None) -> Any:
+def batch_loss(model: Any, batch: Batch, y_pred: Any, row: int | None = None) -> Any:
+    """The model's training loss on `batch` (`_compute_loss`: the compiled loss with the
+    batch's sample weights, plus regularizers and `add_loss` terms), or on its `row` alone."""
     x, y, sw = batch.x, batch.y, batch.sample_weight
     if row is not None:
         x, y, y_pred, sw = (_row(part, row) for part in (x, y, y_pred, sw))
@@ -406,7 +408,9 @@ def _loss_origin(model: Any, batch: Batch, y_pred: Any, loss: Any) -> NonfiniteO
         )
     # Each row's own loss, the loss function called on that row alone: also where the
     # loss averages the batch.
-    rows = tuple(i for i in range(batch.n) if not _scan([_loss(model, batch, y_pred, i)], 0).finite)
+    rows = tuple(
+        i for i in range(batch.n) if not _scan([batch_loss(model, batch, y_pred, i)], 0).finite
+    )
     if not rows:
         return NonfiniteOrigin(
             "loss",
@@ -417,7 +421,7 @@ def _loss_origin(model: Any, batch: Batch, y_pred: Any, loss: Any) -> NonfiniteO
             f"The loss is {value}, but each row's own loss is finite: the batch's loss "
             "overflows only together.",
         )
-    op = _backend.first_nonfinite_op(lambda: _loss(model, batch, y_pred, rows[0]))
+    op = _backend.first_nonfinite_op(lambda: batch_loss(model, batch, y_pred, rows[0]))
     preds = _values_text(_floats(y_pred), rows, batch.n)
     targets = _values_text(_floats(batch.y), rows, batch.n)
     return NonfiniteOrigin(
@@ -455,7 +459,7 @@ def _backward_origin(
         with keras.StatelessScope(state_mapping=mapping, collect_losses=True):
             with _hooked(_Recorder(keys, per_call)):
                 y_pred = model(batch.x, training=True)
-            return _loss(model, batch, y_pred)
+            return batch_loss(model, batch, y_pred)
 
     grads = _backend.gradients_of(loss_of, flat, [v.value for v in variables])
     if grads is None:
@@ -564,7 +568,7 @@ def _loss_gradient_origin(model: Any, batch: Batch, call: _Call, got: _Scan) -> 
 
     def loss_of(probes: list[Any], values: list[Any]) -> Any:
         with keras.StatelessScope():
-            return _loss(model, batch, _add_probes(y_pred, probes))
+            return batch_loss(model, batch, _add_probes(y_pred, probes))
 
     preds = [ops.zeros_like(t) for t in _floats(y_pred)]
     with _unhooked():

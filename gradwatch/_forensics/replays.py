@@ -13,6 +13,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from gradwatch._forensics.examples import example_gradients, unsupported
 from gradwatch._forensics.halves import halves_sq_norms
 from gradwatch._forensics.replay import Batch
 
@@ -37,8 +38,12 @@ class Replays:
         store: The watch's store (`gradwatch._logdata.store.Store`).
     """
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: Any, asked: bool = False) -> None:
         self.store = store
+        # Replays were asked for (`examples_every`, `noise_scale_every`): a model that
+        # cannot be replayed is warned about, once. (Those of spikes and kept steps are
+        # made where they can be, silently.)
+        self.asked = asked
         self.queue: list[Any] = []
         self.fit_batch_size: int | None = None  # see `adopt.FIT_BATCH_SIZE`
         self._failed: set[str] = set()
@@ -53,6 +58,16 @@ class Replays:
         empties the queue."""
         queue, self.queue = self.queue, []
         if model is None:
+            return
+        reason = unsupported(model)
+        if reason is not None:
+            if self.asked and "model" not in self._failed:
+                self._failed.add("model")
+                warnings.warn(
+                    f"GradWatch cannot replay the steps of this model, so `log.examples` and "
+                    f"`log.noise_scale` get no replayed rows: {reason}",
+                    stacklevel=2,
+                )
             return
         for replay in queue:
             weights = dict(zip(map(id, model.trainable_variables), replay.weights, strict=True))
@@ -80,8 +95,6 @@ class Replays:
     def _examples(
         self, model: Any, watched: list[Any], replay: Any, weights: dict, epoch_start: int
     ) -> None:
-        from gradwatch._forensics.examples import example_gradients
-
         batch = _batch(replay)
         losses, norms = example_gradients(model, batch, watched, weights)
         rows = np.arange(batch.n)

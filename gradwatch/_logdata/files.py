@@ -56,11 +56,24 @@ def _metadata(store: Store) -> dict[str, Any]:
         "alerts": [[step, key, kind, value] for (step, key, kind), value in store.alerts.items()],
         "skipped": sorted(store.skipped),
         "skipped_by_gradwatch": sorted(store.guarded),
+        "examples": _example_rows(store),
         "origins": [[step, *origin] for step, origin in store.origins.items()],
         "per_replica": store.per_replica,
         # The noise rows' names only where there are some: a log without stays as before.
         "scalars": [*SCALARS, *(NOISE_STATS if store.noise_blocks else ())],
     }
+
+
+def _example_rows(store: Store) -> list[list]:
+    """`log.examples` as `[step, row, sample (None: unknown), loss, grad_norm]` rows: in
+    the metadata, where JSON keeps a sample index's every digit and a float64 exact."""
+    return [
+        [step, int(row), None if sample < 0 else int(sample), float(loss), float(norm)]
+        for step, ex in store.examples.items()
+        for row, sample, loss, norm in zip(
+            ex.rows, ex.samples, ex.losses, ex.grad_norms, strict=True
+        )
+    ]
 
 
 def _table(store: Store) -> pd.DataFrame:
@@ -443,6 +456,7 @@ def _rows_before(meta: dict, table: Any, cut: float, before: bool) -> tuple[dict
         "skipped": [s for s in meta.get("skipped", []) if keep(s)],
         "skipped_by_gradwatch": [s for s in meta.get("skipped_by_gradwatch", []) if keep(s)],
         "origins": [o for o in meta.get("origins", []) if keep(o[0])],
+        "examples": [e for e in meta.get("examples", []) if keep(e[0])],
     }
     return meta, table[keep(table["step"].to_numpy())]
 
@@ -472,12 +486,24 @@ def _joined(directory: Path, parts: Sequence[tuple[Path, dict, Any]]) -> Store:
         {s for m in metas for s in m.get("skipped_by_gradwatch", [])}
     )
     meta["origins"] = [o for m in metas for o in m.get("origins", [])]
+    meta["examples"] = _joined_examples(metas)
     meta["disconnected"] = list(dict.fromkeys(k for m in metas for k in m.get("disconnected", [])))
     meta["scalars"] = list(dict.fromkeys(k for m in metas for k in m.get("scalars", [])))
     table = pd.concat(
         [t.astype({"variable": object, "stat": object}) for t in tables], ignore_index=True
     )
     return _from_table(directory, meta, table)
+
+
+def _joined_examples(metas: Sequence[dict]) -> list[list]:
+    """The parts' example rows, each step's from the last part that has it."""
+    by_step: dict[int, list] = {}
+    for meta in metas:
+        part: dict[int, list] = {}
+        for row in meta.get("examples", []):
+            part.setdefault(row[0], []).append(row)
+        by_step.update(part)
+    return [row for rows in by_step.values() for row in rows]
 
 
 def _read_parquet(path: Path, table: bool = True) -> tuple[dict, pd.DataFrame | None]:
@@ -574,7 +600,23 @@ def _store_from_meta(path: Path, meta: dict, table: pd.DataFrame) -> Store:
             store.add_origin(step, stage, layer, op, rows, samples, detail)
     except (TypeError, ValueError) as e:
         raise ValueError(f"'{path}' has malformed origins in its metadata: {e}") from e
+    try:
+        _examples_from_rows(store, meta.get("examples", []))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"'{path}' has malformed examples in its metadata: {e}") from e
     return store
+
+
+def _examples_from_rows(store: Store, rows: Sequence[Sequence]) -> None:
+    """Adds the metadata's example rows to the store, step by step."""
+    by_step: dict[int, list[Sequence]] = {}
+    for row in rows:
+        if len(row) != 5:
+            raise ValueError(f"an example row has {len(row)} fields, not 5: {row!r}")
+        by_step.setdefault(int(row[0]), []).append(row)
+    for step, group in by_step.items():
+        _, r, sample, loss, norm = zip(*group, strict=True)
+        store.add_examples(step, r, sample, loss, norm)
 
 
 def _from_table(path: Path, meta: dict, table: pd.DataFrame) -> Store:

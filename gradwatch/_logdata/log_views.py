@@ -1,6 +1,7 @@
 """What a `GradientLog` derives from its stats and histograms (one stat as a wide frame,
 per layer, the global norm, the summary, the doctor's findings, and the histograms) and
-from its events (the alerts, the skipped steps and their origins).
+from its events (the alerts, the skipped steps and their origins, the examples behind a
+step).
 
 Mixins of `GradientLog` (`gradwatch.log`), over the store it holds in `_store`.
 """
@@ -21,7 +22,7 @@ from gradwatch._logdata.frames import (
     stat_steps,
 )
 from gradwatch._logdata.noise import noise_frame
-from gradwatch._logdata.store import ORIGIN_COLUMNS, Store
+from gradwatch._logdata.store import EXAMPLE_COLUMNS, ORIGIN_COLUMNS, Store
 from gradwatch._logdata.views import by_layer, global_norms, summary
 from gradwatch._stats.specs import SPECS
 from gradwatch.diagnose import Signals, run_rules
@@ -35,6 +36,7 @@ class StatViews:
     # (`GradientLog` defines these.)
     frame: pd.DataFrame
     replicas: list[int]
+    examples: pd.DataFrame
 
     def stat(self, name: str, replica: int | None = None) -> pd.DataFrame:
         """One stat as a wide frame: index `step`, one column per variable in model order.
@@ -256,6 +258,7 @@ class StatViews:
             spike_alerts=spikes,
             series=lambda name: _series_at(scalars, name, stat_steps(store)),
             noise_scale=self.noise_scale,
+            examples=self.examples,
         )
         return run_rules(signals, **thresholds)
 
@@ -452,3 +455,53 @@ class EventViews:
         for name, column in zip(ORIGIN_COLUMNS[1:], columns, strict=True):
             frame[name] = pd.Series(list(column), dtype=object)
         return pd.DataFrame(frame, columns=list(ORIGIN_COLUMNS))
+
+    @property
+    def examples(self) -> pd.DataFrame:
+        """The examples behind a step: each example's loss and gradient norm in the
+        steps whose batch gradwatch replayed (`GradWatch(examples_every=...)`, a
+        spiking step, a step that `on_nonfinite` kept from the model), on the weights
+        from before that step's update.
+
+        Columns: `step`; `row` (the example's row in the step's batch); `sample` (its
+        index in the training data where `fit` was given arrays with
+        `shuffle=False`, else `<NA>`; nullable Int64); `loss` (its own loss, the
+        model's training loss on it alone, regularization included); `grad_norm`
+        (the L2 norm, over the watched variables, of that loss's gradient: the
+        gradient of that example as if the batch held it alone). One row per
+        example, by step and then in batch order; empty, with these columns, where
+        no step was replayed. `log.diagnose()` names the examples whose `grad_norm`
+        is far above their batch's median (finding `examples`).
+
+        Example:
+
+        ```python
+        ex = log.examples
+        ex[ex["step"] == 120].nlargest(3, "grad_norm")
+        #      step  row  sample      loss  grad_norm
+        # 7     120    7    7687  912.0312   1804.112
+        ```
+        """
+        items = list(self._store.examples.items())
+        if not items:
+            return pd.DataFrame(
+                {
+                    "step": np.zeros(0, np.int64),
+                    "row": np.zeros(0, np.int64),
+                    "sample": pd.array([], dtype="Int64"),
+                    "loss": np.zeros(0, np.float64),
+                    "grad_norm": np.zeros(0, np.float64),
+                },
+                columns=list(EXAMPLE_COLUMNS),
+            )
+        samples = np.concatenate([ex.samples for _, ex in items])
+        return pd.DataFrame(
+            {
+                "step": np.concatenate([np.full(len(ex.rows), s, np.int64) for s, ex in items]),
+                "row": np.concatenate([ex.rows for _, ex in items]),
+                "sample": pd.arrays.IntegerArray(samples, samples < 0),
+                "loss": np.concatenate([ex.losses for _, ex in items]),
+                "grad_norm": np.concatenate([ex.grad_norms for _, ex in items]),
+            },
+            columns=list(EXAMPLE_COLUMNS),
+        )

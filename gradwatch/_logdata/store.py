@@ -81,6 +81,19 @@ class ValueBlock:
 
 #: The columns of `GradientLog.origins`: where a replayed step's first NaN/Inf was born.
 ORIGIN_COLUMNS = ("step", "stage", "layer", "op", "rows", "samples", "detail")
+#: The columns of `GradientLog.examples`: each example's loss and gradient norm in a step.
+EXAMPLE_COLUMNS = ("step", "row", "sample", "loss", "grad_norm")
+
+
+@dataclass
+class Examples:
+    """One step's examples (`GradientLog.examples`): their rows in the batch, their
+    indices in the training data (-1 where unknown), losses and gradient norms."""
+
+    rows: np.ndarray  # int64 (m,)
+    samples: np.ndarray  # int64 (m,), -1: unknown
+    losses: np.ndarray  # float64 (m,)
+    grad_norms: np.ndarray  # float64 (m,)
 
 
 class Store:
@@ -131,6 +144,9 @@ class Store:
         self._guarded: set[int] = set()
         # Where a replay found a skipped step's first NaN/Inf: step -> ORIGIN_FIELDS.
         self._origins: dict[int, tuple] = {}
+        # Each example's loss and gradient norm in a replayed step: step -> Examples.
+        # Like the blocks, written with the next part of a streamed log, then forgotten.
+        self._examples: dict[int, Examples] = {}
         self._disconnected: list[str] = []
         # The steps that a run resumed from an earlier iteration superseded, one store
         # per run they were recorded in (see `gradwatch._logdata.resume`).
@@ -199,6 +215,11 @@ class Store:
     def origins(self) -> Mapping[int, tuple]:
         """`step -> (stage, layer, op, rows, samples, detail)`, by step."""
         return MappingProxyType(dict(sorted(self._origins.items())))
+
+    @property
+    def examples(self) -> Mapping[int, Examples]:
+        """`step -> Examples`, by step."""
+        return MappingProxyType(dict(sorted(self._examples.items())))
 
     @property
     def disconnected(self) -> tuple[str, ...]:
@@ -427,6 +448,42 @@ class Store:
             str(detail),
         )
 
+    def add_examples(
+        self,
+        step: int,
+        rows: Sequence[int] | np.ndarray,
+        samples: Sequence[int | None] | np.ndarray | None,
+        losses: Sequence[float] | np.ndarray,
+        grad_norms: Sequence[float] | np.ndarray,
+    ) -> None:
+        """Notes each example's loss and gradient norm in `step`: `rows` (in the batch),
+        `samples` (their indices in the training data; None, or None and negative
+        entries, where unknown), in one order; a step added again is replaced.
+
+        Example:
+
+        >>> store = Store(("norm",))
+        >>> store.add_examples(7, [0, 1], None, [0.5, 9.0], [1.0, 30.0])
+        >>> store.examples[7].grad_norms.tolist(), store.examples[7].samples.tolist()
+        ([1.0, 30.0], [-1, -1])
+        """
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        m = len(rows)
+        if samples is None:
+            samples = np.full(m, -1, np.int64)
+        else:
+            samples = np.asarray([-1 if s is None else int(s) for s in samples], np.int64)
+        losses = np.asarray(losses, np.float64).reshape(-1)
+        grad_norms = np.asarray(grad_norms, np.float64).reshape(-1)
+        if not len(samples) == len(losses) == len(grad_norms) == m:
+            raise ValueError(
+                "`rows`, `samples`, `losses` and `grad_norms` must have one entry per "
+                f"example. Received lengths: {m}, {len(samples)}, {len(losses)}, "
+                f"{len(grad_norms)}"
+            )
+        self._examples[int(step)] = Examples(rows, np.maximum(samples, -1), losses, grad_norms)
+        self._cache.clear()
+
     def add_disconnected(self, keys: Sequence[str]) -> list[str]:
         """Marks variables as disconnected; returns those not marked before, in order."""
         new = [k for k in dict.fromkeys(keys) if k not in self._disconnected]
@@ -468,14 +525,18 @@ class Store:
         self._guarded -= later._guarded
         later._origins = {k: v for k, v in self._origins.items() if k >= step}
         self._origins = {k: v for k, v in self._origins.items() if k < step}
+        later._examples = {k: v for k, v in self._examples.items() if k >= step}
+        self._examples = {k: v for k, v in self._examples.items() if k < step}
         self._cache.clear()
         return later
 
     def clear_blocks(self) -> None:
-        """Forgets the recorded steps (after they were written out); keeps the rest."""
+        """Forgets the recorded steps and examples (after they were written out); keeps
+        the rest."""
         self._stat_blocks, self._hist_blocks, self._value_blocks = [], [], []
         self._replica_blocks, self._scalar_blocks = [], []
         self._noise_blocks = []
+        self._examples = {}
         self._cache.clear()
 
 
