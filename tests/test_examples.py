@@ -514,3 +514,55 @@ def test_examples_finding_trips_on_a_corrupted_label_and_not_on_clean_batches():
     (evidence,) = found["evidence"]
     assert evidence.startswith("1 example in 1 of the 5 replayed steps has")
     assert "step 4 row 5 (sample 5, " in evidence
+
+
+# ------------------------------------------------------------ in `fit`, end to end
+class WeightsBefore(keras.callbacks.Callback):
+    """The trainable weights before each step (one step an execution), by step."""
+
+    def __init__(self):
+        super().__init__()
+        self.at: dict[int, dict[int, np.ndarray]] = {}
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.at[len(self.at)] = {
+            id(v): np.array(ops.convert_to_numpy(v)) for v in self.model.trainable_variables
+        }
+
+
+@backends
+def test_fit_replays_the_asked_and_the_kept_steps_on_the_weights_before_each():
+    model, _, _, loss_fn = _dense()
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(8 * 4, 5)).astype("float32")
+    y = rng.normal(size=(8 * 4, 3)).astype("float32")
+    y[2 * 8 + 5, 1] = np.nan  # step 2's row 5: its gradient is NaN, the step is kept back
+    watch = gradwatch.GradWatch(variables="out/*", examples_every=3, on_nonfinite="skip")
+    before = WeightsBefore()
+    with pytest.warns(UserWarning, match="Non-finite gradients at step 2"):
+        model.fit(x, y, batch_size=8, shuffle=False, verbose=0, callbacks=[before, watch])
+
+    ex = watch.log.examples
+    assert sorted(set(ex["step"])) == [0, 2, 3]  # every 3rd step, and the kept one
+    watched = model.trainable_variables[2:]  # `out/kernel`, `out/bias`
+    for step in (0, 2, 3):
+        rows = ex[ex["step"] == step]
+        xb, yb = x[step * 8 : (step + 1) * 8], y[step * 8 : (step + 1) * 8]
+        losses, norms = _reference(model, loss_fn, xb, yb, None, before.at[step], watched)
+        np.testing.assert_array_equal(rows["row"], np.arange(8))
+        np.testing.assert_array_equal(rows["sample"].to_numpy(), step * 8 + np.arange(8))
+        np.testing.assert_allclose(rows["loss"], losses, rtol=2e-5)
+        np.testing.assert_allclose(rows["grad_norm"], norms, rtol=2e-5)
+    kept = ex[ex["step"] == 2]["grad_norm"].to_numpy()
+    assert np.isnan(kept[5]) and np.isfinite(np.delete(kept, 5)).all()
+    # The doctor names the row whose gradient is NaN.
+    found = watch.log.diagnose()
+    row = found[found.finding == "examples"]
+    assert len(row) == 1 and "21" in row.evidence.iloc[0]  # sample 2 * 8 + 5
+
+
+def test_fit_without_examples_every_replays_no_step():
+    model, x, y, _ = _dense()
+    watch = gradwatch.GradWatch()
+    model.fit(x, y, batch_size=2, verbose=0, callbacks=[watch])
+    assert watch.log.examples.empty

@@ -102,6 +102,13 @@ def test_spikes_are_the_steps_a_tape_loop_flags_and_warn_names_them():
     code = np.isin(np.arange(STEPS), grad) + 2 * np.isin(np.arange(STEPS), loss)
     np.testing.assert_array_equal(scalars.spike, code)
     assert scalars.applied.all()  # "warn" applies the update
+    # The examples behind each spike, replayed on the weights from before it.
+    ex = watch.log.examples
+    spiking = sorted(set(grad) | set(loss))
+    assert sorted(set(ex.step)) == spiking
+    np.testing.assert_array_equal(
+        ex.sample.to_numpy(), np.concatenate([s * BATCH + np.arange(BATCH) for s in spiking])
+    )
     messages = [str(w.message) for w in caught]
     assert any(f"Gradient-norm spike at step {grad[0]}:" in m for m in messages)
     assert any(f"Loss spike at step {loss[0]}:" in m for m in messages)
