@@ -105,9 +105,9 @@ def test_spikes_are_the_steps_a_tape_loop_flags_and_warn_names_them():
     # The examples behind each spike, replayed on the weights from before it.
     ex = watch.log.examples
     spiking = sorted(set(grad) | set(loss))
-    assert sorted(set(ex.step)) == spiking
+    assert sorted(set(ex["step"])) == spiking
     np.testing.assert_array_equal(
-        ex.sample.to_numpy(), np.concatenate([s * BATCH + np.arange(BATCH) for s in spiking])
+        ex["sample"].to_numpy(), np.concatenate([s * BATCH + np.arange(BATCH) for s in spiking])
     )
     messages = [str(w.message) for w in caught]
     assert any(f"Gradient-norm spike at step {grad[0]}:" in m for m in messages)
