@@ -242,6 +242,7 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
+    from gradwatch._ui.long_runs import text_lines as long_run_lines
     from gradwatch.findings import findings_json, findings_text
 
     thresholds = {}
@@ -264,6 +265,8 @@ def _doctor(args: argparse.Namespace) -> int:
         print(f"{args.log}: {len(log)} recorded steps, {len(log.variables)} variables")
         print(findings_text(findings))
         print(_count_line(findings))
+        for line in long_run_lines(log):  # spikes, replayed examples, noise scale
+            print(line)
     return 1 if (findings["severity"] == "error").any() else 0
 
 

@@ -21,6 +21,7 @@ import pandas as pd
 
 from gradwatch._logdata.store import ORIGIN_COLUMNS
 from gradwatch._logdata.views import layer_of_key
+from gradwatch._ui import long_runs
 from gradwatch._ui.paths import as_path, writable_file
 from gradwatch._ui.text import name_list, origin_text, short_number
 from gradwatch.log import GradientLog
@@ -444,7 +445,9 @@ def _page(
     parts.append(f'<div class="scroll">{table}</div></section>')
     parts.append("<section><h2>Alerts</h2>")
     parts.append(_alerts_table(log.alerts, skipped))
-    parts.append("</section></div></body></html>")
+    parts.append("</section>")
+    parts.append(_long_run_section(log))
+    parts.append("</div></body></html>")
     return "\n".join(parts)
 
 
@@ -552,6 +555,45 @@ def _alerts_table(alerts: pd.DataFrame, skipped: Sequence[int] = ()) -> str:
         )
     table = f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
     return f'<p>{e(text)}.</p><div class="scroll">{table}</div>{more}'
+
+
+def _frame_table(frame: pd.DataFrame) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(str(c))}</th>" for c in frame.columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{e(_fmt(v))}</td>" for v in row) + "</tr>"
+        for row in frame.itertuples(index=False)
+    )
+    table = f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="scroll">{table}</div>'
+
+
+def _long_run_section(log: GradientLog) -> str:
+    """The spikes, the examples behind the replayed steps, and the gradient noise scale;
+    empty for a log with none of them."""
+    e = html.escape
+    parts = []
+    found = long_runs.spikes(log)
+    if len(found):
+        parts.append(f"<h3>Spikes</h3><p>{e(_count(range(len(found)), 'spike'))}.</p>")
+        parts.append(_frame_table(found.head(MAX_ALERT_ROWS)))
+    top = long_runs.top_examples(log)
+    if len(top):
+        replayed = log.examples["step"].nunique()
+        parts.append(
+            f"<h3>Examples</h3><p>{e(_count(range(len(log.examples)), 'example'))} at "
+            f"{e(_count(range(replayed), 'replayed step'))}; the highest gradient norms "
+            "against their step's median (<code>log.examples</code>):</p>"
+        )
+        parts.append(_frame_table(top))
+    noise = long_runs.noise_line(log)
+    if noise is not None:
+        frame = log.noise_scale
+        parts.append(f"<h3>Gradient noise scale</h3><p>{e(noise)}.</p>")
+        parts.append(_frame_table(frame.tail(10)))
+    if not parts:
+        return ""
+    return '<section id="long-runs"><h2>Long runs</h2>' + "".join(parts) + "</section>"
 
 
 def _fmt(value: Any) -> str:
