@@ -1,5 +1,7 @@
 """The cost of the examples behind a step: one per-example replay of a batch (each
-example's loss and gradient norm) against one plain training step of the same batch.
+example's loss and gradient norm) against one plain training step of the same batch; and
+of one noise-scale replay (`noise_scale_every`: the gradients of the batch's two halves
+and of the whole, `halves`).
 
 Usage: python benchmarks/examples.py [--smoke] [--batch N] [--repeat N] [--out FILE]
 
@@ -30,6 +32,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import models as bench_models
 
 from gradwatch._forensics.examples import example_gradients
+from gradwatch._forensics.halves import halves_sq_norms
 from gradwatch._forensics.replay import Batch
 
 
@@ -38,7 +41,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a tiny model, to test the harness")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--paths", default="vectorized,loop", help="comma-separated")
+    parser.add_argument(
+        "--paths", default="vectorized,loop,halves", help="comma-separated (halves: noise scale)"
+    )
     parser.add_argument("--out", help="also write the table to this file")
     args = parser.parse_args()
     name = "mlp" if args.smoke else "transformer"
@@ -64,18 +69,26 @@ def main() -> None:
         f"| replay, median of {args.repeat} (ms) | replay / step |",
         "|---|---|---|---|---|---|---|",
     ]
+
+    def run_once(path: str) -> None:
+        if path == "halves":
+            row = halves_sq_norms(model, batch, variables)
+            assert row is not None and np.isfinite(row[2:]).all()
+            return
+        losses, norms = example_gradients(model, batch, variables, path=path)
+        assert losses.shape == norms.shape == (args.batch,) and np.isfinite(norms).all()
+
     for path in args.paths.split(","):
         start = time.perf_counter()
-        losses, norms = example_gradients(model, batch, variables, path=path)
+        run_once(path)
         first = time.perf_counter() - start
-        assert losses.shape == norms.shape == (args.batch,) and np.isfinite(norms).all()
         steps, replays = [], []
         for _ in range(args.repeat):  # alternately, so that a load on the machine hits both
             start = time.perf_counter()
             model.train_on_batch(x, y)
             steps.append(time.perf_counter() - start)
             start = time.perf_counter()
-            example_gradients(model, batch, variables, path=path)
+            run_once(path)
             replays.append(time.perf_counter() - start)
         step, replay = float(np.median(steps)), float(np.median(replays))
         lines.append(
