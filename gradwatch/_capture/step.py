@@ -21,7 +21,9 @@ class Record:
     scale the gradient is multiplied by (None: not scaled), `before` the weights
     before the update (None unless a watch needs them), and `optimizer` the one
     that applies the gradient (None: unknown). `update` counts the variable's
-    earlier updates in the same step (a critic updated 3 times: 0, 1, 2).
+    earlier updates in the same step (a critic updated 3 times: 0, 1, 2). `state`
+    is the optimizer's state before the update (`_stats.optimizer_health.StateBefore`;
+    None unless a watch needs it, or where it cannot be read).
     """
 
     variable: Any
@@ -30,6 +32,7 @@ class Record:
     before: Any = None
     optimizer: Any = None
     update: int = 0
+    state: Any = None
 
     def with_grad(self, grad: Any) -> Record:
         """The same record with another gradient (the global one, under a strategy)."""
@@ -65,6 +68,7 @@ class Watcher(Protocol):
     public API."""
 
     every: int  # records the steps that are multiples of it
+    stats: tuple[str, ...]  # the stats it records (their `needs` say what is read before)
     checks_every_step: bool  # runs checks at every step, also at unrecorded ones
     needs_weights: bool  # needs the weights before the update (the update stats)
     keeps_model: bool  # keeps a step's update from the model where its gradients are not finite
@@ -241,7 +245,7 @@ class Capture(Protocol):
         self, model: Any, scope: StepScope, variables: list, optimizer: Any, watches: list
     ) -> tuple:
         """What the records of `variables` read before the update: `(scale, befores,
-        optimizer)`, for `add_records`."""
+        optimizer, states)`, for `add_records`."""
 
     def add_records(
         self,
@@ -251,6 +255,7 @@ class Capture(Protocol):
         scale: Any,
         befores: list,
         optimizer: Any,
+        states: list | None = None,
     ) -> None:
         """Adds one step's gradients to `scope`, with what `before_update` read."""
 
