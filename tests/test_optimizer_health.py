@@ -6,6 +6,7 @@ training recorded (`values="*"`) from the weights it started with."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -211,3 +212,85 @@ def test_health_stats_under_xla_and_several_steps_per_execution(name, jit):
     log, model, start = _fit(make(), steps_per_execution=3, jit=jit)
     expected, weights = _reference(log, start, make_reference())
     _check(log, expected, model, weights)
+
+
+def _gradients(log, step):
+    return [log.gradient(key, step) for key in log.variables]
+
+
+@pytest.mark.backends
+def test_sgd_moves_along_its_clipped_gradient_and_notes_once_that_it_keeps_no_second_moment():
+    # clipvalue clips some elements: the update is -lr * clip(g), and update_cos follows
+    # the clipped gradient (with the recorded g it would be below 1).
+    optimizer = keras.optimizers.SGD(0.1, clipvalue=0.05)
+    with pytest.warns(UserWarning, match=r"`v_ratio` and `eps_frac` as NaN for SGD") as caught:
+        log, _, _ = _fit(optimizer)
+    notes = [w for w in caught if "second moment" in str(w.message)]
+    assert len(notes) == 1  # once, over 12 steps and 2 epochs
+    assert log.stat("v_ratio").isna().all().all() and log.stat("eps_frac").isna().all().all()
+    np.testing.assert_allclose(log.stat("update_cos").to_numpy(), 1.0, atol=1e-4)
+    clipped = sum(int((np.abs(g) > 0.05).sum()) for g in _gradients(log, 0))
+    assert clipped > 0
+    raw = _cos(np.clip(_gradients(log, 0)[2], -0.05, 0.05), _gradients(log, 0)[2])
+    assert raw < 0.999  # the raw gradient's direction differs
+
+
+def test_adam_gives_no_note():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        log, _, _ = _fit(OPTIMIZERS["adam"][0](), epochs=1)
+    assert not [w for w in caught if "second moment" in str(w.message)]
+    assert log.stat("eps_frac").notna().all().all()
+
+
+@pytest.mark.backends
+def test_health_stats_follow_gradient_accumulation_and_are_nan_where_it_only_accumulates():
+    n = 3
+    log, model, start = _fit(
+        keras.optimizers.Adam(LR, epsilon=EPS, gradient_accumulation_steps=n), epochs=2
+    )
+    reference, weights = NumpyOptimizer("adam"), [np.array(w, np.float64) for w in start]
+    summed = None
+    for step in log.steps:
+        grads = _gradients(log, step)
+        summed = grads if summed is None else [a + g for a, g in zip(summed, grads, strict=True)]
+        got = {s: log.stat(s).loc[step].to_numpy() for s in HEALTH}
+        if (step + 1) % n:
+            for s in HEALTH:
+                assert np.isnan(got[s]).all(), (s, step)
+            continue
+        rows = reference.apply(weights, [g / n for g in summed])
+        summed = None
+        for k, s in enumerate(HEALTH):
+            want = np.asarray([row[k] for row in rows])
+            np.testing.assert_allclose(got[s], want, rtol=1e-4, atol=1e-4, err_msg=f"{s} {step}")
+    for w, ref in zip(model.get_weights(), weights, strict=True):
+        np.testing.assert_allclose(w, ref, rtol=1e-4, atol=1e-6)
+    assert log.stat("v_ratio").loc[n - 1].isna().all()  # the first update
+    assert log.stat("v_ratio").loc[2 * n - 1].notna().all()
+
+
+@pytest.mark.backends
+def test_health_stats_read_a_loss_scale_optimizers_inner_slots_and_skip_its_skipped_steps():
+    # A scale of 2**127 overflows the first steps' gradients: the loss-scale optimizer
+    # skips them (halving its scale) and its inner Adam neither counts nor moves them.
+    optimizer = keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.Adam(LR, epsilon=EPS), initial_scale=2.0**127
+    )
+    x, y = _data()
+    log, model, start = _fit(optimizer, x=(x, y * 100))
+    skipped = set(log.skipped_steps)
+    assert skipped and len(skipped) < len(log.steps) - 2
+    reference, weights = NumpyOptimizer("adam"), [np.array(w, np.float64) for w in start]
+    for step in log.steps:
+        got = {s: log.stat(s).loc[step].to_numpy() for s in HEALTH}
+        if step in skipped:
+            for s in HEALTH:
+                assert np.isnan(got[s]).all(), (s, step)
+            continue
+        rows = reference.apply(weights, _gradients(log, step))
+        for k, s in enumerate(HEALTH):
+            want = np.asarray([row[k] for row in rows])
+            np.testing.assert_allclose(got[s], want, rtol=1e-4, atol=1e-4, err_msg=f"{s} {step}")
+    for w, ref in zip(model.get_weights(), weights, strict=True):
+        np.testing.assert_allclose(w, ref, rtol=1e-4, atol=1e-6)

@@ -230,9 +230,8 @@ def _note_no_second_moment(
         return
     _warned.add(watch)
     stats = " and ".join(f"`{s}`" for s in names)
-    verb = "are" if len(names) > 1 else "is"
     warnings.warn(
-        f"GradWatch: {stats} {verb} NaN for {', '.join(none)}, which keeps no second moment "
+        f"GradWatch records {stats} as NaN for {', '.join(none)}, which keeps no second moment "
         "of the gradient; they are defined for Adam, AdamW, Nadam, Lamb, Adamax and "
         "RMSprop. `update_cos` is recorded for any optimizer.",
         stacklevel=5,
