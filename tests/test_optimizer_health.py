@@ -12,7 +12,8 @@ import keras
 import numpy as np
 import pytest
 from models import Sequential
-from reference import skip_unless_supported, spe
+from reference import skip_on_jax, skip_unless_supported, spe
+from test_custom_steps import CriticLoop
 
 import gradwatch
 
@@ -294,3 +295,40 @@ def test_health_stats_read_a_loss_scale_optimizers_inner_slots_and_skip_its_skip
             np.testing.assert_allclose(got[s], want, rtol=1e-4, atol=1e-4, err_msg=f"{s} {step}")
     for w, ref in zip(model.get_weights(), weights, strict=True):
         np.testing.assert_allclose(w, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_each_update_of_a_variable_in_one_step_has_its_own_health_stats():
+    # A critic updated 3 times a step by its own Adam, the generator once by another:
+    # each update's stats follow the slots that update left for the next.
+    skip_on_jax("a stateful custom step")
+    x, y = _data(n=24)
+    x = x[:, :3]
+    model = CriticLoop(name="gan")
+    model(x[:1])
+    start = [np.array(w, np.float64) for w in model.get_weights()]  # g's, then d's
+    model.compile(keras.optimizers.Adam(LR, epsilon=EPS), keras.optimizers.Adam(LR, epsilon=EPS))
+    watch = gradwatch.GradWatch(stats=HEALTH, values="*")
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, callbacks=[watch], verbose=0)
+    log = watch.log
+    d_ref, g_ref = NumpyOptimizer("adam"), NumpyOptimizer("adam")
+    g_w, d_w = start[:2], start[2:]
+    for step in log.steps:
+        expected = {}
+        for k in range(3):
+            suffix = f"@{k}" if k else ""
+            keys = [f"gan/d/kernel{suffix}", f"gan/d/bias{suffix}"]
+            rows = d_ref.apply(d_w, [log.gradient(key, step) for key in keys])
+            expected.update(zip(keys, rows, strict=True))
+        keys = ["gan/g/kernel", "gan/g/bias"]
+        expected.update(
+            zip(keys, g_ref.apply(g_w, [log.gradient(k, step) for k in keys]), strict=True)
+        )
+        for key, want in expected.items():
+            for s, value in zip(HEALTH, want, strict=True):
+                got = log.stat(s).loc[step, key]
+                assert got == pytest.approx(value, rel=1e-4, abs=1e-4, nan_ok=True), (s, key)
+    for w, ref in zip(model.get_weights(), g_w + d_w, strict=True):
+        np.testing.assert_allclose(w, ref, rtol=1e-4, atol=1e-6)
+    # The second update of the first step already has a history: the first's.
+    assert np.isnan(log.stat("v_ratio").loc[0, "gan/d/kernel"])
+    assert np.isfinite(log.stat("v_ratio").loc[0, "gan/d/kernel@1"])
