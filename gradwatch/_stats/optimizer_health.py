@@ -141,7 +141,7 @@ def _row(
     opt = state.optimizer
     read = _backend.OPS.read
     step_after = read(opt._iterations) if later is None else later.step
-    after = tuple(read(s) for s in state.slots) if later is None else later.values
+    after = tuple(read(s) for s in state.slots()) if later is None else later.values
     n = int(opt.gradient_accumulation_steps or 1)
     step = ops.cast(state.step, "int32")
     # It ran where the step count moved (a skipped update leaves it) at an applying step.

@@ -17,19 +17,25 @@ class StateBefore:
     """What is read of the optimizer before it updates one variable.
 
     `optimizer` is the one that holds the slots (a `LossScaleOptimizer`'s inner one),
-    `step` its raw step count (`_iterations`: micro-steps with gradient accumulation),
-    `accumulated` the variable's gradient accumulator (None without accumulation),
-    `family` the optimizer's second-moment family (`family`; None: it keeps none), and
-    `slots` the slot variables the stats read, second moment first, with their
-    `values` before the update.
+    `variable` the variable it updates, `step` its raw step count (`_iterations`:
+    micro-steps with gradient accumulation), `accumulated` the variable's gradient
+    accumulator (None without accumulation), `family` the optimizer's second-moment
+    family (`family`; None: it keeps none), and `values` the slots that the stats read
+    (`slot_names`, second moment first) before the update.
     """
 
     optimizer: Any
+    variable: Any
     step: Any
     accumulated: Any
     family: str | None
-    slots: tuple[Any, ...]
+    slot_names: tuple[str, ...]
     values: tuple[Any, ...]
+
+    def slots(self) -> list[Any]:
+        """The slot variables of `values` (the optimizer is built once it has updated)."""
+        index = self.optimizer._get_variable_index(self.variable)
+        return [getattr(self.optimizer, name)[index] for name in self.slot_names]
 
 
 def family(optimizer: Any) -> tuple[str, tuple[str, ...]] | None:
@@ -72,24 +78,23 @@ def read_before(
     backend's `weights_before`); None where the optimizer is unknown, does not apply
     `variable`, or the step cannot read its state (`readable`)."""
     opt = innermost(optimizer)
-    if opt is None or not getattr(opt, "built", False) or not readable(opt._iterations):
+    if opt is None or not hasattr(opt, "_iterations") or not readable(opt._iterations):
         return None
+    found = family(opt)
+    kind, names = (None, ()) if found is None else found
+    accumulates = bool(opt.gradient_accumulation_steps)
+    if not opt.built:
+        # Its first update builds it (an eager step, a custom step's other optimizer):
+        # every slot, the step count and the accumulator start at zero.
+        zeros = keras.ops.zeros(variable.shape, "float32")
+        step = keras.ops.convert_to_tensor(0, "int32")
+        return StateBefore(
+            opt, variable, step, zeros if accumulates else None, kind, names, (zeros,) * len(names)
+        )
     try:
         index = opt._get_variable_index(variable)
-    except (KeyError, AttributeError):
+    except (KeyError, AttributeError):  # not a variable it applies
         return None
-    accumulated = None
-    if opt.gradient_accumulation_steps:
-        accumulated = copy(opt._accumulated_gradients[index])
-    found = family(opt)
-    slots: tuple[Any, ...] = ()
-    if found is not None:
-        slots = tuple(getattr(opt, name)[index] for name in found[1])
-    return StateBefore(
-        opt,
-        copy(opt._iterations),
-        accumulated,
-        None if found is None else found[0],
-        slots,
-        tuple(copy(s) for s in slots),
-    )
+    accumulated = copy(opt._accumulated_gradients[index]) if accumulates else None
+    values = tuple(copy(getattr(opt, name)[index]) for name in names)
+    return StateBefore(opt, variable, copy(opt._iterations), accumulated, kind, names, values)
