@@ -58,6 +58,11 @@ FINDINGS: dict[str, str] = {
     "WeightUpdateRatio, DLCheck).",
     "clipping": "The optimizer clips most steps (Google deep learning tuning playbook).",
     "oscillation": "Consecutive gradients point in opposite directions (the step overshoots).",
+    "epsilon": "The optimizer's epsilon dominates a layer's update denominators (Wortsman et "
+    "al. 2023).",
+    "second_moment": "Spikes of g**2 over the optimizer's second moment (v_ratio) that precede "
+    "gradient or loss spikes (Wortsman et al. 2023).",
+    "warmup": "Huge update ratios in a run's first steps, without a learning-rate warm-up.",
 }
 
 #: Every threshold that `GradientLog.diagnose` takes by keyword, with its default.
@@ -76,10 +81,20 @@ THRESHOLDS: dict[str, float] = {
     "clipping_steps": 0.5,
     "oscillation_cos": -0.5,
     "loss_scale_steps": 0.05,
+    "epsilon_frac": 0.5,
+    "second_moment_lag": 8.0,
+    "warmup_steps": 10.0,
+    "warmup_update_ratio": 0.1,
 }
 
 # Thresholds that are fractions (of steps or of elements) and cosines.
-_FRACTIONS = ("dead_zero_frac", "dead_steps", "clipping_steps", "loss_scale_steps")
+_FRACTIONS = (
+    "dead_zero_frac",
+    "dead_steps",
+    "clipping_steps",
+    "loss_scale_steps",
+    "epsilon_frac",
+)
 _COSINES = ("oscillation_cos",)
 
 

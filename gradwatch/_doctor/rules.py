@@ -15,6 +15,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gradwatch._doctor.optimizer import OPTIMIZER_READS, epsilon, second_moment, warmup
+from gradwatch._doctor.rows import median as _median
+from gradwatch._doctor.rows import not_checked as _not_checked
+from gradwatch._doctor.rows import row as _row
 from gradwatch._logdata.views import global_norms, layer_of_key, leaf_of_key
 from gradwatch._ui.text import name_list, origin_text, short_number
 
@@ -48,6 +52,10 @@ class Signals:
         disconnected: The keys that had no gradient.
         nonfinite_alerts: `(step, key, count)` of the recorded NaN/Inf alerts
             (these also cover steps that `every` did not record).
+        scalars: The recorded steps' scalars by name (`loss`, `learning_rate`), each
+            aligned with `steps` (NaN where a step had none).
+        spike_alerts: `(step, kind)` of the log's spike alerts (kinds `"spike"`, of the
+            global gradient norm, and `"loss_spike"`).
 
     Example:
 
@@ -67,6 +75,8 @@ class Signals:
     accumulated: Sequence[int] = ()
     disconnected: Sequence[str] = ()
     nonfinite_alerts: Sequence[tuple[int, str, float]] = ()
+    scalars: Mapping[str, np.ndarray] = field(default_factory=dict)
+    spike_alerts: Sequence[tuple[int, str]] = ()
     _cache: dict[str, np.ndarray | None] = field(default_factory=dict, repr=False)
 
     def get(self, name: str) -> np.ndarray | None:
@@ -157,49 +167,6 @@ class Diagnosis:
         """(first, last) applied step of the boolean `rows` over applied rows."""
         steps = self.steps[self.applied][rows]
         return (int(steps.min()), int(steps.max())) if len(steps) else (pd.NA, pd.NA)
-
-
-def _median(m: np.ndarray) -> np.ndarray:
-    """Per-column median over the finite values; NaN for a column with none."""
-    out = np.full(m.shape[1], np.nan)
-    if not m.shape[0]:
-        return out
-    finite = np.isfinite(m)
-    full = finite.all(axis=0)
-    if full.any():
-        # Columns without a gap: one partition per contiguous row (nanmedian would
-        # loop over the columns in Python).
-        out[full] = np.median(np.ascontiguousarray(m[:, full].T), axis=1)
-    part = ~full & finite.any(axis=0)
-    if part.any():
-        sub = np.where(finite[:, part], m[:, part], np.nan)
-        out[part] = np.nanmedian(sub, axis=0)
-    return out
-
-
-def _row(severity, finding, variables, first, last, evidence, advice) -> dict[str, Any]:
-    return {
-        "severity": severity,
-        "finding": finding,
-        "variables": list(variables),
-        "first_step": first,
-        "last_step": last,
-        "evidence": evidence,
-        "advice": advice,
-    }
-
-
-def _not_checked(finding: str, stat: str, what: str = "") -> dict[str, Any]:
-    return _row(
-        "info",
-        finding,
-        [],
-        pd.NA,
-        pd.NA,
-        f"`{finding}` was {what or 'not checked'}: the log has no `{stat}` stat.",
-        f"Record it to check: GradWatch(stats=[*gradwatch.DEFAULT_STATS, {stat!r}]), or "
-        'GradWatch(stats="doctor") for every stat the doctor reads.',
-    )
 
 
 def _nonfinite(diagnosis: Diagnosis) -> list[dict]:
@@ -741,6 +708,9 @@ RULES: tuple[Callable[[Diagnosis], list[dict]], ...] = (
     _update_ratio,
     _clipping,
     _oscillation,
+    epsilon,
+    second_moment,
+    warmup,
 )
 
 #: The stats that each rule reads; without one, the rule says what it could not check.
@@ -754,6 +724,7 @@ READS: dict[Callable[[Diagnosis], list[dict]], tuple[str, ...]] = {
     _update_ratio: ("update_ratio",),
     _clipping: ("clipped_norm", "norm"),
     _oscillation: ("cos_prev",),
+    **OPTIMIZER_READS,
 }
 #: What `Diagnosis` itself reads: `norm` (which variables are live) and `nonfinite` (the
 #: rows whose other stats say nothing).
@@ -766,8 +737,8 @@ def stats_read() -> set[str]:
 
     Example:
 
-    >>> sorted(stats_read())
-    ['clipped_norm', 'cos_prev', 'nonfinite', 'norm', 'update_ratio', 'zero_frac']
+    >>> " ".join(sorted(stats_read()))
+    'clipped_norm cos_prev eps_frac nonfinite norm update_ratio v_ratio zero_frac'
     """
     return {*DIAGNOSIS_READS, *(name for rule in RULES for name in READS[rule])}
 

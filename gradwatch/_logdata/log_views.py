@@ -206,8 +206,11 @@ class StatViews:
         alerts = [(s, k, v) for (s, k, kind), v in store.alerts.items() if kind == "nonfinite"]
         scalars = self.scalars
         not_applied = scalars["step"][scalars["applied"].eq(False).fillna(False)]
+        steps = stat_steps(store)
+        by_step = scalars.set_index("step")
+        spikes = [(s, kind) for (s, _, kind) in store.alerts if kind in ("spike", "loss_spike")]
         signals = Signals(
-            steps=stat_steps(store),
+            steps=steps,
             variables=store.variables,
             shapes=store.shapes,
             stat=lambda name: stat_matrix(store, name),
@@ -217,6 +220,11 @@ class StatViews:
             accumulated=sorted(set(not_applied.tolist()) - skipped),
             disconnected=store.disconnected,
             nonfinite_alerts=alerts,
+            scalars={
+                name: by_step[name].reindex(steps).to_numpy(np.float32)
+                for name in ("loss", "learning_rate")
+            },
+            spike_alerts=spikes,
         )
         return run_rules(signals, **thresholds)
 
