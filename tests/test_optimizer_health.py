@@ -332,3 +332,106 @@ def test_each_update_of_a_variable_in_one_step_has_its_own_health_stats():
     # The second update of the first step already has a history: the first's.
     assert np.isnan(log.stat("v_ratio").loc[0, "gan/d/kernel"])
     assert np.isfinite(log.stat("v_ratio").loc[0, "gan/d/kernel@1"])
+
+
+# ------------------------------------------------------------------ the doctor's rules
+def _findings(log, name):
+    found = log.diagnose()
+    return found[found["finding"] == name]
+
+
+def _trained(optimizer, x, y, epochs=1):
+    keras.utils.set_random_seed(0)
+    model = Sequential(
+        [
+            keras.Input((5,)),
+            keras.layers.Dense(16, activation="tanh", name="hidden"),
+            keras.layers.Dense(1, name="out"),
+        ],
+        name="net",
+    )
+    model.compile(optimizer, "mse")
+    watch = gradwatch.GradWatch(stats="doctor")
+    model.fit(x, y, batch_size=8, epochs=epochs, shuffle=False, callbacks=[watch], verbose=0)
+    return watch.log
+
+
+def _regression(n_steps=64, outliers=()):
+    """A linear target with a little noise; `(step, shift)` adds `shift` to the targets
+    of that step's batch (an outlier batch)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8 * n_steps, 5)).astype("float32")
+    y = x @ rng.normal(size=(5, 1)) + 0.1 * rng.normal(size=(8 * n_steps, 1))
+    for step, shift in outliers:
+        y[8 * step : 8 * step + 8] += shift
+    return x, y.astype("float32")
+
+
+def test_epsilon_rule_finds_layers_whose_updates_epsilon_dominates():
+    x, y = _regression(24)
+    log = _trained(keras.optimizers.Adam(0.01, epsilon=1.0), x, y)
+    (row,) = _findings(log, "epsilon").itertuples()
+    assert row.severity == "warning"
+    assert set(row.variables) == {"net/hidden/kernel", "net/out/kernel"}
+    # What the rule read: the kernels' median eps_frac, near 1 with gradients far below 1.
+    assert log.stat("eps_frac")["net/hidden/kernel"].median() > 0.9
+    healthy = _trained(keras.optimizers.Adam(0.01), x, y)
+    assert _findings(healthy, "epsilon").empty
+    assert healthy.stat("eps_frac")["net/hidden/kernel"].median() == 0
+
+
+def test_warmup_rule_finds_huge_first_updates_without_a_rising_learning_rate():
+    x, y = _regression(24)
+    # Adam's first update moves each element by about the learning rate: 0.1 against
+    # kernel elements of RMS 0.3-0.5 (Glorot) is a ratio near 0.2-0.3.
+    log = _trained(keras.optimizers.Adam(0.1), x, y)
+    (row,) = _findings(log, "warmup").itertuples()
+    assert "net/hidden/kernel" in row.variables and row.first_step == 0
+    assert log.stat("update_ratio")["net/hidden/kernel"].iloc[0] > 0.1
+    # The same peak rate, reached by a linear warm-up over the first 10 steps.
+    warm = keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=100, warmup_target=0.1, warmup_steps=10
+    )
+    warmed = _trained(keras.optimizers.Adam(warm), x, y)
+    assert _findings(warmed, "warmup").empty
+    assert warmed.scalars["learning_rate"].iloc[9] > warmed.scalars["learning_rate"].iloc[0]
+    assert _findings(_trained(keras.optimizers.Adam(1e-3), x, y), "warmup").empty
+
+
+def test_second_moment_rule_needs_a_v_ratio_spike_before_a_gradient_or_loss_spike():
+    # An outlier batch at step 40: its own gradient, loss and v_ratio spike together
+    # (the same step: no v_ratio spike *precedes* anything), and training recovers.
+    x, y = _regression(64, [(40, 30.0)])
+    alone = _trained(keras.optimizers.Adam(0.01), x, y)
+    assert _findings(alone, "second_moment").empty
+    top = alone.stat("v_ratio").max(axis=1)
+    assert top.loc[40] > 100 * top.loc[20:39].median()
+    # A second, larger outlier three steps later spikes the gradient and the loss again.
+    x, y = _regression(64, [(40, 30.0), (43, 300.0)])
+    log = _trained(keras.optimizers.Adam(0.01), x, y)
+    (row,) = _findings(log, "second_moment").itertuples()
+    assert (row.first_step, row.last_step) == (40, 43)
+    assert "step 40: gradient spike at step 43" in row.evidence
+
+
+def test_second_moment_rule_reads_the_logs_spike_alerts():
+    from gradwatch._doctor.rules import Signals, find
+    from gradwatch.diagnose import THRESHOLDS
+
+    n, keys = 48, ["m/d/kernel"]
+    ratio = np.full((n, 1), 2.0, np.float32)
+    ratio[::3] = 3.0
+    ratio[36] = 500.0  # judged: 16 values after the first 16, which are left out
+    stats = {"v_ratio": ratio, "norm": np.ones((n, 1), np.float32), "nonfinite": np.zeros((n, 1))}
+
+    def rows(alerts):
+        signals = Signals(
+            np.arange(n), keys, {"m/d/kernel": (4, 4)}, stats.get, spike_alerts=alerts
+        )
+        return [r for r in find(signals, dict(THRESHOLDS)) if r["finding"] == "second_moment"]
+
+    assert rows([]) == [] and rows([(45, "loss_spike")]) == []  # 9 steps later: too late
+    assert rows([(36, "spike")]) == []  # the same step: it does not precede
+    (row,) = rows([(39, "loss_spike"), (41, "spike")])
+    assert (row["first_step"], row["last_step"]) == (36, 39)
+    assert "loss spike at step 39" in row["evidence"]

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from gradwatch._doctor.rows import median, not_checked, row
-from gradwatch._doctor.spikes import spike_flags
+from gradwatch._doctor.spikes import SPIKE_WARMUP, spike_flags
 from gradwatch._ui.text import name_list, short_number
 
 # Names shown in one evidence text before "and N more".
@@ -68,6 +68,9 @@ def second_moment(diagnosis: Any) -> list[dict]:
     if not finite.any():
         return []  # an optimizer without a second moment, or no update yet
     top = np.where(finite.any(axis=1), np.max(np.where(finite, live, -np.inf), axis=1), np.nan)
+    # A second moment of a few updates is a poor estimate: its ratios (1.8e4 at a
+    # healthy MLP's second step) would hide every later spike. They are left out.
+    top[np.flatnonzero(np.isfinite(top))[:SPIKE_WARMUP]] = np.nan
     v_spikes = steps[spike_flags(top)]
     if not len(v_spikes):
         return []
