@@ -58,26 +58,30 @@ def health_stats(
     grads = _applied_gradients(records)
     nan = _backend.OPS.nan()
     cols: dict[str, list[Any]] = {s: [] for s in wanted}
+    ran: list[Any] = []
+    # Whether the update ran, and t - 1: one per apply of an optimizer, not per variable.
+    clocks: dict[tuple[int, int, bool], tuple[Any, Any]] = {}
     for j, i in enumerate(plan.stat_index):
         state, entry = states[j], entries[i]
         size = math.prod(plan.variables[i].shape)
         if state is None or entry.grad is None or size == 0:
             for s in wanted:
                 cols[s].append(nan)
+            ran.append(ops.zeros((), "bool"))
             continue
         later = records.get(record_key(entry.variable, entry.update + 1))
-        row = _row(
-            state,
-            grads[plan.ids[i]],
-            None if later is None or later.state is None else later.state,
-            befores[j],
-            afters[j],
-            plan.variables[i],
-            wanted,
-        )
+        later = None if later is None else later.state
+        key = (id(state.optimizer), entry.update, later is None)
+        if key not in clocks:
+            clocks[key] = _clock(state, later)
+        updated, t_prev = clocks[key]
+        ran.append(updated)
+        g = grads[plan.ids[i]]
+        row = _row(state, g, later, t_prev, befores[j], afters[j], plan.variables[i], wanted)
         for s in wanted:
             cols[s].append(row[s])
-    return {s: _backend.OPS.stack(cols[s]) for s in wanted}
+    ran_rows = _backend.OPS.stack(ran)
+    return {s: ops.where(ran_rows, _backend.OPS.stack(cols[s]), nan) for s in wanted}
 
 
 def _states(plan: Plan, entries: Sequence[Any]) -> list[StateBefore | None]:
@@ -128,38 +132,41 @@ def _value(x: Any) -> Any:
     return x() if callable(x) else x
 
 
+def _clock(state: StateBefore, later: StateBefore | None) -> tuple[Any, Any]:
+    """Whether the optimizer's update ran (its step count moved, which a skipped update
+    leaves, at a step that applies) and its `iterations` before the update, t - 1."""
+    opt = state.optimizer
+    step_after = _backend.OPS.read(opt._iterations) if later is None else later.step
+    n = int(opt.gradient_accumulation_steps or 1)
+    step = ops.cast(state.step, "int32")
+    updated = ops.logical_and(
+        ops.not_equal(ops.cast(step_after, "int32"), step), ops.equal((step + 1) % n, 0)
+    )
+    return updated, ops.cast(ops.floor_divide(step, n), "float32")
+
+
 def _row(
     state: StateBefore,
     g: Any,
     later: StateBefore | None,
+    t_prev: Any,
     w_before: Any,
     w_after: Any,
     variable: Any,
     wanted: Sequence[str],
 ) -> dict[str, Any]:
-    """One variable's stats at one update, NaN where the update did not run."""
-    opt = state.optimizer
-    read = _backend.OPS.read
-    step_after = read(opt._iterations) if later is None else later.step
-    after = tuple(read(s) for s in state.slots()) if later is None else later.values
-    n = int(opt.gradient_accumulation_steps or 1)
-    step = ops.cast(state.step, "int32")
-    # It ran where the step count moved (a skipped update leaves it) at an applying step.
-    updated = ops.logical_and(
-        ops.not_equal(ops.cast(step_after, "int32"), step), ops.equal((step + 1) % n, 0)
-    )
-    # The optimizer's `iterations` before the update: t - 1.
-    t_prev = ops.cast(ops.floor_divide(step, n), "float32")
+    """One variable's `wanted` stats at one update, as if the update ran."""
     g2 = ops.square(g)
-    out: dict[str, Any] = {}
+    out = {}
     if "v_ratio" in wanted:
         out["v_ratio"] = _v_ratio(state, g2, t_prev)
     if "eps_frac" in wanted:
+        read = _backend.OPS.read
+        after = tuple(read(s) for s in state.slots()) if later is None else later.values
         out["eps_frac"] = _eps_frac(state, after, t_prev)
     if "update_cos" in wanted:
         out["update_cos"] = _update_cos(g, g2, w_before, w_after, variable)
-    nan = _backend.OPS.nan()
-    return {s: ops.where(updated, ops.cast(x, "float32"), nan) for s, x in out.items()}
+    return out
 
 
 def _beta_2(opt: Any) -> Any:
