@@ -40,6 +40,17 @@ SMOKE_CONFIGS = ("default, jit, spe=8", "histogram + 1 kept tensor", LATER)
 STEPS = {"mlp": 120, "cnn": 16, "transformer": 40, "many": 120, "embedding": 60}
 
 
+# The default stats and the three optimizer health stats.
+HEALTH = [*gradwatch.DEFAULT_STATS, "v_ratio", "eps_frac", "update_cos"]
+
+
+def _adam():
+    return keras.optimizers.Adam(1e-3)
+
+
+_ADAM_JIT = {"optimizer": _adam, "jit_compile": True}
+
+
 def configs(name: str) -> list[tuple[str, dict, dict]]:
     small = {
         "mlp": f"dense_{2 if bench_models.SMOKE else 10}/bias",  # the output layer's
@@ -86,6 +97,12 @@ def configs(name: str) -> list[tuple[str, dict, dict]]:
         # The presets: the norm alone, and every stat the doctor reads.
         ('stats="lean"', {"stats": "lean"}, {}),
         ('stats="doctor"', {"stats": "doctor"}, {}),
+        # The optimizer health stats, which read Adam's second moment: against the
+        # default stats under the same Adam.
+        ("adam: default", {}, {"optimizer": _adam}),
+        ("adam: default + health", {"stats": HEALTH}, {"optimizer": _adam}),
+        ("adam jit: default", {}, _ADAM_JIT),
+        ("adam jit: default + health", {"stats": HEALTH}, _ADAM_JIT),
         ("default" + PLAIN, {}, {}),
         (LATER, {}, {}),
     ]
@@ -123,9 +140,12 @@ def compare(
     plain = build(keras.Sequential)
     plain.set_weights(watched.get_weights())
     x, y = bench_models.data(name, 64 * steps)
+    compile_kwargs = dict(compile_kwargs)
+    # An optimizer is made for each model (a factory, in the configuration); SGD by default.
+    make_optimizer = compile_kwargs.pop("optimizer", lambda: keras.optimizers.SGD(1e-3))
     for model in (plain, watched):
         model.compile(
-            keras.optimizers.SGD(1e-3),
+            make_optimizer(),
             keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             **compile_kwargs,
         )

@@ -64,6 +64,11 @@ FINDINGS: dict[str, str] = {
     "al. 2018): small batches train with noisy steps, large ones waste compute.",
     "examples": "Examples whose gradient norm is far above their batch's median in a replayed "
     "step (likely mislabelled or corrupt data).",
+    "epsilon": "The optimizer's epsilon dominates a layer's update denominators (Wortsman et "
+    "al. 2023).",
+    "second_moment": "Spikes of g**2 over the optimizer's second moment (v_ratio) that precede "
+    "gradient or loss spikes (Wortsman et al. 2023).",
+    "warmup": "Huge update ratios in a run's first steps, without a learning-rate warm-up.",
 }
 
 #: Every threshold that `GradientLog.diagnose` takes by keyword, with its default.
@@ -83,10 +88,20 @@ THRESHOLDS: dict[str, float] = {
     "oscillation_cos": -0.5,
     "loss_scale_steps": 0.05,
     "examples_ratio": 10.0,
+    "epsilon_frac": 0.5,
+    "second_moment_lag": 8.0,
+    "warmup_steps": 10.0,
+    "warmup_update_ratio": 0.1,
 }
 
 # Thresholds that are fractions (of steps or of elements) and cosines.
-_FRACTIONS = ("dead_zero_frac", "dead_steps", "clipping_steps", "loss_scale_steps")
+_FRACTIONS = (
+    "dead_zero_frac",
+    "dead_steps",
+    "clipping_steps",
+    "loss_scale_steps",
+    "epsilon_frac",
+)
 _COSINES = ("oscillation_cos",)
 
 

@@ -355,11 +355,11 @@ def _record_in_step(
     # JAX: the loss scale, `iterations` and the weights are read from the step's
     # input state, not from the variables (stale, or purged, while it runs).
     with _backend.input_scope(model, scope):
-        scale, befores, _ = before_update(model, scope, variables, optimizer, watches)
+        scale, befores, _, states = before_update(model, scope, variables, optimizer, watches)
     # Without `optimizer=`, the gradients are taken as they are (no loss scale), but
     # the model's own optimizer, when it has no other, is the one that clips them.
     clips = optimizer if optimizer is not None else applying_optimizer(model)
-    add_records(scope, grads, variables, scale, befores, clips)
+    add_records(scope, grads, variables, scale, befores, clips, states)
 
 
 def record_gradients(

@@ -38,6 +38,9 @@ README_STATS = [
     "update_ratio",
     "cos_prev",
     "clipped_norm",
+    "v_ratio",
+    "eps_frac",
+    "update_cos",
 ]
 
 

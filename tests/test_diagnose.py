@@ -490,8 +490,11 @@ def test_a_log_whose_every_gradient_has_nan_still_names_the_stats_to_record(tmp_
         "update_ratio_low",
         "clipping",
         "oscillation",
+        "epsilon",
+        "second_moment",
+        "warmup",
     ]
-    assert findings["severity"].tolist() == ["error"] + ["info"] * 5
+    assert findings["severity"].tolist() == ["error"] + ["info"] * 8
 
 
 def test_disconnected_and_missing_stats(tmp_path):

@@ -301,7 +301,7 @@ def test_specs_are_the_one_source_of_the_public_catalogue():
         assert spec.name == name
         # A stat is computed from the gradient alone (a kernel) or from what it needs.
         assert (spec.kernel is None) == bool(spec.needs), name
-        assert spec.needs <= {"weights", "optimizer", "previous"}, name
+        assert spec.needs <= {"weights", "optimizer", "previous", "optimizer_state"}, name
         assert set(spec.pool_reads) <= set(SPECS), name
         if spec.kernel is not None:
             assert set(spec.kernel.reads) <= set(REDUCTIONS), name
@@ -316,6 +316,12 @@ def _layer_by_numpy(name, tensors, weights=None, updates=None):
         w = np.linalg.norm(np.concatenate([t.ravel() for t in weights]))
         up = np.linalg.norm(np.concatenate([t.ravel() for t in updates]))
         return {"weight_norm": w, "update_norm": up, "update_ratio": up / w}[name]
+    # The optimizer health stats, with the weights standing in for the second moment
+    # (g**2 / w**2) and for the denominator's term (|w| < 1): the pooling is what is tested.
+    if name == "v_ratio":
+        return max(float(np.max(g**2 / w**2)) for g, w in zip(tensors, weights, strict=True))
+    if name == "eps_frac":
+        return float(np.mean(np.abs(np.concatenate([w.ravel() for w in weights])) < 1.0))
     return float(np.linalg.norm(joined))  # clipped_norm: the norm of the clipped tensors
 
 
@@ -348,7 +354,7 @@ def test_spec_pools_equal_numpy_on_the_layer_as_one_tensor():
     layers = {"m/a": [0, 1], "m/b": [2, 3, 4]}
     for name, spec in SPECS.items():
         if spec.pool is None:
-            assert name == "cos_prev"  # no pooling from per-variable values
+            assert name in ("cos_prev", "update_cos")  # no pooling from per-variable values
             continue
         table = by_layer(per_variable(name), sizes, name, per_variable)
         assert list(table.columns) == list(layers), name
@@ -383,6 +389,10 @@ with np.errstate(invalid="ignore"):
         "update_ratio": 0.0,  # no update is a ratio of 0 (docs/reference.md), not 0 / 0
         "cos_prev": float(np.sum(_EMPTY * _EMPTY) / (np.linalg.norm(_EMPTY) ** 2)),
         "clipped_norm": float(np.linalg.norm(np.clip(_EMPTY, -1.0, 1.0))),
+        # The largest of no ratios, a share of no elements, a cosine of 0 / 0.
+        "v_ratio": math.nan,
+        "eps_frac": float(np.sum(_EMPTY < 1.0) / _EMPTY.size),
+        "update_cos": float(np.sum(_EMPTY * _EMPTY) / (np.linalg.norm(_EMPTY) ** 2)),
     }
 
 

@@ -31,6 +31,8 @@ from gradwatch._capture.guard import (
 from gradwatch._capture.handoff import hand_off
 from gradwatch._capture.step import Record, StepScope, model_state, record_key, scopes
 from gradwatch._logdata.resume import add_anchor, restored_step
+from gradwatch._stats.optimizer_state import read_before
+from gradwatch._stats.specs import needs_of
 from gradwatch.buffer import SKIPPED_BY
 
 
@@ -430,9 +432,10 @@ def before_update(
     model: Any, scope: StepScope, variables: list, optimizer: Any, watches: list
 ) -> tuple:
     """What is read before the optimizer applies the gradients of `variables`: the loss
-    scale, and the weights (for the update stats). Notes a loss-scale optimizer's
-    step count in `scope`, and the learning rate and whether the step applies (of the
-    step's first optimizer). Returns `(scale, weights before or None each, optimizer)`."""
+    scale, the weights (for the update stats) and the optimizer's state (for the
+    optimizer health stats). Notes a loss-scale optimizer's step count in `scope`, and
+    the learning rate and whether the step applies (of the step's first optimizer).
+    Returns `(scale, weights before or None each, optimizer, state before or None each)`."""
     scale = _loss_scale(optimizer)
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         # Its micro-step counter, not `iterations`: with gradient accumulation that is
@@ -449,19 +452,34 @@ def before_update(
     if any(w.needs_weights for w in watches):
         befores = [_backend.weights_before(v) for v in variables]
     scope.accumulated.update(accumulated(model, scope, variables, optimizer))
-    return scale, befores, optimizer
+    states: list[Any] = [None] * len(variables)
+    if any("optimizer_state" in needs_of(w.stats) for w in watches):
+        applier = optimizer if optimizer is not None else getattr(model, "optimizer", None)
+
+        def readable(variable: Any) -> bool:
+            return _backend.readable_in_step(model, scope, variable)
+
+        states = [read_before(applier, v, readable, _backend.weights_before) for v in variables]
+    return scale, befores, optimizer, states
 
 
 def add_records(
-    scope: StepScope, grads: list, variables: list, scale: Any, befores: list, optimizer: Any
+    scope: StepScope,
+    grads: list,
+    variables: list,
+    scale: Any,
+    befores: list,
+    optimizer: Any,
+    states: list | None = None,
 ) -> None:
     """Adds one step's gradients to `scope`, with what `before_update` read."""
-    for grad, var, before in zip(grads, variables, befores, strict=True):
+    states = states or [None] * len(variables)
+    for grad, var, before, state in zip(grads, variables, befores, states, strict=True):
         # A variable recorded again in the same step (a critic updated several times)
         # is its next update, kept beside the earlier ones.
         update = scope.updates.get(id(var), 0)
         scope.updates[id(var)] = update + 1
         grad = _backend.as_recorded(grad, var)
         scope.grads[record_key(var, update)] = Record(
-            var, grad, scale, before, optimizer, update, scope.accumulated.get(id(var))
+            var, grad, scale, before, optimizer, update, scope.accumulated.get(id(var)), state
         )

@@ -19,6 +19,7 @@ from gradwatch._capture.spikes import spike_code
 from gradwatch._capture.step import Records, record_key
 from gradwatch._logdata.store import NOISE_RAW, Store
 from gradwatch._stats import derived as _derived
+from gradwatch._stats import optimizer_health as _health
 from gradwatch._stats.compute import compute_histograms, compute_stats, traced_for_xla
 from gradwatch._stats.specs import gradient_stats, needs_of
 from gradwatch.buffer import GradientBuffer
@@ -220,7 +221,9 @@ def stat_columns(
     if grad_stats:
         table = compute_stats(stat_grads, grad_stats)
         cols.update({name: table[:, j] for j, name in enumerate(grad_stats)})
-    if "weights" in needs:
+    if {"weights", "optimizer_state"} & needs:
+        # (A stateless step reads every update's weights from the step's input state,
+        # so the update stats of a variable updated more than once are NaN there.)
         before = [
             None
             if entries[i] is None
@@ -228,9 +231,11 @@ def stat_columns(
             else entries[i].before
             for i in plan.stat_index
         ]
-        # (A stateless step reads every update's weights from the step's input state,
-        # so the update stats of a variable updated more than once are NaN there.)
-        cols.update(_derived.update_stats(plan, before, _afters(plan, records)))
+        afters = _afters(plan, records)
+        if set(_derived.UPDATE_STATS) & set(watch.stats):
+            cols.update(_derived.update_stats(plan, before, afters))
+        if "optimizer_state" in needs:
+            cols.update(_health.health_stats(watch, plan, entries, records, before, afters))
     if "previous" in needs:
         cols["cos_prev"] = _derived.cosines_with_previous(plan, buffer, flat_gradients(), step)
     return cols

@@ -24,6 +24,8 @@ class Record:
     earlier updates in the same step (a critic updated 3 times: 0, 1, 2).
     `accumulated` is, with `gradient_accumulation_steps`, the optimizer's sum of the
     earlier micro-steps' gradients (unscaled), read before the update (None: none).
+    `state` is the optimizer's state before the update (`_stats.optimizer_health.StateBefore`;
+    None unless a watch needs it, or where it cannot be read).
     """
 
     variable: Any
@@ -33,6 +35,7 @@ class Record:
     optimizer: Any = None
     update: int = 0
     accumulated: Any = None
+    state: Any = None
 
     def with_grad(self, grad: Any) -> Record:
         """The same record with another gradient (the global one, under a strategy)."""
@@ -68,6 +71,7 @@ class Watcher(Protocol):
     public API."""
 
     every: int  # records the steps that are multiples of it
+    stats: tuple[str, ...]  # the stats it records (their `needs` say what is read before)
     checks_every_step: bool  # runs checks at every step, also at unrecorded ones
     needs_weights: bool  # needs the weights before the update (the update stats)
     keeps_model: bool  # keeps a step's update from the model (non-finite gradients, spikes)
@@ -266,7 +270,7 @@ class Capture(Protocol):
         self, model: Any, scope: StepScope, variables: list, optimizer: Any, watches: list
     ) -> tuple:
         """What the records of `variables` read before the update: `(scale, befores,
-        optimizer)`, for `add_records`."""
+        optimizer, states)`, for `add_records`."""
 
     def add_records(
         self,
@@ -276,6 +280,7 @@ class Capture(Protocol):
         scale: Any,
         befores: list,
         optimizer: Any,
+        states: list | None = None,
     ) -> None:
         """Adds one step's gradients to `scope`, with what `before_update` read."""
 

@@ -17,6 +17,10 @@ import pandas as pd
 
 from gradwatch._doctor.examples import examples_findings
 from gradwatch._doctor.noise import noise_scale_findings
+from gradwatch._doctor.optimizer import OPTIMIZER_READS, epsilon, second_moment, warmup
+from gradwatch._doctor.rows import median as _median
+from gradwatch._doctor.rows import not_checked as _not_checked
+from gradwatch._doctor.rows import row as _row
 from gradwatch._doctor.spikes import SPIKE_WARMUP, spike_flags
 from gradwatch._logdata.views import global_norms, layer_of_key, leaf_of_key
 from gradwatch._ui.text import name_list, origin_text, short_number
@@ -58,6 +62,8 @@ class Signals:
         noise_scale: The gradient noise scale by step (`log.noise_scale`), or `None`.
         examples: Each example's loss and gradient norm in the replayed steps
             (`log.examples`), or `None`.
+        scalars: The recorded steps' scalars by name (`loss`, `learning_rate`), each
+            aligned with `steps` (NaN where a step had none).
 
     Example:
 
@@ -81,6 +87,7 @@ class Signals:
     series: Callable[[str], np.ndarray | None] = lambda name: None
     noise_scale: pd.DataFrame | None = None
     examples: pd.DataFrame | None = None
+    scalars: Mapping[str, np.ndarray] = field(default_factory=dict)
     _cache: dict[str, np.ndarray | None] = field(default_factory=dict, repr=False)
 
     def get(self, name: str) -> np.ndarray | None:
@@ -171,49 +178,6 @@ class Diagnosis:
         """(first, last) applied step of the boolean `rows` over applied rows."""
         steps = self.steps[self.applied][rows]
         return (int(steps.min()), int(steps.max())) if len(steps) else (pd.NA, pd.NA)
-
-
-def _median(m: np.ndarray) -> np.ndarray:
-    """Per-column median over the finite values; NaN for a column with none."""
-    out = np.full(m.shape[1], np.nan)
-    if not m.shape[0]:
-        return out
-    finite = np.isfinite(m)
-    full = finite.all(axis=0)
-    if full.any():
-        # Columns without a gap: one partition per contiguous row (nanmedian would
-        # loop over the columns in Python).
-        out[full] = np.median(np.ascontiguousarray(m[:, full].T), axis=1)
-    part = ~full & finite.any(axis=0)
-    if part.any():
-        sub = np.where(finite[:, part], m[:, part], np.nan)
-        out[part] = np.nanmedian(sub, axis=0)
-    return out
-
-
-def _row(severity, finding, variables, first, last, evidence, advice) -> dict[str, Any]:
-    return {
-        "severity": severity,
-        "finding": finding,
-        "variables": list(variables),
-        "first_step": first,
-        "last_step": last,
-        "evidence": evidence,
-        "advice": advice,
-    }
-
-
-def _not_checked(finding: str, stat: str, what: str = "") -> dict[str, Any]:
-    return _row(
-        "info",
-        finding,
-        [],
-        pd.NA,
-        pd.NA,
-        f"`{finding}` was {what or 'not checked'}: the log has no `{stat}` stat.",
-        f"Record it to check: GradWatch(stats=[*gradwatch.DEFAULT_STATS, {stat!r}]), or "
-        'GradWatch(stats="doctor") for every stat the doctor reads.',
-    )
 
 
 def _nonfinite(diagnosis: Diagnosis) -> list[dict]:
@@ -851,6 +815,9 @@ RULES: tuple[Callable[[Diagnosis], list[dict]], ...] = (
     _spikes,
     _noise_scale,
     _examples,
+    epsilon,
+    second_moment,
+    warmup,
 )
 
 #: The stats that each rule reads; without one, the rule says what it could not check.
@@ -867,6 +834,7 @@ READS: dict[Callable[[Diagnosis], list[dict]], tuple[str, ...]] = {
     _spikes: (),
     _noise_scale: (),
     _examples: (),
+    **OPTIMIZER_READS,
 }
 #: What `Diagnosis` itself reads: `norm` (which variables are live) and `nonfinite` (the
 #: rows whose other stats say nothing).
@@ -879,8 +847,8 @@ def stats_read() -> set[str]:
 
     Example:
 
-    >>> sorted(stats_read())
-    ['clipped_norm', 'cos_prev', 'nonfinite', 'norm', 'update_ratio', 'zero_frac']
+    >>> " ".join(sorted(stats_read()))
+    'clipped_norm cos_prev eps_frac nonfinite norm update_ratio v_ratio zero_frac'
     """
     return {*DIAGNOSIS_READS, *(name for rule in RULES for name in READS[rule])}
 

@@ -244,8 +244,10 @@ class StatViews:
         ]
         scalars = self.scalars
         not_applied = scalars["step"][scalars["applied"].eq(False).fillna(False)]
+        steps = stat_steps(store)
+        by_step = scalars.set_index("step")
         signals = Signals(
-            steps=stat_steps(store),
+            steps=steps,
             variables=store.variables,
             shapes=store.shapes,
             stat=lambda name: stat_matrix(store, name),
@@ -259,6 +261,10 @@ class StatViews:
             series=lambda name: _series_at(scalars, name, stat_steps(store)),
             noise_scale=self.noise_scale,
             examples=self.examples,
+            scalars={
+                name: by_step[name].reindex(steps).to_numpy(np.float32)
+                for name in ("loss", "learning_rate")
+            },
         )
         return run_rules(signals, **thresholds)
 

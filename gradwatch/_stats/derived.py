@@ -131,6 +131,10 @@ def replica_stats(plan: Plan, local: Records, stats: Sequence[str]) -> Any:
     return _backend.all_gather(mine)
 
 
+#: The stats that `update_stats` computes.
+UPDATE_STATS = ("weight_norm", "update_norm", "update_ratio")
+
+
 def update_stats(plan: Plan, befores: list[Any], afters: list[Any] | None = None) -> dict[str, Any]:
     """`weight_norm`, `update_norm` and `update_ratio` of the selected rows, from the
     weights before the update (`befores`, one per selected row or None) and after it:

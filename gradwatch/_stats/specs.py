@@ -23,8 +23,9 @@ from typing import Any, Literal
 import numpy as np
 
 #: What a stat may need beyond this step's gradient: the weights before and after the
-#: update, the optimizer that applies it (its clipping), the previous step's gradient.
-Need = Literal["weights", "optimizer", "previous"]
+#: update, the optimizer that applies it (its clipping), the previous step's gradient,
+#: the optimizer's state (its step count and slots) before and after the update.
+Need = Literal["weights", "optimizer", "previous", "optimizer_state"]
 
 #: The per-row reductions of the fast path that a kernel may read (`Kernel.reads`):
 #: `sq` the sum of squares and `l2` its root (the backend computes whichever is cheaper
@@ -310,6 +311,33 @@ SPECS: dict[str, StatSpec] = dict(
             root_sum_squares,
             empty=0.0,
             needs=frozenset({"optimizer"}),
+        ),
+        _spec(
+            "v_ratio",
+            "Largest g**2 / v_hat over the elements, v_hat the optimizer's bias-corrected "
+            "second moment before the update (Adam, AdamW, Nadam, Lamb; Adamax: g**2 / u**2; "
+            "RMSprop: g**2 / v); NaN at the first update and for other optimizers (opt-in).",
+            None,
+            largest,
+            needs=frozenset({"optimizer_state"}),
+        ),
+        _spec(
+            "eps_frac",
+            "Share of the elements whose update denominator epsilon dominates, as the "
+            "optimizer computes it (Adam: sqrt(v) < epsilon after the update); NaN for "
+            "optimizers without a second moment (opt-in).",
+            None,
+            size_weighted_mean,
+            needs=frozenset({"optimizer_state"}),
+        ),
+        _spec(
+            "update_cos",
+            "Cosine between the applied update w_after - w_before and -g, g the gradient "
+            "the optimizer applied (opt-in).",
+            None,
+            None,
+            needs=frozenset({"weights", "optimizer_state"}),
+            signed=True,
         ),
     ]
 )
