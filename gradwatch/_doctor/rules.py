@@ -21,7 +21,7 @@ from gradwatch._doctor.optimizer import OPTIMIZER_READS, epsilon, second_moment,
 from gradwatch._doctor.rows import median as _median
 from gradwatch._doctor.rows import not_checked as _not_checked
 from gradwatch._doctor.rows import row as _row
-from gradwatch._doctor.spikes import SPIKE_WARMUP, spike_flags
+from gradwatch._doctor.spikes import spike_findings
 from gradwatch._logdata.views import global_norms, layer_of_key, leaf_of_key
 from gradwatch._ui.text import name_list, origin_text, short_number
 
@@ -709,85 +709,7 @@ def _oscillation(diagnosis: Diagnosis) -> list[dict]:
 
 
 def _spikes(diagnosis: Diagnosis) -> list[dict]:
-    signals = diagnosis.signals
-    steps = diagnosis.steps
-    judged_code = signals.series("spike")
-    alerts = list(signals.spike_alerts)
-    if alerts:
-        judged = int(np.isfinite(judged_code).sum()) if judged_code is not None else len(steps)
-        grad = sorted({s for s, kind, _ in alerts if kind == "spike"})
-        loss = sorted({s for s, kind, _ in alerts if kind == "loss_spike"})
-        how = "judged in the step (`on_spike`)"
-    elif judged_code is not None and np.isfinite(judged_code).any():
-        return []  # the step judged every recorded step, and none spiked
-    else:  # not judged in the step: the same rule over the recorded series
-        norm = diagnosis.applied_rows("norm")
-        values = signals.series("loss")
-        grad, loss = [], []
-        if norm is not None:
-            flags = spike_flags(global_norms(norm))
-            grad = diagnosis.steps[diagnosis.applied][flags].tolist()
-        if values is not None:
-            loss = steps[spike_flags(values)].tolist()
-        judged = max(len(steps) - SPIKE_WARMUP, 0)
-        how = "judged over the recorded steps (the step judged none: `on_spike='ignore'`)"
-    if not grad and not loss:
-        return []
-    spiking = sorted(set(grad) | set(loss))
-    score = len(spiking) / max(judged, 1)
-    parts = []
-    if grad:
-        parts.append(f"gradient-norm spikes at steps {name_list([str(s) for s in grad], 8)}")
-    if loss:
-        parts.append(f"loss spikes at steps {name_list([str(s) for s in loss], 8)}")
-    layers = _spiking_layers(diagnosis, grad)
-    evidence = (
-        f"{len(spiking)} of {judged} judged steps spiked (spike score {score:.3g}), {how}: "
-        f"{'; '.join(parts)}."
-    )
-    if layers:
-        evidence += f" The layers whose norms rose with the global norm: {name_list(layers, 5)}."
-    return [
-        _row(
-            "warning",
-            "spikes",
-            layers,
-            int(spiking[0]),
-            int(spiking[-1]),
-            evidence,
-            "Try a learning-rate warmup, a lower learning rate, gradient clipping "
-            "(e.g. `global_clipnorm=1.0`), or with Adam a lower `beta_2` (0.95); and look at "
-            "the data behind the spiking steps (`log.examples`). "
-            "`GradWatch(on_spike='skip')` keeps a spike's update from the model.",
-        )
-    ]
-
-
-def _spiking_layers(diagnosis: Diagnosis, spike_steps: Sequence[int]) -> list[str]:
-    """The layers whose gradient norm at the gradient-spike steps rose, over its median
-    at the other steps, by at least half as many times as the global norm did."""
-    # Every recorded row: a spike whose update was kept back is recorded as it was.
-    norm = diagnosis.signals.get("norm")
-    if norm is None or not len(spike_steps):
-        return []
-    at = np.isin(diagnosis.steps, spike_steps)
-    if not at.any() or at.all():
-        return []
-    names = list(dict.fromkeys(diagnosis.layer))
-    squares = np.where(np.isfinite(norm), norm.astype(np.float64) ** 2, 0.0)
-    by_layer = np.stack(
-        [
-            np.sqrt(squares[:, [i for i, x in enumerate(diagnosis.layer) if x == n]].sum(1))
-            for n in names
-        ],
-        axis=1,
-    )
-    total = np.sqrt(squares.sum(1))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rise = by_layer[at].max(0) / np.median(by_layer[~at], axis=0)
-        global_rise = total[at].max() / np.median(total[~at])
-    picked = [(r, n) for r, n in zip(rise, names, strict=True) if r >= 0.5 * global_rise]
-    return [n for _, n in sorted(picked, key=lambda rn: -rn[0])]
+    return spike_findings(diagnosis)
 
 
 def _noise_scale(diagnosis: Diagnosis) -> list[dict]:
