@@ -108,8 +108,12 @@ def test_cli_start_benchmark_smoke(tables):
 def test_diagnose_benchmark_smoke(tables):
     table = _table(tables, "diagnose")
     (row,) = [line for line in table.splitlines() if line.startswith("| 20 | 2000 |")]
-    # The planted problems are found: a NaN burst, a dead layer, an oscillating kernel.
-    assert row.endswith("| error nonfinite, warning dead, warning oscillation |")
+    # The planted problems are found: a NaN burst, a dead layer, an oscillating kernel;
+    # and spikes: the global norm of 20 log-normal norms (sigma 0.3 each, 2000 steps) has
+    # tails that pass 6 sigma of its last 128 values now and then.
+    assert row.endswith(
+        "| error nonfinite, warning dead, warning oscillation, warning spikes |"
+    )
     assert float(row.split(" | ")[4]) > 0
 
 

@@ -90,11 +90,11 @@ def test_written_files_hold_the_fitted_runs_values_for_plain_readers(fitted, tmp
     table["stat"] = table["stat"].astype(str)
     # Stat rows (empty index): exactly the log's frame, float32 values bit for bit
     # (NaN cos_prev at step 0, +inf update_ratio of the zero biases included).
-    scalar_names = ["loss", "learning_rate", "applied"]
+    scalar_names = ["loss", "learning_rate", "applied", "global_norm", "spike"]
     stat_rows = table[~table["stat"].isin(["grad", "hist", *scalar_names])]
     assert stat_rows["index"].isna().all()
-    # Scalar rows: no variable, no index, the log's loss, learning rate and whether the
-    # step applied (1.0 or 0.0) at each step.
+    # Scalar rows: no variable, no index, the log's loss, learning rate, whether the
+    # step applied (1.0 or 0.0), its global norm and spike code at each step.
     scalar_rows = table[table["stat"].isin(scalar_names)]
     assert meta["scalars"] == scalar_names
     assert scalar_rows["variable"].isna().all() and scalar_rows["index"].isna().all()

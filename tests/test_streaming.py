@@ -46,10 +46,10 @@ def test_streamed_log_reads_back_equal_to_the_in_memory_log(tmp_path, spe):
     # Any Parquet reader sees one table over the parts.
     table = ds.dataset(tmp_path / "run", format="parquet").to_table()
     log = memory.log
-    # Stat rows, kept elements, histogram bins, and each step's loss, learning rate and
-    # whether it applied.
+    # Stat rows, kept elements, histogram bins, and each step's loss, learning rate,
+    # whether it applied, its global norm and spike code.
     assert table.num_rows == (
-        len(log.frame) + len(log.values_frame) + len(log.histograms) + 3 * len(log.scalars)
+        len(log.frame) + len(log.values_frame) + len(log.histograms) + 5 * len(log.scalars)
     )
     assert len(log.scalars) == 250 and not log.scalars["loss"].isna().any()
 
@@ -155,7 +155,7 @@ def test_streamed_log_is_a_hive_dataset_that_pyarrow_pandas_and_duckdb_read(tmp_
     np.testing.assert_array_equal(log.steps, np.arange(10))
     runs = sorted(p.name for p in (path / "worker=0").iterdir())
     assert len(runs) == 2 and all(r.startswith("run=") for r in runs)
-    n_rows = len(log.frame) + 3 * len(log.scalars)  # stat rows, then the 3 scalars
+    n_rows = len(log.frame) + 5 * len(log.scalars)  # stat rows, then the 5 scalars
     assert len(log.scalars) == 10
     norms = log.stat("norm")
 

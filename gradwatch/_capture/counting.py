@@ -222,13 +222,14 @@ def commit(model: Any, scope: StepScope) -> None:
     listening = state.listening
     restore_earlier_updates(model, scope)
     if not _backend.APPLY_METHOD:
-        if listening and scope.grads:  # a stateless step's records are the global ones
-            judge_spikes(model, scope, scope.grads)
         if scope.finite is None:
-            # A stateless step (JAX) has no `apply` to gate: its update is undone here.
+            # A stateless step (JAX) has no `apply` to gate: its update is undone here
+            # (where a watch keeps the model: its spikes are judged there too).
             finite = step_finite(model, scope)
             if finite is not None:
                 _backend.undo_step(model, scope, finite, lambda: keep_batch(model, scope))
+        if listening and scope.grads:  # the other watches' spikes, before the hand-off
+            judge_spikes(model, scope, scope.grads)
         if scope.state is not None:  # the weights from before the update: its input state
             hand_off(model, scope, list(scope.state[0]))
     skipped = skipped_update(scope) if listening and scope.grads else None
