@@ -106,7 +106,7 @@ def test_written_files_hold_the_fitted_runs_values_for_plain_readers(fitted, tmp
     assert set(wide["applied"]) == {1.0}
     cols = ["step", "epoch", "batch", "variable", "stat", "value"]
     ours, theirs = _rows(stat_rows.astype({"value": np.float32}), cols), _rows(log.frame, cols)
-    assert len(ours) == 6 * 4 * 13  # steps x variables x stats
+    assert len(ours) == 6 * 4 * len(gradwatch.STATS)  # steps x variables x stats
     for c in cols:
         np.testing.assert_array_equal(ours[c].to_numpy(), theirs[c].to_numpy(), err_msg=c)
     # Every row, kept elements and histogram bins too, carries its step's epoch and batch
