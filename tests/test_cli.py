@@ -75,8 +75,8 @@ def test_cli_summary_prints_a_table_and_the_first_nonfinite_step(outlier, logfil
     )
     assert out[-2] == "Alerts: 8 nonfinite"
     # Steps 3 and 9 of 12 were skipped by the loss scale: 2 of the 11 steps after step 0
-    # (18% > 5%) is a warning; the 5 rules whose stats the default set lacks are info.
-    assert out[-1] == f"Findings: 0 errors, 1 warning, 5 info. Details: gradwatch doctor {logfile}"
+    # (18% > 5%) is a warning; the 8 rules whose stats the default set lacks are info.
+    assert out[-1] == f"Findings: 0 errors, 1 warning, 8 info. Details: gradwatch doctor {logfile}"
 
 
 @pytest.mark.parametrize(

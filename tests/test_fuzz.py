@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from reference import README_STATS, np_stats, reference_bins
 
 import gradwatch
+from gradwatch._stats.specs import SPECS
 from gradwatch.keys import match_patterns, resolve_key
 
 # Derandomized (and no example database), so that every run, in CI too, tries the same inputs.
@@ -371,8 +372,8 @@ def _check_stat_views(log, name):
     if not recorded:
         _assert_raised(error, KeyError, "was not recorded")
         return
-    if name == "cos_prev":  # does not combine per layer: refused
-        _assert_raised(error, ValueError, "cos_prev")
+    if SPECS[name].pool is None:  # does not combine per layer (cos_prev, update_cos): refused
+        _assert_raised(error, ValueError, name)
         return
     assert error is None, repr(error)
     assert list(layers.columns) == ["net/hidden", "net/out"]
