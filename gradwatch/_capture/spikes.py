@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from keras import ops
 
 from gradwatch._backend import current as _backend
@@ -58,34 +59,37 @@ class SpikeState(StateMetric):
         )
 
 
-def judge(state: SpikeState, current: Sequence[Any], recorded: Any, sigma: float) -> Any:
+def judge(
+    state: SpikeState, current: Sequence[Any], recorded: Any, sigma: float, count: bool = True
+) -> Any:
     """Judges this step's values (`current`: a float32 scalar per `SERIES`, NaN where the
-    step has none) and adds the finite ones to the window, where `recorded` holds.
-    Returns a bool vector, one flag per series."""
+    step has none) and adds the finite ones to the window, where `recorded` holds; counts
+    the spikes in `state.tripped` where `count` (the policies that stop training poll it).
+    Returns a bool vector, one flag per series. Few ops: it is traced into every step."""
     window = state.window
+    slots = np.arange(window, dtype=np.float32)[None, :]  # a constant, not an op
     values = array_ops.read(state.values)
-    seen = ops.cast(array_ops.read(state.seen), "float32")
+    seen_count = array_ops.read(state.seen)
+    seen = ops.cast(seen_count, "float32")
     x = ops.stack([ops.cast(c, "float32") for c in current])
-    filled = ops.minimum(seen, float(window))
+    filled = ops.expand_dims(ops.minimum(seen, float(window)), 1)
     # Each row's filled slots: the first `filled` of the ring (it wraps once full).
-    mask = ops.cast(ops.arange(window, dtype="float32")[None, :] < filled[:, None], "float32")
-    count = ops.maximum(filled, 1.0)
-    mean = ops.sum(values * mask, axis=1) / count
-    spread = ops.sum(ops.square(values - mean[:, None]) * mask, axis=1) / count
-    limit = mean + sigma * ops.sqrt(spread)
+    mask = ops.cast(ops.less(slots, filled), "float32")
+    size = ops.maximum(filled, 1.0)
+    mean = ops.sum(values * mask, axis=1, keepdims=True) / size
+    spread = ops.sum(ops.square(values - mean) * mask, axis=1, keepdims=True) / size
+    limit = ops.squeeze(mean + sigma * ops.sqrt(spread), 1)
     finite = ops.logical_and(ops.isfinite(x), recorded)
-    judged = ops.logical_and(finite, seen >= float(SPIKE_WARMUP))
-    spikes = ops.logical_and(judged, x > limit)
+    judged = ops.logical_and(finite, ops.greater_equal(seen, float(SPIKE_WARMUP)))
+    spikes = ops.logical_and(judged, ops.greater(x, limit))
     # The finite values enter the ring at their series' next slot.
-    slot = ops.cast(array_ops.read(state.seen) % window, "int32")
-    at = ops.logical_and(
-        ops.arange(window, dtype="int32")[None, :] == slot[:, None], finite[:, None]
-    )
-    array_ops.assign(state.values, ops.where(at, x[:, None], values))
-    grown = ops.cast(finite, state.seen.dtype)
-    array_ops.assign(state.seen, array_ops.read(state.seen) + grown)
-    hits = ops.cast(spikes, state.tripped.dtype)
-    array_ops.assign(state.tripped, array_ops.read(state.tripped) + hits)
+    slot = seen - float(window) * ops.floor(seen / float(window))
+    at = ops.logical_and(ops.equal(slots, ops.expand_dims(slot, 1)), ops.expand_dims(finite, 1))
+    array_ops.assign(state.values, ops.where(at, ops.expand_dims(x, 1), values))
+    array_ops.assign(state.seen, seen_count + ops.cast(finite, state.seen.dtype))
+    if count:
+        hits = ops.cast(spikes, state.tripped.dtype)
+        array_ops.assign(state.tripped, array_ops.read(state.tripped) + hits)
     return spikes
 
 
@@ -149,7 +153,8 @@ class SpikeJudge:
         else:
             norm = ops.convert_to_tensor(float("nan"), "float32")
         loss = ops.convert_to_tensor(float("nan"), "float32") if loss is None else loss
-        flags = judge(self.state_for(), [norm, loss], recorded, self.sigma)
+        counts = self.policy in ("stop", "raise")  # polled after each execution
+        flags = judge(self.state_for(), [norm, loss], recorded, self.sigma, counts)
         return norm, loss, flags
 
     # ------------------------------------------------------------- on the host
@@ -166,8 +171,6 @@ class SpikeJudge:
         """The alerts of a drained block: `(step, "*", kind, value)` for each recorded
         step the judge found spiking, the value its global norm (`"spike"`) or its
         loss (`"loss_spike"`)."""
-        import numpy as np
-
         if scalars is None or "spike" not in names:
             return []
         code = scalars[:, names.index("spike")]
