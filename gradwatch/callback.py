@@ -24,7 +24,7 @@ from gradwatch._capture.adopt import FIT_BATCH_SIZE, adopt, guard_fit, join
 from gradwatch._capture.alarms import KEEPS_MODEL, AlarmPolicy, Alarms, NonfinitePolicy
 from gradwatch._capture.counting import next_step
 from gradwatch._capture.drain import drain, drain_due, sink_block
-from gradwatch._capture.guard import clear_halt
+from gradwatch._capture.guard import clear_halt, halt_flag
 from gradwatch._capture.interrupts import deferred_interrupt
 from gradwatch._capture.plan import Planner
 from gradwatch._capture.sinks import Sinks
@@ -345,6 +345,8 @@ class GradWatch(keras.callbacks.Callback):
         self._sinks.begin(model, self)
         self._model_ref = weakref.ref(model)
         join(model, self)
+        if plan is not None:
+            halt_flag(model)  # made before the first trace too, where a watch stops
         clear_halt(model)  # a `fit` after one that "stop" ended trains again
         self._since_drain = 0
         self._kept.fit_batch_size = model.__dict__.get(FIT_BATCH_SIZE)

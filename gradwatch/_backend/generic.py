@@ -17,6 +17,8 @@ from gradwatch._stats import kernels as _kernels
 RECORDS = False  # GradWatch records on this backend
 INDEX_DTYPE = "int64"
 STATE_IN_STEP = False
+# gradwatch's state is made where the step first needs it.
+PREMAKES_STATE = False
 APPLY_METHOD = None
 
 

@@ -70,6 +70,8 @@ def advance(count: Any) -> None:
 
 # Whether gradwatch's device state travels in the step's state (as metrics).
 STATE_IN_STEP = True
+# Not needed: the state travels in the step's state, made before training (STATE_IN_STEP).
+PREMAKES_STATE = False
 APPLY_METHOD = None  # the stateless step calls `stateless_apply`; gradwatch wraps the step
 
 

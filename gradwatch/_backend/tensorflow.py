@@ -84,6 +84,9 @@ def advance(count: Any) -> None:
 
 # Whether gradwatch's device state travels in the step's state (as metrics).
 STATE_IN_STEP = False
+# gradwatch's state is made before the first trace where it can be: `tf.function`
+# traces a function that creates variables twice.
+PREMAKES_STATE = True
 # The optimizer method that the stock `train_step` hands the gradients to.
 APPLY_METHOD = "apply_gradients"
 

@@ -73,6 +73,8 @@ def advance(count: Any) -> None:
 
 # Whether gradwatch's device state travels in the step's state (as metrics).
 STATE_IN_STEP = False
+# Not needed: the step runs eagerly.
+PREMAKES_STATE = False
 APPLY_METHOD = "apply"
 
 

@@ -204,7 +204,15 @@ class Planner:
         variables, made before any step where they can be; and on JAX the plan, the ring
         buffer and the step counter, which travel in the stateless step's state and so
         must exist before Keras gathers it. Returns the plan where it is made now."""
-        if _backend.STATE_IN_STEP:
+        if _backend.STATE_IN_STEP or (
+            # TensorFlow: made before the first trace (one that creates variables is
+            # traced twice), for a model built before training and one replica (under
+            # `tf.distribute` the strategy places them in the trace).
+            _backend.PREMAKES_STATE
+            and model.built
+            and model.trainable_weights
+            and _backend.num_replicas(model) == 1
+        ):
             plan = self.plan_for(model)
             self.buffer_for(model, plan)
             step_counter(model)
