@@ -99,13 +99,6 @@ def spike_code(spikes: Any) -> Any:
     return flags[0] + 2.0 * flags[1]
 
 
-def global_norm(grads: Sequence[Any]) -> Any:
-    """The L2 norm over every element of `grads` (float32): NaN or Inf where one is."""
-    if not grads:
-        return ops.convert_to_tensor(float("nan"))
-    return ops.sqrt(ops.sum(ops.stack([ops.sum(ops.square(g)) for g in grads])))
-
-
 def new_state(window: int) -> SpikeState:
     """A judge's state, made out of the traced step."""
     with _backend.lift():

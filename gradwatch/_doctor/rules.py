@@ -57,12 +57,10 @@ class Signals:
             (these also cover steps that `every` did not record).
         spike_alerts: `(step, kind, value)` of the spikes the step judged (`kind`
             `"spike"` or `"loss_spike"`).
-        series: A function from a per-step scalar's name (`"loss"`, `"spike"`, ...)
-            to its values at `steps` (NaN where a step has none), or None.
         noise_scale: The gradient noise scale by step (`log.noise_scale`), or `None`.
         examples: Each example's loss and gradient norm in the replayed steps
             (`log.examples`), or `None`.
-        scalars: The recorded steps' scalars by name (`loss`, `learning_rate`), each
+        scalars: The recorded steps' scalars by name (`loss`, `learning_rate`, `spike`), each
             aligned with `steps` (NaN where a step had none).
 
     Example:
@@ -84,7 +82,6 @@ class Signals:
     disconnected: Sequence[str] = ()
     nonfinite_alerts: Sequence[tuple[int, str, float]] = ()
     spike_alerts: Sequence[tuple[int, str, float]] = ()
-    series: Callable[[str], np.ndarray | None] = lambda name: None
     noise_scale: pd.DataFrame | None = None
     examples: pd.DataFrame | None = None
     scalars: Mapping[str, np.ndarray] = field(default_factory=dict)

@@ -79,18 +79,19 @@ def spike_findings(diagnosis: Any) -> list[dict]:
     and what to try; none where no step spiked."""
     signals = diagnosis.signals
     steps = diagnosis.steps
-    judged_code = signals.series("spike")
+    judged_code = signals.scalars.get("spike")
+    judged_any = judged_code is not None and np.isfinite(judged_code).any()
     alerts = list(signals.spike_alerts)
     if alerts:
-        judged = int(np.isfinite(judged_code).sum()) if judged_code is not None else len(steps)
+        judged = int(np.isfinite(judged_code).sum()) if judged_any else len(steps)
         grad = sorted({s for s, kind, _ in alerts if kind == "spike"})
         loss = sorted({s for s, kind, _ in alerts if kind == "loss_spike"})
         how = "judged in the step (`on_spike`)"
-    elif judged_code is not None and np.isfinite(judged_code).any():
+    elif judged_any:
         return []  # the step judged every recorded step, and none spiked
     else:  # not judged in the step: the same rule over the recorded series
         norm = diagnosis.applied_rows("norm")
-        values = signals.series("loss")
+        values = signals.scalars.get("loss")
         grad, loss = [], []
         if norm is not None:
             flags = spike_flags(global_norms(norm))

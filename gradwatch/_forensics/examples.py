@@ -19,7 +19,7 @@ from keras import ops
 
 from gradwatch._backend import NAME as BACKEND
 from gradwatch._backend import current as _backend
-from gradwatch._forensics.replay import Batch, batch_loss, own_method
+from gradwatch._forensics.replay import Batch, batch_loss, check_trainable, own_method
 
 #: The ways each example's gradient is taken, tried in this order until one runs:
 #: vectorised over the rows in one compiled call (JAX `vmap`, `torch.func.vmap`,
@@ -139,13 +139,7 @@ def example_gradients(
     if path is not None and path not in PATHS:
         raise ValueError(f"`path` must be one of {PATHS} or None. Received: path={path!r}")
     trainable = list(model.trainable_variables)
-    known = {id(v) for v in trainable}
-    strangers = [getattr(v, "path", repr(v)) for v in variables if id(v) not in known]
-    if strangers:
-        raise ValueError(
-            f"`variables` must be trainable variables of {type(model).__name__}. "
-            f"Received: {strangers[:5]}"
-        )
+    check_trainable(model, variables)
     watched = list({id(v): v for v in variables}.values())
     if not watched:
         raise ValueError("`variables` is empty: name the variables whose gradient norm to take.")

@@ -17,7 +17,7 @@ from keras import ops
 
 from gradwatch._backend import NAME as BACKEND
 from gradwatch._backend import current as _backend
-from gradwatch._forensics.replay import Batch, own_method
+from gradwatch._forensics.replay import Batch, check_trainable, own_method
 
 
 def halves_sq_norms(
@@ -69,13 +69,7 @@ def halves_sq_norms(
             "`gradient_accumulation_steps` or `tf.distribute` instead."
         )
     trainable = list(model.trainable_variables)
-    known = {id(v) for v in trainable}
-    strangers = [getattr(v, "path", repr(v)) for v in variables if id(v) not in known]
-    if strangers:
-        raise ValueError(
-            f"`variables` must be trainable variables of {type(model).__name__}. "
-            f"Received: {strangers[:5]}"
-        )
+    check_trainable(model, variables)
     n = int(batch.n)
     if n < 2:
         return None

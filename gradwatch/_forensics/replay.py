@@ -287,6 +287,31 @@ class Batch:
     n: int
 
 
+def batch_of(x: Any, y: Any, sample_weight: Any) -> Batch:
+    """A batch handed to the host (NumPy, nested as `fit` gave it) as tensors."""
+
+    def tensor(part: Any) -> Any:
+        if part is None:
+            return None
+        return keras.tree.map_structure(
+            lambda t: t if t is None else keras.ops.convert_to_tensor(t), part
+        )
+
+    n = int(np.shape(keras.tree.flatten(x)[0])[0])
+    return Batch(tensor(x), tensor(y), tensor(sample_weight), n)
+
+
+def check_trainable(model: Any, variables: Sequence[Any]) -> None:
+    """Raises where one of `variables` is not a trainable variable of `model`."""
+    known = {id(v) for v in model.trainable_variables}
+    strangers = [getattr(v, "path", repr(v)) for v in variables if id(v) not in known]
+    if strangers:
+        raise ValueError(
+            f"`variables` must be trainable variables of {type(model).__name__}. "
+            f"Received: {strangers[:5]}"
+        )
+
+
 def replay(model: Any, batch: Batch) -> NonfiniteOrigin | None:
     """Replays `batch` on the model's current weights and names where its first NaN or
     Inf is born; None where the step's loss and gradients are finite. Nothing of the

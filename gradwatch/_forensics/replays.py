@@ -10,25 +10,15 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import keras
 import numpy as np
 
 from gradwatch._forensics.examples import example_gradients, unsupported
 from gradwatch._forensics.halves import halves_sq_norms
-from gradwatch._forensics.replay import Batch
+from gradwatch._forensics.replay import Batch, batch_of
 
 
 def _batch(replay: Any) -> Batch:
-    def tensor(part: Any) -> Any:
-        if part is None:
-            return None
-        return keras.tree.map_structure(
-            lambda t: t if t is None else keras.ops.convert_to_tensor(t), part
-        )
-
-    x = tensor(replay.x)
-    n = int(np.shape(keras.tree.flatten(replay.x)[0])[0])
-    return Batch(x, tensor(replay.y), tensor(replay.sample_weight), n)
+    return batch_of(replay.x, replay.y, replay.sample_weight)
 
 
 class Replays:

@@ -6,11 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import keras
-import numpy as np
-
 from gradwatch._forensics.origin import NonfiniteOrigin
-from gradwatch._forensics.replay import Batch, data_origin, replay
+from gradwatch._forensics.replay import batch_of, data_origin, replay
 
 _TRACE_HINT = (
     "replay a batch with `gradwatch.trace_nonfinite(model, x, y)` on weights from "
@@ -57,16 +54,8 @@ def trace_kept(
     ```
     """
     step, x, y, sample_weight = kept
-    to_tensor = lambda part: (  # noqa: E731
-        None
-        if part is None
-        else keras.tree.map_structure(
-            lambda t: t if t is None else keras.ops.convert_to_tensor(t), part
-        )
-    )
-    x, y, sample_weight = to_tensor(x), to_tensor(y), to_tensor(sample_weight)
-    n = int(np.shape(keras.tree.flatten(x)[0])[0])
-    batch = Batch(x, y, sample_weight, n)
+    batch = batch_of(x, y, sample_weight)
+    x, y, sample_weight, n = batch.x, batch.y, batch.sample_weight, batch.n
     if intact:
         origin = replay(model, batch)
         if origin is None:

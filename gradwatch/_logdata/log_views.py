@@ -258,24 +258,14 @@ class StatViews:
             disconnected=store.disconnected,
             nonfinite_alerts=alerts,
             spike_alerts=spikes,
-            series=lambda name: _series_at(scalars, name, stat_steps(store)),
             noise_scale=self.noise_scale,
             examples=self.examples,
             scalars={
                 name: by_step[name].reindex(steps).to_numpy(np.float32)
-                for name in ("loss", "learning_rate")
+                for name in ("loss", "learning_rate", "spike")
             },
         )
         return run_rules(signals, **thresholds)
-
-
-def _series_at(scalars: pd.DataFrame, name: str, steps: np.ndarray) -> np.ndarray | None:
-    """A per-step scalar at `steps` (NaN where a step has none); None where the log has
-    no value of it at all."""
-    if name not in scalars or not scalars[name].notna().any():
-        return None
-    values = pd.Series(scalars[name].to_numpy(np.float64, na_value=np.nan), index=scalars["step"])
-    return values.reindex(steps).to_numpy(np.float64)
 
 
 class HistogramViews:
