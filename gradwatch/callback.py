@@ -30,6 +30,7 @@ from gradwatch._capture.plan import Planner
 from gradwatch._capture.sinks import Sinks
 from gradwatch._capture.spikes import SpikeJudge
 from gradwatch._capture.step import Records, restore_class
+from gradwatch._capture.trackers import check_track
 from gradwatch._doctor.spikes import SPIKE_SIGMA, SPIKE_WINDOW
 from gradwatch._forensics.replays import Replays
 from gradwatch._forensics.skipped import KeptStep
@@ -137,6 +138,18 @@ class GradWatch(keras.callbacks.Callback):
             steps (a `gradwatch.SinkBlock`), in step order, and `close()` at the
             end of each `fit`, also when it raises. A sink that raises is warned
             about and gets no more blocks; training goes on. Defaults to `None`.
+        track: Also send the run to an experiment tracker: `"mlflow"`,
+            `"wandb"`, or a list of both. At each recorded step, into the run
+            you have open (`mlflow.start_run()`, `wandb.init()`): the global
+            norm, the loss, the learning rate and each layer's norm, as
+            `gradwatch/global_norm`, `gradwatch/loss`,
+            `gradwatch/learning_rate` and `gradwatch/norm/<layer>`; at the
+            end of each `fit`, the doctor's findings and the HTML report.
+            MLflow without an active run starts one (as `mlflow.log_metric`
+            does); W&B needs `wandb.init()` first. Needs the tracker's
+            package (`pip install 'gradwatch[mlflow]'`, `'gradwatch[wandb]'`).
+            A tracker that fails is warned about once; training goes on.
+            Defaults to `None`.
         per_replica: Under `tf.distribute`, also record the stats of each
             replica's local gradient (as Keras hands it to the optimizer),
             in rows with a `replica` number; the other rows hold the global
@@ -209,6 +222,7 @@ class GradWatch(keras.callbacks.Callback):
         noise_scale_every: int | None = None,
         tensorboard_dir: str | os.PathLike | None = None,
         sinks: Sequence[Sink] | None = None,
+        track: str | Sequence[str] | None = None,
         per_replica: bool = False,
         all_workers: bool = False,
         verbose: int | str = "auto",
@@ -273,6 +287,7 @@ class GradWatch(keras.callbacks.Callback):
         self._replays = Replays(self._store, bool(self.examples_every or self.noise_scale_every))
         self.needs_weights = any(s in UPDATE_STATS for s in self.stats)
         self.sinks = _args.check_sinks(sinks)
+        self.track = check_track(track)  # imports each tracker's library
         self._sinks = Sinks(self, self._log, self._store)  # built-in ones, then `sinks`
         self._model_ref: weakref.ref | None = None
         self._planner = Planner(self, self._store)  # the plan and ring buffer

@@ -20,6 +20,7 @@ from gradwatch import io
 from gradwatch._backend import current as _backend
 from gradwatch._capture.counting import align, anchor, first_step, next_step
 from gradwatch._capture.interrupts import deferred_interrupt
+from gradwatch._capture.trackers import make_trackers
 from gradwatch._logdata import files as _files
 from gradwatch._logdata.resume import Anchor, add_anchor
 from gradwatch._logdata.store import Store
@@ -266,7 +267,8 @@ class Sinks:
     """A watch's sinks, in order: TensorBoard and the streamed Parquet log where asked
     for, then the user's own. Each drained block goes to each sink, and each is closed
     once at the end of a `fit`. Also the streamed run's bookkeeping: its anchors and
-    the alignment of the step count at the start of a `fit` (`align`)."""
+    the alignment of the step count at the start of a `fit` (`align`). The trackers of
+    `track=` (`gradwatch._capture.trackers`) come last."""
 
     def __init__(self, watch: Any, log: Any, store: Store):
         self.store = store
@@ -279,7 +281,10 @@ class Sinks:
             None if watch.tensorboard_dir is None else TensorBoardSink(watch.tensorboard_dir)
         )
         builtin = [s for s in (tensorboard, self.parquet) if s is not None]
-        self.sinks: list[Sink] = [*builtin, *(UserSink(s) for s in watch.sinks)]
+        # The experiment trackers of `track=` come last: at the end of a `fit` they read
+        # the whole log (the streamed part written) for the findings and the report.
+        self.trackers = make_trackers(watch, lambda: watch.log)
+        self.sinks: list[Sink] = [*builtin, *(UserSink(s) for s in watch.sinks), *self.trackers]
         self.open = False  # between the start of a `fit` and the sinks' `close`
         self.aligned = True  # the step count, once a `fit` has begun (`align`)
 
@@ -290,6 +295,8 @@ class Sinks:
         """At the start of a `fit`: prepares `path` (refusing a log it cannot continue)."""
         if self.parquet is not None:
             self.parquet.open(model, watch.stats, watch.histogram or None, watch.per_replica)
+        for tracker in self.trackers:  # finds the run to log into (W&B: refuses none)
+            tracker.begin()
         self.open, self.aligned = True, False
 
     def align(self, model: Any, steps: np.ndarray) -> None:
