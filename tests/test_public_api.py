@@ -83,6 +83,7 @@ def test_gradwatch_is_a_keras_callback_with_the_documented_arguments():
         "noise_scale_every": None,
         "tensorboard_dir": None,
         "sinks": None,
+        "track": None,
         "per_replica": False,
         "all_workers": False,
         "verbose": "auto",
@@ -237,7 +238,7 @@ def test_core_neither_imports_nor_needs_the_optional_extras(tmp_path):
     assert out.stdout.split("\n")[-2] == "[] 2"
 
 
-_OPTIONAL = ("matplotlib", "tqdm", "tensorboard", "selenium")
+_OPTIONAL = ("matplotlib", "tqdm", "tensorboard", "selenium", "mlflow", "wandb")
 _ON_DEMAND = (
     "gradwatch.plot",
     "gradwatch.cli",

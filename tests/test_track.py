@@ -82,10 +82,11 @@ def mlflow_store(tmp_path_factory):
     before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     experiment = mlflow.create_experiment("gradwatch", artifact_location=str(root / "artifacts"))
-    mlflow.set_experiment(experiment_id=experiment)
-    yield mlflow, root
-    if mlflow.active_run() is not None:
-        mlflow.end_run()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_EXPERIMENT_ID", experiment)  # where a run starts
+        yield mlflow, root
+        if mlflow.active_run() is not None:
+            mlflow.end_run()
     mlflow.set_tracking_uri(before)
 
 
@@ -167,6 +168,25 @@ def test_mlflow_without_a_run_starts_one_and_a_failed_store_warns_once(mlflow_st
     assert watch.log.steps.tolist() == list(range(15))
     history = mlflow.MlflowClient().get_metric_history(delete.run_id, "gradwatch/global_norm")
     assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]
+
+
+def test_mlflow_without_the_norm_stat_gets_the_scalars_and_the_findings(mlflow_store):
+    mlflow, _ = mlflow_store
+    model, x, y = model_and_data()
+    with pytest.warns(UserWarning, match=r"sends no per-layer norms and no HTML report without"):
+        watch = gradwatch.GradWatch(stats=["max", "nonfinite"], track="mlflow")
+    with mlflow.start_run() as run:
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, callbacks=[watch], verbose=0)
+    client, run_id = mlflow.MlflowClient(), run.info.run_id
+    scalars = watch.log.scalars.set_index("step")
+    assert scalars.index.tolist() == [0, 1, 2, 3, 4]
+    # The global norm is the spike judge's, as `log.scalars` has it.
+    for name in ("global_norm", "loss", "learning_rate"):
+        got = {m.step: m.value for m in client.get_metric_history(run_id, f"gradwatch/{name}")}
+        assert_same_series(got, scalars[name].astype(float), name)
+    assert not any(n.startswith("gradwatch/norm/") for n in client.get_run(run_id).data.metrics)
+    files = {f.path for f in client.list_artifacts(run_id, "gradwatch")}
+    assert files == {"gradwatch/findings.txt", "gradwatch/findings.json"}  # no report
 
 
 # -------------------------------------------------------------------------------- W&B
