@@ -349,6 +349,11 @@ def test_wandb_run_finished_while_training_warns_once_and_training_goes_on(wandb
     assert watch.log.steps.tolist() == list(range(15))
     rows = [r for r in wandb_history(wandb_records(Path(run.dir).parent)) if "gradwatch/step" in r]
     assert [r["gradwatch/step"] for r in rows] == [0, 1, 2, 3, 4]  # the first epoch's
+    # The next `fit` looks for the run again, and there is none.
+    assert wandb.run is None
+    with pytest.raises(RuntimeError, match=r"Call `wandb.init\(\)` before"):
+        model.fit(x, y, batch_size=8, epochs=1, callbacks=[watch], verbose=0)
+    assert watch.log.steps.tolist() == list(range(15))
 
 
 def test_wandb_without_a_run_is_an_error_that_says_to_call_init(wandb_env):
