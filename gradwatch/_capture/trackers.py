@@ -168,6 +168,11 @@ class Tracker:
         self.active = False
         if self.failed:
             return
+        try:
+            self.flush()
+        except Exception as e:
+            self._failed("could not log the recorded steps", e)
+            return
         log = self.log_of()
         if not len(log):
             return
@@ -232,6 +237,9 @@ class Tracker:
     def open_run(self) -> None:
         raise NotImplementedError
 
+    def flush(self) -> None:
+        """Waits for the steps sent in the background; raises the tracker's error."""
+
     def send(self, steps: np.ndarray, metrics: dict[str, np.ndarray]) -> None:
         raise NotImplementedError
 
@@ -244,7 +252,12 @@ class Tracker:
 class MlflowTracker(Tracker):
     """Logs into MLflow's active run; without one, starts one as `mlflow.log_metric`
     does (`mlflow.start_run()`) and leaves it active. A name's characters that MLflow
-    does not take (`@`, `#`) become `.`."""
+    does not take (`@`, `#`) become `.`.
+
+    The steps go through MLflow's asynchronous logging (`log_batch(synchronous=False)`),
+    so that its store's writes run beside the training; one block at a time is in
+    flight: the next one, and the end of `fit`, first wait for it (and raise its error).
+    """
 
     name = "mlflow"
 
@@ -253,6 +266,7 @@ class MlflowTracker(Tracker):
         self.mlflow = library("mlflow")
         self.client: Any = None
         self.run_id = ""
+        self.pending: list[Any] = []  # the `RunOperations` of the block in flight
 
     def open_run(self) -> None:
         mlflow = self.mlflow
@@ -269,8 +283,18 @@ class MlflowTracker(Tracker):
             for name, values in metrics.items()
             for step, v in zip(steps.tolist(), values.tolist(), strict=True)
         ]
-        for i in range(0, len(rows), _MLFLOW_BATCH):
-            self.client.log_batch(self.run_id, metrics=rows[i : i + _MLFLOW_BATCH])
+        self.flush()
+        self.pending = [
+            self.client.log_batch(
+                self.run_id, metrics=rows[i : i + _MLFLOW_BATCH], synchronous=False
+            )
+            for i in range(0, len(rows), _MLFLOW_BATCH)
+        ]
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        for operations in pending:
+            operations.wait()
 
     def send_end(self, summary: dict[str, str], files: dict[str, Path]) -> None:
         for name, value in summary.items():  # tags: `gradwatch.verdict`, `gradwatch.findings`
