@@ -136,7 +136,8 @@ def test_mlflow_gets_the_findings_and_the_report(mlflow_fit, tmp_path):
 
 
 class DeleteRun(keras.callbacks.Callback):
-    """Deletes MLflow's active run at the start of an epoch: the store then refuses it."""
+    """Deletes MLflow's active run at the start of an epoch, once the steps logged so far
+    are in the store (MLflow logs them in the background): the store then refuses it."""
 
     def __init__(self, epoch):
         super().__init__()
@@ -147,6 +148,7 @@ class DeleteRun(keras.callbacks.Callback):
 
         if epoch == self.epoch:
             self.run_id = mlflow.active_run().info.run_id
+            mlflow.flush_async_logging()
             mlflow.MlflowClient().delete_run(self.run_id)
 
 

@@ -129,8 +129,10 @@ def layer_columns(keys: Sequence[str]) -> dict[str, list[int]]:
 def verdict(findings: Any) -> str:
     """The doctor's verdict in one word: the most severe finding's severity (`"error"`,
     `"warning"`, `"info"`), or `"ok"` where there is none."""
+    from gradwatch.diagnose import SEVERITIES  # most severe first
+
     present = set(findings["severity"])
-    return next((s for s in ("error", "warning", "info") if s in present), "ok")
+    return next((s for s in SEVERITIES if s in present), "ok")
 
 
 class Tracker:
