@@ -342,11 +342,14 @@ def test_wandb_run_finished_while_training_warns_once_and_training_goes_on(wandb
     model, x, y = model_and_data()
     run = wandb_init(wandb, root)
     watch = gradwatch.GradWatch(track="wandb")
-    with pytest.warns(UserWarning, match="could not log the recorded steps to W&B") as caught:
-        model.fit(
-            x, y, batch_size=8, epochs=3, shuffle=False, verbose=0,
-            callbacks=[watch, FinishRun(run, epoch=1)],
-        )  # fmt: skip
+    try:
+        with pytest.warns(UserWarning, match="could not log the recorded steps to W&B") as caught:
+            model.fit(
+                x, y, batch_size=8, epochs=3, shuffle=False, verbose=0,
+                callbacks=[watch, FinishRun(run, epoch=1)],
+            )  # fmt: skip
+    finally:
+        run.finish()  # where the callback did not (a second finish does nothing)
     assert sum("W&B" in str(w.message) for w in caught) == 1
     assert watch.log.steps.tolist() == list(range(15))
     rows = [r for r in wandb_history(wandb_records(Path(run.dir).parent)) if "gradwatch/step" in r]
