@@ -157,7 +157,8 @@ class GradWatch(keras.callbacks.Callback):
             Defaults to `False`.
         all_workers: Under `MultiWorkerMirroredStrategy` with `path`, every
             worker writes its own partition (`worker=k`) instead of the chief
-            alone. Defaults to `False`.
+            alone, and every worker's `track=` trackers send (else the chief's
+            alone). Defaults to `False`.
         verbose: At the end of `fit`, print the errors and warnings that
             `log.diagnose()` finds, one line each (nothing when there are
             none): `1` prints, `0` is silent, and `"auto"` prints unless

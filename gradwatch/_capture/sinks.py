@@ -295,8 +295,12 @@ class Sinks:
         """At the start of a `fit`: prepares `path` (refusing a log it cannot continue)."""
         if self.parquet is not None:
             self.parquet.open(model, watch.stats, watch.histogram or None, watch.per_replica)
+        # Every worker of a multi-worker run records the same global gradients: as the
+        # streamed log, the trackers get them from the chief alone, unless `all_workers`.
+        _, chief = _backend.worker_of(model)
         for tracker in self.trackers:  # finds the run to log into (W&B: refuses none)
-            tracker.begin()
+            if chief or watch.all_workers:
+                tracker.begin()
         self.open, self.aligned = True, False
 
     def align(self, model: Any, steps: np.ndarray) -> None:
