@@ -373,6 +373,17 @@ MUTATIONS = (
         "",
         (RENUMBER,),
     ),
+    Mutation(
+        "jax-every-process-is-worker-zero",
+        "in a multi-process JAX run every process is the chief and writes worker=0",
+        "gradwatch/_backend/jax.py",
+        "    index = jax.process_index()\n",
+        "    index = 0\n",
+        (
+            "tests/test_jax_distribution.py::"
+            "test_multi_process_only_process_zero_writes_unless_all_workers",
+        ),
+    ),
 )
 
 
