@@ -272,6 +272,8 @@ def main(argv=None) -> int:
         logdir = Path(tempfile.mkdtemp(prefix="gradwatch-gpu-"))
     print(f"logs: {logdir}", file=sys.stderr)
     results = []
+    # Each backend is installed just before it runs: the three CUDA builds pin the shared
+    # `nvidia-*` packages differently, and a later install cannot break a finished run.
     for i, backend in enumerate(backends):
         share = clock.left() / (len(backends) - i)
         results.append(run_backend(backend, args, clock, share, logdir))
