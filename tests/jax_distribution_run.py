@@ -175,8 +175,12 @@ if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ["KERAS_BACKEND"] = "jax"
     if sys.argv[1] == "single":
+        # Eight devices; and the compiled train steps as text, where the test looks for
+        # the collectives that move gradwatch's ring buffer (there must be none).
         os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+            f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8 "
+            f"--xla_dump_to={Path(sys.argv[2]) / 'hlo'} --xla_dump_hlo_as_text "
+            "--xla_dump_hlo_module_re=.*train_step.* --xla_dump_hlo_pass_re=^$"
         )
         single(Path(sys.argv[2]))
     else:

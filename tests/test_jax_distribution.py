@@ -9,6 +9,7 @@ starting weights: independent of gradwatch and of JAX.
 """
 
 import json
+import re
 import sys
 
 import keras
@@ -17,6 +18,7 @@ import pytest
 from reference import batches_of, mse, np_stats
 
 import gradwatch
+from gradwatch._capture.plan import SLOTS
 
 if keras.backend.backend() != "tensorflow":  # a rerun under JAX or PyTorch: not imported
     pytest.skip("the reference loop is TensorFlow's", allow_module_level=True)
@@ -114,6 +116,27 @@ def test_model_parallel_shards_the_kernels_and_keeps_gradwatchs_state_replicated
         assert kernels["net/hidden/bias"] == "P(None,)"
         # The ring buffer (its kept tensors too): one whole copy on every device.
         assert single[config]["state_replicated"]
+
+
+def test_no_collective_moves_the_ring_buffer_between_devices(runs):
+    # The compiled train steps (XLA's text, after its SPMD partitioning): each writes its
+    # slot on every device; a kept kernel sharded under ModelParallel is gathered as one
+    # slot (its own size), never as the whole buffer after the write.
+    out, _, _ = runs
+    texts = [p.read_text() for p in (out / "hlo").glob("*train_step.cpu_after_optimizations.txt")]
+    watched = [t for t in texts if f"f32[{SLOTS}," in t]  # the steps with the buffer's slots
+    assert len(watched) == len(CONFIGS)
+    collective = re.compile(
+        r"= (.*?) (all-gather|all-reduce|collective-permute|all-to-all|reduce-scatter)"
+        r"(-start)?\("
+    )
+    moved = [
+        line.strip()[:200]
+        for text in watched
+        for line in text.splitlines()
+        if (m := collective.search(line)) and re.search(rf"\[{SLOTS}[,\]]", m.group(1))
+    ]
+    assert not moved
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
