@@ -76,7 +76,8 @@ class GradWatch(keras.callbacks.Callback):
             `pyarrow.dataset`, pandas or DuckDB can read. Each `GradWatch` is
             one run; a later one appends a new run. Memory then holds at most
             about `flush_every` steps. Under `MultiWorkerMirroredStrategy` only
-            the chief writes (see `all_workers`). Defaults to `None` (memory only).
+            the chief writes, in a multi-process JAX run process 0 (see
+            `all_workers`). Defaults to `None` (memory only).
         flush_every: With `path`, write a part every this many recorded
             steps, and at the end of training. Defaults to `1000`.
         max_value_elements: The largest variable (in elements) whose full
@@ -154,11 +155,15 @@ class GradWatch(keras.callbacks.Callback):
             replica's local gradient (as Keras hands it to the optimizer),
             in rows with a `replica` number; the other rows hold the global
             gradient's stats. Without a strategy there is one replica, 0.
+            TensorFlow only: refused on JAX (also under `keras.distribution`,
+            where the log holds the global gradient) and PyTorch.
             Defaults to `False`.
-        all_workers: Under `MultiWorkerMirroredStrategy` with `path`, every
-            worker writes its own partition (`worker=k`) instead of the chief
-            alone, and every worker's `track=` trackers send (else the chief's
-            alone). Defaults to `False`.
+        all_workers: Under `MultiWorkerMirroredStrategy`, or in a multi-process
+            JAX run (`jax.distributed.initialize`), with `path`: every worker
+            (process) writes its own partition (`worker=k`, k its index, as
+            `jax.process_index()` on JAX) instead of the chief (worker 0)
+            alone; and every worker's `track=` trackers send, not the chief's
+            alone. Defaults to `False`.
         verbose: At the end of `fit`, print the errors and warnings that
             `log.diagnose()` finds, one line each (nothing when there are
             none): `1` prints, `0` is silent, and `"auto"` prints unless

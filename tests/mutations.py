@@ -373,6 +373,29 @@ MUTATIONS = (
         "",
         (RENUMBER,),
     ),
+    Mutation(
+        "jax-every-process-is-worker-zero",
+        "in a multi-process JAX run every process is the chief and writes worker=0",
+        "gradwatch/_backend/jax.py",
+        "    index = jax.process_index()\n",
+        "    index = 0\n",
+        (
+            "tests/test_jax_distribution.py::"
+            "test_multi_process_only_process_zero_writes_unless_all_workers",
+        ),
+    ),
+    Mutation(
+        "jax-slot-written-sharded",
+        "under ModelParallel, a kept sharded kernel is written into the ring buffer shard "
+        "by shard, and XLA gathers the whole buffer after each step",
+        "gradwatch/_backend/jax.py",
+        "    value = _replicated(ops.reshape(",
+        "    value = (ops.reshape(",
+        (
+            "tests/test_jax_distribution.py::"
+            "test_no_collective_moves_the_ring_buffer_between_devices",
+        ),
+    ),
 )
 
 

@@ -36,9 +36,17 @@ outside_compile = generic.outside_compile
 stats_table = generic.stats_table
 traced_for_xla = generic.traced_for_xla
 traced_once = generic.traced_once
-worker_of = generic.worker_of
 
 INDEX_DTYPE = "int32"  # JAX runs without 64-bit types unless asked
+
+
+def worker_of(model: Any) -> tuple[int, bool]:
+    """This process's index in a multi-process JAX run (`jax.process_index()`, 0 in a
+    run of one process) and whether it is the chief, process 0, which writes the log."""
+    import jax
+
+    index = jax.process_index()
+    return index, index == 0
 
 
 def host_copy(x: Any) -> np.ndarray:
@@ -59,9 +67,29 @@ def slot_of(count: Any, capacity: int) -> Any:
 
 def write_slot(variable: Any, slot: Any, value: Any) -> None:
     # Stateless: a dynamic-update-slice, assigned within the step's StatelessScope.
-    value = ops.reshape(ops.cast(value, variable.dtype), (1, *variable.shape[1:]))
+    value = _replicated(ops.reshape(ops.cast(value, variable.dtype), (1, *variable.shape[1:])))
     start = (slot,) + (0,) * (len(variable.shape) - 1)
     variable.assign(ops.slice_update(variable.value, start, value))
+
+
+def _replicated(value: Any) -> Any:
+    """`value` replicated over the devices of the current `keras.distribution`, if any.
+
+    gradwatch's state is replicated there (Keras' layout for a variable that no
+    `LayoutMap` key matches). A slot's value computed from a sharded gradient (a kept
+    kernel under `ModelParallel`) would otherwise be written shard by shard and the
+    whole ring buffer gathered after each step; constrained here, one slot is gathered
+    (the kept tensor's size) and the write stays on each device.
+    """
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return value
+    import jax
+
+    mesh = distribution.device_mesh.backend_mesh
+    return jax.lax.with_sharding_constraint(
+        value, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    )
 
 
 def advance(count: Any) -> None:

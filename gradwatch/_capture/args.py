@@ -168,14 +168,16 @@ def check_model(model: Any, backend: Any, backend_name: str) -> None:
 
 def unsupported_settings(watch: Any, backend: Any, backend_name: str) -> None:
     """Refuses the settings that gradwatch does not yet record on this backend."""
-    out = []
     if watch.per_replica and not backend.DISTRIBUTES:
-        out.append("per_replica=True")
-    if out:
         raise NotImplementedError(
-            f"GradWatch does not yet record {'; '.join(out)} on the "
-            f"{backend_name} backend of Keras. Drop these settings, or train "
-            "with KERAS_BACKEND=tensorflow, where they work."
+            f"GradWatch does not yet record per_replica=True on the {backend_name} "
+            "backend of Keras. `per_replica` records each replica's local gradient under "
+            "`tf.distribute`; on this backend, also under `keras.distribution` "
+            "(`DataParallel`, `ModelParallel`), the step computes the global batch's "
+            "gradient as one computation, sharded over the devices, and no device's "
+            "local gradient exists. That global gradient is what GradWatch records: "
+            "drop per_replica=True. For each replica's local gradient, train with "
+            "KERAS_BACKEND=tensorflow under `tf.distribute.MirroredStrategy`."
         )
 
 
