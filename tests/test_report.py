@@ -312,7 +312,8 @@ def test_chart_data_holds_the_logs_values_by_layer_and_binned():
     page = json.loads(interactive.to_json(data))
     decoded = np.frombuffer(base64.b64decode(page["norms"][4]["values"]), "<f4")
     np.testing.assert_array_equal(decoded, data.norms[4].values.astype(np.float32))
-    at = np.frombuffer(base64.b64decode(page["norms"][4]["at"]), "<i4")
+    assert page["atBytes"] == 2
+    at = np.frombuffer(base64.b64decode(page["norms"][4]["at"]), "<u2")
     assert at.tolist() == data.norms[4].positions.tolist()
     assert np.frombuffer(base64.b64decode(page["steps"]), "<f8").tolist() == list(range(50))
     heat = np.frombuffer(base64.b64decode(page["heat"]["values"]), "<f4").reshape(17, 7)
@@ -503,11 +504,14 @@ def _hover(driver, plot_id, x, y):
 
 
 def _hovered(text):
-    """`(name, step, value)` of a hover label: the name, `step S` and `norm V` lines."""
-    lines = text[1:] if len(text) > 1 else text
-    joined = "|".join(lines)
-    name, step, value = re.fullmatch(r"(.+)\|step (\d+)\|(?:largest )?norm (\S+)", joined).groups()
-    return name, int(step), float(value.replace("\u2212", "-"))
+    """`(name, step, value)` of a hover label (its text element, then its lines): the
+    name, `step S` (or `steps A-B`, then `(A, B)`) and `norm V` (or `largest norm V`)."""
+    joined = "|".join(text[1:] if len(text) > 1 else text)
+    name, first, last, value = re.fullmatch(
+        r"(.+)\|steps? (\d+)(?:\u2013(\d+))?\|(?:largest )?norm (\S+)", joined
+    ).groups()
+    step = int(first) if last is None else (int(first), int(last))
+    return name, step, float(value.replace("\u2212", "-"))
 
 
 def test_report_charts_show_the_logs_values_on_hover_zoom_and_pick(outlier, browser, page):
@@ -606,3 +610,22 @@ def _until(driver, script, expected):
     while (got := driver.execute_script(script)) != expected:
         assert time.monotonic() < deadline, got
         time.sleep(0.05)
+
+
+def test_report_of_a_long_run_shows_each_bins_values_on_hover(browser, tmp_path, monkeypatch):
+    # Binned as a long run is (here past 20 points and 7 columns): a line's point is a
+    # recorded step's value, and a heatmap cell the largest norm of its bin.
+    monkeypatch.setattr(interactive, "MAX_POINTS", 20)
+    monkeypatch.setattr(interactive, "MAX_COLUMNS", 7)
+    log, norms, _ = _layered_log()
+    path = write_report(log, tmp_path / "long.html")
+    _open(browser, path)
+    layer = np.sqrt(norms[:, 0::2] ** 2 + norms[:, 1::2] ** 2)  # by hand, steps x layers
+    # The spike of layer d4 at step 30, kept by its bin (steps 30-34).
+    name, step, value = _hovered(_hover(browser, "gw-norms", 30, float(layer[30, 4])))
+    assert (name, step) == ("net/d4", 30) and value == pytest.approx(layer[30, 4], rel=5e-4)
+    # A cell of row d5, column 3: the largest norm of steps 24-31.
+    rows = browser.execute_script("return document.getElementById('gw-heatmap').data[0].y")
+    name, steps, value = _hovered(_hover_cell(browser, rows.index("net/d5"), 24))
+    assert (name, steps) == ("net/d5", (24, 31))
+    assert value == pytest.approx(layer[24:32, 5].max(), rel=5e-4)

@@ -130,13 +130,18 @@ def bin_largest(values: np.ndarray, size: int) -> np.ndarray:
 
 def chart_data(
     log: GradientLog,
-    max_points: int = MAX_POINTS,
-    max_columns: int = MAX_COLUMNS,
-    shown_lines: int = SHOWN_LINES,
-    shown_rows: int = SHOWN_ROWS,
+    max_points: int | None = None,
+    max_columns: int | None = None,
+    shown_lines: int | None = None,
+    shown_rows: int | None = None,
 ) -> ChartData:
     """The interactive charts' data of a log that recorded `norm`: by layer above 30
-    variables, as `gradwatch.plot`'s charts (`by="auto"`)."""
+    variables, as `gradwatch.plot`'s charts (`by="auto"`). The limits default to this
+    module's `MAX_POINTS`, `MAX_COLUMNS`, `SHOWN_LINES` and `SHOWN_ROWS`."""
+    max_points = MAX_POINTS if max_points is None else max_points
+    max_columns = MAX_COLUMNS if max_columns is None else max_columns
+    shown_lines = SHOWN_LINES if shown_lines is None else shown_lines
+    shown_rows = SHOWN_ROWS if shown_rows is None else shown_rows
     rows = chart_rows(log, "norm", "auto")
     wide = rows.wide.astype(np.float64)
     steps = wide.index.to_numpy(np.int64)
@@ -165,12 +170,10 @@ def chart_data(
     heat_size = bin_size(n, max_columns)
     heat = bin_largest(wide.to_numpy(), heat_size)
     where_bad = np.zeros((n, len(rows.names)), bool)
-    col = {name: i for i, name in enumerate(rows.names)}
-    position = pd.Index(steps)
-    for s, name in zip(rows.bad["step"], rows.bad["name"], strict=True):
-        p = position.get_indexer([s])[0]
-        if p >= 0 and name in col:
-            where_bad[p, col[name]] = True
+    at = pd.Index(steps).get_indexer(rows.bad["step"].to_numpy(np.int64))
+    row = pd.Index(rows.names).get_indexer(rows.bad["name"].to_numpy(object))
+    known = (at >= 0) & (row >= 0)
+    where_bad[at[known], row[known]] = True
     bad_bins = bin_any(where_bad, heat_size)
     heat_shown = np.ones(len(rows.names), bool)
     if len(rows.names) > shown_rows:
@@ -206,9 +209,9 @@ def bin_any(flags: np.ndarray, size: int) -> np.ndarray:
 
 
 def _scalar_line(series: pd.Series, name: str, size: int) -> Line | None:
-    values = series.to_numpy(np.float64)
-    if not np.isfinite(values).any() and not series.notna().any():
+    if not series.notna().any():
         return None
+    values = series.to_numpy(np.float64)
     picks = min_max_positions(values[:, None], size)[0]
     return Line(name, name, picks, values[picks])
 
@@ -242,13 +245,13 @@ def _array(values: np.ndarray, dtype: str) -> str:
     return base64.b64encode(np.ascontiguousarray(values, dtype=dtype).tobytes()).decode("ascii")
 
 
-def _line_json(line: Line) -> dict[str, Any]:
+def _line_json(line: Line, at: str) -> dict[str, Any]:
     return {
         "name": line.name,
         "label": line.label,
         "shown": line.shown,
         # Every step (no binning): the page makes the positions itself.
-        "at": None if _every_step(line.positions) else _array(line.positions, "<i4"),
+        "at": None if _every_step(line.positions) else _array(line.positions, at),
         "values": _array(line.values, "<f4"),
     }
 
@@ -260,17 +263,25 @@ def _every_step(positions: np.ndarray) -> bool:
 def to_json(data: ChartData) -> str:
     """The chart data as JSON, safe inside an HTML `<script>` element: the steps and
     values as base64 of little-endian arrays (the steps float64, exact to 2**53; the
-    values float32, the precision the log records its stats in), decoded by the page."""
+    lines' positions uint16 or int32; the values float32, the precision the log records
+    its stats in), decoded by the page."""
+    # The positions in 2 bytes where they fit (up to 65,536 recorded steps), else 4.
+    at = "<u2" if len(data.steps) <= 1 << 16 else "<i4"
+
+    def line(x: Line | None) -> dict[str, Any] | None:
+        return None if x is None else _line_json(x, at)
+
     out = {
         "steps": _array(data.steps, "<f8"),
+        "atBytes": int(at[-1]),
         "by": data.by,
         "prefix": data.prefix,
         "binSize": data.bin_size,
-        "norms": [_line_json(line) for line in data.norms],
-        "loss": None if data.loss is None else _line_json(data.loss),
-        "learningRate": None if data.learning_rate is None else _line_json(data.learning_rate),
+        "norms": [line(x) for x in data.norms],
+        "loss": line(data.loss),
+        "learningRate": line(data.learning_rate),
         "lossLog": data.loss_log,
-        "globalNorm": _line_json(data.global_norm),
+        "globalNorm": line(data.global_norm),
         "heat": {
             "size": data.heat_size,
             "columns": int(data.heat.shape[1]),

@@ -17,11 +17,12 @@
   }
   const orNull = (v) => (Number.isFinite(v) ? v : null);
   const steps = Array.from(new Float64Array(buffer(data.steps)));
+  const Positions = data.atBytes === 2 ? Uint16Array : Int32Array;
 
   // A line's steps and values; a position at each recorded step where it has none.
   function points(line) {
     const values = Array.from(new Float32Array(buffer(line.values)), orNull);
-    const at = line.at === null ? values.map((_, i) => i) : Array.from(new Int32Array(buffer(line.at)));
+    const at = line.at === null ? values.map((_, i) => i) : Array.from(new Positions(buffer(line.at)));
     return { x: at.map((p) => steps[p]), y: values };
   }
   // Plotly's hover labels read a little HTML: a name is shown as text.
@@ -141,7 +142,7 @@
     return {
       title: { text: `Gradient norm by ${data.by}, ${rows.length} of ${data.norms.length}` },
       xaxis: { title: { text: "step" } },
-      yaxis: { autorange: "reversed", tickvals: names, ticktext: labels, automargin: true,
+      yaxis: { type: "category", autorange: "reversed", tickvals: names, ticktext: labels, automargin: true,
                title: { text: data.prefix ? `${data.by} (in ${data.prefix.replace(/\/$/, "")})` : data.by } },
       height: Math.max(320, Math.min(1600, 140 + 14 * rows.length)), margin: { t: 50 },
     };
