@@ -338,19 +338,19 @@ def render_report(log: GradientLog, title: str = "gradwatch report", progress: b
     figures = []
     with progress_bar(len(charts) + 2, "report", unit="part", enabled=progress) as bar:
         data = interactive.chart_data(log)
-        live = _interactive_figures(log, data)
+        plots = _interactive_figures(data)
         bar.update()
         for caption, draw, wide, dpi in charts:
             figures.append((caption, _png(draw(log), dpi), wide))
             bar.update()
         findings = log.diagnose()
         lead = verdict(log, _leads(findings))
-        page = _page(log, title, summary, figures, lead, findings, live, script, data)
+        page = _page(log, title, summary, figures, lead, findings, plots, script, data)
         bar.update()
     return page
 
 
-def _interactive_figures(log: GradientLog, data: ChartData) -> str:
+def _interactive_figures(data: ChartData) -> str:
     """The figures of the interactive charts: their places on the page, captions and the
     heatmap's row picker; the script draws into them."""
     e = html.escape
@@ -466,7 +466,7 @@ def _page(
     figures: list[tuple[str, str, bool]],
     lead: Verdict,
     findings: pd.DataFrame,
-    live: str,
+    plots: str,
     script: str,
     chart_data: ChartData,
 ) -> str:
@@ -521,7 +521,7 @@ def _page(
             "on every chart.</p>"
         )
     parts.append('<h2>Charts</h2><div class="charts">')
-    parts.append(live)
+    parts.append(plots)
     for caption, data, wide in figures:
         cls = ' class="wide"' if wide else ""
         parts.append(
