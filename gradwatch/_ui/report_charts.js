@@ -145,6 +145,7 @@
       yaxis: { type: "category", autorange: "reversed", tickvals: names, ticktext: labels, automargin: true,
                title: { text: data.prefix ? `${data.by} (in ${data.prefix.replace(/\/$/, "")})` : data.by } },
       height: Math.max(320, Math.min(1600, 140 + 14 * rows.length)), margin: { t: 50 },
+      plot_bgcolor: "#d9d9d9",  // no norm (0 or none recorded): grey, as gradwatch.plot draws it
     };
   }
 
