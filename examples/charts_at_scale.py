@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -116,6 +117,9 @@ if webdriver is not None and chromium and driver_path:
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
         driver.get(report.resolve().as_uri())
+        # The interactive charts are drawn after the page loads: wait for them.
+        while driver.execute_script("return document.body.dataset.charts") is None:
+            time.sleep(0.05)
         driver.save_screenshot(str(out / "report.png"))
     finally:
         driver.quit()

@@ -1,8 +1,9 @@
 """A self-contained HTML report of a `GradientLog`: the verdict, then the charts, the
 summary table and alerts.
 
-The page has its images as base64 data URIs and its CSS inline, and loads
-nothing else, so it opens offline and can be mailed or archived as one file.
+The page has its CSS, its scripts (plotly.js, from the `plotly` package), its chart data
+(JSON) and its images (base64 data URIs) inline, and loads nothing else, so it opens
+offline and can be mailed or archived as one file.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -23,8 +25,12 @@ from gradwatch._logdata.store import ORIGIN_COLUMNS
 from gradwatch._logdata.views import layer_of_key
 from gradwatch._ui import long_runs
 from gradwatch._ui.paths import as_path, writable_file
+from gradwatch._ui.plotly_js import plotly_js
 from gradwatch._ui.text import name_list, origin_text, short_number
 from gradwatch.log import GradientLog
+
+if TYPE_CHECKING:
+    from gradwatch._ui.interactive import ChartData
 
 MAX_ALERT_ROWS = 200
 # Names shown in one fact of the verdict before "and N more".
@@ -49,6 +55,10 @@ h1 { font-size: 1.5rem; } h2 { font-size: 1.2rem; margin-top: 2rem; }
 figure { margin: 0; } figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
 figure.wide img { width: 100%; }
 figcaption { color: #555; font-size: 0.9rem; }
+.plot { width: 100%; border: 1px solid #ddd; }
+.picker { display: flex; gap: 0.5rem; align-items: flex-start; margin: 0.3rem 0;
+          font-size: 0.9rem; }
+.picker select { min-width: 18rem; max-width: 100%; }
 .tables { display: grid; grid-template-columns: repeat(auto-fit, minmax(min(100%, 720px), 1fr));
           gap: 0 2rem; align-items: start; }
 .scroll { max-height: 80vh; overflow: auto; }
@@ -262,13 +272,20 @@ def render_report(log: GradientLog, title: str = "gradwatch report", progress: b
 
     Leads with the verdict (`verdict`): one sentence and the facts behind it,
     with the steps that a `LossScaleOptimizer` skipped named as such. Then
-    the evidence: an overview, the norms over steps, the gradient-flow chart,
-    the norm heatmap, a histogram (where recorded) of the variable with the
-    largest gradient norm, the per-variable summary table
-    (`GradientLog.summary`) and the alerts. The charts come from
-    `gradwatch.plot` with `by="auto"`, so a model of more than 30 variables
-    is drawn by layer; this needs matplotlib. The charts sit side by side in
-    a wide window and one below the other in a narrow one.
+    the evidence: an overview, the charts, the per-variable summary table
+    (`GradientLog.summary`) and the alerts. A model of more than 30 variables
+    is drawn by layer (`by="auto"` of `gradwatch.plot`).
+
+    The norms over steps, the loss (with the learning rate and the global norm)
+    and the norm heatmap are interactive (plotly.js, inline): hovering shows
+    the layer or variable, the step and the value; dragging zooms a step range;
+    the norms chart's legend shows and hides layers, and the heatmap's picker
+    chooses its rows. On a run of more than 2000 recorded steps the lines keep
+    each bin's smallest and largest value, and the heatmap's cells are bins of
+    steps (at most 1000 columns), each the largest norm of its bin. The
+    gradient-flow chart and a histogram (where recorded) of the variable with
+    the largest gradient norm are pictures from `gradwatch.plot`. The charts
+    sit side by side in a wide window and one below the other in a narrow one.
 
     Args:
         log: A `GradientLog` that recorded the `norm` stat.
@@ -279,7 +296,8 @@ def render_report(log: GradientLog, title: str = "gradwatch report", progress: b
         The HTML text.
 
     Raises:
-        ImportError: If matplotlib is not installed.
+        ImportError: If matplotlib or plotly is not installed (both come with
+            `pip install 'gradwatch[plot]'`).
         KeyError: If `norm` was not recorded.
         ValueError: If the log has no recorded steps.
 
@@ -289,29 +307,23 @@ def render_report(log: GradientLog, title: str = "gradwatch report", progress: b
     html = render_report(watch.log, title="run 42")
     ```
     """
-    from gradwatch import plot
+    from gradwatch import plot  # matplotlib's ImportError, naming the extra
+    from gradwatch._ui import interactive
     from gradwatch.progress import progress_bar
 
+    script = plotly_js()  # the ImportError that names the extra, before any work
     if not len(log):
         raise ValueError("The log has no recorded steps, so there is nothing to report.")
     summary = log.summary()  # raises the log's KeyError without `norm`
     what = "layer" if len(log.variables) > plot.LAYER_THRESHOLD else "variable"
-    # (caption, draw, wide, dpi): the wide charts span the page, drawn sharper to fill it.
+    # (caption, draw, wide, dpi) of the pictures.
     charts: list[tuple[str, Any, bool, int]] = [
-        (f"Gradient norm of each {what} over the steps", plot.norms, True, 140),
-    ]
-    if log.scalars["loss"].notna().any():
-        charts.append(
-            ("The loss and learning rate of each step, and the global norm", plot.loss, True, 140)
-        )
-    charts += [
         (
             f"Gradient flow: median and range of each {what}'s norm, in model order",
             plot.flow,
             False,
             100,
         ),
-        (f"Gradient norm heatmap by {what} (log10)", plot.heatmap, False, 100),
     ]
     if log.bins_per_decade is not None and summary["max_norm"].notna().any():
         key = str(summary["max_norm"].idxmax())
@@ -324,14 +336,86 @@ def render_report(log: GradientLog, title: str = "gradwatch report", progress: b
             )
         )
     figures = []
-    with progress_bar(len(charts) + 1, "report", unit="part", enabled=progress) as bar:
+    with progress_bar(len(charts) + 2, "report", unit="part", enabled=progress) as bar:
+        data = interactive.chart_data(log)
+        plots = _interactive_figures(data)
+        bar.update()
         for caption, draw, wide, dpi in charts:
             figures.append((caption, _png(draw(log), dpi), wide))
             bar.update()
         findings = log.diagnose()
-        page = _page(log, title, summary, figures, verdict(log, _leads(findings)), findings)
+        lead = verdict(log, _leads(findings))
+        page = _page(log, title, summary, figures, lead, findings, plots, script, data)
         bar.update()
     return page
+
+
+def _interactive_figures(data: ChartData) -> str:
+    """The figures of the interactive charts: their places on the page, captions and the
+    heatmap's row picker; the script draws into them."""
+    e = html.escape
+    what = data.by
+    n = len(data.steps)
+    binned = ""
+    if data.bin_size > 1:
+        binned = (
+            f" The {n} steps are in bins of {data.bin_size}: each line keeps each bin's "
+            "smallest and largest value, at their steps."
+        )
+    nav = "Hover for the values; drag to zoom a step range, double-click to zoom out."
+    shown = sum(line.shown for line in data.norms)
+    legend = (
+        f" The {shown} {what}s with NaN/Inf, the largest or the smallest norms are shown "
+        f"(as in gradwatch.plot.norms); click a name in the legend to show or hide it, "
+        "double-click to show it alone."
+        if shown < len(data.norms)
+        else " Click a name in the legend to show or hide it, double-click to show it alone."
+    )
+    parts = [
+        '<figure class="wide interactive"><div class="plot" id="gw-norms" style="height:520px">'
+        f"</div><figcaption>{e(f'Gradient norm of each {what} over the steps. {nav}')}"
+        f"{e(legend + binned)}</figcaption></figure>"
+    ]
+    if data.loss is not None:
+        parts.append(
+            '<figure class="wide interactive"><div class="plot" id="gw-loss" '
+            'style="height:480px"></div><figcaption>'
+            f"{e('The loss and learning rate of each step, and the global norm. ' + nav)}"
+            f"{e(binned)}</figcaption></figure>"
+        )
+    options = "".join(
+        f'<option value="{i}"{" selected" if data.heat_shown[i] else ""}>{e(line.name)}</option>'
+        for i, line in enumerate(data.norms)
+    )
+    size = min(10, len(data.norms))
+    heat_binned = ""
+    if data.heat_size > 1:
+        heat_binned = (
+            f" The {n} steps are in bins of {data.heat_size}: each cell is the largest "
+            "norm of its bin."
+        )
+    picked = int(data.heat_shown.sum())
+    first = (
+        f" The {picked} {what}s with NaN/Inf, the largest or the smallest norms are shown first."
+        if picked < len(data.norms)
+        else ""
+    )
+    parts.append(
+        '<figure class="wide interactive"><div class="picker">'
+        f'<label for="gw-heatmap-layers">{e(what.capitalize())}s shown (Ctrl/Shift-click to '
+        f'pick several):</label><select multiple size="{size}" id="gw-heatmap-layers">'
+        f"{options}</select>"
+        '<button type="button" id="gw-heatmap-all">all</button>'
+        '<button type="button" id="gw-heatmap-first">as first shown</button></div>'
+        '<div class="plot" id="gw-heatmap"></div><figcaption>'
+        f"{e(f'Gradient norm heatmap by {what} (log10). {nav} Red: NaN/Inf gradient.')}"
+        f"{e(first + heat_binned)}</figcaption></figure>"
+    )
+    return "".join(parts)
+
+
+def _charts_script() -> str:
+    return (resources.files("gradwatch._ui") / "report_charts.js").read_text(encoding="utf-8")
 
 
 def write_report(
@@ -382,7 +466,12 @@ def _page(
     figures: list[tuple[str, str, bool]],
     lead: Verdict,
     findings: pd.DataFrame,
+    plots: str,
+    script: str,
+    chart_data: ChartData,
 ) -> str:
+    from gradwatch._ui.interactive import to_json
+
     e = html.escape
     steps = log.steps
     first = log.first_nonfinite()
@@ -432,6 +521,7 @@ def _page(
             "on every chart.</p>"
         )
     parts.append('<h2>Charts</h2><div class="charts">')
+    parts.append(plots)
     for caption, data, wide in figures:
         cls = ' class="wide"' if wide else ""
         parts.append(
@@ -447,7 +537,15 @@ def _page(
     parts.append(_alerts_table(log.alerts, skipped))
     parts.append("</section>")
     parts.append(_long_run_section(log))
-    parts.append("</div></body></html>")
+    parts.append("</div>")
+    # The scripts last: the page reads before the charts are drawn. plotly.js holds no
+    # "</script>"; the data's JSON escapes every "<".
+    parts.append(f"<script>{script}</script>")
+    parts.append(
+        f'<script type="application/json" id="gradwatch-chart-data">{to_json(chart_data)}</script>'
+    )
+    parts.append(f"<script>{_charts_script()}</script>")
+    parts.append("</body></html>")
     return "\n".join(parts)
 
 
