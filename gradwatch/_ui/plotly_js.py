@@ -9,8 +9,9 @@ imported.
 
 from __future__ import annotations
 
+import importlib.util
 from functools import cache
-from importlib import resources
+from pathlib import Path
 
 INSTALL_HINT = "pip install 'gradwatch[plot]' (or 'gradwatch[cli]')"
 
@@ -22,8 +23,13 @@ def plotly_js() -> str:
     Raises:
         ImportError: If the `plotly` package is not installed, naming the extra to install.
     """
+    # Found without importing the package (`find_spec` of a top-level package runs none
+    # of its code): only the file is read.
+    spec = importlib.util.find_spec("plotly")
     try:
-        asset = resources.files("plotly") / "package_data" / "plotly.min.js"
+        if spec is None or not spec.submodule_search_locations:
+            raise ModuleNotFoundError("No module named 'plotly'")
+        asset = Path(spec.submodule_search_locations[0]) / "package_data" / "plotly.min.js"
         return asset.read_text(encoding="utf-8")
     except (ModuleNotFoundError, FileNotFoundError) as e:
         raise ImportError(
