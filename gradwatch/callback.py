@@ -380,6 +380,8 @@ class GradWatch(keras.callbacks.Callback):
             spe = int(model.steps_per_execution)
             if drain_due(self._since_drain, spe, buffer.capacity, self._sinks.room()):
                 self._drain(anchored=True)
+                if _backend.STATE_IN_STEP and not self._alarms.ends_fit:
+                    self._alarms.poll(self.model)  # a "warn" (see `on_train_batch_end`)
         self._since_drain += 1
         if model_state(model).watches[0] is self:
             gate_next_step(model)
@@ -413,7 +415,10 @@ class GradWatch(keras.callbacks.Callback):
     async_safe = not _backend.STATE_IN_STEP
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        if self._alarms.polls:  # else nothing to read (and no JAX state to attach)
+        # A policy that ends `fit` is polled after every execution. On JAX a "warn" is
+        # polled with the drains and at the end of each epoch instead: each poll there
+        # attaches the step's state to the model and waits for the step.
+        if self._alarms.polls and (self._alarms.ends_fit or not _backend.STATE_IN_STEP):
             self._alarms.poll(self.model)
 
     def state_metrics(self) -> list[Any]:
