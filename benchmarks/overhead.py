@@ -7,7 +7,9 @@ For each model and configuration, a plain `keras.Sequential`/`keras.Model` and a
 model with the same weights are fitted on the same data, alternately (A B A B ...) after a
 warm-up. Each fit is timed from `on_train_begin` to `on_train_end` by the last callback, so the
 time includes gradwatch's own callback work (drains) but not Keras' data set-up. The reported
-figure is the median over rounds of time(gradwatch) / time(plain).
+figure is the median over rounds of time(gradwatch) / time(plain); the second, the same
+for the process's CPU time over each fit (all its threads), is less sensitive to other
+processes on the machine. The load average (`os.getloadavg`) is printed beside each row.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ def configs(name: str) -> list[tuple[str, dict, dict]]:
             ("torch: every=10", {"every": 10}, {}),
             ("torch: histogram", {"histogram": True}, {}),
             ("torch: on_spike=ignore", {"on_spike": "ignore"}, {}),
+            ('torch: stats="lean"', {"stats": "lean"}, {}),
+            ('torch: stats="doctor"', {"stats": "doctor"}, {}),
             ("torch: default" + PLAIN, {}, {}),
             ("torch: " + LATER, {}, {}),
         ]
@@ -79,6 +83,8 @@ def configs(name: str) -> list[tuple[str, dict, dict]]:
             ("jax: histogram", {"histogram": True}, {}),
             ("jax: every=10", {"every": 10}, {}),
             ("jax: on_spike=ignore", {"on_spike": "ignore"}, {}),
+            ('jax: stats="lean"', {"stats": "lean"}, {}),
+            ('jax: stats="doctor"', {"stats": "doctor"}, {}),
             ("jax: default" + PLAIN, {}, {}),
             ("jax: " + LATER, {}, {}),
         ]
@@ -111,17 +117,20 @@ def configs(name: str) -> list[tuple[str, dict, dict]]:
 class Timer(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self.start = time.perf_counter()
+        self.cpu_start = time.process_time()
 
     def on_train_end(self, logs=None):
         self.seconds = time.perf_counter() - self.start
+        self.cpu_seconds = time.process_time() - self.cpu_start
 
 
-def timed_fit(model, x, y, callbacks) -> float:
+def timed_fit(model, x, y, callbacks) -> tuple[float, float]:
+    """The fit's wall time and the process's CPU time over it."""
     timer = Timer()
     model.fit(
         x, y, batch_size=64, epochs=1, shuffle=False, verbose=0, callbacks=[*callbacks, timer]
     )
-    return timer.seconds
+    return timer.seconds, timer.cpu_seconds
 
 
 def compare(
@@ -155,14 +164,16 @@ def compare(
     timed = [] if later else [watch]
     if later:
         timed_fit(watched, x, y, [])  # the stock train function, traced again
-    ratios, plain_times = [], []
+    ratios, cpu_ratios, plain_times = [], [], []
     for _ in range(rounds):
-        a = timed_fit(plain, x, y, [])
-        b = timed_fit(watched, x, y, timed)
+        a, a_cpu = timed_fit(plain, x, y, [])
+        b, b_cpu = timed_fit(watched, x, y, timed)
         ratios.append(b / a)
+        cpu_ratios.append(b_cpu / a_cpu)
         plain_times.append(a)
     n_vars = len(watched.trainable_weights)
-    return statistics.median(ratios), statistics.median(plain_times) / steps * 1e3, n_vars
+    ms = statistics.median(plain_times) / steps * 1e3
+    return statistics.median(ratios), statistics.median(cpu_ratios), ms, n_vars
 
 
 def main(argv=None) -> int:
@@ -178,9 +189,12 @@ def main(argv=None) -> int:
     bench_models.SMOKE = args.smoke
     rounds = 1 if args.smoke else args.rounds
     rows = []
-    header = "| model | variables | configuration | plain ms/step | ratio (gradwatch / plain) |"
+    header = (
+        "| model | variables | configuration | plain ms/step | ratio (gradwatch / plain) "
+        "| CPU-time ratio | load |"
+    )
     print(header)
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for name in args.only.split(","):
         steps = 4 if args.smoke else STEPS[name]
         chosen = configs(name)
@@ -193,10 +207,14 @@ def main(argv=None) -> int:
         for label, watch_kwargs, compile_kwargs in chosen:
             later = label.endswith(LATER)
             plain = later or label.endswith(PLAIN)
-            ratio, ms, n_vars = compare(
+            ratio, cpu_ratio, ms, n_vars = compare(
                 name, watch_kwargs, compile_kwargs, rounds, steps, plain, later
             )
-            row = f"| {name} | {n_vars} | {label} | {ms:.2f} | {ratio:.3f}x |"
+            load = os.getloadavg()[0]
+            row = (
+                f"| {name} | {n_vars} | {label} | {ms:.2f} | {ratio:.3f}x | {cpu_ratio:.3f}x "
+                f"| {load:.1f} |"
+            )
             rows.append(row)
             print(row, flush=True)
     if args.out:
@@ -206,7 +224,7 @@ def main(argv=None) -> int:
             f.write(
                 f"Measured {date.today()} on {platform.processor() or platform.machine()}, "
                 f"{os.cpu_count()} cores, {backend} {version}, Keras {keras.__version__}, "
-                f"{rounds} rounds.\n\n{header}\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+                f"{rounds} rounds.\n\n{header}\n{'|---' * 7}|\n" + "\n".join(rows) + "\n"
             )
     return 0
 

@@ -381,7 +381,13 @@ class GradWatch(keras.callbacks.Callback):
             resync_gate(self.model, self._epoch_start)
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
-        self._sinks.align(self.model, self._log.steps)
+        # `self.model` on JAX attaches the step's state to every variable of the model,
+        # and Keras then takes it apart again for the next step: a cost that grows with
+        # the number of variables, paid at every step. Only the first batch of a `fit`
+        # (`align`), the replays and the drains (`sync_state`) read that state.
+        synced = not self._sinks.aligned or bool(self._replays.queue)
+        model = self.model if synced else self._model
+        self._sinks.align(model, self._log.steps)
         self._kept.trace(self._recorded_model(), self._epoch_start)  # before the next execution
         self._replay()
         self._handle_alarms()
@@ -392,12 +398,14 @@ class GradWatch(keras.callbacks.Callback):
         # runs training asynchronously only while no callback overrides it.)
         buffer = self._planner.buffer
         if buffer is not None:
-            spe = int(self.model.steps_per_execution)
+            spe = int(model.steps_per_execution)
             if drain_due(self._since_drain, spe, buffer.capacity, self._sinks.room()):
                 self._drain(anchored=True)
+                if _backend.STATE_IN_STEP and not self._alarms.ends_fit:
+                    self._alarms.poll(self.model)  # a "warn" (see `on_train_batch_end`)
         self._since_drain += 1
-        if model_state(self.model).watches[0] is self:
-            gate_next_step(self.model)
+        if model_state(model).watches[0] is self:
+            gate_next_step(model)
 
     def wants_step(self, step: int) -> bool:
         """Whether the step needs capture: recorded, or kept for the next `cos_prev`."""
@@ -428,7 +436,11 @@ class GradWatch(keras.callbacks.Callback):
     async_safe = not _backend.STATE_IN_STEP
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self._alarms.poll(self.model)
+        # A policy that ends `fit` is polled after every execution. On JAX a "warn" is
+        # polled with the drains and at the end of each epoch instead: each poll there
+        # attaches the step's state to the model and waits for the step.
+        if self._alarms.polls and (self._alarms.ends_fit or not _backend.STATE_IN_STEP):
+            self._alarms.poll(self.model)
 
     def state_metrics(self) -> list[Any]:
         """The metrics carrying this watch's device state (ring buffer, JAX alarm)."""

@@ -464,3 +464,19 @@ def test_a_stat_added_to_the_registry_alone_is_recorded_pooled_and_computed(rms_
     out = np.asarray(S.compute_stats([*tensors, np.zeros(0, "float32")], ["rms", "nonfinite"]))
     np.testing.assert_allclose(out[:2, 0], [_rms(tensors[0]), _rms(tensors[1])], rtol=1e-6)
     assert math.isnan(out[2, 0]) and out[:, 1].tolist() == [1.0, 0.0, 0.0]
+
+
+@pytest.mark.backends
+def test_stats_total_sum_of_squares_of_many_small_tensors():
+    # The spike judge's global norm: one call over all gradients (PyTorch: one
+    # `torch._foreach_norm`), against NumPy in float64, over 504 small tensors of
+    # two sizes and a large one, as the benchmarks' many-variable model has.
+    from gradwatch._stats.compute import total_sum_of_squares
+
+    rng = np.random.default_rng(3)
+    arrays = [rng.standard_normal(s).astype("float32") for s in [(16, 4), (4,)] * 252]
+    arrays.append(rng.standard_normal((300, 70)).astype("float32") * 1e3)
+    expected = sum(float(np.sum(a.astype(np.float64) ** 2)) for a in arrays)
+    got = total_sum_of_squares([ops.convert_to_tensor(a) for a in arrays])
+    assert tuple(got.shape) == ()
+    np.testing.assert_allclose(float(ops.convert_to_numpy(got)), expected, rtol=1e-5)

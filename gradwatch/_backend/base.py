@@ -154,6 +154,10 @@ class Backend(Protocol):
     def sum_of_squares(self, g: Any) -> Any:
         """`sum(g**2)` in float32, as a scalar (TensorFlow: one L2Loss op)."""
 
+    def total_sum_of_squares(self, grads: Sequence[Any]) -> Any | None:
+        """The sum of squares of all of `grads` as one float32 scalar, from a kernel of
+        the backend's own (PyTorch: one call for all tensors), else None."""
+
     def row_sums_of_squares(self, x: Any, source: Any = None) -> Any:
         """Each row's sum of squares of a 2-D float32 `x` (`source`: a single row's tensor)."""
 

@@ -179,6 +179,11 @@ def stats_table(tensors: Sequence[Any], stats: tuple[str, ...]) -> None:
     return None
 
 
+def total_sum_of_squares(grads: Sequence[Any]) -> None:
+    """None: the sum of each gradient's `sum_of_squares` serves this backend."""
+    return None
+
+
 def fused(fn: Callable[..., Any], key: Any) -> Callable[..., Any]:
     """`fn` as it is."""
     return fn

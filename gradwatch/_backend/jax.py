@@ -34,6 +34,7 @@ stock_train_function = generic.stock_train_function
 num_replicas = generic.num_replicas
 outside_compile = generic.outside_compile
 stats_table = generic.stats_table
+total_sum_of_squares = generic.total_sum_of_squares
 traced_for_xla = generic.traced_for_xla
 traced_once = generic.traced_once
 
@@ -186,7 +187,6 @@ def stateless_cond(predicate: Any, fn: Callable[[], Any], variables: Sequence[An
     branch runs `fn` in a scope of its own (the outer mapping, plus `variables` at
     their current values) and returns the new values, which are assigned here.
     """
-    import jax
     from keras.src.backend.common.stateless_scope import get_stateless_scope
 
     outer = get_stateless_scope()
@@ -202,7 +202,7 @@ def stateless_cond(predicate: Any, fn: Callable[[], Any], variables: Sequence[An
             fn()
         return [inner.get_current_value(v) for v in variables]
 
-    new = jax.lax.cond(
+    new = cond_with_tokens(
         ops.convert_to_tensor(predicate, "bool"),
         taken,
         lambda values: list(values),
@@ -282,7 +282,11 @@ def run_step(
     counter = model_state(model).counter
     if counter is None:
         # No counter in the state (the train function was made outside `fit`): run as is.
-        return fn(model, state, data, **kwargs)
+        start = len(_TOKENS)
+        try:
+            return fn(model, state, data, **kwargs)
+        finally:
+            del _TOKENS[start:]
     refs = model.metrics_variables
     # gradwatch's own variables come last (`GradWatchMixin.metrics_variables`); the step
     # gets those of `model.metrics` alone, as a custom step that slices or iterates
@@ -297,6 +301,7 @@ def run_step(
     scope = all_scopes[id(model)] = StepScope()
     scope.state = (trainable, non_trainable, optimizer_vars, metrics_in[:n_user])
     scope.data = data
+    first_token = len(_TOKENS)
     try:
         with own_state_hidden(model):
             logs, new_state = fn(model, scope.state, data, **kwargs)
@@ -320,8 +325,15 @@ def run_step(
     ]
     if optimizer is not None and optimizer_vars:
         mapping += list(zip(optimizer.variables, optimizer_vars, strict=True))
-    with keras.StatelessScope(state_mapping=mapping) as written:
-        commit(model, scope)  # (a non-finite step's update is undone there: `undo_step`)
+    try:
+        with keras.StatelessScope(state_mapping=mapping) as written:
+            commit(model, scope)  # (a non-finite step's update is undone there: `undo_step`)
+            tokens = _TOKENS[first_token:]
+            if tokens:  # the host calls' zero tokens, kept by reaching the output
+                step = counter.metric.step
+                step.assign(step.value + _token_sum(tokens))
+    finally:
+        del _TOKENS[first_token:]
 
     def current(refs: Sequence[Any], values: Sequence[Any]) -> list[Any]:
         return [
@@ -464,12 +476,59 @@ restore_where = generic.restore_where
 snapshots_free = generic.snapshots_free
 
 
+# The tokens of the host calls (`to_host`) traced into the step so far: each must reach
+# the step's output, or XLA drops the call (see `to_host`).
+_TOKENS: list[Any] = []
+
+
 def to_host(model: Any, keep: Callable[..., None], step: Any, leaves: Sequence[Any]) -> None:
     """Calls `keep(step, *leaves)` on the host with NumPy arrays, from the branch of the
-    step taken where the update is skipped (a `jax.debug.callback`)."""
+    step taken where the update is skipped or the step handed over.
+
+    A `jax.pure_callback`, not a `jax.debug.callback`: a step with an effect (a debug
+    callback has one, even in a branch never taken) cannot run on JAX's C++ dispatch
+    path, and every step then pays a Python dispatch that grows with the number of
+    arrays in the state (5x the plain step on 500 small variables). A pure call is kept
+    only where its result is used: it returns a zero token, which the branch passes out
+    (`cond_with_tokens`) and `run_step` adds to the step counter.
+    """
     import jax
 
-    jax.debug.callback(keep, step, *leaves)
+    def call(*args: Any) -> np.ndarray:
+        keep(*args)
+        return np.zeros((), np.int32)
+
+    _TOKENS.append(jax.pure_callback(call, jax.ShapeDtypeStruct((), np.int32), step, *leaves))
+
+
+def cond_with_tokens(pred: Any, true_fn: Callable, false_fn: Callable, *operands: Any) -> Any:
+    """`jax.lax.cond`, where the branches may call `to_host`: the tokens made inside a
+    branch leave it as one more output, and join the step's tokens."""
+    import jax
+
+    made: list[bool] = []
+
+    def branch(fn: Callable) -> Callable:
+        def run(*args: Any) -> Any:
+            start = len(_TOKENS)
+            out = fn(*args)
+            tokens, _TOKENS[start:] = _TOKENS[start:], []
+            made.append(bool(tokens))
+            return out, _token_sum(tokens)
+
+        return run
+
+    out, token = jax.lax.cond(pred, branch(true_fn), branch(false_fn), *operands)
+    if any(made):
+        _TOKENS.append(token)
+    return out
+
+
+def _token_sum(tokens: Sequence[Any]) -> Any:
+    total = ops.zeros((), "int32")
+    for token in tokens:
+        total = total + token
+    return total
 
 
 def undo_step(model: Any, scope: StepScope, finite: Any, skip: Callable[[], None]) -> None:
@@ -477,7 +536,6 @@ def undo_step(model: Any, scope: StepScope, finite: Any, skip: Callable[[], None
     values of the step's input state (a stateless step's updates, all of them, are in the
     state it returns), and calls `skip()` in that branch. Runs in `commit`'s scope over
     the step's returned state, whose values it assigns."""
-    import jax
 
     trainable, _, optimizer_vars, _ = scope.state
     variables, before = list(model.trainable_variables), list(trainable)
@@ -491,7 +549,7 @@ def undo_step(model: Any, scope: StepScope, finite: Any, skip: Callable[[], None
         skip()
         return before
 
-    chosen = jax.lax.cond(finite, lambda after, before: after, undone, after, before)
+    chosen = cond_with_tokens(finite, lambda after, before: after, undone, after, before)
     for variable, value in zip(variables, chosen, strict=True):
         variable.assign(value)
 

@@ -28,6 +28,7 @@ note_stock_step = generic.note_stock_step
 outside_compile = generic.outside_compile
 readable_in_step = generic.readable_in_step
 stats_table = generic.stats_table
+total_sum_of_squares = generic.total_sum_of_squares
 
 # Keeping a step's update from the model, the gradients of a replay and of each example
 # in a batch; and `cond`.

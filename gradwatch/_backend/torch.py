@@ -211,7 +211,7 @@ def squares_by_row(grads: Sequence[Any], rows: Sequence[int], n: int) -> np.ndar
     where `rows` has no gradient; one small copy of the norms, in raw torch ops (one
     pass each)."""
     sq = np.zeros(n, np.float32)
-    norms = host_copy(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    norms = host_copy(torch.stack(torch._foreach_norm([g.float() for g in grads])))
     sq[rows] = np.square(norms.astype(np.float64))
     return sq
 
@@ -416,6 +416,13 @@ def stats_table(tensors: Sequence[Any], stats: tuple[str, ...]) -> Any:
         )
     rows = [present[j] for j in order]
     return _assemble(table.to(torch.float32), rows, constant_rows, stats, n_rows, k)
+
+
+def total_sum_of_squares(grads: Sequence[Any]) -> Any:
+    """The sum of squares of all of `grads`: one `torch._foreach_norm` over them all,
+    where one norm each costs a dispatch per variable (504 variables: 15x the time)."""
+    norms = torch.stack(torch._foreach_norm([g.float() for g in grads]))
+    return torch.sum(norms * norms)
 
 
 def _reductions(groups: list[tuple[list[int], Any]], reads: set[str]) -> dict[str, Any]:

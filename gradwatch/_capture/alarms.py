@@ -168,6 +168,13 @@ class Alarms:
         return first, {r[1]: r[3] for r in rows if r[0] == first}
 
     # ------------------------------------------------------ from the step's check
+    @property
+    def polls(self) -> bool:
+        """Whether `poll` reads anything: a check that runs in every step, or a spike
+        policy that ends `fit`."""
+        spikes = self.spikes
+        return self.alarm is not None or (spikes is not None and spikes.policy in ("stop", "raise"))
+
     def poll(self, model: Any) -> None:
         """Reads the check counters (one small read). May run on Keras' worker thread, so
         it only notes what tripped and sets `stop_training`; `handle` does the rest."""

@@ -137,12 +137,12 @@ class SpikeJudge:
     def in_step(self, plan: Any, records: Any, loss: Any, recorded: Any) -> tuple[Any, Any, Any]:
         """The step's verdict: `(global norm, loss, flags)` over the plan's watched
         gradients in `records` (`flags`: a bool per `SERIES`)."""
-        from gradwatch._stats.compute import sum_of_squares
+        from gradwatch._stats.compute import total_sum_of_squares
         from gradwatch._stats.derived import checked_gradients
 
         _, grads = checked_gradients(plan, records)
         if grads:
-            norm = ops.sqrt(ops.sum(ops.stack([sum_of_squares(g) for g in grads])))
+            norm = ops.sqrt(total_sum_of_squares(grads))
         else:
             norm = ops.convert_to_tensor(float("nan"), "float32")
         loss = ops.convert_to_tensor(float("nan"), "float32") if loss is None else loss

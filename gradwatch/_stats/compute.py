@@ -198,6 +198,15 @@ def sum_of_squares(g: Any) -> Any:
     return _backend.sum_of_squares(g)
 
 
+def total_sum_of_squares(grads: Sequence[Any]) -> Any:
+    """The sum of squares of all of `grads` (a non-empty list), as a float32 scalar: the
+    backend's own kernel where it has one (PyTorch), else a `sum_of_squares` each."""
+    total = _backend.total_sum_of_squares(grads)
+    if total is None:
+        total = ops.sum(ops.stack([sum_of_squares(g) for g in grads]))
+    return total
+
+
 def traced_for_xla(flag: bool) -> Any:
     """Tells `sum_of_squares` that the step being traced is compiled with XLA (a
     context manager)."""
