@@ -372,7 +372,8 @@ class GradWatch(keras.callbacks.Callback):
         buffer = self._planner.buffer
         if buffer is not None:
             spe = int(self.model.steps_per_execution)
-            if drain_due(self._since_drain, spe, buffer.capacity, self._sinks.room()):
+            room = self._sinks.room()
+            if drain_due(self._since_drain, spe, buffer.capacity, room) or self._sinks.tail_due():
                 self._drain(anchored=True)
         self._since_drain += 1
         if model_state(self.model).watches[0] is self:

@@ -1,0 +1,75 @@
+"""The writer of a streamed run's live tail (`gradwatch._logdata.tail`): every
+`TAIL_SECONDS` of wall clock, the steps drained since its last frame, appended next to
+the run's parts; deleted once a part holds them.
+
+So `gradwatch serve` shows a step a few seconds after it ends, while the parts stay
+`flush_every` steps long, and a crash loses no step that reached the tail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from gradwatch._logdata import files as _files
+from gradwatch._logdata.store import Store
+from gradwatch._logdata.tail import append_frame, frame_bytes, tail_file
+
+#: Seconds of wall clock between two frames of the live tail (and two drains that it asks for).
+TAIL_SECONDS = 2.0
+
+
+class LiveTail:
+    """One run's live tail: which steps it holds, when it last wrote, where.
+
+    Args:
+        seconds: The wall-clock time between frames. Defaults to `TAIL_SECONDS`.
+    """
+
+    def __init__(self, seconds: float = TAIL_SECONDS):
+        self.seconds = float(seconds)
+        self.file: Path | None = None  # the current tail file, once written
+        self.next_step: int | None = None  # the first step not yet in it (None: any)
+        self.asked = self.written = time.monotonic()
+        self.failed = False
+
+    def due(self) -> bool:
+        """Whether the steps should be drained now for the tail (then not again for
+        `seconds`)."""
+        if self.failed or time.monotonic() - self.asked < self.seconds:
+            return False
+        self.asked = time.monotonic()
+        return True
+
+    def write(self, store: Store, directory: Path, extra: dict[str, Any], steps: Any) -> None:
+        """Appends the store's steps not yet in the tail, if `seconds` have passed since
+        the last frame; `steps` are the store's recorded steps, sorted."""
+        if self.failed or not len(steps) or time.monotonic() - self.written < self.seconds:
+            return
+        if self.next_step is not None and steps[-1] < self.next_step:
+            return
+        self.written = time.monotonic()
+        since = store if self.next_step is None else store.since(self.next_step)
+        try:
+            if self.file is None:
+                self.file = tail_file(directory, len(_files.part_files(directory)))
+            append_frame(self.file, frame_bytes(_files.part_table(since, extra)))
+        except OSError as e:
+            self.failed = True  # the parts go on: a step waits for its part, as without a tail
+            warnings.warn(
+                f"GradWatch could not write the live tail to '{directory}' ({e}); it stops "
+                "writing it, and the parts and `watch.log` keep every step.",
+                stacklevel=4,
+            )
+            return
+        self.next_step = int(steps[-1]) + 1
+
+    def drop(self) -> None:
+        """Deletes the tail once a part holds its steps (or the run ends)."""
+        if self.file is not None:
+            with contextlib.suppress(OSError):  # a stale tail is skipped by the readers
+                self.file.unlink(missing_ok=True)
+        self.file, self.next_step = None, None
