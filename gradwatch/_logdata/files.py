@@ -384,6 +384,21 @@ def streamed_sources(path: Path) -> dict[int, list[list[Path]]]:
     }
 
 
+def visible_sources(path: Path, worker: int) -> list[tuple[Path, float]]:
+    """A worker's parts and live tails in writing order, each with its run's first
+    superseded step (`math.inf`: none): read one by one, each without its rows from
+    that step on, they hold what `read_log` reads (for a reader that cannot hold the
+    whole long table at once). Reads the parts' metadata only."""
+    out: list[tuple[Path, float]] = []
+    runs = streamed_sources(path).get(worker, [])
+    metas = [
+        [_read_parquet(p, table=False)[0] for p in run if tail_number(p) is None] for run in runs
+    ]
+    for run, cut in zip(runs, _run_cutoffs(metas), strict=True):
+        out.extend((p, cut) for p in run)
+    return out
+
+
 def read_tail(path: Path) -> tuple[dict, pd.DataFrame] | None:
     """A live tail's steps as one part: the newest frame's metadata (which holds the
     others') and every frame's rows; None where it has no whole frame."""

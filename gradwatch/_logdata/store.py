@@ -561,6 +561,27 @@ class Store:
         later._examples = dict(self._examples)
         return later
 
+    def snapshot(self) -> Store:
+        """A copy that shares the recorded arrays: writes to either store afterwards
+        (appends, new variables) leave the other as it is. For reading a store in one
+        thread while another one extends it."""
+        copy = Store(self.stats, self.bins_per_decade, self.per_replica)
+        copy._variables, copy._codes = list(self._variables), dict(self._codes)
+        copy._shapes, copy._disconnected = dict(self._shapes), list(self._disconnected)
+        for name in (
+            "_stat_blocks",
+            "_hist_blocks",
+            "_value_blocks",
+            "_replica_blocks",
+            "_scalar_blocks",
+            "_noise_blocks",
+        ):
+            setattr(copy, name, [replace(b) for b in getattr(self, name)])
+        copy._alerts, copy._skipped = dict(self._alerts), set(self._skipped)
+        copy._guarded, copy._origins = set(self._guarded), dict(self._origins)
+        copy._examples, copy._superseded = dict(self._examples), list(self._superseded)
+        return copy
+
     def extend(self, other: Store) -> None:
         """Appends the recorded steps, variables and events of `other`, a later stretch
         of the same log (the next part of a streamed log), after this one's.
