@@ -26,11 +26,12 @@ class LiveTail:
     """One run's live tail: which steps it holds, when it last wrote, where.
 
     Args:
-        seconds: The wall-clock time between frames. Defaults to `TAIL_SECONDS`.
+        seconds: The wall-clock time between frames. Defaults to `None`: `TAIL_SECONDS`
+            (`math.inf`: no tail).
     """
 
-    def __init__(self, seconds: float = TAIL_SECONDS):
-        self.seconds = float(seconds)
+    def __init__(self, seconds: float | None = None):
+        self.seconds = float(TAIL_SECONDS if seconds is None else seconds)
         self.file: Path | None = None  # the current tail file, once written
         self.next_step: int | None = None  # the first step not yet in it (None: any)
         self.asked = self.written = time.monotonic()

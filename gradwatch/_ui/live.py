@@ -25,6 +25,8 @@ MAX_POINTS = 2000
 LAYER_POINTS = 500
 #: Seconds between two runs of the doctor over the whole log, at least.
 DOCTOR_SECONDS = 5.0
+#: Seconds a poll reads parts at most (a long log is read over several polls).
+READ_SECONDS = 1.0
 #: Alerts on the page at most (the newest).
 MAX_ALERTS = 200
 _PAGE_SCALARS = ("loss", "learning_rate", "global_norm")
@@ -116,6 +118,9 @@ class Follower:
         self.seen: list[Path] = []  # the parts read, in order
         self.stamp: Any = None  # a file log's (size, mtime) when read
         self.runs = 0  # the runs of the streamed log at the last poll
+        # The parts (and crashed runs' tails) listed and not read yet, each with its
+        # run's first superseded step, and whether it is a tail.
+        self.queue: list[tuple[Path, float, bool]] = []
         self._reset_tail(None)
 
     def _reset_tail(self, file: Path | None) -> None:
@@ -155,36 +160,34 @@ class Follower:
         parts = [p for run in runs for p in run if tail_number(p) is None]
         tail = runs[-1][-1] if tail_number(runs[-1][-1]) is not None else None
         newest = runs[-1][0].parent
-        known = set(self.seen)
-        fresh = [p for p in parts if p not in known]
-        grown = parts[: len(self.seen)] == self.seen and all(p.parent == newest for p in fresh)
-        if not grown or self.runs not in (0, len(runs)) or (not self.runs and len(runs) > 1):
-            self.runs = len(runs)  # a run began, or parts went: read it all again
-            return self._reload(worker)
-        self.runs = len(runs)
+        listed = [*self.seen, *(p for p, _, _ in self.queue)]
+        fresh = parts[len(listed) :]
+        grown = parts[: len(listed)] == listed and all(p.parent == newest for p in fresh)
         changed = False
-        for part in fresh:
-            self._add_part(_files.part_store(part))
-            self.seen.append(part)
+        if not grown or self.runs not in (0, len(runs)) or (not self.runs and len(runs) > 1):
+            # A run began, or parts went: read it all again, as `read_log` reads it.
+            self._reset()
+            sources = _files.visible_sources(self.path, worker)
+            live = sources[-1][0] if sources and tail_number(sources[-1][0]) is not None else None
+            self.queue = [(p, cut, tail_number(p) is not None) for p, cut in sources if p != live]
             changed = True
-        return self._poll_tail(tail) or changed
-
-    def _reload(self, worker: int) -> bool:
-        """Reads the log from the start, part by part, as `read_log` reads it."""
-        runs = self.runs
-        self._reset()
-        self.runs = runs
-        sources = _files.visible_sources(self.path, worker)
-        for i, (source, cut) in enumerate(sources):
-            if tail_number(source) is None:
-                self._add_part(_files.part_store(source), cut)
-                self.seen.append(source)
-            elif i < len(sources) - 1:  # a crashed run's tail: as a part of its run
+        else:
+            self.queue.extend((p, math.inf, False) for p in fresh)
+        self.runs = len(runs)
+        changed = self._poll_tail(tail) or changed
+        # The parts not read yet, for `READ_SECONDS` at most: the page shows the log
+        # growing while a long one is read, and the live tail meanwhile.
+        end = time.monotonic() + READ_SECONDS
+        while self.queue and time.monotonic() < end:
+            source, cut, crashed = self.queue.pop(0)
+            if crashed:  # an earlier run's tail, left by a crash: as a part of its run
                 for table in read_frames(source)[0]:
                     self._add_part(_files.frame_store(source, table), cut)
             else:
-                self._poll_tail(source)
-        return True
+                self._add_part(_files.part_store(source), cut)
+                self.seen.append(source)
+            changed = True
+        return changed
 
     def _add_part(self, store: Store, cut: float = math.inf) -> None:
         if cut < math.inf:
@@ -196,7 +199,6 @@ class Follower:
             self.store = Store(store.stats, store.bins_per_decade, store.per_replica)
         self.store.extend(store)
         self.parts.add(store)
-        self._reset_tail(None)
 
     def _poll_tail(self, file: Path | None) -> bool:
         if file != self.tail_file:
@@ -226,16 +228,21 @@ class Follower:
         if self.store is None:
             return None if self.tail is None else self.tail.snapshot()
         store = self.store.snapshot()
+        last = _last(self.parts)
         if self.tail is not None:
-            store.extend(self.tail)
+            store.extend(self.tail if last is None else self.tail.since(last + 1))
         return store
 
     def series(self) -> dict[str, Any]:
         """The page's series: the scalars (`MAX_POINTS` at most) and the per-layer norms
         (`LAYER_POINTS` at most), the parts' and then the tail's steps."""
         layers = max(self.parts.layers, self.tail_summary.layers, key=len)
-        s_steps, s_data = _joined(self.parts.scalars, self.tail_summary.scalars, len(SCALARS))
-        n_steps, n_data = _joined(self.parts.norms, self.tail_summary.norms, len(layers))
+        after = _last(self.parts)
+        after = -1 if after is None else after
+        s_steps, s_data = _joined(
+            self.parts.scalars, self.tail_summary.scalars, len(SCALARS), after
+        )
+        n_steps, n_data = _joined(self.parts.norms, self.tail_summary.norms, len(layers), after)
         columns = [SCALARS.index(name) for name in _PAGE_SCALARS]
         steps, data = _downsample(s_steps, s_data[:, columns], MAX_POINTS, np.fmax)
         scalars = {"step": steps.tolist()}
@@ -250,6 +257,7 @@ class Follower:
         return {
             "last_step": max(last) if last else None,
             "steps_recorded": int(max(len(s_steps), len(n_steps))),
+            "parts_to_read": len(self.queue),
             "layers": layers,
             "layer_last": _numbers(final),
             "scalars": scalars,
@@ -264,12 +272,14 @@ def _last(summary: Summary) -> int | None:
     return max(last) if last else None
 
 
-def _joined(a: Columns, b: Columns, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two stretches of columns, one after the other, `width` columns wide."""
-    out_steps = np.concatenate([a.steps[: a.n], b.steps[: b.n]])
-    out = np.full((a.n + b.n, width), np.nan, np.float32)
+def _joined(a: Columns, b: Columns, width: int, after: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two stretches of columns, `width` columns wide: `a`, then `b`'s steps after `after`."""
+    later = b.steps[: b.n] > after
+    k = int(later.sum())
+    out_steps = np.concatenate([a.steps[: a.n], b.steps[: b.n][later]])
+    out = np.full((a.n + k, width), np.nan, np.float32)
     out[: a.n, : min(width, a.data.shape[1])] = a.data[: a.n, :width]
-    out[a.n :, : min(width, b.data.shape[1])] = b.data[: b.n, :width]
+    out[a.n :, : min(width, b.data.shape[1])] = b.data[: b.n][later, :width]
     return out_steps, out
 
 
@@ -293,8 +303,9 @@ def _numbers(values: np.ndarray) -> list[float | None]:
 
 class Doctor:
     """The doctor's findings and the verdict on a followed log: run in a thread of its
-    own on a snapshot of the log, at most every `DOCTOR_SECONDS`, so that a request
-    never waits for it."""
+    own on a snapshot of the log, so that a request never waits for it; at most every
+    `DOCTOR_SECONDS`, and idle at least twice as long as its last run took, so that it
+    takes a third of a core at most on a log too long to diagnose in a few seconds."""
 
     def __init__(self, seconds: float = DOCTOR_SECONDS):
         self.seconds = seconds
@@ -302,11 +313,14 @@ class Doctor:
         self.started = -math.inf
         self.thread: threading.Thread | None = None
         self.version = -1  # the follower's version it last ran on
+        self.took = 0.0  # seconds its last run took
 
     def maybe_run(self, follower: Follower) -> None:
         busy = self.thread is not None and self.thread.is_alive()
         now = time.monotonic()
-        if busy or follower.version == self.version or now - self.started < self.seconds:
+        wait = max(self.seconds, 3 * self.took)
+        behind = bool(follower.queue)  # the whole log first: findings on part of it mislead
+        if busy or behind or follower.version == self.version or now - self.started < wait:
             return
         store = follower.log_store()
         if store is None:
@@ -319,6 +333,7 @@ class Doctor:
         from gradwatch.log import from_store
         from gradwatch.report import verdict
 
+        start = time.monotonic()
         log = from_store(store)
         try:
             findings = log.diagnose()
@@ -338,6 +353,7 @@ class Doctor:
                 {k: _plain(v) for k, v in row.items()} for _, row in log.origins.iterrows()
             ],
         }
+        self.took = time.monotonic() - start
 
 
 def _leads(findings: Any) -> Any:

@@ -124,6 +124,8 @@ function render(s) {
   $("step").textContent = s.last_step === null ? "-" : String(s.last_step);
   $("count").textContent = s.steps_recorded;
   $("error").textContent = s.error || "";
+  $("reading").textContent = s.parts_to_read ?
+    " · reading the log: " + s.parts_to_read + " parts to go" : "";
   fill($("layers"), ["layer", "gradient norm at the last step"],
     s.layers.map((name, i) => [{ text: name }, {
       text: text(s.layer_last[i]), cls: "num", value: s.layer_last[i] }]));
@@ -167,7 +169,8 @@ def page(path: str) -> str:
 <header>
 <h1>gradwatch <small>{e(path)}</small></h1>
 <p id="status">Last recorded step <b id="step">-</b> · <span id="count">0</span> steps recorded
-· read <span id="age">-</span><span id="link"></span> <span id="error"></span></p>
+· read <span id="age">-</span><span id="reading"></span><span id="link"></span>
+<span id="error"></span></p>
 </header>
 <section id="verdict" class="verdict"><h2>Verdict <small id="doctor-step"></small></h2>
 <p id="sentence">Reading the log...</p><ul id="facts"></ul></section>

@@ -40,11 +40,11 @@ class LiveState:
         self.thread = threading.Thread(target=self._follow, name="gradwatch-follow", daemon=True)
 
     def start(self) -> None:
-        self.update()
         self.thread.start()
 
     def _follow(self) -> None:
-        while not self.stop.wait(self.poll_seconds):
+        self.update()
+        while not self.stop.wait(0 if self.follower.queue else self.poll_seconds):
             self.update()
 
     def update(self) -> None:
