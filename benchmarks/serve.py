@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -187,6 +188,8 @@ def page(steps: int, variables: int) -> None:
         print(f"| {label} | {seconds:.3f} | {n:,} |")
     print()
     print(f"the doctor on the whole log: {doctor:.1f} s (in its own thread)")
+    state.stop.set()
+    shutil.rmtree(root, ignore_errors=True)
     peak = _peak_mb()
     print(f"RSS: {rss0:.0f} MB before, {rss1:.0f} MB after the first read; peak {peak:.0f} MB")
 
