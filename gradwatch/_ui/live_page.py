@@ -121,6 +121,7 @@ function doctor(d) {
 }
 
 function render(s) {
+  if (!("layers" in s)) { $("error").textContent = s.error; return; }
   $("step").textContent = s.last_step === null ? "-" : String(s.last_step);
   $("count").textContent = s.steps_recorded;
   $("error").textContent = s.error || "";

@@ -43,9 +43,17 @@ class LiveState:
         self.thread.start()
 
     def _follow(self) -> None:
-        self.update()
-        while not self.stop.wait(0 if self.follower.queue else self.poll_seconds):
-            self.update()
+        while True:
+            try:
+                self.update()
+            except Exception as e:  # a bug: shown on the page, and the server reads on
+                error = f"gradwatch serve failed to read the log (a bug): {e!r}"
+                with self.lock:
+                    self.version += 1
+                    self.body = json.dumps({"version": self.version, "error": error}).encode()
+                self._made = (-2, None)
+            if self.stop.wait(0 if self.follower.queue else self.poll_seconds):
+                return
 
     def update(self) -> None:
         """Reads what is new, starts the doctor where due, and makes the JSON anew where
