@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from gradwatch._logdata import files as _files
 from gradwatch._logdata.store import SCALARS, Store
 from gradwatch._logdata.tail import read_frames, tail_number
 from gradwatch._logdata.views import layer_of_key
+from gradwatch._ui.text import name_list, short_number
 
 #: Points per series on the page at most (loss, learning rate, global norm): longer
 #: series are cut into this many runs of steps.
@@ -233,6 +235,13 @@ class Follower:
             store.extend(self.tail if last is None else self.tail.since(last + 1))
         return store
 
+    def layer_norms(self) -> tuple[list[str], tuple[np.ndarray, np.ndarray]]:
+        """The layers, and their norms by step (the parts', then the tail's later steps)."""
+        layers = max(self.parts.layers, self.tail_summary.layers, key=len)
+        after = _last(self.parts)
+        after = -1 if after is None else after
+        return layers, _joined(self.parts.norms, self.tail_summary.norms, len(layers), after)
+
     def series(self) -> dict[str, Any]:
         """The page's series: the scalars (`MAX_POINTS` at most) and the per-layer norms
         (`LAYER_POINTS` at most), the parts' and then the tail's steps."""
@@ -325,11 +334,13 @@ class Doctor:
         store = follower.log_store()
         if store is None:
             return
+        layers, norms = follower.layer_norms()
         self.started, self.version = now, follower.version
-        self.thread = threading.Thread(target=self._run, args=(store,), daemon=True)
+        args = (store, layers, norms)
+        self.thread = threading.Thread(target=self._run, args=args, daemon=True)
         self.thread.start()
 
-    def _run(self, store: Store) -> None:
+    def _run(self, store: Store, layers: list[str], norms: tuple[np.ndarray, np.ndarray]) -> None:
         from gradwatch.log import from_store
         from gradwatch.report import verdict
 
@@ -337,7 +348,19 @@ class Doctor:
         log = from_store(store)
         try:
             findings = log.diagnose()
-            said = verdict(log, _leads(findings))
+            if store.scalar_blocks:
+                # The verdict from the log's events and steps; its fact on the layers'
+                # median norms from the summary (the report's builds the log's frames,
+                # gigabytes at 500 variables x 100,000 steps).
+                events = store.since(2**62)
+                for b in store.scalar_blocks:
+                    events.append_scalars(b.steps, b.epochs, b.batches, b.data)
+                said = verdict(from_store(events), _leads(findings))
+                extremes = _extremes(layers, *norms, log.alerts)
+                if extremes:
+                    said.facts.append(extremes)
+            else:  # a log without scalars (format 1): as the report does
+                said = verdict(log, _leads(findings))
         except Exception as e:  # shown on the page; the server goes on
             self.result = {"error": f"The doctor failed: {type(e).__name__}: {e}"}
             return
@@ -356,12 +379,36 @@ class Doctor:
         self.took = time.monotonic() - start
 
 
+def _extremes(layers: list[str], steps: np.ndarray, norms: np.ndarray, alerts: Any) -> str:
+    """Which layer had the largest and which the smallest median gradient norm, over the
+    steps without NaN/Inf gradients (the report's fact, from the summary)."""
+    bad = alerts.loc[alerts["kind"] == "nonfinite", "step"].to_numpy()
+    finite = norms[~np.isin(steps, bad)]
+    rows = finite if len(finite) else norms
+    if len(layers) < 2 or not len(rows):
+        return ""
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a layer without a value
+        median = np.nanmedian(np.where(np.isfinite(rows), rows, np.nan), axis=0)
+    known = np.flatnonzero(np.isfinite(median))
+    if len(known) < 2:
+        return ""
+    top = known[np.argmax(median[known])]
+    low = known[np.argmin(median[known])]
+    largest = f"Largest median gradient norm: {short_number(median[top])} in layer {layers[top]}"
+    if median[low] > 0:
+        times = short_number(median[top] / median[low])
+        return (
+            f"{largest}; smallest: {short_number(median[low])} in {layers[low]} "
+            f"({times} times smaller)."
+        )
+    return f"{largest}; smallest: 0 in {layers[low]}."
+
+
 def _leads(findings: Any) -> Any:
     """The doctor's errors and warnings as the verdict's findings (as the HTML report
     leads with them): a level and a sentence."""
     import pandas as pd
-
-    from gradwatch._ui.text import name_list
 
     rows = findings[findings["severity"].isin(["error", "warning"])]
     sentences = [
