@@ -45,10 +45,14 @@ class LiveTail:
         self.asked = time.monotonic()
         return True
 
+    def ready(self) -> bool:
+        """Whether `seconds` have passed since the last frame (and the tail works)."""
+        return not self.failed and time.monotonic() - self.written >= self.seconds
+
     def write(self, store: Store, directory: Path, extra: dict[str, Any], steps: Any) -> None:
-        """Appends the store's steps not yet in the tail, if `seconds` have passed since
-        the last frame; `steps` are the store's recorded steps, sorted."""
-        if self.failed or not len(steps) or time.monotonic() - self.written < self.seconds:
+        """Appends the store's steps not yet in the tail, if `ready`; `steps` are the
+        store's recorded steps, sorted."""
+        if not self.ready() or not len(steps):
             return
         if self.next_step is not None and steps[-1] < self.next_step:
             return

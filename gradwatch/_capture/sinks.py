@@ -143,7 +143,7 @@ class ParquetSink:
         self.pending += len(block)
         if self.active and self.pending >= self.flush_every:
             self.close()
-        elif self.active:
+        elif self.active and self.tail.ready():
             directory = io.run_directory(self.path, self.worker, self.run)
             with deferred_interrupt():  # never half a frame
                 self.tail.write(self.store, directory, self._extra(), self.log.steps)
