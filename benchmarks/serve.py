@@ -63,9 +63,23 @@ def tail_cost(rounds: int) -> None:
         def on_train_end(self, logs=None):
             self.seconds = time.perf_counter() - self.start
 
+    # The time spent in the tail's writes, within each fit with the tail: a share that the
+    # machine's load changes less than the ratio of two fits.
+    spent = [0.0]
+    write = live_tail.LiveTail.write
+
+    def timed_write(self, *args):
+        start = time.perf_counter()
+        write(self, *args)
+        spent[0] += time.perf_counter() - start
+
+    live_tail.LiveTail.write = timed_write
     steps = {"mlp": 2000, "many": 1000}
-    print("| model | variables | steps per fit | without tail s | with tail s | ratio |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| model | variables | steps per fit | without tail s | with tail s | ratio | "
+        "in the tail's writes |"
+    )
+    print("|---|---|---|---|---|---|---|")
     default = live_tail.TAIL_SECONDS
     for name, n in steps.items():
         keras.utils.set_random_seed(0)
@@ -73,24 +87,28 @@ def tail_cost(rounds: int) -> None:
         model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         x, y = bench_models.data(name, 64 * n)
         times: dict[bool, list[float]] = {True: [], False: []}
+        shares: list[float] = []
         with tempfile.TemporaryDirectory() as tmp:
             for i in range(rounds + 1):
                 for tail in (False, True):
                     live_tail.TAIL_SECONDS = default if tail else float("inf")
                     watch = gradwatch.GradWatch(path=Path(tmp) / f"{tail}{i}", verbose=0)
                     timer = Timer()
+                    spent[0] = 0.0
                     model.fit(
                         x, y, batch_size=64, epochs=1, shuffle=False, verbose=0,
                         callbacks=[watch, timer],
                     )  # fmt: skip
                     if i:  # the first round warms up
                         times[tail].append(timer.seconds)
+                        if tail:
+                            shares.append(spent[0] / timer.seconds)
         live_tail.TAIL_SECONDS = default
         ratios = [a / b for a, b in zip(times[True], times[False], strict=True)]
         print(
             f"| {name} | {len(model.trainable_variables)} | {n} | "
             f"{statistics.median(times[False]):.2f} | {statistics.median(times[True]):.2f} | "
-            f"{statistics.median(ratios):.3f}x |",
+            f"{statistics.median(ratios):.3f}x | {100 * statistics.median(shares):.1f}% |",
             flush=True,
         )
 
