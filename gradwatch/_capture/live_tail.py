@@ -20,10 +20,18 @@ from gradwatch._logdata.tail import append_frame, frame_bytes, tail_file
 
 #: Seconds of wall clock between two frames of the live tail (and two drains that it asks for).
 TAIL_SECONDS = 2.0
+#: Seconds between two frames at most, however long a frame takes to write (see `LiveTail`).
+TAIL_MAX_SECONDS = 5.0
+#: A frame waits at least this many times as long as the last one took to write, so that
+#: the tail costs a wide model (hundreds of variables) about 5% of its time at most.
+TAIL_SPACING = 20
 
 
 class LiveTail:
     """One run's live tail: which steps it holds, when it last wrote, where.
+
+    A frame is due `seconds` after the last one, or `TAIL_SPACING` times as long as that
+    one took to write where that is longer, up to `TAIL_MAX_SECONDS`.
 
     Args:
         seconds: The wall-clock time between frames. Defaults to `None`: `TAIL_SECONDS`
@@ -36,18 +44,23 @@ class LiveTail:
         self.next_step: int | None = None  # the first step not yet in it (None: any)
         self.asked = self.written = time.monotonic()
         self.failed = False
+        self.took = 0.0  # seconds the last frame took to write
+
+    def interval(self) -> float:
+        """Seconds from one frame to the next."""
+        return max(self.seconds, min(TAIL_MAX_SECONDS, TAIL_SPACING * self.took))
 
     def due(self) -> bool:
         """Whether the steps should be drained now for the tail (then not again for
-        `seconds`)."""
-        if self.failed or time.monotonic() - self.asked < self.seconds:
+        `interval()`)."""
+        if self.failed or time.monotonic() - self.asked < self.interval():
             return False
         self.asked = time.monotonic()
         return True
 
     def ready(self) -> bool:
         """Whether `seconds` have passed since the last frame (and the tail works)."""
-        return not self.failed and time.monotonic() - self.written >= self.seconds
+        return not self.failed and time.monotonic() - self.written >= self.interval()
 
     def write(self, store: Store, directory: Path, extra: dict[str, Any], steps: Any) -> None:
         """Appends the store's steps not yet in the tail, if `ready`; `steps` are the
@@ -71,6 +84,7 @@ class LiveTail:
             )
             return
         self.next_step = int(steps[-1]) + 1
+        self.took = time.monotonic() - self.written
 
     def drop(self) -> None:
         """Deletes the tail once a part holds its steps (or the run ends)."""
