@@ -399,7 +399,8 @@ class GradWatch(keras.callbacks.Callback):
         buffer = self._planner.buffer
         if buffer is not None:
             spe = int(model.steps_per_execution)
-            if drain_due(self._since_drain, spe, buffer.capacity, self._sinks.room()):
+            room = self._sinks.room()
+            if drain_due(self._since_drain, spe, buffer.capacity, room) or self._sinks.tail_due():
                 self._drain(anchored=True)
                 if _backend.STATE_IN_STEP and not self._alarms.ends_fit:
                     self._alarms.poll(self.model)  # a "warn" (see `on_train_batch_end`)

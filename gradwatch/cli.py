@@ -1,4 +1,4 @@
-"""The `gradwatch` command line: summary, doctor, plot, convert, report and tensorboard.
+"""The `gradwatch` command line: summary, doctor, plot, convert, report, tensorboard and serve.
 
 Errors go to stderr with exit code 2 and a message that says what was received
 and how to fix it; `gradwatch COMMAND --help` describes each command.
@@ -92,12 +92,20 @@ def _parser() -> _Parser:
     parser = _Parser(
         prog="gradwatch",
         description="Look at gradwatch logs: summary tables, charts, HTML reports, "
-        "TensorBoard export and format conversion.",
+        "TensorBoard export, format conversion and a live page.",
         epilog="Run 'gradwatch COMMAND --help' for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"gradwatch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_summary, _add_doctor, _add_plot, _add_convert, _add_report, _add_tensorboard):
+    for add in (
+        _add_summary,
+        _add_doctor,
+        _add_plot,
+        _add_convert,
+        _add_report,
+        _add_tensorboard,
+        _add_serve,
+    ):
         add(sub)
     return parser
 
@@ -214,6 +222,32 @@ def _add_tensorboard(sub: Any) -> None:
         "summaries at the log's step numbers. View them with: tensorboard --logdir DIR",
     )
     p.add_argument("--logdir", required=True, metavar="DIR", help="TensorBoard log directory")
+
+
+_DEFAULT_PORT = 6007  # gradwatch._ui.live_server.DEFAULT_PORT, here for a fast --help
+
+
+def _add_serve(sub: Any) -> None:
+    p = _command(
+        sub,
+        "serve",
+        _serve,
+        help="a live page of a log, also while GradWatch(path=) streams it",
+        description="Serve a page that follows the log: the last recorded step, the "
+        "doctor's verdict and findings, the loss and learning rate, the global and "
+        "per-layer gradient norms, a layers-by-steps heatmap and the alerts. It reads only "
+        "what is new every second, and needs no network (plotly.js is served by the "
+        "command). Stop it with Ctrl-C.",
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1)"
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=_DEFAULT_PORT,
+        help=f"the port to listen on (default: {_DEFAULT_PORT}; 0: any free port)",
+    )
 
 
 # ------------------------------------------------------------------ commands
@@ -340,6 +374,21 @@ def _tensorboard(args: argparse.Namespace) -> int:
     log = _read(args.log)
     logdir = write_tensorboard(log, args.logdir, progress=True)
     print(f"Wrote {len(log)} steps to {logdir}; view them with: tensorboard --logdir {logdir}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    path = Path(args.log)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"No gradwatch log at '{path}': the path does not exist. Pass a log file, or "
+            "the directory given to GradWatch(path=...) (it exists once training starts)."
+        )
+    if not 0 <= args.port <= 65535:
+        raise _UsageError(f"`--port` must be 0..65535. Received: --port {args.port}")
+    from gradwatch._ui.live_server import serve
+
+    serve(path, args.host, args.port)
     return 0
 
 

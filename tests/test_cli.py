@@ -19,7 +19,7 @@ from gradwatch import progress
 from gradwatch.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("summary", "doctor", "plot", "convert", "report", "tensorboard")
+COMMANDS = ("summary", "doctor", "plot", "convert", "report", "tensorboard", "serve")
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from gradwatch import io
 from gradwatch._backend import current as _backend
 from gradwatch._capture.counting import align, anchor, first_step, next_step
 from gradwatch._capture.interrupts import deferred_interrupt
+from gradwatch._capture.live_tail import LiveTail
 from gradwatch._capture.trackers import make_trackers
 from gradwatch._logdata import files as _files
 from gradwatch._logdata.resume import Anchor, add_anchor
@@ -50,6 +51,7 @@ class ParquetSink:
         # iteration: the earlier runs' rows from `step` on are superseded.
         self.resumed: list[int] | None = None
         self.read: tuple[int, Any] | None = None  # (parts, the log read from them)
+        self.tail = LiveTail()  # the steps since the last part, for `gradwatch serve`
 
     def open(self, model: Any, stats: list[str], bins_per_decade: int | None, per_replica: bool):
         """Prepares `path` at the start of training; refuses a log it cannot continue."""
@@ -137,19 +139,29 @@ class ParquetSink:
         return self.flush_every - self.pending
 
     def write(self, block: SinkBlock) -> None:
-        """Counts the block (already in the store); writes a part once `flush_every` are held."""
+        """Counts the block (already in the store); writes a part once `flush_every` are
+        held, else the live tail where it is due."""
         self.pending += len(block)
         if self.active and self.pending >= self.flush_every:
             self.close()
+        elif self.active and self.tail.ready():
+            directory = io.run_directory(self.path, self.worker, self.run)
+            with deferred_interrupt():  # never half a frame
+                self.tail.write(self.store, directory, self._extra(), self.log.steps)
+
+    def _extra(self) -> dict[str, Any]:
+        """A part's metadata beyond the store's: the anchors and the `resumed` mark."""
+        extra: dict[str, Any] = {"anchors": [list(a) for a in self.anchors]}
+        if self.resumed is not None:
+            extra["resumed"] = self.resumed
+        return extra
 
     def close(self) -> None:
         """Writes the steps (and examples) held in memory as the next part, then forgets
         them."""
         if not self.active or not (len(self.log) or self.store.examples):
             return
-        extra: dict[str, Any] = {"anchors": [list(a) for a in self.anchors]}
-        if self.resumed is not None:
-            extra["resumed"] = self.resumed
+        extra = self._extra()
         # Ctrl-C waits until the part is written and its steps counted as written.
         with deferred_interrupt():
             try:
@@ -162,6 +174,7 @@ class ParquetSink:
             self.store.clear_blocks()
             self.pending = 0
             self.anchors = []
+            self.tail.drop()  # the part holds its steps
 
     def _failed(self, e: OSError) -> None:
         # Training goes on; the in-memory log keeps every step from here on.
@@ -308,6 +321,11 @@ class Sinks:
         if not self.aligned:
             self.aligned = True
             align_fit(model, self.store, steps, self.parquet)
+
+    def tail_due(self) -> bool:
+        """Whether the streamed log's live tail wants the recorded steps drained now."""
+        sink = self.parquet
+        return sink is not None and sink.active and sink.tail.due()
 
     def room(self) -> int | None:
         """Recorded steps that may still be drained before a part is due (None: no parts)."""

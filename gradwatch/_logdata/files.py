@@ -28,6 +28,7 @@ from gradwatch._logdata.frames import (
 )
 from gradwatch._logdata.resume import Anchor, add_anchor, cutoffs
 from gradwatch._logdata.store import NOISE_RAW, SCALARS, Store
+from gradwatch._logdata.tail import read_frames, tail_files, tail_number
 from gradwatch._ui.paths import as_path, writable_file
 from gradwatch.stats import histogram_bin_count
 
@@ -213,15 +214,22 @@ def write_csv(store: Store, path: Any) -> None:
 def write_parquet(store: Store, path: Any, extra: dict[str, Any] | None = None) -> None:
     """Writes a store as Parquet, with the metadata (and `extra` entries, a streamed
     part's `anchors` and `resumed`) under the schema key `gradwatch`."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = _check_target(path)
+    table = part_table(store, extra)
+    _atomic_write(path, lambda tmp: pq.write_table(table, tmp, **_PARQUET_OPTIONS))
+
+
+def part_table(store: Store, extra: dict[str, Any] | None = None) -> Any:
+    """A store as the pyarrow table of a Parquet file or a tail's frame: the long table,
+    and the metadata (with `extra`) under the schema key `gradwatch`."""
+    import pyarrow as pa
+
     table = pa.Table.from_pandas(_table(store), preserve_index=False)
     meta = dict(table.schema.metadata or {})
     meta[b"gradwatch"] = json.dumps({**_metadata(store), **(extra or {})}).encode()
-    table = table.replace_schema_metadata(meta)
-    _atomic_write(path, lambda tmp: pq.write_table(table, tmp, **_PARQUET_OPTIONS))
+    return table.replace_schema_metadata(meta)
 
 
 # Compact on disk: dictionary-encoded names, delta-encoded integer columns (steps
@@ -332,8 +340,8 @@ def streamed_history(path: Path, worker: int = 0) -> StreamedHistory:
     """The history of a worker's streamed log: its last step, anchors and skipped steps.
     Read from the parts' metadata and column statistics where they have them."""
     history = StreamedHistory()
-    runs = _runs(dataset_parts(path).get(worker, []))
-    metas = [[_read_parquet(p, table=False)[0] for p in run] for run in runs]
+    runs, read = _read_runs(streamed_sources(path).get(worker, []))
+    metas = [[m for m, _ in run] for run in read]
     for run, run_metas, cut in zip(runs, metas, _run_cutoffs(metas), strict=True):
         for part, meta in zip(run, run_metas, strict=True):
             for step, iteration in meta.get("anchors", []):
@@ -344,6 +352,104 @@ def streamed_history(path: Path, worker: int = 0) -> StreamedHistory:
             if last is not None and (history.last_step is None or last > history.last_step):
                 history.last_step = last
     return history
+
+
+def streamed_sources(path: Path) -> dict[int, list[list[Path]]]:
+    """What a streamed log's directory holds, by worker: each run's files in writing
+    order (its parts, then its live tail where that holds steps no part has yet: the
+    steps since the last part of a run still going, or of one that crashed), the runs
+    in time order."""
+    by_worker = {w: _runs(parts) for w, parts in dataset_parts(path).items()}
+    for directory in sorted(path.glob(f"{WORKER_KEY}=*/{RUN_KEY}=*")):
+        tails = tail_files(directory)
+        if not tails:
+            continue
+        try:
+            worker = int(directory.parent.name.split("=", 1)[1])
+        except ValueError:
+            continue
+        runs = by_worker.setdefault(worker, [])
+        run = next((r for r in runs if r[0].parent == directory), None)
+        if run is None:
+            run = []
+            runs.append(run)
+        # A tail whose number is below the run's part count is stale: its steps are
+        # in the part written before the writer could delete it.
+        live = [t for t in tails if tail_number(t) == len(run)]
+        run.extend(live[-1:])
+    return {
+        w: sorted((r for r in runs if r), key=lambda r: r[0].parent.name)
+        for w, runs in sorted(by_worker.items())
+        if any(runs)
+    }
+
+
+def visible_sources(path: Path, worker: int) -> list[tuple[Path, float]]:
+    """A worker's parts and live tails in writing order, each with its run's first
+    superseded step (`math.inf`: none): read one by one, each without its rows from
+    that step on, they hold what `read_log` reads (for a reader that cannot hold the
+    whole long table at once). Reads the parts' metadata only."""
+    out: list[tuple[Path, float]] = []
+    runs = streamed_sources(path).get(worker, [])
+    metas = [
+        [_read_parquet(p, table=False)[0] for p in run if tail_number(p) is None] for run in runs
+    ]
+    for run, cut in zip(runs, _run_cutoffs(metas), strict=True):
+        out.extend((p, cut) for p in run)
+    return out
+
+
+def read_tail(path: Path) -> tuple[dict, pd.DataFrame] | None:
+    """A live tail's steps as one part: the newest frame's metadata (which holds the
+    others') and every frame's rows; None where it has no whole frame."""
+    tables, _ = read_frames(path)
+    if not tables:
+        return None
+    return frames_table(path, tables)
+
+
+def frames_table(path: Path, tables: Sequence[Any]) -> tuple[dict, pd.DataFrame]:
+    """The metadata and rows of a tail's frames (pyarrow tables, in writing order)."""
+    meta = _frame_meta(path, tables[-1])
+    frames = [t.to_pandas().astype({"variable": object, "stat": object}) for t in tables]
+    return meta, pd.concat(frames, ignore_index=True)
+
+
+def frame_store(path: Path, table: Any) -> Store:
+    """One tail frame (or a part's pyarrow table) as a store."""
+    return _from_table(path, _frame_meta(path, table), table.to_pandas())
+
+
+def part_store(path: Path) -> Store:
+    """One part file as a store."""
+    return _from_table(path, *_read_parquet(path))
+
+
+def _frame_meta(path: Path, table: Any) -> dict:
+    raw = (table.schema.metadata or {}).get(b"gradwatch")
+    if raw is None:
+        raise ValueError(f"'{path}' has a frame without the 'gradwatch' metadata.")
+    return _parse_meta(path, raw.decode())
+
+
+def _read_runs(
+    runs: Sequence[Sequence[Path]],
+) -> tuple[list[list[Path]], list[list[tuple[dict, pd.DataFrame]]]]:
+    """The runs' files with their metadata and rows, without a live tail that holds no
+    whole frame yet (made, its first frame being written)."""
+    kept: list[list[Path]] = []
+    read: list[list[tuple[dict, pd.DataFrame]]] = []
+    for run in runs:
+        files, tables = [], []
+        for path in run:
+            one = _read_parquet(path) if tail_number(path) is None else read_tail(path)
+            if one is not None:
+                files.append(path)
+                tables.append(one)
+        if files:
+            kept.append(files)
+            read.append(tables)
+    return kept, read
 
 
 def _runs(parts: Sequence[Path]) -> list[list[Path]]:
@@ -364,9 +470,14 @@ def _run_cutoffs(metas: Sequence[Sequence[dict]]) -> list[float]:
 
 
 def _last_step(part: Path, cut: float) -> int | None:
-    """The last step of a part before `cut`, or None if it has none."""
+    """The last step of a part (or a live tail) before `cut`, or None if it has none."""
     import pyarrow.parquet as pq
 
+    if tail_number(part) is not None:
+        read = read_tail(part)
+        steps = np.zeros(0, np.int64) if read is None else read[1]["step"].to_numpy()
+        steps = steps[steps < cut]
+        return int(steps.max()) if len(steps) else None
     try:
         meta = pq.ParquetFile(part).metadata
         column = meta.schema.names.index("step")
@@ -407,7 +518,7 @@ def _read_streamed(directory: Path, worker: int | None = None) -> Store:
         isinstance(worker, bool) or not isinstance(worker, (int, np.integer)) or worker < 0
     ):
         raise TypeError(f"`worker` must be an integer >= 0, or None. Received: worker={worker!r}")
-    by_worker = dataset_parts(directory)
+    by_worker = streamed_sources(directory)
     if not by_worker:
         raise ValueError(
             f"'{directory}' is a directory with no gradwatch part files ({PART_PREFIX}*.parquet, "
@@ -421,8 +532,9 @@ def _read_streamed(directory: Path, worker: int | None = None) -> Store:
             f"'{directory}' holds no log of worker {worker}. Received: worker={worker}. "
             f"Workers with a log there: {list(by_worker)}."
         )
-    runs = _runs(by_worker[worker])
-    read = [[_read_parquet(p) for p in run] for run in runs]
+    runs, read = _read_runs(by_worker[worker])
+    if not runs:
+        raise ValueError(f"'{directory}' holds no whole part or frame of worker {worker} yet.")
     metas = [[m for m, _ in run] for run in read]
     visible: list[tuple[Path, dict, pd.DataFrame]] = []
     superseded = []

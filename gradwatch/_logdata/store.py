@@ -530,6 +530,110 @@ class Store:
         self._cache.clear()
         return later
 
+    def since(self, step: int) -> Store:
+        """A new store with this one's description and events, and the recorded steps
+        from `step` on; this one is left as it is (a streamed log's live tail is cut
+        from it).
+
+        Example:
+
+        >>> store = Store(("norm",))
+        >>> codes = store.add_variables(["m/w"], [(1,)])
+        >>> store.append(np.arange(4), np.zeros(4), np.arange(4), codes,
+        ...              np.ones((4, 1, 1), np.float32), codes[:0], np.zeros((4, 0), np.float32))
+        >>> store.since(3).stat_blocks[0].steps.tolist(), len(store.stat_blocks[0].steps)
+        ([3], 4)
+        """
+        later = Store(self.stats, self.bins_per_decade, self.per_replica)
+        later._variables, later._codes = list(self._variables), dict(self._codes)
+        later._shapes, later._disconnected = dict(self._shapes), list(self._disconnected)
+        for name in (
+            "_stat_blocks",
+            "_hist_blocks",
+            "_value_blocks",
+            "_replica_blocks",
+            "_scalar_blocks",
+            "_noise_blocks",
+        ):
+            setattr(later, name, _split(getattr(self, name), step)[1])
+        later._alerts, later._skipped = dict(self._alerts), set(self._skipped)
+        later._guarded, later._origins = set(self._guarded), dict(self._origins)
+        later._examples = dict(self._examples)
+        return later
+
+    def snapshot(self) -> Store:
+        """A copy that shares the recorded arrays: writes to either store afterwards
+        (appends, new variables) leave the other as it is. For reading a store in one
+        thread while another one extends it."""
+        copy = Store(self.stats, self.bins_per_decade, self.per_replica)
+        copy._variables, copy._codes = list(self._variables), dict(self._codes)
+        copy._shapes, copy._disconnected = dict(self._shapes), list(self._disconnected)
+        for name in (
+            "_stat_blocks",
+            "_hist_blocks",
+            "_value_blocks",
+            "_replica_blocks",
+            "_scalar_blocks",
+            "_noise_blocks",
+        ):
+            setattr(copy, name, [replace(b) for b in getattr(self, name)])
+        copy._alerts, copy._skipped = dict(self._alerts), set(self._skipped)
+        copy._guarded, copy._origins = set(self._guarded), dict(self._origins)
+        copy._examples, copy._superseded = dict(self._examples), list(self._superseded)
+        return copy
+
+    def extend(self, other: Store) -> None:
+        """Appends the recorded steps, variables and events of `other`, a later stretch
+        of the same log (the next part of a streamed log), after this one's.
+
+        Example:
+
+        >>> first, later = Store(("norm",)), Store(("norm",))
+        >>> for store, step in ((first, 0), (later, 1)):
+        ...     codes = store.add_variables(["m/w"], [(1,)])
+        ...     store.append(np.array([step]), np.zeros(1), np.array([step]), codes,
+        ...                  np.ones((1, 1, 1), np.float32), codes[:0], np.zeros((1, 0)))
+        >>> first.extend(later)
+        >>> [b.steps.tolist() for b in first.stat_blocks]
+        [[0], [1]]
+        """
+        if other.stats != self.stats or other.bins_per_decade != self.bins_per_decade:
+            raise ValueError(
+                f"A store of stats {list(other.stats)} cannot extend one of "
+                f"{list(self.stats)}: a log holds one set of stats and histogram bins."
+            )
+        keys = other.variables
+        codes = self.add_variables(keys, [other.shapes[k] for k in keys])
+        none = np.zeros((0,), np.int32)
+        for b in other.stat_blocks:
+            k = len(b.steps)
+            self.append(
+                b.steps, b.epochs, b.batches, codes[b.codes], b.data, none, np.zeros((k, 0))
+            )
+        for b in other.hist_blocks:
+            k, n = len(b.steps), len(b.codes)
+            stats = np.zeros((k, n, 0), np.float32)
+            self.append(
+                b.steps, b.epochs, b.batches, codes[b.codes], stats, none, np.zeros((k, 0)), b.data
+            )
+        for b in other.value_blocks:
+            k = len(b.steps)
+            stats = np.zeros((k, 0, len(self.stats)), np.float32)
+            self.append(b.steps, b.epochs, b.batches, none, stats, codes[b.codes], b.data)
+        for b in other.replica_blocks:
+            self.append_replicas(b.steps, b.epochs, b.batches, codes[b.codes], b.data)
+        for b in other.scalar_blocks:
+            self.append_scalars(b.steps, b.epochs, b.batches, b.data)
+        for b in other.noise_blocks:
+            self.add_noise_rows(b.steps, b.epochs, b.batches, b.data)
+        self.add_alerts([(*key, value) for key, value in other.alerts.items()])
+        self.add_skipped(sorted(other.skipped - other.guarded))
+        self.add_guarded(sorted(other.guarded))
+        self._origins.update(other.origins)
+        self._examples.update(other.examples)
+        self.add_disconnected(other.disconnected)
+        self._cache.clear()
+
     def clear_blocks(self) -> None:
         """Forgets the recorded steps and examples (after they were written out); keeps
         the rest."""
