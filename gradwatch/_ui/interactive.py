@@ -97,7 +97,7 @@ def min_max_positions(values: np.ndarray, size: int) -> np.ndarray:
     none). Returns lines x positions, int64.
 
     >>> min_max_positions(np.array([[1.0], [5.0], [2.0], [0.5], [np.nan], [3.0]]), 3).tolist()
-    [[0, 1, 5, 5]]
+    [[0, 1, 3, 5]]
     """
     n, k = values.shape
     if size == 1:
