@@ -4,15 +4,13 @@ import base64
 import io
 import json
 import re
-import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
 import pandas as pd
 import pytest
-from components import HANG, require
+from components import HANG, chromium
 from PIL import Image
 
 from gradwatch._logdata.store import SCALARS
@@ -21,19 +19,6 @@ from gradwatch._ui.plotly_js import plotly_js
 from gradwatch.log import GradientLog, store_of
 from gradwatch.report import render_report, verdict, write_report
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-# Without these Chromium tries to reach the network at start-up, and hangs where it is closed.
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-)
 RED = np.asarray([214, 39, 40])  # gradwatch.plot.NONFINITE_COLOR
 
 
@@ -352,23 +337,7 @@ def test_report_without_plotly_names_the_extra(fitted, monkeypatch):
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     """One headless Chromium for this file's browser tests, at 1400 x 900."""
-    require(
-        bool(CHROMIUM and CHROMEDRIVER),
-        "Chromium and chromedriver are not installed, so the report is not rendered in a "
-        "browser; install the Debian packages chromium and chromium-driver (.ci/run does).",
-    )
-    from selenium import webdriver  # a test extra: pip install '.[test]'
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    profile = tempfile.mkdtemp(dir=tmp_path_factory.mktemp("chromium"))
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
-        options.add_argument(flag)
-    options.add_argument("--window-size=1400,900")
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(HANG)
-    driver.set_script_timeout(HANG)
+    driver = chromium(tmp_path_factory.mktemp("chromium"), "the report")
     yield driver
     driver.quit()
 
@@ -575,34 +544,7 @@ def test_report_charts_show_the_logs_values_on_hover_zoom_and_pick(outlier, brow
 
 def _hover_cell(driver, row, step):
     """The hover label of a heatmap cell: row `row` (counted from the top), at `step`."""
-    from selenium.webdriver.common.action_chains import ActionChains
-
-    chart = driver.find_element("id", "gw-heatmap")
-    driver.execute_script("arguments[0].scrollIntoView()", chart)
-    px, py, cx, cy = driver.execute_script(
-        "const gd = document.getElementById('gw-heatmap'), xa = gd._fullLayout.xaxis;"
-        "const ya = gd._fullLayout.yaxis, box = gd.getBoundingClientRect();"
-        "return [box.left + xa._offset + xa.l2p(arguments[1]),"
-        " box.top + ya._offset + ya.l2p(arguments[0]),"
-        " box.left + box.width / 2, box.top + box.height / 2]",
-        row,
-        step,
-    )
-    ActionChains(driver).move_to_element_with_offset(chart, 0, -int(cy - 5)).perform()
-    ActionChains(driver).move_to_element_with_offset(
-        chart, round(px - cx), round(py - cy)
-    ).perform()
-    deadline = time.monotonic() + HANG
-    while not (
-        text := driver.execute_script(
-            "const h = document.querySelector('#gw-heatmap .hoverlayer .hovertext');"
-            "return h ? [...h.querySelectorAll('text.nums tspan.line, text.nums')].map("
-            "t => t.textContent) : null"
-        )
-    ):
-        assert time.monotonic() < deadline, "no hover label"
-        time.sleep(0.05)
-    return text
+    return _hover(driver, "gw-heatmap", step, row)
 
 
 def _until(driver, script, expected):

@@ -6,19 +6,17 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from components import HANG, require
+from components import HANG, chromium
 
 import gradwatch
 from gradwatch._logdata import files
@@ -31,18 +29,6 @@ from gradwatch.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = Path(__file__).with_name("serve_run.py")
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-CHROMIUM_FLAGS = (  # as tests/test_report.py: no network at start-up
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-)
 
 
 def _child(mode: str, out: Path) -> subprocess.Popen:
@@ -80,17 +66,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    require(CHROMIUM is not None and CHROMEDRIVER is not None, "chromium/chromedriver not found")
-    from selenium import webdriver  # a test extra: pip install '.[test]'
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    profile = tempfile.mkdtemp(dir=tmp_path_factory.mktemp("chromium"))
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1400,900"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(HANG)
+    driver = chromium(tmp_path_factory.mktemp("chromium"), "the live page")
     yield driver
     driver.quit()
 

@@ -544,42 +544,27 @@ class Store:
         >>> store.since(3).stat_blocks[0].steps.tolist(), len(store.stat_blocks[0].steps)
         ([3], 4)
         """
-        later = Store(self.stats, self.bins_per_decade, self.per_replica)
-        later._variables, later._codes = list(self._variables), dict(self._codes)
-        later._shapes, later._disconnected = dict(self._shapes), list(self._disconnected)
-        for name in (
-            "_stat_blocks",
-            "_hist_blocks",
-            "_value_blocks",
-            "_replica_blocks",
-            "_scalar_blocks",
-            "_noise_blocks",
-        ):
-            setattr(later, name, _split(getattr(self, name), step)[1])
-        later._alerts, later._skipped = dict(self._alerts), set(self._skipped)
-        later._guarded, later._origins = set(self._guarded), dict(self._origins)
-        later._examples = dict(self._examples)
-        return later
+        return self._copy(lambda blocks: _split(blocks, step)[1])
 
     def snapshot(self) -> Store:
         """A copy that shares the recorded arrays: writes to either store afterwards
         (appends, new variables) leave the other as it is. For reading a store in one
         thread while another one extends it."""
+        copy = self._copy(lambda blocks: [replace(b) for b in blocks])
+        copy._superseded = list(self._superseded)
+        return copy
+
+    def _copy(self, blocks_of: Callable[[list[Any]], list[Any]]) -> Store:
+        """A store with this one's description and events, and each of its lists of
+        blocks as `blocks_of` makes it from this one's."""
         copy = Store(self.stats, self.bins_per_decade, self.per_replica)
         copy._variables, copy._codes = list(self._variables), dict(self._codes)
         copy._shapes, copy._disconnected = dict(self._shapes), list(self._disconnected)
-        for name in (
-            "_stat_blocks",
-            "_hist_blocks",
-            "_value_blocks",
-            "_replica_blocks",
-            "_scalar_blocks",
-            "_noise_blocks",
-        ):
-            setattr(copy, name, [replace(b) for b in getattr(self, name)])
+        for name in _BLOCK_LISTS:
+            setattr(copy, name, blocks_of(getattr(self, name)))
         copy._alerts, copy._skipped = dict(self._alerts), set(self._skipped)
         copy._guarded, copy._origins = set(self._guarded), dict(self._origins)
-        copy._examples, copy._superseded = dict(self._examples), list(self._superseded)
+        copy._examples = dict(self._examples)
         return copy
 
     def extend(self, other: Store) -> None:
@@ -642,6 +627,17 @@ class Store:
         self._noise_blocks = []
         self._examples = {}
         self._cache.clear()
+
+
+#: A store's lists of recorded blocks, by attribute.
+_BLOCK_LISTS = (
+    "_stat_blocks",
+    "_hist_blocks",
+    "_value_blocks",
+    "_replica_blocks",
+    "_scalar_blocks",
+    "_noise_blocks",
+)
 
 
 def _split(blocks: list[Any], step: int) -> tuple[list[Any], list[Any]]:
